@@ -1,0 +1,128 @@
+"""Which implementation runs an op: the `backend=` argument, else TRANSFUSE_BACKEND, else auto.
+
+Backends: cuda (hand-written CUDA in transfuse._C), triton (kernels/, on GPU; on CPU tensors only
+under TRITON_INTERPRET=1), cpu (C++ in transfuse._C), reference (plain PyTorch, always there).
+`auto` takes the first available backend of the op's preference order for the tensor's device
+(the order comes from the recorded benchmarks) and warns once when it has to skip one.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("cuda", "triton", "cpu", "reference")
+ENV_VAR = "TRANSFUSE_BACKEND"
+
+# Preference of `auto` per (op family, device type), fastest measured first.
+AUTO_ORDER = {
+    ("norm", "cuda"): ("cuda", "triton", "reference"),
+    ("norm", "cpu"): ("cpu", "reference"),
+}
+DEFAULT_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+
+
+@functools.lru_cache(maxsize=None)
+def extension():
+    """(transfuse._C module or None, why it is missing)."""
+    try:
+        return importlib.import_module("transfuse._C"), ""
+    except ImportError as error:
+        reason = f"transfuse._C could not be imported ({error})"
+        log = os.path.join(os.path.dirname(__file__), "_build_error.txt")
+        if os.path.exists(log):
+            with open(log) as f:
+                reason += f"; the build failed: {f.read().strip()}"
+        return None, reason
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import():
+    try:
+        import triton  # noqa: F401
+    except ImportError as error:
+        return f"triton is not installed ({error})"
+    return ""
+
+
+def missing_reason(backend: str, device_type: str) -> str:
+    """Empty string when `backend` can run on tensors of `device_type`, else why not."""
+    if backend == "reference":
+        return ""
+    if backend == "triton":
+        reason = _triton_import()
+        if reason:
+            return reason
+        if device_type == "cuda":
+            return "" if torch.cuda.is_available() else "CUDA is not available"
+        if device_type == "cpu":
+            if os.environ.get("TRITON_INTERPRET") == "1":
+                return ""
+            return "Triton runs on CPU tensors only under TRITON_INTERPRET=1"
+        return f"Triton does not run on {device_type} tensors"
+    module, reason = extension()
+    if backend == "cpu":
+        if device_type != "cpu":
+            return f"the cpu backend takes CPU tensors, not {device_type} tensors"
+        return reason
+    if backend == "cuda":
+        if device_type != "cuda":
+            return f"the cuda backend takes CUDA tensors, not {device_type} tensors"
+        if module is None:
+            return reason
+        if not getattr(module, "with_cuda", False):
+            return "transfuse._C was built without CUDA (no CUDA torch or no nvcc at build time)"
+        return ""
+    raise ValueError(f"backend must be one of {BACKENDS + ('auto',)}, got {backend!r}")
+
+
+_warned: set = set()
+
+
+def warn_once(key, message):
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+@functools.lru_cache(maxsize=None)
+def _resolve(op: str, requested: str, device_type: str) -> str:
+    if requested not in BACKENDS and requested != "auto":
+        raise ValueError(f"backend must be one of {BACKENDS + ('auto',)}, got {requested!r}")
+    if requested != "auto":
+        reason = missing_reason(requested, device_type)
+        if reason:
+            raise ValueError(f"backend={requested!r} cannot run this {op} op: {reason}")
+        return requested
+    order = AUTO_ORDER.get((op, device_type), DEFAULT_ORDER.get(device_type, ("reference",)))
+    skipped = []
+    for backend in order:
+        reason = missing_reason(backend, device_type)
+        if not reason:
+            if skipped:
+                warn_once((op, device_type), f"transfuse: {op} on {device_type} uses the {backend} "
+                           f"backend because {'; '.join(skipped)}")
+            return backend
+        skipped.append(f"{backend} is unavailable: {reason}")
+    raise ValueError(f"no transfuse backend can run {op} on {device_type} tensors")
+
+
+def resolve(op: str, backend: str | None, device: torch.device) -> str:
+    """The backend that runs `op` on tensors of `device`."""
+    requested = backend or os.environ.get(ENV_VAR) or "auto"
+    return _resolve(op, requested.lower(), device.type)
+
+
+def available() -> dict:
+    """For each backend and device type: True or the reason it is missing."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    table = {}
+    for backend in BACKENDS:
+        table[backend] = {d: (missing_reason(backend, d) or True) for d in devices}
+    if "cuda" not in devices:
+        table["cuda"]["cuda"] = "CUDA is not available to torch " + (
+            f"(torch {torch.__version__} has no CUDA)" if torch.version.cuda is None else "(no GPU)")
+    return table

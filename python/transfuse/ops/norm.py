@@ -1,0 +1,209 @@
+"""LayerNorm and RMSNorm with the residual add fused in.
+
+Flow: layer_norm / rms_norm validate their inputs, pick a backend, and call the custom op
+`transfuse::norm` (fake impl for torch.compile, autograd through `transfuse::norm_backward`),
+whose implementation hands the tensors to the chosen backend. The `reference` backend skips the
+custom op: it is plain PyTorch, differentiated by autograd.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import backends, reference
+from ..reference import CASTING_MODES
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _forward_impl(backend):
+    if backend == "triton":
+        from transfuse.kernels.norm import norm_forward
+        return norm_forward
+    return torch.ops.transfuse_C.norm_forward
+
+
+def _backward_impl(backend):
+    if backend == "triton":
+        from transfuse.kernels.norm import norm_backward
+        return norm_backward
+    return torch.ops.transfuse_C.norm_backward
+
+
+def _run_forward(x, weight, bias, residual, eps, weight_offset, rms, normalized_dtype, out_dtype,
+                 backend):
+    cols = x.shape[-1]
+    x2 = x.contiguous().view(-1, cols)
+    r2 = None if residual is None else residual.contiguous().view(-1, cols)
+    w = None if weight is None else weight.contiguous()
+    b = None if bias is None else bias.contiguous()
+    y, residual_out, mean, rstd = _forward_impl(backend)(
+        x2, w, b, r2, eps, weight_offset, rms, normalized_dtype, out_dtype)
+    if residual is not None:
+        residual_out = residual_out.view(x.shape)
+    return y.view(x.shape), residual_out, mean, rstd
+
+
+@torch.library.custom_op("transfuse::norm", mutates_args=())
+def _norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
+          eps: float, weight_offset: float, rms: bool, normalized_dtype: torch.dtype,
+          out_dtype: torch.dtype, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (y, x + residual or empty, mean [rows] or empty, rstd [rows])"""
+    return _run_forward(x, weight, bias, residual, eps, weight_offset, rms, normalized_dtype,
+                        out_dtype, backend)
+
+
+@_norm.register_fake
+def _(x, weight, bias, residual, eps, weight_offset, rms, normalized_dtype, out_dtype, backend):
+    rows = x.numel() // x.shape[-1]
+    stats = x.new_empty(rows, dtype=torch.float32)
+    return (x.new_empty(x.shape, dtype=out_dtype),
+            x.new_empty(x.shape) if residual is not None else x.new_empty(0),
+            stats if not rms else x.new_empty(0, dtype=torch.float32),
+            torch.empty_like(stats))
+
+
+@torch.library.custom_op("transfuse::norm_backward", mutates_args=())
+def _norm_backward(dy: Tensor, dresidual_out: Optional[Tensor], h: Tensor, weight: Optional[Tensor],
+                   mean: Tensor, rstd: Tensor, weight_offset: float, rms: bool, has_bias: bool,
+                   backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """-> (dx [= dresidual], dweight or empty, dbias or empty)"""
+    cols = h.shape[-1]
+    dr = None if dresidual_out is None else dresidual_out.contiguous().view(-1, cols)
+    dx, dweight, dbias = _backward_impl(backend)(
+        dy.contiguous().view(-1, cols), dr, h.contiguous().view(-1, cols), weight, mean, rstd,
+        weight_offset, rms, has_bias)
+    return dx.view(h.shape), dweight, dbias
+
+
+@_norm_backward.register_fake
+def _(dy, dresidual_out, h, weight, mean, rstd, weight_offset, rms, has_bias, backend):
+    if weight is not None:
+        dweight = torch.empty_like(weight)
+        dbias = torch.empty_like(weight) if has_bias else weight.new_empty(0)
+    else:
+        dweight = dbias = h.new_empty(0)
+    return torch.empty_like(h), dweight, dbias
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, residual, eps, weight_offset, rms, _, _, backend = inputs
+    _, residual_out, mean, rstd = output
+    h = x if residual is None else residual_out
+    ctx.save_for_backward(h, weight, mean, rstd)
+    ctx.attrs = (weight_offset, rms, bias is not None, residual is not None, backend)
+
+
+def _backward(ctx, dy, dresidual_out, _dmean, _drstd):
+    h, weight, mean, rstd = ctx.saved_tensors
+    weight_offset, rms, has_bias, has_residual, backend = ctx.attrs
+    if not has_residual:
+        dresidual_out = None
+    dx, dweight, dbias = _norm_backward(dy, dresidual_out, h, weight, mean, rstd, weight_offset,
+                                        rms, has_bias, backend)
+    return (dx, dweight if weight is not None else None, dbias if has_bias else None,
+            dx if has_residual else None, None, None, None, None, None, None)
+
+
+_norm.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_tensor(name, t, *, like, shape=None, dtypes=KERNEL_DTYPES, optional=True):
+    if t is None:
+        if optional:
+            return
+        raise TypeError(f"{name} must be a tensor, got None")
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} must have a floating dtype in {dtypes}, got {t.dtype}")
+    if like is not None and t.device != like.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {like.device}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def _check_inputs(x, weight, bias, residual, eps, backend_dtypes):
+    _check_tensor("x", x, like=None, dtypes=backend_dtypes, optional=False)
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"x must have a non-empty last (hidden) dimension, got shape {tuple(x.shape)}")
+    cols = x.shape[-1]
+    _check_tensor("weight", weight, like=x, shape=(cols,), dtypes=backend_dtypes)
+    _check_tensor("bias", bias, like=x, shape=(cols,), dtypes=backend_dtypes)
+    if weight is not None and bias is not None and bias.dtype != weight.dtype:
+        raise TypeError(f"bias must have the dtype of weight ({weight.dtype}), got {bias.dtype}")
+    _check_tensor("residual", residual, like=x, shape=x.shape, dtypes=(x.dtype,))
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
+        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+
+
+def _dtypes_for(backend):
+    if backend == "reference":
+        return (torch.float64,) + KERNEL_DTYPES
+    return KERNEL_DTYPES
+
+
+def layer_norm(x, weight=None, bias=None, eps=1e-5, residual=None, *, backend=None):
+    """LayerNorm over the last dimension of x (+ residual): F.layer_norm(x + residual, ...).
+
+    Statistics in fp32; y in x's dtype. Returns y, or (y, x + residual) when residual is given.
+    """
+    name = _backend_for(x, backend)
+    _check_inputs(x, weight, bias, residual, eps, _dtypes_for(name))
+    if name == "reference":
+        return reference.layer_norm(x, weight, bias, eps, residual)
+    y, residual_out, _, _ = _call(x, weight, bias, residual, float(eps), 0.0, False, x.dtype,
+                                  x.dtype, name)
+    return y if residual is None else (y, residual_out)
+
+
+def rms_norm(x, weight, eps=1e-6, residual=None, offset=0.0, *, casting_mode="llama",
+             backend=None):
+    """RMSNorm over the last dimension of x (+ residual): y = x_hat * (offset + weight).
+
+    casting_mode reproduces the casts of the HF modules: "llama" (LlamaRMSNorm, Mistral, Qwen2),
+    "gemma" (GemmaRMSNorm, with offset=1.0), "t5" (T5LayerNorm); see reference.rms_norm_dtypes.
+    Returns y, or (y, x + residual) when residual is given.
+    """
+    name = _backend_for(x, backend)
+    _check_inputs(x, weight, None, residual, eps, _dtypes_for(name))
+    if weight is None:
+        raise TypeError("weight must be a tensor, got None")
+    if casting_mode not in CASTING_MODES:
+        raise ValueError(f"casting_mode must be one of {CASTING_MODES}, got {casting_mode!r}")
+    if isinstance(offset, bool) or not isinstance(offset, (int, float)):
+        raise TypeError(f"offset must be a number, got {offset!r}")
+    if name == "reference":
+        return reference.rms_norm(x, weight, eps, residual, offset, casting_mode)
+    normalized_dtype, out_dtype = reference.rms_norm_dtypes(x.dtype, weight.dtype, casting_mode)
+    y, residual_out, _, _ = _call(x, weight, None, residual, float(eps), float(offset), True,
+                                  normalized_dtype, out_dtype, name)
+    return y if residual is None else (y, residual_out)
+
+
+def _call(x, weight, bias, residual, *args):
+    """The custom op where autograd or torch.compile need it; else the kernel directly, which
+    saves the custom op's dispatch (about 15 us a call on CPU) on inference hot paths."""
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, weight, bias, residual))):
+        return _norm(x, weight, bias, residual, *args)
+    return _run_forward(x, weight, bias, residual, *args)
+
+
+def _backend_for(x, backend):
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    name = _resolve_constant("norm", backend, x.device)
+    if x.dtype == torch.float64 and not (backend or os.environ.get(backends.ENV_VAR)):
+        backends.warn_once(("norm", "float64"), "transfuse: the norm kernels take float32, "
+                           "float16 and bfloat16; float64 inputs run on the reference backend")
+        return "reference"
+    return name
+
+
+@torch.compiler.assume_constant_result
+def _resolve_constant(op, backend, device):
+    return backends.resolve(op, backend, device)

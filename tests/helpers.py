@@ -1,0 +1,28 @@
+"""Shared test utilities: the backends testable here, poisoning, the half-precision error rule."""
+import torch
+
+from transfuse import backends
+
+
+def cpu_backends():
+    """Backends that run on CPU tensors in this process (Triton under TRITON_INTERPRET=1)."""
+    return [b for b in ("cpu", "triton") if not backends.missing_reason(b, "cpu")]
+
+
+def gpu_backends():
+    if not torch.cuda.is_available():
+        return []
+    return [b for b in ("cuda", "triton") if not backends.missing_reason(b, "cuda")]
+
+
+def assert_close_to_reference(out, exact, plain, *, atol, name):
+    """The FlashAttention rule: |out - exact| <= 2 |plain - exact| + atol, elementwise maxima.
+
+    exact: float64 reference; plain: the reference computed at out's precision (what plain PyTorch
+    gets). For fp32 outputs pass plain=None and a tolerance scaled by the output."""
+    out64, exact64 = out.double(), exact.double()
+    assert out.shape == exact.shape, f"{name}: shape {tuple(out.shape)} != {tuple(exact.shape)}"
+    assert torch.isfinite(out64).all(), f"{name}: non-finite values (unwritten output?)"
+    err = (out64 - exact64).abs().max().item() if out.numel() else 0.0
+    bound = atol if plain is None else 2 * (plain.double() - exact64).abs().max().item() + atol
+    assert err <= bound, f"{name}: max error {err:.3g} > bound {bound:.3g}"
