@@ -1,0 +1,145 @@
+"""transfuse.patch / unpatch: swap a model's modules for fused ones, in place, and back.
+
+Generic machinery only; which module becomes what is decided by the rule tables in transfuse.hf.
+A replacement shares the original's Parameter objects (the state dict and training are unchanged)
+and keeps the original module object in `_transfuse_original` (not a submodule), which is what
+`unpatch` puts back.
+"""
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+
+from torch import nn
+
+from . import backends
+from .hf.norm import NORM_RULES
+from .nn import FusedLayerNorm, FusedRMSNorm
+
+ORIGINAL_ATTR = "_transfuse_original"
+INT8_MODES = ("w8a8", "w8a16")
+_FUSED_TYPES = (FusedLayerNorm, FusedRMSNorm)
+_attention_warned = False
+
+
+def _check_model(model):
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def _children(model):
+    """(parent, attribute name, child) for every child slot in the model, shared ones included."""
+    for parent in model.modules():
+        for name, child in parent._modules.items():
+            if child is not None:
+                yield parent, name, child
+
+
+def _has_hooks(module):
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or "forward" in module.__dict__)
+
+
+def _replacement(module, backend):
+    """(fused module or None, why None)."""
+    if _has_hooks(module):
+        return None, "has hooks or an overridden forward"
+    if type(module).__name__ not in NORM_RULES:
+        return None, "no rule"
+    new = NORM_RULES[type(module).__name__](module, backend)
+    return new, "" if new is not None else "structure not supported"
+
+
+def _warn_attention_once():
+    global _attention_warned
+    if not _attention_warned:
+        _attention_warned = True
+        warnings.warn("transfuse: attention patching is not available in this version; attention "
+                      "is left unchanged (pass attention=False to silence this warning)",
+                      UserWarning, stacklevel=3)
+
+
+def patch(model, *, attention=True, norm=True, int8=None, backend=None):
+    """Replace the model's modules by transfuse's fused ones, in place; returns the same model.
+
+    norm: LayerNorm / RMSNorm modules of the families in transfuse.hf.norm.NORM_RULES become
+    FusedLayerNorm / FusedRMSNorm sharing their parameters; other norm-like modules are left
+    unchanged and named in one warning. attention: not available in this version (warns once).
+    int8: must be None in this version. backend: passed to the fused modules (None: the
+    TRANSFUSE_BACKEND environment variable, else auto). Patching twice is harmless: modules
+    replaced before are kept (a second call with backend= only changes their backend).
+    """
+    _check_model(model)
+    if int8 is not None:
+        if int8 not in INT8_MODES:
+            raise ValueError(f"int8 must be None or one of {INT8_MODES}, got {int8!r}")
+        raise ValueError(f"int8={int8!r}: int8 quantization is not available in this version of "
+                         "transfuse; use int8=None")
+    if backend is not None and (not isinstance(backend, str)
+                                or backend.lower() not in backends.BACKENDS + ("auto",)):
+        raise ValueError(f"backend must be None or one of {backends.BACKENDS + ('auto',)}, "
+                         f"got {backend!r}")
+    if attention:
+        _warn_attention_once()
+    if not norm:
+        return model
+
+    replaced = {}  # id(original) -> replacement, so a module shared by two parents stays shared
+    swaps, left = [], Counter()
+    for parent, name, child in list(_children(model)):
+        if isinstance(child, _FUSED_TYPES):  # patched before (or fused by the user)
+            if backend is not None and hasattr(child, ORIGINAL_ATTR):
+                child.backend = backend
+            continue
+        if id(child) not in replaced:
+            new, reason = _replacement(child, backend)
+            if new is None:
+                if "Norm" in type(child).__name__:
+                    left[(type(child).__name__, reason)] += 1
+                continue
+            object.__setattr__(new, ORIGINAL_ATTR, child)  # plain attribute, not a submodule
+            replaced[id(child)] = new
+        swaps.append((parent, name, replaced[id(child)]))
+    for parent, name, new in swaps:
+        setattr(parent, name, new)
+    if "Norm" in type(model).__name__ and not isinstance(model, _FUSED_TYPES):
+        left[(type(model).__name__, "the model itself cannot be swapped; patch its parent")] += 1
+    if left:
+        names = ", ".join(f"{cls} x{count} ({reason})"
+                          for (cls, reason), count in sorted(left.items()))
+        warnings.warn(f"transfuse.patch left these norm-like modules unchanged: {names}",
+                      UserWarning, stacklevel=2)
+    return model
+
+
+def unpatch(model):
+    """Put the original module objects back in place of transfuse's replacements; returns model.
+
+    The originals get the replacements' current parameters (the same objects unless a conversion
+    such as .to() made new ones) and training mode.
+    """
+    _check_model(model)
+    for parent, name, child in list(_children(model)):
+        original = getattr(child, ORIGINAL_ATTR, None)
+        if original is None:
+            continue
+        for pname, param in child._parameters.items():
+            if pname in original._parameters and original._parameters[pname] is not param:
+                original._parameters[pname] = param
+        original.train(child.training)
+        setattr(parent, name, original)
+    return model
+
+
+def patched_modules(model) -> dict:
+    """Qualified module name -> what replaced it, for every module transfuse.patch swapped in."""
+    _check_model(model)
+    found = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        original = getattr(module, ORIGINAL_ATTR, None)
+        if original is not None:
+            detail = ""
+            if isinstance(module, FusedRMSNorm):
+                detail = f"(casting_mode={module.casting_mode!r}, offset={module.offset})"
+            found[name] = f"{type(module).__name__}{detail} replacing {type(original).__name__}"
+    return found
