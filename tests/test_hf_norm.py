@@ -439,3 +439,18 @@ def test_all_minilm_l6_v2_embeddings(monkeypatch):
     assert_close_scaled(alone, expected, name="MiniLM one sentence at a time")
     similarity = nn.functional.cosine_similarity(actual[0], actual[4], dim=0)
     assert similarity > nn.functional.cosine_similarity(actual[0], actual[2], dim=0)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "bert"])
+def test_torch_compile_fullgraph_over_patched_model(model_type):
+    """The fused norms trace into one graph (fullgraph=True fails on any graph break) and the
+    compiled patched model computes what the eager unpatched one does, gradients included."""
+    model = build(model_type)
+    batch = make_batch(model_type)
+    expected = run(model, batch)
+    transfuse.patch(model, attention=False)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    assert_close_scaled(run(compiled, batch), expected)
+    run(compiled, batch).sum().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "norm" in n.lower())

@@ -81,11 +81,10 @@ def _norm_backward(dy: Tensor, dresidual_out: Optional[Tensor], h: Tensor, weigh
 
 @_norm_backward.register_fake
 def _(dy, dresidual_out, h, weight, mean, rstd, weight_offset, rms, has_bias, backend):
-    if weight is not None:
-        dweight = torch.empty_like(weight)
-        dbias = torch.empty_like(weight) if has_bias else weight.new_empty(0)
-    else:
-        dweight = dbias = h.new_empty(0)
+    cols = h.shape[-1]
+    params = weight if weight is not None else h  # dweight and dbias take weight's dtype, else h's
+    dweight = params.new_empty(cols if weight is not None else 0)
+    dbias = params.new_empty(cols if has_bias else 0)
     return torch.empty_like(h), dweight, dbias
 
 
@@ -155,8 +154,8 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5, residual=None, *, backend=No
     _check_inputs(x, weight, bias, residual, eps, _dtypes_for(name))
     if name == "reference":
         return reference.layer_norm(x, weight, bias, eps, residual)
-    y, residual_out, _, _ = _call(x, weight, bias, residual, float(eps), 0.0, False, x.dtype,
-                                  x.dtype, name)
+    y, residual_out, _, _ = _call(x, weight, bias, residual, float(eps), 0.0, False,
+                                  torch.float32, x.dtype, name)
     return y if residual is None else (y, residual_out)
 
 

@@ -1,0 +1,1 @@
+"""Triton kernels of transfuse, loaded by the `triton` backend (transfuse.kernels.*)."""

@@ -1,0 +1,232 @@
+"""transfuse.ops.layer_norm / rms_norm: every backend against reference.py in float64."""
+import pytest
+import torch
+
+import transfuse
+from transfuse import reference
+
+from helpers import assert_close_to_reference, cpu_backends, gpu_backends
+
+HIDDEN = [1, 7, 100, 1000, 4096, 8192]
+ROWS = [1, 3, 17]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def poison_allocations():
+    """torch.empty (in Python and in C++ bindings) fills new memory with NaN while on."""
+    import torch.utils.deterministic as deterministic
+    previous = deterministic.fill_uninitialized_memory, torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    deterministic.fill_uninitialized_memory = True
+    yield
+    deterministic.fill_uninitialized_memory = previous[0]
+    torch.use_deterministic_algorithms(previous[1])
+
+
+def backend_params():
+    params = [pytest.param(b, "cpu", id=f"{b}-cpu") for b in cpu_backends()]
+    params += [pytest.param(b, "cuda", id=f"{b}-cuda", marks=pytest.mark.gpu)
+               for b in ("cuda", "triton")]
+    return params
+
+
+def make_inputs(rows, cols, dtype, device, *, weight_dtype=None, residual=True, bias=True,
+                offset=0.0):
+    """Random non-zero inputs with a mean offset (stresses the variance computation)."""
+    weight_dtype = weight_dtype or dtype
+    x = (torch.randn(rows, cols) * 2 + 0.5).to(dtype).to(device)
+    r = torch.randn(rows, cols).to(dtype).to(device) if residual else None
+    w = (torch.randn(cols) * 0.5 + 1 - offset).to(weight_dtype).to(device)
+    b = torch.randn(cols).to(weight_dtype).to(device) if bias else None
+    return x, r, w, b
+
+
+def run(fn, inputs, backend, **kwargs):
+    """fn on `inputs` (tensors or None) with autograd: (outputs, grads of a random projection)."""
+    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in inputs]
+    out = fn(*leaves, backend=backend, **kwargs)
+    outs = out if isinstance(out, tuple) else (out,)
+    torch.manual_seed(1)
+    loss = sum((o.double() * torch.randn(o.shape, dtype=torch.float64).to(o.device)).sum()
+               for o in outs)
+    loss.backward()
+    return outs, [t.grad if t is not None else None for t in leaves]
+
+
+def check_against_reference(fn, inputs, backend, dtype, **kwargs):
+    outs, grads = run(fn, inputs, backend, **kwargs)
+    exact_outs, exact_grads = run(fn, [t.double() if t is not None else None for t in inputs],
+                                  "reference", **kwargs)
+    plain_outs, plain_grads = run(fn, inputs, "reference", **kwargs)
+    fp32 = dtype == torch.float32
+    names = ["y", "residual_out"]
+    for name, out, exact, plain in zip(names, outs, exact_outs, plain_outs):
+        scale = max(1.0, exact.abs().max().item()) if exact.numel() else 1.0
+        assert out.dtype == plain.dtype, f"{name}: dtype {out.dtype}, expected {plain.dtype}"
+        assert_close_to_reference(out, exact, None if fp32 else plain,
+                                  atol=1e-5 * scale if fp32 else 1e-3 * scale, name=name)
+    for name, grad, exact, plain in zip(["dx", "dresidual", "dweight", "dbias"], grads,
+                                        exact_grads, plain_grads):
+        if exact is None:
+            continue
+        assert grad is not None, f"{name}: missing gradient"
+        assert grad.dtype == plain.dtype, f"{name}: dtype {grad.dtype}, expected {plain.dtype}"
+        scale = max(1.0, exact.abs().max().item()) if exact.numel() else 1.0
+        assert_close_to_reference(grad, exact, None if fp32 else plain,
+                                  atol=2e-5 * scale if fp32 else 1e-2 * scale, name=name)
+
+
+def layer_norm(x, r, w, b, *, backend, eps=1e-5):
+    return transfuse.ops.layer_norm(x, w, b, eps, residual=r, backend=backend)
+
+
+def rms_norm(x, r, w, *, backend, offset=0.0, casting_mode="llama", eps=1e-6):
+    return transfuse.ops.rms_norm(x, w, eps, residual=r, offset=offset, casting_mode=casting_mode,
+                                  backend=backend)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("cols", HIDDEN)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_layer_norm_residual(backend, device, cols, dtype):
+    for rows in ROWS:
+        check_against_reference(layer_norm, make_inputs(rows, cols, dtype, device), backend, dtype)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("cols", HIDDEN)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("casting_mode,offset", [("llama", 0.0), ("gemma", 1.0), ("t5", 0.0)])
+def test_rms_norm_residual(backend, device, cols, dtype, casting_mode, offset):
+    for rows in ROWS:
+        x, r, w, _ = make_inputs(rows, cols, dtype, device, bias=False, offset=offset)
+        check_against_reference(rms_norm, (x, r, w), backend, dtype, offset=offset,
+                                casting_mode=casting_mode)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("weight,bias", [(False, False), (True, False), (False, True),
+                                         (True, True)])
+def test_layer_norm_without_residual_and_affine(backend, device, weight, bias):
+    x, _, w, b = make_inputs(5, 100, torch.float32, device, residual=False)
+    inputs = (x, None, w if weight else None, b if bias else None)
+    check_against_reference(layer_norm, inputs, backend, torch.float32)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("casting_mode", ["llama", "t5", "gemma"])
+@pytest.mark.parametrize("x_dtype,weight_dtype", [(torch.bfloat16, torch.float32),
+                                                  (torch.float16, torch.float32),
+                                                  (torch.float32, torch.bfloat16)], ids=str)
+def test_rms_norm_mixed_dtypes(backend, device, casting_mode, x_dtype, weight_dtype):
+    x, r, w, _ = make_inputs(4, 64, x_dtype, device, weight_dtype=weight_dtype, bias=False)
+    check_against_reference(rms_norm, (x, r, w), backend, min(x_dtype, weight_dtype,
+                            key=lambda d: torch.finfo(d).bits), casting_mode=casting_mode)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_largest_hidden_size(backend, device):
+    x, r, w, b = make_inputs(2, 65536, torch.float32, device)
+    check_against_reference(layer_norm, (x, r, w, b), backend, torch.float32)
+    check_against_reference(rms_norm, (x, r, w), backend, torch.float32)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_empty_batch_and_leading_dims(backend, device):
+    x = torch.randn(0, 3, 16, device=device)
+    w = torch.randn(16, device=device, requires_grad=True)
+    y, h = transfuse.ops.layer_norm(x, w, None, residual=torch.randn(0, 3, 16, device=device),
+                                    backend=backend)
+    assert y.shape == x.shape and h.shape == x.shape
+    y.sum().backward()
+    torch.testing.assert_close(w.grad, torch.zeros_like(w))  # no rows: zero weight gradient
+    x = torch.randn(2, 3, 5, 16, device=device)
+    y = transfuse.ops.rms_norm(x, w.detach(), backend=backend)
+    torch.testing.assert_close(y, reference.rms_norm(x, w.detach()), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_non_contiguous_input(backend, device):
+    x = torch.randn(64, 6, device=device).t()  # [6, 64], stride (1, 6)
+    r = torch.randn(64, 6, device=device).t()
+    w = torch.randn(64, device=device)
+    y, h = transfuse.ops.rms_norm(x, w, residual=r, backend=backend)
+    y_ref, h_ref = reference.rms_norm(x, w, residual=r)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h, h_ref)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"] + cpu_backends())
+def test_bad_input_names_the_argument(backend):
+    x = torch.randn(4, 8)
+    w = torch.randn(8)
+    cases = [
+        (lambda: transfuse.ops.layer_norm(x.int(), w, None, backend=backend), TypeError, "x"),
+        (lambda: transfuse.ops.layer_norm([1.0, 2.0], w, None, backend=backend), TypeError, "x"),
+        (lambda: transfuse.ops.layer_norm(x, torch.randn(7), None, backend=backend), ValueError,
+         "weight"),
+        (lambda: transfuse.ops.layer_norm(x, w, torch.randn(8).half(), backend=backend),
+         TypeError, "bias"),
+        (lambda: transfuse.ops.layer_norm(x, w.int(), None, backend=backend), TypeError, "weight"),
+        (lambda: transfuse.ops.layer_norm(x, w, None, residual=torch.randn(4, 7), backend=backend),
+         ValueError, "residual"),
+        (lambda: transfuse.ops.layer_norm(x, w, None, residual=x.half(), backend=backend),
+         TypeError, "residual"),
+        (lambda: transfuse.ops.layer_norm(x, w, None, eps=-1.0, backend=backend), ValueError,
+         "eps"),
+        (lambda: transfuse.ops.layer_norm(torch.randn(4, 0), None, None, backend=backend),
+         ValueError, "x"),
+        (lambda: transfuse.ops.rms_norm(x, None, backend=backend), TypeError, "weight"),
+        (lambda: transfuse.ops.rms_norm(x, w, casting_mode="mistral", backend=backend),
+         ValueError, "casting_mode"),
+        (lambda: transfuse.ops.rms_norm(x, w, offset="1", backend=backend), TypeError, "offset"),
+    ]
+    if backend != "reference":
+        cases.append((lambda: transfuse.ops.rms_norm(x.double(), w.double(), backend=backend),
+                      TypeError, "x"))
+    for call, error, name in cases:
+        with pytest.raises(error, match=rf"\b{name}\b"):
+            call()
+
+
+def test_backend_selection(monkeypatch):
+    x = torch.randn(2, 8)
+    w = torch.randn(8)
+    with pytest.raises(ValueError, match="backend"):
+        transfuse.ops.rms_norm(x, w, backend="fastest")
+    # a CPU tensor cannot run on the cuda backend: a clear error, not a crash
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        transfuse.ops.rms_norm(x, w, backend="cuda")
+    monkeypatch.setenv("TRANSFUSE_BACKEND", "reference")
+    assert transfuse.backends.resolve("norm", None, x.device) == "reference"
+    assert transfuse.backends.resolve("norm", "cpu", x.device) == "cpu" or cpu_backends() == []
+
+
+def test_auto_on_cuda_without_cuda_build():
+    """CUDA tensors where the extension has no CUDA: auto must name a GPU backend or say why."""
+    try:
+        backend = transfuse.backends.resolve("norm", "auto", torch.device("cuda"))
+    except ValueError as error:
+        assert "cuda" in str(error)
+    else:
+        assert backend in ("cuda", "triton", "reference")
+    reason = transfuse.backends.missing_reason("cuda", "cuda")
+    assert reason == "" or "CUDA" in reason or "transfuse._C" in reason
+
+
+def test_torch_compile_fullgraph():
+    """The custom op traces without a graph break (fake impl) and matches eager."""
+    norm = transfuse.nn.FusedRMSNorm(32)
+    ln = transfuse.nn.FusedLayerNorm(32)
+
+    def block(x, r):
+        y, h = norm(x, r)
+        return ln(y) * 2 + h
+
+    x, r = torch.randn(3, 5, 32), torch.randn(3, 5, 32)
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, r), block(x, r))
+    x.requires_grad_(True)
+    compiled(x, r).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
