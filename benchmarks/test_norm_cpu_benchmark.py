@@ -7,9 +7,11 @@ Each benchmark's extra_info holds the floor: bytes moved / measured copy bandwid
 import pytest
 import torch
 
-from transfuse.bench import copy_bandwidth_gbps, dispatch_cases, norm_cases
+from transfuse.bench import (copy_bandwidth_gbps, dispatch_cases, keep_freed_memory_mapped,
+                             norm_cases)
 
 DEVICE = torch.device("cpu")
+ALLOCATOR = keep_freed_memory_mapped()
 CASES = norm_cases(DEVICE, torch.float32, 4096, [1024]) + dispatch_cases(DEVICE)
 PARAMS = [pytest.param(case, label, id=f"{case.op}-{case.shape}-{label}")
           for case in CASES for label in case.impls]
@@ -23,6 +25,6 @@ def bandwidth_gbps():
 @pytest.mark.parametrize("case,label", PARAMS)
 def test_norm(benchmark, bandwidth_gbps, case, label):
     benchmark.group = f"{case.op} {case.shape} {case.dtype}"
-    benchmark.extra_info.update(bytes=case.bytes, copy_bandwidth_GBps=bandwidth_gbps,
+    benchmark.extra_info.update(bytes=case.bytes, copy_bandwidth_GBps=bandwidth_gbps, allocator=ALLOCATOR,
                                 floor_ms=case.bytes / bandwidth_gbps / 1e6)
     benchmark(case.impls[label])

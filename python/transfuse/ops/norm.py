@@ -7,6 +7,7 @@ custom op: it is plain PyTorch, differentiated by autograd.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional, Tuple
 
@@ -19,18 +20,14 @@ from ..reference import CASTING_MODES
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _forward_impl(backend):
+@functools.lru_cache(maxsize=None)
+def _kernel(backend, direction):
+    """The launcher of `backend` for direction "forward" or "backward" (looked up once)."""
     if backend == "triton":
-        from transfuse.kernels.norm import norm_forward
-        return norm_forward
-    return torch.ops.transfuse_C.norm_forward
-
-
-def _backward_impl(backend):
-    if backend == "triton":
-        from transfuse.kernels.norm import norm_backward
-        return norm_backward
-    return torch.ops.transfuse_C.norm_backward
+        from transfuse.kernels import norm as triton_norm
+        return getattr(triton_norm, f"norm_{direction}")
+    backends.extension()  # loads transfuse._C, which registers the transfuse_C ops
+    return getattr(torch.ops.transfuse_C, f"norm_{direction}").default
 
 
 def _run_forward(x, weight, bias, residual, eps, weight_offset, rms, normalized_dtype, out_dtype,
@@ -40,7 +37,7 @@ def _run_forward(x, weight, bias, residual, eps, weight_offset, rms, normalized_
     r2 = None if residual is None else residual.contiguous().view(-1, cols)
     w = None if weight is None else weight.contiguous()
     b = None if bias is None else bias.contiguous()
-    y, residual_out, mean, rstd = _forward_impl(backend)(
+    y, residual_out, mean, rstd = _kernel(backend, "forward")(
         x2, w, b, r2, eps, weight_offset, rms, normalized_dtype, out_dtype)
     if residual is not None:
         residual_out = residual_out.view(x.shape)
@@ -66,17 +63,22 @@ def _(x, weight, bias, residual, eps, weight_offset, rms, normalized_dtype, out_
             torch.empty_like(stats))
 
 
+def _run_backward(dy, dresidual_out, h, weight, mean, rstd, weight_offset, rms, has_bias, backend):
+    cols = h.shape[-1]
+    dr = None if dresidual_out is None else dresidual_out.contiguous().view(-1, cols)
+    dx, dweight, dbias = _kernel(backend, "backward")(
+        dy.contiguous().view(-1, cols), dr, h.contiguous().view(-1, cols), weight, mean, rstd,
+        weight_offset, rms, has_bias)
+    return dx.view(h.shape), dweight, dbias
+
+
 @torch.library.custom_op("transfuse::norm_backward", mutates_args=())
 def _norm_backward(dy: Tensor, dresidual_out: Optional[Tensor], h: Tensor, weight: Optional[Tensor],
                    mean: Tensor, rstd: Tensor, weight_offset: float, rms: bool, has_bias: bool,
                    backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     """-> (dx [= dresidual], dweight or empty, dbias or empty)"""
-    cols = h.shape[-1]
-    dr = None if dresidual_out is None else dresidual_out.contiguous().view(-1, cols)
-    dx, dweight, dbias = _backward_impl(backend)(
-        dy.contiguous().view(-1, cols), dr, h.contiguous().view(-1, cols), weight, mean, rstd,
-        weight_offset, rms, has_bias)
-    return dx.view(h.shape), dweight, dbias
+    return _run_backward(dy, dresidual_out, h, weight, mean, rstd, weight_offset, rms, has_bias,
+                         backend)
 
 
 @_norm_backward.register_fake
@@ -96,18 +98,32 @@ def _setup_context(ctx, inputs, output):
     ctx.attrs = (weight_offset, rms, bias is not None, residual is not None, backend)
 
 
-def _backward(ctx, dy, dresidual_out, _dmean, _drstd):
-    h, weight, mean, rstd = ctx.saved_tensors
-    weight_offset, rms, has_bias, has_residual, backend = ctx.attrs
-    if not has_residual:
-        dresidual_out = None
-    dx, dweight, dbias = _norm_backward(dy, dresidual_out, h, weight, mean, rstd, weight_offset,
-                                        rms, has_bias, backend)
-    return (dx, dweight if weight is not None else None, dbias if has_bias else None,
-            dx if has_residual else None, None, None, None, None, None, None)
+def _backward_with(run_backward):
+    def backward(ctx, dy, dresidual_out, _dmean, _drstd):
+        h, weight, mean, rstd = ctx.saved_tensors
+        weight_offset, rms, has_bias, has_residual, backend = ctx.attrs
+        dx, dweight, dbias = run_backward(dy, dresidual_out if has_residual else None, h, weight,
+                                          mean, rstd, weight_offset, rms, has_bias, backend)
+        return (dx, dweight if weight is not None else None, dbias if has_bias else None,
+                dx if has_residual else None, None, None, None, None, None, None)
+    return backward
 
 
-_norm.register_autograd(_backward, setup_context=_setup_context)
+_norm.register_autograd(_backward_with(_norm_backward), setup_context=_setup_context)
+
+
+class _EagerNorm(torch.autograd.Function):
+    """The same forward, context and backward as the custom op's autograd, without the custom
+    op's dispatch (about 40 us a call on CPU); used outside torch.compile."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _run_forward(*inputs)
+        _setup_context(ctx, inputs, output)
+        ctx.mark_non_differentiable(output[2], output[3])
+        return output
+
+    backward = staticmethod(_backward_with(_run_backward))
 
 
 def _check_tensor(name, t, *, like, shape=None, dtypes=KERNEL_DTYPES, optional=True):
@@ -184,11 +200,13 @@ def rms_norm(x, weight, eps=1e-6, residual=None, offset=0.0, *, casting_mode="ll
 
 
 def _call(x, weight, bias, residual, *args):
-    """The custom op where autograd or torch.compile need it; else the kernel directly, which
-    saves the custom op's dispatch (about 15 us a call on CPU) on inference hot paths."""
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, weight, bias, residual))):
+    """The custom op under torch.compile; in eager mode the same kernels without its dispatch:
+    through _EagerNorm when autograd needs a graph, else directly."""
+    if torch.compiler.is_compiling():
         return _norm(x, weight, bias, residual, *args)
+    if torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, weight, bias, residual)):
+        return _EagerNorm.apply(x, weight, bias, residual, *args)
     return _run_forward(x, weight, bias, residual, *args)
 
 
