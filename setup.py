@@ -6,6 +6,7 @@ exists. A failed build leaves a working pure-Python package (Triton and referenc
 """
 import os
 import shutil
+import sys
 import traceback
 from pathlib import Path
 
@@ -50,16 +51,17 @@ def extension_modules():
     class OptionalBuildExtension(BuildExtension):
         """Builds the extension; a failure is recorded for `transfuse info` instead of raised."""
 
-        def build_extension(self, ext):
-            error_file = Path(self.get_ext_fullpath(ext.name)).parent / BUILD_ERROR
+        def build_extensions(self):
+            error_file = Path(self.get_ext_fullpath(self.extensions[0].name)).parent / BUILD_ERROR
             try:
-                super().build_extension(ext)
+                super().build_extensions()  # checks the compiler, then compiles
                 error_file.unlink(missing_ok=True)
             except Exception:
                 if os.environ.get("TRANSFUSE_REQUIRE_EXTENSION") == "1":
                     raise
                 error_file.parent.mkdir(parents=True, exist_ok=True)
-                error_file.write_text(traceback.format_exc(limit=3))
+                error = sys.exc_info()[1]
+                error_file.write_text("".join(traceback.format_exception_only(type(error), error)))
                 print(f"WARNING: transfuse._C failed to build; see {error_file}")
 
     return [extension], {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
