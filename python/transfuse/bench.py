@@ -45,24 +45,28 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_ms(fn, device, repeat):
-    """Median milliseconds of one call of fn."""
+def time_ms(fns, device, repeat, calls=1):
+    """Median milliseconds per call of each function in `fns` (label -> callable), each sample
+    timing `calls` calls. On CPU the functions take turns, sample by sample, so that a drift in
+    the machine's state (other load, memory placement) hits all of them alike."""
     if device.type == "cuda":
         try:
             from triton.testing import do_bench
-            return float(do_bench(fn, warmup=25, rep=max(repeat, 100), return_mode="median"))
+            return {label: float(do_bench(fn, warmup=25, rep=max(repeat, 100),
+                                          return_mode="median")) for label, fn in fns.items()}
         except ImportError:
             pass
-    for _ in range(3):
-        fn()
-    _sync(device)
-    samples = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
+    samples = {label: [] for label in fns}
+    for round_index in range(repeat + 3):  # the first 3 rounds warm up
+        for label, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            _sync(device)
+            if round_index >= 3:
+                samples[label].append((time.perf_counter() - start) * 1e3 / calls)
+    return {label: statistics.median(times) for label, times in samples.items()}
 
 
 def keep_freed_memory_mapped():
@@ -86,7 +90,7 @@ def copy_bandwidth_gbps(device, repeat):
     n = (256 if device.type == "cuda" else 64) * 2**20 // 4
     src = torch.randn(n, device=device)
     dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), device, repeat)
+    ms = time_ms({"copy": lambda: dst.copy_(src)}, device, repeat)["copy"]
     return 2 * src.numel() * 4 / ms / 1e6
 
 
@@ -204,7 +208,7 @@ def model_case(path, device, dtype, batch, seq, repeat):
 
         def measure(label):
             out = model(**inputs).last_hidden_state.float()
-            ms = time_ms(lambda: model(**inputs), device, repeat)
+            ms = time_ms({label: lambda: model(**inputs)}, device, repeat)[label]
             results[label] = {"ms": ms, "sequences_per_s": batch / ms * 1e3,
                               "max_abs_diff_vs_eager": (out - reference_out).abs().max().item()}
 
@@ -266,10 +270,7 @@ def run(args):
             cases += norm_cases(device, dtype, 4096, [1024])
         cases += dispatch_cases(device)
     for case in _progress(cases, "ops"):
-        for label, fn in case.impls.items():
-            per_call = 100 if case.bytes == 0 else 1
-            ms = time_ms(lambda: [fn() for _ in range(per_call)], device, repeat) / per_call
-            case.results[label] = ms
+        case.results = time_ms(case.impls, device, repeat, calls=100 if case.bytes == 0 else 1)
     model = None
     if args.model != "none":
         path = default_model_path() if args.model == "all-MiniLM-L6-v2" else args.model
