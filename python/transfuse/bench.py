@@ -1,8 +1,9 @@
 """`transfuse bench`: the ops and a whole model against eager PyTorch, in one run, on whatever
 device is here. Each op figure stands beside its floor (bytes moved / measured copy bandwidth).
 
-CPU timing: warm-up calls, then `repeat` timed calls, median. GPU timing: triton.testing.do_bench
-(median) where triton is installed, else CUDA events around the same loop.
+CPU timing: warm-up rounds, then `repeat` rounds in which the implementations take turns, median
+(see time_ms). GPU timing: triton.testing.do_bench (median) where triton is installed, else the
+same interleaved loop with a device synchronize around each sample.
 """
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
 """LayerNorm and RMSNorm with the residual add fused in.
 
-Flow: layer_norm / rms_norm validate their inputs, pick a backend, and call the custom op
-`transfuse::norm` (fake impl for torch.compile, autograd through `transfuse::norm_backward`),
-whose implementation hands the tensors to the chosen backend. The `reference` backend skips the
-custom op: it is plain PyTorch, differentiated by autograd.
+Flow: layer_norm / rms_norm validate their inputs and pick a backend. Under torch.compile they
+call the custom op `transfuse::norm` (fake impl for tracing, autograd through
+`transfuse::norm_backward`); in eager mode they run the same kernels without the custom op's
+dispatch, through `_EagerNorm` (same context and backward) when autograd needs a graph.
+The `reference` backend is plain PyTorch, differentiated by autograd.
 """
 from __future__ import annotations
 
