@@ -1,6 +1,7 @@
 """pytest-benchmark view of the CPU norm figures (the same cases `transfuse bench` times):
 
-    pytest benchmarks/test_norm_cpu_benchmark.py --benchmark-json benchmarks/results/norm-cpu-pytest.json
+    pytest benchmarks/test_norm_cpu_benchmark.py \
+        --benchmark-json benchmarks/results/norm-cpu-pytest-benchmark.json
 
 Each benchmark's extra_info holds the floor: bytes moved / measured copy bandwidth.
 """
@@ -25,6 +26,7 @@ def bandwidth_gbps():
 @pytest.mark.parametrize("case,label", PARAMS)
 def test_norm(benchmark, bandwidth_gbps, case, label):
     benchmark.group = f"{case.op} {case.shape} {case.dtype}"
-    benchmark.extra_info.update(bytes=case.bytes, copy_bandwidth_GBps=bandwidth_gbps, allocator=ALLOCATOR,
+    benchmark.extra_info.update(bytes=case.bytes, copy_bandwidth_GBps=bandwidth_gbps,
+                                allocator=ALLOCATOR,
                                 floor_ms=case.bytes / bandwidth_gbps / 1e6)
     benchmark(case.impls[label])

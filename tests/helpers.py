@@ -9,12 +9,6 @@ def cpu_backends():
     return [b for b in ("cpu", "triton") if not backends.missing_reason(b, "cpu")]
 
 
-def gpu_backends():
-    if not torch.cuda.is_available():
-        return []
-    return [b for b in ("cuda", "triton") if not backends.missing_reason(b, "cuda")]
-
-
 def assert_close_to_reference(out, exact, plain, *, atol, name):
     """The FlashAttention rule: |out - exact| <= 2 |plain - exact| + atol, elementwise maxima.
 

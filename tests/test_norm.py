@@ -5,7 +5,7 @@ import torch
 import transfuse
 from transfuse import reference
 
-from helpers import assert_close_to_reference, cpu_backends, gpu_backends
+from helpers import assert_close_to_reference, cpu_backends
 
 HIDDEN = [1, 7, 100, 1000, 4096, 8192]
 ROWS = [1, 3, 17]

@@ -123,6 +123,6 @@ def available() -> dict:
     for backend in BACKENDS:
         table[backend] = {d: (missing_reason(backend, d) or True) for d in devices}
     if "cuda" not in devices:
-        table["cuda"]["cuda"] = "CUDA is not available to torch " + (
-            f"(torch {torch.__version__} has no CUDA)" if torch.version.cuda is None else "(no GPU)")
+        why = "no GPU" if torch.version.cuda else f"torch {torch.__version__} has no CUDA"
+        table["cuda"]["cuda"] = f"CUDA is not available to torch ({why})"
     return table

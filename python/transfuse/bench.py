@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from . import backends, ops
+from .info import device_name, versions
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -225,29 +225,6 @@ def model_case(path, device, dtype, batch, seq, repeat):
 
 # ------------------------------------------------------------------------------------------- run
 
-def _versions():
-    import importlib.metadata as md
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for package in ("transfuse", "triton", "transformers"):
-        try:
-            versions[package] = md.version(package)
-        except md.PackageNotFoundError:
-            versions[package] = None
-    return versions
-
-
-def _device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu} ({torch.get_num_threads()} threads)"
-
-
 def _progress(items, desc):
     try:
         from tqdm import tqdm
@@ -281,8 +258,8 @@ def run(args):
         model = model_case(path, device, dtype, args.batch, args.seq, max(repeat // 2, 5))
         model["model"] = args.model
     report = {
-        "device": _device_name(device), "device_type": device.type,
-        "date": datetime.date.today().isoformat(), "versions": _versions(),
+        "device": device_name(device), "device_type": device.type,
+        "date": datetime.date.today().isoformat(), "versions": versions(),
         "copy_bandwidth_GBps": bandwidth, "allocator": allocator,
         "ops": [{"op": c.op, "shape": c.shape, "dtype": c.dtype, "bytes": c.bytes,
                  "floor_ms": c.bytes / bandwidth / 1e6 if c.bytes else None, "ms": c.results,
@@ -298,7 +275,8 @@ def run(args):
 def print_report(report):
     print(f"\ntransfuse bench on {report['device']}; copy bandwidth "
           f"{report['copy_bandwidth_GBps']:.1f} GB/s; {report['allocator']}")
-    header = f"{'op':28} {'shape':>11} {'dtype':>9} {'impl':>36} {'ms':>9} {'x eager':>8} {'floor':>7}"
+    header = (f"{'op':28} {'shape':>11} {'dtype':>9} {'impl':>36} {'ms':>9} {'x eager':>8} "
+              f"{'floor':>7}")
     print(header)
     print("-" * len(header))
     for row in report["ops"]:

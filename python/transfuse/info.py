@@ -1,6 +1,7 @@
 """transfuse.info(): what this installation can run, and why a missing backend is missing."""
 from __future__ import annotations
 
+import importlib.metadata
 import platform
 
 import torch
@@ -8,28 +9,36 @@ import torch
 from . import backends
 
 
-def _version(module_name):
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model and the threads torch uses."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
     try:
-        module = __import__(module_name)
-    except ImportError:
-        return None
-    return getattr(module, "__version__", "unknown")
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu} ({torch.get_num_threads()} threads)"
+
+
+def versions() -> dict:
+    found = {"python": platform.python_version(), "torch": torch.__version__,
+             "cuda": torch.version.cuda}
+    for package in ("transfuse", "triton", "transformers"):
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = None
+    return found
 
 
 def info() -> dict:
-    from . import __version__
-    if torch.cuda.is_available():
-        device = torch.cuda.get_device_name()
-    else:
-        device = f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     module, reason = backends.extension()
-    return {
-        "transfuse": __version__,
-        "device": device,
-        "backends": backends.available(),
-        "extension": "built" + (" with CUDA" if getattr(module, "with_cuda", 0) else " (CPU only)")
-                     if module is not None else f"missing: {reason}",
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "cuda": torch.version.cuda, "triton": _version("triton"),
-                     "transformers": _version("transformers")},
-    }
+    if module is None:
+        extension = f"missing: {reason}"
+    else:
+        extension = "built with CUDA" if module.with_cuda else "built (CPU only)"
+    return {"device": device_name(device), "backends": backends.available(),
+            "extension": extension, "versions": versions()}

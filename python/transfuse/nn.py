@@ -62,7 +62,8 @@ class FusedRMSNorm(nn.Module):
         fused = cls.__new__(cls)
         nn.Module.__init__(fused)
         fused.weight = module.weight
-        fused.eps, fused.offset, fused.casting_mode, fused.backend = eps, offset, casting_mode, backend
+        fused.eps, fused.offset, fused.casting_mode = eps, offset, casting_mode
+        fused.backend = backend
         fused.train(module.training)
         return fused
 

@@ -145,7 +145,8 @@ def _check_tensor(name, t, *, like, shape=None, dtypes=KERNEL_DTYPES, optional=T
 def _check_inputs(x, weight, bias, residual, eps, backend_dtypes):
     _check_tensor("x", x, like=None, dtypes=backend_dtypes, optional=False)
     if x.dim() == 0 or x.shape[-1] == 0:
-        raise ValueError(f"x must have a non-empty last (hidden) dimension, got shape {tuple(x.shape)}")
+        raise ValueError(f"x must have a non-empty last (hidden) dimension, got shape "
+                         f"{tuple(x.shape)}")
     cols = x.shape[-1]
     _check_tensor("weight", weight, like=x, shape=(cols,), dtypes=backend_dtypes)
     _check_tensor("bias", bias, like=x, shape=(cols,), dtypes=backend_dtypes)
