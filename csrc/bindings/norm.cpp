@@ -10,8 +10,9 @@
 #include "../cpu/norm.h"
 
 #ifdef TRANSFUSE_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include "../cuda/norm.h"
 #endif
@@ -97,7 +98,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_forward(
   if (x.is_cuda()) {
 #ifdef TRANSFUSE_WITH_CUDA
     const c10::cuda::CUDAGuard guard(x.device());
-    cuda::norm_forward_launch(p, at::cuda::getCurrentCUDAStream());
+    cuda::norm_forward_launch(p, c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 #endif
   } else {
@@ -147,7 +148,7 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward(
 #ifdef TRANSFUSE_WITH_CUDA
     const c10::cuda::CUDAGuard guard(h.device());
     Tensor workspace = at::empty({cuda::norm_backward_workspace_floats(p)}, workspace_options);
-    cuda::norm_backward_launch(p, workspace.data_ptr<float>(), at::cuda::getCurrentCUDAStream());
+    cuda::norm_backward_launch(p, workspace.data_ptr<float>(), c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 #endif
   } else {
