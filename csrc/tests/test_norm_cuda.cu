@@ -50,7 +50,6 @@ const char* dtype_name(DType t) {
   }
 }
 
-size_t dtype_bytes(DType t) { return t == DType::f32 ? 4 : 2; }
 
 // Half a unit in the last place relative to the value (the rounding error bound) of each dtype.
 double unit_roundoff(DType t) {
@@ -78,7 +77,7 @@ float round_to(float value, DType t) {
 }
 
 std::vector<uint8_t> encode(const std::vector<float>& values, DType t) {
-  std::vector<uint8_t> bytes(values.size() * dtype_bytes(t));
+  std::vector<uint8_t> bytes(values.size() * transfuse::dtype_size(t));
   for (size_t i = 0; i < values.size(); ++i) {
     if (t == DType::f32) {
       std::memcpy(&bytes[4 * i], &values[i], 4);
@@ -94,7 +93,7 @@ std::vector<uint8_t> encode(const std::vector<float>& values, DType t) {
 }
 
 std::vector<float> decode(const std::vector<uint8_t>& bytes, DType t) {
-  const size_t n = bytes.size() / dtype_bytes(t);
+  const size_t n = bytes.size() / transfuse::dtype_size(t);
   std::vector<float> values(n);
   for (size_t i = 0; i < n; ++i) {
     if (t == DType::f32) {
@@ -241,7 +240,8 @@ bool run_case(const Case& c, uint64_t seed) {
   };
 
   // ---- device buffers ----
-  const size_t xs = dtype_bytes(c.x), ws = dtype_bytes(c.w), os = dtype_bytes(c.out);
+  const size_t xs = transfuse::dtype_size(c.x), ws = transfuse::dtype_size(c.w),
+               os = transfuse::dtype_size(c.out);
   auto offset = [&](size_t element_bytes) { return c.misaligned ? element_bytes : 0; };
   const size_t un = static_cast<size_t>(n);
   const size_t ucols = static_cast<size_t>(cols);
