@@ -23,3 +23,15 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def poison_allocations():
+    """torch.empty (in Python and in C++ bindings) fills new memory with NaN while on."""
+    import torch.utils.deterministic as deterministic
+    previous = deterministic.fill_uninitialized_memory, torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    deterministic.fill_uninitialized_memory = True
+    yield
+    deterministic.fill_uninitialized_memory = previous[0]
+    torch.use_deterministic_algorithms(previous[1])

@@ -15,40 +15,10 @@ from transfuse.hf.norm import NORM_RULES
 from helpers import assert_close_to_reference
 
 transformers = pytest.importorskip("transformers")
-from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM,  # noqa: E402
-                          AutoModelForSeq2SeqLM)
+from hf_models import (FAMILIES, VOCAB, assert_close_scaled, build, gradients,  # noqa: E402
+                       make_batch, run)
+from transformers import AutoModel  # noqa: E402
 
-patch_module = importlib.import_module("transfuse.patch")  # transfuse.patch is the function
-
-VOCAB = 100
-DECODER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-               intermediate_size=64, max_position_embeddings=64)
-ENCODER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-               max_position_embeddings=64)
-SEQ2SEQ = dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
-               decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
-               max_position_embeddings=64)
-# model_type -> (head, config overrides, norm class the model uses)
-FAMILIES = {
-    "bert": ("base", ENCODER, "LayerNorm"),
-    "distilbert": ("base", dict(dim=32, n_layers=2, n_heads=2, hidden_dim=64,
-                                max_position_embeddings=64), "LayerNorm"),
-    "roberta": ("base", ENCODER, "LayerNorm"),
-    "modernbert": ("base", dict(ENCODER, local_attention=16, global_attn_every_n_layers=2,
-                                pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1,
-                                sep_token_id=2), "LayerNorm"),
-    "gpt2": ("causal", dict(n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=1,
-                            eos_token_id=2), "LayerNorm"),
-    "bart": ("seq2seq", SEQ2SEQ, "LayerNorm"),
-    "marian": ("seq2seq", dict(SEQ2SEQ, pad_token_id=VOCAB - 1, decoder_start_token_id=VOCAB - 1),
-               "LayerNorm"),
-    "t5": ("seq2seq", dict(d_model=32, num_layers=2, num_heads=2, d_ff=64, d_kv=16), "T5LayerNorm"),
-    "llama": ("causal", DECODER, "LlamaRMSNorm"),
-    "mistral": ("causal", dict(DECODER, head_dim=8), "MistralRMSNorm"),
-    "qwen2": ("causal", DECODER, "Qwen2RMSNorm"),
-    "gemma": ("causal", dict(DECODER, head_dim=8), "GemmaRMSNorm"),
-}
-HEADS = {"base": AutoModel, "causal": AutoModelForCausalLM, "seq2seq": AutoModelForSeq2SeqLM}
 GRADIENT_FAMILIES = ["bert", "gpt2", "bart", "t5", "llama", "gemma"]
 
 # Every RMSNorm class with a rule -> its transformers module (a new rule needs an entry here).
@@ -61,57 +31,6 @@ RULE_MODULES = {
     "T5LayerNorm": "t5", "MT5LayerNorm": "mt5", "UMT5LayerNorm": "umt5",
     "LongT5LayerNorm": "longt5",
 }
-
-
-# ---------------------------------------------------------------------------------------- helpers
-
-def build(model_type, seed=0):
-    """A tiny random model of the family, fp32, eval mode, with norm weights that are not 1 / 0."""
-    head, overrides, _ = FAMILIES[model_type]
-    config = AutoConfig.for_model(model_type, vocab_size=VOCAB, **overrides)
-    torch.manual_seed(seed)
-    model = HEADS[head].from_config(config).eval()
-    with torch.no_grad():  # fresh norms are ones / zeros: make them random so mistakes show
-        for module in model.modules():
-            if "Norm" in type(module).__name__:
-                for param in module.parameters(recurse=False):
-                    param.add_(torch.randn_like(param) * 0.1)
-    return model
-
-
-def make_batch(model_type, seed=1):
-    """Two sequences of 9 random tokens; the second is padded after 6 tokens."""
-    g = torch.Generator().manual_seed(seed)
-    batch = {"input_ids": torch.randint(3, VOCAB - 1, (2, 9), generator=g),
-             "attention_mask": torch.ones(2, 9, dtype=torch.long)}
-    batch["attention_mask"][1, 6:] = 0
-    if FAMILIES[model_type][0] == "seq2seq":
-        batch["decoder_input_ids"] = torch.randint(3, VOCAB - 1, (2, 5), generator=g)
-    return batch
-
-
-def run(model, batch):
-    out = model(**batch)
-    logits = getattr(out, "logits", None)
-    return logits if logits is not None else out.last_hidden_state
-
-
-def gradients(model, batch):
-    """d(sum(output * fixed random probe)) / d(parameter), by parameter name (None if unused)."""
-    model.zero_grad(set_to_none=True)
-    out = run(model, batch)
-    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
-    (out.float() * probe).sum().backward()
-    grads = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
-    return grads
-
-
-def assert_close_scaled(actual, expected, tol=1e-5, name=""):
-    """fp32 rule: |actual - expected| <= tol * (|expected| + max |expected|), elementwise."""
-    scale = expected.detach().abs().max().item() if expected.numel() else 0.0
-    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol * scale + 1e-30,
-                               msg=lambda m: f"{name}: {m}")
 
 
 def norm_modules(model):
@@ -365,13 +284,11 @@ def test_a_norm_as_the_whole_model_is_named():
     assert len(messages) == 1 and "LayerNorm x1" in messages[0] and "itself" in messages[0]
 
 
-def test_attention_default_warns_once(monkeypatch):
-    monkeypatch.setattr(patch_module, "_attention_warned", False)
+def test_attention_default_leaves_a_plain_module_model_alone():
     model = nn.Sequential(nn.LayerNorm(8))
-    first = patch_recording(model)
-    assert len(first) == 1 and "attention" in first[0]
-    assert patch_recording(nn.Sequential(nn.LayerNorm(8))) == []
+    assert patch_recording(model) == []  # attention=True: no transformers attention to switch
     assert isinstance(model[0], transfuse.nn.FusedLayerNorm)
+    assert list(transfuse.patched_modules(model)) == ["0"]
 
 
 def test_norm_false_changes_nothing():

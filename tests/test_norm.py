@@ -12,16 +12,7 @@ ROWS = [1, 3, 17]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-@pytest.fixture(autouse=True)
-def poison_allocations():
-    """torch.empty (in Python and in C++ bindings) fills new memory with NaN while on."""
-    import torch.utils.deterministic as deterministic
-    previous = deterministic.fill_uninitialized_memory, torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    deterministic.fill_uninitialized_memory = True
-    yield
-    deterministic.fill_uninitialized_memory = previous[0]
-    torch.use_deterministic_algorithms(previous[1])
+pytestmark = pytest.mark.usefixtures("poison_allocations")
 
 
 def backend_params():

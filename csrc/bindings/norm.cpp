@@ -7,6 +7,8 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include "dtype.h"
+
 #include "../cpu/norm.h"
 
 #ifdef TRANSFUSE_WITH_CUDA
@@ -22,15 +24,6 @@ namespace {
 
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
-
-DType to_dtype(at::ScalarType t, const char* name) {
-  switch (t) {
-    case at::kFloat: return DType::f32;
-    case at::kHalf: return DType::f16;
-    case at::kBFloat16: return DType::bf16;
-    default: TORCH_CHECK_TYPE(false, name, " must be float32, float16 or bfloat16, got ", t);
-  }
-}
 
 void check_matrix(const Tensor& t, const char* name, const Tensor& like) {
   TORCH_CHECK_VALUE(t.dim() == 2 && t.is_contiguous(), name, " must be a contiguous 2-D tensor");

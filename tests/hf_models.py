@@ -1,0 +1,87 @@
+"""Tiny random transformers models of every supported family, built from configs (nothing is
+downloaded), and what the HF tests do with them."""
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM,  # noqa: E402
+                          AutoModelForSeq2SeqLM)
+
+VOCAB = 100
+DECODER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               intermediate_size=64, max_position_embeddings=64)
+ENCODER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+               max_position_embeddings=64)
+SEQ2SEQ = dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+               decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+               max_position_embeddings=64)
+# model_type -> (head, config overrides, norm class the model uses)
+FAMILIES = {
+    "bert": ("base", ENCODER, "LayerNorm"),
+    "distilbert": ("base", dict(dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                                max_position_embeddings=64), "LayerNorm"),
+    "roberta": ("base", ENCODER, "LayerNorm"),
+    "modernbert": ("base", dict(ENCODER, local_attention=6, global_attn_every_n_layers=2,
+                                pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1,
+                                sep_token_id=2), "LayerNorm"),
+    "gpt2": ("causal", dict(n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=1,
+                            eos_token_id=2), "LayerNorm"),
+    "bart": ("seq2seq", SEQ2SEQ, "LayerNorm"),
+    "marian": ("seq2seq", dict(SEQ2SEQ, pad_token_id=VOCAB - 1, decoder_start_token_id=VOCAB - 1),
+               "LayerNorm"),
+    "t5": ("seq2seq", dict(d_model=32, num_layers=2, num_heads=2, d_ff=64, d_kv=16), "T5LayerNorm"),
+    "llama": ("causal", DECODER, "LlamaRMSNorm"),
+    "mistral": ("causal", dict(DECODER, head_dim=8, sliding_window=4), "MistralRMSNorm"),
+    "qwen2": ("causal", DECODER, "Qwen2RMSNorm"),
+    "gemma": ("causal", dict(DECODER, head_dim=8), "GemmaRMSNorm"),
+}
+HEADS = {"base": AutoModel, "causal": AutoModelForCausalLM, "seq2seq": AutoModelForSeq2SeqLM}
+
+
+def build(model_type, seed=0, attn_implementation=None):
+    """A tiny random model of the family, fp32, eval mode, with norm weights that are not 1 / 0."""
+    head, overrides, _ = FAMILIES[model_type]
+    config = AutoConfig.for_model(model_type, vocab_size=VOCAB, **overrides)
+    torch.manual_seed(seed)
+    model = HEADS[head].from_config(config, attn_implementation=attn_implementation).eval()
+    with torch.no_grad():  # fresh norms are ones / zeros: make them random so mistakes show
+        for module in model.modules():
+            if "Norm" in type(module).__name__:
+                for param in module.parameters(recurse=False):
+                    param.add_(torch.randn_like(param) * 0.1)
+    return model
+
+
+def make_batch(model_type, seed=1):
+    """Two sequences of 9 random tokens; the second is padded after 6 tokens."""
+    g = torch.Generator().manual_seed(seed)
+    batch = {"input_ids": torch.randint(3, VOCAB - 1, (2, 9), generator=g),
+             "attention_mask": torch.ones(2, 9, dtype=torch.long)}
+    batch["attention_mask"][1, 6:] = 0
+    if FAMILIES[model_type][0] == "seq2seq":
+        batch["decoder_input_ids"] = torch.randint(3, VOCAB - 1, (2, 5), generator=g)
+    return batch
+
+
+def run(model, batch):
+    out = model(**batch)
+    logits = getattr(out, "logits", None)
+    return logits if logits is not None else out.last_hidden_state
+
+
+def gradients(model, batch):
+    """d(sum(output * fixed random probe)) / d(parameter), by parameter name (None if unused)."""
+    model.zero_grad(set_to_none=True)
+    out = run(model, batch)
+    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    (out.float() * probe).sum().backward()
+    grads = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def assert_close_scaled(actual, expected, tol=1e-5, name=""):
+    """fp32 rule: |actual - expected| <= tol * (|expected| + max |expected|), elementwise."""
+    scale = expected.detach().abs().max().item() if expected.numel() else 0.0
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol * scale + 1e-30,
+                               msg=lambda m: f"{name}: {m}")
