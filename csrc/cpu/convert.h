@@ -1,0 +1,20 @@
+// Conversions between the kernels' storage dtypes (fp32, fp16, bf16) and fp32 rows, shared by the
+// CPU kernels. Rounding is to nearest even everywhere, bit-exact with torch's conversions.
+#pragma once
+
+#include <cstdint>
+
+#include "../common/norm.h"  // DType
+
+namespace transfuse::cpu {
+
+// dst = float(src), src of dtype `dtype`.
+void load_row(const void* src, DType dtype, float* dst, int64_t n);
+
+// dst = dtype(src), rounded to nearest even.
+void store_row(const float* src, DType dtype, void* dst, int64_t n);
+
+// values = round_dtype(values): converted to `dtype` and back (a no-op for f32).
+void round_row(float* values, DType dtype, int64_t n);
+
+}  // namespace transfuse::cpu
