@@ -7,7 +7,7 @@
 //
 // The fp32 row loops are plain C++ loops that GCC vectorizes; GCC function multiversioning
 // (target_clones) compiles each of them for AVX-512, AVX2 and baseline x86-64, and the best one is
-// picked at load time. The f16 conversions use F16C when the CPU has it. Calls whose tensors exceed
+// picked at load time. The 16-bit conversions are cpu/convert's. Calls whose tensors exceed
 // the last-level cache write their outputs with non-temporal stores (explicit AVX-512 / AVX2 code
 // for the fp32 rows), which takes the add + LayerNorm of large fp32 tensors close to the memory
 // bandwidth floor of reading the inputs and writing the outputs once.

@@ -1,0 +1,817 @@
+// CPU attention kernels. The math is stated in common/attention.h.
+//
+// Layout of the work. Forward: OpenMP threads take (batch, query head, tile of 64 query rows)
+// units; a unit walks the keys its rows can see in tiles of 128 with the online softmax, so the
+// largest temporary is one 64 x 128 score tile. When there are too few units to keep every thread
+// busy (decoding: one query row, many keys), each unit's keys are split into ranges whose partial
+// results are merged afterwards by their log-sum-exps. Backward: delta = rowsum(dO * O) first, then
+// two passes that recompute P from the saved lse: one per (batch, key/value head, key tile) for dK
+// and dV (looping over the query heads that share the key head), one per (batch, query head, query
+// tile) for dQ and dbias. Every unit owns the rows it writes, so there are no races and no atomics.
+//
+// Inner loops. Inputs of any dtype are converted into fp32 tiles (Q pre-multiplied by the scale,
+// K and V transposed where a product needs them so); every product is one register-blocked
+// micro-kernel, C (+)= A B with A, B, C row-major and fp32 accumulation, written with GCC vector
+// types and compiled three times, for AVX-512 (16 lanes), AVX2 (8) and baseline (4), the best
+// chosen at run time. exp is a vectorized polynomial (relative error ~2e-7 on [-87, 0]).
+#include "attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "convert.h"
+
+namespace transfuse::cpu {
+namespace {
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr int64_t kQueryTile = 64;      // query rows per forward / dQ unit
+constexpr int64_t kKeyTile = 128;       // keys per forward / dQ step
+constexpr int64_t kGradKeyTile = 64;    // keys per dK/dV unit
+constexpr int64_t kPadFloats = 16;      // tile widths are padded to this many floats
+constexpr int64_t kFewRows = 4;         // query tiles with fewer rows use dot products for q.k
+constexpr float kExactLse = 1024.f;     // beyond, fp32 lse = m + log(l) may have lost log(l)
+
+int64_t padded(int64_t n) { return (n + kPadFloats - 1) / kPadFloats * kPadFloats; }
+
+// ------------------------------------------------------------------------------------------------
+// Element access
+// ------------------------------------------------------------------------------------------------
+
+const char* row_address(const void* base, DType dtype, const int64_t* strides, int64_t b,
+                        int64_t h, int64_t row) {
+  return static_cast<const char*>(base) +
+         (b * strides[0] + h * strides[1] + row * strides[2]) * int64_t(dtype_size(dtype));
+}
+
+// dst[r * ld + d] = scale * float(src row (row0 + r))[d] for d < head_dim; zero up to ld.
+void load_rows(const void* base, const int64_t* strides, const AttentionParams& p, int64_t b,
+               int64_t h, int64_t row0, int64_t rows, float scale, float* dst, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* out = dst + r * ld;
+    load_row(row_address(base, p.dtype, strides, b, h, row0 + r), p.dtype, out, p.head_dim);
+    if (scale != 1.f)
+      for (int64_t d = 0; d < p.head_dim; ++d) out[d] *= scale;
+    std::fill(out + p.head_dim, out + ld, 0.f);
+  }
+}
+
+// The fp32 rows [row0, row0 + rows) of k or v for (b, h), `*ld` floats apart: the input itself when
+// it is fp32 with head_dim a multiple of the padding, else a converted copy in `scratch`.
+const float* fp32_rows(const void* base, const int64_t* strides, const AttentionParams& p,
+                       int64_t b, int64_t h, int64_t row0, int64_t rows, float* scratch,
+                       int64_t* ld) {
+  if (p.dtype == DType::f32 && p.head_dim == padded(p.head_dim)) {
+    *ld = strides[2];
+    return reinterpret_cast<const float*>(row_address(base, p.dtype, strides, b, h, row0));
+  }
+  *ld = padded(p.head_dim);
+  load_rows(base, strides, p, b, h, row0, rows, 1.f, scratch, *ld);
+  return scratch;
+}
+
+// dst[d * ld + r] = rows[r * rows_ld + d]: the transpose of `rows` fp32 rows, zero for r in
+// [rows, ld).
+void transpose_rows(const float* rows_data, int64_t rows, int64_t rows_ld, int64_t head_dim,
+                    float* dst, int64_t ld) {
+  for (int64_t d = 0; d < head_dim; ++d) {
+    float* out = dst + d * ld;
+    for (int64_t r = 0; r < rows; ++r) out[r] = rows_data[r * rows_ld + d];
+    std::fill(out + rows, out + ld, 0.f);
+  }
+}
+
+float mask_value(const AttentionParams& p, const char* address) {
+  switch (p.mask_dtype) {
+    case DType::f32: return *reinterpret_cast<const float*>(address);
+    default: {
+      float value;
+      load_row(address, p.mask_dtype, &value, 1);
+      return value;
+    }
+  }
+}
+
+// The keys query row i sees through causal / window: [lo, hi) (empty when hi <= lo).
+struct Range {
+  int64_t lo, hi;
+};
+
+Range visible_keys(const AttentionParams& p, int64_t i) {
+  const int64_t diagonal = i + p.seq_kv - p.seq_q;
+  Range r{0, p.seq_kv};
+  if (p.causal) r.hi = std::min(r.hi, diagonal + 1);
+  if (p.window > 0) {
+    r.lo = std::max(r.lo, diagonal - p.window + 1);
+    r.hi = std::min(r.hi, diagonal + p.window);
+  }
+  return r;
+}
+
+// The query rows that see key j through causal / window: [lo, hi).
+Range visible_queries(const AttentionParams& p, int64_t j) {
+  const int64_t offset = p.seq_kv - p.seq_q;  // query i sits on the diagonal at key i + offset
+  Range r{0, p.seq_q};
+  if (p.causal) r.lo = std::max(r.lo, j - offset);
+  if (p.window > 0) {
+    r.lo = std::max(r.lo, j - offset - p.window + 1);
+    r.hi = std::min(r.hi, j - offset + p.window);
+  }
+  return r;
+}
+
+// Where the scores of a tile sit: queries [q0, q0 + queries) x keys [k0, k0 + keys) of (b, h);
+// stored as s[query * ld + key], or as s[key * ld + query] when keys_by_row. The other
+// dimension is padded to `padded_width` entries.
+struct TileSpan {
+  int64_t b, h, q0, queries, k0, keys;
+  bool keys_by_row;
+};
+
+// Turns the scaled products q.k of a tile into scores: softcap (its derivative 1 - tanh^2 into
+// `softcap_grad` when not null), the additive or bool mask, -inf where the key is hidden by
+// causal / window or is padding.
+void finish_scores(const AttentionParams& p, const TileSpan& t, float* s, int64_t ld,
+                   int64_t padded_width, float* softcap_grad) {
+  const int64_t rows = t.keys_by_row ? t.keys : t.queries;
+  const int64_t cols = t.keys_by_row ? t.queries : t.keys;
+  const int64_t mask_size = p.mask_kind == MaskKind::boolean ? 1 : dtype_size(p.mask_dtype);
+  const int64_t query_stride = p.mask_strides[2] * mask_size;
+  const int64_t key_stride = p.mask_strides[3] * mask_size;
+  const char* mask_base = p.mask_kind == MaskKind::none
+                              ? nullptr
+                              : static_cast<const char*>(p.mask) +
+                                    (t.b * p.mask_strides[0] + t.h * p.mask_strides[1]) * mask_size;
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = s + r * ld;
+    float* grad_row = softcap_grad ? softcap_grad + r * ld : nullptr;
+    // Along the row: keys (visible range of query q0 + r) or queries (that see key k0 + r).
+    const int64_t first = t.keys_by_row ? t.q0 : t.k0;
+    const Range seen = t.keys_by_row ? visible_queries(p, t.k0 + r) : visible_keys(p, t.q0 + r);
+    const int64_t lo = std::clamp<int64_t>(seen.lo - first, 0, cols);
+    const int64_t hi = std::clamp<int64_t>(seen.hi - first, lo, cols);
+    std::fill(row, row + lo, -kInf);
+    std::fill(row + hi, row + padded_width, -kInf);
+    if (p.softcap > 0) {
+      const float inverse = 1.f / p.softcap;
+      for (int64_t c = lo; c < hi; ++c) {
+        const float tanh_value = std::tanh(row[c] * inverse);
+        row[c] = p.softcap * tanh_value;
+        grad_row[c] = 1.f - tanh_value * tanh_value;
+      }
+    }
+    if (p.mask_kind == MaskKind::none) continue;
+    const char* mask_row = mask_base + (t.keys_by_row ? (t.k0 + r) * key_stride + t.q0 * query_stride
+                                                      : (t.q0 + r) * query_stride + t.k0 * key_stride);
+    const int64_t step = t.keys_by_row ? query_stride : key_stride;
+    if (p.mask_kind == MaskKind::boolean) {
+      for (int64_t c = lo; c < hi; ++c)
+        if (!mask_row[c * step]) row[c] = -kInf;
+    } else {
+      for (int64_t c = lo; c < hi; ++c) row[c] += mask_value(p, mask_row + c * step);
+    }
+  }
+}
+
+// Dropout of a tile in place, per element (query i, key j): x = keep ? x / (1 - p) : 0.
+void drop_tile(const AttentionParams& p, const TileSpan& t, float* x, int64_t ld) {
+  const uint32_t threshold = dropout_threshold(p.dropout_p);
+  const float keep_scale = 1.f / (1.f - p.dropout_p);
+  const uint32_t batch_head = uint32_t(t.b * p.heads_q + t.h);
+  for (int64_t a = 0; a < t.queries; ++a) {
+    const uint32_t row_key = dropout_row_key(p.dropout_seed, batch_head, uint32_t(t.q0 + a));
+    for (int64_t c = 0; c < t.keys; ++c) {
+      float& value = t.keys_by_row ? x[c * ld + a] : x[a * ld + c];
+      value = dropout_bits(row_key, uint32_t(t.k0 + c)) >= threshold ? value * keep_scale : 0.f;
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Vector code, compiled once per instruction set (see the entry points below)
+// ------------------------------------------------------------------------------------------------
+
+#define TRANSFUSE_INLINE inline __attribute__((always_inline))
+// The vector helpers are always inlined into the entry points compiled for their instruction set,
+// so the ABI of passing wide vectors between functions (what -Wpsabi warns about) never arises.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+typedef float Floats16 __attribute__((vector_size(64)));
+typedef float Floats8 __attribute__((vector_size(32)));
+typedef float Floats4 __attribute__((vector_size(16)));
+
+template <class V>
+constexpr int kLanes = sizeof(V) / sizeof(float);
+
+template <class V>
+struct SameSizeInts {
+  typedef int32_t type __attribute__((vector_size(sizeof(V))));
+};
+
+// Register blocking of the micro-kernel: rows x vectors accumulators (24 of AVX-512's 32
+// registers; 12 of AVX2's and SSE's 16).
+template <class V>
+struct Blocking {
+  static constexpr int rows = 6, vectors = 2;
+};
+template <>
+struct Blocking<Floats16> {
+  static constexpr int rows = 6, vectors = 4;
+};
+
+template <class V>
+TRANSFUSE_INLINE V load(const float* address) {
+  V v;
+  std::memcpy(&v, address, sizeof(V));
+  return v;
+}
+
+template <class V>
+TRANSFUSE_INLINE void store(float* address, const V& v) {
+  std::memcpy(address, &v, sizeof(V));
+}
+
+template <class V>
+TRANSFUSE_INLINE V splat(float x) {
+  return V{} + x;
+}
+
+// exp(x) for x <= 88: x = n ln2 + r with |r| <= ln2/2 (n by the round-to-nearest "magic number"
+// trick, ln2 split in two for an exact product), e^r by its degree-6 Taylor polynomial, 2^n put
+// into the exponent bits. Inputs below -87 (including -inf) give 0.
+template <class V>
+TRANSFUSE_INLINE V exp_vector(const V& x) {
+  using Ints = typename SameSizeInts<V>::type;
+  const V magic = splat<V>(12582912.f);  // 1.5 * 2^23
+  const V clamped = x < -87.f ? splat<V>(-87.f) : x;
+  const V shifted = clamped * 1.44269504f + magic;
+  const V n = shifted - magic;
+  const V r = clamped - n * 0.693145751953125f - n * 1.428606765330187e-6f;
+  const V poly = 1.f + r * (1.f + r * (0.5f + r * (1.f / 6 + r * (1.f / 24 + r * (1.f / 120 +
+                 r * (1.f / 720))))));
+  const Ints exponent = ((Ints)shifted - (Ints)magic + 127) << 23;  // casts reinterpret the bits
+  const V result = poly * (V)exponent;
+  return x < -87.f ? V{} : result;
+}
+
+template <class V>
+TRANSFUSE_INLINE float horizontal_sum(const V& v) {
+  if constexpr (kLanes<V> > 4) {  // add the two halves, then reduce the half-width vector
+    using Half = std::conditional_t<kLanes<V> == 16, Floats8, Floats4>;
+    Half low, high;
+    std::memcpy(&low, &v, sizeof(Half));
+    std::memcpy(&high, reinterpret_cast<const char*>(&v) + sizeof(Half), sizeof(Half));
+    return horizontal_sum<Half>(low + high);
+  }
+  return (v[0] + v[2]) + (v[1] + v[3]);
+}
+
+// max over x[0, n), n a multiple of the lane count.
+template <class V>
+TRANSFUSE_INLINE float max_of(const float* x, int64_t n) {
+  V best = splat<V>(-kInf);
+  for (int64_t j = 0; j < n; j += kLanes<V>) {
+    const V v = load<V>(x + j);
+    best = v > best ? v : best;
+  }
+  float result = -kInf;
+  for (int lane = 0; lane < kLanes<V>; ++lane) result = std::max(result, best[lane]);
+  return result;
+}
+
+// x[j] = exp(x[j] - shift[j]) (shift a row of per-entry values) or exp(x[j] - shift_value);
+// returns the sum. n a multiple of the lane count.
+template <class V>
+TRANSFUSE_INLINE float exp_minus(float* x, int64_t n, const float* shift, float shift_value) {
+  V total{};
+  for (int64_t j = 0; j < n; j += kLanes<V>) {
+    const V s = shift ? load<V>(shift + j) : splat<V>(shift_value);
+    const V e = exp_vector<V>(load<V>(x + j) - s);
+    store<V>(x + j, e);
+    total += e;
+  }
+  return horizontal_sum<V>(total);
+}
+
+template <class V>
+TRANSFUSE_INLINE void scale_row(float* x, int64_t n, float factor) {
+  for (int64_t j = 0; j < n; j += kLanes<V>) store<V>(x + j, load<V>(x + j) * factor);
+}
+
+// ds[j] = p[j] * (dp[j] - delta) in place of dp, delta per entry (a row) or one value.
+template <class V>
+TRANSFUSE_INLINE void score_gradient(const float* p, float* dp, int64_t n, const float* delta,
+                                     float delta_value, const float* softcap_grad) {
+  for (int64_t j = 0; j < n; j += kLanes<V>) {
+    const V d = delta ? load<V>(delta + j) : splat<V>(delta_value);
+    V ds = load<V>(p + j) * (load<V>(dp + j) - d);
+    if (softcap_grad) ds *= load<V>(softcap_grad + j);
+    store<V>(dp + j, ds);
+  }
+}
+
+// C[R x VECTORS*lanes] (+)= A[R x depth] B[depth x VECTORS*lanes]: R x VECTORS accumulators kept
+// in registers, one broadcast of A and VECTORS loads of B per step of the depth.
+template <class V, int R, int VECTORS>
+TRANSFUSE_INLINE void product_block(int64_t depth, const float* a, int64_t lda, const float* b,
+                                    int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  constexpr int lanes = kLanes<V>;
+  V acc[R][VECTORS];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < VECTORS; ++v) acc[r][v] = accumulate ? load<V>(c + r * ldc + v * lanes) : V{};
+  for (int64_t k = 0; k < depth; ++k) {
+    V row[VECTORS];
+#pragma GCC unroll 8
+    for (int v = 0; v < VECTORS; ++v) row[v] = load<V>(b + k * ldb + v * lanes);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const float scalar = a[r * lda + k];
+#pragma GCC unroll 8
+      for (int v = 0; v < VECTORS; ++v) acc[r][v] += scalar * row[v];
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < VECTORS; ++v) store<V>(c + r * ldc + v * lanes, acc[r][v]);
+}
+
+// The last rows (fewer than the block's) of a column block.
+template <class V, int R, int VECTORS>
+TRANSFUSE_INLINE void product_tail_rows(int64_t rows, int64_t depth, const float* a, int64_t lda,
+                                        const float* b, int64_t ldb, float* c, int64_t ldc,
+                                        bool accumulate) {
+  if constexpr (R > 0) {
+    if (rows == R) return product_block<V, R, VECTORS>(depth, a, lda, b, ldb, c, ldc, accumulate);
+    product_tail_rows<V, R - 1, VECTORS>(rows, depth, a, lda, b, ldb, c, ldc, accumulate);
+  }
+}
+
+template <class V, int VECTORS>
+TRANSFUSE_INLINE void product_columns(int64_t m, int64_t depth, const float* a, int64_t lda,
+                                      const float* b, int64_t ldb, float* c, int64_t ldc,
+                                      bool accumulate) {
+  constexpr int R = Blocking<V>::rows;
+  int64_t i = 0;
+  for (; i + R <= m; i += R)
+    product_block<V, R, VECTORS>(depth, a + i * lda, lda, b, ldb, c + i * ldc, ldc, accumulate);
+  product_tail_rows<V, R - 1, VECTORS>(m - i, depth, a + i * lda, lda, b, ldb, c + i * ldc, ldc,
+                                       accumulate);
+}
+
+// C[m x n] (+)= A[m x depth] B[depth x n], row-major fp32, n a multiple of the lane count.
+template <class V>
+TRANSFUSE_INLINE void product(int64_t m, int64_t n, int64_t depth, const float* a, int64_t lda,
+                              const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  constexpr int lanes = kLanes<V>, wide = Blocking<V>::vectors * lanes;
+  int64_t j = 0;
+  for (; j + wide <= n; j += wide)
+    product_columns<V, Blocking<V>::vectors>(m, depth, a, lda, b + j, ldb, c + j, ldc, accumulate);
+  for (; j < n; j += lanes)
+    product_columns<V, 1>(m, depth, a, lda, b + j, ldb, c + j, ldc, accumulate);
+}
+
+// C[r * ldc + c] = <A row r, B row c> for few rows of A (decoding), rows of `depth` floats (a
+// multiple of the lane count): cheaper than transposing B for a product when A has a row or two.
+template <class V>
+TRANSFUSE_INLINE void dot_products(int64_t m, int64_t n, int64_t depth, const float* a,
+                                   const float* b, int64_t ldb, float* c, int64_t ldc) {
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t i = 0; i < m; ++i) {
+      V acc{};
+      for (int64_t k = 0; k < depth; k += kLanes<V>)
+        acc += load<V>(a + i * depth + k) * load<V>(b + j * ldb + k);
+      c[i * ldc + j] = horizontal_sum<V>(acc);
+    }
+  }
+}
+
+// Per-thread fp32 tiles, sized for the largest tiles of either pass.
+struct Scratch {
+  explicit Scratch(const AttentionParams& p)
+      : dim(padded(p.head_dim)),
+        q(kQueryTile * dim), dout(kQueryTile * dim), keys(kKeyTile * dim),
+        keys_t(dim * kKeyTile), values(kKeyTile * dim), values_t(dim * kKeyTile),
+        q_t(dim * kQueryTile), dout_t(dim * kQueryTile), s(kQueryTile * kKeyTile),
+        dp(kQueryTile * kKeyTile), dropped(kQueryTile * kKeyTile), softcap_grad(kQueryTile * kKeyTile),
+        acc(kQueryTile * dim), acc2(kQueryTile * dim), rows(4 * kQueryTile) {}
+  int64_t dim;  // padded head_dim
+  std::vector<float> q, dout, keys, keys_t, values, values_t, q_t, dout_t, s, dp, dropped,
+      softcap_grad, acc, acc2, rows;
+};
+
+// One forward unit: query rows [q0, q0 + rows) of (b, h) against keys [k_begin, k_end). Writes the
+// finished rows to out / lse, or (split) the unnormalized accumulator and its m, l to `partial`.
+struct ForwardUnit {
+  int64_t b, h, q0, rows, k_begin, k_end;
+  float* partial;  // null, or [rows][dim + 2]: accumulator, running max m, running sum l
+};
+
+template <class V>
+TRANSFUSE_INLINE void forward_unit(const AttentionParams& p, const ForwardUnit& u, Scratch& s) {
+  const int64_t dim = s.dim, kv_head = u.h / (p.heads_q / p.heads_kv);
+  float* running_max = s.rows.data();
+  float* running_sum = running_max + kQueryTile;
+  load_rows(p.q, p.q_strides, p, u.b, u.h, u.q0, u.rows, p.scale, s.q.data(), dim);
+  std::fill(s.acc.begin(), s.acc.begin() + u.rows * dim, 0.f);
+  std::fill(running_max, running_max + u.rows, -kInf);
+  std::fill(running_sum, running_sum + u.rows, 0.f);
+
+  // The keys any of the rows sees (the ranges move right with the row).
+  const int64_t k_lo = std::max(u.k_begin, visible_keys(p, u.q0).lo);
+  const int64_t k_hi = std::min(u.k_end, visible_keys(p, u.q0 + u.rows - 1).hi);
+  for (int64_t k0 = k_lo; k0 < k_hi; k0 += kKeyTile) {
+    const int64_t keys = std::min(kKeyTile, k_hi - k0), width = padded(keys);
+    const TileSpan span{u.b, u.h, u.q0, u.rows, k0, keys, false};
+    int64_t k_ld, v_ld;
+    const float* k_rows = fp32_rows(p.k, p.k_strides, p, u.b, kv_head, k0, keys, s.keys.data(),
+                                    &k_ld);
+    const float* v_rows = fp32_rows(p.v, p.v_strides, p, u.b, kv_head, k0, keys, s.values.data(),
+                                    &v_ld);
+    if (u.rows < kFewRows) {
+      dot_products<V>(u.rows, keys, dim, s.q.data(), k_rows, k_ld, s.s.data(), kKeyTile);
+    } else {
+      transpose_rows(k_rows, keys, k_ld, p.head_dim, s.keys_t.data(), kKeyTile);
+      product<V>(u.rows, width, p.head_dim, s.q.data(), dim, s.keys_t.data(), kKeyTile,
+                 s.s.data(), kKeyTile, false);
+    }
+    finish_scores(p, span, s.s.data(), kKeyTile, width, s.softcap_grad.data());
+    for (int64_t r = 0; r < u.rows; ++r) {
+      float* row = s.s.data() + r * kKeyTile;
+      const float new_max = std::max(running_max[r], max_of<V>(row, width));
+      if (new_max == -kInf) {  // nothing visible yet: p = 0
+        std::fill(row, row + width, 0.f);
+        continue;
+      }
+      const float rescale = std::exp(running_max[r] - new_max);  // 0 on the first visible tile
+      if (rescale != 1.f) scale_row<V>(s.acc.data() + r * dim, dim, rescale);
+      running_sum[r] = running_sum[r] * rescale + exp_minus<V>(row, width, nullptr, new_max);
+      running_max[r] = new_max;
+    }
+    if (p.dropout_p > 0) drop_tile(p, span, s.s.data(), kKeyTile);
+    product<V>(u.rows, dim, keys, s.s.data(), kKeyTile, v_rows, v_ld, s.acc.data(), dim, true);
+  }
+
+  for (int64_t r = 0; r < u.rows; ++r) {
+    const float* acc = s.acc.data() + r * dim;
+    if (u.partial) {
+      float* slot = u.partial + r * (dim + 2);
+      std::memcpy(slot, acc, dim * sizeof(float));
+      slot[dim] = running_max[r];
+      slot[dim + 1] = running_sum[r];
+      continue;
+    }
+    float* row = s.acc.data() + r * dim;
+    const float sum = running_sum[r];
+    scale_row<V>(row, dim, sum > 0 ? 1.f / sum : 0.f);
+    const int64_t i = u.q0 + r;
+    store_row(row, p.dtype, const_cast<char*>(row_address(p.out, p.dtype, p.out_strides, u.b, u.h, i)),
+              p.head_dim);
+    if (p.lse) p.lse[(u.b * p.heads_q + u.h) * p.seq_q + i] =
+        sum > 0 ? running_max[r] + std::log(sum) : kInf;
+  }
+}
+
+// What the backward knows per query row besides the forward's outputs: delta = <dO, out>, and
+// (null when every row's is 1) a factor that corrects P = exp(s - lse). A row whose scores all carry
+// a huge additive mask (finfo.min, as transformers writes it) has |lse| so large that fp32 dropped
+// log(l) from lse = m + log(l); there P is recomputed as exp(s - lse) * e^(lse - m) / l from the
+// row's m and l (lse - m is exact, the two being that close).
+struct RowStats {
+  const float* delta;
+  const float* norm;
+};
+
+// dK and dV of keys [k0, k0 + keys) of (b, kv_head), summed over the query heads sharing it. Scores
+// are held transposed (a row per key) so that dV += P^T dO and dK += dS^T (scale Q) are plain
+// products.
+struct KeyUnit {
+  int64_t b, kv_head, k0, keys;
+};
+
+template <class V>
+TRANSFUSE_INLINE void key_unit(const AttentionBackwardParams& bp, const RowStats& stats,
+                               const KeyUnit& u, Scratch& s) {
+  const AttentionParams& p = bp.forward;
+  const int64_t dim = s.dim, group = p.heads_q / p.heads_kv;
+  float* lse_row = s.rows.data();
+  float* delta_row = lse_row + kQueryTile;
+  float* norm_row = delta_row + kQueryTile;
+  float* dk = s.acc.data();
+  float* dv = s.acc2.data();
+  std::fill(dk, dk + u.keys * dim, 0.f);
+  std::fill(dv, dv + u.keys * dim, 0.f);
+  load_rows(p.k, p.k_strides, p, u.b, u.kv_head, u.k0, u.keys, 1.f, s.keys.data(), dim);
+  load_rows(p.v, p.v_strides, p, u.b, u.kv_head, u.k0, u.keys, 1.f, s.values.data(), dim);
+  const int64_t q_lo = visible_queries(p, u.k0).lo;
+  const int64_t q_hi = visible_queries(p, u.k0 + u.keys - 1).hi;
+  for (int64_t h = u.kv_head * group; h < (u.kv_head + 1) * group; ++h) {
+    const int64_t row0 = (u.b * p.heads_q + h) * p.seq_q;
+    for (int64_t q0 = q_lo; q0 < q_hi; q0 += kQueryTile) {
+      const int64_t queries = std::min(kQueryTile, q_hi - q0), width = padded(queries);
+      const TileSpan span{u.b, h, q0, queries, u.k0, u.keys, true};
+      load_rows(p.q, p.q_strides, p, u.b, h, q0, queries, p.scale, s.q.data(), dim);
+      transpose_rows(s.q.data(), queries, dim, p.head_dim, s.q_t.data(), kQueryTile);
+      load_rows(bp.dout, bp.dout_strides, p, u.b, h, q0, queries, 1.f, s.dout.data(), dim);
+      transpose_rows(s.dout.data(), queries, dim, p.head_dim, s.dout_t.data(), kQueryTile);
+      std::fill(lse_row, lse_row + width, kInf);
+      std::fill(delta_row, delta_row + width, 0.f);
+      std::memcpy(lse_row, p.lse + row0 + q0, queries * sizeof(float));
+      std::memcpy(delta_row, stats.delta + row0 + q0, queries * sizeof(float));
+      if (stats.norm) std::memcpy(norm_row, stats.norm + row0 + q0, queries * sizeof(float));
+
+      // S^T = K (scale Q)^T, P^T = exp(S^T - lse), dP^T = V dO^T.
+      product<V>(u.keys, width, p.head_dim, s.keys.data(), dim, s.q_t.data(), kQueryTile,
+                 s.s.data(), kQueryTile, false);
+      finish_scores(p, span, s.s.data(), kQueryTile, width, s.softcap_grad.data());
+      for (int64_t c = 0; c < u.keys; ++c) {
+        float* p_row = s.s.data() + c * kQueryTile;
+        exp_minus<V>(p_row, width, lse_row, 0.f);
+        if (stats.norm)
+          for (int64_t r = 0; r < queries; ++r) p_row[r] *= norm_row[r];
+      }
+      product<V>(u.keys, width, p.head_dim, s.values.data(), dim, s.dout_t.data(), kQueryTile,
+                 s.dp.data(), kQueryTile, false);
+      const float* p_used = s.s.data();
+      if (p.dropout_p > 0) {
+        std::memcpy(s.dropped.data(), s.s.data(), u.keys * kQueryTile * sizeof(float));
+        drop_tile(p, span, s.dropped.data(), kQueryTile);
+        drop_tile(p, span, s.dp.data(), kQueryTile);
+        p_used = s.dropped.data();
+      }
+      // dV += P_drop^T dO;  dS^T = P^T (dP^T - delta) (times tanh' with softcap);  dK += dS^T (scale Q)
+      product<V>(u.keys, dim, queries, p_used, kQueryTile, s.dout.data(), dim, dv, dim, true);
+      for (int64_t c = 0; c < u.keys; ++c)
+        score_gradient<V>(s.s.data() + c * kQueryTile, s.dp.data() + c * kQueryTile, width,
+                          delta_row, 0.f,
+                          p.softcap > 0 ? s.softcap_grad.data() + c * kQueryTile : nullptr);
+      product<V>(u.keys, dim, queries, s.dp.data(), kQueryTile, s.q.data(), dim, dk, dim, true);
+    }
+  }
+  const size_t size = dtype_size(p.dtype);
+  for (int64_t c = 0; c < u.keys; ++c) {
+    const int64_t offset = ((u.b * p.heads_kv + u.kv_head) * p.seq_kv + u.k0 + c) * p.head_dim;
+    store_row(dk + c * dim, p.dtype, static_cast<char*>(bp.dk) + offset * size, p.head_dim);
+    store_row(dv + c * dim, p.dtype, static_cast<char*>(bp.dv) + offset * size, p.head_dim);
+  }
+}
+
+// dQ (and dbias = dS) of query rows [q0, q0 + rows) of (b, h).
+template <class V>
+TRANSFUSE_INLINE void query_unit(const AttentionBackwardParams& bp, const RowStats& stats,
+                                 const ForwardUnit& u, Scratch& s) {
+  const AttentionParams& p = bp.forward;
+  const int64_t dim = s.dim, kv_head = u.h / (p.heads_q / p.heads_kv);
+  const int64_t row0 = (u.b * p.heads_q + u.h) * p.seq_q + u.q0;
+  float* dq = s.acc.data();
+  std::fill(dq, dq + u.rows * dim, 0.f);
+  // Here K carries the scale (dQ = dS (scale K)); S = Q (scale K)^T equals the forward's
+  // (scale Q) K^T up to rounding.
+  load_rows(p.q, p.q_strides, p, u.b, u.h, u.q0, u.rows, 1.f, s.q.data(), dim);
+  load_rows(bp.dout, bp.dout_strides, p, u.b, u.h, u.q0, u.rows, 1.f, s.dout.data(), dim);
+  if (bp.dbias) std::fill(bp.dbias + row0 * p.seq_kv, bp.dbias + (row0 + u.rows) * p.seq_kv, 0.f);
+
+  const int64_t k_lo = visible_keys(p, u.q0).lo;
+  const int64_t k_hi = visible_keys(p, u.q0 + u.rows - 1).hi;
+  for (int64_t k0 = k_lo; k0 < k_hi; k0 += kKeyTile) {
+    const int64_t keys = std::min(kKeyTile, k_hi - k0), width = padded(keys);
+    const TileSpan span{u.b, u.h, u.q0, u.rows, k0, keys, false};
+    load_rows(p.k, p.k_strides, p, u.b, kv_head, k0, keys, p.scale, s.keys.data(), dim);
+    transpose_rows(s.keys.data(), keys, dim, p.head_dim, s.keys_t.data(), kKeyTile);
+    load_rows(p.v, p.v_strides, p, u.b, kv_head, k0, keys, 1.f, s.values.data(), dim);
+    transpose_rows(s.values.data(), keys, dim, p.head_dim, s.values_t.data(), kKeyTile);
+    // S = Q (scale K)^T (the same products as the forward's), P = exp(S - lse), dP = dO V^T.
+    product<V>(u.rows, width, p.head_dim, s.q.data(), dim, s.keys_t.data(), kKeyTile, s.s.data(),
+               kKeyTile, false);
+    finish_scores(p, span, s.s.data(), kKeyTile, width, s.softcap_grad.data());
+    product<V>(u.rows, width, p.head_dim, s.dout.data(), dim, s.values_t.data(), kKeyTile,
+               s.dp.data(), kKeyTile, false);
+    if (p.dropout_p > 0) drop_tile(p, span, s.dp.data(), kKeyTile);
+    for (int64_t r = 0; r < u.rows; ++r) {
+      float* p_row = s.s.data() + r * kKeyTile;
+      float* ds_row = s.dp.data() + r * kKeyTile;
+      exp_minus<V>(p_row, width, nullptr, p.lse[row0 + r]);
+      if (stats.norm) scale_row<V>(p_row, width, stats.norm[row0 + r]);
+      score_gradient<V>(p_row, ds_row, width, nullptr, stats.delta[row0 + r], nullptr);
+      if (bp.dbias) std::memcpy(bp.dbias + (row0 + r) * p.seq_kv + k0, ds_row, keys * sizeof(float));
+      if (p.softcap > 0) {
+        const float* grad = s.softcap_grad.data() + r * kKeyTile;
+        for (int64_t c = 0; c < keys; ++c) ds_row[c] *= grad[c];
+      }
+    }
+    // dQ += dS (scale K)
+    product<V>(u.rows, dim, keys, s.dp.data(), kKeyTile, s.keys.data(), dim, dq, dim, true);
+  }
+  const size_t size = dtype_size(p.dtype);
+  for (int64_t r = 0; r < u.rows; ++r)
+    store_row(dq + r * dim, p.dtype, static_cast<char*>(bp.dq) + (row0 + r) * p.head_dim * size,
+              p.head_dim);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Entry points per instruction set
+// ------------------------------------------------------------------------------------------------
+
+struct Kernels {
+  void (*forward)(const AttentionParams&, const ForwardUnit&, Scratch&);
+  void (*keys)(const AttentionBackwardParams&, const RowStats&, const KeyUnit&, Scratch&);
+  void (*queries)(const AttentionBackwardParams&, const RowStats&, const ForwardUnit&, Scratch&);
+};
+
+#define TRANSFUSE_ATTENTION_KERNELS(name, V)                                                    \
+  void forward_##name(const AttentionParams& p, const ForwardUnit& u, Scratch& s) {            \
+    forward_unit<V>(p, u, s);                                                                  \
+  }                                                                                            \
+  void keys_##name(const AttentionBackwardParams& p, const RowStats& r, const KeyUnit& u,     \
+                   Scratch& s) {                                                               \
+    key_unit<V>(p, r, u, s);                                                                   \
+  }                                                                                            \
+  void queries_##name(const AttentionBackwardParams& p, const RowStats& r,                     \
+                      const ForwardUnit& u, Scratch& s) {                                      \
+    query_unit<V>(p, r, u, s);                                                                 \
+  }                                                                                            \
+  constexpr Kernels kernels_##name{forward_##name, keys_##name, queries_##name};
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma")
+TRANSFUSE_ATTENTION_KERNELS(avx512, Floats16)
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+TRANSFUSE_ATTENTION_KERNELS(avx2, Floats8)
+#pragma GCC pop_options
+#endif
+TRANSFUSE_ATTENTION_KERNELS(baseline, Floats4)
+
+// The widest instruction set this CPU has; TRANSFUSE_CPU_ISA=avx2 or =baseline picks a narrower one
+// (so that the tests exercise every variant on any machine).
+const Kernels& kernels() {
+  const char* forced = std::getenv("TRANSFUSE_CPU_ISA");
+  const std::string isa = forced ? forced : "";
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool has_avx512 = __builtin_cpu_supports("avx512f");
+  static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (has_avx512 && isa.empty()) return kernels_avx512;
+  if (has_avx2 && isa != "baseline") return kernels_avx2;
+#endif
+  return kernels_baseline;
+}
+
+int threads_for(int num_threads, int64_t units) {
+  return int(std::max<int64_t>(1, std::min<int64_t>(num_threads, units)));
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------------
+// Forward: units of (batch, head, query tile[, key range]); split key ranges merged at the end by
+//   m = max_s m_s,  l = sum_s l_s e^(m_s - m),  out = sum_s acc_s e^(m_s - m) / l,  lse = m + log l.
+// ------------------------------------------------------------------------------------------------
+
+void attention_forward(const AttentionParams& p) {
+  if (p.batch <= 0 || p.heads_q <= 0 || p.seq_q <= 0) return;
+  const Kernels& k = kernels();
+  const int64_t dim = padded(p.head_dim);
+  const int64_t query_tiles = ceil_div(p.seq_q, kQueryTile);
+  const int64_t units = p.batch * p.heads_q * query_tiles;
+  // Split the keys when the units alone leave threads idle, keeping >= 2 key tiles per range.
+  const int64_t splits = std::max<int64_t>(1, std::min(ceil_div(2 * p.num_threads, units),
+                                                       p.seq_kv / (2 * kKeyTile)));
+  const int64_t keys_per_split = ceil_div(ceil_div(p.seq_kv, splits), kKeyTile) * kKeyTile;
+  std::vector<float> partial(splits > 1 ? p.batch * p.heads_q * p.seq_q * splits * (dim + 2) : 0);
+
+#pragma omp parallel num_threads(threads_for(p.num_threads, units * splits))
+  {
+    Scratch scratch(p);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t index = 0; index < units * splits; ++index) {
+      const int64_t split = index % splits, unit = index / splits;
+      const int64_t tile = unit % query_tiles, bh = unit / query_tiles;
+      ForwardUnit u{bh / p.heads_q, bh % p.heads_q, tile * kQueryTile, 0,
+                    split * keys_per_split, std::min(p.seq_kv, (split + 1) * keys_per_split),
+                    nullptr};
+      u.rows = std::min(kQueryTile, p.seq_q - u.q0);
+      if (splits > 1)
+        u.partial = partial.data() + ((bh * p.seq_q + u.q0) * splits + split * u.rows) * (dim + 2);
+      k.forward(p, u, scratch);
+    }
+  }
+  if (splits == 1) return;
+
+  // partial holds, per (b, h) and query tile, `splits` blocks of [rows][dim + 2].
+#pragma omp parallel for num_threads(threads_for(p.num_threads, p.batch * p.heads_q * p.seq_q))
+  for (int64_t row = 0; row < p.batch * p.heads_q * p.seq_q; ++row) {
+    const int64_t bh = row / p.seq_q, i = row % p.seq_q;
+    const int64_t q0 = i / kQueryTile * kQueryTile, rows = std::min(kQueryTile, p.seq_q - q0);
+    auto slot = [&](int64_t split) {
+      return partial.data() + ((bh * p.seq_q + q0) * splits + split * rows + (i - q0)) * (dim + 2);
+    };
+    float best = -kInf;
+    for (int64_t split = 0; split < splits; ++split) best = std::max(best, slot(split)[dim]);
+    std::vector<float> total(dim, 0.f);
+    float sum = 0.f;
+    if (best > -kInf) {
+      for (int64_t split = 0; split < splits; ++split) {
+        const float* part = slot(split);
+        if (part[dim] == -kInf) continue;
+        const float weight = std::exp(part[dim] - best);
+        sum += part[dim + 1] * weight;
+        for (int64_t d = 0; d < p.head_dim; ++d) total[d] += part[d] * weight;
+      }
+    }
+    const float inverse = sum > 0 ? 1.f / sum : 0.f;
+    for (int64_t d = 0; d < p.head_dim; ++d) total[d] *= inverse;
+    const int64_t b = bh / p.heads_q, h = bh % p.heads_q;
+    store_row(total.data(), p.dtype,
+              const_cast<char*>(row_address(p.out, p.dtype, p.out_strides, b, h, i)), p.head_dim);
+    if (p.lse) p.lse[row] = sum > 0 ? best + std::log(sum) : kInf;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Backward: delta, then the dK/dV units, then the dQ/dbias units.
+// ------------------------------------------------------------------------------------------------
+
+void attention_backward(const AttentionBackwardParams& bp) {
+  const AttentionParams& p = bp.forward;
+  const Kernels& k = kernels();
+  const int64_t rows = p.batch * p.heads_q * p.seq_q;
+  std::vector<float> delta(std::max<int64_t>(rows, 0));
+
+#pragma omp parallel num_threads(threads_for(p.num_threads, rows / 64 + 1))
+  {
+    std::vector<float> out_row(p.head_dim), dout_row(p.head_dim);
+#pragma omp for schedule(static)
+    for (int64_t row = 0; row < rows; ++row) {
+      const int64_t bh = row / p.seq_q, i = row % p.seq_q;
+      const int64_t b = bh / p.heads_q, h = bh % p.heads_q;
+      load_row(row_address(p.out, p.dtype, p.out_strides, b, h, i), p.dtype, out_row.data(),
+               p.head_dim);
+      load_row(row_address(bp.dout, p.dtype, bp.dout_strides, b, h, i), p.dtype,
+               dout_row.data(), p.head_dim);
+      float total = 0.f;
+      for (int64_t d = 0; d < p.head_dim; ++d) total += out_row[d] * dout_row[d];
+      delta[row] = total;
+    }
+  }
+
+  const int64_t key_tiles = ceil_div(p.seq_kv, kGradKeyTile);
+  const int64_t key_units = p.batch * p.heads_kv * key_tiles;
+  const int64_t query_tiles = ceil_div(p.seq_q, kQueryTile);
+  const int64_t query_units = p.batch * p.heads_q * query_tiles;
+  // Rows whose lse lost log(l) to rounding (see RowStats): only a huge additive mask gets there.
+  std::vector<float> norm;
+  if (p.mask_kind == MaskKind::additive)
+    for (int64_t row = 0; row < rows && norm.empty(); ++row)
+      if (std::abs(p.lse[row]) > kExactLse && p.lse[row] != kInf) norm.assign(rows, 1.f);
+  const RowStats stats{delta.data(), norm.empty() ? nullptr : norm.data()};
+
+#pragma omp parallel num_threads(threads_for(p.num_threads, std::max(key_units, query_units)))
+  {
+    Scratch scratch(p);
+    if (stats.norm) {
+      std::vector<float> partial(scratch.dim + 2);
+#pragma omp for schedule(dynamic, 16)
+      for (int64_t row = 0; row < rows; ++row) {
+        if (!(std::abs(p.lse[row]) > kExactLse) || p.lse[row] == kInf) continue;
+        const int64_t bh = row / p.seq_q, i = row % p.seq_q;
+        const ForwardUnit u{bh / p.heads_q, bh % p.heads_q, i, 1, 0, p.seq_kv, partial.data()};
+        k.forward(p, u, scratch);
+        const float m = partial[scratch.dim], l = partial[scratch.dim + 1];
+        norm[row] = std::exp(p.lse[row] - m) / l;
+      }
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t index = 0; index < key_units; ++index) {
+      const int64_t tile = index % key_tiles, bh = index / key_tiles;
+      const KeyUnit u{bh / p.heads_kv, bh % p.heads_kv, tile * kGradKeyTile,
+                      std::min(kGradKeyTile, p.seq_kv - tile * kGradKeyTile)};
+      k.keys(bp, stats, u, scratch);
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t index = 0; index < query_units; ++index) {
+      const int64_t tile = index % query_tiles, bh = index / query_tiles;
+      const ForwardUnit u{bh / p.heads_q, bh % p.heads_q, tile * kQueryTile,
+                          std::min(kQueryTile, p.seq_q - tile * kQueryTile), 0, p.seq_kv,
+                          nullptr};
+      k.queries(bp, stats, u, scratch);
+    }
+  }
+}
+
+}  // namespace transfuse::cpu
