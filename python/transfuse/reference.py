@@ -66,3 +66,79 @@ def rms_norm(x, weight, eps=1e-6, residual=None, offset=0.0, casting_mode="llama
     x_hat = x_hat.to(normalized_dtype).to(acc)
     y = (x_hat * (weight.to(acc) + offset)).to(out_dtype)
     return y if residual is None else (y, h)
+
+
+_UINT32 = 0xFFFFFFFF
+
+
+def _mul32(x, c):
+    """(x * c) mod 2**32 for int64 tensors holding uint32 values, without int64 overflow."""
+    low = x * (c & 0xFFFF)
+    high = ((x * (c >> 16)) & 0xFFFF) << 16
+    return (low + high) & _UINT32
+
+
+def _hash32(x):
+    """common/attention.h's hash32 on int64 tensors holding uint32 values."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def dropout_keep(seed, batch, heads, seq_q, seq_kv, device=None):
+    """The dropout mask [batch, heads, seq_q, seq_kv] (True = kept) every attention kernel draws
+    for `seed`: keep iff hash bits >= round(p * 2**32); see common/attention.h. Returns the bits;
+    compare with dropout_threshold(p)."""
+    batch_head = torch.arange(batch * heads, device=device).view(batch, heads, 1, 1)
+    rows = torch.arange(seq_q, device=device).view(1, 1, seq_q, 1)
+    cols = torch.arange(seq_kv, device=device).view(1, 1, 1, seq_kv)
+    row_key = _hash32((seed & _UINT32) ^ _hash32(batch_head ^ _hash32(rows)))
+    return _hash32((row_key + _mul32(cols, 0x9E3779B9)) & _UINT32)
+
+
+def dropout_threshold(p):
+    return min(round(p * 2.0 ** 32), _UINT32)
+
+
+def attention(q, k, v, mask=None, causal=False, scale=None, dropout_p=0.0, window=0, softcap=0.0,
+              dropout_seed=0):
+    """softmax(scale * q k^T [softcapped] + mask) v over [B, H, S, D] tensors, as
+    common/attention.h states it: GQA by head groups, causal aligned bottom-right, a sliding
+    `window` on both sides, bool masks (True = attend) or additive ones, rows with no visible key
+    give zeros, dropout drawn with dropout_keep(dropout_seed, ...). Computes in fp32 (float64 for
+    float64 inputs), returns q's dtype. Differentiable in q, k, v and an additive mask."""
+    dtype = q.dtype
+    acc = _accumulate_dtype(dtype)
+    batch, heads_q, seq_q, head_dim = q.shape
+    heads_kv, seq_kv = k.shape[1], k.shape[2]
+    groups = heads_q // heads_kv
+    scale = head_dim ** -0.5 if scale is None else scale
+    k = k.to(acc).repeat_interleave(groups, dim=1)
+    v = v.to(acc).repeat_interleave(groups, dim=1)
+    s = (q.to(acc) @ k.transpose(-1, -2)) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    rows = torch.arange(seq_q, device=q.device).view(-1, 1) + (seq_kv - seq_q)
+    cols = torch.arange(seq_kv, device=q.device).view(1, -1)
+    visible = torch.ones(seq_q, seq_kv, dtype=torch.bool, device=q.device)
+    if causal:
+        visible = visible & (cols <= rows)
+    if window:
+        visible = visible & ((rows - cols).abs() < window)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            visible = visible & mask
+        else:
+            s = s + mask.to(acc)
+    s = s.masked_fill(~visible, float("-inf"))
+    row_max = s.amax(-1, keepdim=True).detach()
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    e = torch.exp(s - row_max)
+    total = e.sum(-1, keepdim=True)
+    p = e / torch.where(total == 0, torch.ones_like(total), total)
+    if dropout_p:
+        bits = dropout_keep(dropout_seed, batch, heads_q, seq_q, seq_kv, q.device)
+        p = p * (bits >= dropout_threshold(dropout_p)) / (1.0 - dropout_p)
+    return (p @ v).to(dtype)
