@@ -13,13 +13,14 @@ from collections import Counter
 from torch import nn
 
 from . import backends
+from .hf import attention as hf_attention
 from .hf.norm import NORM_RULES
 from .nn import FusedLayerNorm, FusedRMSNorm
 
 ORIGINAL_ATTR = "_transfuse_original"
 INT8_MODES = ("w8a8", "w8a16")
+ATTENTION_ATTR = "_transfuse_previous_attention"
 _FUSED_TYPES = (FusedLayerNorm, FusedRMSNorm)
-_attention_warned = False
 
 
 def _check_model(model):
@@ -50,13 +51,13 @@ def _replacement(module, backend):
     return new, "" if new is not None else "structure not supported"
 
 
-def _warn_attention_once():
-    global _attention_warned
-    if not _attention_warned:
-        _attention_warned = True
-        warnings.warn("transfuse: attention patching is not available in this version; attention "
-                      "is left unchanged (pass attention=False to silence this warning)",
-                      UserWarning, stacklevel=3)
+def _patch_attention(model):
+    """Switch a transformers model to the "transfuse" attention, remembering the previous one."""
+    if hasattr(model, ATTENTION_ATTR):
+        return
+    previous = hf_attention.set_implementation(model, hf_attention.NAME)
+    if previous is not None and previous != hf_attention.NAME:
+        object.__setattr__(model, ATTENTION_ATTR, previous)
 
 
 def patch(model, *, attention=True, norm=True, int8=None, backend=None):
@@ -64,7 +65,9 @@ def patch(model, *, attention=True, norm=True, int8=None, backend=None):
 
     norm: LayerNorm / RMSNorm modules of the families in transfuse.hf.norm.NORM_RULES become
     FusedLayerNorm / FusedRMSNorm sharing their parameters; other norm-like modules are left
-    unchanged and named in one warning. attention: not available in this version (warns once).
+    unchanged and named in one warning. attention: a transformers model switches to the
+    "transfuse" attention implementation (transfuse.hf.attention); other models are left as they
+    are.
     int8: must be None in this version. backend: passed to the fused modules (None: the
     TRANSFUSE_BACKEND environment variable, else auto). Patching twice is harmless: modules
     replaced before are kept (a second call with backend= only changes their backend).
@@ -80,7 +83,7 @@ def patch(model, *, attention=True, norm=True, int8=None, backend=None):
         raise ValueError(f"backend must be None or one of {backends.BACKENDS + ('auto',)}, "
                          f"got {backend!r}")
     if attention:
-        _warn_attention_once()
+        _patch_attention(model)
     if not norm:
         return model
 
@@ -113,12 +116,14 @@ def patch(model, *, attention=True, norm=True, int8=None, backend=None):
 
 
 def unpatch(model):
-    """Put the original module objects back in place of transfuse's replacements; returns model.
+    """Put the original module objects (and attention implementation) back; returns model.
 
     The originals get the replacements' current parameters (the same objects unless a conversion
     such as .to() made new ones) and training mode.
     """
     _check_model(model)
+    if hasattr(model, ATTENTION_ATTR):
+        hf_attention.set_implementation(model, model.__dict__.pop(ATTENTION_ATTR))
     for parent, name, child in list(_children(model)):
         original = getattr(child, ORIGINAL_ATTR, None)
         if original is None:
@@ -135,6 +140,9 @@ def patched_modules(model) -> dict:
     """Qualified module name -> what replaced it, for every module transfuse.patch swapped in."""
     _check_model(model)
     found = {}
+    if hasattr(model, ATTENTION_ATTR):
+        found["<attention>"] = (f"{hf_attention.NAME} attention replacing "
+                                f"{getattr(model, ATTENTION_ATTR)}")
     for name, module in model.named_modules(remove_duplicate=False):
         original = getattr(module, ORIGINAL_ATTR, None)
         if original is not None:

@@ -1,0 +1,113 @@
+"""The "transfuse" attention implementation of transformers.
+
+`register()` (run by `import transfuse`) adds it to AttentionInterface and, with the same name, to
+AttentionMaskInterface: without the mask entry transformers would build no mask for it and pass
+attention_mask=None, silently ignoring padding. The mask function is transformers' sdpa_mask: a
+bool mask (True = attend), or None where a causal or full pattern needs no mask, in which case the
+module's `is_causal` decides, exactly as for SDPA. Select it with
+`from_pretrained(..., attn_implementation="transfuse")`,
+`model.set_attn_implementation("transfuse")` or `transfuse.patch(model, attention=True)`.
+"""
+from __future__ import annotations
+
+import sys
+import warnings
+
+import torch
+
+from .. import backends
+from ..ops.attention import attention
+
+NAME = "transfuse"
+
+
+def _causal(module, query, attention_mask, is_causal):
+    """As transformers' SDPA integration decides it: the module's causality (or the call's
+    is_causal) applies through the flag only when no mask is given and there is more than one
+    query row (one query row sees every key either way)."""
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    return bool(is_causal) and attention_mask is None and query.shape[2] > 1
+
+
+def _combined_mask(attention_mask, position_bias):
+    """T5's position bias as the additive mask, -inf where the bool mask hides a key (as SDPA's
+    integration does, so that the bias keeps its gradient)."""
+    if position_bias is None:
+        return attention_mask
+    if attention_mask is None:
+        return position_bias
+    if attention_mask.dtype == torch.bool:
+        return position_bias.masked_fill(~attention_mask, float("-inf"))
+    return position_bias + attention_mask
+
+
+def _eager_with_weights(module, query, key, value, attention_mask, causal, dropout, scaling,
+                        **kwargs):
+    """The family's own eager attention (it returns the weights), fed the additive float mask it
+    expects: the bool mask and the causal pattern as 0 / finfo.min."""
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if eager is None:
+        raise ValueError(f"output_attentions=True: {type(module).__name__} has no "
+                         "eager_attention_forward to fall back on; use attn_implementation='eager'")
+    seq_q, seq_kv = query.shape[2], key.shape[2]
+    if causal:
+        rows = torch.arange(seq_q, device=query.device).view(-1, 1) + (seq_kv - seq_q)
+        attention_mask = torch.arange(seq_kv, device=query.device).view(1, -1) <= rows
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        hidden = torch.tensor(torch.finfo(query.dtype).min, dtype=query.dtype, device=query.device)
+        attention_mask = torch.where(attention_mask, torch.zeros_like(hidden), hidden)
+    return eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                 **kwargs)
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                      is_causal=None, position_bias=None, softcap=None, sliding_window=None,
+                      **kwargs):
+    """AttentionInterface entry: [B, H, S, D] query/key/value (K/V not expanded for GQA) ->
+    ([B, Sq, Hq, D], None)."""
+    causal = _causal(module, query, attention_mask, is_causal)
+    if kwargs.get("output_attentions"):
+        backends.warn_once(("attention", "output_attentions"), "transfuse: output_attentions=True "
+                           "needs the attention weights; those calls run the model's eager "
+                           "attention")
+        return _eager_with_weights(module, query, key, value, attention_mask, causal, dropout,
+                                   scaling, position_bias=position_bias, softcap=softcap,
+                                   sliding_window=sliding_window, **kwargs)
+    seq_q, seq_kv = query.shape[2], key.shape[2]
+    if causal and seq_kv > seq_q:
+        # An empty static cache at prefill: transformers skipped the mask because the keys past
+        # seq_q are unwritten cache slots (SDPA's top-left causal ignores them); drop them.
+        key, value = key[:, :, :seq_q], value[:, :, :seq_q]
+        if position_bias is not None:
+            position_bias = position_bias[..., :seq_q]
+    mask = _combined_mask(attention_mask, position_bias)
+    # With a mask, the window is in it already (built in cache coordinates); without one, the keys
+    # end at the current query, which is the alignment the kernel's window assumes.
+    window = int(sliding_window or 0) if attention_mask is None else 0
+    out = attention(query, key, value, mask=mask, causal=causal, scale=scaling,
+                    dropout_p=float(dropout or 0.0), window=window, softcap=float(softcap or 0.0))
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register():
+    """Add "transfuse" to transformers' attention and attention-mask interfaces (idempotent)."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError as error:  # transformers is optional
+        return str(error)
+    AttentionInterface.register(NAME, attention_forward)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    return ""
+
+
+def set_implementation(model, implementation):
+    """Switch every sub-model's attention implementation; returns the previous one."""
+    config = getattr(model, "config", None)
+    previous = getattr(config, "_attn_implementation", None)
+    if previous is None or not hasattr(model, "set_attn_implementation"):
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.set_attn_implementation(implementation)
+    return previous

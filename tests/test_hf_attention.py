@@ -1,0 +1,174 @@
+"""The "transfuse" attention implementation in transformers models: padded batches equal their
+unpadded runs, outputs and gradients equal eager attention's, greedy generation gives the same
+tokens, and the padding mask reaches the kernel (transformers drops it without a registered mask
+function). Models are tiny and random, built from configs."""
+import warnings
+
+import pytest
+import torch
+
+import transfuse
+from transfuse.hf import attention as hf_attention
+
+transformers = pytest.importorskip("transformers")
+from hf_models import (FAMILIES, VOCAB, assert_close_scaled, build, gradients,  # noqa: E402
+                       make_batch, run)
+from transformers import AttentionInterface, AutoModel  # noqa: E402
+from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
+
+CAUSAL = [m for m, (head, _, _) in FAMILIES.items() if head == "causal"]
+SEQ2SEQ = [m for m, (head, _, _) in FAMILIES.items() if head == "seq2seq"]
+
+
+def transfuse_model(model_type, **kwargs):
+    return build(model_type, attn_implementation=hf_attention.NAME, **kwargs)
+
+
+def only(batch, index, length):
+    """Sequence `index` of a right-padded batch, without its padding."""
+    single = {k: v[index:index + 1] for k, v in batch.items()}
+    for key in ("input_ids", "attention_mask"):
+        single[key] = single[key][:, :length]
+    return single
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Records the attention_mask / causal decision each transfuse attention call gets."""
+    seen = []
+    original = hf_attention.attention
+
+    def spy(q, k, v, *, mask=None, causal=False, **kwargs):
+        seen.append((mask, causal))
+        return original(q, k, v, mask=mask, causal=causal, **kwargs)
+    monkeypatch.setattr(hf_attention, "attention", spy)
+    return seen
+
+
+def test_import_registers_attention_and_mask_functions():
+    assert hf_attention.NAME in AttentionInterface._global_mapping
+    assert hf_attention.NAME in AttentionMaskInterface._global_mapping
+
+
+@pytest.mark.parametrize("model_type", list(FAMILIES))
+def test_padded_batch_equals_unpadded_runs_and_eager(model_type, calls):
+    model, batch = transfuse_model(model_type), make_batch(model_type)
+    with torch.no_grad():
+        padded = run(model, batch)
+        # every sequence of the padded batch equals its run alone
+        for index, length in ((0, 9), (1, 6)):
+            alone = run(model, only(batch, index, length))
+            assert_close_scaled(padded[index:index + 1, :alone.shape[1]], alone,
+                                name=f"{model_type} sequence {index}")
+        eager = run(build(model_type, attn_implementation="eager"), batch)
+    assert calls, "the transfuse attention was never called"
+    assert any(mask is not None for mask, _ in calls), "the padding mask never reached the kernel"
+    valid = batch["attention_mask"].bool() if FAMILIES[model_type][0] != "seq2seq" else None
+    if valid is not None:
+        assert_close_scaled(padded[valid], eager[valid], name=f"{model_type} vs eager")
+    else:
+        assert_close_scaled(padded, eager, name=f"{model_type} vs eager")
+
+
+@pytest.mark.parametrize("model_type", CAUSAL)
+def test_greedy_generate_with_left_padding_same_tokens_as_eager(model_type):
+    prompts = torch.randint(3, VOCAB - 1, (2, 7), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(prompts)
+    mask[1, :3] = 0  # left padding
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    expected = build(model_type, attn_implementation="eager").generate(prompts, **kwargs)
+    assert torch.equal(transfuse_model(model_type).generate(prompts, **kwargs), expected)
+
+
+@pytest.mark.parametrize("model_type", SEQ2SEQ)
+def test_encoder_decoder_generate_same_tokens_as_eager(model_type):
+    batch = make_batch(model_type)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    kwargs = dict(max_new_tokens=6, do_sample=False, decoder_start_token_id=0)
+    expected = build(model_type, attn_implementation="eager").generate(**inputs, **kwargs)
+    assert torch.equal(transfuse_model(model_type).generate(**inputs, **kwargs), expected)
+
+
+@pytest.mark.parametrize("model_type", ["bert", "gpt2", "t5", "llama", "mistral", "modernbert"])
+def test_gradients_equal_eager(model_type):
+    batch = make_batch(model_type)
+    expected = gradients(build(model_type, attn_implementation="eager"), batch)
+    actual = gradients(transfuse_model(model_type), batch)
+    assert actual.keys() == expected.keys()
+    scale = max(g.abs().max().item() for g in expected.values() if g is not None)
+    for name, grad in expected.items():
+        if grad is None:
+            assert actual[name] is None, name
+        else:
+            torch.testing.assert_close(actual[name], grad, rtol=1e-4, atol=1e-5 * scale,
+                                       msg=lambda m: f"{model_type} grad {name}: {m}")
+
+
+@pytest.mark.parametrize("model_type", ["bert", "llama", "t5"])
+def test_output_attentions_fall_back_to_eager_with_one_warning(model_type):
+    model, batch = transfuse_model(model_type), make_batch(model_type)
+    eager = build(model_type, attn_implementation="eager")
+    transfuse.backends._warned.discard(("attention", "output_attentions"))
+    with warnings.catch_warnings(record=True) as record, torch.no_grad():
+        warnings.simplefilter("always")
+        out = model(**batch, output_attentions=True)
+        model(**batch, output_attentions=True)
+    messages = [str(w.message) for w in record if "output_attentions" in str(w.message)
+                and "transfuse" in str(w.message)]
+    assert len(messages) == 1, messages
+    with torch.no_grad():
+        expected = eager(**batch, output_attentions=True)
+    name = "encoder_attentions" if model_type == "t5" else "attentions"
+    actual_weights, expected_weights = getattr(out, name), getattr(expected, name)
+    assert actual_weights is not None and len(actual_weights) == len(expected_weights)
+    for a, e in zip(actual_weights, expected_weights):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_type", ["bert", "llama"])
+def test_from_pretrained_with_attn_implementation(model_type, tmp_path):
+    build(model_type).save_pretrained(tmp_path)
+    model = AutoModel.from_pretrained(tmp_path, attn_implementation="transfuse")
+    assert model.config._attn_implementation == "transfuse"
+    batch = make_batch(model_type)
+    eager = AutoModel.from_pretrained(tmp_path, attn_implementation="eager")
+    with torch.no_grad():
+        valid = batch["attention_mask"].bool()
+        assert_close_scaled(run(model, batch)[valid], run(eager, batch)[valid], name=model_type)
+
+
+@pytest.mark.parametrize("model_type", ["bert", "bart", "llama"])
+def test_patch_attention_then_unpatch_restores_the_previous_implementation(model_type):
+    model = build(model_type)
+    before = model.config._attn_implementation
+    assert before != hf_attention.NAME
+    batch = make_batch(model_type)
+    with torch.no_grad():
+        expected = run(model, batch)
+    transfuse.patch(model, attention=True, norm=False)
+    transfuse.patch(model, attention=True, norm=False)  # twice: harmless
+    assert model.config._attn_implementation == hf_attention.NAME
+    assert "<attention>" in transfuse.patched_modules(model)
+    with torch.no_grad():
+        valid = batch["attention_mask"].bool() if model_type != "bart" else slice(None)
+        assert_close_scaled(run(model, batch)[valid], expected[valid], name=model_type)
+    transfuse.unpatch(model)
+    assert model.config._attn_implementation == before
+    assert transfuse.patched_modules(model) == {}
+
+
+def test_sliding_window_changes_the_result_and_matches_eager():
+    """Mistral with a window of 4 over 9 tokens: the window matters, and it is respected."""
+    batch = make_batch("mistral")
+    with torch.no_grad():
+        windowed = run(transfuse_model("mistral"), batch)
+        eager = run(build("mistral", attn_implementation="eager"), batch)
+    valid = batch["attention_mask"].bool()
+    assert_close_scaled(windowed[valid], eager[valid], name="mistral")
+    model = transfuse_model("mistral")
+    model.config.sliding_window = None
+    for layer in model.model.layers:
+        layer.self_attn.sliding_window = None
+    with torch.no_grad():
+        full = run(model, batch)
+    assert (full[0] - windowed[0]).abs().max() > 1e-3
