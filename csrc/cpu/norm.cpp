@@ -27,13 +27,10 @@
 #include <omp.h>
 #endif
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#include "multiversion.h"
+
+#ifdef TRANSFUSE_X86_MULTIVERSION
 #include <immintrin.h>
-#define TRANSFUSE_X86_MULTIVERSION 1
-// Compiles the function three times (AVX-512, AVX2, baseline); the loader picks one per CPU.
-#define TRANSFUSE_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define TRANSFUSE_MULTIVERSION
 #endif
 
 namespace transfuse::cpu {

@@ -1,0 +1,181 @@
+// Binding of the int8 kernels: tensor checks, allocation, registration as torch ops
+// transfuse_C::quantize_per_token, int8_matmul, int8_linear_w8a8 and int8_linear_w8a16 for the
+// CPU and CUDA dispatch keys. On CPU the int8 x int8 product is oneDNN's (at::_int_mm), followed by
+// the dequantizing epilogue; on CUDA the GEMM and its epilogue are one kernel.
+// python/transfuse/ops/int8.py validates user input first; these checks guard the kernels.
+#include <ATen/Parallel.h>
+#include <ATen/ops/_int_mm.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "dtype.h"
+
+#include "../cpu/int8.h"
+
+#ifdef TRANSFUSE_WITH_CUDA
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "../cuda/int8.h"
+#endif
+
+namespace transfuse {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+void check_matrix(const Tensor& t, const char* name, at::ScalarType dtype, const Tensor& like) {
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.is_contiguous(), name, " must be a contiguous 2-D tensor");
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == like.device(), name, " must be on ", like.device());
+}
+
+void check_vector(const Tensor& t, const char* name, at::ScalarType dtype, int64_t size,
+                  const Tensor& like) {
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.is_contiguous() && t.size(0) == size, name,
+                    " must be a contiguous vector of ", size, " elements");
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == like.device(), name, " must be on ", like.device());
+}
+
+// The weight side of a linear call, and the output.
+Int8LinearParams linear_params(const Tensor& w, const Tensor& w_scale, const OptTensor& bias,
+                               at::ScalarType dtype, const Tensor& x, Tensor& out) {
+  check_matrix(w, "w", at::kChar, x);
+  TORCH_CHECK_VALUE(w.size(1) == x.size(1), "w must have x's k = ", x.size(1), " columns");
+  check_vector(w_scale, "w_scale", at::kFloat, w.size(0), x);
+  if (bias) check_vector(*bias, "bias", dtype, w.size(0), x);
+  Int8LinearParams p;
+  p.w = w.data_ptr<int8_t>();
+  p.w_scale = w_scale.data_ptr<float>();
+  p.bias = bias ? bias->data_ptr() : nullptr;
+  p.m = x.size(0);
+  p.n = w.size(0);
+  p.k = x.size(1);
+  p.dtype = to_dtype(dtype, "the output dtype");
+  out = at::empty({p.m, p.n}, x.options().dtype(dtype));
+  p.out = out.data_ptr();
+  p.num_threads = at::get_num_threads();
+  return p;
+}
+
+#ifdef TRANSFUSE_WITH_CUDA
+void launch_linear_cuda(const Int8LinearParams& p, const Tensor& x) {
+  const char* unsupported = cuda::int8_linear_unsupported(p);
+  TORCH_CHECK_VALUE(unsupported[0] == '\0', "the CUDA int8 kernel cannot run this call: ",
+                    unsupported);
+  const c10::cuda::CUDAGuard guard(x.device());
+  cuda::int8_linear_launch(p, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+#endif
+
+std::tuple<Tensor, Tensor> quantize_per_token(const Tensor& x) {
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D tensor");
+  QuantizeParams p;
+  p.dtype = to_dtype(x.scalar_type(), "x");
+  p.rows = x.size(0);
+  p.cols = x.size(1);
+  Tensor q = at::empty({p.rows, p.cols}, x.options().dtype(at::kChar));
+  Tensor scale = at::empty({p.rows}, x.options().dtype(at::kFloat));
+  p.x = x.data_ptr();
+  p.q = q.data_ptr<int8_t>();
+  p.scale = scale.data_ptr<float>();
+  if (p.rows == 0 || p.cols == 0) return {q, scale.fill_(1.f)};
+  if (x.is_cuda()) {
+#ifdef TRANSFUSE_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(x.device());
+    cuda::quantize_per_token_launch(p, c10::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+#endif
+  } else {
+    p.num_threads = at::get_num_threads();
+    cpu::quantize_per_token(p);
+  }
+  return {q, scale};
+}
+
+Tensor int8_matmul(const Tensor& a, const Tensor& b) {
+  check_matrix(a, "a", at::kChar, a);
+  check_matrix(b, "b", at::kChar, a);
+  TORCH_CHECK_VALUE(a.size(1) == b.size(1), "a and b must have the same k");
+  if (!a.is_cuda()) return at::_int_mm(a, b.t());
+  Tensor acc = at::empty({a.size(0), b.size(0)}, a.options().dtype(at::kInt));
+#ifdef TRANSFUSE_WITH_CUDA
+  Int8LinearParams p;
+  p.x_q = a.data_ptr<int8_t>();
+  p.w = b.data_ptr<int8_t>();
+  p.acc = acc.data_ptr<int32_t>();
+  p.m = a.size(0);
+  p.n = b.size(0);
+  p.k = a.size(1);
+  launch_linear_cuda(p, a);
+#endif
+  return acc;
+}
+
+Tensor int8_linear_w8a8(const Tensor& x_q, const Tensor& x_scale, const Tensor& w,
+                        const Tensor& w_scale, const OptTensor& bias, at::ScalarType dtype) {
+  check_matrix(x_q, "x_q", at::kChar, x_q);
+  check_vector(x_scale, "x_scale", at::kFloat, x_q.size(0), x_q);
+  Tensor out;
+  Int8LinearParams p = linear_params(w, w_scale, bias, dtype, x_q, out);
+  p.x_scale = x_scale.data_ptr<float>();
+  if (x_q.is_cuda()) {
+#ifdef TRANSFUSE_WITH_CUDA
+    p.x_q = x_q.data_ptr<int8_t>();
+    launch_linear_cuda(p, x_q);
+#endif
+  } else {
+    Tensor acc = at::_int_mm(x_q, w.t());
+    p.acc = acc.data_ptr<int32_t>();
+    cpu::dequantize_accumulators(p);
+  }
+  return out;
+}
+
+Tensor int8_linear_w8a16(const Tensor& x, const Tensor& w, const Tensor& w_scale,
+                         const OptTensor& bias) {
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D tensor");
+  Tensor out;
+  Int8LinearParams p = linear_params(w, w_scale, bias, x.scalar_type(), x, out);
+  p.x = x.data_ptr();
+  if (x.is_cuda()) {
+#ifdef TRANSFUSE_WITH_CUDA
+    launch_linear_cuda(p, x);
+#endif
+  } else {
+    cpu::int8_linear_w8a16(p);
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(transfuse_C, m) {
+  m.def("quantize_per_token(Tensor x) -> (Tensor, Tensor)");
+  m.def("int8_matmul(Tensor a, Tensor b) -> Tensor");
+  m.def("int8_linear_w8a8(Tensor x_q, Tensor x_scale, Tensor w, Tensor w_scale, Tensor? bias, "
+        "ScalarType dtype) -> Tensor");
+  m.def("int8_linear_w8a16(Tensor x, Tensor w, Tensor w_scale, Tensor? bias) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(transfuse_C, CPU, m) {
+  m.impl("quantize_per_token", &quantize_per_token);
+  m.impl("int8_matmul", &int8_matmul);
+  m.impl("int8_linear_w8a8", &int8_linear_w8a8);
+  m.impl("int8_linear_w8a16", &int8_linear_w8a16);
+}
+
+#ifdef TRANSFUSE_WITH_CUDA
+TORCH_LIBRARY_IMPL(transfuse_C, CUDA, m) {
+  m.impl("quantize_per_token", &quantize_per_token);
+  m.impl("int8_matmul", &int8_matmul);
+  m.impl("int8_linear_w8a8", &int8_linear_w8a8);
+  m.impl("int8_linear_w8a16", &int8_linear_w8a16);
+}
+#endif
+
+}  // namespace transfuse

@@ -1,0 +1,160 @@
+// CPU int8 kernels. The math is stated in common/int8.h. Loops are plain C++ that GCC vectorizes
+// (compiled for AVX-512, AVX2 and baseline, picked at load time); OpenMP over rows (quantize,
+// epilogue) or over blocks of weight rows (w8a16).
+#include "int8.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "convert.h"
+#include "multiversion.h"
+
+namespace transfuse::cpu {
+namespace {
+
+constexpr int64_t kWeightRowsPerBlock = 16;  // w8a16: weight rows a thread takes at a time
+
+const char* at_row(const void* base, DType dtype, int64_t row, int64_t cols) {
+  return static_cast<const char*>(base) + row * cols * dtype_size(dtype);
+}
+
+// absmax of x[0, n), then q = clamp(rint(x / scale)) with scale = absmax / 127 (1 where 0).
+TRANSFUSE_MULTIVERSION float quantize_row(const float* x, int64_t n, int8_t* q) {
+  float absmax = 0.f;
+  for (int64_t k = 0; k < n; ++k) absmax = std::max(absmax, std::fabs(x[k]));
+  const float scale = absmax / 127.f > 0.f ? absmax / 127.f : 1.f;
+  for (int64_t k = 0; k < n; ++k) {
+    const float v = std::nearbyint(x[k] / scale);  // IEEE division, round half to even
+    q[k] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, v)));
+  }
+  return scale;
+}
+
+// out[j] = acc[j] * s_x * s_w[j] + bias[j] for one row.
+TRANSFUSE_MULTIVERSION void dequantize_row(const int32_t* acc, float row_scale, const float* w_scale,
+                                           const float* bias, int64_t n, float* out) {
+  for (int64_t j = 0; j < n; ++j)
+    out[j] = static_cast<float>(acc[j]) * row_scale * w_scale[j] + (bias ? bias[j] : 0.f);
+}
+
+// 16 floats as a GCC vector (one AVX-512 register; split in two or four where narrower).
+typedef float Floats16 __attribute__((vector_size(64)));
+constexpr int64_t kLanes = 16;
+constexpr int64_t kTileRows = 4;   // rows of x per tile
+constexpr int64_t kTileCols = 4;   // weight rows per tile
+constexpr int64_t kChunk = 256;    // k elements of the weight rows widened to fp32 at a time
+
+// out[0, n) = float(w[0, n)): a plain loop GCC vectorizes (sign extension, then conversion).
+TRANSFUSE_MULTIVERSION void widen(const int8_t* w, int64_t n, float* out) {
+  for (int64_t k = 0; k < n; ++k) out[k] = static_cast<float>(w[k]);
+}
+
+// sums[r * kTileCols + c] = sum_k x[r][k] * float(w[c][k]) for a ROWS x 4 tile: the weight rows
+// are widened a chunk at a time into L1, then ROWS x 4 vector accumulators take each loaded x
+// vector four times and each widened w vector ROWS times. Defined for 4 rows (several tokens)
+// and 1 (decoding one token).
+#define TRANSFUSE_DOT_TILE(name, ROWS)                                                          \
+  TRANSFUSE_MULTIVERSION void name(const float* const* x, const int8_t* const* w, int64_t n,   \
+                                   float* sums) {                                              \
+    Floats16 acc[ROWS][kTileCols] = {};                                                        \
+    float widened[kTileCols][kChunk];                                                          \
+    float tail[ROWS][kTileCols] = {};                                                          \
+    for (int64_t k0 = 0; k0 < n; k0 += kChunk) {                                               \
+      const int64_t len = std::min(kChunk, n - k0), vectors = len / kLanes * kLanes;           \
+      for (int64_t c = 0; c < kTileCols; ++c) widen(w[c] + k0, len, widened[c]);              \
+      for (int64_t k = 0; k < vectors; k += kLanes) {                                          \
+        Floats16 wf[kTileCols];                                                                \
+        for (int64_t c = 0; c < kTileCols; ++c)                                                \
+          std::memcpy(&wf[c], widened[c] + k, sizeof(wf[c]));                                  \
+        for (int64_t r = 0; r < ROWS; ++r) {                                                   \
+          Floats16 xv;                                                                         \
+          std::memcpy(&xv, x[r] + k0 + k, sizeof(xv));                                         \
+          for (int64_t c = 0; c < kTileCols; ++c) acc[r][c] += xv * wf[c];                     \
+        }                                                                                      \
+      }                                                                                        \
+      for (int64_t r = 0; r < ROWS; ++r)                                                       \
+        for (int64_t c = 0; c < kTileCols; ++c)                                                \
+          for (int64_t k = vectors; k < len; ++k) tail[r][c] += x[r][k0 + k] * widened[c][k];  \
+    }                                                                                          \
+    for (int64_t r = 0; r < ROWS; ++r)                                                         \
+      for (int64_t c = 0; c < kTileCols; ++c) {                                                \
+        float total = tail[r][c];                                                              \
+        for (int64_t l = 0; l < kLanes; ++l) total += acc[r][c][l];                            \
+        sums[r * kTileCols + c] = total;                                                       \
+      }                                                                                        \
+  }
+TRANSFUSE_DOT_TILE(dot_tile, kTileRows)
+TRANSFUSE_DOT_TILE(dot_tile_one_row, 1)
+
+}  // namespace
+
+void quantize_per_token(const QuantizeParams& p) {
+#pragma omp parallel num_threads(std::max(1, p.num_threads))
+  {
+    std::vector<float> row(p.cols);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < p.rows; ++i) {
+      load_row(at_row(p.x, p.dtype, i, p.cols), p.dtype, row.data(), p.cols);
+      p.scale[i] = quantize_row(row.data(), p.cols, p.q + i * p.cols);
+    }
+  }
+}
+
+void dequantize_accumulators(const Int8LinearParams& p) {
+  std::vector<float> bias;
+  if (p.bias) {
+    bias.resize(p.n);
+    load_row(p.bias, p.dtype, bias.data(), p.n);
+  }
+#pragma omp parallel num_threads(std::max(1, p.num_threads))
+  {
+    std::vector<float> row(p.n);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < p.m; ++i) {
+      dequantize_row(p.acc + i * p.n, p.x_scale[i], p.w_scale, p.bias ? bias.data() : nullptr,
+                     p.n, row.data());
+      store_row(row.data(), p.dtype, static_cast<char*>(p.out) + i * p.n * dtype_size(p.dtype),
+                p.n);
+    }
+  }
+}
+
+void int8_linear_w8a16(const Int8LinearParams& p) {
+  // x converted to fp32 once; bias too.
+  std::vector<float> x(p.m * p.k), bias(p.bias ? p.n : 0);
+  for (int64_t i = 0; i < p.m; ++i)
+    load_row(at_row(p.x, p.dtype, i, p.k), p.dtype, x.data() + i * p.k, p.k);
+  if (p.bias) load_row(p.bias, p.dtype, bias.data(), p.n);
+  std::vector<float> out(p.m * p.n);
+  const int64_t blocks = (p.n + kWeightRowsPerBlock - 1) / kWeightRowsPerBlock;
+#pragma omp parallel for schedule(static) num_threads(std::max(1, p.num_threads))
+  for (int64_t block = 0; block < blocks; ++block) {
+    const int64_t j_end = std::min(p.n, (block + 1) * kWeightRowsPerBlock);
+    for (int64_t j0 = block * kWeightRowsPerBlock; j0 < j_end; j0 += kTileCols) {
+      for (int64_t i0 = 0; i0 < p.m; i0 += kTileRows) {
+        // Tiles past the last row / weight row repeat it; those sums are not stored.
+        const float* x_rows[kTileRows];
+        const int8_t* w_rows[kTileCols];
+        for (int64_t r = 0; r < kTileRows; ++r)
+          x_rows[r] = x.data() + std::min(i0 + r, p.m - 1) * p.k;
+        for (int64_t c = 0; c < kTileCols; ++c) w_rows[c] = p.w + std::min(j0 + c, j_end - 1) * p.k;
+        float sums[kTileRows * kTileCols];
+        if (p.m == 1)
+          dot_tile_one_row(x_rows, w_rows, p.k, sums);
+        else
+          dot_tile(x_rows, w_rows, p.k, sums);
+        for (int64_t r = 0; r < std::min(kTileRows, p.m - i0); ++r)
+          for (int64_t c = 0; c < std::min(kTileCols, j_end - j0); ++c)
+            out[(i0 + r) * p.n + j0 + c] = sums[r * kTileCols + c] * p.w_scale[j0 + c] +
+                                           (p.bias ? bias[j0 + c] : 0.f);
+      }
+    }
+  }
+  for (int64_t i = 0; i < p.m; ++i)
+    store_row(out.data() + i * p.n, p.dtype,
+              static_cast<char*>(p.out) + i * p.n * dtype_size(p.dtype), p.n);
+}
+
+}  // namespace transfuse::cpu

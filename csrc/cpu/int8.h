@@ -1,0 +1,19 @@
+// CPU kernels of the int8 quantized matmul: fused per-token quantization, the dequantizing
+// epilogue of an int32 product, and the weight-only (w8a16) GEMV for a few rows. The int8 x int8
+// GEMM itself is oneDNN's (torch._int_mm, called by the binding). The math is in common/int8.h.
+#pragma once
+
+#include "../common/int8.h"
+
+namespace transfuse::cpu {
+
+void quantize_per_token(const QuantizeParams& p);
+
+// out = acc * s_x * s_w + bias (p.x_q / p.x are unused; p.acc is the int32 product to read).
+void dequantize_accumulators(const Int8LinearParams& p);
+
+// w8a16 for any m, fastest for the few rows of decoding: each int8 weight row is read once and
+// multiplied with every row of x.
+void int8_linear_w8a16(const Int8LinearParams& p);
+
+}  // namespace transfuse::cpu
