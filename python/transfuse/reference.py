@@ -142,3 +142,45 @@ def attention(q, k, v, mask=None, causal=False, scale=None, dropout_p=0.0, windo
         bits = dropout_keep(dropout_seed, batch, heads_q, seq_q, seq_kv, q.device)
         p = p * (bits >= dropout_threshold(dropout_p)) / (1.0 - dropout_p)
     return (p @ v).to(dtype)
+
+
+# ------------------------------------------------------------------------------------------ int8
+
+INT8_MAX = 127
+
+
+def quantize_per_token(x):
+    """Symmetric per-row int8: scale = absmax / 127 in fp32 (1 where that is 0: a row of zeros,
+    or of values so small that the scale underflows),
+    q = clamp(round_half_even(x / scale), -127, 127). Returns (q int8, scale fp32 [...])."""
+    xf = x.float()
+    absmax = xf.abs().amax(-1) if x.shape[-1] else xf.new_zeros(x.shape[:-1])
+    scale = absmax / INT8_MAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(xf / scale.unsqueeze(-1)).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, scale
+
+
+def int8_matmul(a, b):
+    """a [m, k] int8 times b [n, k] int8 transposed, accumulated exactly in int32."""
+    return a.to(torch.int32) @ b.to(torch.int32).T if a.numel() and b.numel() else (
+        torch.zeros(a.shape[0], b.shape[0], dtype=torch.int32, device=a.device))
+
+
+def int8_linear(x, w_int8, w_scale, bias=None, mode="w8a8"):
+    """x [..., k] times the dequantized weight (w_int8 [n, k] * w_scale [n]) transposed, + bias.
+
+    w8a8: x is quantized per token first (in fp32, as the kernels do), then acc * s_x * s_w + bias.
+    w8a16: (x @ w_int8^T) * s_w + bias with x as it is. Computed in float64 (the kernels' fp32
+    epilogue is within a few ulps of it), rounded once to x's dtype."""
+    wide = torch.float64
+    x2 = x.reshape(-1, x.shape[-1])
+    if mode == "w8a8":
+        x_q, x_scale = quantize_per_token(x2)
+        out = int8_matmul(x_q, w_int8).to(wide) * x_scale.to(wide)[:, None]
+    else:
+        out = x2.to(wide) @ w_int8.to(wide).T
+    out = out * w_scale.to(wide)
+    if bias is not None:
+        out = out + bias.to(wide)
+    return out.to(x.dtype).reshape(*x.shape[:-1], w_int8.shape[0])

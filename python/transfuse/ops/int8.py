@@ -1,0 +1,216 @@
+"""Int8 quantized matmul: per-token quantization and the int8 linear layer (w8a8, w8a16).
+
+Flow: the wrappers validate, flatten x to [m, k] and pick a backend; every backend exposes the
+same four kernels (kernels/int8.py for Triton, torch.ops.transfuse_C for the C++/CUDA extension,
+reference.py for plain PyTorch): quantize_per_token, int8_matmul (the raw int32 product),
+int8_linear_w8a8 (int8 GEMM with the dequantizing epilogue) and int8_linear_w8a16 (weight-only).
+Routing where a backend has no fast kernel for a shape: w8a16 with m > 16 runs on Triton on CUDA
+and, on CPU, as a matmul over blocks of dequantized weight rows (the C++ kernel is a GEMV).
+
+Backward: the int8 weights are frozen; dx = (dy * s_w) @ w (the activation quantization of w8a8
+passes the gradient straight through, as bitsandbytes does), dbias = sum of dy. Under
+torch.compile the forward is the custom op transfuse::int8_linear (fake impl for tracing).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import backends, reference
+
+MODES = ("w8a8", "w8a16")
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+GEMV_MAX_ROWS = 16          # w8a16 rows up to this go to the GEMV kernels (decoding)
+MAX_K = 133_000             # k * 127 * 127 must stay below 2^31 for an exact int32 accumulator
+DEQUANT_BLOCK_ROWS = 1024   # CPU w8a16 with m > 16: weight rows dequantized at a time
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(backend, name):
+    if backend == "reference":
+        return getattr(reference, name)
+    if backend == "triton":
+        from transfuse.kernels import int8 as triton_int8
+        return getattr(triton_int8, name)
+    backends.extension()  # loads transfuse._C, which registers the transfuse_C ops
+    return getattr(torch.ops.transfuse_C, name).default
+
+
+def _w8a16_by_blocks(x, w, w_scale, bias):
+    """x @ (w * s_w)^T + bias with at most DEQUANT_BLOCK_ROWS weight rows dequantized at once."""
+    out = x.new_empty(x.shape[0], w.shape[0])
+    for n0 in range(0, w.shape[0], DEQUANT_BLOCK_ROWS):
+        block = slice(n0, n0 + DEQUANT_BLOCK_ROWS)
+        part = torch.mm(x.float(), w[block].float().T) * w_scale[block]
+        out[:, block] = part if bias is None else part + bias[block].float()
+    return out
+
+
+def _linear_forward(x, w, w_scale, bias, mode, backend):
+    """x [m, k] contiguous -> [m, n] in x's dtype."""
+    if backend == "reference" or 0 in x.shape or w.shape[0] == 0:
+        return reference.int8_linear(x, w, w_scale, bias, mode)
+    if mode == "w8a8":
+        x_q, x_scale = _kernel(backend, "quantize_per_token")(x)
+        return _kernel(backend, "int8_linear_w8a8")(x_q, x_scale, w, w_scale, bias, x.dtype)
+    if x.shape[0] > GEMV_MAX_ROWS and backend in ("cpu", "cuda"):
+        if backend == "cpu":
+            return _w8a16_by_blocks(x, w, w_scale, bias)
+        backend = "triton"
+    return _kernel(backend, "int8_linear_w8a16")(x, w, w_scale, bias)
+
+
+def _grad_x(dy, w, w_scale, dtype):
+    return ((dy.float() * w_scale) @ w.float()).to(dtype)
+
+
+@torch.library.custom_op("transfuse::int8_linear", mutates_args=())
+def _int8_linear(x: Tensor, w: Tensor, w_scale: Tensor, bias: Optional[Tensor], mode: str,
+                 backend: str) -> Tensor:
+    return _linear_forward(x, w, w_scale, bias, mode, backend)
+
+
+@_int8_linear.register_fake
+def _(x, w, w_scale, bias, mode, backend):
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
+def _setup_context(ctx, inputs, output):
+    x, w, w_scale, bias, _mode, _backend = inputs
+    ctx.save_for_backward(w, w_scale)
+    ctx.x_dtype = x.dtype
+    ctx.bias_grad = bias is not None and bias.requires_grad
+
+
+def _backward(ctx, dy):
+    w, w_scale = ctx.saved_tensors
+    dx = _grad_x(dy, w, w_scale, ctx.x_dtype) if ctx.needs_input_grad[0] else None
+    dbias = dy.sum(0) if ctx.bias_grad else None
+    return dx, None, None, dbias, None, None
+
+
+_int8_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerInt8Linear(torch.autograd.Function):
+    """The custom op's forward and backward without its dispatch, outside torch.compile."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _linear_forward(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(_backward)
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation
+# ------------------------------------------------------------------------------------------------
+
+def _check_float(name, t):
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in KERNEL_DTYPES + (torch.float64,):
+        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
+    if t.dim() == 0:
+        raise ValueError(f"{name} must have at least one dimension")
+
+
+def _check_weight(x, w_int8, w_scale, bias, mode):
+    if not isinstance(w_int8, Tensor) or w_int8.dtype != torch.int8 or w_int8.dim() != 2:
+        raise TypeError("w_int8 must be a 2-D int8 tensor [out_features, in_features], got "
+                        f"{getattr(w_int8, 'dtype', type(w_int8).__name__)}")
+    n, k = w_int8.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x's last dimension ({x.shape[-1]}) must equal w_int8's in_features "
+                         f"({k})")
+    if k > MAX_K:
+        raise ValueError(f"in_features {k} exceeds {MAX_K}: the int32 accumulator could overflow")
+    if not isinstance(w_scale, Tensor) or w_scale.dtype != torch.float32 or (
+            tuple(w_scale.shape) != (n,)):
+        raise TypeError(f"w_scale must be a float32 tensor of shape ({n},), got "
+                        f"{getattr(w_scale, 'dtype', None)} {tuple(getattr(w_scale, 'shape', ()))}")
+    if bias is not None:
+        if not isinstance(bias, Tensor) or not bias.is_floating_point():
+            raise TypeError("bias must be a float tensor or None")
+        if tuple(bias.shape) != (n,):
+            raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    for name, t in (("w_int8", w_int8), ("w_scale", w_scale), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def _backend_for(x, backend):
+    name = _resolve_constant("int8", backend, x.device)
+    if name != "reference" and x.dtype == torch.float64:
+        backends.warn_once(("int8", "float64"), "transfuse: the int8 kernels take float32, "
+                           "float16 and bfloat16; float64 inputs run on the reference backend")
+        return "reference"
+    return name
+
+
+def quantize_per_token(x, *, backend=None):
+    """(x_int8, scale): per-row symmetric int8 over the last dimension, scale = absmax / 127 in
+    fp32 (1 for a row of zeros), x_int8 = round-half-even(x / scale). Any leading shape."""
+    _check_float("x", x)
+    name = _backend_for(x, backend)
+    x2 = x.detach().reshape(-1, x.shape[-1]).contiguous()
+    if x2.shape[0] == 0 or x2.shape[1] == 0 or name == "reference":
+        q, scale = reference.quantize_per_token(x2)
+    else:
+        q, scale = _kernel(name, "quantize_per_token")(x2)
+    return q.view(x.shape), scale.view(x.shape[:-1])
+
+
+def int8_matmul(a, b, *, backend=None):
+    """a [m, k] int8 @ b [n, k] int8 transposed, accumulated exactly in int32 -> [m, n]."""
+    for name, t in (("a", a), ("b", b)):
+        if not isinstance(t, Tensor) or t.dtype != torch.int8 or t.dim() != 2:
+            raise TypeError(f"{name} must be a 2-D int8 tensor")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"a and b must have the same k, got {a.shape[1]} and {b.shape[1]}")
+    if a.shape[1] > MAX_K:
+        raise ValueError(f"k {a.shape[1]} exceeds {MAX_K}: the int32 accumulator could overflow")
+    if b.device != a.device:
+        raise ValueError(f"b is on {b.device} but a is on {a.device}")
+    name = _resolve_constant("int8", backend, a.device)
+    if 0 in a.shape or 0 in b.shape:
+        name = "reference"
+    return _kernel(name, "int8_matmul")(a.contiguous(), b.contiguous())
+
+
+def int8_linear(x, w_int8, w_scale, bias=None, mode="w8a8", *, backend=None):
+    """x @ (w_int8 * w_scale[:, None])^T + bias, in x's dtype; x [..., k], w_int8 [n, k].
+
+    w8a8: x is quantized per token on the fly; int8 x int8 -> int32, then the fp32 epilogue
+    acc * s_x * s_w + bias. w8a16: weight-only; x stays in its dtype and the int8 weight is
+    converted inside the kernel (for memory-bound decoding). Differentiable with respect to x
+    and bias (the weight is frozen).
+    """
+    _check_float("x", x)
+    _check_weight(x, w_int8, w_scale, bias, mode)
+    name = _backend_for(x, backend)
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1 or not x2.is_contiguous():
+        x2 = x2.contiguous()
+    args = (x2, w_int8.contiguous(), w_scale.contiguous(), bias, mode, name)
+    if torch.compiler.is_compiling():
+        out = _int8_linear(*args)
+    elif torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        out = _EagerInt8Linear.apply(*args)
+    else:
+        out = _linear_forward(*args)
+    return out.view(*x.shape[:-1], w_int8.shape[0])
+
+
+@torch.compiler.assume_constant_result
+def _resolve_constant(op, backend, device):
+    return backends.resolve(op, backend, device)

@@ -1,0 +1,213 @@
+"""transfuse.ops.quantize_per_token / int8_matmul / int8_linear: every backend against
+reference.py (integers exactly, dequantized outputs within 1e-6 of a float64 epilogue)."""
+import pytest
+import torch
+
+import transfuse
+from transfuse import reference
+
+from helpers import cpu_backends
+
+pytestmark = pytest.mark.usefixtures("poison_allocations")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (m, n, k): m 0, 1, decode-sized and prefill-sized; n and k with tails for any tile size.
+SHAPES = [(0, 7, 16), (1, 1, 1), (1, 130, 300), (5, 7, 15), (16, 64, 16), (17, 130, 100),
+          (100, 64, 300)]
+
+
+def backend_params():
+    params = [pytest.param(b, "cpu", id=f"{b}-cpu") for b in cpu_backends()]
+    params += [pytest.param(b, "cuda", id=f"{b}-cuda", marks=pytest.mark.gpu)
+               for b in ("cuda", "triton")]
+    return params
+
+
+def shape_id(shape):
+    return "m{}n{}k{}".format(*shape)
+
+
+def activations(m, k, dtype, device):
+    """Rows of several magnitudes (up to 1e4), a row of zeros, and a few outliers."""
+    g = torch.Generator().manual_seed(m * 1000 + k)
+    x = torch.randn(m, k, generator=g) * torch.logspace(-2, 4, max(m, 1))[:m, None]
+    if m > 2:
+        x[2] = 0.0
+        x[1, k // 2] = 3e4
+    return x.to(dtype).to(device)
+
+
+def quantized_weight(n, k, device):
+    w, scale = reference.quantize_per_token(torch.randn(n, k) * 0.05)
+    return w.to(device), scale.to(device)
+
+
+def subnormal_spacing(dtype):
+    return torch.finfo(dtype).tiny * torch.finfo(dtype).eps
+
+
+def assert_epilogue_close(out, acc_part, bias, rel=1e-6):
+    """|out - exact| <= rel * (|acc * s_x * s_w| + |bias|) elementwise (fp32), or one rounding of
+    out's dtype (fp16/bf16) of the exact float64 result."""
+    exact = acc_part + (0 if bias is None else bias.double())
+    if out.dtype == torch.float32:
+        bound = rel * (acc_part.abs() + (0 if bias is None else bias.double().abs())) + 1e-30
+    else:
+        bound = exact.abs() * torch.finfo(out.dtype).eps + subnormal_spacing(out.dtype)
+    err = (out.double() - exact).abs()
+    assert torch.isfinite(out).all(), "non-finite output (unwritten?)"
+    assert (err <= bound).all(), f"max error {err.max().item():.3g}, bound {bound.max().item():.3g}"
+
+
+# ---------------------------------------------------------------------------- kernels vs reference
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_quantize_per_token_is_exact(backend, device, dtype):
+    for m, k in [(0, 8), (1, 1), (3, 7), (17, 300), (40, 1000)]:
+        x = activations(m, k, dtype, device)
+        q, scale = transfuse.ops.quantize_per_token(x, backend=backend)
+        expected_q, expected_scale = reference.quantize_per_token(x)
+        assert q.dtype == torch.int8 and scale.dtype == torch.float32
+        assert torch.equal(scale, expected_scale), f"scale, m={m} k={k}"
+        assert torch.equal(q, expected_q), f"q, m={m} k={k}"
+    x = activations(6, 32, dtype, device).view(2, 3, 32)
+    q, scale = transfuse.ops.quantize_per_token(x, backend=backend)
+    assert q.shape == (2, 3, 32) and scale.shape == (2, 3)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_quantize_rounds_half_to_even_and_gives_zero_rows_scale_one(backend, device):
+    tiny = torch.finfo(torch.float32).tiny * 2 ** -20  # a subnormal: absmax / 127 underflows
+    x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5], [0.0] * 6, [tiny] + [0.0] * 5],
+                     device=device)
+    q, scale = transfuse.ops.quantize_per_token(x, backend=backend)
+    assert q[0].tolist() == [127, 0, 2, 2, 0, -2] and scale.tolist() == [1.0, 1.0, 1.0]
+    assert q[1].tolist() == [0] * 6 and q[2].tolist() == [0] * 6
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_int8_matmul_is_exact(backend, device):
+    g = torch.Generator().manual_seed(0)
+    for m, n, k in [(1, 1, 1), (5, 7, 15), (17, 130, 100), (64, 64, 64)]:
+        a = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8).to(device)
+        b = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8).to(device)
+        acc = transfuse.ops.int8_matmul(a, b, backend=backend)
+        assert acc.dtype == torch.int32 and torch.equal(acc, reference.int8_matmul(a, b))
+    # sums beyond 2^24, where an fp32 accumulator would round
+    a = torch.full((3, 1100), 127, dtype=torch.int8, device=device)
+    b = torch.full((5, 1100), 127, dtype=torch.int8, device=device)
+    b[1, 0] = 126
+    acc = transfuse.ops.int8_matmul(a, b, backend=backend)
+    assert torch.equal(acc, reference.int8_matmul(a, b)) and acc[0, 0].item() == 1100 * 127 * 127
+
+
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_w8a8_epilogue_within_1e6_of_float64(backend, device, shape, dtype, with_bias):
+    m, n, k = shape
+    x = activations(m, k, dtype, device)
+    w, w_scale = quantized_weight(n, k, device)
+    bias = torch.randn(n).to(dtype).to(device) if with_bias else None
+    out = transfuse.ops.int8_linear(x, w, w_scale, bias, "w8a8", backend=backend)
+    assert out.shape == (m, n) and out.dtype == dtype
+    x_q, x_scale = reference.quantize_per_token(x)
+    acc_part = (reference.int8_matmul(x_q, w).double() * x_scale.double()[:, None]
+                * w_scale.double())
+    assert_epilogue_close(out, acc_part, bias)
+
+
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_w8a16_matches_float64(backend, device, shape, dtype, with_bias):
+    m, n, k = shape
+    x = activations(m, k, dtype, device) / 100
+    w, w_scale = quantized_weight(n, k, device)
+    bias = torch.randn(n).to(dtype).to(device) if with_bias else None
+    out = transfuse.ops.int8_linear(x, w, w_scale, bias, "w8a16", backend=backend)
+    assert out.shape == (m, n) and out.dtype == dtype
+    exact = reference.int8_linear(x.double(), w, w_scale, bias, "w8a16")
+    # fp32 accumulation over k terms: k * eps32 * sum |x w s|, then the rounding of the result
+    magnitude = (x.double().abs() @ w.double().abs().T) * w_scale.double()
+    bound = (4 * k * torch.finfo(torch.float32).eps * magnitude
+             + 2 * exact.abs() * torch.finfo(dtype).eps + subnormal_spacing(dtype))
+    err = (out.double() - exact).abs()
+    assert torch.isfinite(out).all() and (err <= bound).all(), f"max error {err.max():.3g}"
+
+
+@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_leading_dims_and_gradients(backend, device, mode):
+    """x [..., k]; dx = (dy * s_w) @ w (straight through the activation quantization), dbias."""
+    w, w_scale = quantized_weight(24, 40, device)
+    x = torch.randn(2, 3, 40, device=device, requires_grad=True)
+    bias = torch.randn(24, device=device, requires_grad=True)
+    out = transfuse.ops.int8_linear(x, w, w_scale, bias, mode, backend=backend)
+    assert out.shape == (2, 3, 24)
+    torch.testing.assert_close(out, reference.int8_linear(x.detach(), w, w_scale, bias.detach(),
+                                                          mode), rtol=1e-5, atol=1e-5)
+    dy = torch.randn(2, 3, 24, device=device)
+    out.backward(dy)
+    dequantized = w.double() * w_scale.double()[:, None]
+    torch.testing.assert_close(x.grad.double(), dy.double() @ dequantized, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bias.grad, dy.sum((0, 1)))
+
+
+def test_float64_runs_on_the_reference_with_a_warning():
+    w, w_scale = quantized_weight(4, 8, "cpu")
+    x = torch.randn(3, 8, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="float64"):
+        out = transfuse.ops.int8_linear(x, w, w_scale, backend="auto")
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, reference.int8_linear(x, w, w_scale))
+
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(compile_backend):
+    w, w_scale = quantized_weight(16, 32, "cpu")
+    bias = torch.randn(16)
+
+    def f(x):
+        return transfuse.ops.int8_linear(x, w, w_scale, bias, "w8a8").sin().sum()
+    x = torch.randn(5, 32, requires_grad=True)
+    compiled = torch.compile(f, fullgraph=True, backend=compile_backend)
+    expected = torch.autograd.grad(f(x), x)[0]
+    actual = torch.autograd.grad(compiled(x), x)[0]
+    torch.testing.assert_close(actual, expected)
+
+
+# ------------------------------------------------------------------------------------ bad input
+
+def _linear_args(**changes):
+    w, w_scale = quantized_weight(6, 8, "cpu")
+    args = dict(x=torch.randn(3, 8), w_int8=w, w_scale=w_scale, bias=None, mode="w8a8")
+    args.update(changes)
+    return args
+
+
+@pytest.mark.parametrize("changes,error,match", [
+    (dict(x=torch.randn(3, 9)), ValueError, "x's last dimension"),
+    (dict(x=torch.ones(3, 8, dtype=torch.int32)), TypeError, "x must be"),
+    (dict(w_int8=torch.ones(6, 8)), TypeError, "w_int8 must be"),
+    (dict(w_scale=torch.ones(5)), TypeError, "w_scale must be"),
+    (dict(w_scale=torch.ones(6, dtype=torch.float16)), TypeError, "w_scale must be"),
+    (dict(bias=torch.ones(7)), ValueError, "bias must have shape"),
+    (dict(mode="w4a16"), ValueError, "mode must be one of"),
+])
+def test_bad_input_names_the_argument(changes, error, match):
+    with pytest.raises(error, match=match):
+        transfuse.ops.int8_linear(**_linear_args(**changes))
+
+
+def test_bad_matmul_input_names_the_argument():
+    a = torch.ones(2, 4, dtype=torch.int8)
+    with pytest.raises(TypeError, match="b must be"):
+        transfuse.ops.int8_matmul(a, torch.ones(3, 4))
+    with pytest.raises(ValueError, match="same k"):
+        transfuse.ops.int8_matmul(a, torch.ones(3, 5, dtype=torch.int8))
+    with pytest.raises(TypeError, match="x must be"):
+        transfuse.ops.quantize_per_token(torch.ones(2, 3, dtype=torch.int8))
