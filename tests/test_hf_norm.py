@@ -299,8 +299,6 @@ def test_norm_false_changes_nothing():
 
 
 @pytest.mark.parametrize("kwargs,error,match", [
-    (dict(int8="w8a8"), ValueError, "int8"),
-    (dict(int8="w8a16"), ValueError, "int8"),
     (dict(int8="w4"), ValueError, "int8"),
     (dict(backend="fast"), ValueError, "backend"),
 ])

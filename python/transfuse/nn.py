@@ -1,4 +1,5 @@
-"""Modules backed by the fused norm ops; state-dict compatible with the modules they replace."""
+"""Modules backed by the fused ops: norms state-dict compatible with the modules they replace,
+and the int8 linear layer."""
 from __future__ import annotations
 
 import torch
@@ -74,3 +75,68 @@ class FusedRMSNorm(nn.Module):
     def extra_repr(self):
         return (f"{tuple(self.weight.shape)}, eps={self.eps}, offset={self.offset}, "
                 f"casting_mode={self.casting_mode!r}")
+
+
+class Int8Linear(nn.Module):
+    """A linear layer with int8 weights and per-output-channel fp32 scales (symmetric), whose
+    forward runs transfuse.ops.int8_linear in `mode` ("w8a8": activations quantized per token on
+    the fly; "w8a16": weight-only).
+
+    State dict: `weight` int8 [out_features, in_features], `weight_scale` float32 [out_features]
+    (buffers: frozen) and `bias` (a Parameter, trainable) when there is one. The input keeps its
+    dtype; the output has the input's dtype.
+    """
+
+    def __init__(self, in_features, out_features, bias=True, mode="w8a8", device=None,
+                 dtype=None, backend=None):
+        super().__init__()
+        if mode not in ops.int8.MODES:
+            raise ValueError(f"mode must be one of {ops.int8.MODES}, got {mode!r}")
+        self.in_features, self.out_features, self.mode, self.backend = (
+            in_features, out_features, mode, backend)
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8,
+                                                   device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32,
+                                                        device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias \
+            else None
+
+    @classmethod
+    def from_float(cls, module: nn.Module, mode="w8a8", backend=None) -> "Int8Linear":
+        """Quantize an nn.Linear (or transformers' Conv1D, whose weight is [in, out]) per output
+        channel; the bias Parameter is shared with `module`."""
+        weight = float_weight(module)
+        if weight is None:
+            raise TypeError(f"module must be an nn.Linear or transformers Conv1D, got "
+                            f"{type(module).__name__}")
+        out_features, in_features = weight.shape
+        new = cls(in_features, out_features, bias=False, mode=mode, device=weight.device,
+                  backend=backend)
+        new.weight, new.weight_scale = ops.quantize_per_token(weight.detach().float(),
+                                                               backend="reference")
+        new.bias = module.bias
+        new.train(module.training)
+        return new
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """weight * weight_scale as fp32 [out_features, in_features]."""
+        return self.weight.float() * self.weight_scale[:, None]
+
+    def forward(self, x):
+        return ops.int8_linear(x, self.weight, self.weight_scale, self.bias, self.mode,
+                               backend=self.backend)
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, mode={self.mode!r}")
+
+
+def float_weight(module: nn.Module):
+    """The [out_features, in_features] weight of an nn.Linear or a transformers Conv1D (a view),
+    or None for any other module."""
+    if isinstance(module, nn.Linear):
+        return module.weight
+    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None \
+            and module.weight.dim() == 2:
+        return module.weight.T
+    return None

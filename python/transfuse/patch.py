@@ -16,9 +16,10 @@ from . import backends
 from .hf import attention as hf_attention
 from .hf.norm import NORM_RULES
 from .nn import FusedLayerNorm, FusedRMSNorm
+from .ops.int8 import MODES
+from .quantize import DEFAULT_SKIP, replacements
 
 ORIGINAL_ATTR = "_transfuse_original"
-INT8_MODES = ("w8a8", "w8a16")
 ATTENTION_ATTR = "_transfuse_previous_attention"
 _FUSED_TYPES = (FusedLayerNorm, FusedRMSNorm)
 
@@ -68,22 +69,26 @@ def patch(model, *, attention=True, norm=True, int8=None, backend=None):
     unchanged and named in one warning. attention: a transformers model switches to the
     "transfuse" attention implementation (transfuse.hf.attention); other models are left as they
     are.
-    int8: must be None in this version. backend: passed to the fused modules (None: the
-    TRANSFUSE_BACKEND environment variable, else auto). Patching twice is harmless: modules
+    int8: "w8a8" or "w8a16" swaps the linear layers (but the output heads of
+    transfuse.quantize.DEFAULT_SKIP) for transfuse.nn.Int8Linear; the float layers are kept for
+    `unpatch` (transfuse.quantize releases them, which is what saves memory).
+    backend: passed to the new modules (None: the TRANSFUSE_BACKEND environment variable, else
+    auto). Patching twice is harmless: modules
     replaced before are kept (a second call with backend= only changes their backend).
     """
     _check_model(model)
-    if int8 is not None:
-        if int8 not in INT8_MODES:
-            raise ValueError(f"int8 must be None or one of {INT8_MODES}, got {int8!r}")
-        raise ValueError(f"int8={int8!r}: int8 quantization is not available in this version of "
-                         "transfuse; use int8=None")
+    if int8 is not None and int8 not in MODES:
+        raise ValueError(f"int8 must be None or one of {MODES}, got {int8!r}")
     if backend is not None and (not isinstance(backend, str)
                                 or backend.lower() not in backends.BACKENDS + ("auto",)):
         raise ValueError(f"backend must be None or one of {backends.BACKENDS + ('auto',)}, "
                          f"got {backend!r}")
     if attention:
         _patch_attention(model)
+    if int8 is not None:
+        for parent, attribute, original, new in replacements(model, int8, DEFAULT_SKIP, backend):
+            object.__setattr__(new, ORIGINAL_ATTR, original)
+            setattr(parent, attribute, new)
     if not norm:
         return model
 

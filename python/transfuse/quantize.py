@@ -1,0 +1,73 @@
+"""transfuse.quantize: a model's linear layers become transfuse.nn.Int8Linear, in place.
+
+Every nn.Linear (and transformers Conv1D, GPT-2's) is quantized per output channel, except those
+whose qualified name has a part listed in `skip` (by default the output heads: lm_head,
+classifier, score, whose precision decides the predictions) and those whose weight is tied to
+another module's (an lm_head sharing the embedding). The float weights are released; the model
+keeps working in its dtype.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from .nn import Int8Linear, float_weight
+from .ops.int8 import MODES
+from .smooth import smooth
+
+DEFAULT_SKIP = ("lm_head", "classifier", "score")
+
+
+def check_arguments(mode, skip):
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if isinstance(skip, str) or not all(isinstance(s, str) for s in skip):
+        raise TypeError(f"skip must be a sequence of module names, got {skip!r}")
+
+
+def replacements(model, mode, skip, backend):
+    """(parent, attribute, original, Int8Linear) for every linear layer to quantize; a layer
+    shared by two parents gets one replacement."""
+    names, owners = {}, {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), name)
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            owners.setdefault(id(param), set()).add(id(module))
+    made, swaps = {}, []
+    for parent in list(model.modules()):
+        for attribute, child in parent._modules.items():
+            if child is None or isinstance(child, Int8Linear) or float_weight(child) is None:
+                continue
+            if set(names[id(child)].split(".")) & set(skip):
+                continue
+            if len(owners[id(child.weight)]) > 1:  # tied to an embedding: stays float
+                continue
+            if id(child) not in made:
+                made[id(child)] = Int8Linear.from_float(child, mode, backend)
+            swaps.append((parent, attribute, child, made[id(child)]))
+    return swaps
+
+
+def quantize(model, mode="w8a8", *, skip=DEFAULT_SKIP, smooth_alpha=None, calibration=None,
+             backend=None):
+    """Replace the model's linear layers by Int8Linear in `mode` ("w8a8" or "w8a16"), in place;
+    returns the model. `skip`: module names (any part of the qualified name) left in float.
+
+    smooth_alpha in [0, 1] applies SmoothQuant first (transfuse.smooth), with `calibration` the
+    sample inputs to measure activations on: a tensor of input ids, a dict of model keyword
+    arguments, or a list of either.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_arguments(mode, skip)
+    if smooth_alpha is not None:
+        if isinstance(smooth_alpha, bool) or not isinstance(smooth_alpha, (int, float)) or not (
+                0.0 <= smooth_alpha <= 1.0):
+            raise ValueError(f"smooth_alpha must be None or a number in [0, 1], got "
+                             f"{smooth_alpha!r}")
+        if calibration is None:
+            raise ValueError("smooth_alpha needs calibration= sample inputs")
+        smooth(model, float(smooth_alpha), calibration)
+    for parent, attribute, _, new in replacements(model, mode, skip, backend):
+        setattr(parent, attribute, new)
+    return model
