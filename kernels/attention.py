@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .norm import _round_bf16
+
 UINT32_MAX = 2 ** 32 - 1
 
 # Dtype codes passed to the kernels as constexpr.
@@ -73,15 +75,6 @@ INTERPRETER_BLOCK_N = 32
 # ------------------------------------------------------------------------------------------------
 # Helpers
 # ------------------------------------------------------------------------------------------------
-
-# Round fp32 v to the nearest bf16 value (ties to even), returned as fp32:
-#   bits = bits(v); bits = (bits + 0x7FFF + lsb_of_bf16(bits)) & 0xFFFF0000   (NaN kept as is)
-@triton.jit
-def _round_bf16(v):
-    bits = v.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return tl.where(v != v, v, bits.to(tl.float32, bitcast=True))
-
 
 # v (fp32) converted to the dtype with code DTYPE (0 fp32, 1 fp16, 2 bf16), rounding to nearest;
 # bf16 is rounded by hand under the interpreter (INTERPRET), by the conversion on GPU.

@@ -6,12 +6,10 @@
 #include <cmath>
 #include <cstring>
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#include "multiversion.h"
+
+#ifdef TRANSFUSE_X86_MULTIVERSION
 #include <immintrin.h>
-#define TRANSFUSE_X86_MULTIVERSION 1
-#define TRANSFUSE_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define TRANSFUSE_MULTIVERSION
 #endif
 
 namespace transfuse::cpu {

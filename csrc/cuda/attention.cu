@@ -49,6 +49,8 @@
 
 #include "attention.h"
 
+#include "device.h"
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -817,44 +819,6 @@ __global__ void __launch_bounds__(32 * kCombineWarps) attention_combine_kernel(c
 // ------------------------------------------------------------------------------------------------
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-struct DeviceLimits {
-  int sm_count = 1;
-  int smem_per_sm = 100 * 1024;
-};
-
-// SM count and shared memory per SM of the current device, asked once per device.
-DeviceLimits device_limits() {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> cached_sm_count[kMaxDevices];  // 0: not asked yet
-  static std::atomic<int> cached_smem[kMaxDevices];
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) device = 0;
-  const bool cacheable = device >= 0 && device < kMaxDevices;
-  DeviceLimits limits;
-  if (cacheable && cached_sm_count[device].load(std::memory_order_acquire) > 0) {
-    limits.sm_count = cached_sm_count[device].load(std::memory_order_relaxed);
-    limits.smem_per_sm = cached_smem[device].load(std::memory_order_relaxed);
-    return limits;
-  }
-  int sm_count = 0;
-  int smem = 0;
-  const bool ok =
-      cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device) == cudaSuccess &&
-      cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device) == cudaSuccess &&
-      sm_count > 0 && smem > 0;
-  if (!ok) {
-    cudaGetLastError();  // clear the error of a failed query
-    return limits;
-  }
-  limits.sm_count = sm_count;
-  limits.smem_per_sm = smem;
-  if (cacheable) {
-    cached_smem[device].store(smem, std::memory_order_relaxed);
-    cached_sm_count[device].store(sm_count, std::memory_order_release);
-  }
-  return limits;
-}
 
 // Tile sizes of a head_dim bucket; must match the instantiations of dispatch_head_dim. With a
 // mask, the 32 and 64 buckets take 64-row tiles (the mask loads need the registers of the

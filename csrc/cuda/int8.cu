@@ -43,6 +43,9 @@
 
 #include "int8.h"
 
+#include "device.h"
+#include "element.cuh"
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -58,28 +61,6 @@ namespace {
 // ------------------------------------------------------------------------------------------------
 // Element types
 // ------------------------------------------------------------------------------------------------
-
-template <typename T>
-__device__ __forceinline__ float to_float(T value) {
-  if constexpr (std::is_same_v<T, float>) {
-    return value;
-  } else if constexpr (std::is_same_v<T, __half>) {
-    return __half2float(value);
-  } else {
-    return __bfloat162float(value);
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ T from_float(float value) {
-  if constexpr (std::is_same_v<T, float>) {
-    return value;
-  } else if constexpr (std::is_same_v<T, __half>) {
-    return __float2half_rn(value);
-  } else {
-    return __float2bfloat16_rn(value);
-  }
-}
 
 // The elements of T packed in a 32-bit word (one float, or two 16-bit values, low half first).
 template <typename T>
@@ -899,26 +880,6 @@ bool is_aligned(const void* ptr, int64_t bytes) {
   return reinterpret_cast<uintptr_t>(ptr) % static_cast<uintptr_t>(bytes) == 0;
 }
 
-// SM count of the current device, asked once per device (devices 0..63; others every call).
-int sm_count() {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> cached[kMaxDevices];  // 0: not asked yet
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) device = 0;
-  const bool cacheable = device >= 0 && device < kMaxDevices;
-  if (cacheable) {
-    const int known = cached[device].load(std::memory_order_relaxed);
-    if (known > 0) return known;
-  }
-  int count = 0;
-  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || count <= 0) {
-    cudaGetLastError();  // clear the error of a failed query
-    return 1;
-  }
-  if (cacheable) cached[device].store(count, std::memory_order_relaxed);
-  return count;
-}
-
 // Allows `kernel` kSmem bytes of dynamic shared memory (the opt-in above 48 KB is per device;
 // set once for each of devices 0..63, every call for others). False when the runtime refused it;
 // the error then stays for the caller's cudaGetLastError.
@@ -947,7 +908,7 @@ void launch_quantize(const QuantizeParams& p, cudaStream_t stream) {
   // About 4 units a thread, 32 to 1024 threads a row, several short rows a block.
   const int threads_per_row = static_cast<int>(std::clamp<int64_t>(ceil_div(ceil_div(units, 4), 32) * 32, 32, 1024));
   const int rows_per_block = std::max(1, 256 / threads_per_row);
-  const int64_t grid = std::min(ceil_div(p.rows, rows_per_block), int64_t(sm_count()) * 16);
+  const int64_t grid = std::min(ceil_div(p.rows, rows_per_block), int64_t(device_limits().sm_count) * 16);
   const dim3 block(threads_per_row, rows_per_block);
   with_float_type(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -986,7 +947,7 @@ void launch_w8a8(const Int8LinearParams& p, cudaStream_t stream) {
   args.cp_async = p.k % 16 == 0 && is_aligned(p.x_q, 16) && is_aligned(p.w, 16);
   const int64_t out_bytes = p.acc != nullptr ? 4 : dtype_size(p.dtype);
   args.pair_store = p.n % 2 == 0 && is_aligned(p.acc != nullptr ? static_cast<const void*>(p.acc) : p.out, 2 * out_bytes);
-  const bool large = p.m > 64 && ceil_div(p.m, LargeTile::kBlockM) * ceil_div(p.n, LargeTile::kBlockN) >= sm_count();
+  const bool large = p.m > 64 && ceil_div(p.m, LargeTile::kBlockM) * ceil_div(p.n, LargeTile::kBlockN) >= device_limits().sm_count;
   if (large) {
     launch_gemm<LargeTile>(args, stream);
   } else {
@@ -1010,7 +971,7 @@ void launch_gemv(const Int8LinearParams& p, WeightOnlyArgs args, cudaStream_t st
   // every warp keeps at least two full passes (64 chunks of 16) of k.
   const int64_t row_groups = ceil_div(p.m, kRows);
   const int64_t chunks = ceil_div(p.k, 16);
-  const int64_t target = 2 * int64_t(sm_count());
+  const int64_t target = 2 * int64_t(device_limits().sm_count);
   int k_split = 1;
   while (k_split < kGemvWarps && ceil_div(p.n, kCols * (kGemvWarps / k_split)) * row_groups < target &&
          chunks >= int64_t(64) * (2 * k_split)) {

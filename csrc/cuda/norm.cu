@@ -23,6 +23,9 @@
 
 #include "norm.h"
 
+#include "device.h"
+#include "element.cuh"
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -38,28 +41,6 @@ namespace {
 // ------------------------------------------------------------------------------------------------
 // Element types and vectors
 // ------------------------------------------------------------------------------------------------
-
-template <typename T>
-__device__ __forceinline__ float to_float(T value) {
-  if constexpr (std::is_same_v<T, float>) {
-    return value;
-  } else if constexpr (std::is_same_v<T, __half>) {
-    return __half2float(value);
-  } else {
-    return __bfloat162float(value);
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ T from_float(float value) {
-  if constexpr (std::is_same_v<T, float>) {
-    return value;
-  } else if constexpr (std::is_same_v<T, __half>) {
-    return __float2half_rn(value);
-  } else {
-    return __float2bfloat16_rn(value);
-  }
-}
 
 // round_T of common/norm.h: to dtype T (round to nearest even) and back.
 template <typename T>
@@ -823,42 +804,6 @@ int64_t vector_alignment(DType dtype, int vec) {
 }
 
 bool optional_aligned(const void* ptr, int64_t bytes) { return ptr == nullptr || is_aligned(ptr, bytes); }
-
-struct DeviceLimits {
-  int sm_count = 1;
-  int max_threads_per_sm = 2048;
-};
-
-// SM count and resident threads per SM of the current device, asked once per device.
-DeviceLimits device_limits() {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> cached_sm_count[kMaxDevices];  // 0: not asked yet
-  static std::atomic<int> cached_threads_per_sm[kMaxDevices];
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) device = 0;
-  const bool cacheable = device >= 0 && device < kMaxDevices;
-  DeviceLimits limits;
-  if (cacheable && cached_sm_count[device].load(std::memory_order_acquire) > 0) {
-    limits.sm_count = cached_sm_count[device].load(std::memory_order_relaxed);
-    limits.max_threads_per_sm = cached_threads_per_sm[device].load(std::memory_order_relaxed);
-    return limits;
-  }
-  int sm_count = 0;
-  int threads_per_sm = 0;
-  const bool ok =
-      cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device) == cudaSuccess &&
-      cudaDeviceGetAttribute(&threads_per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, device) ==
-          cudaSuccess &&
-      sm_count > 0 && threads_per_sm > 0;
-  if (!ok) return limits;
-  limits.sm_count = sm_count;
-  limits.max_threads_per_sm = threads_per_sm;
-  if (cacheable) {
-    cached_threads_per_sm[device].store(threads_per_sm, std::memory_order_relaxed);
-    cached_sm_count[device].store(sm_count, std::memory_order_release);
-  }
-  return limits;
-}
 
 // Blocks of block_threads threads that fit on the device at once (by thread count).
 int64_t resident_blocks(const DeviceLimits& limits, int64_t block_threads) {

@@ -41,6 +41,7 @@
 #include <vector>
 
 #include "cuda/int8.h"
+#include "tests/cuda_test_util.cuh"
 
 using transfuse::DType;
 using transfuse::Int8LinearParams;
@@ -48,48 +49,10 @@ using transfuse::QuantizeParams;
 
 namespace {
 
+using namespace transfuse::test;
+
 constexpr double kDequantTolerance = 1e-6;
 constexpr int64_t kGuard = 16;  // poisoned elements before and after every output
-
-void check_cuda(cudaError_t status, const char* what) {
-  if (status != cudaSuccess) {
-    std::fprintf(stderr, "CUDA error in %s: %s\n", what, cudaGetErrorString(status));
-    std::exit(1);
-  }
-}
-
-const char* dtype_name(DType t) {
-  switch (t) {
-    case DType::f16: return "f16";
-    case DType::bf16: return "bf16";
-    default: return "f32";
-  }
-}
-
-uint16_t to_bits(float value, DType t) {
-  uint16_t bits;
-  if (t == DType::f16) {
-    const __half h = __float2half_rn(value);
-    std::memcpy(&bits, &h, 2);
-  } else {
-    const __nv_bfloat16 h = __float2bfloat16_rn(value);
-    std::memcpy(&bits, &h, 2);
-  }
-  return bits;
-}
-
-float from_bits(uint16_t bits, DType t) {
-  if (t == DType::f16) {
-    __half_raw raw;
-    raw.x = bits;
-    return __half2float(__half(raw));
-  }
-  __nv_bfloat16_raw raw;
-  raw.x = bits;
-  return __bfloat162float(__nv_bfloat16(raw));
-}
-
-float round_to(float value, DType t) { return t == DType::f32 ? value : from_bits(to_bits(value, t), t); }
 
 // Values (already representable in t) as the bytes of a [count] tensor of dtype t.
 std::vector<uint8_t> encode(const std::vector<float>& values, DType t) {

@@ -30,25 +30,13 @@
 #include <vector>
 
 #include "cuda/norm.h"
+#include "tests/cuda_test_util.cuh"
 
 using transfuse::DType;
 
 namespace {
 
-void check_cuda(cudaError_t status, const char* what) {
-  if (status != cudaSuccess) {
-    std::fprintf(stderr, "CUDA error in %s: %s\n", what, cudaGetErrorString(status));
-    std::exit(1);
-  }
-}
-
-const char* dtype_name(DType t) {
-  switch (t) {
-    case DType::f16: return "f16";
-    case DType::bf16: return "bf16";
-    default: return "f32";
-  }
-}
+using namespace transfuse::test;
 
 
 // Half a unit in the last place relative to the value (the rounding error bound) of each dtype.
@@ -110,18 +98,6 @@ std::vector<float> decode(const std::vector<uint8_t>& bytes, DType t) {
   }
   return values;
 }
-
-// splitmix64: fast, seedable, good enough for test data.
-struct Rng {
-  uint64_t state;
-  float uniform(float lo, float hi) {
-    uint64_t z = (state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    z ^= z >> 31;
-    return lo + (hi - lo) * static_cast<float>(static_cast<double>(z >> 40) * 0x1p-24);
-  }
-};
 
 // n random values in [lo, hi) already rounded to dtype t.
 std::vector<float> random_values(Rng& rng, int64_t n, float lo, float hi, DType t) {
