@@ -1,4 +1,5 @@
 """Shared test utilities: the backends testable here, poisoning, the half-precision error rule."""
+import pytest
 import torch
 
 from transfuse import backends
@@ -7,6 +8,14 @@ from transfuse import backends
 def cpu_backends():
     """Backends that run on CPU tensors in this process (Triton under TRITON_INTERPRET=1)."""
     return [b for b in ("cpu", "triton") if not backends.missing_reason(b, "cpu")]
+
+
+def backend_params():
+    """(backend, device) pytest params: the CPU-tensor backends here, cuda and triton on a GPU."""
+    params = [pytest.param(b, "cpu", id=f"{b}-cpu") for b in cpu_backends()]
+    params += [pytest.param(b, "cuda", id=f"{b}-cuda", marks=pytest.mark.gpu)
+               for b in ("cuda", "triton")]
+    return params
 
 
 def assert_close_to_reference(out, exact, plain, *, atol, name):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import transfuse
 from transfuse import reference
 
-from helpers import assert_close_to_reference, cpu_backends
+from helpers import assert_close_to_reference, backend_params
 
 pytestmark = pytest.mark.usefixtures("poison_allocations")
 
@@ -27,13 +27,6 @@ SHAPES = [
 ]
 MASKS = ["none", "padding", "bool", "additive", "bias_grad"]
 HALF_DTYPES = [torch.float16, torch.bfloat16]
-
-
-def backend_params():
-    params = [pytest.param(b, "cpu", id=f"{b}-cpu") for b in cpu_backends()]
-    params += [pytest.param(b, "cuda", id=f"{b}-cuda", marks=pytest.mark.gpu)
-               for b in ("cuda", "triton")]
-    return params
 
 
 def shape_id(shape):

@@ -6,7 +6,7 @@ import torch
 import transfuse
 from transfuse import reference
 
-from helpers import cpu_backends
+from helpers import backend_params
 
 pytestmark = pytest.mark.usefixtures("poison_allocations")
 
@@ -14,13 +14,6 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (m, n, k): m 0, 1, decode-sized and prefill-sized; n and k with tails for any tile size.
 SHAPES = [(0, 7, 16), (1, 1, 1), (1, 130, 300), (5, 7, 15), (16, 64, 16), (17, 130, 100),
           (100, 64, 300)]
-
-
-def backend_params():
-    params = [pytest.param(b, "cpu", id=f"{b}-cpu") for b in cpu_backends()]
-    params += [pytest.param(b, "cuda", id=f"{b}-cuda", marks=pytest.mark.gpu)
-               for b in ("cuda", "triton")]
-    return params
 
 
 def shape_id(shape):

@@ -5,7 +5,7 @@ import torch
 import transfuse
 from transfuse import reference
 
-from helpers import assert_close_to_reference, cpu_backends
+from helpers import assert_close_to_reference, backend_params, cpu_backends
 
 HIDDEN = [1, 7, 100, 1000, 4096, 8192]
 ROWS = [1, 3, 17]
@@ -13,13 +13,6 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 pytestmark = pytest.mark.usefixtures("poison_allocations")
-
-
-def backend_params():
-    params = [pytest.param(b, "cpu", id=f"{b}-cpu") for b in cpu_backends()]
-    params += [pytest.param(b, "cuda", id=f"{b}-cuda", marks=pytest.mark.gpu)
-               for b in ("cuda", "triton")]
-    return params
 
 
 def make_inputs(rows, cols, dtype, device, *, weight_dtype=None, residual=True, bias=True,

@@ -1,5 +1,5 @@
-// fp32 <-> element type (float, __half, __nv_bfloat16) conversions of the CUDA kernels, rounding
-// to nearest even.
+// The element types of the CUDA kernels (float, __half, __nv_bfloat16): choosing one from a DType,
+// and fp32 <-> element conversions rounding to nearest even.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -7,7 +7,24 @@
 
 #include <type_traits>
 
+#include "../common/norm.h"  // DType
+
 namespace transfuse::cuda {
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// fn(TypeTag<T>{}) with T the C++ type of dtype (host side, to instantiate a kernel per dtype).
+template <typename Fn>
+void with_float_type(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::f16: fn(TypeTag<__half>{}); break;
+    case DType::bf16: fn(TypeTag<__nv_bfloat16>{}); break;
+    default: fn(TypeTag<float>{}); break;
+  }
+}
 
 template <typename T>
 __device__ __forceinline__ float to_float(T value) {

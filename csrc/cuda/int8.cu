@@ -859,21 +859,6 @@ __global__ void __launch_bounds__(256) w8a16_tiled_kernel(const WeightOnlyArgs a
 // Host side: plans and dispatch
 // ------------------------------------------------------------------------------------------------
 
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
-
-// fn(TypeTag<T>{}) with T the C++ type of dtype.
-template <typename Fn>
-void with_float_type(DType dtype, Fn&& fn) {
-  switch (dtype) {
-    case DType::f16: fn(TypeTag<__half>{}); break;
-    case DType::bf16: fn(TypeTag<__nv_bfloat16>{}); break;
-    default: fn(TypeTag<float>{}); break;
-  }
-}
-
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 bool is_aligned(const void* ptr, int64_t bytes) {

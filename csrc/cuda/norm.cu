@@ -776,21 +776,6 @@ __global__ void __launch_bounds__(kReduceColumns * kReduceSlices)
 // Host side: launch plans and dispatch
 // ------------------------------------------------------------------------------------------------
 
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
-
-// fn(TypeTag<T>{}) with T the C++ type of dtype.
-template <typename Fn>
-void with_float_type(DType dtype, Fn&& fn) {
-  switch (dtype) {
-    case DType::f16: fn(TypeTag<__half>{}); break;
-    case DType::bf16: fn(TypeTag<__nv_bfloat16>{}); break;
-    default: fn(TypeTag<float>{}); break;
-  }
-}
-
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
