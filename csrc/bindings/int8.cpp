@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/_int_mm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include "dtype.h"
@@ -61,6 +62,14 @@ Int8LinearParams linear_params(const Tensor& w, const Tensor& w_scale, const Opt
   return p;
 }
 
+// a [m, k] @ b [n, k]^T in int32 through oneDNN (torch._int_mm), except for k = 1, where
+// torch._int_mm on CPU returns wrong sums (torch 2.13; found by the int8 fuzz test): there an int32
+// outer product, exact and cheap.
+Tensor int_mm(const Tensor& a, const Tensor& b) {
+  if (a.size(1) == 1) return at::mm(a.to(at::kInt), b.to(at::kInt).t());
+  return at::_int_mm(a, b.t());
+}
+
 #ifdef TRANSFUSE_WITH_CUDA
 void launch_linear_cuda(const Int8LinearParams& p, const Tensor& x) {
   const char* unsupported = cuda::int8_linear_unsupported(p);
@@ -101,7 +110,7 @@ Tensor int8_matmul(const Tensor& a, const Tensor& b) {
   check_matrix(a, "a", at::kChar, a);
   check_matrix(b, "b", at::kChar, a);
   TORCH_CHECK_VALUE(a.size(1) == b.size(1), "a and b must have the same k");
-  if (!a.is_cuda()) return at::_int_mm(a, b.t());
+  if (!a.is_cuda()) return int_mm(a, b);
   Tensor acc = at::empty({a.size(0), b.size(0)}, a.options().dtype(at::kInt));
 #ifdef TRANSFUSE_WITH_CUDA
   Int8LinearParams p;
@@ -129,7 +138,7 @@ Tensor int8_linear_w8a8(const Tensor& x_q, const Tensor& x_scale, const Tensor& 
     launch_linear_cuda(p, x_q);
 #endif
   } else {
-    Tensor acc = at::_int_mm(x_q, w.t());
+    Tensor acc = int_mm(x_q, w);
     p.acc = acc.data_ptr<int32_t>();
     cpu::dequantize_accumulators(p);
   }
