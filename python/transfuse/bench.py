@@ -248,10 +248,8 @@ def int8_cases(device, dtype):
             for mode in ("w8a8", "w8a16"):
                 impls[f"transfuse-{kernel} {mode}"] = lambda x=x, b=kernel, mode=mode: (
                     ops.int8_linear(x, w_int8, w_scale, None, mode, backend=b))
-        memory_bound = m <= 16
-        cases.append(Case("int8 linear", f"{m}x{size}x{size}", name,
-                          size * size if memory_bound else 0, impls,
-                          flops=0 if memory_bound else 2 * m * size * size))
+        cases.append(Case("int8 linear", f"{m}x{size}x{size}", name, size * size, impls,
+                          flops=0 if m <= 16 else 2 * m * size * size))
     return cases
 
 
@@ -293,10 +291,15 @@ def model_case(path, device, dtype, batch, seq, repeat):
         reference_out = model(**inputs).last_hidden_state.float()
 
         def measure(label):
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             out = model(**inputs).last_hidden_state.float()
             ms = time_ms({label: lambda: model(**inputs)}, device, repeat)[label]
             results[label] = {"ms": ms, "sequences_per_s": batch / ms * 1e3,
-                              "max_abs_diff_vs_eager": (out - reference_out).abs().max().item()}
+                              "max_abs_diff_vs_eager": (out - reference_out).abs().max().item(),
+                              "weights_MB": _weight_bytes(model) / 2**20}
+            if device.type == "cuda":
+                results[label]["peak_MB"] = torch.cuda.max_memory_allocated(device) / 2**20
 
         measure("eager")
         model.set_attn_implementation("sdpa")
@@ -310,6 +313,12 @@ def model_case(path, device, dtype, batch, seq, repeat):
         measure("transfuse (+ int8 w8a8)")
         unpatch(model)
     return {"model": path, "batch": batch, "seq": seq, "dtype": str(dtype), "results": results}
+
+
+def _weight_bytes(model):
+    """Bytes of the parameters and buffers of the modules the model runs now."""
+    return sum(t.numel() * t.element_size()
+               for t in list(model.parameters()) + list(model.buffers()))
 
 
 # ------------------------------------------------------------------------------------------- run
@@ -342,8 +351,9 @@ def run(args):
     if "int8" in args.ops.split(","):
         cases += int8_cases(device, dtype)
     for case in _progress(cases, "ops"):
+        tiny = case.bytes == 0 and case.flops == 0  # per-call cost: 100 calls a sample
         case.results = time_ms(case.impls, device, repeat if case.flops < 1e10 else
-                               max(repeat // 4, 5), calls=100 if case.bytes == 0 else 1)
+                               max(repeat // 4, 5), calls=100 if tiny else 1)
     model = None
     path = default_model_path() if args.model == "all-MiniLM-L6-v2" else args.model
     if path is None:
@@ -394,15 +404,18 @@ def print_report(report):
                   f"{row['speedup_vs_baseline'][label]:7.2f}x {floor:>7}")
     print("x base: speedup over eager PyTorch (over SDPA where eager's scores would not fit).\n"
           "floor: norms, bytes / measured copy bandwidth / ms (above 100% where non-temporal "
-          "stores beat the copy's read-for-ownership traffic); attention, flops / measured "
-          "matmul rate / ms")
+          "stores beat the copy's read-for-ownership traffic); attention and int8 linear with "
+          "m > 16, flops / measured matmul rate / ms; int8 linear with m <= 16, int8 weight "
+          "bytes / copy bandwidth / ms")
     if report["model"]:
         m = report["model"]
         print(f"\nmodel {Path(m['model']).name}: batch {m['batch']} x seq {m['seq']}, {m['dtype']}")
         eager = m["results"]["eager"]["ms"]
         for label, r in m["results"].items():
+            peak = f"  peak {r['peak_MB']:7.1f} MB" if "peak_MB" in r else ""
             print(f"  {label:28} {r['ms']:9.2f} ms  {r['sequences_per_s']:8.1f} seq/s  "
-                  f"{eager / r['ms']:5.2f}x eager  max|diff| {r['max_abs_diff_vs_eager']:.2e}")
+                  f"{eager / r['ms']:5.2f}x eager  max|diff| {r['max_abs_diff_vs_eager']:.2e}  "
+                  f"weights {r['weights_MB']:6.1f} MB{peak}")
 
 
 def write_report(report, out: Path):
