@@ -291,15 +291,13 @@ def model_case(path, device, dtype, batch, seq, repeat):
         reference_out = model(**inputs).last_hidden_state.float()
 
         def measure(label):
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
+            _reset_peak_memory(device)
             out = model(**inputs).last_hidden_state.float()
             ms = time_ms({label: lambda: model(**inputs)}, device, repeat)[label]
             results[label] = {"ms": ms, "sequences_per_s": batch / ms * 1e3,
                               "max_abs_diff_vs_eager": (out - reference_out).abs().max().item(),
-                              "weights_MB": _weight_bytes(model) / 2**20}
-            if device.type == "cuda":
-                results[label]["peak_MB"] = torch.cuda.max_memory_allocated(device) / 2**20
+                              "weights_MB": _weight_bytes(model) / 2**20,
+                              "peak_MB": _peak_memory_mb(device)}
 
         measure("eager")
         model.set_attn_implementation("sdpa")
@@ -313,6 +311,31 @@ def model_case(path, device, dtype, batch, seq, repeat):
         measure("transfuse (+ int8 w8a8)")
         unpatch(model)
     return {"model": path, "batch": batch, "seq": seq, "dtype": str(dtype), "results": results}
+
+
+def _reset_peak_memory(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:  # Linux: "5" resets the process's peak resident set size (VmHWM)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+
+def _peak_memory_mb(device):
+    """CUDA: peak allocated by torch; CPU: the process's peak resident set size (Linux), or None."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
 
 def _weight_bytes(model):
@@ -412,7 +435,7 @@ def print_report(report):
         print(f"\nmodel {Path(m['model']).name}: batch {m['batch']} x seq {m['seq']}, {m['dtype']}")
         eager = m["results"]["eager"]["ms"]
         for label, r in m["results"].items():
-            peak = f"  peak {r['peak_MB']:7.1f} MB" if "peak_MB" in r else ""
+            peak = f"  peak {r['peak_MB']:7.1f} MB" if r["peak_MB"] is not None else ""
             print(f"  {label:28} {r['ms']:9.2f} ms  {r['sequences_per_s']:8.1f} seq/s  "
                   f"{eager / r['ms']:5.2f}x eager  max|diff| {r['max_abs_diff_vs_eager']:.2e}  "
                   f"weights {r['weights_MB']:6.1f} MB{peak}")
