@@ -258,6 +258,20 @@ def _query_range(col_start, seq_q, offset, window, CAUSAL: tl.constexpr, HAS_WIN
 # Forward
 # ------------------------------------------------------------------------------------------------
 
+# The query tile, (batch, head) and key/value head of this program (forward and dQ grids: one
+# program per query tile of each (batch, head)); causal grids take the longest tiles first.
+@triton.jit
+def _query_tile(seq_q, heads_q, group, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+    row_tiles = tl.cdiv(seq_q, BLOCK_M)
+    pid = tl.program_id(0)
+    tile = pid % row_tiles
+    if CAUSAL:
+        tile = row_tiles - 1 - tile
+    batch_head = pid // row_tiles
+    head = batch_head % heads_q
+    return tile, batch_head, batch_head // heads_q, head, head // group
+
+
 # The key tiles [start, end) of one query tile, folded into the running state (online softmax):
 #   s = _scores(q k^T) [BLOCK_M, BLOCK_N];  m_new = max(m, rowmax(s))   (-inf read as 0 below)
 #   alpha = exp(m - m_new);  p = exp(s - m_new);  l = l * alpha + rowsum(p)
@@ -329,15 +343,7 @@ def _attention_forward_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    row_tiles = tl.cdiv(seq_q, BLOCK_M)
-    pid = tl.program_id(0)
-    tile = pid % row_tiles
-    if CAUSAL:
-        tile = row_tiles - 1 - tile
-    batch_head = pid // row_tiles
-    batch = batch_head // heads_q
-    head = batch_head % heads_q
-    kv_head = head // group
+    tile, batch_head, batch, head, kv_head = _query_tile(seq_q, heads_q, group, CAUSAL, BLOCK_M)
     offset = seq_kv - seq_q
 
     row_start = tile * BLOCK_M
@@ -667,15 +673,7 @@ def _attention_dq_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    row_tiles = tl.cdiv(seq_q, BLOCK_M)
-    pid = tl.program_id(0)
-    tile = pid % row_tiles
-    if CAUSAL:
-        tile = row_tiles - 1 - tile
-    batch_head = pid // row_tiles
-    batch = batch_head // heads_q
-    head = batch_head % heads_q
-    kv_head = head // group
+    tile, batch_head, batch, head, kv_head = _query_tile(seq_q, heads_q, group, CAUSAL, BLOCK_M)
     offset = seq_kv - seq_q
 
     row_start = tile * BLOCK_M

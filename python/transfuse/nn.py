@@ -131,6 +131,15 @@ class Int8Linear(nn.Module):
                 f"bias={self.bias is not None}, mode={self.mode!r}")
 
 
+def tied_parameter_ids(model: nn.Module) -> set:
+    """ids of the parameters more than one module of `model` holds (a head tied to an embedding)."""
+    owners = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            owners.setdefault(id(param), set()).add(id(module))
+    return {key for key, modules in owners.items() if len(modules) > 1}
+
+
 def float_weight(module: nn.Module):
     """The [out_features, in_features] weight of an nn.Linear or a transformers Conv1D (a view),
     or None for any other module."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .nn import Int8Linear, float_weight
+from .nn import Int8Linear, float_weight, tied_parameter_ids
 from .ops.int8 import MODES
 from .smooth import smooth
 
@@ -27,12 +27,9 @@ def check_arguments(mode, skip):
 def replacements(model, mode, skip, backend):
     """(parent, attribute, original, Int8Linear) for every linear layer to quantize; a layer
     shared by two parents gets one replacement."""
-    names, owners = {}, {}
+    names, tied = {}, tied_parameter_ids(model)
     for name, module in model.named_modules(remove_duplicate=False):
         names.setdefault(id(module), name)
-    for module in model.modules():
-        for param in module.parameters(recurse=False):
-            owners.setdefault(id(param), set()).add(id(module))
     made, swaps = {}, []
     for parent in list(model.modules()):
         for attribute, child in parent._modules.items():
@@ -40,7 +37,7 @@ def replacements(model, mode, skip, backend):
                 continue
             if set(names[id(child)].split(".")) & set(skip):
                 continue
-            if len(owners[id(child.weight)]) > 1:  # tied to an embedding: stays float
+            if id(child.weight) in tied:  # tied to an embedding: stays float
                 continue
             if id(child) not in made:
                 made[id(child)] = Int8Linear.from_float(child, mode, backend)

@@ -20,7 +20,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .hf.norm import NORM_RULES
-from .nn import float_weight
+from .nn import float_weight, tied_parameter_ids
 
 MIN_SCALE = 1e-5
 # Functions that only read a tensor's metadata (shape, size, dtype, ...): not a use of its values.
@@ -100,12 +100,9 @@ def find_groups(model, calibration):
     finally:
         for handle in handles:
             handle.remove()
-    owners = {}
-    for module in model.modules():
-        for param in module.parameters(recurse=False):
-            owners[id(param)] = owners.get(id(param), 0) + 1
+    tied = tied_parameter_ids(model)
     return {norm: (list(group), amax[norm]) for norm, group in consumers.items()
-            if norm not in tracker.escaped and all(owners[id(m.weight)] == 1 for m in group)}
+            if norm not in tracker.escaped and all(id(m.weight) not in tied for m in group)}
 
 
 def smooth(model, alpha, calibration):
