@@ -61,10 +61,10 @@ GROUP_M = 8
 PROGRAMS_PER_SM = 2
 MIN_SPLIT_K_TILES = 4
 MAX_SPLIT_K = 16
-# Quantization: [BLOCK_ROWS, BLOCK_COLS] tiles of about this many elements, rows walked in tiles
-# of at most QUANTIZE_MAX_COLS columns.
+# Quantization: [BLOCK_ROWS, BLOCK_COLS] tiles of QUANTIZE_TILE_ELEMENTS elements, rows walked in
+# tiles of QUANTIZE_COLS columns, whatever the shape (one compiled variant per input dtype).
 QUANTIZE_TILE_ELEMENTS = 4096
-QUANTIZE_MAX_COLS = 4096
+QUANTIZE_COLS = 1024
 # Epilogue of split K: [BLOCK_M, BLOCK_N] tiles of the output.
 REDUCE_BLOCK_M = 16
 REDUCE_BLOCK_N = 128
@@ -235,7 +235,8 @@ def _int8_gemm_kernel(
             a = tl.load(a_ptrs + k_offset, mask=in_k[None, :], other=0)
             w = tl.load(w_ptrs + k_offset, mask=in_k[:, None], other=0)
         if A_INT8:
-            acc = tl.dot(a, w, acc)
+            # out_dtype: triton 3.6 checks it against the int32 accumulator (its default is fp32)
+            acc = tl.dot(a, w, acc, out_dtype=tl.int32)
         else:
             if INTERPRET and A_DTYPE == 2:
                 a = a.to(tl.float32)
@@ -382,9 +383,9 @@ def quantize_per_token(x):
     if x.device.type == "cpu":
         block_rows, block_cols = INTERPRETER_QUANTIZE_ROWS, INTERPRETER_QUANTIZE_COLS
     else:
-        block_cols = min(triton.next_power_of_2(max(cols, 1)), QUANTIZE_MAX_COLS)
-        block_rows = max(1, min(QUANTIZE_TILE_ELEMENTS // block_cols,
-                                triton.next_power_of_2(rows)))
+        # one tile shape for every input (rows walked in tiles of it): one variant per dtype
+        block_cols = QUANTIZE_COLS
+        block_rows = QUANTIZE_TILE_ELEMENTS // block_cols
     with _on_device(x):
         _quantize_per_token_kernel[(triton.cdiv(rows, block_rows),)](
             x, q, scale, rows, cols, INTERPRET=x.device.type == "cpu",

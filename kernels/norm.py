@@ -33,6 +33,8 @@ LOOPED_NUM_WARPS = 8
 # The fused kernels give each program a [BLOCK_ROWS, BLOCK_COLS] block of about this many
 # elements (several short rows at once; one row when the row alone is that long).
 FUSED_BLOCK_ELEMENTS = 4096
+# On GPU, rows up to this many columns take blocks of this width (one compiled variant for all).
+MIN_FUSED_COLS = 128
 # The same under the interpreter (CPU tensors), where the cost is per program and per operation
 # rather than per element: bigger blocks, fewer programs.
 INTERPRETER_FUSED_BLOCK_ELEMENTS = 32768
@@ -432,9 +434,13 @@ def _fused_block(rows: int, cols: int, device: torch.device):
     block_cols = triton.next_power_of_2(cols)
     if block_cols > MAX_FUSED_COLS:
         return None
-    elements = FUSED_BLOCK_ELEMENTS if device.type == "cuda" else INTERPRETER_FUSED_BLOCK_ELEMENTS
-    block_rows = max(1, min(elements // block_cols, triton.next_power_of_2(rows)))
-    return block_rows, block_cols
+    if device.type != "cuda":
+        return max(1, min(INTERPRETER_FUSED_BLOCK_ELEMENTS // block_cols,
+                          triton.next_power_of_2(rows))), block_cols
+    # On GPU the block depends on cols alone (not on the number of rows: masked rows cost
+    # little), and short rows share one width, so that few variants get compiled.
+    block_cols = max(block_cols, MIN_FUSED_COLS)
+    return FUSED_BLOCK_ELEMENTS // block_cols if block_cols < FUSED_BLOCK_ELEMENTS else 1, block_cols
 
 
 def _num_warps(block_elements: int) -> int:
