@@ -15,8 +15,8 @@ transformers ties to another module's (GPT-2's lm_head with skip=()) stays float
 transfuse.quantize; here it is found from the model's tied-weight keys (the loader ties the
 weights only after this step) and named in a warning.
 
-transformers hooks relied on (checked against transformers 5.23; the HfQuantizer API moves between
-versions):
+transformers hooks relied on (checked against transformers 5.17 and 5.24; the HfQuantizer API
+moves between versions):
 - `transformers.quantizers.register_quantization_config(name)` / `register_quantizer(name)`: add
   `quant_method=NAME` to AUTO_QUANTIZATION_CONFIG_MAPPING / AUTO_QUANTIZER_MAPPING, which both
   `quantization_config=` and a checkpoint's config.json are dispatched through.
@@ -26,7 +26,10 @@ versions):
   the loader hands each float `<layer>.weight` to a `core_model_loading.ConversionOps` whose
   `convert()` returns `{<layer>.weight: int8, <layer>.weight_scale: fp32}`; pre-quantized tensors
   load unconverted (`HfQuantizer.get_new_dtype` leaves int8 alone and the fp32 scales keep the
-  buffers' dtype).
+  buffers' dtype). transformers 5.17 casts every loaded tensor to the dtype of the model's tensor
+  before the conversion runs, so for quantize-on-load the Int8Linear weights are placeholders of
+  the float layer's dtype until the int8 result replaces them (an int8 placeholder gave all-zero
+  weights there).
 - `is_serializable()` (save_pretrained refuses otherwise) and the default
   `get_state_dict_and_metadata` (the module state dict, which holds the int8 buffers);
   `is_trainable` (Trainer's check before fine-tuning a quantized model).
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import warnings
 
+import torch
 from torch import nn
 
 from ..nn import Int8Linear
@@ -95,6 +99,7 @@ if HfQuantizer is not None:
             if id(layer) in self.hf_quantizer.transposed:
                 value = value.T
             weight, scale = quantize_per_token(value.detach().float(), backend="reference")
+            self.hf_quantizer.converted.add(id(layer))
             return {key: weight, f"{prefix}.weight_scale" if prefix else "weight_scale": scale}
 
     class Int8HfQuantizer(HfQuantizer):
@@ -106,6 +111,7 @@ if HfQuantizer is not None:
         def __init__(self, quantization_config, **kwargs):
             super().__init__(quantization_config, **kwargs)
             self.transposed = set()  # ids of the Int8Linear layers that replaced a Conv1D
+            self.converted = set()   # ids of the Int8Linear layers Int8Quantize has converted
 
         @property
         def quantized_element_size(self):
@@ -129,6 +135,16 @@ if HfQuantizer is not None:
                     continue
                 if not isinstance(original, nn.Linear):  # a Conv1D: its weight is [in, out]
                     self.transposed.add(id(new))
+                if not self.pre_quantized:
+                    # the float checkpoint weight must reach Int8Quantize unconverted: some
+                    # transformers versions (5.17) cast each loaded tensor to the dtype of the
+                    # model's (meta) tensor first, which for an int8 buffer truncates it to zeros.
+                    # A placeholder of the float layer's dtype (the dtype the model is loaded in,
+                    # as transfuse.quantize of that model sees it) makes that cast the one
+                    # transformers applies to float weights; the quantized weight replaces it.
+                    new._buffers["weight"] = torch.empty(new.weight.shape,
+                                                         dtype=original.weight.dtype,
+                                                         device=new.weight.device)
                 setattr(parent, attribute, new)
             if kept:
                 warnings.warn(f"transfuse: {sorted(kept)} share their weight with another module "
@@ -149,7 +165,22 @@ if HfQuantizer is not None:
             return Int8Quantize(self)
 
         def _process_model_after_weight_loading(self, model, **kwargs):
+            for name, module in model.named_modules():
+                if isinstance(module, Int8Linear) and module.weight.dtype != torch.int8:
+                    if module.weight.is_meta:
+                        raise RuntimeError(f"transfuse: {name}.weight was not loaded")
+                    if id(module) in self.converted:
+                        # quantized, then cast by the loader to the placeholder's dtype (5.17):
+                        # integers in [-127, 127], exact in any float dtype
+                        module._buffers["weight"] = module.weight.detach().to(torch.int8)
+                        continue
+                    # a weight the checkpoint did not hold (initialized in float): quantize it
+                    weight = module.weight.T if id(module) in self.transposed else module.weight
+                    q, scale = quantize_per_token(weight.detach().float(), backend="reference")
+                    module._buffers["weight"] = q
+                    module._buffers["weight_scale"] = scale
             self.transposed.clear()
+            self.converted.clear()
             return model
 
         def is_serializable(self, *args, **kwargs):
