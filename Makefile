@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 CSRC := $(shell find csrc -type f)
 
-.PHONY: setup bench test test-cpp test-python clean
+.PHONY: setup bench test test-cpp test-python test-triton-compile test-gpu-quick-dry test-gpu-versions clean
 
 setup: $(VENV)/.installed
 
@@ -20,7 +20,7 @@ $(VENV)/.installed: setup.py pyproject.toml $(CSRC)
 bench: setup
 	$(BIN)/transfuse bench
 
-test: test-cpp test-python
+test: test-cpp test-python test-gpu-quick-dry
 
 test-cpp:
 	cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release
@@ -30,5 +30,37 @@ test-cpp:
 test-python: setup
 	$(BIN)/python -m pytest
 
+# The lent GPU's one command, dry (CPU, tiny shapes, Triton interpreter): seconds.
+test-gpu-quick-dry: setup
+	PATH=$(abspath $(BIN)):$$PATH bash benchmarks/gpu_quick.sh --dry-run
+
+# The GPU machine's versions (torch 2.11, transformers 5.17, triton 3.6 with numpy < 2.4) in a
+# second venv: the tests that matter there (Triton kernels under the interpreter, every Triton
+# variant compiled for sm_80 and sm_90, the int8 and quantizer tests, the HF attention tests).
+GPU_VENV ?= .venv-gpu-versions
+GPU_BIN := $(GPU_VENV)/bin
+GPU_VERSIONS ?= torch==2.11.0 "transformers==5.17.*" "triton==3.6.*" "numpy<2.4"
+GPU_TESTS ?= tests/test_triton_compile.py tests/test_norm.py tests/test_int8.py \
+	tests/test_attention.py tests/test_hf_int8.py tests/test_quantize.py tests/test_hf_attention.py
+
+$(GPU_VENV)/.installed: setup.py pyproject.toml $(CSRC)
+	test -x $(GPU_BIN)/python || $(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_BIN)/python -m pip install -q --upgrade pip
+	$(GPU_BIN)/python -m pip install -q $(GPU_VERSIONS) pytest hypothesis safetensors \
+		"accelerate>=1.1" ninja setuptools wheel
+	# built from a copy, installed (not editable): the in-tree extension and build/ stay .venv's
+	rm -rf $(GPU_VENV)/src && mkdir -p $(GPU_VENV)/src
+	cp -r setup.py pyproject.toml README.md csrc kernels python $(GPU_VENV)/src/
+	rm -f $(GPU_VENV)/src/python/transfuse/_C*.so $(GPU_VENV)/src/python/transfuse/_build_error.txt
+	cd $(GPU_VENV)/src && TRANSFUSE_NO_CUDA=1 TRANSFUSE_REQUIRE_EXTENSION=1 \
+		$(abspath $(GPU_BIN))/python -m pip install -q --no-build-isolation --no-deps .
+	touch $@
+
+test-gpu-versions: $(GPU_VENV)/.installed
+	$(GPU_BIN)/python -c "import torch, transformers, triton, numpy; print('torch', \
+		torch.__version__, 'transformers', transformers.__version__, 'triton', \
+		triton.__version__, 'numpy', numpy.__version__)"
+	TRANSFUSE_COMPILE_ALL=1 $(GPU_BIN)/python -m pytest -q -p no:cacheprovider $(GPU_TESTS)
+
 clean:
-	rm -rf build $(VENV) python/transfuse/_C*.so python/transfuse/_build_error.txt
+	rm -rf build $(VENV) $(GPU_VENV) python/transfuse/_C*.so python/transfuse/_build_error.txt
