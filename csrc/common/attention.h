@@ -104,8 +104,45 @@ struct AttentionParams {
   float dropout_p = 0.f;       // 0: no dropout
   uint32_t dropout_seed = 0;
 
+  // Packed ("varlen") layout, FlashAttention's varlen convention; off while cu_seqlens_q is null.
+  // The rows of all sequences lie one after another: q and out are [total_q, heads_q, head_dim]
+  // views (row stride = strides[2], head stride = strides[1], strides[0] unused and 0), k and v
+  // [total_kv, heads_kv, head_dim]. Sequence b (batch = number of sequences) owns query rows
+  // cu_seqlens_q[b] .. cu_seqlens_q[b+1] and keys cu_seqlens_k[b] .. cu_seqlens_k[b+1]; seq_q and
+  // seq_kv are the largest such lengths (the grid's extent). Everything per sequence uses local
+  // positions: causal / window alignment with that sequence's own lengths (offset len_kv - len_q),
+  // the mask read at mask[b, h, i, j], dropout keyed by (b * heads_q + h, i, j). So a packed call
+  // equals the padded call of each sequence alone. The lse is [heads_q, total_q]; in the backward
+  // dq is [total_q, heads_q, head_dim] contiguous, dk / dv [total_kv, heads_kv, head_dim], and
+  // dbias stays [batch, heads_q, seq_q, seq_kv] in local positions. Use the helpers below.
+  const int32_t* cu_seqlens_q = nullptr;  // [batch + 1]: 0, non-decreasing, ends at total_q
+  const int32_t* cu_seqlens_k = nullptr;  // [batch + 1]: 0, non-decreasing, ends at total_kv
+  int64_t total_q = 0;
+  int64_t total_kv = 0;
+
   int num_threads = 1;         // CPU only: OpenMP threads to use
 };
+
+// One sequence's rows in either layout: row i of sequence b is at b * strides[0] + h * strides[1]
+// + (start + i) * strides[2] (start = 0 and length = seq_* in the padded layout).
+struct SequenceSpan {
+  int64_t q_start, q_len, kv_start, kv_len;
+};
+
+TRANSFUSE_HOST_DEVICE SequenceSpan sequence_span(const int32_t* cu_seqlens_q,
+                                                 const int32_t* cu_seqlens_k, int64_t b,
+                                                 int64_t seq_q, int64_t seq_kv) {
+  if (cu_seqlens_q == nullptr) return {0, seq_q, 0, seq_kv};
+  return {cu_seqlens_q[b], cu_seqlens_q[b + 1] - cu_seqlens_q[b], cu_seqlens_k[b],
+          cu_seqlens_k[b + 1] - cu_seqlens_k[b]};
+}
+
+// Index of lse[b, h, i] (padded: [batch, heads_q, seq_q]; packed: [heads_q, total_q]).
+TRANSFUSE_HOST_DEVICE int64_t lse_index(bool packed, int64_t b, int64_t h, int64_t start,
+                                        int64_t i, int64_t heads_q, int64_t seq_q,
+                                        int64_t total_q) {
+  return packed ? h * total_q + start + i : (b * heads_q + h) * seq_q + i;
+}
 
 struct AttentionBackwardParams {
   AttentionParams forward;     // the forward's inputs; forward.out and forward.lse are read

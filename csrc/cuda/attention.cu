@@ -11,7 +11,7 @@
 //   window and the bool / additive mask applied where the tile needs it), updates the running
 //   max and sum of every row (online softmax with exp2), rescales its output accumulator and
 //   adds P V (P rounded to the input dtype, V read with ldmatrix.trans). Nothing of the
-//   seq_q x seq_kv matrix leaves registers. A warp whose rows all lie past seq_q only loads.
+//   seq_q x seq_kv matrix leaves registers. A warp whose rows all lie past len_q only loads.
 //   Masks are read from global memory through their 4 strides, a thread's own elements (L1 and
 //   L2 serve the reuse); the kernels with a mask are separate instantiations, so the ones
 //   without carry none of that code.
@@ -20,7 +20,7 @@
 //   16-byte chunks; with a multiple of 8 chunks a row (head_dim buckets 64, 128, 192, 256) the
 //   chunk index is XOR-swizzled with row % 8, else (32, 96) rows are padded by one chunk; both
 //   make the 8 rows an ldmatrix phase reads fall in distinct banks. Tiles are loaded with
-//   cp.async (16 bytes; zero-filled past seq_kv and past head_dim up to the bucket), one stage
+//   cp.async (16 bytes; zero-filled past len_kv and past head_dim up to the bucket), one stage
 //   ahead of the compute: iteration n waits for tile n, syncs, issues tile n + 1 into the other
 //   stage and computes on tile n. Inputs that are not 16-byte aligned (pointer or a stride not a
 //   multiple of 8 elements) are loaded by scalar loads into the same layout instead.
@@ -37,11 +37,21 @@
 //
 // Decoding (seq_q <= 16).
 //   GQA: the query heads sharing a key/value head are packed into the rows of one CTA (row m is
-//   query head h_kv * group + m / seq_q, query row m % seq_q), so K and V are read once for the
-//   group. Split-KV: when the CTAs would not fill the GPU, the visible key tiles are cut into
-//   `splits` ranges, one CTA each; every split writes its normalised partial output and its lse
-//   (fp32, -inf where it saw no key) to the workspace, and attention_combine_kernel merges them
-//   with the weights exp(lse_s - max_s lse_s).
+//   query head h_kv * group + m / len_q, query row m % len_q), so K and V are read once for the
+//   group. Split-KV: when the CTAs would not fill the GPU, each CTA cuts the key tiles its rows
+//   see, [n_begin, n_end), into `splits` even ranges of ceil((n_end - n_begin) / splits) tiles
+//   and takes range `split` (possibly empty); every split writes its normalised partial output
+//   and its lse (fp32, -inf where it saw no key) to the workspace at the row's padded position
+//   (b, h, i) of [splits, batch, heads_q, seq_q], and attention_combine_kernel merges them:
+//   out = sum_s w_s O_s / sum_s w_s with w_s = exp(lse_s - max_s lse_s).
+//
+// Packed ("varlen") layout (common/attention.h). Sequence b is batch entry b with its own
+// lengths len_q, len_kv and its rows starting at q_start, kv_start: a CTA reads them from
+// cu_seqlens once (the padded layout is the case start = 0, len = seq_q / seq_kv), offsets its
+// q / k / v / out base pointers by start * row stride, and aligns causal / window with
+// len_kv - len_q; seq_q and seq_kv, the largest lengths, size the grid, and a CTA whose tile lies
+// past its sequence's rows returns at once. The lse goes to lse_index (packed: [heads_q,
+// total_q]); the split-KV workspace keeps padded positions, and the combine skips rows i >= len_q.
 //
 // Grid: one-dimensional, block = tile + m_tiles * (split + splits * (head + heads * batch)),
 // the query tiles of a head are neighbours (they share K and V in L2), and the heaviest causal
@@ -82,8 +92,10 @@ struct ForwardArgs {
   const void* k;
   const void* v;
   void* out;
-  float* lse;                  // [batch, heads_q, seq_q] or null
+  float* lse;                  // at lse_index(): [batch, heads_q, seq_q] or [heads_q, total_q]; or null
   const void* mask;
+  const int32_t* cu_seqlens_q; // packed layout: [batch + 1] row offsets of the sequences; else null
+  const int32_t* cu_seqlens_k; // packed layout: [batch + 1]; else null
   int64_t q_strides[3];
   int64_t k_strides[3];
   int64_t v_strides[3];
@@ -91,27 +103,26 @@ struct ForwardArgs {
   int64_t mask_strides[4];
   float* partial_out;          // split-KV: [splits, rows, head_dim] fp32
   float* partial_lse;          // split-KV: [splits, rows] fp32
-  int64_t rows;                // batch * heads_q * seq_q
+  int64_t rows;                // batch * heads_q * seq_q (padded positions)
   int64_t block_offset;        // of this launch's first block (grids above 2^31 - 1 blocks)
   int batch;
   int heads_q;
   int group;                   // heads_q / heads_kv
-  int seq_q;
-  int seq_kv;
+  int seq_q;                   // the largest len_q (the grid's extent)
+  int seq_kv;                  // the largest len_kv
+  int total_q;                 // rows of q along strides[2]: total_q packed, seq_q padded
+  int total_kv;                // rows of k / v: total_kv packed, seq_kv padded
   int head_dim;
-  int heads_grid;              // heads of the grid: heads_kv when packed, else heads_q
-  int m_total;                 // rows of one grid head: group * seq_q when packed, else seq_q
-  int m_tiles;
+  int heads_grid;              // heads of the grid: heads_kv when gqa_rows, else heads_q
+  int m_tiles;                 // row tiles of the longest sequence's grid head
   int splits;
-  int split_tile0;             // first visible key tile of the split ranges
-  int tiles_per_split;
   int window;                  // 0: none; else clamped to seq_q + seq_kv + 1
   int mask_type;               // MaskType
   float scale_log2;            // scale * log2(e)
   float softcap_log2;          // softcap * log2(e)
   float scale_over_softcap;    // scale / softcap
   bool causal;
-  bool packed;
+  bool gqa_rows;               // a grid head's rows run over the group's query heads (decoding)
   bool has_softcap;
   bool vec_in;                 // q, k, v 16-byte aligned rows: cp.async
   bool vec_out;                // out 16-byte aligned rows: vector stores
@@ -260,11 +271,32 @@ struct RowCoords {
   int i;  // query row
 };
 
-// Row m of a grid head: packed rows run over the group's query heads, seq_q rows each.
-__device__ __forceinline__ RowCoords row_coords(const ForwardArgs& a, int head0, int m) {
-  if (!a.packed) return {head0, m};
-  const int head_in_group = m / a.seq_q;
-  return {head0 + head_in_group, m - head_in_group * a.seq_q};
+// Row m of a grid head: with gqa_rows they run over the group's query heads, len_q rows each.
+__device__ __forceinline__ RowCoords row_coords(const ForwardArgs& a, int len_q, int head0, int m) {
+  if (!a.gqa_rows) return {head0, m};
+  const int head_in_group = m / len_q;
+  return {head0 + head_in_group, m - head_in_group * len_q};
+}
+
+// Sequence b's rows: q rows q_start .. q_start + len_q - 1 (along strides[2]), keys kv_start ..
+// kv_start + len_kv - 1. Padded layout: 0, seq_q, 0, seq_kv. Packed: from cu_seqlens, clamped to
+// the tensors' rows and to the grid's extent, so a bad cu_seqlens cannot reach out of bounds.
+struct Sequence {
+  int q_start, len_q, kv_start, len_kv;
+};
+
+__device__ __forceinline__ int clamp_int(int64_t x, int lo, int hi) {
+  return static_cast<int>(x < lo ? lo : x > hi ? hi : x);
+}
+
+__device__ __forceinline__ Sequence sequence_of(const ForwardArgs& a, int b) {
+  const SequenceSpan span = sequence_span(a.cu_seqlens_q, a.cu_seqlens_k, b, a.seq_q, a.seq_kv);
+  Sequence s;
+  s.q_start = clamp_int(span.q_start, 0, a.total_q);
+  s.len_q = clamp_int(span.q_len, 0, min(a.seq_q, a.total_q - s.q_start));
+  s.kv_start = clamp_int(span.kv_start, 0, a.total_kv);
+  s.len_kv = clamp_int(span.kv_len, 0, min(a.seq_kv, a.total_kv - s.kv_start));
+  return s;
 }
 
 // c * stride, computed where it stands: a volatile asm is not hoisted out of the key loop, where
@@ -277,13 +309,13 @@ __device__ __forceinline__ int64_t strided_offset(int c, int64_t stride) {
 
 // Scores of keys a row may not see -> -inf; the bool mask hides more, the additive one adds.
 // s holds scores in log2 units for keys key0 + nt * 8 + 2t + (e & 1) of the thread's rows
-// r = 2 rb + (e >> 1); diag[r] = i + seq_kv - seq_q of row r. Every test is against the column
+// r = 2 rb + (e >> 1); diag[r] = i + len_kv - len_q of row r. Every test is against the column
 // c = nt * 8 + (e & 1) relative to key0 + 2t, a compile-time constant: per row, the visible
 // columns are [lo, hi] (bounds, causal, window), computed once per tile.
 // kMask: kMaskNone, kMaskBool, kMaskF32, or kMaskF16 for both 16-bit dtypes.
 template <int kMask, int kRowBlocks, int kNTiles>
 __device__ __forceinline__ void mask_scores(float (&s)[kRowBlocks][kNTiles][4], const ForwardArgs& a,
-                                            int key0, int t, const int (&diag)[2 * kRowBlocks],
+                                            int len_kv, int key0, int t, const int (&diag)[2 * kRowBlocks],
                                             const int64_t (&mask_row)[2 * kRowBlocks]) {
   constexpr int kRows = 2 * kRowBlocks;
   const int first = key0 + 2 * t;
@@ -293,7 +325,7 @@ __device__ __forceinline__ void mask_scores(float (&s)[kRowBlocks][kNTiles][4], 
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
     lo[r] = 0;
-    hi[r] = a.seq_kv - 1 - first;
+    hi[r] = len_kv - 1 - first;
     if (a.causal) hi[r] = min(hi[r], diag[r] - first);
     if (a.window > 0) {
       lo[r] = max(lo[r], diag[r] - a.window + 1 - first);
@@ -394,27 +426,32 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Forwa
   block /= a.splits;
   const int head = static_cast<int>(block % a.heads_grid);
   const int b = static_cast<int>(block / a.heads_grid);
-  const int kv_head = a.packed ? head : head / a.group;
-  const int head0 = a.packed ? head * a.group : head;  // query head of row 0
+  const int kv_head = a.gqa_rows ? head : head / a.group;
+  const int head0 = a.gqa_rows ? head * a.group : head;  // query head of row 0
+  const Sequence seq = sequence_of(a, b);
+  const int len_q = seq.len_q;
+  const int len_kv = seq.len_kv;
+  const int m_total = a.gqa_rows ? a.group * len_q : len_q;  // rows of this grid head
   const int m0 = m_tile * kBlockM;
-  const int rows_valid = min(kBlockM, a.m_total - m0);
+  if (m0 >= m_total) return;  // past the end of a shorter sequence (packed layout)
+  const int rows_valid = min(kBlockM, m_total - m0);
   const int d_chunks = a.head_dim / 8;
-  const int offset = a.seq_kv - a.seq_q;  // query row i is aligned with key i + offset
+  const int offset = len_kv - len_q;  // query row i is aligned with key i + offset
 
   // Query rows of the tile (all of them when it spans two heads) and the keys they may see.
   int i_lo, i_hi;
   {
-    const RowCoords first = row_coords(a, head0, m0);
-    const RowCoords last = row_coords(a, head0, m0 + rows_valid - 1);
+    const RowCoords first = row_coords(a, len_q, head0, m0);
+    const RowCoords last = row_coords(a, len_q, head0, m0 + rows_valid - 1);
     i_lo = first.i;
     i_hi = last.i;
     if (first.h != last.h) {
       i_lo = 0;
-      i_hi = a.seq_q - 1;
+      i_hi = len_q - 1;
     }
   }
   int j_lo = 0;
-  int j_hi = a.seq_kv;
+  int j_hi = len_kv;
   if (a.window > 0) {
     j_lo = max(0, i_lo + offset - a.window + 1);
     j_hi = min(j_hi, i_hi + offset + a.window);
@@ -422,12 +459,12 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Forwa
   if (a.causal) j_hi = min(j_hi, i_hi + offset + 1);
   int n_begin = j_lo / kBlockN;
   int n_end = j_hi > j_lo ? (j_hi + kBlockN - 1) / kBlockN : n_begin;
-  if (a.splits > 1) {
-    const int split_begin = a.split_tile0 + split * a.tiles_per_split;
-    n_begin = max(n_begin, split_begin);
-    n_end = min(n_end, split_begin + a.tiles_per_split);
+  if (a.splits > 1) {  // range `split` of `splits` even ranges of these tiles
+    const int per_split = (n_end - n_begin + a.splits - 1) / a.splits;
+    n_begin = min(n_end, n_begin + split * per_split);
+    n_end = min(n_end, n_begin + per_split);
   }
-  const int n_count = max(0, n_end - n_begin);
+  const int n_count = n_end - n_begin;
 
   // ---- loads ----
   const int load_c = tid % kLoadChunks;
@@ -444,17 +481,18 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Forwa
     }
   };
   const uint16_t* k_base = static_cast<const uint16_t*>(a.k) + int64_t(b) * a.k_strides[0] +
-                           int64_t(kv_head) * a.k_strides[1] + load_c * 8;
+                           int64_t(kv_head) * a.k_strides[1] + int64_t(seq.kv_start) * a.k_strides[2] + load_c * 8;
   const uint16_t* v_base = static_cast<const uint16_t*>(a.v) + int64_t(b) * a.v_strides[0] +
-                           int64_t(kv_head) * a.v_strides[1] + load_c * 8;
+                           int64_t(kv_head) * a.v_strides[1] + int64_t(seq.kv_start) * a.v_strides[2] + load_c * 8;
 
   auto load_q = [&]() {
     if (!load_in_row) return;
-    const uint16_t* q_base = static_cast<const uint16_t*>(a.q) + int64_t(b) * a.q_strides[0] + load_c * 8;
+    const uint16_t* q_base = static_cast<const uint16_t*>(a.q) + int64_t(b) * a.q_strides[0] +
+                             int64_t(seq.q_start) * a.q_strides[2] + load_c * 8;
 #pragma unroll
     for (int step = 0; step < kBlockM / kLoadRows; ++step) {
       const int row = load_row + step * kLoadRows;
-      const RowCoords rc = row_coords(a, head0, m0 + min(row, rows_valid - 1));
+      const RowCoords rc = row_coords(a, len_q, head0, m0 + min(row, rows_valid - 1));
       const uint16_t* src = q_base + int64_t(rc.h) * a.q_strides[1] + int64_t(rc.i) * a.q_strides[2];
       copy_chunk(smem_q + load_offset(step), src, load_in_dim && row < rows_valid, a.vec_in);
     }
@@ -470,7 +508,7 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Forwa
     const uint32_t v_dst = smem_v + stage * (kBlockN * kRowBytes);
 #pragma unroll
     for (int step = 0; step < kBlockN / kLoadRows; ++step) {
-      const bool valid = load_in_dim && key + step * kLoadRows < a.seq_kv;
+      const bool valid = load_in_dim && key + step * kLoadRows < len_kv;
       copy_chunk(k_dst + load_offset(step), k_src, valid, a.vec_in);
       copy_chunk(v_dst + load_offset(step), v_src, valid, a.vec_in);
       k_src += k_step;
@@ -485,7 +523,7 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Forwa
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
     const int row = warp_row0 + (r >> 1) * 16 + (r & 1) * 8 + g;
-    const RowCoords rc = row_coords(a, head0, m0 + min(row, rows_valid - 1));
+    const RowCoords rc = row_coords(a, len_q, head0, m0 + min(row, rows_valid - 1));
     diag[r] = rc.i + offset;
     mask_row[r] = kMasked ? int64_t(b) * a.mask_strides[0] + int64_t(rc.h) * a.mask_strides[1] +
                                 int64_t(rc.i) * a.mask_strides[2]
@@ -606,18 +644,18 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Forwa
       }
       if constexpr (kMasked) {
         switch (a.mask_type) {
-          case kMaskBool: mask_scores<kMaskBool>(s, a, key0, t, diag, mask_row); break;
-          case kMaskF32: mask_scores<kMaskF32>(s, a, key0, t, diag, mask_row); break;
-          default: mask_scores<kMaskF16>(s, a, key0, t, diag, mask_row); break;
+          case kMaskBool: mask_scores<kMaskBool>(s, a, len_kv, key0, t, diag, mask_row); break;
+          case kMaskF32: mask_scores<kMaskF32>(s, a, len_kv, key0, t, diag, mask_row); break;
+          default: mask_scores<kMaskF16>(s, a, len_kv, key0, t, diag, mask_row); break;
         }
       } else {
-        // Without a mask, only the tiles at an edge (seq_kv, causal diagonal, window) need it.
-        bool full = key0 + kBlockN <= a.seq_kv;
+        // Without a mask, only the tiles at an edge (len_kv, causal diagonal, window) need it.
+        bool full = key0 + kBlockN <= len_kv;
         if (a.causal) full = full && key0 + kBlockN - 1 <= i_lo + offset;
         if (a.window > 0) {
           full = full && (i_hi + offset) - key0 < a.window && (key0 + kBlockN - 1) - (i_lo + offset) < a.window;
         }
-        if (!full) mask_scores<kMaskNone>(s, a, key0, t, diag, mask_row);
+        if (!full) mask_scores<kMaskNone>(s, a, len_kv, key0, t, diag, mask_row);
       }
 
       // ---- online softmax ----
@@ -680,6 +718,9 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Forwa
 
   // ---- epilogue ----
   __syncthreads();  // every warp is done with shared memory; the Q rows become the staging area
+  // The sequence's rows once more (two loads a CTA in the packed layout) rather than q_start
+  // and len_q held in registers through the key loop.
+  const Sequence rows_of = sequence_of(a, b);
   const bool partial = a.splits > 1;
   float inv[kRows];
   float lse[kRows];
@@ -698,8 +739,8 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Forwa
     for (int r = 0; r < kRows; ++r) {
       const int row = warp_row0 + (r >> 1) * 16 + (r & 1) * 8 + g;
       if (row >= rows_valid) continue;
-      const RowCoords rc = row_coords(a, head0, m0 + row);
-      const int64_t index = (int64_t(b) * a.heads_q + rc.h) * a.seq_q + rc.i;
+      const RowCoords rc = row_coords(a, rows_of.len_q, head0, m0 + row);
+      const int64_t index = (int64_t(b) * a.heads_q + rc.h) * a.seq_q + rc.i;  // padded position
       float* dst = a.partial_out + (int64_t(split) * a.rows + index) * a.head_dim;
 #pragma unroll
       for (int ot = 0; ot < kOTiles; ++ot) {
@@ -726,14 +767,15 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Forwa
     }
   }
   __syncwarp();
-  uint16_t* out_base = static_cast<uint16_t*>(a.out) + int64_t(b) * a.out_strides[0];
+  uint16_t* out_base = static_cast<uint16_t*>(a.out) + int64_t(b) * a.out_strides[0] +
+                      int64_t(rows_of.q_start) * a.out_strides[2];
 #pragma unroll
   for (int step = 0; step < kWarpRows * kChunks / 32; ++step) {
     const int idx = lane + step * 32;
     const int row = warp_row0 + idx / kChunks;
     const int c = idx % kChunks;
     if (row >= rows_valid || c >= d_chunks) continue;
-    const RowCoords rc = row_coords(a, head0, m0 + row);
+    const RowCoords rc = row_coords(a, rows_of.len_q, head0, m0 + row);
     uint16_t* dst = out_base + int64_t(rc.h) * a.out_strides[1] + int64_t(rc.i) * a.out_strides[2] + c * 8;
     const uint4 value = ld_shared_v4(smem_q + Layout::offset(row, c));
     if (a.vec_out) {
@@ -752,14 +794,15 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Forwa
     for (int r = 0; r < kRows; ++r) {
       const int row = warp_row0 + (r >> 1) * 16 + (r & 1) * 8 + g;
       if (row >= rows_valid) continue;
-      const RowCoords rc = row_coords(a, head0, m0 + row);
-      a.lse[(int64_t(b) * a.heads_q + rc.h) * a.seq_q + rc.i] = lse[r];
+      const RowCoords rc = row_coords(a, rows_of.len_q, head0, m0 + row);
+      a.lse[lse_index(a.cu_seqlens_q != nullptr, b, rc.h, rows_of.q_start, rc.i, a.heads_q, a.seq_q, a.total_q)] =
+          lse[r];
     }
   }
 }
 
 // ------------------------------------------------------------------------------------------------
-// Split-KV combine: one warp a row (b, h, i).
+// Split-KV combine: one warp a padded row (b, h, i); rows i >= len_q of a packed sequence skip.
 //   out = sum_s w_s O_s / sum_s w_s,  w_s = exp(lse_s - max lse),  lse = max + log(sum_s w_s)
 // Splits that saw no key (lse_s = -inf) weigh nothing; a row no split saw gets zeros and +inf.
 // ------------------------------------------------------------------------------------------------
@@ -771,6 +814,12 @@ __global__ void __launch_bounds__(32 * kCombineWarps) attention_combine_kernel(c
   const int64_t row = int64_t(blockIdx.x) * kCombineWarps + threadIdx.x / 32;
   const int lane = static_cast<int>(threadIdx.x % 32);
   if (row >= a.rows) return;  // the whole warp leaves together
+  const int i = static_cast<int>(row % a.seq_q);
+  const int64_t bh = row / a.seq_q;
+  const int h = static_cast<int>(bh % a.heads_q);
+  const int b = static_cast<int>(bh / a.heads_q);
+  const Sequence seq = sequence_of(a, b);
+  if (i >= seq.len_q) return;  // no such row (packed layout): no split wrote it
   const float* part_lse = a.partial_lse + row;
 
   float mx = -INFINITY;
@@ -785,12 +834,8 @@ __global__ void __launch_bounds__(32 * kCombineWarps) attention_combine_kernel(c
   }
   const float inv = mx == -INFINITY ? 0.f : 1.f / total;
 
-  const int i = static_cast<int>(row % a.seq_q);
-  const int64_t bh = row / a.seq_q;
-  const int h = static_cast<int>(bh % a.heads_q);
-  const int64_t b = bh / a.heads_q;
-  T* dst = static_cast<T*>(a.out) + b * a.out_strides[0] + int64_t(h) * a.out_strides[1] +
-           int64_t(i) * a.out_strides[2];
+  T* dst = static_cast<T*>(a.out) + int64_t(b) * a.out_strides[0] + int64_t(h) * a.out_strides[1] +
+           int64_t(seq.q_start + i) * a.out_strides[2];
   for (int d = 2 * lane; d < a.head_dim; d += 64) {
     float o0 = 0.f, o1 = 0.f;
     if (mx != -INFINITY) {
@@ -811,7 +856,10 @@ __global__ void __launch_bounds__(32 * kCombineWarps) attention_combine_kernel(c
       dst[d + 1] = __float2bfloat16_rn(o1 * inv);
     }
   }
-  if (lane == 0 && a.lse != nullptr) a.lse[row] = mx == -INFINITY ? INFINITY : mx + logf(total);
+  if (lane == 0 && a.lse != nullptr) {
+    a.lse[lse_index(a.cu_seqlens_q != nullptr, b, h, seq.q_start, i, a.heads_q, a.seq_q, a.total_q)] =
+        mx == -INFINITY ? INFINITY : mx + logf(total);
+  }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -850,14 +898,11 @@ constexpr int64_t kMinTilesPerSplit = 2;
 
 struct Plan {
   KernelShape shape;
-  bool packed = false;
+  bool gqa_rows = false;
   int64_t heads_grid = 0;
-  int64_t m_total = 0;
   int64_t m_tiles = 0;
   int64_t window = 0;     // clamped
   int64_t splits = 1;
-  int64_t split_tile0 = 0;
-  int64_t tiles_per_split = 0;
 };
 
 bool launchable(const AttentionParams& p) {
@@ -870,14 +915,14 @@ Plan plan_forward(const AttentionParams& p) {
   plan.shape = kernel_shape(p.head_dim, p.mask != nullptr && p.mask_kind != MaskKind::none);
   const int64_t group = p.heads_q / p.heads_kv;
   const bool decode = p.seq_q <= kDecodeMaxSeqQ;
-  plan.packed = decode && group > 1;
-  plan.heads_grid = plan.packed ? p.heads_kv : p.heads_q;
-  plan.m_total = plan.packed ? group * p.seq_q : p.seq_q;
-  plan.m_tiles = ceil_div(plan.m_total, plan.shape.block_m);
+  plan.gqa_rows = decode && group > 1;
+  plan.heads_grid = plan.gqa_rows ? p.heads_kv : p.heads_q;
+  plan.m_tiles = ceil_div(plan.gqa_rows ? group * p.seq_q : p.seq_q, plan.shape.block_m);
   plan.window = p.window > 0 ? std::min<int64_t>(p.window, p.seq_q + p.seq_kv + 1) : 0;
   if (!decode || p.seq_kv == 0) return plan;
 
-  // Key tiles any query row sees (as the kernel computes them for rows 0 .. seq_q - 1).
+  // Key tiles the rows 0 .. seq_q - 1 of a sequence of the largest lengths see (each CTA splits
+  // its own tiles; this only sizes `splits`).
   const int64_t offset = p.seq_kv - p.seq_q;
   int64_t j_lo = 0, j_hi = p.seq_kv;
   if (plan.window > 0) {
@@ -886,8 +931,7 @@ Plan plan_forward(const AttentionParams& p) {
   }
   if (p.causal) j_hi = std::min(j_hi, p.seq_q + offset);
   if (j_hi <= j_lo) return plan;
-  const int64_t tile0 = j_lo / plan.shape.block_n;
-  const int64_t tiles = ceil_div(j_hi, plan.shape.block_n) - tile0;
+  const int64_t tiles = ceil_div(j_hi, plan.shape.block_n) - j_lo / plan.shape.block_n;
 
   const DeviceLimits limits = device_limits();
   const int64_t ctas = p.batch * plan.heads_grid * plan.m_tiles;
@@ -899,20 +943,18 @@ Plan plan_forward(const AttentionParams& p) {
   if (2 * ctas > slots) return plan;
   int64_t splits = std::min({ceil_div(slots, ctas), tiles / kMinTilesPerSplit, kMaxSplits});
   if (splits < 2) return plan;
-  const int64_t per_split = ceil_div(tiles, splits);
-  splits = ceil_div(tiles, per_split);  // no empty split
+  splits = ceil_div(tiles, ceil_div(tiles, splits));  // no empty split at these lengths
   if (splits < 2) return plan;
   plan.splits = splits;
-  plan.split_tile0 = tile0;
-  plan.tiles_per_split = per_split;
   return plan;
 }
 
 bool is_aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
-// Rows of 8-element chunks start 16-byte aligned (a stride of a size-1 dimension is never used).
-bool rows_aligned(const void* ptr, const int64_t (&strides)[3], int64_t batch, int64_t heads, int64_t seq) {
-  const int64_t sizes[3] = {batch, heads, seq};
+// Rows of 8-element chunks start 16-byte aligned (a stride of a size-1 dimension is never used;
+// `rows` counts the rows along strides[2]: total_* in the packed layout).
+bool rows_aligned(const void* ptr, const int64_t (&strides)[3], int64_t batch, int64_t heads, int64_t rows) {
+  const int64_t sizes[3] = {batch, heads, rows};
   for (int d = 0; d < 3; ++d) {
     if (sizes[d] > 1 && strides[d] % 8 != 0) return false;
   }
@@ -927,6 +969,9 @@ ForwardArgs make_args(const AttentionParams& p, const Plan& plan, float* workspa
   a.out = p.out;
   a.lse = p.lse;
   a.mask = p.mask;
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  a.cu_seqlens_q = p.cu_seqlens_q;
+  a.cu_seqlens_k = p.cu_seqlens_k;
   for (int d = 0; d < 3; ++d) {
     a.q_strides[d] = p.q_strides[d];
     a.k_strides[d] = p.k_strides[d];
@@ -940,13 +985,12 @@ ForwardArgs make_args(const AttentionParams& p, const Plan& plan, float* workspa
   a.group = static_cast<int>(p.heads_q / p.heads_kv);
   a.seq_q = static_cast<int>(p.seq_q);
   a.seq_kv = static_cast<int>(p.seq_kv);
+  a.total_q = static_cast<int>(varlen ? p.total_q : p.seq_q);
+  a.total_kv = static_cast<int>(varlen ? p.total_kv : p.seq_kv);
   a.head_dim = static_cast<int>(p.head_dim);
   a.heads_grid = static_cast<int>(plan.heads_grid);
-  a.m_total = static_cast<int>(plan.m_total);
   a.m_tiles = static_cast<int>(plan.m_tiles);
   a.splits = static_cast<int>(plan.splits);
-  a.split_tile0 = static_cast<int>(plan.split_tile0);
-  a.tiles_per_split = static_cast<int>(plan.tiles_per_split);
   if (plan.splits > 1) {
     a.partial_out = workspace;
     a.partial_lse = workspace + plan.splits * a.rows * p.head_dim;
@@ -965,11 +1009,11 @@ ForwardArgs make_args(const AttentionParams& p, const Plan& plan, float* workspa
   a.softcap_log2 = a.has_softcap ? p.softcap * kLog2e : 0.f;
   a.scale_over_softcap = a.has_softcap ? p.scale / p.softcap : 0.f;
   a.causal = p.causal;
-  a.packed = plan.packed;
-  a.vec_in = rows_aligned(p.q, p.q_strides, p.batch, p.heads_q, p.seq_q) &&
-             rows_aligned(p.k, p.k_strides, p.batch, p.heads_kv, p.seq_kv) &&
-             rows_aligned(p.v, p.v_strides, p.batch, p.heads_kv, p.seq_kv);
-  a.vec_out = rows_aligned(p.out, p.out_strides, p.batch, p.heads_q, p.seq_q);
+  a.gqa_rows = plan.gqa_rows;
+  a.vec_in = rows_aligned(p.q, p.q_strides, p.batch, p.heads_q, a.total_q) &&
+             rows_aligned(p.k, p.k_strides, p.batch, p.heads_kv, a.total_kv) &&
+             rows_aligned(p.v, p.v_strides, p.batch, p.heads_kv, a.total_kv);
+  a.vec_out = rows_aligned(p.out, p.out_strides, p.batch, p.heads_q, a.total_q);
   return a;
 }
 
@@ -1037,6 +1081,9 @@ const char* attention_forward_unsupported(const AttentionParams& p) {
   if (p.head_dim % 8 != 0) return "the CUDA attention kernel takes head_dim a multiple of 8";
   if (p.head_dim > 256) return "the CUDA attention kernel takes head_dim up to 256";
   if (p.dropout_p != 0.f) return "dropout runs on the Triton kernel";
+  if ((p.cu_seqlens_q == nullptr) != (p.cu_seqlens_k == nullptr)) {
+    return "the packed layout needs both cu_seqlens_q and cu_seqlens_k";
+  }
   return "";
 }
 

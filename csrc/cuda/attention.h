@@ -1,6 +1,7 @@
 // CUDA attention forward on tensor cores (mma.sync, sm_80+, fp16/bf16), with a split-KV path
 // for decoding (few query rows, many keys) that combines partial results. The math is stated in
-// common/attention.h. The backward pass on GPU is the Triton kernel's.
+// common/attention.h. Both layouts: padded [batch, heads, seq, head_dim] and packed ("varlen",
+// cu_seqlens_q / cu_seqlens_k set), on every path. The backward pass on GPU is the Triton kernel's.
 #pragma once
 
 #include <cuda_runtime.h>

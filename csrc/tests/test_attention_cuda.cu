@@ -3,8 +3,11 @@
 // (every bucket, with and without a tail), seq 1 / 17 / 129 / 1000, GQA, bottom-right causal with
 // seq_q < seq_kv and seq_q > seq_kv, sliding window, softcap, bool and additive (f32 / f16 /
 // bf16) masks broadcast by strides (a key stride other than 1 too), rows and whole batches that
-// see no key, seq_kv = 0, seq_q = 0, decoding shapes that take the split-KV path, [B, S, H, D]
-// and padded layouts, misaligned pointers (the scalar load / store paths) and lse = null.
+// see no key, seq_kv = 0, seq_q = 0, decoding shapes that take the split-KV path (and ones that
+// must not), [B, S, H, D] and padded layouts, misaligned pointers (the scalar load / store paths),
+// lse = null; and the packed ("varlen") layout: sequences of lengths 0 to 4096 in one call, each
+// checked against the reference and against the padded call of that sequence alone (see
+// run_varlen_case), prefill and decoding, causal, window, softcap, masks, GQA, split-KV.
 // Every output buffer (and the split-KV workspace) is filled with NaN (0xFF bytes) before the
 // kernels run, so an element they forget to write fails, and so does one written outside the
 // output's strided elements; the gaps of strided inputs hold NaN too, so reading one fails.
@@ -155,7 +158,8 @@ struct Case {
   Layout layout = Layout::bhsd;
   bool misaligned = false;  // every tensor starts one element past a 16-byte boundary
   bool lse = true;
-  bool expect_split = false;  // a decoding shape that must take the split-KV path
+  bool expect_split = false;   // a decoding shape that must take the split-KV path
+  bool expect_single = false;  // ... that must not split (the CTAs fill the GPU)
 
   std::string describe() const {
     char text[400];
@@ -261,11 +265,109 @@ std::vector<float> random_values(Rng& rng, int64_t n, float lo, float hi, DType 
   return values;
 }
 
-bool run_case(const Case& c, uint64_t seed, int sm_count) {
-  Rng rng{seed};
+// The double-precision reference: q [B, Hq, Sq, D], k / v [B, Hkv, Skv, D] contiguous; the mask
+// read at mask.at(mask_b0 + b, h, i, j) (mask_b0: the sequence's batch index when c is one
+// sequence of a packed call). Rows that see no key: zeros and lse = +inf.
+struct Reference {
+  std::vector<double> out;  // [B, Hq, Sq, D]
+  std::vector<double> lse;  // [B, Hq, Sq]
+  double max_abs = 0.0;     // max |out|
+};
+
+Reference reference_attention(const Case& c, const std::vector<float>& q, const std::vector<float>& k,
+                              const std::vector<float>& v, const HostMask& mask, int64_t mask_b0) {
   const int64_t B = c.batch, Hq = c.heads_q, Hkv = c.heads_kv, Sq = c.seq_q, Skv = c.seq_kv, D = c.head_dim;
   const int64_t group = Hq / Hkv;
   const double scale = c.scale != 0.f ? c.scale : 1.0 / std::sqrt(static_cast<double>(D));
+  const double inf = std::numeric_limits<double>::infinity();
+  Reference r;
+  r.out.assign(static_cast<size_t>(B * Hq * Sq * D), 0.0);
+  r.lse.assign(static_cast<size_t>(B * Hq * Sq), inf);
+  std::vector<double> s(static_cast<size_t>(std::max<int64_t>(Skv, 1)));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < Hq; ++h) {
+      const int64_t hk = h / group;
+      for (int64_t i = 0; i < Sq; ++i) {
+        const float* qi = &q[static_cast<size_t>(((b * Hq + h) * Sq + i) * D)];
+        const int64_t diag = i + Skv - Sq;
+        double mx = -inf;
+        for (int64_t j = 0; j < Skv; ++j) {
+          bool visible = true;
+          if (c.causal && j > diag) visible = false;
+          if (c.window > 0 && std::llabs(diag - j) >= c.window) visible = false;
+          double bias = 0.0;
+          if (visible && c.mask == MaskKind::boolean) visible = mask.at(mask_b0 + b, h, i, j) != 0.0;
+          if (visible && c.mask == MaskKind::additive) bias = mask.at(mask_b0 + b, h, i, j);
+          double x = -inf;
+          if (visible) {
+            const float* kj = &k[static_cast<size_t>(((b * Hkv + hk) * Skv + j) * D)];
+            double dot = 0.0;
+            for (int64_t d = 0; d < D; ++d) dot += static_cast<double>(qi[d]) * kj[d];
+            x = scale * dot;
+            if (c.softcap > 0.f) x = c.softcap * std::tanh(x / c.softcap);
+            x += bias;
+          }
+          s[static_cast<size_t>(j)] = x;
+          mx = std::max(mx, x);
+        }
+        if (mx == -inf) continue;  // no visible key: zeros, lse = +inf
+        double total = 0.0;
+        double* out_row = &r.out[static_cast<size_t>(((b * Hq + h) * Sq + i) * D)];
+        for (int64_t j = 0; j < Skv; ++j) {
+          const double w = std::exp(s[static_cast<size_t>(j)] - mx);
+          if (w == 0.0) continue;
+          total += w;
+          const float* vj = &v[static_cast<size_t>(((b * Hkv + hk) * Skv + j) * D)];
+          for (int64_t d = 0; d < D; ++d) out_row[d] += w * vj[d];
+        }
+        for (int64_t d = 0; d < D; ++d) {
+          out_row[d] /= total;
+          r.max_abs = std::max(r.max_abs, std::fabs(out_row[d]));
+        }
+        r.lse[static_cast<size_t>((b * Hq + h) * Sq + i)] = mx + std::log(total);
+      }
+    }
+  return r;
+}
+
+// The shape and options of c (pointers, strides and the mask are the caller's).
+AttentionParams base_params(const Case& c) {
+  AttentionParams p;
+  p.batch = c.batch;
+  p.heads_q = c.heads_q;
+  p.heads_kv = c.heads_kv;
+  p.seq_q = c.seq_q;
+  p.seq_kv = c.seq_kv;
+  p.head_dim = c.head_dim;
+  p.dtype = c.dtype;
+  p.scale = static_cast<float>(c.scale != 0.f ? c.scale : 1.0 / std::sqrt(static_cast<double>(c.head_dim)));
+  p.causal = c.causal;
+  p.window = c.window;
+  p.softcap = c.softcap;
+  return p;
+}
+
+// Checks the split-KV expectation of c against the workspace size; false (with a FAIL line) if
+// it is not met.
+bool check_split_plan(const Case& c, const std::string& text, int64_t workspace_floats, int sm_count) {
+  if (workspace_floats < 0) {
+    std::printf("FAIL %s\n  negative workspace size\n", text.c_str());
+    return false;
+  }
+  if (c.expect_split && workspace_floats == 0 && sm_count >= 8) {
+    std::printf("FAIL %s\n  expected the split-KV path (workspace > 0) on %d SMs\n", text.c_str(), sm_count);
+    return false;
+  }
+  if (c.expect_single && workspace_floats > 0) {
+    std::printf("FAIL %s\n  expected no split (workspace 0) on %d SMs\n", text.c_str(), sm_count);
+    return false;
+  }
+  return true;
+}
+
+bool run_case(const Case& c, uint64_t seed, int sm_count) {
+  Rng rng{seed};
+  const int64_t B = c.batch, Hq = c.heads_q, Hkv = c.heads_kv, Sq = c.seq_q, Skv = c.seq_kv, D = c.head_dim;
 
   const Strided lq(c.layout, B, Hq, Sq, D, c.misaligned);
   const Strided lk(c.layout, B, Hkv, Skv, D, c.misaligned);
@@ -288,7 +390,7 @@ bool run_case(const Case& c, uint64_t seed, int sm_count) {
   d_out.poison();
   d_lse.poison();
 
-  AttentionParams p;
+  AttentionParams p = base_params(c);
   p.q = static_cast<uint16_t*>(d_q.get()) + lq.offset;
   p.k = static_cast<uint16_t*>(d_k.get()) + lk.offset;
   p.v = static_cast<uint16_t*>(d_v.get()) + lv.offset;
@@ -306,17 +408,6 @@ bool run_case(const Case& c, uint64_t seed, int sm_count) {
     p.mask_dtype = c.mask_dtype;
     for (int d = 0; d < 4; ++d) p.mask_strides[d] = mask.strides[d];
   }
-  p.batch = B;
-  p.heads_q = Hq;
-  p.heads_kv = Hkv;
-  p.seq_q = Sq;
-  p.seq_kv = Skv;
-  p.head_dim = D;
-  p.dtype = c.dtype;
-  p.scale = static_cast<float>(scale);
-  p.causal = c.causal;
-  p.window = c.window;
-  p.softcap = c.softcap;
 
   const std::string text = c.describe();
   const char* unsupported = transfuse::cuda::attention_forward_unsupported(p);
@@ -325,14 +416,7 @@ bool run_case(const Case& c, uint64_t seed, int sm_count) {
     return false;
   }
   const int64_t workspace_floats = transfuse::cuda::attention_forward_workspace_floats(p);
-  if (workspace_floats < 0) {
-    std::printf("FAIL %s\n  negative workspace size\n", text.c_str());
-    return false;
-  }
-  if (c.expect_split && workspace_floats == 0 && sm_count >= 8) {
-    std::printf("FAIL %s\n  expected the split-KV path (workspace > 0) on %d SMs\n", text.c_str(), sm_count);
-    return false;
-  }
+  if (!check_split_plan(c, text, workspace_floats, sm_count)) return false;
   DeviceBuffer workspace(static_cast<size_t>(workspace_floats) * 4);
   workspace.poison();
   transfuse::cuda::attention_forward_launch(p, static_cast<float*>(workspace.get()), nullptr);
@@ -341,53 +425,10 @@ bool run_case(const Case& c, uint64_t seed, int sm_count) {
 
   // ---- reference ----
   const double inf = std::numeric_limits<double>::infinity();
-  std::vector<double> ref(static_cast<size_t>(lo.count()), 0.0);
-  std::vector<double> ref_lse(static_cast<size_t>(B * Hq * Sq), inf);
-  std::vector<double> s(static_cast<size_t>(std::max<int64_t>(Skv, 1)));
-  double max_ref = 0.0;
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t h = 0; h < Hq; ++h) {
-      const int64_t hk = h / group;
-      for (int64_t i = 0; i < Sq; ++i) {
-        const float* qi = &q[static_cast<size_t>(((b * Hq + h) * Sq + i) * D)];
-        const int64_t diag = i + Skv - Sq;
-        double mx = -inf;
-        for (int64_t j = 0; j < Skv; ++j) {
-          bool visible = true;
-          if (c.causal && j > diag) visible = false;
-          if (c.window > 0 && std::llabs(diag - j) >= c.window) visible = false;
-          double bias = 0.0;
-          if (visible && c.mask == MaskKind::boolean) visible = mask.at(b, h, i, j) != 0.0;
-          if (visible && c.mask == MaskKind::additive) bias = mask.at(b, h, i, j);
-          double x = -inf;
-          if (visible) {
-            const float* kj = &k[static_cast<size_t>(((b * Hkv + hk) * Skv + j) * D)];
-            double dot = 0.0;
-            for (int64_t d = 0; d < D; ++d) dot += static_cast<double>(qi[d]) * kj[d];
-            x = scale * dot;
-            if (c.softcap > 0.f) x = c.softcap * std::tanh(x / c.softcap);
-            x += bias;
-          }
-          s[static_cast<size_t>(j)] = x;
-          mx = std::max(mx, x);
-        }
-        if (mx == -inf) continue;  // no visible key: zeros, lse = +inf
-        double total = 0.0;
-        double* out_row = &ref[static_cast<size_t>(((b * Hq + h) * Sq + i) * D)];
-        for (int64_t j = 0; j < Skv; ++j) {
-          const double w = std::exp(s[static_cast<size_t>(j)] - mx);
-          if (w == 0.0) continue;
-          total += w;
-          const float* vj = &v[static_cast<size_t>(((b * Hkv + hk) * Skv + j) * D)];
-          for (int64_t d = 0; d < D; ++d) out_row[d] += w * vj[d];
-        }
-        for (int64_t d = 0; d < D; ++d) {
-          out_row[d] /= total;
-          max_ref = std::max(max_ref, std::fabs(out_row[d]));
-        }
-        ref_lse[static_cast<size_t>((b * Hq + h) * Sq + i)] = mx + std::log(total);
-      }
-    }
+  const Reference reference = reference_attention(c, q, k, v, mask, 0);
+  const std::vector<double>& ref = reference.out;
+  const std::vector<double>& ref_lse = reference.lse;
+  const double max_ref = reference.max_abs;
 
   // ---- compare ----
   int64_t failures = 0;
@@ -450,6 +491,387 @@ bool run_case(const Case& c, uint64_t seed, int sm_count) {
   return true;
 }
 
+// ---- the packed ("varlen") layout ----
+// One call over sequences of lengths lens_q[b] / lens_kv[b]: q and out [total_q, Hq, D], k and v
+// [total_kv, Hkv, D], rows heads * D + row_pad elements apart (NaN in the gaps), cu_seqlens in
+// device memory, lse [Hq, total_q], the mask [B, Hq, max len_q, max len_kv] read in local
+// positions. Each sequence's rows must match the double reference of that sequence alone (the
+// tolerances above) and equal the padded call of that sequence alone ([1, H, len, D], the mask
+// at batch b): exactly when neither call splits the keys (the same tiles and arithmetic; tiles a
+// row cannot see add exact zeros), else within the tolerances.
+struct VarlenCase {
+  const char* name = "";
+  Case options;  // dtype, heads, head_dim, causal, window, softcap, mask, expect_split / _single
+  std::vector<int64_t> lens_q;
+  std::vector<int64_t> lens_kv;
+  int64_t row_pad = 0;  // 8: rows stay 16-byte aligned (a slice of a fused qkv); 4: they do not
+
+  std::string describe() const {
+    std::string text = std::string(name) + ": " + dtype_name(options.dtype);
+    char part[200];
+    std::snprintf(part, sizeof(part), " Hq=%lld Hkv=%lld D=%lld%s window=%lld softcap=%g mask=%s%s row_pad=%lld",
+                  static_cast<long long>(options.heads_q), static_cast<long long>(options.heads_kv),
+                  static_cast<long long>(options.head_dim), options.causal ? " causal" : "",
+                  static_cast<long long>(options.window), options.softcap,
+                  options.mask == MaskKind::none      ? "none"
+                  : options.mask == MaskKind::boolean ? "bool"
+                                                      : "additive-",
+                  options.mask == MaskKind::additive ? dtype_name(options.mask_dtype) : "",
+                  static_cast<long long>(row_pad));
+    text += part;
+    text += " lens q/kv";
+    for (size_t b = 0; b < lens_q.size(); ++b) {
+      std::snprintf(part, sizeof(part), " %lld/%lld", static_cast<long long>(lens_q[b]),
+                    static_cast<long long>(lens_kv[b]));
+      text += part;
+    }
+    return text;
+  }
+};
+
+// Logical [rows, heads, d] values -> storage bits with rows `row_stride` elements apart, NaN in
+// the gaps (8 elements of slack at the end).
+std::vector<uint16_t> encode_rows(const std::vector<float>& values, int64_t rows, int64_t heads, int64_t d,
+                                  int64_t row_stride, DType t) {
+  std::vector<uint16_t> bits(static_cast<size_t>(rows * row_stride + 8), 0xFFFFu);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t e = 0; e < d; ++e) {
+        bits[static_cast<size_t>(r * row_stride + h * d + e)] = to_bits(values[static_cast<size_t>((r * heads + h) * d + e)], t);
+      }
+  return bits;
+}
+
+// Rows start .. start + len - 1 of packed [rows, heads, d] values as [heads, len, d].
+std::vector<float> sequence_rows(const std::vector<float>& packed, int64_t start, int64_t len, int64_t heads,
+                                 int64_t d) {
+  std::vector<float> out(static_cast<size_t>(heads * len * d));
+  for (int64_t h = 0; h < heads; ++h)
+    for (int64_t i = 0; i < len; ++i)
+      for (int64_t e = 0; e < d; ++e) {
+        out[static_cast<size_t>((h * len + i) * d + e)] = packed[static_cast<size_t>(((start + i) * heads + h) * d + e)];
+      }
+  return out;
+}
+
+// The padded call of one sequence (c.batch == 1, contiguous [1, H, S, D]); the mask, if any, at
+// `mask` with `mask_strides`.
+struct PaddedRun {
+  std::vector<float> out;  // [Hq, Sq, D]
+  std::vector<float> lse;  // [Hq, Sq]
+  bool split = false;
+  bool ok = false;
+};
+
+PaddedRun run_padded(const Case& c, const std::vector<float>& q, const std::vector<float>& k,
+                     const std::vector<float>& v, const void* mask, const int64_t (&mask_strides)[4]) {
+  PaddedRun run;
+  const Strided lq(Layout::bhsd, 1, c.heads_q, c.seq_q, c.head_dim, false);
+  const Strided lk(Layout::bhsd, 1, c.heads_kv, c.seq_kv, c.head_dim, false);
+  DeviceBuffer d_q(static_cast<size_t>(lq.storage) * 2), d_k(static_cast<size_t>(lk.storage) * 2),
+      d_v(static_cast<size_t>(lk.storage) * 2), d_out(static_cast<size_t>(lq.storage) * 2),
+      d_lse(static_cast<size_t>(std::max<int64_t>(c.heads_q * c.seq_q, 1)) * 4);
+  d_q.upload(lq.encode(q, c.dtype).data(), static_cast<size_t>(lq.storage) * 2);
+  d_k.upload(lk.encode(k, c.dtype).data(), static_cast<size_t>(lk.storage) * 2);
+  d_v.upload(lk.encode(v, c.dtype).data(), static_cast<size_t>(lk.storage) * 2);
+  d_out.poison();
+  d_lse.poison();
+  AttentionParams p = base_params(c);
+  p.q = d_q.get();
+  p.k = d_k.get();
+  p.v = d_v.get();
+  p.out = d_out.get();
+  p.lse = static_cast<float*>(d_lse.get());
+  for (int d = 0; d < 3; ++d) {
+    p.q_strides[d] = lq.strides[d];
+    p.k_strides[d] = lk.strides[d];
+    p.v_strides[d] = lk.strides[d];
+    p.out_strides[d] = lq.strides[d];
+  }
+  if (c.mask != MaskKind::none) {
+    p.mask_kind = c.mask;
+    p.mask = mask;
+    p.mask_dtype = c.mask_dtype;
+    for (int d = 0; d < 4; ++d) p.mask_strides[d] = mask_strides[d];
+  }
+  if (transfuse::cuda::attention_forward_unsupported(p)[0] != '\0') return run;
+  const int64_t workspace_floats = transfuse::cuda::attention_forward_workspace_floats(p);
+  if (workspace_floats < 0) return run;
+  DeviceBuffer workspace(static_cast<size_t>(workspace_floats) * 4);
+  transfuse::cuda::attention_forward_launch(p, static_cast<float*>(workspace.get()), nullptr);
+  check_cuda(cudaGetLastError(), "attention_forward_launch (padded, one sequence)");
+  check_cuda(cudaDeviceSynchronize(), "attention kernels (padded, one sequence)");
+  const std::vector<uint16_t> bits = d_out.download<uint16_t>();
+  run.out.resize(static_cast<size_t>(lq.count()));
+  for (size_t e = 0; e < run.out.size(); ++e) run.out[e] = from_bits(bits[e], c.dtype);
+  run.lse = d_lse.download<float>();
+  run.lse.resize(static_cast<size_t>(c.heads_q * c.seq_q));
+  run.split = workspace_floats > 0;
+  run.ok = true;
+  return run;
+}
+
+bool run_varlen_case(const VarlenCase& vc, uint64_t seed, int sm_count) {
+  Rng rng{seed};
+  const Case& o = vc.options;
+  const int64_t B = static_cast<int64_t>(vc.lens_q.size());
+  const int64_t Hq = o.heads_q, Hkv = o.heads_kv, D = o.head_dim;
+  std::vector<int32_t> cu_q(static_cast<size_t>(B + 1), 0), cu_k(static_cast<size_t>(B + 1), 0);
+  int64_t max_q = 0, max_kv = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    cu_q[b + 1] = cu_q[b] + static_cast<int32_t>(vc.lens_q[b]);
+    cu_k[b + 1] = cu_k[b] + static_cast<int32_t>(vc.lens_kv[b]);
+    max_q = std::max(max_q, vc.lens_q[b]);
+    max_kv = std::max(max_kv, vc.lens_kv[b]);
+  }
+  const int64_t total_q = cu_q[B], total_kv = cu_k[B];
+  const int64_t rq = Hq * D + vc.row_pad, rk = Hkv * D + vc.row_pad;  // row strides
+  Case whole = o;  // the call's shape: B sequences of the largest lengths
+  whole.batch = B;
+  whole.seq_q = max_q;
+  whole.seq_kv = max_kv;
+
+  const std::vector<float> q = random_values(rng, total_q * Hq * D, -2.f, 2.f, o.dtype);
+  const std::vector<float> k = random_values(rng, total_kv * Hkv * D, -1.f, 1.f, o.dtype);
+  const std::vector<float> v = random_values(rng, total_kv * Hkv * D, -1.f, 1.f, o.dtype);
+  HostMask mask;
+  if (o.mask != MaskKind::none) mask = make_mask(whole, rng);
+  const int64_t mask_bytes = o.mask == MaskKind::boolean ? 1 : o.mask_dtype == DType::f32 ? 4 : 2;
+
+  const std::vector<uint16_t> q_bits = encode_rows(q, total_q, Hq, D, rq, o.dtype);
+  const std::vector<uint16_t> k_bits = encode_rows(k, total_kv, Hkv, D, rk, o.dtype);
+  const std::vector<uint16_t> v_bits = encode_rows(v, total_kv, Hkv, D, rk, o.dtype);
+  DeviceBuffer d_q(q_bits.size() * 2), d_k(k_bits.size() * 2), d_v(v_bits.size() * 2), d_out(q_bits.size() * 2),
+      d_lse(static_cast<size_t>(std::max<int64_t>(Hq * total_q, 1)) * 4), d_cu_q(cu_q.size() * 4),
+      d_cu_k(cu_k.size() * 4), d_mask(std::max<size_t>(mask.bytes.size(), 16));
+  d_q.upload(q_bits.data(), q_bits.size() * 2);
+  d_k.upload(k_bits.data(), k_bits.size() * 2);
+  d_v.upload(v_bits.data(), v_bits.size() * 2);
+  d_cu_q.upload(cu_q.data(), cu_q.size() * 4);
+  d_cu_k.upload(cu_k.data(), cu_k.size() * 4);
+  if (o.mask != MaskKind::none) d_mask.upload(mask.bytes.data(), mask.bytes.size());
+  d_out.poison();
+  d_lse.poison();
+
+  AttentionParams p = base_params(whole);
+  p.q = d_q.get();
+  p.k = d_k.get();
+  p.v = d_v.get();
+  p.out = d_out.get();
+  p.lse = static_cast<float*>(d_lse.get());
+  const int64_t q_strides[3] = {0, D, rq}, kv_strides[3] = {0, D, rk};
+  for (int d = 0; d < 3; ++d) {
+    p.q_strides[d] = q_strides[d];
+    p.k_strides[d] = kv_strides[d];
+    p.v_strides[d] = kv_strides[d];
+    p.out_strides[d] = q_strides[d];
+  }
+  if (o.mask != MaskKind::none) {
+    p.mask_kind = o.mask;
+    p.mask = d_mask.get();
+    p.mask_dtype = o.mask_dtype;
+    for (int d = 0; d < 4; ++d) p.mask_strides[d] = mask.strides[d];
+  }
+  p.cu_seqlens_q = static_cast<const int32_t*>(d_cu_q.get());
+  p.cu_seqlens_k = static_cast<const int32_t*>(d_cu_k.get());
+  p.total_q = total_q;
+  p.total_kv = total_kv;
+
+  const std::string text = vc.describe();
+  const char* unsupported = transfuse::cuda::attention_forward_unsupported(p);
+  if (unsupported[0] != '\0') {
+    std::printf("FAIL %s\n  unsupported: %s\n", text.c_str(), unsupported);
+    return false;
+  }
+  const int64_t workspace_floats = transfuse::cuda::attention_forward_workspace_floats(p);
+  if (!check_split_plan(o, text, workspace_floats, sm_count)) return false;
+  const bool split = workspace_floats > 0;
+  DeviceBuffer workspace(static_cast<size_t>(workspace_floats) * 4);
+  workspace.poison();
+  transfuse::cuda::attention_forward_launch(p, static_cast<float*>(workspace.get()), nullptr);
+  check_cuda(cudaGetLastError(), "attention_forward_launch (packed)");
+  check_cuda(cudaDeviceSynchronize(), "attention kernels (packed)");
+  const std::vector<uint16_t> out_bits = d_out.download<uint16_t>();
+  const std::vector<float> lse = d_lse.download<float>();
+
+  // ---- each sequence alone: the reference and the padded call ----
+  std::vector<Reference> refs;
+  std::vector<PaddedRun> alone;
+  double max_ref = 0.0;
+  for (int64_t b = 0; b < B; ++b) {
+    Case cb = o;
+    cb.batch = 1;
+    cb.seq_q = vc.lens_q[b];
+    cb.seq_kv = vc.lens_kv[b];
+    const std::vector<float> qb = sequence_rows(q, cu_q[b], cb.seq_q, Hq, D);
+    const std::vector<float> kb = sequence_rows(k, cu_k[b], cb.seq_kv, Hkv, D);
+    const std::vector<float> vb = sequence_rows(v, cu_k[b], cb.seq_kv, Hkv, D);
+    refs.push_back(reference_attention(cb, qb, kb, vb, mask, b));
+    max_ref = std::max(max_ref, refs.back().max_abs);
+    const void* mask_b = static_cast<const uint8_t*>(d_mask.get()) + b * mask.strides[0] * mask_bytes;
+    alone.push_back(cb.seq_q > 0 ? run_padded(cb, qb, kb, vb, mask_b, mask.strides) : PaddedRun{});
+  }
+
+  // ---- compare ----
+  const double inf = std::numeric_limits<double>::infinity();
+  int64_t failures = 0;
+  auto fail = [&](const char* what, long long b, long long index, double got, double want, double tolerance) {
+    if (failures == 0) std::printf("FAIL %s\n", text.c_str());
+    if (failures < 8) {
+      std::printf("  %s (sequence %lld)[%lld]: got %.9g, want %.9g (tolerance %.3g)\n", what, b, index, got, want,
+                  tolerance);
+    }
+    ++failures;
+  };
+  const double out_tolerance = kOutTolerance * max_ref;
+  std::vector<uint8_t> covered(out_bits.size(), 0);
+  double max_err = 0.0, max_lse_err = 0.0, max_diff = 0.0;
+  int64_t exact_sequences = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t Sq = vc.lens_q[b];
+    if (Sq == 0) continue;
+    const Reference& ref = refs[static_cast<size_t>(b)];
+    const PaddedRun& run = alone[static_cast<size_t>(b)];
+    if (!run.ok) {
+      fail("the padded call of the sequence alone did not run", b, 0, 0, 0, 0);
+      continue;
+    }
+    const bool exact = !split && !run.split;
+    exact_sequences += exact ? 1 : 0;
+    for (int64_t h = 0; h < Hq; ++h)
+      for (int64_t i = 0; i < Sq; ++i) {
+        for (int64_t d = 0; d < D; ++d) {
+          const int64_t at = (cu_q[b] + i) * rq + h * D + d;
+          const int64_t n = (h * Sq + i) * D + d;
+          covered[static_cast<size_t>(at)] = 1;
+          const double got = from_bits(out_bits[static_cast<size_t>(at)], o.dtype);
+          const double want = ref.out[static_cast<size_t>(n)];
+          const double err = std::fabs(got - want);
+          if (!(err <= out_tolerance)) fail("out vs reference", b, n, got, want, out_tolerance);  // NaN fails
+          if (err == err) max_err = std::max(max_err, err);
+          const double padded = run.out[static_cast<size_t>(n)];
+          const double diff = std::fabs(got - padded);
+          if (exact ? !(got == padded) : !(diff <= out_tolerance)) {
+            fail("out vs the padded call alone", b, n, got, padded, exact ? 0.0 : out_tolerance);
+          }
+          if (diff == diff) max_diff = std::max(max_diff, diff);
+        }
+        const int64_t r = h * Sq + i;
+        const double got = lse[static_cast<size_t>(h * total_q + cu_q[b] + i)];
+        const double want = ref.lse[static_cast<size_t>(r)];
+        const double tolerance = kLseTolerance * (1.0 + std::fabs(want));
+        if (want == inf) {
+          if (got != inf) fail("lse vs reference", b, r, got, want, 0);
+        } else if (!(std::fabs(got - want) <= tolerance)) {
+          fail("lse vs reference", b, r, got, want, tolerance);
+        } else {
+          max_lse_err = std::max(max_lse_err, std::fabs(got - want));
+        }
+        const double padded = run.lse[static_cast<size_t>(r)];
+        const bool same = got == padded || (exact ? false : std::fabs(got - padded) <= tolerance);
+        if (!same) fail("lse vs the padded call alone", b, r, got, padded, exact ? 0.0 : tolerance);
+      }
+  }
+  for (size_t e = 0; e < out_bits.size(); ++e) {
+    if (!covered[e] && out_bits[e] != 0xFFFFu) fail("out storage gap written", -1, static_cast<long long>(e), 0, 0, 0);
+  }
+  if (failures > 0) {
+    if (failures > 8) std::printf("  ... %lld mismatches in all\n", static_cast<long long>(failures));
+    return false;
+  }
+  std::printf("ok   %s\n     max|err| %.3g (max|ref| %.3g, tolerance %.3g), lse max|err| %.3g, max|packed - alone| "
+              "%.3g (%lld of %lld sequences exact)%s\n",
+              text.c_str(), max_err, max_ref, out_tolerance, max_lse_err, max_diff,
+              static_cast<long long>(exact_sequences), static_cast<long long>(B), split ? ", split-KV" : "");
+  return true;
+}
+
+std::vector<VarlenCase> all_varlen_cases() {
+  std::vector<VarlenCase> cases;
+  VarlenCase c;
+  auto reset = [&](const char* name, DType dtype, int64_t hq, int64_t hkv, int64_t d) {
+    c = VarlenCase{};
+    c.name = name;
+    c.options.dtype = dtype;
+    c.options.heads_q = hq;
+    c.options.heads_kv = hkv;
+    c.options.head_dim = d;
+  };
+
+  // ---- prefill: the tensor-core tiles ----
+  reset("varlen prefill, gqa", DType::f16, 4, 2, 128);
+  c.lens_q = c.lens_kv = {0, 1, 17, 128, 129, 1000};
+  cases.push_back(c);
+  reset("varlen prefill causal, mqa, D 64 (128-row tiles)", DType::bf16, 4, 1, 64);
+  c.options.causal = true;
+  c.lens_q = c.lens_kv = {129, 0, 1000, 17, 1, 128};
+  cases.push_back(c);
+  reset("varlen causal len_q != len_kv (rows that see nothing)", DType::bf16, 2, 2, 128);
+  c.options.causal = true;
+  c.lens_q = {17, 1, 129, 0, 128, 5};
+  c.lens_kv = {1000, 17, 129, 5, 0, 1};
+  cases.push_back(c);
+  reset("varlen window + softcap, D 64", DType::f16, 4, 2, 64);
+  c.options.window = 100, c.options.softcap = 30.f;
+  c.lens_q = {1000, 17, 129, 1};
+  c.lens_kv = {1000, 129, 129, 1};
+  cases.push_back(c);
+  reset("varlen causal window, gqa", DType::bf16, 4, 2, 128);
+  c.options.causal = true, c.options.window = 64;
+  c.lens_q = {128, 1000, 0, 129};
+  c.lens_kv = {128, 1000, 17, 300};
+  cases.push_back(c);
+  reset("varlen bool mask + causal, D 64", DType::f16, 2, 1, 64);
+  c.options.causal = true, c.options.mask = MaskKind::boolean;
+  c.lens_q = {129, 17, 1000};
+  c.lens_kv = {300, 17, 1000};
+  cases.push_back(c);
+  reset("varlen additive bf16 mask, D 128", DType::bf16, 2, 2, 128);
+  c.options.mask = MaskKind::additive, c.options.mask_dtype = DType::bf16;
+  c.lens_q = {1, 128, 129, 0};
+  c.lens_kv = {129, 128, 1, 17};
+  cases.push_back(c);
+  reset("varlen rows of a fused qkv (row stride + 8)", DType::f16, 2, 1, 64);
+  c.options.causal = true, c.row_pad = 8;
+  c.lens_q = c.lens_kv = {17, 129, 1};
+  cases.push_back(c);
+  reset("varlen unaligned rows (row stride + 4: scalar loads and stores)", DType::bf16, 2, 2, 64);
+  c.row_pad = 4;
+  c.lens_q = {17, 129, 1};
+  c.lens_kv = {100, 129, 1000};
+  cases.push_back(c);
+
+  // ---- decoding: gqa rows, split-KV ----
+  reset("varlen decode 1 query, gqa 4, causal, split-KV", DType::bf16, 32, 8, 128);
+  c.options.causal = true, c.options.expect_split = true;
+  c.lens_q = {1, 1, 1, 1, 1, 1, 1, 1};
+  c.lens_kv = {0, 1, 17, 128, 129, 1000, 4096, 3000};
+  cases.push_back(c);
+  reset("varlen decode len_q <= 16, gqa 4, causal window, D 64, split-KV", DType::f16, 8, 2, 64);
+  c.options.causal = true, c.options.window = 512, c.options.expect_split = true;
+  c.lens_q = {16, 3, 0, 1, 7};
+  c.lens_kv = {2048, 4000, 100, 1, 777};
+  cases.push_back(c);
+  reset("varlen decode, no gqa, softcap, split-KV", DType::f16, 4, 4, 128);
+  c.options.softcap = 50.f, c.options.expect_split = true;
+  c.lens_q = {1, 2, 1};
+  c.lens_kv = {1000, 4096, 0};
+  cases.push_back(c);
+  reset("varlen decode, gqa 8 (two row tiles), additive f32 mask, D 64, split-KV", DType::bf16, 16, 2, 64);
+  c.options.mask = MaskKind::additive, c.options.mask_dtype = DType::f32, c.options.expect_split = true;
+  c.lens_q = {4, 1, 16};
+  c.lens_kv = {1000, 4096, 129};
+  cases.push_back(c);
+  reset("varlen decode, gqa 4, many sequences (no split)", DType::bf16, 32, 8, 128);
+  c.options.causal = true, c.options.expect_single = true;
+  for (int b = 0; b < 48; ++b) {
+    c.lens_q.push_back(1 + b % 3);
+    c.lens_kv.push_back(b % 7 == 0 ? 0 : 17 + 61 * b);
+  }
+  cases.push_back(c);
+  return cases;
+}
+
 std::vector<Case> all_cases() {
   std::vector<Case> cases;
   auto add = [&](Case c) { cases.push_back(c); };
@@ -478,6 +900,15 @@ std::vector<Case> all_cases() {
   c.name = "window + softcap, D 256";
   c.batch = 2, c.heads_q = 2, c.heads_kv = 1, c.seq_q = 129, c.seq_kv = 1000, c.head_dim = 256;
   c.window = 100, c.softcap = 30.f;
+  add(c);
+  c = Case{};
+  c.name = "causal window, D 64 (128-row tiles, unmasked)";
+  c.dtype = DType::bf16;
+  c.heads_q = 2, c.heads_kv = 2, c.seq_q = 1000, c.seq_kv = 1000, c.head_dim = 64, c.causal = true, c.window = 256;
+  add(c);
+  c = Case{};
+  c.name = "softcap + causal, gqa, D 128 (unmasked)";
+  c.heads_q = 4, c.heads_kv = 2, c.seq_q = 129, c.seq_kv = 300, c.head_dim = 128, c.causal = true, c.softcap = 30.f;
   add(c);
   c = Case{};
   c.name = "window only, both sides skipped";
@@ -626,6 +1057,23 @@ std::vector<Case> all_cases() {
   c.heads_q = 4, c.heads_kv = 2, c.seq_q = 2, c.seq_kv = 777, c.head_dim = 64, c.layout = Layout::padded;
   c.lse = false;
   add(c);
+  c = Case{};
+  c.name = "decode 1 x 8192, gqa 4, causal window + softcap (splits start past tile 0)";
+  c.heads_q = 8, c.heads_kv = 2, c.seq_q = 1, c.seq_kv = 8192, c.head_dim = 128, c.causal = true;
+  c.window = 2048, c.softcap = 50.f, c.expect_split = true;
+  add(c);
+  c = Case{};
+  c.name = "decode 5 x 3000, gqa 4, causal window, D 64";
+  c.dtype = DType::bf16;
+  c.heads_q = 16, c.heads_kv = 4, c.seq_q = 5, c.seq_kv = 3000, c.head_dim = 64, c.causal = true;
+  c.window = 700, c.expect_split = true;
+  add(c);
+  c = Case{};
+  c.name = "decode 1 x 300, gqa 4, many batches (no split)";
+  c.dtype = DType::bf16;
+  c.batch = 48, c.heads_q = 32, c.heads_kv = 8, c.seq_q = 1, c.seq_kv = 300, c.head_dim = 128, c.causal = true;
+  c.expect_single = true;
+  add(c);
   return cases;
 }
 
@@ -660,6 +1108,14 @@ bool check_unsupported() {
   p.head_dim = 64;
   p.dropout_p = 0.1f;
   expect(false, "dropout 0.1");
+  p.dropout_p = 0.f;
+  const int32_t cu_seqlens[2] = {0, 1};  // never read: the rules look at the pointers only
+  p.cu_seqlens_q = cu_seqlens;
+  expect(false, "cu_seqlens_q without cu_seqlens_k");
+  p.cu_seqlens_k = cu_seqlens;
+  expect(true, "the packed layout");
+  p.cu_seqlens_q = nullptr;
+  expect(false, "cu_seqlens_k without cu_seqlens_q");
   return ok;
 }
 
@@ -685,6 +1141,13 @@ int main() {
   uint64_t seed = 1;
   for (const Case& c : all_cases()) {
     if (run_case(c, seed++, sm_count)) {
+      ++passed;
+    } else {
+      ++failed;
+    }
+  }
+  for (const VarlenCase& c : all_varlen_cases()) {
+    if (run_varlen_case(c, seed++, sm_count)) {
       ++passed;
     } else {
       ++failed;
