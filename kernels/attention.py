@@ -19,6 +19,25 @@ contiguous last dimension and any other strides, mask None or a [B, Hq, Sq, Skv]
     attention_backward(dout, q, k, v, out, lse, mask, causal, scale, window, softcap, dropout_p,
                        seed, bias_grad)
         -> (dq, dk, dv contiguous in q's dtype, dbias [B, Hq, Sq, Skv] fp32 or empty)
+Packed sequences (FlashAttention's varlen layout, transfuse.ops.varlen_attention): q
+[total_q, Hq, D], k/v [total_kv, Hkv, D] with a contiguous last dimension and any other strides;
+cu_seqlens_q/k int32 [B + 1] contiguous on q's device (sequence b owns rows cu_seqlens[b] to
+cu_seqlens[b + 1]); max_seqlen_q/k at least every sequence's length; mask None or a
+[B, Hq, max_seqlen_q, max_seqlen_k] view read at each sequence's local positions. Each sequence
+gets what the padded launchers give it as batch entry b (its own causal / window alignment, the
+dropout draw of batch entry b):
+    varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                             mask, causal, scale, window, softcap, dropout_p, seed)
+        -> (out [total_q, Hq, D] contiguous, lse [Hq, total_q] fp32)
+    varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                              max_seqlen_k, mask, causal, scale, window, softcap, dropout_p, seed,
+                              bias_grad)
+        -> (dq [total_q, Hq, D], dk, dv [total_kv, Hkv, D] contiguous in q's dtype,
+            dbias [B, Hq, max_seqlen_q, max_seqlen_k] fp32 (local positions) or empty)
+Both layouts run the same kernels: the packed one passes the cu_seqlens pointers (None for the
+padded one, which Triton specializes as a constexpr, so the padded kernels are unchanged), batch
+strides 0, and a grid over (batch, head, tile of the longest length) whose programs past their
+sequence's end exit at once.
 
 Under TRITON_INTERPRET=1 they run on CPU tensors, with small tiles so that several get exercised.
 The interpreter converts fp32 to bf16 by truncating the mantissa, whereas GPUs round to nearest
@@ -31,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -254,6 +274,54 @@ def _query_range(col_start, seq_q, offset, window, CAUSAL: tl.constexpr, HAS_WIN
     return lo, full_lo, tl.maximum(full_hi, 0), hi
 
 
+# The rows of sequence `batch`: (q_start, len_q, kv_start, len_kv), its first query and key row
+# in q and k (int64) and its lengths. Packed layout (cu_seqlens_q_ptr given): read from
+# cu_seqlens, the lengths clamped to seq_q / seq_kv, the grid's longest lengths, so that a too
+# small max_seqlen cannot take the mask / dbias accesses off their [seq_q, seq_kv] planes.
+# Padded layout (cu_seqlens_q_ptr None, which Triton specializes as a constexpr, so the padded
+# kernels compile exactly as without this): 0, seq_q, 0, seq_kv.
+@triton.jit
+def _sequence(cu_seqlens_q_ptr, cu_seqlens_k_ptr, batch, seq_q, seq_kv):
+    if cu_seqlens_q_ptr is None:
+        q_start = 0
+        len_q = seq_q
+        kv_start = 0
+        len_kv = seq_kv
+    else:
+        q_start = tl.load(cu_seqlens_q_ptr + batch)
+        len_q = tl.minimum(tl.load(cu_seqlens_q_ptr + batch + 1) - q_start, seq_q)
+        kv_start = tl.load(cu_seqlens_k_ptr + batch)
+        len_kv = tl.minimum(tl.load(cu_seqlens_k_ptr + batch + 1) - kv_start, seq_kv)
+        q_start = q_start.to(tl.int64)
+        kv_start = kv_start.to(tl.int64)
+    return q_start, len_q, kv_start, len_kv
+
+
+# Offset of the row statistics (lse, delta, _lse_fix) of row 0 of (batch, head), batch_head =
+# batch * heads_q + head: padded [B, Hq, Sq] -> batch_head * seq_q; packed [Hq, total_q] ->
+# head * total_q + q_start.
+@triton.jit
+def _stats_offset(cu_seqlens_q_ptr, batch_head, head, q_start, seq_q, total_q):
+    if cu_seqlens_q_ptr is None:
+        offset = batch_head.to(tl.int64) * seq_q
+    else:
+        offset = head.to(tl.int64) * total_q + q_start
+    return offset
+
+
+# Offsets [N, D] of rows `index` [N] and dims [D] of (batch, head) in a contiguous gradient
+# (dq, dk, dv), batch_head = batch * heads + head: padded [B, heads, seq, D] ->
+# (batch_head * seq + index) * head_dim + dims; packed [total, heads, D] ->
+# ((start + index) * heads + head) * head_dim + dims, start the sequence's first row.
+@triton.jit
+def _gradient_offsets(cu_seqlens_ptr, batch_head, head, heads, start, index, seq, head_dim, dims):
+    if cu_seqlens_ptr is None:
+        rows = batch_head.to(tl.int64) * seq + index
+    else:
+        rows = (start + index) * heads + head
+    return rows[:, None] * head_dim + dims[None, :]
+
+
 # ------------------------------------------------------------------------------------------------
 # Forward
 # ------------------------------------------------------------------------------------------------
@@ -315,20 +383,25 @@ def _forward_tiles(acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kn, strid
 #   running m, l, acc over the visible key tiles (_forward_tiles)
 #   out[i] = acc / l / (1 - dropout_p)        (0 when l = 0: no visible key)
 #   lse[i] = m + log(l)                       (+inf when l = 0)
-@triton.jit(do_not_specialize=["seed", "threshold"])
+# Packed layout (cu_seqlens_q_ptr given): q, k, v, out are [total, heads, D] views passed with
+# batch strides 0, seq_q / seq_kv are the longest lengths (the grid's extent), each sequence runs
+# with its own lengths (_sequence) and a tile past its end exits at once.
+@triton.jit(do_not_specialize=["seed", "threshold", "total_q"])
 def _attention_forward_kernel(
-    q_ptr,        # [B, Hq, Sq, D] by strides, dtype
-    k_ptr,        # [B, Hkv, Skv, D] by strides, dtype
-    v_ptr,        # [B, Hkv, Skv, D] by strides, dtype
+    q_ptr,        # [B, Hq, Sq, D] by strides, dtype (packed: [total_q, Hq, D])
+    k_ptr,        # [B, Hkv, Skv, D] by strides, dtype (packed: [total_kv, Hkv, D])
+    v_ptr,        # [B, Hkv, Skv, D] by strides, dtype (packed: [total_kv, Hkv, D])
     mask_ptr,     # [B, Hq, Sq, Skv] by strides: uint8 (bool) or additive float (iff MASK_KIND)
-    out_ptr,      # [B, Hq, Sq, D] by strides, dtype
-    lse_ptr,      # [B, Hq, Sq] fp32, contiguous
+    out_ptr,      # [B, Hq, Sq, D] by strides, dtype (packed: [total_q, Hq, D])
+    lse_ptr,      # [B, Hq, Sq] fp32, contiguous (packed: [Hq, total_q])
+    cu_seqlens_q_ptr,  # packed: [B + 1] int32, query rows of sequence b from [b]; padded: None
+    cu_seqlens_k_ptr,  # packed: [B + 1] int32, key rows of sequence b from [b]; padded: None
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_om,
     stride_mb, stride_mh, stride_mm, stride_mn,
-    heads_q, group, seq_q, seq_kv, head_dim,
+    heads_q, group, seq_q, seq_kv, head_dim, total_q,
     scale, window, softcap, keep_scale, seed, threshold,
     MASK_KIND: tl.constexpr,     # 0 none, 1 bool, 2 additive
     CAUSAL: tl.constexpr,
@@ -344,16 +417,24 @@ def _attention_forward_kernel(
     BLOCK_D: tl.constexpr,
 ):
     tile, batch_head, batch, head, kv_head = _query_tile(seq_q, heads_q, group, CAUSAL, BLOCK_M)
-    offset = seq_kv - seq_q
-
     row_start = tile * BLOCK_M
+    q_start, len_q, kv_start, len_kv = _sequence(cu_seqlens_q_ptr, cu_seqlens_k_ptr, batch,
+                                                 seq_q, seq_kv)
+    if cu_seqlens_q_ptr is not None:
+        if row_start >= len_q:
+            return
+    offset = len_kv - len_q
+
     rows = row_start + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    q_base = q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-    k_base = k_ptr + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
-    v_base = v_ptr + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    q_base = (q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+              + q_start * stride_qm)
+    k_base = (k_ptr + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+              + kv_start * stride_kn)
+    v_base = (v_ptr + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+              + kv_start * stride_vn)
     mask_base = mask_ptr + batch.to(tl.int64) * stride_mb + head.to(tl.int64) * stride_mh
-    q = _load_rows(q_base, rows[:, None], stride_qm, seq_q, dims[None, :], head_dim, True,
+    q = _load_rows(q_base, rows[:, None], stride_qm, len_q, dims[None, :], head_dim, True,
                    not EVEN_D, DTYPE, INTERPRET)
     if HAS_DROPOUT:
         row_keys = _dropout_row_keys(seed, batch_head, rows)
@@ -363,12 +444,12 @@ def _attention_forward_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo, full_lo, full_hi, hi = _key_range(row_start, seq_kv, offset, window, CAUSAL, HAS_WINDOW,
+    lo, full_lo, full_hi, hi = _key_range(row_start, len_kv, offset, window, CAUSAL, HAS_WINDOW,
                                           BLOCK_M)
     lo_tile, full_start, full_end = _tile_runs(lo, full_lo, full_hi, hi, BLOCK_N)
     args = (q, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm, stride_mn, rows,
             row_keys)
-    scalars = (seq_q, seq_kv, head_dim, offset, window, scale, softcap, threshold)
+    scalars = (len_q, len_kv, head_dim, offset, window, scale, softcap, threshold)
     # (constexpr arguments are spelled out: packed in a tuple they would lose constexpr-ness)
     acc, l_i, m_i = _forward_tiles(
         acc, l_i, m_i, *args, lo_tile, full_start, *scalars, True, MASK_KIND, CAUSAL, HAS_WINDOW,
@@ -383,12 +464,14 @@ def _attention_forward_kernel(
 
     empty = l_i == 0.0
     out = acc * (keep_scale / tl.where(empty, 1.0, l_i))[:, None]
-    out_base = out_ptr + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
+    out_base = (out_ptr + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
+                + q_start * stride_om)
     out_ptrs = out_base + rows.to(tl.int64)[:, None] * stride_om + dims[None, :]
     tl.store(out_ptrs, _convert(out, DTYPE, INTERPRET),
-             mask=(rows < seq_q)[:, None] & (dims < head_dim)[None, :])
+             mask=(rows < len_q)[:, None] & (dims < head_dim)[None, :])
     lse = tl.where(empty, float("inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
-    tl.store(lse_ptr + batch_head.to(tl.int64) * seq_q + rows, lse, mask=rows < seq_q)
+    lse_base = lse_ptr + _stats_offset(cu_seqlens_q_ptr, batch_head, head, q_start, seq_q, total_q)
+    tl.store(lse_base + rows, lse, mask=rows < len_q)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -476,25 +559,28 @@ def _dkdv_tiles(dk, dv, k, v, q_base, dout_base, lse_base, lse_fix_base, delta_b
 # dK, dV of one key tile (BLOCK_N rows) of one (batch, kv head), summed over the `group` query
 # heads that share it and over the query tiles that see it (_dkdv_tiles); then
 #   dK = scale * dK,  dV = dV / (1 - dropout_p).
-# The program index runs over key tiles fastest, then batch * heads_kv.
-@triton.jit(do_not_specialize=["seed", "threshold"])
+# The program index runs over key tiles fastest, then batch * heads_kv. Packed layout as in the
+# forward kernel (a key tile past its sequence's end exits at once).
+@triton.jit(do_not_specialize=["seed", "threshold", "total_q"])
 def _attention_dkdv_kernel(
-    q_ptr,        # [B, Hq, Sq, D] by strides, dtype
-    k_ptr,        # [B, Hkv, Skv, D] by strides, dtype
-    v_ptr,        # [B, Hkv, Skv, D] by strides, dtype
+    q_ptr,        # [B, Hq, Sq, D] by strides, dtype (packed: [total_q, Hq, D])
+    k_ptr,        # [B, Hkv, Skv, D] by strides, dtype (packed: [total_kv, Hkv, D])
+    v_ptr,        # [B, Hkv, Skv, D] by strides, dtype (packed: [total_kv, Hkv, D])
     mask_ptr,     # [B, Hq, Sq, Skv] by strides: uint8 (bool) or additive float (iff MASK_KIND)
-    dout_ptr,     # [B, Hq, Sq, D] by strides, dtype
-    lse_ptr,      # [B, Hq, Sq] fp32, contiguous
+    dout_ptr,     # [B, Hq, Sq, D] by strides, dtype (packed: [total_q, Hq, D])
+    lse_ptr,      # [B, Hq, Sq] fp32, contiguous (packed: [Hq, total_q], as delta and lse_fix)
     delta_ptr,    # [B, Hq, Sq] fp32, contiguous
     lse_fix_ptr,  # [B, Hq, Sq] fp32, contiguous: _lse_fix from the dQ kernel (iff MASK_KIND == 2)
-    dk_ptr,       # [B, Hkv, Skv, D] dtype, contiguous
-    dv_ptr,       # [B, Hkv, Skv, D] dtype, contiguous
+    dk_ptr,       # [B, Hkv, Skv, D] dtype, contiguous (packed: [total_kv, Hkv, D])
+    dv_ptr,       # [B, Hkv, Skv, D] dtype, contiguous (packed: [total_kv, Hkv, D])
+    cu_seqlens_q_ptr,  # packed: [B + 1] int32, query rows of sequence b from [b]; padded: None
+    cu_seqlens_k_ptr,  # packed: [B + 1] int32, key rows of sequence b from [b]; padded: None
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_db, stride_dh, stride_dm,
     stride_mb, stride_mh, stride_mm, stride_mn,
-    heads_q, heads_kv, group, seq_q, seq_kv, head_dim,
+    heads_q, heads_kv, group, seq_q, seq_kv, head_dim, total_q,
     scale, window, softcap, keep_scale, seed, threshold,
     MASK_KIND: tl.constexpr,
     CAUSAL: tl.constexpr,
@@ -515,33 +601,43 @@ def _attention_dkdv_kernel(
     batch_kv_head = pid // col_tiles
     batch = batch_kv_head // heads_kv
     kv_head = batch_kv_head % heads_kv
-    offset = seq_kv - seq_q
-
     col_start = tile * BLOCK_N
+    q_start, len_q, kv_start, len_kv = _sequence(cu_seqlens_q_ptr, cu_seqlens_k_ptr, batch,
+                                                 seq_q, seq_kv)
+    if cu_seqlens_q_ptr is not None:
+        if col_start >= len_kv:
+            return
+    offset = len_kv - len_q
+
     cols = col_start + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
-    k_base = k_ptr + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
-    v_base = v_ptr + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
-    k = _load_rows(k_base, cols[:, None], stride_kn, seq_kv, dims[None, :], head_dim, True,
+    k_base = (k_ptr + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+              + kv_start * stride_kn)
+    v_base = (v_ptr + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+              + kv_start * stride_vn)
+    k = _load_rows(k_base, cols[:, None], stride_kn, len_kv, dims[None, :], head_dim, True,
                    not EVEN_D, DTYPE, INTERPRET)
-    v = _load_rows(v_base, cols[:, None], stride_vn, seq_kv, dims[None, :], head_dim, True,
+    v = _load_rows(v_base, cols[:, None], stride_vn, len_kv, dims[None, :], head_dim, True,
                    not EVEN_D, DTYPE, INTERPRET)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    lo, full_lo, full_hi, hi = _query_range(col_start, seq_q, offset, window, CAUSAL, HAS_WINDOW,
+    lo, full_lo, full_hi, hi = _query_range(col_start, len_q, offset, window, CAUSAL, HAS_WINDOW,
                                             BLOCK_N)
     lo_tile, full_start, full_end = _tile_runs(lo, full_lo, full_hi, hi, BLOCK_M)
-    scalars = (seq_q, seq_kv, head_dim, offset, window, scale, softcap, keep_scale, seed,
+    scalars = (len_q, len_kv, head_dim, offset, window, scale, softcap, keep_scale, seed,
                threshold)
     for member in range(group):
         head = kv_head * group + member
         batch_head = batch * heads_q + head
-        q_base = q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-        dout_base = dout_ptr + batch.to(tl.int64) * stride_db + head.to(tl.int64) * stride_dh
+        q_base = (q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+                  + q_start * stride_qm)
+        dout_base = (dout_ptr + batch.to(tl.int64) * stride_db + head.to(tl.int64) * stride_dh
+                     + q_start * stride_dm)
         mask_base = mask_ptr + batch.to(tl.int64) * stride_mb + head.to(tl.int64) * stride_mh
-        lse_base = lse_ptr + batch_head.to(tl.int64) * seq_q
-        delta_base = delta_ptr + batch_head.to(tl.int64) * seq_q
-        lse_fix_base = lse_fix_ptr + batch_head.to(tl.int64) * seq_q
+        stats = _stats_offset(cu_seqlens_q_ptr, batch_head, head, q_start, seq_q, total_q)
+        lse_base = lse_ptr + stats
+        delta_base = delta_ptr + stats
+        lse_fix_base = lse_fix_ptr + stats
         args = (k, v, q_base, dout_base, lse_base, lse_fix_base, delta_base, mask_base,
                 stride_qm, stride_dm, stride_mm, stride_mn, cols, batch_head)
         # (constexpr arguments spelled out: packed in a tuple they would lose constexpr-ness)
@@ -555,8 +651,9 @@ def _attention_dkdv_kernel(
             dk, dv, *args, full_end, hi, *scalars, True, MASK_KIND, CAUSAL, HAS_WINDOW,
             HAS_SOFTCAP, HAS_DROPOUT, DTYPE, INTERPRET, EVEN_D, BLOCK_M, BLOCK_D, DOT_PRECISION)
 
-    offsets = (batch_kv_head.to(tl.int64) * seq_kv + cols)[:, None] * head_dim + dims[None, :]
-    store_mask = (cols < seq_kv)[:, None] & (dims < head_dim)[None, :]
+    offsets = _gradient_offsets(cu_seqlens_k_ptr, batch_kv_head, kv_head, heads_kv, kv_start,
+                                cols, seq_kv, head_dim, dims)
+    store_mask = (cols < len_kv)[:, None] & (dims < head_dim)[None, :]
     tl.store(dk_ptr + offsets, _convert(dk * scale, DTYPE, INTERPRET), mask=store_mask)
     tl.store(dv_ptr + offsets, _convert(dv * keep_scale, DTYPE, INTERPRET), mask=store_mask)
 
@@ -594,16 +691,17 @@ def _lse_fix(q, k_base, mask_base, stride_kn, stride_mm, stride_mn, rows, lse, s
 # The key tiles [start, end) of one query tile:
 #   P = exp(s - lse)   (exp(s - lse + fix) with an additive mask, see _lse_fix)
 #   dP = dO V^T * keep / (1 - p);  dS = P (dP - delta)
-#   dbias[i, j] = dS                                         (BIAS_GRAD, fp32)
+#   dbias[i, j] = dS          (BIAS_GRAD, fp32; row i at dbias_base + i * stride_dbias_m)
 #   dQ += dS_raw K,  dS_raw = dS (* (1 - t^2) with HAS_SOFTCAP)     (scale applied by the caller)
 @triton.jit
-def _dq_tiles(dq, q, do, lse, lse_fix, delta, k_base, v_base, mask_base, dbias_base, stride_kn,
-              stride_vn, stride_mm, stride_mn, rows, row_keys, start, end, seq_q, seq_kv, head_dim,
-              offset, window, scale, softcap, keep_scale, threshold, POSITIONAL: tl.constexpr,
-              MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-              HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr,
-              DTYPE: tl.constexpr, INTERPRET: tl.constexpr, EVEN_D: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _dq_tiles(dq, q, do, lse, lse_fix, delta, k_base, v_base, mask_base, dbias_base,
+              stride_dbias_m, stride_kn, stride_vn, stride_mm, stride_mn, rows, row_keys, start,
+              end, seq_q, seq_kv, head_dim, offset, window, scale, softcap, keep_scale, threshold,
+              POSITIONAL: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
+              HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+              BIAS_GRAD: tl.constexpr, DTYPE: tl.constexpr, INTERPRET: tl.constexpr,
+              EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+              DOT_PRECISION: tl.constexpr):
     dims = tl.arange(0, BLOCK_D)
     for col_start in range(start, end, BLOCK_N):
         cols = col_start + tl.arange(0, BLOCK_N)
@@ -626,7 +724,7 @@ def _dq_tiles(dq, q, do, lse, lse_fix, delta, k_base, v_base, mask_base, dbias_b
             dp = tl.where(keep, dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
         if BIAS_GRAD:
-            dbias_ptrs = dbias_base + rows.to(tl.int64)[:, None] * seq_kv + cols[None, :]
+            dbias_ptrs = dbias_base + rows.to(tl.int64)[:, None] * stride_dbias_m + cols[None, :]
             tl.store(dbias_ptrs, ds, mask=(rows < seq_q)[:, None] & (cols < seq_kv)[None, :])
         if HAS_SOFTCAP:
             ds = ds * (1.0 - tanh * tanh)
@@ -639,25 +737,28 @@ def _dq_tiles(dq, q, do, lse, lse_fix, delta, k_base, v_base, mask_base, dbias_b
 # (_dq_tiles); dQ = scale * dQ. Writes dbias = dS on those tiles when BIAS_GRAD (the others must
 # hold zeros already), and with an additive mask the rows' lse correction (_lse_fix) that the
 # dK/dV kernel reads after it. The program index runs over query tiles fastest, then
-# batch * heads_q.
-@triton.jit(do_not_specialize=["seed", "threshold"])
+# batch * heads_q. Packed layout as in the forward kernel; dbias stays [B, Hq, Sq, Skv] in each
+# sequence's local positions.
+@triton.jit(do_not_specialize=["seed", "threshold", "total_q"])
 def _attention_dq_kernel(
-    q_ptr,        # [B, Hq, Sq, D] by strides, dtype
-    k_ptr,        # [B, Hkv, Skv, D] by strides, dtype
-    v_ptr,        # [B, Hkv, Skv, D] by strides, dtype
+    q_ptr,        # [B, Hq, Sq, D] by strides, dtype (packed: [total_q, Hq, D])
+    k_ptr,        # [B, Hkv, Skv, D] by strides, dtype (packed: [total_kv, Hkv, D])
+    v_ptr,        # [B, Hkv, Skv, D] by strides, dtype (packed: [total_kv, Hkv, D])
     mask_ptr,     # [B, Hq, Sq, Skv] by strides: uint8 (bool) or additive float (iff MASK_KIND)
-    dout_ptr,     # [B, Hq, Sq, D] by strides, dtype
-    lse_ptr,      # [B, Hq, Sq] fp32, contiguous
+    dout_ptr,     # [B, Hq, Sq, D] by strides, dtype (packed: [total_q, Hq, D])
+    lse_ptr,      # [B, Hq, Sq] fp32, contiguous (packed: [Hq, total_q], as delta and lse_fix)
     delta_ptr,    # [B, Hq, Sq] fp32, contiguous
     lse_fix_ptr,  # [B, Hq, Sq] fp32, contiguous: _lse_fix, written iff MASK_KIND == 2
-    dq_ptr,       # [B, Hq, Sq, D] dtype, contiguous
+    dq_ptr,       # [B, Hq, Sq, D] dtype, contiguous (packed: [total_q, Hq, D])
     dbias_ptr,    # [B, Hq, Sq, Skv] fp32, contiguous (written iff BIAS_GRAD)
+    cu_seqlens_q_ptr,  # packed: [B + 1] int32, query rows of sequence b from [b]; padded: None
+    cu_seqlens_k_ptr,  # packed: [B + 1] int32, key rows of sequence b from [b]; padded: None
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_db, stride_dh, stride_dm,
     stride_mb, stride_mh, stride_mm, stride_mn,
-    heads_q, group, seq_q, seq_kv, head_dim,
+    heads_q, group, seq_q, seq_kv, head_dim, total_q,
     scale, window, softcap, keep_scale, seed, threshold,
     MASK_KIND: tl.constexpr,
     CAUSAL: tl.constexpr,
@@ -674,45 +775,53 @@ def _attention_dq_kernel(
     BLOCK_D: tl.constexpr,
 ):
     tile, batch_head, batch, head, kv_head = _query_tile(seq_q, heads_q, group, CAUSAL, BLOCK_M)
-    offset = seq_kv - seq_q
-
     row_start = tile * BLOCK_M
+    q_start, len_q, kv_start, len_kv = _sequence(cu_seqlens_q_ptr, cu_seqlens_k_ptr, batch,
+                                                 seq_q, seq_kv)
+    if cu_seqlens_q_ptr is not None:
+        if row_start >= len_q:
+            return
+    offset = len_kv - len_q
+
     rows = row_start + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    q_base = q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-    dout_base = dout_ptr + batch.to(tl.int64) * stride_db + head.to(tl.int64) * stride_dh
-    k_base = k_ptr + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
-    v_base = v_ptr + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    q_base = (q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+              + q_start * stride_qm)
+    dout_base = (dout_ptr + batch.to(tl.int64) * stride_db + head.to(tl.int64) * stride_dh
+                 + q_start * stride_dm)
+    k_base = (k_ptr + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+              + kv_start * stride_kn)
+    v_base = (v_ptr + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+              + kv_start * stride_vn)
     mask_base = mask_ptr + batch.to(tl.int64) * stride_mb + head.to(tl.int64) * stride_mh
     dbias_base = dbias_ptr + batch_head.to(tl.int64) * seq_q * seq_kv
-    q = _load_rows(q_base, rows[:, None], stride_qm, seq_q, dims[None, :], head_dim, True,
+    stats = _stats_offset(cu_seqlens_q_ptr, batch_head, head, q_start, seq_q, total_q)
+    q = _load_rows(q_base, rows[:, None], stride_qm, len_q, dims[None, :], head_dim, True,
                    not EVEN_D, DTYPE, INTERPRET)
-    do = _load_rows(dout_base, rows[:, None], stride_dm, seq_q, dims[None, :], head_dim, True,
+    do = _load_rows(dout_base, rows[:, None], stride_dm, len_q, dims[None, :], head_dim, True,
                     not EVEN_D, DTYPE, INTERPRET)
-    lse = tl.load(lse_ptr + batch_head.to(tl.int64) * seq_q + rows, mask=rows < seq_q,
-                  other=float("inf"))
-    delta = tl.load(delta_ptr + batch_head.to(tl.int64) * seq_q + rows, mask=rows < seq_q,
-                    other=0.0)
+    lse = tl.load(lse_ptr + stats + rows, mask=rows < len_q, other=float("inf"))
+    delta = tl.load(delta_ptr + stats + rows, mask=rows < len_q, other=0.0)
     if HAS_DROPOUT:
         row_keys = _dropout_row_keys(seed, batch_head, rows)
     else:
         row_keys = rows  # unused
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo, full_lo, full_hi, hi = _key_range(row_start, seq_kv, offset, window, CAUSAL, HAS_WINDOW,
+    lo, full_lo, full_hi, hi = _key_range(row_start, len_kv, offset, window, CAUSAL, HAS_WINDOW,
                                           BLOCK_M)
     lo_tile, full_start, full_end = _tile_runs(lo, full_lo, full_hi, hi, BLOCK_N)
     if MASK_KIND == 2:
         lse_fix = _lse_fix(q, k_base, mask_base, stride_kn, stride_mm, stride_mn, rows, lse,
-                           lo_tile, hi, seq_q, seq_kv, head_dim, offset, window, scale, softcap,
+                           lo_tile, hi, len_q, len_kv, head_dim, offset, window, scale, softcap,
                            CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DTYPE, INTERPRET, EVEN_D, BLOCK_N,
                            BLOCK_D, DOT_PRECISION)
-        tl.store(lse_fix_ptr + batch_head.to(tl.int64) * seq_q + rows, lse_fix, mask=rows < seq_q)
+        tl.store(lse_fix_ptr + stats + rows, lse_fix, mask=rows < len_q)
     else:
         lse_fix = lse  # unused
-    args = (q, do, lse, lse_fix, delta, k_base, v_base, mask_base, dbias_base, stride_kn, stride_vn,
-            stride_mm, stride_mn, rows, row_keys)
-    scalars = (seq_q, seq_kv, head_dim, offset, window, scale, softcap, keep_scale, threshold)
+    args = (q, do, lse, lse_fix, delta, k_base, v_base, mask_base, dbias_base, seq_kv, stride_kn,
+            stride_vn, stride_mm, stride_mn, rows, row_keys)
+    scalars = (len_q, len_kv, head_dim, offset, window, scale, softcap, keep_scale, threshold)
     # (constexpr arguments spelled out: packed in a tuple they would lose constexpr-ness)
     dq = _dq_tiles(dq, *args, lo_tile, full_start, *scalars, True, MASK_KIND, CAUSAL, HAS_WINDOW,
                    HAS_SOFTCAP, HAS_DROPOUT, BIAS_GRAD, DTYPE, INTERPRET, EVEN_D, BLOCK_N,
@@ -724,9 +833,10 @@ def _attention_dq_kernel(
                    HAS_SOFTCAP, HAS_DROPOUT, BIAS_GRAD, DTYPE, INTERPRET, EVEN_D, BLOCK_N,
                    BLOCK_D, DOT_PRECISION)
 
-    offsets = (batch_head.to(tl.int64) * seq_q + rows)[:, None] * head_dim + dims[None, :]
+    offsets = _gradient_offsets(cu_seqlens_q_ptr, batch_head, head, heads_q, q_start, rows,
+                                seq_q, head_dim, dims)
     tl.store(dq_ptr + offsets, _convert(dq * scale, DTYPE, INTERPRET),
-             mask=(rows < seq_q)[:, None] & (dims < head_dim)[None, :])
+             mask=(rows < len_q)[:, None] & (dims < head_dim)[None, :])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -756,16 +866,40 @@ def _config(table, block_d: int, q, extras: bool):
     return half_extras if extras else half
 
 
-def _mask_args(mask, q, k):
-    """(pointer tensor, MASK_KIND, 4 strides) of the broadcast [B, Hq, Sq, Skv] mask view."""
+class _Extent(NamedTuple):
+    """The extent of one call. Padded layout: cu_seqlens_q/k None and total_q 0. Packed layout
+    (FlashAttention's varlen): seq_q / seq_kv are the longest lengths (max_seqlen_q/k), which the
+    grid and the mask / dbias planes span."""
+    batch: int
+    heads_q: int
+    heads_kv: int
+    seq_q: int
+    seq_kv: int
+    head_dim: int
+    cu_seqlens_q: Optional[torch.Tensor] = None
+    cu_seqlens_k: Optional[torch.Tensor] = None
+    total_q: int = 0
+
+    def row_strides(self, t):
+        """(batch, head, row) strides of q, k, v, out or dout: [B, H, S, D] padded, [total, H, D]
+        packed (batch stride 0: each sequence's first row comes from cu_seqlens)."""
+        if self.cu_seqlens_q is None:
+            return t.stride()[:3]
+        return 0, t.stride(1), t.stride(0)
+
+
+def _mask_args(mask, q, extent: _Extent):
+    """(pointer tensor (q when there is no mask), MASK_KIND, 4 strides) of the mask view broadcast
+    to [B, Hq, Sq, Skv]."""
     if mask is None:
         return q, 0, (0, 0, 0, 0)
     if mask.dtype not in _MASK_DTYPES:
         raise TypeError(f"the triton attention kernels take bool, float32, float16 or bfloat16 "
                         f"masks, got {mask.dtype}")
-    if tuple(mask.shape) != (q.shape[0], q.shape[1], q.shape[2], k.shape[2]):
-        raise ValueError(f"mask must be broadcast to [batch, heads_q, seq_q, seq_kv], got shape "
-                         f"{tuple(mask.shape)}")
+    shape = (extent.batch, extent.heads_q, extent.seq_q, extent.seq_kv)
+    if tuple(mask.shape) != shape:
+        raise ValueError(f"mask must be broadcast to [batch, heads_q, seq_q, seq_kv] = {shape}, "
+                         f"got shape {tuple(mask.shape)}")
     if mask.dtype == torch.bool:
         return mask.view(torch.uint8), 1, tuple(mask.stride())
     return mask, 2, tuple(mask.stride())
@@ -780,16 +914,99 @@ def _dropout_args(dropout_p: float, seed: int):
     return 1.0 / (1.0 - dropout_p), int(seed) & UINT32_MAX, threshold
 
 
-def _common_flags(q, mask_kind, causal, window, softcap, dropout_p):
+def _common_flags(q, head_dim, mask_kind, causal, window, softcap, dropout_p):
     return dict(MASK_KIND=mask_kind, CAUSAL=bool(causal), HAS_WINDOW=window > 0,
                 HAS_SOFTCAP=softcap > 0, HAS_DROPOUT=dropout_p > 0,
                 DTYPE=_dtype_code(q.dtype), INTERPRET=q.device.type == "cpu",
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                EVEN_D=q.shape[3] == _block_d(q.shape[3]))
+                EVEN_D=head_dim == _block_d(head_dim))
 
 
 def _on_device(tensor: torch.Tensor):
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+def _packed_extent(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    return _Extent(cu_seqlens_q.shape[0] - 1, q.shape[1], k.shape[1], int(max_seqlen_q),
+                   int(max_seqlen_k), q.shape[2], cu_seqlens_q, cu_seqlens_k, q.shape[0])
+
+
+def _forward(q, k, v, out, lse, mask, extent: _Extent, causal, scale, window, softcap,
+             dropout_p, seed):
+    """Runs the forward kernel over `extent`, writing out and lse (allocated by the caller)."""
+    mask_tensor, mask_kind, mask_strides = _mask_args(mask, q, extent)
+    flags = _common_flags(q, extent.head_dim, mask_kind, causal, window, softcap, dropout_p)
+    if out.numel() == 0 or extent.seq_q == 0 or extent.seq_kv == 0:
+        out.zero_()
+        lse.fill_(math.inf)
+        return out, lse
+
+    keep_scale, seed, threshold = _dropout_args(dropout_p, seed)
+    block_d = _block_d(extent.head_dim)
+    extras = mask is not None or dropout_p > 0 or softcap > 0
+    block_m, block_n, num_warps, num_stages = _config(FORWARD_CONFIGS, block_d, q, extras)
+    grid = (triton.cdiv(extent.seq_q, block_m) * extent.batch * extent.heads_q,)
+    with _on_device(q):
+        _attention_forward_kernel[grid](
+            q, k, v, mask_tensor, out, lse, extent.cu_seqlens_q, extent.cu_seqlens_k,
+            *extent.row_strides(q), *extent.row_strides(k), *extent.row_strides(v),
+            *extent.row_strides(out), *mask_strides,
+            extent.heads_q, extent.heads_q // extent.heads_kv, extent.seq_q, extent.seq_kv,
+            extent.head_dim, extent.total_q,
+            float(scale), int(window), float(softcap), float(keep_scale), seed, threshold,
+            **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+            num_warps=num_warps, num_stages=num_stages)
+    return out, lse
+
+
+def _backward(dout, q, k, v, out, lse, dq, dk, dv, dbias, mask, extent: _Extent, causal, scale,
+              window, softcap, dropout_p, seed, bias_grad):
+    """Runs the backward kernels over `extent`, writing dq, dk, dv (and dbias, zero-filled by the
+    caller, when bias_grad)."""
+    mask_tensor, mask_kind, mask_strides = _mask_args(mask, q, extent)
+    flags = _common_flags(q, extent.head_dim, mask_kind, causal, window, softcap, dropout_p)
+    batch, heads_q, heads_kv = extent.batch, extent.heads_q, extent.heads_kv
+    seq_q, seq_kv, head_dim = extent.seq_q, extent.seq_kv, extent.head_dim
+    if batch * heads_q * seq_q == 0 or seq_kv == 0:  # nothing to attend: zero gradients
+        return dq.zero_(), dk.zero_(), dv.zero_(), dbias
+
+    keep_scale, seed, threshold = _dropout_args(dropout_p, seed)
+    block_d = _block_d(head_dim)
+    extras = mask is not None or dropout_p > 0 or softcap > 0
+    group = heads_q // heads_kv
+    scalars = (float(scale), int(window), float(softcap), float(keep_scale), seed, threshold)
+    strides = (*extent.row_strides(q), *extent.row_strides(k), *extent.row_strides(v),
+               *extent.row_strides(dout), *mask_strides)
+    cu_seqlens = (extent.cu_seqlens_q, extent.cu_seqlens_k)
+    # delta, like lse: [B, Hq, Sq], or [Hq, total_q] packed, which the delta kernel computes as
+    # one batch entry of total_q rows
+    packed = extent.cu_seqlens_q is not None
+    delta_batch, delta_rows = (1, extent.total_q) if packed else (batch, seq_q)
+    delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
+    lse_fix = torch.empty_like(delta) if mask_kind == 2 else delta  # see _lse_fix
+    with _on_device(q):
+        block_m = (INTERPRETER_BLOCK_M if q.device.type == "cpu"
+                   else DELTA_TILE_ELEMENTS // block_d)
+        _attention_delta_kernel[(triton.cdiv(delta_rows, block_m) * delta_batch * heads_q,)](
+            out, dout, delta, *extent.row_strides(out), *extent.row_strides(dout), heads_q,
+            delta_rows, head_dim, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4)
+
+        # dQ first: with an additive mask it writes the lse correction that dK/dV reads
+        block_m, block_n, num_warps, num_stages = _config(DQ_CONFIGS, block_d, q, extras)
+        _attention_dq_kernel[(triton.cdiv(seq_q, block_m) * batch * heads_q,)](
+            q, k, v, mask_tensor, dout, lse, delta, lse_fix, dq,
+            dbias if bias_grad else delta, *cu_seqlens, *strides, heads_q, group, seq_q, seq_kv,
+            head_dim, extent.total_q, *scalars, **flags, BIAS_GRAD=bool(bias_grad),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
+            num_stages=num_stages)
+
+        block_m, block_n, num_warps, num_stages = _config(DKDV_CONFIGS, block_d, q, extras)
+        _attention_dkdv_kernel[(triton.cdiv(seq_kv, block_n) * batch * heads_kv,)](
+            q, k, v, mask_tensor, dout, lse, delta, lse_fix, dk, dv, *cu_seqlens, *strides,
+            heads_q, heads_kv, group, seq_q, seq_kv, head_dim, extent.total_q, *scalars,
+            **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+            num_warps=num_warps, num_stages=num_stages)
+    return dq, dk, dv, dbias
 
 
 def attention_forward(q, k, v, mask, causal: bool, scale: float, window: int, softcap: float,
@@ -800,34 +1017,12 @@ def attention_forward(q, k, v, mask, causal: bool, scale: float, window: int, so
         log, +inf on rows that see no key)
     """
     batch, heads_q, seq_q, head_dim = q.shape
-    heads_kv, seq_kv = k.shape[1], k.shape[2]
-    mask_tensor, mask_kind, mask_strides = _mask_args(mask, q, k)
-    flags = _common_flags(q, mask_kind, causal, window, softcap, dropout_p)
+    extent = _Extent(batch, heads_q, k.shape[1], seq_q, k.shape[2], head_dim)
     out = torch.empty(batch, seq_q, heads_q, head_dim, dtype=q.dtype,
                       device=q.device).transpose(1, 2)
     lse = torch.empty(batch, heads_q, seq_q, dtype=torch.float32, device=q.device)
-    if out.numel() == 0:
-        lse.fill_(math.inf)
-        return out, lse
-    if seq_kv == 0:
-        out.zero_()
-        lse.fill_(math.inf)
-        return out, lse
-
-    keep_scale, seed, threshold = _dropout_args(dropout_p, seed)
-    block_d = _block_d(head_dim)
-    extras = mask is not None or dropout_p > 0 or softcap > 0
-    block_m, block_n, num_warps, num_stages = _config(FORWARD_CONFIGS, block_d, q, extras)
-    grid = (triton.cdiv(seq_q, block_m) * batch * heads_q,)
-    with _on_device(q):
-        _attention_forward_kernel[grid](
-            q, k, v, mask_tensor, out, lse,
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *mask_strides,
-            heads_q, heads_q // heads_kv, seq_q, seq_kv, head_dim,
-            float(scale), int(window), float(softcap), float(keep_scale), seed, threshold,
-            **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-            num_warps=num_warps, num_stages=num_stages)
-    return out, lse
+    return _forward(q, k, v, out, lse, mask, extent, causal, scale, window, softcap, dropout_p,
+                    seed)
 
 
 def attention_backward(dout, q, k, v, out, lse, mask, causal: bool, scale: float, window: int,
@@ -838,47 +1033,50 @@ def attention_backward(dout, q, k, v, out, lse, mask, causal: bool, scale: float
         contiguous when bias_grad, else an empty fp32 tensor)
     """
     batch, heads_q, seq_q, head_dim = q.shape
-    heads_kv, seq_kv = k.shape[1], k.shape[2]
-    mask_tensor, mask_kind, mask_strides = _mask_args(mask, q, k)
-    flags = _common_flags(q, mask_kind, causal, window, softcap, dropout_p)
+    extent = _Extent(batch, heads_q, k.shape[1], seq_q, k.shape[2], head_dim)
+    return _backward(dout, q, k, v, out, lse, *_gradients(q, k, v, extent, bias_grad), mask,
+                     extent, causal, scale, window, softcap, dropout_p, seed, bias_grad)
+
+
+def varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
+                             max_seqlen_k: int, mask, causal: bool, scale: float, window: int,
+                             softcap: float, dropout_p: float, seed: int):
+    """Fused attention forward over packed sequences (see the module docstring for the layout;
+    the cu_seqlens are trusted: transfuse.ops checks them).
+
+    -> (out [total_q, Hq, D] q.dtype, contiguous; lse [Hq, total_q] fp32, natural log, +inf on
+        rows that see no key)
+    """
+    extent = _packed_extent(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
+    return _forward(q, k, v, out, lse, mask, extent, causal, scale, window, softcap, dropout_p,
+                    seed)
+
+
+def varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                              max_seqlen_q: int, max_seqlen_k: int, mask, causal: bool,
+                              scale: float, window: int, softcap: float, dropout_p: float,
+                              seed: int, bias_grad: bool):
+    """Gradients of varlen_attention_forward from its out and lse [Hq, total_q] (contiguous).
+
+    -> (dq [total_q, Hq, D], dk, dv [total_kv, Hkv, D]: contiguous, q.dtype; dbias = dS
+        [B, Hq, max_seqlen_q, max_seqlen_k] fp32 contiguous in each sequence's local positions
+        (zero beyond its lengths) when bias_grad, else an empty fp32 tensor)
+    """
+    extent = _packed_extent(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    return _backward(dout, q, k, v, out, lse, *_gradients(q, k, v, extent, bias_grad), mask,
+                     extent, causal, scale, window, softcap, dropout_p, seed, bias_grad)
+
+
+def _gradients(q, k, v, extent: _Extent, bias_grad: bool):
+    """(dq, dk, dv, dbias) allocated: contiguous like q, k, v, in q's dtype; dbias zero-filled
+    (tiles that causal / window skip are never written) or empty."""
     device = q.device
     dq = torch.empty(q.shape, dtype=q.dtype, device=device)
     dk = torch.empty(k.shape, dtype=q.dtype, device=device)
     dv = torch.empty(v.shape, dtype=q.dtype, device=device)
-    # tiles that causal / window skip are never written: zeros there
-    dbias = (torch.zeros(batch, heads_q, seq_q, seq_kv, dtype=torch.float32, device=device)
+    dbias = (torch.zeros(extent.batch, extent.heads_q, extent.seq_q, extent.seq_kv,
+                         dtype=torch.float32, device=device)
              if bias_grad else torch.empty(0, dtype=torch.float32, device=device))
-    if batch * heads_q * seq_q == 0 or seq_kv == 0:  # nothing to attend: zero gradients
-        return dq.zero_(), dk.zero_(), dv.zero_(), dbias
-
-    keep_scale, seed, threshold = _dropout_args(dropout_p, seed)
-    block_d = _block_d(head_dim)
-    extras = mask is not None or dropout_p > 0 or softcap > 0
-    group = heads_q // heads_kv
-    scalars = (float(scale), int(window), float(softcap), float(keep_scale), seed, threshold)
-    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
-               *mask_strides)
-    delta = torch.empty(batch, heads_q, seq_q, dtype=torch.float32, device=device)
-    lse_fix = torch.empty_like(delta) if mask_kind == 2 else delta  # see _lse_fix
-    with _on_device(q):
-        block_m = (INTERPRETER_BLOCK_M if device.type == "cpu"
-                   else DELTA_TILE_ELEMENTS // block_d)
-        _attention_delta_kernel[(triton.cdiv(seq_q, block_m) * batch * heads_q,)](
-            out, dout, delta, *out.stride()[:3], *dout.stride()[:3], heads_q, seq_q, head_dim,
-            BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4)
-
-        # dQ first: with an additive mask it writes the lse correction that dK/dV reads
-        block_m, block_n, num_warps, num_stages = _config(DQ_CONFIGS, block_d, q, extras)
-        _attention_dq_kernel[(triton.cdiv(seq_q, block_m) * batch * heads_q,)](
-            q, k, v, mask_tensor, dout, lse, delta, lse_fix, dq,
-            dbias if bias_grad else delta, *strides, heads_q, group, seq_q, seq_kv, head_dim,
-            *scalars, **flags, BIAS_GRAD=bool(bias_grad), BLOCK_M=block_m, BLOCK_N=block_n,
-            BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages)
-
-        block_m, block_n, num_warps, num_stages = _config(DKDV_CONFIGS, block_d, q, extras)
-        _attention_dkdv_kernel[(triton.cdiv(seq_kv, block_n) * batch * heads_kv,)](
-            q, k, v, mask_tensor, dout, lse, delta, lse_fix, dk, dv, *strides,
-            heads_q, heads_kv, group, seq_q, seq_kv, head_dim, *scalars,
-            **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-            num_warps=num_warps, num_stages=num_stages)
     return dq, dk, dv, dbias
