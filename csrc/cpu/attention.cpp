@@ -1,13 +1,16 @@
 // CPU attention kernels. The math is stated in common/attention.h.
 //
-// Layout of the work. Forward: OpenMP threads take (batch, query head, tile of 64 query rows)
+// Layout of the work. Forward: OpenMP threads take (sequence, query head, tile of 64 query rows)
 // units; a unit walks the keys its rows can see in tiles of 128 with the online softmax, so the
 // largest temporary is one 64 x 128 score tile. When there are too few units to keep every thread
 // busy (decoding: one query row, many keys), each unit's keys are split into ranges whose partial
 // results are merged afterwards by their log-sum-exps. Backward: delta = rowsum(dO * O) first, then
-// two passes that recompute P from the saved lse: one per (batch, key/value head, key tile) for dK
-// and dV (looping over the query heads that share the key head), one per (batch, query head, query
-// tile) for dQ and dbias. Every unit owns the rows it writes, so there are no races and no atomics.
+// two passes that recompute P from the saved lse: one per (sequence, key/value head, key tile) for
+// dK and dV (looping over the query heads that share the key head), one per (sequence, query head,
+// query tile) for dQ and dbias. Every unit owns the rows it writes, so there are no races and no
+// atomics. A sequence is a batch entry of the padded layout or one packed sequence of the varlen
+// layout (see common/attention.h): a unit holds its sequence's SequenceSpan, works in positions
+// local to the sequence and adds the span's start only to address rows of q, k, v, out and grads.
 //
 // Inner loops. Inputs of any dtype are converted into fp32 tiles (Q pre-multiplied by the scale,
 // K and V transposed where a product needs them so); every product is one register-blocked
@@ -44,6 +47,22 @@ constexpr float kExactLse = 1024.f;     // beyond, fp32 lse = m + log(l) may hav
 
 int64_t padded(int64_t n) { return (n + kPadFloats - 1) / kPadFloats * kPadFloats; }
 
+bool is_packed(const AttentionParams& p) { return p.cu_seqlens_q != nullptr; }
+
+SequenceSpan span_of(const AttentionParams& p, int64_t b) {
+  return sequence_span(p.cu_seqlens_q, p.cu_seqlens_k, b, p.seq_q, p.seq_kv);
+}
+
+// Index in the lse (and in delta, same layout) of row 0 of sequence b and head h; row i is at + i.
+int64_t first_row(const AttentionParams& p, const SequenceSpan& seq, int64_t b, int64_t h) {
+  return lse_index(is_packed(p), b, h, seq.q_start, 0, p.heads_q, p.seq_q, p.total_q);
+}
+
+// Rows of the lse: [batch, heads_q, seq_q] padded, [heads_q, total_q] packed.
+int64_t lse_rows(const AttentionParams& p) {
+  return is_packed(p) ? p.heads_q * p.total_q : p.batch * p.heads_q * p.seq_q;
+}
+
 // ------------------------------------------------------------------------------------------------
 // Element access
 // ------------------------------------------------------------------------------------------------
@@ -52,6 +71,11 @@ const char* row_address(const void* base, DType dtype, const int64_t* strides, i
                         int64_t h, int64_t row) {
   return static_cast<const char*>(base) +
          (b * strides[0] + h * strides[1] + row * strides[2]) * int64_t(dtype_size(dtype));
+}
+
+char* row_address(void* base, DType dtype, const int64_t* strides, int64_t b, int64_t h,
+                  int64_t row) {
+  return const_cast<char*>(row_address(static_cast<const void*>(base), dtype, strides, b, h, row));
 }
 
 // dst[r * ld + d] = scale * float(src row (row0 + r))[d] for d < head_dim; zero up to ld.
@@ -107,9 +131,9 @@ struct Range {
   int64_t lo, hi;
 };
 
-Range visible_keys(const AttentionParams& p, int64_t i) {
-  const int64_t diagonal = i + p.seq_kv - p.seq_q;
-  Range r{0, p.seq_kv};
+Range visible_keys(const AttentionParams& p, const SequenceSpan& seq, int64_t i) {
+  const int64_t diagonal = i + seq.kv_len - seq.q_len;
+  Range r{0, seq.kv_len};
   if (p.causal) r.hi = std::min(r.hi, diagonal + 1);
   if (p.window > 0) {
     r.lo = std::max(r.lo, diagonal - p.window + 1);
@@ -119,9 +143,9 @@ Range visible_keys(const AttentionParams& p, int64_t i) {
 }
 
 // The query rows that see key j through causal / window: [lo, hi).
-Range visible_queries(const AttentionParams& p, int64_t j) {
-  const int64_t offset = p.seq_kv - p.seq_q;  // query i sits on the diagonal at key i + offset
-  Range r{0, p.seq_q};
+Range visible_queries(const AttentionParams& p, const SequenceSpan& seq, int64_t j) {
+  const int64_t offset = seq.kv_len - seq.q_len;  // query i sits on the diagonal at key i + offset
+  Range r{0, seq.q_len};
   if (p.causal) r.lo = std::max(r.lo, j - offset);
   if (p.window > 0) {
     r.lo = std::max(r.lo, j - offset - p.window + 1);
@@ -130,12 +154,13 @@ Range visible_queries(const AttentionParams& p, int64_t j) {
   return r;
 }
 
-// Where the scores of a tile sit: queries [q0, q0 + queries) x keys [k0, k0 + keys) of (b, h);
-// stored as s[query * ld + key], or as s[key * ld + query] when keys_by_row. The other
-// dimension is padded to `padded_width` entries.
+// Where the scores of a tile sit: queries [q0, q0 + queries) x keys [k0, k0 + keys) of (b, h),
+// positions local to sequence b (`seq`); stored as s[query * ld + key], or as s[key * ld + query]
+// when keys_by_row. The other dimension is padded to `padded_width` entries.
 struct TileSpan {
   int64_t b, h, q0, queries, k0, keys;
   bool keys_by_row;
+  SequenceSpan seq;
 };
 
 // Turns the scaled products q.k of a tile into scores: softcap (its derivative 1 - tanh^2 into
@@ -157,7 +182,8 @@ void finish_scores(const AttentionParams& p, const TileSpan& t, float* s, int64_
     float* grad_row = softcap_grad ? softcap_grad + r * ld : nullptr;
     // Along the row: keys (visible range of query q0 + r) or queries (that see key k0 + r).
     const int64_t first = t.keys_by_row ? t.q0 : t.k0;
-    const Range seen = t.keys_by_row ? visible_queries(p, t.k0 + r) : visible_keys(p, t.q0 + r);
+    const Range seen =
+        t.keys_by_row ? visible_queries(p, t.seq, t.k0 + r) : visible_keys(p, t.seq, t.q0 + r);
     const int64_t lo = std::clamp<int64_t>(seen.lo - first, 0, cols);
     const int64_t hi = std::clamp<int64_t>(seen.hi - first, lo, cols);
     std::fill(row, row + lo, -kInf);
@@ -412,9 +438,11 @@ struct Scratch {
       softcap_grad, acc, acc2, rows;
 };
 
-// One forward unit: query rows [q0, q0 + rows) of (b, h) against keys [k_begin, k_end). Writes the
-// finished rows to out / lse, or (split) the unnormalized accumulator and its m, l to `partial`.
+// One forward unit: query rows [q0, q0 + rows) of (b, h) against keys [k_begin, k_end), positions
+// local to sequence b (`seq`). Writes the finished rows to out / lse, or (split) the unnormalized
+// accumulator and its m, l to `partial`.
 struct ForwardUnit {
+  SequenceSpan seq;
   int64_t b, h, q0, rows, k_begin, k_end;
   float* partial;  // null, or [rows][dim + 2]: accumulator, running max m, running sum l
 };
@@ -424,22 +452,23 @@ TRANSFUSE_INLINE void forward_unit(const AttentionParams& p, const ForwardUnit& 
   const int64_t dim = s.dim, kv_head = u.h / (p.heads_q / p.heads_kv);
   float* running_max = s.rows.data();
   float* running_sum = running_max + kQueryTile;
-  load_rows(p.q, p.q_strides, p, u.b, u.h, u.q0, u.rows, p.scale, s.q.data(), dim);
+  load_rows(p.q, p.q_strides, p, u.b, u.h, u.seq.q_start + u.q0, u.rows, p.scale, s.q.data(), dim);
   std::fill(s.acc.begin(), s.acc.begin() + u.rows * dim, 0.f);
   std::fill(running_max, running_max + u.rows, -kInf);
   std::fill(running_sum, running_sum + u.rows, 0.f);
 
   // The keys any of the rows sees (the ranges move right with the row).
-  const int64_t k_lo = std::max(u.k_begin, visible_keys(p, u.q0).lo);
-  const int64_t k_hi = std::min(u.k_end, visible_keys(p, u.q0 + u.rows - 1).hi);
+  const int64_t k_lo = std::max(u.k_begin, visible_keys(p, u.seq, u.q0).lo);
+  const int64_t k_hi = std::min(u.k_end, visible_keys(p, u.seq, u.q0 + u.rows - 1).hi);
   for (int64_t k0 = k_lo; k0 < k_hi; k0 += kKeyTile) {
     const int64_t keys = std::min(kKeyTile, k_hi - k0), width = padded(keys);
-    const TileSpan span{u.b, u.h, u.q0, u.rows, k0, keys, false};
+    const TileSpan span{u.b, u.h, u.q0, u.rows, k0, keys, false, u.seq};
+    const int64_t key_row = u.seq.kv_start + k0;
     int64_t k_ld, v_ld;
-    const float* k_rows = fp32_rows(p.k, p.k_strides, p, u.b, kv_head, k0, keys, s.keys.data(),
-                                    &k_ld);
-    const float* v_rows = fp32_rows(p.v, p.v_strides, p, u.b, kv_head, k0, keys, s.values.data(),
-                                    &v_ld);
+    const float* k_rows = fp32_rows(p.k, p.k_strides, p, u.b, kv_head, key_row, keys,
+                                    s.keys.data(), &k_ld);
+    const float* v_rows = fp32_rows(p.v, p.v_strides, p, u.b, kv_head, key_row, keys,
+                                    s.values.data(), &v_ld);
     if (u.rows < kFewRows) {
       dot_products<V>(u.rows, keys, dim, s.q.data(), k_rows, k_ld, s.s.data(), kKeyTile);
     } else {
@@ -477,9 +506,9 @@ TRANSFUSE_INLINE void forward_unit(const AttentionParams& p, const ForwardUnit& 
     const float sum = running_sum[r];
     scale_row<V>(row, dim, sum > 0 ? 1.f / sum : 0.f);
     const int64_t i = u.q0 + r;
-    store_row(row, p.dtype, const_cast<char*>(row_address(p.out, p.dtype, p.out_strides, u.b, u.h, i)),
-              p.head_dim);
-    if (p.lse) p.lse[(u.b * p.heads_q + u.h) * p.seq_q + i] =
+    store_row(row, p.dtype,
+              row_address(p.out, p.dtype, p.out_strides, u.b, u.h, u.seq.q_start + i), p.head_dim);
+    if (p.lse) p.lse[first_row(p, u.seq, u.b, u.h) + i] =
         sum > 0 ? running_max[r] + std::log(sum) : kInf;
   }
 }
@@ -489,15 +518,20 @@ TRANSFUSE_INLINE void forward_unit(const AttentionParams& p, const ForwardUnit& 
 // a huge additive mask (finfo.min, as transformers writes it) has |lse| so large that fp32 dropped
 // log(l) from lse = m + log(l); there P is recomputed as exp(s - lse) * e^(lse - m) / l from the
 // row's m and l (lse - m is exact, the two being that close).
+// It also carries the layout of the gradients, contiguous: dq [batch, heads_q, seq_q, head_dim] or
+// [total_q, heads_q, head_dim] packed, dk / dv likewise with heads_kv; strides as the inputs'.
 struct RowStats {
   const float* delta;
   const float* norm;
+  int64_t dq_strides[3];
+  int64_t dkv_strides[3];
 };
 
 // dK and dV of keys [k0, k0 + keys) of (b, kv_head), summed over the query heads sharing it. Scores
 // are held transposed (a row per key) so that dV += P^T dO and dK += dS^T (scale Q) are plain
 // products.
 struct KeyUnit {
+  SequenceSpan seq;
   int64_t b, kv_head, k0, keys;
 };
 
@@ -513,18 +547,20 @@ TRANSFUSE_INLINE void key_unit(const AttentionBackwardParams& bp, const RowStats
   float* dv = s.acc2.data();
   std::fill(dk, dk + u.keys * dim, 0.f);
   std::fill(dv, dv + u.keys * dim, 0.f);
-  load_rows(p.k, p.k_strides, p, u.b, u.kv_head, u.k0, u.keys, 1.f, s.keys.data(), dim);
-  load_rows(p.v, p.v_strides, p, u.b, u.kv_head, u.k0, u.keys, 1.f, s.values.data(), dim);
-  const int64_t q_lo = visible_queries(p, u.k0).lo;
-  const int64_t q_hi = visible_queries(p, u.k0 + u.keys - 1).hi;
+  const int64_t key_row = u.seq.kv_start + u.k0;
+  load_rows(p.k, p.k_strides, p, u.b, u.kv_head, key_row, u.keys, 1.f, s.keys.data(), dim);
+  load_rows(p.v, p.v_strides, p, u.b, u.kv_head, key_row, u.keys, 1.f, s.values.data(), dim);
+  const int64_t q_lo = visible_queries(p, u.seq, u.k0).lo;
+  const int64_t q_hi = visible_queries(p, u.seq, u.k0 + u.keys - 1).hi;
   for (int64_t h = u.kv_head * group; h < (u.kv_head + 1) * group; ++h) {
-    const int64_t row0 = (u.b * p.heads_q + h) * p.seq_q;
+    const int64_t row0 = first_row(p, u.seq, u.b, h);
     for (int64_t q0 = q_lo; q0 < q_hi; q0 += kQueryTile) {
       const int64_t queries = std::min(kQueryTile, q_hi - q0), width = padded(queries);
-      const TileSpan span{u.b, h, q0, queries, u.k0, u.keys, true};
-      load_rows(p.q, p.q_strides, p, u.b, h, q0, queries, p.scale, s.q.data(), dim);
+      const TileSpan span{u.b, h, q0, queries, u.k0, u.keys, true, u.seq};
+      const int64_t query_row = u.seq.q_start + q0;
+      load_rows(p.q, p.q_strides, p, u.b, h, query_row, queries, p.scale, s.q.data(), dim);
       transpose_rows(s.q.data(), queries, dim, p.head_dim, s.q_t.data(), kQueryTile);
-      load_rows(bp.dout, bp.dout_strides, p, u.b, h, q0, queries, 1.f, s.dout.data(), dim);
+      load_rows(bp.dout, bp.dout_strides, p, u.b, h, query_row, queries, 1.f, s.dout.data(), dim);
       transpose_rows(s.dout.data(), queries, dim, p.head_dim, s.dout_t.data(), kQueryTile);
       std::fill(lse_row, lse_row + width, kInf);
       std::fill(delta_row, delta_row + width, 0.f);
@@ -560,11 +596,13 @@ TRANSFUSE_INLINE void key_unit(const AttentionBackwardParams& bp, const RowStats
       product<V>(u.keys, dim, queries, s.dp.data(), kQueryTile, s.q.data(), dim, dk, dim, true);
     }
   }
-  const size_t size = dtype_size(p.dtype);
   for (int64_t c = 0; c < u.keys; ++c) {
-    const int64_t offset = ((u.b * p.heads_kv + u.kv_head) * p.seq_kv + u.k0 + c) * p.head_dim;
-    store_row(dk + c * dim, p.dtype, static_cast<char*>(bp.dk) + offset * size, p.head_dim);
-    store_row(dv + c * dim, p.dtype, static_cast<char*>(bp.dv) + offset * size, p.head_dim);
+    const int64_t row = key_row + c;
+    const int64_t* strides = stats.dkv_strides;
+    store_row(dk + c * dim, p.dtype, row_address(bp.dk, p.dtype, strides, u.b, u.kv_head, row),
+              p.head_dim);
+    store_row(dv + c * dim, p.dtype, row_address(bp.dv, p.dtype, strides, u.b, u.kv_head, row),
+              p.head_dim);
   }
 }
 
@@ -574,23 +612,27 @@ TRANSFUSE_INLINE void query_unit(const AttentionBackwardParams& bp, const RowSta
                                  const ForwardUnit& u, Scratch& s) {
   const AttentionParams& p = bp.forward;
   const int64_t dim = s.dim, kv_head = u.h / (p.heads_q / p.heads_kv);
-  const int64_t row0 = (u.b * p.heads_q + u.h) * p.seq_q + u.q0;
+  const int64_t row0 = first_row(p, u.seq, u.b, u.h) + u.q0;      // of lse, delta, norm
+  const int64_t bias_row0 = (u.b * p.heads_q + u.h) * p.seq_q + u.q0;  // of dbias (local rows)
+  const int64_t query_row = u.seq.q_start + u.q0;
   float* dq = s.acc.data();
   std::fill(dq, dq + u.rows * dim, 0.f);
   // Here K carries the scale (dQ = dS (scale K)); S = Q (scale K)^T equals the forward's
   // (scale Q) K^T up to rounding.
-  load_rows(p.q, p.q_strides, p, u.b, u.h, u.q0, u.rows, 1.f, s.q.data(), dim);
-  load_rows(bp.dout, bp.dout_strides, p, u.b, u.h, u.q0, u.rows, 1.f, s.dout.data(), dim);
-  if (bp.dbias) std::fill(bp.dbias + row0 * p.seq_kv, bp.dbias + (row0 + u.rows) * p.seq_kv, 0.f);
+  load_rows(p.q, p.q_strides, p, u.b, u.h, query_row, u.rows, 1.f, s.q.data(), dim);
+  load_rows(bp.dout, bp.dout_strides, p, u.b, u.h, query_row, u.rows, 1.f, s.dout.data(), dim);
+  if (bp.dbias)
+    std::fill(bp.dbias + bias_row0 * p.seq_kv, bp.dbias + (bias_row0 + u.rows) * p.seq_kv, 0.f);
 
-  const int64_t k_lo = visible_keys(p, u.q0).lo;
-  const int64_t k_hi = visible_keys(p, u.q0 + u.rows - 1).hi;
+  const int64_t k_lo = visible_keys(p, u.seq, u.q0).lo;
+  const int64_t k_hi = visible_keys(p, u.seq, u.q0 + u.rows - 1).hi;
   for (int64_t k0 = k_lo; k0 < k_hi; k0 += kKeyTile) {
     const int64_t keys = std::min(kKeyTile, k_hi - k0), width = padded(keys);
-    const TileSpan span{u.b, u.h, u.q0, u.rows, k0, keys, false};
-    load_rows(p.k, p.k_strides, p, u.b, kv_head, k0, keys, p.scale, s.keys.data(), dim);
+    const TileSpan span{u.b, u.h, u.q0, u.rows, k0, keys, false, u.seq};
+    const int64_t key_row = u.seq.kv_start + k0;
+    load_rows(p.k, p.k_strides, p, u.b, kv_head, key_row, keys, p.scale, s.keys.data(), dim);
     transpose_rows(s.keys.data(), keys, dim, p.head_dim, s.keys_t.data(), kKeyTile);
-    load_rows(p.v, p.v_strides, p, u.b, kv_head, k0, keys, 1.f, s.values.data(), dim);
+    load_rows(p.v, p.v_strides, p, u.b, kv_head, key_row, keys, 1.f, s.values.data(), dim);
     transpose_rows(s.values.data(), keys, dim, p.head_dim, s.values_t.data(), kKeyTile);
     // S = Q (scale K)^T (the same products as the forward's), P = exp(S - lse), dP = dO V^T.
     product<V>(u.rows, width, p.head_dim, s.q.data(), dim, s.keys_t.data(), kKeyTile, s.s.data(),
@@ -605,7 +647,8 @@ TRANSFUSE_INLINE void query_unit(const AttentionBackwardParams& bp, const RowSta
       exp_minus<V>(p_row, width, nullptr, p.lse[row0 + r]);
       if (stats.norm) scale_row<V>(p_row, width, stats.norm[row0 + r]);
       score_gradient<V>(p_row, ds_row, width, nullptr, stats.delta[row0 + r], nullptr);
-      if (bp.dbias) std::memcpy(bp.dbias + (row0 + r) * p.seq_kv + k0, ds_row, keys * sizeof(float));
+      if (bp.dbias)
+        std::memcpy(bp.dbias + (bias_row0 + r) * p.seq_kv + k0, ds_row, keys * sizeof(float));
       if (p.softcap > 0) {
         const float* grad = s.softcap_grad.data() + r * kKeyTile;
         for (int64_t c = 0; c < keys; ++c) ds_row[c] *= grad[c];
@@ -614,10 +657,9 @@ TRANSFUSE_INLINE void query_unit(const AttentionBackwardParams& bp, const RowSta
     // dQ += dS (scale K)
     product<V>(u.rows, dim, keys, s.dp.data(), kKeyTile, s.keys.data(), dim, dq, dim, true);
   }
-  const size_t size = dtype_size(p.dtype);
   for (int64_t r = 0; r < u.rows; ++r)
-    store_row(dq + r * dim, p.dtype, static_cast<char*>(bp.dq) + (row0 + r) * p.head_dim * size,
-              p.head_dim);
+    store_row(dq + r * dim, p.dtype,
+              row_address(bp.dq, p.dtype, stats.dq_strides, u.b, u.h, query_row + r), p.head_dim);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -676,70 +718,128 @@ int threads_for(int num_threads, int64_t units) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The packed layout addresses row i of sequence b at h * strides[1] + (start + i) * strides[2]:
+// strides[0] is unused there, so it is zeroed, and b * strides[0] adds nothing.
+void drop_batch_strides(AttentionParams& p, int64_t* dout_strides = nullptr) {
+  if (!is_packed(p)) return;
+  p.q_strides[0] = p.k_strides[0] = p.v_strides[0] = p.out_strides[0] = 0;
+  if (dout_strides) dout_strides[0] = 0;
+}
+
+// Strides of a contiguous gradient of `heads` heads: [batch, heads, seq, head_dim], or packed
+// [total, heads, head_dim] (no batch stride).
+void gradient_strides(const AttentionParams& p, int64_t heads, int64_t seq, int64_t* strides) {
+  strides[0] = is_packed(p) ? 0 : heads * seq * p.head_dim;
+  strides[1] = is_packed(p) ? p.head_dim : seq * p.head_dim;
+  strides[2] = is_packed(p) ? heads * p.head_dim : p.head_dim;
+}
+
+// The work lists. Sequence b has query rows i in [0, len_q) and keys j in [0, len_kv), local
+// positions: padded, len_q = seq_q and len_kv = seq_kv for every b; packed, its rows are
+// cu_seqlens_q[b] + i of q / out and its keys cu_seqlens_k[b] + j of k / v. A query unit is
+// (b, query head h, up to kQueryTile rows of b), a key unit (b, key/value head, up to kGradKeyTile
+// keys of b): no unit spans two sequences, a sequence of length 0 has none, and one dynamic list
+// over all sequences keeps the threads busy whatever the mix of lengths.
+std::vector<ForwardUnit> query_units(const AttentionParams& p) {
+  const int64_t rows = is_packed(p) ? p.total_q : p.batch * p.seq_q;
+  std::vector<ForwardUnit> units;
+  units.reserve(p.heads_q * (ceil_div(rows, kQueryTile) + p.batch));
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const SequenceSpan seq = span_of(p, b);
+    for (int64_t h = 0; h < p.heads_q; ++h)
+      for (int64_t q0 = 0; q0 < seq.q_len; q0 += kQueryTile)
+        units.push_back({seq, b, h, q0, std::min(kQueryTile, seq.q_len - q0), 0, seq.kv_len,
+                         nullptr});
+  }
+  return units;
+}
+
+std::vector<KeyUnit> key_units(const AttentionParams& p) {
+  const int64_t keys = is_packed(p) ? p.total_kv : p.batch * p.seq_kv;
+  std::vector<KeyUnit> units;
+  units.reserve(p.heads_kv * (ceil_div(keys, kGradKeyTile) + p.batch));
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const SequenceSpan seq = span_of(p, b);
+    for (int64_t h = 0; h < p.heads_kv; ++h)
+      for (int64_t k0 = 0; k0 < seq.kv_len; k0 += kGradKeyTile)
+        units.push_back({seq, b, h, k0, std::min(kGradKeyTile, seq.kv_len - k0)});
+  }
+  return units;
+}
+
 }  // namespace
 
 // ------------------------------------------------------------------------------------------------
-// Forward: units of (batch, head, query tile[, key range]); split key ranges merged at the end by
+// Forward: the query units, each with its keys split into ranges when the units alone leave threads
+// idle; split ranges merged at the end by
 //   m = max_s m_s,  l = sum_s l_s e^(m_s - m),  out = sum_s acc_s e^(m_s - m) / l,  lse = m + log l.
 // ------------------------------------------------------------------------------------------------
 
-void attention_forward(const AttentionParams& p) {
-  if (p.batch <= 0 || p.heads_q <= 0 || p.seq_q <= 0) return;
+void attention_forward(const AttentionParams& params) {
+  if (params.batch <= 0 || params.heads_q <= 0 || params.seq_q <= 0) return;
+  AttentionParams p = params;
+  drop_batch_strides(p);
   const Kernels& k = kernels();
   const int64_t dim = padded(p.head_dim);
-  const int64_t query_tiles = ceil_div(p.seq_q, kQueryTile);
-  const int64_t units = p.batch * p.heads_q * query_tiles;
+  const std::vector<ForwardUnit> units = query_units(p);
+  const int64_t count = int64_t(units.size());
+  if (count == 0) return;
   // Split the keys when the units alone leave threads idle, keeping >= 2 key tiles per range.
-  const int64_t splits = std::max<int64_t>(1, std::min(ceil_div(2 * p.num_threads, units),
+  const int64_t splits = std::max<int64_t>(1, std::min(ceil_div(2 * p.num_threads, count),
                                                        p.seq_kv / (2 * kKeyTile)));
   const int64_t keys_per_split = ceil_div(ceil_div(p.seq_kv, splits), kKeyTile) * kKeyTile;
-  std::vector<float> partial(splits > 1 ? p.batch * p.heads_q * p.seq_q * splits * (dim + 2) : 0);
+  // partial holds, per query tile, `splits` blocks of [rows][dim + 2], at the tile's lse rows.
+  std::vector<float> partial(splits > 1 ? lse_rows(p) * splits * (dim + 2) : 0);
+  auto partial_of = [&](const ForwardUnit& u, int64_t split) {
+    return partial.data() +
+           ((first_row(p, u.seq, u.b, u.h) + u.q0) * splits + split * u.rows) * (dim + 2);
+  };
 
-#pragma omp parallel num_threads(threads_for(p.num_threads, units * splits))
+#pragma omp parallel num_threads(threads_for(p.num_threads, count * splits))
   {
     Scratch scratch(p);
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t index = 0; index < units * splits; ++index) {
-      const int64_t split = index % splits, unit = index / splits;
-      const int64_t tile = unit % query_tiles, bh = unit / query_tiles;
-      ForwardUnit u{bh / p.heads_q, bh % p.heads_q, tile * kQueryTile, 0,
-                    split * keys_per_split, std::min(p.seq_kv, (split + 1) * keys_per_split),
-                    nullptr};
-      u.rows = std::min(kQueryTile, p.seq_q - u.q0);
-      if (splits > 1)
-        u.partial = partial.data() + ((bh * p.seq_q + u.q0) * splits + split * u.rows) * (dim + 2);
+    for (int64_t index = 0; index < count * splits; ++index) {
+      const int64_t split = index % splits;
+      ForwardUnit u = units[index / splits];
+      u.k_begin = split * keys_per_split;
+      u.k_end = std::min(u.seq.kv_len, (split + 1) * keys_per_split);
+      if (splits > 1) u.partial = partial_of(u, split);
       k.forward(p, u, scratch);
     }
   }
   if (splits == 1) return;
 
-  // partial holds, per (b, h) and query tile, `splits` blocks of [rows][dim + 2].
-#pragma omp parallel for num_threads(threads_for(p.num_threads, p.batch * p.heads_q * p.seq_q))
-  for (int64_t row = 0; row < p.batch * p.heads_q * p.seq_q; ++row) {
-    const int64_t bh = row / p.seq_q, i = row % p.seq_q;
-    const int64_t q0 = i / kQueryTile * kQueryTile, rows = std::min(kQueryTile, p.seq_q - q0);
-    auto slot = [&](int64_t split) {
-      return partial.data() + ((bh * p.seq_q + q0) * splits + split * rows + (i - q0)) * (dim + 2);
-    };
-    float best = -kInf;
-    for (int64_t split = 0; split < splits; ++split) best = std::max(best, slot(split)[dim]);
-    std::vector<float> total(dim, 0.f);
-    float sum = 0.f;
-    if (best > -kInf) {
-      for (int64_t split = 0; split < splits; ++split) {
-        const float* part = slot(split);
-        if (part[dim] == -kInf) continue;
-        const float weight = std::exp(part[dim] - best);
-        sum += part[dim + 1] * weight;
-        for (int64_t d = 0; d < p.head_dim; ++d) total[d] += part[d] * weight;
+#pragma omp parallel num_threads(threads_for(p.num_threads, count))
+  {
+    std::vector<float> total(dim);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t index = 0; index < count; ++index) {
+      const ForwardUnit& u = units[index];
+      for (int64_t r = 0; r < u.rows; ++r) {
+        auto slot = [&](int64_t split) { return partial_of(u, split) + r * (dim + 2); };
+        float best = -kInf;
+        for (int64_t split = 0; split < splits; ++split) best = std::max(best, slot(split)[dim]);
+        std::fill(total.begin(), total.end(), 0.f);
+        float sum = 0.f;
+        if (best > -kInf) {
+          for (int64_t split = 0; split < splits; ++split) {
+            const float* part = slot(split);
+            if (part[dim] == -kInf) continue;
+            const float weight = std::exp(part[dim] - best);
+            sum += part[dim + 1] * weight;
+            for (int64_t d = 0; d < p.head_dim; ++d) total[d] += part[d] * weight;
+          }
+        }
+        const float inverse = sum > 0 ? 1.f / sum : 0.f;
+        for (int64_t d = 0; d < p.head_dim; ++d) total[d] *= inverse;
+        const int64_t i = u.q0 + r;
+        store_row(total.data(), p.dtype,
+                  row_address(p.out, p.dtype, p.out_strides, u.b, u.h, u.seq.q_start + i),
+                  p.head_dim);
+        if (p.lse) p.lse[first_row(p, u.seq, u.b, u.h) + i] = sum > 0 ? best + std::log(sum) : kInf;
       }
     }
-    const float inverse = sum > 0 ? 1.f / sum : 0.f;
-    for (int64_t d = 0; d < p.head_dim; ++d) total[d] *= inverse;
-    const int64_t b = bh / p.heads_q, h = bh % p.heads_q;
-    store_row(total.data(), p.dtype,
-              const_cast<char*>(row_address(p.out, p.dtype, p.out_strides, b, h, i)), p.head_dim);
-    if (p.lse) p.lse[row] = sum > 0 ? best + std::log(sum) : kInf;
   }
 }
 
@@ -747,10 +847,14 @@ void attention_forward(const AttentionParams& p) {
 // Backward: delta, then the dK/dV units, then the dQ/dbias units.
 // ------------------------------------------------------------------------------------------------
 
-void attention_backward(const AttentionBackwardParams& bp) {
+void attention_backward(const AttentionBackwardParams& params) {
+  AttentionBackwardParams bp = params;
+  drop_batch_strides(bp.forward, bp.dout_strides);
   const AttentionParams& p = bp.forward;
   const Kernels& k = kernels();
-  const int64_t rows = p.batch * p.heads_q * p.seq_q;
+  const int64_t rows = lse_rows(p);
+  // An lse row is (b, h, i) padded, (h, start + i) packed, whose rows need no batch index.
+  const int64_t rows_per_head = is_packed(p) ? p.total_q : p.seq_q;
   std::vector<float> delta(std::max<int64_t>(rows, 0));
 
 #pragma omp parallel num_threads(threads_for(p.num_threads, rows / 64 + 1))
@@ -758,7 +862,7 @@ void attention_backward(const AttentionBackwardParams& bp) {
     std::vector<float> out_row(p.head_dim), dout_row(p.head_dim);
 #pragma omp for schedule(static)
     for (int64_t row = 0; row < rows; ++row) {
-      const int64_t bh = row / p.seq_q, i = row % p.seq_q;
+      const int64_t bh = row / rows_per_head, i = row % rows_per_head;
       const int64_t b = bh / p.heads_q, h = bh % p.heads_q;
       load_row(row_address(p.out, p.dtype, p.out_strides, b, h, i), p.dtype, out_row.data(),
                p.head_dim);
@@ -770,47 +874,53 @@ void attention_backward(const AttentionBackwardParams& bp) {
     }
   }
 
-  const int64_t key_tiles = ceil_div(p.seq_kv, kGradKeyTile);
-  const int64_t key_units = p.batch * p.heads_kv * key_tiles;
-  const int64_t query_tiles = ceil_div(p.seq_q, kQueryTile);
-  const int64_t query_units = p.batch * p.heads_q * query_tiles;
+  const std::vector<KeyUnit> key_work = key_units(p);
+  const std::vector<ForwardUnit> query_work = query_units(p);
+  const int64_t key_count = int64_t(key_work.size()), query_count = int64_t(query_work.size());
+  RowStats stats{delta.data(), nullptr, {}, {}};
+  gradient_strides(p, p.heads_q, p.seq_q, stats.dq_strides);
+  gradient_strides(p, p.heads_kv, p.seq_kv, stats.dkv_strides);
   // Rows whose lse lost log(l) to rounding (see RowStats): only a huge additive mask gets there.
+  auto inexact = [](float lse) { return std::abs(lse) > kExactLse && lse != kInf; };
   std::vector<float> norm;
   if (p.mask_kind == MaskKind::additive)
     for (int64_t row = 0; row < rows && norm.empty(); ++row)
-      if (std::abs(p.lse[row]) > kExactLse && p.lse[row] != kInf) norm.assign(rows, 1.f);
-  const RowStats stats{delta.data(), norm.empty() ? nullptr : norm.data()};
+      if (inexact(p.lse[row])) norm.assign(rows, 1.f);
+  stats.norm = norm.empty() ? nullptr : norm.data();
+  // dbias rows past a packed sequence's length are in no unit: their gradient is 0.
+  if (bp.dbias && is_packed(p))
+    for (int64_t b = 0; b < p.batch; ++b)
+      for (int64_t h = 0; h < p.heads_q; ++h) {
+        float* first = bp.dbias + ((b * p.heads_q + h) * p.seq_q + span_of(p, b).q_len) * p.seq_kv;
+        std::fill(first, bp.dbias + (b * p.heads_q + h + 1) * p.seq_q * p.seq_kv, 0.f);
+      }
 
-#pragma omp parallel num_threads(threads_for(p.num_threads, std::max(key_units, query_units)))
+#pragma omp parallel num_threads(threads_for(p.num_threads, std::max(key_count, query_count)))
   {
     Scratch scratch(p);
     if (stats.norm) {
       std::vector<float> partial(scratch.dim + 2);
-#pragma omp for schedule(dynamic, 16)
-      for (int64_t row = 0; row < rows; ++row) {
-        if (!(std::abs(p.lse[row]) > kExactLse) || p.lse[row] == kInf) continue;
-        const int64_t bh = row / p.seq_q, i = row % p.seq_q;
-        const ForwardUnit u{bh / p.heads_q, bh % p.heads_q, i, 1, 0, p.seq_kv, partial.data()};
-        k.forward(p, u, scratch);
-        const float m = partial[scratch.dim], l = partial[scratch.dim + 1];
-        norm[row] = std::exp(p.lse[row] - m) / l;
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t index = 0; index < query_count; ++index) {
+        const ForwardUnit& tile = query_work[index];
+        const int64_t row0 = first_row(p, tile.seq, tile.b, tile.h) + tile.q0;
+        for (int64_t r = 0; r < tile.rows; ++r) {
+          if (!inexact(p.lse[row0 + r])) continue;
+          ForwardUnit u = tile;
+          u.q0 += r;
+          u.rows = 1;
+          u.partial = partial.data();
+          k.forward(p, u, scratch);
+          const float m = partial[scratch.dim], l = partial[scratch.dim + 1];
+          norm[row0 + r] = std::exp(p.lse[row0 + r] - m) / l;
+        }
       }
     }
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t index = 0; index < key_units; ++index) {
-      const int64_t tile = index % key_tiles, bh = index / key_tiles;
-      const KeyUnit u{bh / p.heads_kv, bh % p.heads_kv, tile * kGradKeyTile,
-                      std::min(kGradKeyTile, p.seq_kv - tile * kGradKeyTile)};
-      k.keys(bp, stats, u, scratch);
-    }
+    for (int64_t index = 0; index < key_count; ++index) k.keys(bp, stats, key_work[index], scratch);
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t index = 0; index < query_units; ++index) {
-      const int64_t tile = index % query_tiles, bh = index / query_tiles;
-      const ForwardUnit u{bh / p.heads_q, bh % p.heads_q, tile * kQueryTile,
-                          std::min(kQueryTile, p.seq_q - tile * kQueryTile), 0, p.seq_kv,
-                          nullptr};
-      k.queries(bp, stats, u, scratch);
-    }
+    for (int64_t index = 0; index < query_count; ++index)
+      k.queries(bp, stats, query_work[index], scratch);
   }
 }
 
