@@ -144,6 +144,47 @@ def attention(q, k, v, mask=None, causal=False, scale=None, dropout_p=0.0, windo
     return (p @ v).to(dtype)
 
 
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, mask=None, causal=False, scale=None,
+                     dropout_p=0.0, window=0, softcap=0.0, dropout_seed=0):
+    """Attention over packed sequences (FlashAttention's varlen layout): q [total_q, Hq, D],
+    k/v [total_kv, Hkv, D]; sequence b owns rows cu_seqlens_q[b]:cu_seqlens_q[b+1] of q and
+    cu_seqlens_k[b]:cu_seqlens_k[b+1] of k/v. Each sequence is `attention` of that sequence
+    alone, as batch entry b (its causal / window alignment, mask[b, :, :len_q, :len_kv] of a mask
+    broadcastable to [B, Hq, max_len_q, max_len_kv], and the dropout draw of batch entry b).
+    Returns [total_q, Hq, D]."""
+    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    batch = len(starts_q) - 1
+    if mask is not None:
+        mask = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    outs = []
+    for b in range(batch):
+        q0, q1, k0, k1 = starts_q[b], starts_q[b + 1], starts_k[b], starts_k[b + 1]
+        if q1 == q0 or k1 == k0:  # no rows, or rows that see no key: zeros
+            outs.append(q.new_zeros((q1 - q0,) + tuple(q.shape[1:])))
+            continue
+        qb, kb, vb = (t.transpose(0, 1).unsqueeze(0) for t in (q[q0:q1], k[k0:k1], v[k0:k1]))
+        mb = None
+        if mask is not None:
+            mb = mask[b if mask.shape[0] > 1 else 0][None]
+            mb = mb[..., :q1 - q0, :] if mb.shape[-2] > 1 else mb
+            mb = mb[..., :k1 - k0] if mb.shape[-1] > 1 else mb
+        # dropout of batch entry b: the draw for (b * Hq + h, i, j) comes from a batch of b + 1
+        out = _attention_as_entry(qb, kb, vb, mb, causal, scale, dropout_p, window, softcap,
+                                  dropout_seed, b)
+        outs.append(out[0].transpose(0, 1))
+    return torch.cat(outs) if outs else q.new_empty(q.shape)
+
+
+def _attention_as_entry(q, k, v, mask, causal, scale, dropout_p, window, softcap, seed, b):
+    """`attention` of a one-sequence batch that draws its dropout as batch entry b would."""
+    if not dropout_p or b == 0:
+        return attention(q, k, v, mask, causal, scale, dropout_p, window, softcap, seed)
+    pad = lambda t: torch.cat([t.new_zeros((b,) + t.shape[1:]), t])  # noqa: E731
+    mask = None if mask is None else (mask if mask.shape[0] == 1 else pad(mask))
+    return attention(pad(q), pad(k), pad(v), mask, causal, scale, dropout_p, window, softcap,
+                     seed)[b:]
+
+
 # ------------------------------------------------------------------------------------------ int8
 
 INT8_MAX = 127

@@ -25,13 +25,15 @@ MAX_HEAD_DIM = 256
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(backend, direction):
-    """The launcher of `backend` for direction "forward" or "backward" (looked up once)."""
+def _kernel(backend, direction, packed):
+    """The launcher of `backend` for direction "forward" or "backward" and the padded or packed
+    (varlen) layout (looked up once)."""
+    name = f"{'varlen_' if packed else ''}attention_{direction}"
     if backend == "triton":
         from transfuse.kernels import attention as triton_attention
-        return getattr(triton_attention, f"attention_{direction}")
+        return getattr(triton_attention, name)
     backends.extension()  # loads transfuse._C, which registers the transfuse_C ops
-    return getattr(torch.ops.transfuse_C, f"attention_{direction}").default
+    return getattr(torch.ops.transfuse_C, name).default
 
 
 def cuda_unsupported(q, dropout_p):
@@ -46,23 +48,41 @@ def cuda_unsupported(q, dropout_p):
     return ""
 
 
-def _broadcast_mask(mask, q, k):
-    """The mask as a [B, Hq, Sq, Skv] view (stride 0 where it broadcasts), fp32 if it is a
+def _mask_extent(q, k, layout):
+    """[B, Hq, Sq, Skv] the mask broadcasts to: padded q [B, Hq, Sq, D]; packed q [Tq, Hq, D]
+    with layout (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)."""
+    if layout is None:
+        return (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    cu_seqlens_q, _, max_seqlen_q, max_seqlen_k = layout
+    return (cu_seqlens_q.shape[0] - 1, q.shape[1], max_seqlen_q, max_seqlen_k)
+
+
+def _broadcast_mask(mask, q, k, layout):
+    """The mask as a view of its full extent (stride 0 where it broadcasts), fp32 if it is a
     float64 or other non-kernel float mask."""
     if mask is None:
         return None
     if mask.dtype != torch.bool and mask.dtype not in KERNEL_DTYPES:
         mask = mask.float()
-    full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-    return mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape)).expand(full)
+    return mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape)).expand(_mask_extent(q, k, layout))
 
 
-def _run_forward(q, k, v, mask, causal, scale, window, softcap, dropout_p, seed, backend):
+def _layout(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    """None for the padded layout, else the packed layout's arguments as one tuple."""
+    if cu_seqlens_q is None:
+        return None
+    return (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+
+
+def _run_forward(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                 scale, window, softcap, dropout_p, seed, backend):
     forward_backend = backend
     if backend == "cuda" and cuda_unsupported(q, dropout_p):
         forward_backend = "triton"
-    return _kernel(forward_backend, "forward")(
-        q, k, v, _broadcast_mask(mask, q, k), causal, scale, window, softcap, dropout_p, seed)
+    layout = _layout(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    mask = _broadcast_mask(mask, q, k, layout)
+    kernel = _kernel(forward_backend, "forward", layout is not None)
+    return kernel(q, k, v, *(layout or ()), mask, causal, scale, window, softcap, dropout_p, seed)
 
 
 def _reduce_bias_grad(dbias, mask):
@@ -74,25 +94,36 @@ def _reduce_bias_grad(dbias, mask):
     return dbias.view(mask.shape).to(mask.dtype)
 
 
-def _run_backward(dout, q, k, v, out, lse, mask, causal, scale, window, softcap, dropout_p, seed,
-                  bias_grad, backend):
+def _run_backward(dout, q, k, v, out, lse, mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                  max_seqlen_k, causal, scale, window, softcap, dropout_p, seed, bias_grad,
+                  backend):
     backward_backend = "triton" if backend == "cuda" else backend
-    dq, dk, dv, dbias = _kernel(backward_backend, "backward")(
-        dout, q, k, v, out, lse, _broadcast_mask(mask, q, k), causal, scale, window, softcap,
-        dropout_p, seed, bias_grad)
+    layout = _layout(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    kernel = _kernel(backward_backend, "backward", layout is not None)
+    dq, dk, dv, dbias = kernel(dout, q, k, v, out, lse, *(layout or ()),
+                               _broadcast_mask(mask, q, k, layout), causal, scale, window, softcap,
+                               dropout_p, seed, bias_grad)
     return dq, dk, dv, _reduce_bias_grad(dbias, mask) if bias_grad else dbias
 
 
+# One custom op pair for both layouts: cu_seqlens_q None is the padded layout (q [B, Hq, Sq, D]),
+# else the packed one (q [Tq, Hq, D], sequence b in rows cu_seqlens_q[b]:cu_seqlens_q[b + 1]).
 @torch.library.custom_op("transfuse::attention", mutates_args=())
-def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: bool,
-               scale: float, window: int, softcap: float, dropout_p: float, seed: int,
-               backend: str) -> Tuple[Tensor, Tensor]:
-    """-> (out [B, Hq, Sq, D] stored as [B, Sq, Hq, D], lse [B, Hq, Sq] fp32)"""
-    return _run_forward(q, k, v, mask, causal, scale, window, softcap, dropout_p, seed, backend)
+def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
+               cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
+               max_seqlen_k: int, causal: bool, scale: float, window: int, softcap: float,
+               dropout_p: float, seed: int, backend: str) -> Tuple[Tensor, Tensor]:
+    """-> padded: (out [B, Hq, Sq, D] stored as [B, Sq, Hq, D], lse [B, Hq, Sq] fp32);
+    packed: (out [Tq, Hq, D], lse [Hq, Tq] fp32)"""
+    return _run_forward(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                        causal, scale, window, softcap, dropout_p, seed, backend)
 
 
 @_attention.register_fake
-def _(q, k, v, mask, causal, scale, window, softcap, dropout_p, seed, backend):
+def _(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+      window, softcap, dropout_p, seed, backend):
+    if cu_seqlens_q is not None:
+        return torch.empty_like(q), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
     batch, heads, seq_q, head_dim = q.shape
     out = q.new_empty(batch, seq_q, heads, head_dim).transpose(1, 2)
     return out, q.new_empty(batch, heads, seq_q, dtype=torch.float32)
@@ -100,36 +131,42 @@ def _(q, k, v, mask, causal, scale, window, softcap, dropout_p, seed, backend):
 
 @torch.library.custom_op("transfuse::attention_backward", mutates_args=())
 def _attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                        mask: Optional[Tensor], causal: bool, scale: float, window: int,
-                        softcap: float, dropout_p: float, seed: int, bias_grad: bool,
+                        mask: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
+                        cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
+                        causal: bool, scale: float, window: int, softcap: float,
+                        dropout_p: float, seed: int, bias_grad: bool,
                         backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (dq, dk, dv, dmask or empty)"""
-    return _run_backward(dout, q, k, v, out, lse, mask, causal, scale, window, softcap, dropout_p,
-                         seed, bias_grad, backend)
+    return _run_backward(dout, q, k, v, out, lse, mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                         max_seqlen_k, causal, scale, window, softcap, dropout_p, seed, bias_grad,
+                         backend)
 
 
 @_attention_backward.register_fake
-def _(dout, q, k, v, out, lse, mask, causal, scale, window, softcap, dropout_p, seed, bias_grad,
-      backend):
+def _(dout, q, k, v, out, lse, mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+      causal, scale, window, softcap, dropout_p, seed, bias_grad, backend):
     dmask = torch.empty_like(mask) if bias_grad else q.new_empty(0, dtype=torch.float32)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
 
 
+_CONSTANT_INPUTS = 11  # inputs after (q, k, v, mask): the layout and the attributes
+
+
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, *attrs = inputs
+    q, k, v, mask, cu_seqlens_q, cu_seqlens_k, *attrs = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, mask)
+    ctx.save_for_backward(q, k, v, out, lse, mask, cu_seqlens_q, cu_seqlens_k)
     ctx.attrs = tuple(attrs)
     ctx.bias_grad = mask is not None and mask.dtype != torch.bool and mask.requires_grad
 
 
 def _backward_with(run_backward):
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, mask = ctx.saved_tensors
-        causal, scale, window, softcap, dropout_p, seed, backend = ctx.attrs
-        dq, dk, dv, dmask = run_backward(dout.contiguous(), q, k, v, out, lse, mask, causal, scale,
-                                         window, softcap, dropout_p, seed, ctx.bias_grad, backend)
-        return (dq, dk, dv, dmask if ctx.bias_grad else None) + (None,) * 7
+        q, k, v, out, lse, mask, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+        dq, dk, dv, dmask = run_backward(dout.contiguous(), q, k, v, out, lse, mask, cu_seqlens_q,
+                                         cu_seqlens_k, *ctx.attrs[:-1], ctx.bias_grad,
+                                         ctx.attrs[-1])
+        return (dq, dk, dv, dmask if ctx.bias_grad else None) + (None,) * _CONSTANT_INPUTS
     return backward
 
 
@@ -154,12 +191,18 @@ class _EagerAttention(torch.autograd.Function):
 # Validation
 # ------------------------------------------------------------------------------------------------
 
-def _check_heads(name, t, q=None):
+_PADDED_DIMS = "[batch, heads, seq, head_dim]"
+_PACKED_DIMS = "[total_tokens, heads, head_dim]"
+
+
+def _check_heads(name, t, q=None, dims=_PADDED_DIMS):
+    """t is a float tensor of the layout `dims`; with q: q's dtype, device, head_dim (and batch
+    in the padded layout)."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 4:
-        raise ValueError(f"{name} must be 4-D [batch, heads, seq, head_dim], got shape "
-                         f"{tuple(t.shape)}")
+    rank = dims.count(",") + 1
+    if t.dim() != rank:
+        raise ValueError(f"{name} must be {rank}-D {dims}, got shape {tuple(t.shape)}")
     if t.dtype not in KERNEL_DTYPES + (torch.float64,):
         raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
     if q is None:
@@ -168,10 +211,10 @@ def _check_heads(name, t, q=None):
         raise TypeError(f"{name} must have q's dtype ({q.dtype}), got {t.dtype}")
     if t.device != q.device:
         raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
-    if t.shape[0] != q.shape[0]:
+    if dims == _PADDED_DIMS and t.shape[0] != q.shape[0]:
         raise ValueError(f"{name} must have q's batch size {q.shape[0]}, got {t.shape[0]}")
-    if t.shape[3] != q.shape[3]:
-        raise ValueError(f"{name} must have q's head_dim {q.shape[3]}, got {t.shape[3]}")
+    if t.shape[-1] != q.shape[-1]:
+        raise ValueError(f"{name} must have q's head_dim {q.shape[-1]}, got {t.shape[-1]}")
 
 
 def _check_number(name, value, *, low, high=None, integer=False):
@@ -183,15 +226,18 @@ def _check_number(name, value, *, low, high=None, integer=False):
         raise ValueError(f"{name} must be {bound}, got {value!r}")
 
 
-def _check_inputs(q, k, v, mask, causal, scale, dropout_p, window, softcap):
-    _check_heads("q", q)
-    _check_heads("k", k, q)
-    _check_heads("v", v, q)
+def _check_inputs(q, k, v, mask, causal, scale, dropout_p, window, softcap, layout=None):
+    dims = _PADDED_DIMS if layout is None else _PACKED_DIMS
+    _check_heads("q", q, dims=dims)
+    _check_heads("k", k, q, dims)
+    _check_heads("v", v, q, dims)
+    heads = -2 if layout is not None else 1
     if v.shape != k.shape:
         raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
-    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
-        raise ValueError(f"k's number of heads ({k.shape[1]}) must divide q's ({q.shape[1]})")
-    if q.shape[3] == 0:
+    if k.shape[heads] == 0 or q.shape[heads] % k.shape[heads]:
+        raise ValueError(f"k's number of heads ({k.shape[heads]}) must divide q's "
+                         f"({q.shape[heads]})")
+    if q.shape[-1] == 0:
         raise ValueError("q must have a non-empty head_dim")
     if mask is not None:
         if not isinstance(mask, Tensor):
@@ -201,7 +247,7 @@ def _check_inputs(q, k, v, mask, causal, scale, dropout_p, window, softcap):
                             f"{mask.dtype}")
         if mask.device != q.device:
             raise ValueError(f"mask is on {mask.device} but q is on {q.device}")
-        full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        full = _mask_extent(q, k, layout)
         shape = tuple(mask.shape)
         if len(shape) > 4 or any(m not in (1, f) for m, f in zip(shape[::-1], full[::-1])):
             raise ValueError(f"mask of shape {shape} does not broadcast to [batch, heads_q, "
@@ -230,7 +276,41 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, dropout_p=0.0, wi
     zeros. Returns [B, Hq, Sq, D] in q's dtype (its memory is laid out as [B, Sq, Hq, D]).
     """
     _check_inputs(q, k, v, mask, causal, scale, dropout_p, window, softcap)
-    scale = q.shape[3] ** -0.5 if scale is None else float(scale)
+    return _dispatch(q, k, v, mask, None, causal, scale, dropout_p, window, softcap, dropout_seed,
+                     backend)
+
+
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
+                     mask=None, causal=False, scale=None, dropout_p=0.0, window=0, softcap=0.0,
+                     dropout_seed=None, backend=None, check_offsets=True):
+    """Attention over sequences packed one after another (FlashAttention's varlen layout), with
+    no padding: q [total_q, Hq, D], k/v [total_kv, Hkv, D]; sequence b owns rows
+    cu_seqlens_q[b]:cu_seqlens_q[b + 1] of q and cu_seqlens_k[b]:cu_seqlens_k[b + 1] of k and v
+    (cu_seqlens int32 [batch + 1], from 0, non-decreasing, ending at the total; max_seqlen_* the
+    longest lengths, at least every sequence's). Each sequence gets exactly what `attention`
+    gives it alone as batch entry b: causal and window aligned bottom-right with its own lengths,
+    `mask` (bool or additive, broadcastable to [batch, Hq, max_seqlen_q, max_seqlen_k]) read at
+    its local positions, the dropout draw of batch entry b. Other arguments as in `attention`.
+    Returns [total_q, Hq, D] in q's dtype. Differentiable in q, k, v and an additive mask.
+
+    The cu_seqlens values are checked on every eager call (on a GPU that reads them back:
+    one synchronization) unless check_offsets=False, for callers that built them; under
+    torch.compile only their dtype and shape are."""
+    layout = _check_layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    _check_inputs(q, k, v, mask, causal, scale, dropout_p, window, softcap, layout)
+    if check_offsets and not torch.compiler.is_compiling():
+        for name, cu, t, longest in zip(("cu_seqlens_q", "cu_seqlens_k"), layout[:2], (q, k),
+                                        layout[2:]):
+            _check_offsets(name, cu.tolist(), t.shape[0], longest)
+    return _dispatch(q, k, v, mask, layout, causal, scale, dropout_p, window, softcap,
+                     dropout_seed, backend)
+
+
+def _dispatch(q, k, v, mask, layout, causal, scale, dropout_p, window, softcap, dropout_seed,
+              backend):
+    """Checked inputs -> the chosen backend (through the custom op when compiling, through
+    _EagerAttention when autograd needs a graph)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     name = _resolve_constant("attention", backend, q.device)
     if name != "reference":
         name = _reference_if_unsupported(q, name)
@@ -238,6 +318,9 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, dropout_p=0.0, wi
         dropout_seed = int(torch.randint(0, 2 ** 32, (), dtype=torch.int64))
     seed = int(dropout_seed or 0) & 0xFFFFFFFF
     if name == "reference":
+        if layout is not None:
+            return reference.varlen_attention(q, k, v, *layout[:2], mask, causal, scale,
+                                              dropout_p, window, softcap, seed)
         return reference.attention(q, k, v, mask, causal, scale, dropout_p, window, softcap, seed)
     if q.stride(-1) != 1:
         q = q.contiguous()
@@ -245,8 +328,8 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, dropout_p=0.0, wi
         k = k.contiguous()
     if v.stride(-1) != 1:
         v = v.contiguous()
-    args = (q, k, v, mask, causal, scale, int(window), float(softcap), float(dropout_p), seed,
-            name)
+    args = (q, k, v, mask, *(layout or (None, None, 0, 0)), causal, scale, int(window),
+            float(softcap), float(dropout_p), seed, name)
     if torch.compiler.is_compiling():
         return _attention(*args)[0]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, mask)):
@@ -254,11 +337,49 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, dropout_p=0.0, wi
     return _run_forward(*args)[0]
 
 
+def _check_layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    """The packed layout's arguments with their types and shapes checked (not their values):
+    (cu_seqlens_q, cu_seqlens_k, max_q, max_k)."""
+    for name, cu, t in (("cu_seqlens_q", cu_seqlens_q, q), ("cu_seqlens_k", cu_seqlens_k, k)):
+        if not isinstance(cu, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
+        if cu.dtype != torch.int32:
+            raise ValueError(f"{name} must be int32 (as FlashAttention's varlen API), got "
+                             f"{cu.dtype}")
+        if cu.dim() != 1 or cu.shape[0] < 1:
+            raise ValueError(f"{name} must be 1-D [batch + 1], got shape {tuple(cu.shape)}")
+        if isinstance(t, Tensor) and cu.device != t.device:
+            raise ValueError(f"{name} is on {cu.device} but q is on {t.device}")
+    if cu_seqlens_k.shape != cu_seqlens_q.shape:
+        raise ValueError(f"cu_seqlens_k must have cu_seqlens_q's length {cu_seqlens_q.shape[0]} "
+                         f"(batch + 1), got {cu_seqlens_k.shape[0]}")
+    _check_number("max_seqlen_q", max_seqlen_q, low=0, integer=True)
+    _check_number("max_seqlen_k", max_seqlen_k, low=0, integer=True)
+    cu_seqlens_q = cu_seqlens_q if cu_seqlens_q.is_contiguous() else cu_seqlens_q.contiguous()
+    cu_seqlens_k = cu_seqlens_k if cu_seqlens_k.is_contiguous() else cu_seqlens_k.contiguous()
+    return cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k)
+
+
+def _check_offsets(name, offsets, total, longest):
+    if offsets[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {offsets[0]}")
+    lengths = [b - a for a, b in zip(offsets, offsets[1:])]
+    if any(n < 0 for n in lengths):
+        raise ValueError(f"{name} must be non-decreasing, got {offsets}")
+    if offsets[-1] != total:
+        raise ValueError(f"{name} must end at the number of packed tokens ({total}), got "
+                         f"{offsets[-1]}")
+    if lengths and max(lengths) > longest:
+        max_name = "max_seqlen_" + name[-1]
+        raise ValueError(f"{max_name} ({longest}) is less than the longest sequence in {name} "
+                         f"({max(lengths)})")
+
+
 def _reference_if_unsupported(q, name):
     """`name`, or "reference" (with a one-time warning naming why) for calls no kernel takes."""
     if q.dtype == torch.float64:
         reason = "take float32, float16 and bfloat16; float64 inputs run on the reference backend"
-    elif q.shape[3] > MAX_HEAD_DIM:
+    elif q.shape[-1] > MAX_HEAD_DIM:
         reason = f"take head_dim up to {MAX_HEAD_DIM}; larger ones run on the reference backend"
     else:
         return name
