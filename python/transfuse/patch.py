@@ -14,6 +14,7 @@ from torch import nn
 
 from . import backends
 from .hf import attention as hf_attention
+from .hf import unpad as hf_unpad
 from .hf.norm import NORM_RULES
 from .nn import FusedLayerNorm, FusedRMSNorm
 from .ops.int8 import MODES
@@ -61,7 +62,7 @@ def _patch_attention(model):
         object.__setattr__(model, ATTENTION_ATTR, previous)
 
 
-def patch(model, *, attention=True, norm=True, int8=None, backend=None):
+def patch(model, *, attention=True, norm=True, int8=None, backend=None, unpad=True):
     """Replace the model's modules by transfuse's fused ones, in place; returns the same model.
 
     norm: LayerNorm / RMSNorm modules of the families in transfuse.hf.norm.NORM_RULES become
@@ -69,6 +70,8 @@ def patch(model, *, attention=True, norm=True, int8=None, backend=None):
     unchanged and named in one warning. attention: a transformers model switches to the
     "transfuse" attention implementation (transfuse.hf.attention); other models are left as they
     are.
+    unpad: with attention, padded batches of the families in transfuse.hf.unpad.UNPAD_RULES run
+    as packed tokens (pad positions skipped by every layer; zeros there in last_hidden_state).
     int8: "w8a8" or "w8a16" swaps the linear layers (but the output heads of
     transfuse.quantize.DEFAULT_SKIP) for transfuse.nn.Int8Linear; the float layers are kept for
     `unpatch` (transfuse.quantize releases them, which is what saves memory).
@@ -85,6 +88,8 @@ def patch(model, *, attention=True, norm=True, int8=None, backend=None):
                          f"got {backend!r}")
     if attention:
         _patch_attention(model)
+        if unpad:
+            hf_unpad.patch_unpad(model)
     if int8 is not None:
         for parent, attribute, original, new in replacements(model, int8, DEFAULT_SKIP, backend):
             object.__setattr__(new, ORIGINAL_ATTR, original)
@@ -129,6 +134,7 @@ def unpatch(model):
     _check_model(model)
     if hasattr(model, ATTENTION_ATTR):
         hf_attention.set_implementation(model, model.__dict__.pop(ATTENTION_ATTR))
+    hf_unpad.unpatch_unpad(model)
     for parent, name, child in list(_children(model)):
         original = getattr(child, ORIGINAL_ATTR, None)
         if original is None:
@@ -149,6 +155,8 @@ def patched_modules(model) -> dict:
         found["<attention>"] = (f"{hf_attention.NAME} attention replacing "
                                 f"{getattr(model, ATTENTION_ATTR)}")
     for name, module in model.named_modules(remove_duplicate=False):
+        if hf_unpad.FORWARD_ATTR in module.__dict__ and type(module).__name__ in hf_unpad.UNPAD_RULES:
+            found[f"{name or '<model>'}<unpad>"] = "padding removal (transfuse.hf.unpad)"
         original = getattr(module, ORIGINAL_ATTR, None)
         if original is not None:
             detail = ""

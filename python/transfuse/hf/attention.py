@@ -16,7 +16,7 @@ import warnings
 import torch
 
 from .. import backends
-from ..ops.attention import attention
+from ..ops.attention import attention, varlen_attention
 
 NAME = "transfuse"
 
@@ -73,6 +73,9 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         return _eager_with_weights(module, query, key, value, attention_mask, causal, dropout,
                                    scaling, position_bias=position_bias, softcap=softcap,
                                    sliding_window=sliding_window, **kwargs)
+    if kwargs.get("cu_seq_lens_q") is not None and position_bias is None:
+        return _packed_attention(module, query, key, value, dropout, scaling, is_causal, softcap,
+                                 sliding_window, **kwargs), None
     seq_q, seq_kv = query.shape[2], key.shape[2]
     if causal and seq_kv > seq_q:
         # An empty static cache at prefill: transformers skipped the mask because the keys past
@@ -87,6 +90,32 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     out = attention(query, key, value, mask=mask, causal=causal, scale=scaling,
                     dropout_p=float(dropout or 0.0), window=window, softcap=float(softcap or 0.0))
     return out.transpose(1, 2).contiguous(), None
+
+
+def _packed_attention(module, query, key, value, dropout, scaling, is_causal, softcap,
+                      sliding_window, cu_seq_lens_q, cu_seq_lens_k=None, max_length_q=None,
+                      max_length_k=None, **_):
+    """transformers' padding-free call (DataCollatorWithFlattening, or transfuse's unpadding):
+    [1, H, T, D] tensors holding the sequences that cu_seq_lens_q/k delimit, -> [1, T, Hq, D].
+    Any mask transformers built for the packed batch (block diagonal) is what the sequence
+    boundaries say already, so it is not read."""
+    if query.shape[0] != 1:
+        raise ValueError(f"cu_seq_lens_q is given, so the sequences must be packed into one row, "
+                         f"but query has batch size {query.shape[0]}")
+    cu_seq_lens_k = cu_seq_lens_q if cu_seq_lens_k is None else cu_seq_lens_k
+    lengths = [int(x) if x is not None else None for x in (max_length_q, max_length_k)]
+    if None in lengths:  # not passed: the longest sequence (one read of the offsets)
+        longest = [int((cu[1:] - cu[:-1]).max()) if len(cu) > 1 else 0
+                   for cu in (cu_seq_lens_q, cu_seq_lens_k)]
+        lengths = [given if given is not None else found
+                   for given, found in zip(lengths, longest)]
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    out = varlen_attention(
+        query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
+        cu_seq_lens_q.to(torch.int32), cu_seq_lens_k.to(torch.int32), *lengths,
+        causal=bool(is_causal), scale=scaling, dropout_p=float(dropout or 0.0),
+        window=int(sliding_window or 0), softcap=float(softcap or 0.0), check_offsets=False)
+    return out.unsqueeze(0)
 
 
 def register():

