@@ -5,6 +5,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 CSRC := $(shell find csrc -type f)
+PY_SOURCES := $(shell find python kernels -name '*.py')
 
 .PHONY: setup bench test test-cpp test-python test-triton-compile test-gpu-quick-dry test-gpu-versions clean
 
@@ -41,9 +42,10 @@ GPU_VENV ?= .venv-gpu-versions
 GPU_BIN := $(GPU_VENV)/bin
 GPU_VERSIONS ?= torch==2.11.0 "transformers==5.17.*" "triton==3.6.*" "numpy<2.4"
 GPU_TESTS ?= tests/test_triton_compile.py tests/test_norm.py tests/test_int8.py \
-	tests/test_attention.py tests/test_hf_int8.py tests/test_quantize.py tests/test_hf_attention.py
+	tests/test_attention.py tests/test_varlen_attention.py tests/test_hf_int8.py \
+	tests/test_quantize.py tests/test_hf_attention.py tests/test_hf_unpad.py
 
-$(GPU_VENV)/.installed: setup.py pyproject.toml $(CSRC)
+$(GPU_VENV)/.installed: setup.py pyproject.toml $(CSRC) $(PY_SOURCES)
 	test -x $(GPU_BIN)/python || $(PYTHON) -m venv $(GPU_VENV)
 	$(GPU_BIN)/python -m pip install -q --upgrade pip
 	$(GPU_BIN)/python -m pip install -q $(GPU_VERSIONS) pytest hypothesis safetensors \

@@ -24,10 +24,15 @@ def test_one_call_twice_then_unpatch(model_type, int8):
         assert any("Norm" in v for v in patched.values())
         assert any("Int8Linear" in v for v in patched.values()) == (int8 is not None)
         actual = run(model, batch)
+        if FAMILIES[model_type][0] != "seq2seq":  # padding removal leaves zeros at pad positions
+            real = batch["attention_mask"].bool()
+            actual, expected_real = actual[real], expected[real]
+        else:
+            expected_real = expected
         if int8 is None:
-            assert_close_scaled(actual, expected, name=model_type)
+            assert_close_scaled(actual, expected_real, name=model_type)
         else:  # int8 weights: close, not equal
-            assert (actual - expected).abs().max() <= 0.05 * expected.abs().max()
+            assert (actual - expected_real).abs().max() <= 0.05 * expected_real.abs().max()
         transfuse.unpatch(model)
         assert dict(model.named_modules()) == modules
         assert transfuse.patched_modules(model) == {}

@@ -130,7 +130,7 @@ def _replace_last_hidden_state(output, packing):
 
 def _stack_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
     original = type(self).forward
-    valid = _padding_mask.get()
+    valid = None if torch.compiler.is_compiling() else _padding_mask.get()
     if valid is None or args or tuple(valid.shape) != tuple(hidden_states.shape[:2]):
         return original(self, hidden_states, attention_mask, *args, **kwargs)
     packing = Packing(valid)
