@@ -62,7 +62,7 @@ test-gpu-versions: $(GPU_VENV)/.installed
 	$(GPU_BIN)/python -c "import torch, transformers, triton, numpy; print('torch', \
 		torch.__version__, 'transformers', transformers.__version__, 'triton', \
 		triton.__version__, 'numpy', numpy.__version__)"
-	TRANSFUSE_COMPILE_ALL=1 $(GPU_BIN)/python -m pytest -q -p no:cacheprovider $(GPU_TESTS)
+	TRANSFUSE_COMPILE=flags $(GPU_BIN)/python -m pytest -q -p no:cacheprovider $(GPU_TESTS)
 
 clean:
 	rm -rf build $(VENV) $(GPU_VENV) python/transfuse/_C*.so python/transfuse/_build_error.txt

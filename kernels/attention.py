@@ -4,13 +4,16 @@ The math, including the mask semantics (bool or additive masks read through broa
 causal aligned bottom-right, a sliding window on both sides, softcap, the counter-based dropout
 hash), is that of csrc/common/attention.h; scores, softmax statistics and accumulations are fp32.
 The forward walks the key tiles of one query tile with the online softmax and keeps the row
-log-sum-exp; the backward recomputes P = exp(s - lse) tile by tile, with one kernel for dK/dV
-(per key tile, over the query heads of its group and the query tiles) and one for dQ (per query
-tile, over the key tiles; it also writes dS, the gradient of an additive mask, when asked).
-Key (or query) tiles that the causal / window masks hide entirely are skipped; the tiles they
-leave wholly visible run without the positional masking. Rows whose every score carries a huge
-additive mask value (finfo.min) have an lse that lost log(l) to fp32 rounding; the backward
-corrects P on those rows (_lse_fix), so it matches the reference there too.
+log-sum-exp; the backward computes each row's delta = rowsum(dO * O), then recomputes
+P = exp(s - lse) tile by tile, with one kernel for dQ (per query tile, over the key tiles; it also
+writes dS, the gradient of an additive mask, when asked) and then one for dK/dV (per key tile,
+over the query heads of its group and the query tiles). Key (or query) tiles that the causal /
+window masks hide entirely are skipped; the tiles they leave wholly visible run without the
+positional masking. Causal and the window are one band of visible diagonals given as runtime
+arguments (_band), not constexprs: each build serves plain, causal and windowed calls alike.
+Rows whose every score carries a huge additive mask value (finfo.min) have an lse that lost
+log(l) to fp32 rounding; the backward corrects P on those rows (_lse_fix), so it matches the
+reference there too.
 
 Launchers (called by transfuse.ops.attention; q [B, Hq, Sq, D], k/v [B, Hkv, Skv, D] with a
 contiguous last dimension and any other strides, mask None or a [B, Hq, Sq, Skv] view):
@@ -65,27 +68,26 @@ _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _MASK_DTYPES = (torch.bool, torch.float32, torch.float16, torch.bfloat16)
 
 # Tiles on GPU, (BLOCK_M, BLOCK_N, num_warps, num_stages) by BLOCK_D (head_dim rounded up to a
-# power of two, at least 16): (fp16/bf16 inputs, fp16/bf16 with a mask, dropout or softcap, fp32
-# inputs). BLOCK_M counts query rows, BLOCK_N key rows. Chosen so that the sm_90 builds of the
-# plain, causal and bool-mask variants keep within the register file (no or few spills) and the
-# shared memory of an H100; fp32 dots ("ieee") run on FMA units and take small tiles.
-_TILES_32 = ((128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 8, 2))
-_TILES_64 = ((128, 64, 8, 3), (128, 64, 8, 3), (64, 32, 8, 2))
-FORWARD_CONFIGS = {16: _TILES_32, 32: _TILES_32, 64: _TILES_64,
+# power of two, at least 16; one row for BLOCK_D <= 64, whose 16/32-wide heads fit the 64-wide
+# one's tiles with room to spare): (fp16/bf16 inputs, fp16/bf16 with a mask, dropout or softcap,
+# fp32 inputs). BLOCK_M counts query rows, BLOCK_N key rows. Chosen so that the sm_90 builds of
+# the forward keep within the register file (no spills) and the shared memory of an H100; fp32
+# dots ("ieee") run on FMA units and take small tiles.
+FORWARD_CONFIGS = {64: ((128, 64, 8, 3), (128, 64, 8, 3), (64, 32, 8, 2)),
                    128: ((128, 64, 8, 3), (128, 32, 8, 3), (32, 32, 8, 1)),
                    256: ((64, 64, 8, 2), (64, 32, 8, 2), (64, 16, 8, 2))}
 # dK/dV: BLOCK_N key rows per program, walking BLOCK_M query rows at a time.
-_DKDV_TILES_64 = ((32, 128, 8, 3), (16, 128, 8, 2), (16, 32, 8, 2))
-DKDV_CONFIGS = {16: _DKDV_TILES_64, 32: _DKDV_TILES_64, 64: _DKDV_TILES_64,
+DKDV_CONFIGS = {64: ((32, 128, 8, 3), (16, 128, 8, 2), (16, 32, 8, 2)),
                 128: ((16, 64, 8, 2), (16, 64, 8, 2), (32, 32, 8, 2)),
                 256: ((16, 32, 8, 2), (16, 32, 8, 2), (16, 16, 8, 2))}
 # dQ: BLOCK_M query rows per program, walking BLOCK_N key rows at a time.
-_DQ_TILES_64 = ((128, 32, 8, 3), (128, 32, 8, 3), (64, 16, 8, 2))
-DQ_CONFIGS = {16: _DQ_TILES_64, 32: _DQ_TILES_64, 64: _DQ_TILES_64,
+DQ_CONFIGS = {64: ((128, 32, 8, 3), (128, 32, 8, 3), (64, 16, 8, 2)),
               128: ((128, 32, 8, 3), (128, 32, 8, 3), (32, 16, 8, 2)),
               256: ((64, 32, 8, 2), (64, 32, 8, 2), (64, 16, 8, 2))}
-# The delta kernel (GPU) reads [BLOCK_M, BLOCK_D] tiles of about this many elements.
-DELTA_TILE_ELEMENTS = 4096
+# The delta kernel (GPU): (BLOCK_M rows, BLOCK_D head dims per step), the same for every head dim.
+DELTA_TILE = (32, 64)
+# "No bound" of the causal / window band (_band).
+_NO_BOUND = 2 ** 29
 # Under the interpreter (CPU tensors) the cost is per program and per operation: small fixed
 # tiles, enough to walk several of them in the tests' shapes.
 INTERPRETER_BLOCK_M = 32
@@ -162,12 +164,13 @@ def _tanh(x):
 #   s = scale * qk;  t = tanh(s / softcap), s = softcap * t    (HAS_SOFTCAP; t is returned)
 #   s += mask[i, j]                                           (MASK_KIND 2: additive)
 #   s = -inf where key j is not visible to row i: mask[i, j] false (MASK_KIND 1: bool), or, on a
-#       POSITIONAL tile, j >= seq_kv, causal j > i + offset, window |i + offset - j| >= window
-# (offset = seq_kv - seq_q). Mask elements outside [seq_q, seq_kv] read as 0 / false.
+#       POSITIONAL tile, j >= seq_kv or diff = i + offset - j outside the band [diff_lo, diff_hi]
+# (offset = seq_kv - seq_q; the band holds causal and the window, see _band). Mask elements
+# outside [seq_q, seq_kv] read as 0 / false.
 @triton.jit
-def _scores(qk, rows, cols, mask_base, stride_mm, stride_mn, seq_q, seq_kv, offset, window, scale,
-            softcap, MASK_KIND: tl.constexpr, POSITIONAL: tl.constexpr, CAUSAL: tl.constexpr,
-            HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+def _scores(qk, rows, cols, mask_base, stride_mm, stride_mn, seq_q, seq_kv, offset, diff_lo,
+            diff_hi, scale, softcap, MASK_KIND: tl.constexpr, POSITIONAL: tl.constexpr,
+            HAS_SOFTCAP: tl.constexpr):
     s = qk * scale
     if HAS_SOFTCAP:
         tanh = _tanh(s * (1.0 / softcap))
@@ -182,12 +185,9 @@ def _scores(qk, rows, cols, mask_base, stride_mm, stride_mn, seq_q, seq_kv, offs
         else:
             s += tl.load(mask_ptrs, mask=in_bounds, other=0.0).to(tl.float32)
     if POSITIONAL:
-        visible = cols < seq_kv
-        diff = rows + offset - cols
-        if CAUSAL:
-            visible = visible & (diff >= 0)
-        if HAS_WINDOW:
-            visible = visible & (diff < window) & (diff > -window)
+        # diff_lo <= diff <= diff_hi as one unsigned compare (as many operations as causal alone)
+        band = (rows + (offset - diff_lo) - cols).to(tl.uint32, bitcast=True)
+        visible = (cols < seq_kv) & (band <= (diff_hi - diff_lo).to(tl.uint32, bitcast=True))
         if MASK_KIND == 1:
             visible = visible & attend
         s = tl.where(visible, s, float("-inf"))
@@ -231,46 +231,27 @@ def _tile_runs(lo, full_lo, full_hi, hi, BLOCK: tl.constexpr):
 
 
 # Key indices met by query rows [row_start, row_start + BLOCK_M) (offset = seq_kv - seq_q):
-# row i sees keys j in [0, seq_kv) with j <= i + offset (CAUSAL) and
-# i + offset - window < j < i + offset + window (HAS_WINDOW). -> (lo, full_lo, full_hi, hi)
+# row i sees keys j in [0, seq_kv) with diff_lo <= i + offset - j <= diff_hi.
+# -> (lo, full_lo, full_hi, hi)
 @triton.jit
-def _key_range(row_start, seq_kv, offset, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-               BLOCK_M: tl.constexpr):
+def _key_range(row_start, seq_kv, offset, diff_lo, diff_hi, BLOCK_M: tl.constexpr):
     row_end = row_start + BLOCK_M
-    lo = 0
-    full_lo = 0
-    hi = seq_kv
-    full_hi = seq_kv
-    if CAUSAL:
-        hi = tl.minimum(hi, row_end + offset)
-        full_hi = tl.minimum(full_hi, row_start + offset + 1)
-    if HAS_WINDOW:
-        lo = tl.maximum(row_start + offset - window + 1, 0)
-        full_lo = tl.maximum(row_end + offset - window, 0)
-        hi = tl.minimum(hi, row_end + offset + window - 1)
-        full_hi = tl.minimum(full_hi, row_start + offset + window)
+    lo = tl.maximum(row_start + offset - diff_hi, 0)
+    full_lo = tl.maximum(row_end - 1 + offset - diff_hi, 0)
+    full_hi = tl.minimum(row_start + offset - diff_lo + 1, seq_kv)
+    hi = tl.minimum(row_end + offset - diff_lo, seq_kv)
     return lo, full_lo, tl.maximum(full_hi, 0), hi
 
 
 # Query indices met by key rows [col_start, col_start + BLOCK_N): key j is seen by rows i in
-# [0, seq_q) with i >= j - offset (CAUSAL) and j - offset - window < i < j - offset + window
-# (HAS_WINDOW). -> (lo, full_lo, full_hi, hi)
+# [0, seq_q) with diff_lo <= i + offset - j <= diff_hi. -> (lo, full_lo, full_hi, hi)
 @triton.jit
-def _query_range(col_start, seq_q, offset, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                 BLOCK_N: tl.constexpr):
+def _query_range(col_start, seq_q, offset, diff_lo, diff_hi, BLOCK_N: tl.constexpr):
     col_end = col_start + BLOCK_N
-    lo = 0
-    full_lo = 0
-    hi = seq_q
-    full_hi = seq_q
-    if CAUSAL:
-        lo = tl.maximum(col_start - offset, 0)
-        full_lo = tl.maximum(col_end - 1 - offset, 0)
-    if HAS_WINDOW:
-        lo = tl.maximum(lo, col_start - offset - window + 1)
-        full_lo = tl.maximum(full_lo, col_end - offset - window)
-        hi = tl.minimum(hi, col_end - offset + window - 1)
-        full_hi = tl.minimum(full_hi, col_start - offset + window)
+    lo = tl.maximum(col_start - offset + diff_lo, 0)
+    full_lo = tl.maximum(col_end - 1 - offset + diff_lo, 0)
+    full_hi = tl.minimum(col_start - offset + diff_hi + 1, seq_q)
+    hi = tl.minimum(col_end - offset + diff_hi, seq_q)
     return lo, full_lo, tl.maximum(full_hi, 0), hi
 
 
@@ -327,13 +308,13 @@ def _gradient_offsets(cu_seqlens_ptr, batch_head, head, heads, start, index, seq
 # ------------------------------------------------------------------------------------------------
 
 # The query tile, (batch, head) and key/value head of this program (forward and dQ grids: one
-# program per query tile of each (batch, head)); causal grids take the longest tiles first.
+# program per query tile of each (batch, head)); causal calls take the longest tiles first.
 @triton.jit
-def _query_tile(seq_q, heads_q, group, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+def _query_tile(seq_q, heads_q, group, diff_lo, BLOCK_M: tl.constexpr):
     row_tiles = tl.cdiv(seq_q, BLOCK_M)
     pid = tl.program_id(0)
     tile = pid % row_tiles
-    if CAUSAL:
+    if diff_lo >= 0:  # causal (see _band)
         tile = row_tiles - 1 - tile
     batch_head = pid // row_tiles
     head = batch_head % heads_q
@@ -346,12 +327,11 @@ def _query_tile(seq_q, heads_q, group, CAUSAL: tl.constexpr, BLOCK_M: tl.constex
 #   acc = acc * alpha + (p * keep) v        (keep only with HAS_DROPOUT; 1 / (1 - p) comes last)
 @triton.jit
 def _forward_tiles(acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm,
-                   stride_mn, rows, row_keys, start, end, seq_q, seq_kv, head_dim, offset, window,
-                   scale, softcap, threshold, POSITIONAL: tl.constexpr, MASK_KIND: tl.constexpr,
-                   CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                   HAS_DROPOUT: tl.constexpr, DTYPE: tl.constexpr, INTERPRET: tl.constexpr,
-                   EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr):
+                   stride_mn, rows, row_keys, start, end, seq_q, seq_kv, head_dim, offset,
+                   diff_lo, diff_hi, scale, softcap, threshold, POSITIONAL: tl.constexpr,
+                   MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                   DTYPE: tl.constexpr, INTERPRET: tl.constexpr, EVEN_D: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
     dims = tl.arange(0, BLOCK_D)
     for col_start in range(start, end, BLOCK_N):
         cols = col_start + tl.arange(0, BLOCK_N)
@@ -359,8 +339,8 @@ def _forward_tiles(acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kn, strid
                          POSITIONAL, not EVEN_D, DTYPE, INTERPRET)
         qk = tl.dot(q, k_t, input_precision=DOT_PRECISION)
         s, _ = _scores(qk, rows[:, None], cols[None, :], mask_base, stride_mm, stride_mn, seq_q,
-                       seq_kv, offset, window, scale, softcap, MASK_KIND, POSITIONAL, CAUSAL,
-                       HAS_WINDOW, HAS_SOFTCAP)
+                       seq_kv, offset, diff_lo, diff_hi, scale, softcap, MASK_KIND, POSITIONAL,
+                       HAS_SOFTCAP)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m_i - m_safe)
@@ -386,7 +366,7 @@ def _forward_tiles(acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kn, strid
 # Packed layout (cu_seqlens_q_ptr given): q, k, v, out are [total, heads, D] views passed with
 # batch strides 0, seq_q / seq_kv are the longest lengths (the grid's extent), each sequence runs
 # with its own lengths (_sequence) and a tile past its end exits at once.
-@triton.jit(do_not_specialize=["seed", "threshold", "total_q"])
+@triton.jit(do_not_specialize=["diff_lo", "diff_hi", "seed", "threshold", "total_q"])
 def _attention_forward_kernel(
     q_ptr,        # [B, Hq, Sq, D] by strides, dtype (packed: [total_q, Hq, D])
     k_ptr,        # [B, Hkv, Skv, D] by strides, dtype (packed: [total_kv, Hkv, D])
@@ -402,10 +382,8 @@ def _attention_forward_kernel(
     stride_ob, stride_oh, stride_om,
     stride_mb, stride_mh, stride_mm, stride_mn,
     heads_q, group, seq_q, seq_kv, head_dim, total_q,
-    scale, window, softcap, keep_scale, seed, threshold,
+    scale, diff_lo, diff_hi, softcap, keep_scale, seed, threshold,
     MASK_KIND: tl.constexpr,     # 0 none, 1 bool, 2 additive
-    CAUSAL: tl.constexpr,
-    HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     DTYPE: tl.constexpr,
@@ -416,7 +394,7 @@ def _attention_forward_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    tile, batch_head, batch, head, kv_head = _query_tile(seq_q, heads_q, group, CAUSAL, BLOCK_M)
+    tile, batch_head, batch, head, kv_head = _query_tile(seq_q, heads_q, group, diff_lo, BLOCK_M)
     row_start = tile * BLOCK_M
     q_start, len_q, kv_start, len_kv = _sequence(cu_seqlens_q_ptr, cu_seqlens_k_ptr, batch,
                                                  seq_q, seq_kv)
@@ -444,23 +422,21 @@ def _attention_forward_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo, full_lo, full_hi, hi = _key_range(row_start, len_kv, offset, window, CAUSAL, HAS_WINDOW,
-                                          BLOCK_M)
+    lo, full_lo, full_hi, hi = _key_range(row_start, len_kv, offset, diff_lo, diff_hi, BLOCK_M)
     lo_tile, full_start, full_end = _tile_runs(lo, full_lo, full_hi, hi, BLOCK_N)
     args = (q, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm, stride_mn, rows,
             row_keys)
-    scalars = (len_q, len_kv, head_dim, offset, window, scale, softcap, threshold)
+    scalars = (len_q, len_kv, head_dim, offset, diff_lo, diff_hi, scale, softcap, threshold)
     # (constexpr arguments are spelled out: packed in a tuple they would lose constexpr-ness)
     acc, l_i, m_i = _forward_tiles(
-        acc, l_i, m_i, *args, lo_tile, full_start, *scalars, True, MASK_KIND, CAUSAL, HAS_WINDOW,
-        HAS_SOFTCAP, HAS_DROPOUT, DTYPE, INTERPRET, EVEN_D, BLOCK_N, BLOCK_D, DOT_PRECISION)
+        acc, l_i, m_i, *args, lo_tile, full_start, *scalars, True, MASK_KIND, HAS_SOFTCAP,
+        HAS_DROPOUT, DTYPE, INTERPRET, EVEN_D, BLOCK_N, BLOCK_D, DOT_PRECISION)
     acc, l_i, m_i = _forward_tiles(
-        acc, l_i, m_i, *args, full_start, full_end, *scalars, False, MASK_KIND, CAUSAL,
-        HAS_WINDOW, HAS_SOFTCAP, HAS_DROPOUT, DTYPE, INTERPRET, EVEN_D, BLOCK_N, BLOCK_D,
-        DOT_PRECISION)
+        acc, l_i, m_i, *args, full_start, full_end, *scalars, False, MASK_KIND, HAS_SOFTCAP,
+        HAS_DROPOUT, DTYPE, INTERPRET, EVEN_D, BLOCK_N, BLOCK_D, DOT_PRECISION)
     acc, l_i, m_i = _forward_tiles(
-        acc, l_i, m_i, *args, full_end, hi, *scalars, True, MASK_KIND, CAUSAL, HAS_WINDOW,
-        HAS_SOFTCAP, HAS_DROPOUT, DTYPE, INTERPRET, EVEN_D, BLOCK_N, BLOCK_D, DOT_PRECISION)
+        acc, l_i, m_i, *args, full_end, hi, *scalars, True, MASK_KIND, HAS_SOFTCAP,
+        HAS_DROPOUT, DTYPE, INTERPRET, EVEN_D, BLOCK_N, BLOCK_D, DOT_PRECISION)
 
     empty = l_i == 0.0
     out = acc * (keep_scale / tl.where(empty, 1.0, l_i))[:, None]
@@ -478,7 +454,11 @@ def _attention_forward_kernel(
 # Backward
 # ------------------------------------------------------------------------------------------------
 
-# delta[i] = <dO[i], O[i]> in fp32, BLOCK_M rows of one (batch, query head) per program.
+# delta[i] = <dO[i], O[i]> in fp32, BLOCK_M rows of one (batch, query head) per program, over
+# the head dims in chunks of BLOCK_D: one tile for every head dim, so one build per dtype (the
+# JIT compiles each build apart; this kernel reads O and dO once, a small part of the backward).
+# Rows [Sq] of each (batch, head) padded, or one batch entry of total_q rows packed ([Hq, total_q]
+# statistics, [total_q, Hq, D] tensors with a batch stride 0).
 @triton.jit
 def _attention_delta_kernel(
     out_ptr,      # [B, Hq, Sq, D] by strides, dtype
@@ -496,14 +476,16 @@ def _attention_delta_kernel(
     batch = batch_head // heads_q
     head = batch_head % heads_q
     rows = (pid % row_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
     out_base = out_ptr + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
     dout_base = dout_ptr + batch.to(tl.int64) * stride_db + head.to(tl.int64) * stride_dh
-    o = _load_rows(out_base, rows[:, None], stride_om, seq_q, dims[None, :], head_dim, True, True,
-                   0, False)
-    do = _load_rows(dout_base, rows[:, None], stride_dm, seq_q, dims[None, :], head_dim, True,
-                    True, 0, False)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    delta = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for dim_start in range(0, head_dim, BLOCK_D):
+        dims = dim_start + tl.arange(0, BLOCK_D)
+        o = _load_rows(out_base, rows[:, None], stride_om, seq_q, dims[None, :], head_dim, True,
+                       True, 0, False)
+        do = _load_rows(dout_base, rows[:, None], stride_dm, seq_q, dims[None, :], head_dim,
+                        True, True, 0, False)
+        delta += tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(delta_ptr + batch_head.to(tl.int64) * seq_q + rows, delta, mask=rows < seq_q)
 
 
@@ -516,11 +498,11 @@ def _attention_delta_kernel(
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, q_base, dout_base, lse_base, lse_fix_base, delta_base, mask_base,
                 stride_qm, stride_dm, stride_mm, stride_mn, cols, batch_head, start, end, seq_q,
-                seq_kv, head_dim, offset, window, scale, softcap, keep_scale, seed, threshold,
-                POSITIONAL: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
-                HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                DTYPE: tl.constexpr, INTERPRET: tl.constexpr, EVEN_D: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                seq_kv, head_dim, offset, diff_lo, diff_hi, scale, softcap, keep_scale, seed,
+                threshold, POSITIONAL: tl.constexpr, MASK_KIND: tl.constexpr,
+                HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, DTYPE: tl.constexpr,
+                INTERPRET: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
     dims = tl.arange(0, BLOCK_D)
     for row_start in range(start, end, BLOCK_M):
         rows = row_start + tl.arange(0, BLOCK_M)
@@ -532,8 +514,8 @@ def _dkdv_tiles(dk, dv, k, v, q_base, dout_base, lse_base, lse_fix_base, delta_b
         delta = tl.load(delta_base + rows, mask=rows < seq_q, other=0.0)
         qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
         s_t, tanh_t = _scores(qk_t, rows[None, :], cols[:, None], mask_base, stride_mm, stride_mn,
-                              seq_q, seq_kv, offset, window, scale, softcap, MASK_KIND,
-                              POSITIONAL, CAUSAL, HAS_WINDOW, HAS_SOFTCAP)
+                              seq_q, seq_kv, offset, diff_lo, diff_hi, scale, softcap, MASK_KIND,
+                              POSITIONAL, HAS_SOFTCAP)
         if MASK_KIND == 2:
             lse_fix = tl.load(lse_fix_base + rows, mask=rows < seq_q, other=0.0)
             p_t = tl.exp(s_t - lse[None, :] + lse_fix[None, :])
@@ -561,7 +543,7 @@ def _dkdv_tiles(dk, dv, k, v, q_base, dout_base, lse_base, lse_fix_base, delta_b
 #   dK = scale * dK,  dV = dV / (1 - dropout_p).
 # The program index runs over key tiles fastest, then batch * heads_kv. Packed layout as in the
 # forward kernel (a key tile past its sequence's end exits at once).
-@triton.jit(do_not_specialize=["seed", "threshold", "total_q"])
+@triton.jit(do_not_specialize=["diff_lo", "diff_hi", "seed", "threshold", "total_q"])
 def _attention_dkdv_kernel(
     q_ptr,        # [B, Hq, Sq, D] by strides, dtype (packed: [total_q, Hq, D])
     k_ptr,        # [B, Hkv, Skv, D] by strides, dtype (packed: [total_kv, Hkv, D])
@@ -581,10 +563,8 @@ def _attention_dkdv_kernel(
     stride_db, stride_dh, stride_dm,
     stride_mb, stride_mh, stride_mm, stride_mn,
     heads_q, heads_kv, group, seq_q, seq_kv, head_dim, total_q,
-    scale, window, softcap, keep_scale, seed, threshold,
+    scale, diff_lo, diff_hi, softcap, keep_scale, seed, threshold,
     MASK_KIND: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     DTYPE: tl.constexpr,
@@ -621,10 +601,9 @@ def _attention_dkdv_kernel(
                    not EVEN_D, DTYPE, INTERPRET)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    lo, full_lo, full_hi, hi = _query_range(col_start, len_q, offset, window, CAUSAL, HAS_WINDOW,
-                                            BLOCK_N)
+    lo, full_lo, full_hi, hi = _query_range(col_start, len_q, offset, diff_lo, diff_hi, BLOCK_N)
     lo_tile, full_start, full_end = _tile_runs(lo, full_lo, full_hi, hi, BLOCK_M)
-    scalars = (len_q, len_kv, head_dim, offset, window, scale, softcap, keep_scale, seed,
+    scalars = (len_q, len_kv, head_dim, offset, diff_lo, diff_hi, scale, softcap, keep_scale, seed,
                threshold)
     for member in range(group):
         head = kv_head * group + member
@@ -642,14 +621,14 @@ def _attention_dkdv_kernel(
                 stride_qm, stride_dm, stride_mm, stride_mn, cols, batch_head)
         # (constexpr arguments spelled out: packed in a tuple they would lose constexpr-ness)
         dk, dv = _dkdv_tiles(
-            dk, dv, *args, lo_tile, full_start, *scalars, True, MASK_KIND, CAUSAL, HAS_WINDOW,
-            HAS_SOFTCAP, HAS_DROPOUT, DTYPE, INTERPRET, EVEN_D, BLOCK_M, BLOCK_D, DOT_PRECISION)
+            dk, dv, *args, lo_tile, full_start, *scalars, True, MASK_KIND, HAS_SOFTCAP,
+            HAS_DROPOUT, DTYPE, INTERPRET, EVEN_D, BLOCK_M, BLOCK_D, DOT_PRECISION)
         dk, dv = _dkdv_tiles(
-            dk, dv, *args, full_start, full_end, *scalars, False, MASK_KIND, CAUSAL, HAS_WINDOW,
-            HAS_SOFTCAP, HAS_DROPOUT, DTYPE, INTERPRET, EVEN_D, BLOCK_M, BLOCK_D, DOT_PRECISION)
+            dk, dv, *args, full_start, full_end, *scalars, False, MASK_KIND, HAS_SOFTCAP,
+            HAS_DROPOUT, DTYPE, INTERPRET, EVEN_D, BLOCK_M, BLOCK_D, DOT_PRECISION)
         dk, dv = _dkdv_tiles(
-            dk, dv, *args, full_end, hi, *scalars, True, MASK_KIND, CAUSAL, HAS_WINDOW,
-            HAS_SOFTCAP, HAS_DROPOUT, DTYPE, INTERPRET, EVEN_D, BLOCK_M, BLOCK_D, DOT_PRECISION)
+            dk, dv, *args, full_end, hi, *scalars, True, MASK_KIND, HAS_SOFTCAP,
+            HAS_DROPOUT, DTYPE, INTERPRET, EVEN_D, BLOCK_M, BLOCK_D, DOT_PRECISION)
 
     offsets = _gradient_offsets(cu_seqlens_k_ptr, batch_kv_head, kv_head, heads_kv, kv_start,
                                 cols, seq_kv, head_dim, dims)
@@ -666,10 +645,9 @@ def _attention_dkdv_kernel(
 #   fix = -log(sum_j exp(s[j] - lse))          (0 on the other rows)
 @triton.jit
 def _lse_fix(q, k_base, mask_base, stride_kn, stride_mm, stride_mn, rows, lse, start, end, seq_q,
-             seq_kv, head_dim, offset, window, scale, softcap, CAUSAL: tl.constexpr,
-             HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DTYPE: tl.constexpr,
-             INTERPRET: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
-             BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+             seq_kv, head_dim, offset, diff_lo, diff_hi, scale, softcap, HAS_SOFTCAP: tl.constexpr,
+             DTYPE: tl.constexpr, INTERPRET: tl.constexpr, EVEN_D: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
     inexact = (tl.abs(lse) > 1024.0) & (lse != float("inf"))  # LSE_EXACT_LIMIT
     fix = tl.zeros_like(lse)
     if tl.max(inexact.to(tl.int32), 0) > 0:
@@ -681,8 +659,8 @@ def _lse_fix(q, k_base, mask_base, stride_kn, stride_mm, stride_mn, rows, lse, s
                              True, not EVEN_D, DTYPE, INTERPRET)
             qk = tl.dot(q, k_t, input_precision=DOT_PRECISION)
             s, _ = _scores(qk, rows[:, None], cols[None, :], mask_base, stride_mm, stride_mn,
-                           seq_q, seq_kv, offset, window, scale, softcap, 2, True, CAUSAL,
-                           HAS_WINDOW, HAS_SOFTCAP)
+                           seq_q, seq_kv, offset, diff_lo, diff_hi, scale, softcap, 2, True,
+                           HAS_SOFTCAP)
             total += tl.sum(tl.exp(s - lse[:, None]), 1)
         fix = tl.where(inexact & (total > 0.0), -tl.log(tl.where(total > 0.0, total, 1.0)), 0.0)
     return fix
@@ -696,12 +674,11 @@ def _lse_fix(q, k_base, mask_base, stride_kn, stride_mm, stride_mn, rows, lse, s
 @triton.jit
 def _dq_tiles(dq, q, do, lse, lse_fix, delta, k_base, v_base, mask_base, dbias_base,
               stride_dbias_m, stride_kn, stride_vn, stride_mm, stride_mn, rows, row_keys, start,
-              end, seq_q, seq_kv, head_dim, offset, window, scale, softcap, keep_scale, threshold,
-              POSITIONAL: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
-              HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-              BIAS_GRAD: tl.constexpr, DTYPE: tl.constexpr, INTERPRET: tl.constexpr,
-              EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-              DOT_PRECISION: tl.constexpr):
+              end, seq_q, seq_kv, head_dim, offset, diff_lo, diff_hi, scale, softcap, keep_scale,
+              threshold, POSITIONAL: tl.constexpr, MASK_KIND: tl.constexpr,
+              HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr,
+              DTYPE: tl.constexpr, INTERPRET: tl.constexpr, EVEN_D: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
     dims = tl.arange(0, BLOCK_D)
     for col_start in range(start, end, BLOCK_N):
         cols = col_start + tl.arange(0, BLOCK_N)
@@ -711,8 +688,8 @@ def _dq_tiles(dq, q, do, lse, lse_fix, delta, k_base, v_base, mask_base, dbias_b
                          POSITIONAL, not EVEN_D, DTYPE, INTERPRET)
         qk = tl.dot(q, k_t, input_precision=DOT_PRECISION)
         s, tanh = _scores(qk, rows[:, None], cols[None, :], mask_base, stride_mm, stride_mn, seq_q,
-                          seq_kv, offset, window, scale, softcap, MASK_KIND, POSITIONAL, CAUSAL,
-                          HAS_WINDOW, HAS_SOFTCAP)
+                          seq_kv, offset, diff_lo, diff_hi, scale, softcap, MASK_KIND, POSITIONAL,
+                          HAS_SOFTCAP)
         if MASK_KIND == 2:
             p = tl.exp(s - lse[:, None] + lse_fix[:, None])
         else:
@@ -734,12 +711,12 @@ def _dq_tiles(dq, q, do, lse, lse_fix, delta, k_base, v_base, mask_base, dbias_b
 
 
 # dQ of one query tile (BLOCK_M rows) of one (batch, query head), over the key tiles it sees
-# (_dq_tiles); dQ = scale * dQ. Writes dbias = dS on those tiles when BIAS_GRAD (the others must
-# hold zeros already), and with an additive mask the rows' lse correction (_lse_fix) that the
-# dK/dV kernel reads after it. The program index runs over query tiles fastest, then
-# batch * heads_q. Packed layout as in the forward kernel; dbias stays [B, Hq, Sq, Skv] in each
-# sequence's local positions.
-@triton.jit(do_not_specialize=["seed", "threshold", "total_q"])
+# (_dq_tiles); dQ = scale * dQ. Writes, with an additive mask, the rows' lse correction
+# (_lse_fix) that the dK/dV kernel reads after it, and dbias = dS on the tiles it sees when
+# BIAS_GRAD (the others must hold zeros already). The program index runs over query tiles
+# fastest, then batch * heads_q. Packed layout as in the forward kernel; dbias stays
+# [B, Hq, Sq, Skv] in each sequence's local positions.
+@triton.jit(do_not_specialize=["diff_lo", "diff_hi", "seed", "threshold", "total_q"])
 def _attention_dq_kernel(
     q_ptr,        # [B, Hq, Sq, D] by strides, dtype (packed: [total_q, Hq, D])
     k_ptr,        # [B, Hkv, Skv, D] by strides, dtype (packed: [total_kv, Hkv, D])
@@ -747,7 +724,7 @@ def _attention_dq_kernel(
     mask_ptr,     # [B, Hq, Sq, Skv] by strides: uint8 (bool) or additive float (iff MASK_KIND)
     dout_ptr,     # [B, Hq, Sq, D] by strides, dtype (packed: [total_q, Hq, D])
     lse_ptr,      # [B, Hq, Sq] fp32, contiguous (packed: [Hq, total_q], as delta and lse_fix)
-    delta_ptr,    # [B, Hq, Sq] fp32, contiguous
+    delta_ptr,    # [B, Hq, Sq] fp32, contiguous: rowsum(dO * O) (_attention_delta_kernel)
     lse_fix_ptr,  # [B, Hq, Sq] fp32, contiguous: _lse_fix, written iff MASK_KIND == 2
     dq_ptr,       # [B, Hq, Sq, D] dtype, contiguous (packed: [total_q, Hq, D])
     dbias_ptr,    # [B, Hq, Sq, Skv] fp32, contiguous (written iff BIAS_GRAD)
@@ -759,10 +736,8 @@ def _attention_dq_kernel(
     stride_db, stride_dh, stride_dm,
     stride_mb, stride_mh, stride_mm, stride_mn,
     heads_q, group, seq_q, seq_kv, head_dim, total_q,
-    scale, window, softcap, keep_scale, seed, threshold,
+    scale, diff_lo, diff_hi, softcap, keep_scale, seed, threshold,
     MASK_KIND: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     BIAS_GRAD: tl.constexpr,
@@ -774,7 +749,7 @@ def _attention_dq_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    tile, batch_head, batch, head, kv_head = _query_tile(seq_q, heads_q, group, CAUSAL, BLOCK_M)
+    tile, batch_head, batch, head, kv_head = _query_tile(seq_q, heads_q, group, diff_lo, BLOCK_M)
     row_start = tile * BLOCK_M
     q_start, len_q, kv_start, len_kv = _sequence(cu_seqlens_q_ptr, cu_seqlens_k_ptr, batch,
                                                  seq_q, seq_kv)
@@ -808,30 +783,30 @@ def _attention_dq_kernel(
         row_keys = rows  # unused
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo, full_lo, full_hi, hi = _key_range(row_start, len_kv, offset, window, CAUSAL, HAS_WINDOW,
-                                          BLOCK_M)
+    lo, full_lo, full_hi, hi = _key_range(row_start, len_kv, offset, diff_lo, diff_hi, BLOCK_M)
     lo_tile, full_start, full_end = _tile_runs(lo, full_lo, full_hi, hi, BLOCK_N)
     if MASK_KIND == 2:
         lse_fix = _lse_fix(q, k_base, mask_base, stride_kn, stride_mm, stride_mn, rows, lse,
-                           lo_tile, hi, len_q, len_kv, head_dim, offset, window, scale, softcap,
-                           CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DTYPE, INTERPRET, EVEN_D, BLOCK_N,
-                           BLOCK_D, DOT_PRECISION)
+                           lo_tile, hi, len_q, len_kv, head_dim, offset, diff_lo, diff_hi, scale,
+                           softcap, HAS_SOFTCAP, DTYPE, INTERPRET, EVEN_D, BLOCK_N, BLOCK_D,
+                           DOT_PRECISION)
         tl.store(lse_fix_ptr + stats + rows, lse_fix, mask=rows < len_q)
     else:
         lse_fix = lse  # unused
     args = (q, do, lse, lse_fix, delta, k_base, v_base, mask_base, dbias_base, seq_kv, stride_kn,
             stride_vn, stride_mm, stride_mn, rows, row_keys)
-    scalars = (len_q, len_kv, head_dim, offset, window, scale, softcap, keep_scale, threshold)
+    scalars = (len_q, len_kv, head_dim, offset, diff_lo, diff_hi, scale, softcap, keep_scale,
+               threshold)
     # (constexpr arguments spelled out: packed in a tuple they would lose constexpr-ness)
-    dq = _dq_tiles(dq, *args, lo_tile, full_start, *scalars, True, MASK_KIND, CAUSAL, HAS_WINDOW,
-                   HAS_SOFTCAP, HAS_DROPOUT, BIAS_GRAD, DTYPE, INTERPRET, EVEN_D, BLOCK_N,
-                   BLOCK_D, DOT_PRECISION)
-    dq = _dq_tiles(dq, *args, full_start, full_end, *scalars, False, MASK_KIND, CAUSAL,
-                   HAS_WINDOW, HAS_SOFTCAP, HAS_DROPOUT, BIAS_GRAD, DTYPE, INTERPRET, EVEN_D,
-                   BLOCK_N, BLOCK_D, DOT_PRECISION)
-    dq = _dq_tiles(dq, *args, full_end, hi, *scalars, True, MASK_KIND, CAUSAL, HAS_WINDOW,
-                   HAS_SOFTCAP, HAS_DROPOUT, BIAS_GRAD, DTYPE, INTERPRET, EVEN_D, BLOCK_N,
-                   BLOCK_D, DOT_PRECISION)
+    dq = _dq_tiles(dq, *args, lo_tile, full_start, *scalars, True, MASK_KIND, HAS_SOFTCAP,
+                   HAS_DROPOUT, BIAS_GRAD, DTYPE, INTERPRET, EVEN_D, BLOCK_N, BLOCK_D,
+                   DOT_PRECISION)
+    dq = _dq_tiles(dq, *args, full_start, full_end, *scalars, False, MASK_KIND, HAS_SOFTCAP,
+                   HAS_DROPOUT, BIAS_GRAD, DTYPE, INTERPRET, EVEN_D, BLOCK_N, BLOCK_D,
+                   DOT_PRECISION)
+    dq = _dq_tiles(dq, *args, full_end, hi, *scalars, True, MASK_KIND, HAS_SOFTCAP,
+                   HAS_DROPOUT, BIAS_GRAD, DTYPE, INTERPRET, EVEN_D, BLOCK_N, BLOCK_D,
+                   DOT_PRECISION)
 
     offsets = _gradient_offsets(cu_seqlens_q_ptr, batch_head, head, heads_q, q_start, rows,
                                 seq_q, head_dim, dims)
@@ -860,7 +835,7 @@ def _config(table, block_d: int, q, extras: bool):
     a mask, dropout or softcap (more registers). Small fixed tiles under the interpreter."""
     if q.device.type == "cpu":
         return INTERPRETER_BLOCK_M, INTERPRETER_BLOCK_N, 1, 1
-    half, half_extras, fp32 = table[block_d]
+    half, half_extras, fp32 = table[max(block_d, 64)]
     if q.dtype == torch.float32:
         return fp32
     return half_extras if extras else half
@@ -914,9 +889,18 @@ def _dropout_args(dropout_p: float, seed: int):
     return 1.0 / (1.0 - dropout_p), int(seed) & UINT32_MAX, threshold
 
 
-def _common_flags(q, head_dim, mask_kind, causal, window, softcap, dropout_p):
-    return dict(MASK_KIND=mask_kind, CAUSAL=bool(causal), HAS_WINDOW=window > 0,
-                HAS_SOFTCAP=softcap > 0, HAS_DROPOUT=dropout_p > 0,
+def _band(causal, window):
+    """(diff_lo, diff_hi): query row i sees key j iff diff_lo <= i + offset - j <= diff_hi
+    (offset = seq_kv - seq_q): causal is diff >= 0, a window |diff| < window. Runtime arguments,
+    not constexprs: they only change which tiles run and the masking of the tiles on the band's
+    edges, so causal / windowed calls share the build of the plain one. _NO_BOUND stands for no
+    bound (no sequence comes near it; row + offset -+ it stays within int32)."""
+    diff_hi = min(int(window) - 1, _NO_BOUND) if window > 0 else _NO_BOUND
+    return (0 if causal else -diff_hi), diff_hi
+
+
+def _common_flags(q, head_dim, mask_kind, softcap, dropout_p):
+    return dict(MASK_KIND=mask_kind, HAS_SOFTCAP=softcap > 0, HAS_DROPOUT=dropout_p > 0,
                 DTYPE=_dtype_code(q.dtype), INTERPRET=q.device.type == "cpu",
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                 EVEN_D=head_dim == _block_d(head_dim))
@@ -935,7 +919,7 @@ def _forward(q, k, v, out, lse, mask, extent: _Extent, causal, scale, window, so
              dropout_p, seed):
     """Runs the forward kernel over `extent`, writing out and lse (allocated by the caller)."""
     mask_tensor, mask_kind, mask_strides = _mask_args(mask, q, extent)
-    flags = _common_flags(q, extent.head_dim, mask_kind, causal, window, softcap, dropout_p)
+    flags = _common_flags(q, extent.head_dim, mask_kind, softcap, dropout_p)
     if out.numel() == 0 or extent.seq_q == 0 or extent.seq_kv == 0:
         out.zero_()
         lse.fill_(math.inf)
@@ -953,8 +937,8 @@ def _forward(q, k, v, out, lse, mask, extent: _Extent, causal, scale, window, so
             *extent.row_strides(out), *mask_strides,
             extent.heads_q, extent.heads_q // extent.heads_kv, extent.seq_q, extent.seq_kv,
             extent.head_dim, extent.total_q,
-            float(scale), int(window), float(softcap), float(keep_scale), seed, threshold,
-            **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+            float(scale), *_band(causal, window), float(softcap), float(keep_scale), seed,
+            threshold, **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
             num_warps=num_warps, num_stages=num_stages)
     return out, lse
 
@@ -964,7 +948,7 @@ def _backward(dout, q, k, v, out, lse, dq, dk, dv, dbias, mask, extent: _Extent,
     """Runs the backward kernels over `extent`, writing dq, dk, dv (and dbias, zero-filled by the
     caller, when bias_grad)."""
     mask_tensor, mask_kind, mask_strides = _mask_args(mask, q, extent)
-    flags = _common_flags(q, extent.head_dim, mask_kind, causal, window, softcap, dropout_p)
+    flags = _common_flags(q, extent.head_dim, mask_kind, softcap, dropout_p)
     batch, heads_q, heads_kv = extent.batch, extent.heads_q, extent.heads_kv
     seq_q, seq_kv, head_dim = extent.seq_q, extent.seq_kv, extent.head_dim
     if batch * heads_q * seq_q == 0 or seq_kv == 0:  # nothing to attend: zero gradients
@@ -974,9 +958,10 @@ def _backward(dout, q, k, v, out, lse, dq, dk, dv, dbias, mask, extent: _Extent,
     block_d = _block_d(head_dim)
     extras = mask is not None or dropout_p > 0 or softcap > 0
     group = heads_q // heads_kv
-    scalars = (float(scale), int(window), float(softcap), float(keep_scale), seed, threshold)
+    scalars = (float(scale), *_band(causal, window), float(softcap), float(keep_scale), seed,
+               threshold)
     strides = (*extent.row_strides(q), *extent.row_strides(k), *extent.row_strides(v),
-               *extent.row_strides(dout), *mask_strides)
+               *extent.row_strides(dout))
     cu_seqlens = (extent.cu_seqlens_q, extent.cu_seqlens_k)
     # delta, like lse: [B, Hq, Sq], or [Hq, total_q] packed, which the delta kernel computes as
     # one batch entry of total_q rows
@@ -985,26 +970,27 @@ def _backward(dout, q, k, v, out, lse, dq, dk, dv, dbias, mask, extent: _Extent,
     delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
     lse_fix = torch.empty_like(delta) if mask_kind == 2 else delta  # see _lse_fix
     with _on_device(q):
-        block_m = (INTERPRETER_BLOCK_M if q.device.type == "cpu"
-                   else DELTA_TILE_ELEMENTS // block_d)
+        block_m, block_d_delta = ((INTERPRETER_BLOCK_M, block_d) if q.device.type == "cpu"
+                                  else DELTA_TILE)
         _attention_delta_kernel[(triton.cdiv(delta_rows, block_m) * delta_batch * heads_q,)](
             out, dout, delta, *extent.row_strides(out), *extent.row_strides(dout), heads_q,
-            delta_rows, head_dim, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4)
+            delta_rows, head_dim, BLOCK_M=block_m, BLOCK_D=block_d_delta, num_warps=4,
+            num_stages=1)
 
         # dQ first: with an additive mask it writes the lse correction that dK/dV reads
         block_m, block_n, num_warps, num_stages = _config(DQ_CONFIGS, block_d, q, extras)
         _attention_dq_kernel[(triton.cdiv(seq_q, block_m) * batch * heads_q,)](
             q, k, v, mask_tensor, dout, lse, delta, lse_fix, dq,
-            dbias if bias_grad else delta, *cu_seqlens, *strides, heads_q, group, seq_q, seq_kv,
-            head_dim, extent.total_q, *scalars, **flags, BIAS_GRAD=bool(bias_grad),
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
-            num_stages=num_stages)
+            dbias if bias_grad else delta, *cu_seqlens, *strides,
+            *mask_strides, heads_q, group, seq_q, seq_kv, head_dim, extent.total_q, *scalars,
+            **flags, BIAS_GRAD=bool(bias_grad), BLOCK_M=block_m, BLOCK_N=block_n,
+            BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages)
 
         block_m, block_n, num_warps, num_stages = _config(DKDV_CONFIGS, block_d, q, extras)
         _attention_dkdv_kernel[(triton.cdiv(seq_kv, block_n) * batch * heads_kv,)](
             q, k, v, mask_tensor, dout, lse, delta, lse_fix, dk, dv, *cu_seqlens, *strides,
-            heads_q, heads_kv, group, seq_q, seq_kv, head_dim, extent.total_q, *scalars,
-            **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+            *mask_strides, heads_q, heads_kv, group, seq_q, seq_kv, head_dim, extent.total_q,
+            *scalars, **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
             num_warps=num_warps, num_stages=num_stages)
     return dq, dk, dv, dbias
 

@@ -27,6 +27,31 @@ SHAPES = [
 ]
 MASKS = ["none", "padding", "bool", "additive", "bias_grad"]
 HALF_DTYPES = [torch.float16, torch.bfloat16]
+HALF_SHAPES = [(2, 4, 2, 17, 129, 64), (1, 2, 1, 128, 128, 128), (1, 4, 4, 1, 300, 80)]
+
+# On a GPU each distinct Triton build (kernel x constexprs x dtypes x tile) that the tests launch
+# is a JIT compile of about 1.5 s, out of a short lease (tests/test_triton_compile.py bounds their
+# number; tests/triton_variants.py mirrors the lists below). The gpu runs keep the parameters that
+# compile every kernel's every flag value, head-dim block, tile and dtype at least once, and those
+# that reuse these builds (causal, window and scale are runtime arguments: free); the others would
+# compile builds that differ from those only in a combination of such values, and run on CPU
+# (under the interpreter) only. Which builds what:
+#   fp32, padding mask: head dims 64 (also mask kinds padding / bool, window, scale), 80 and 96
+#     (BLOCK_D 128, EVEN_D false), 256, 32 (causal Sq > Skv: rows that see no key); softcap
+#     (D 64); dropout + additive mask (D 32); additive bias with its gradient, rows all finfo.min
+#     (D 32, the _lse_fix path)
+#   bf16 D 128 and fp16 D 64 (padding mask); fp16 and bf16 additive bias with its gradient (D 32)
+#   head dim 16, bf16 D 64 and the packed layout: tests/test_varlen_attention.py
+GPU_SHAPES = [s for s in SHAPES if s[-1] in (32, 64, 80, 96, 256)]
+GPU_MASKS = ["padding", "bool"]
+GPU_HALF = [(HALF_SHAPES[1], torch.bfloat16), (HALF_SHAPES[0], torch.float16)]
+GPU_HALF_BIAS_DTYPES = HALF_DTYPES
+
+
+def cpu_only_unless(keep, device):
+    """Skips a gpu run of a parameter set outside the GPU_* lists (it runs on CPU only)."""
+    if device != "cpu" and not keep:
+        pytest.skip("on CPU only: its Triton builds differ from the gpu runs' in combination only")
 
 
 def shape_id(shape):
@@ -110,6 +135,7 @@ def check_against_reference(inputs, backend, dtype, *, grads=True, **kwargs):
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 @pytest.mark.parametrize("backend,device", backend_params())
 def test_shapes_with_padding(backend, device, shape, causal):
+    cpu_only_unless(shape in GPU_SHAPES, device)
     inputs = make_inputs(shape, torch.float32, device, "padding")
     check_against_reference(inputs, backend, torch.float32, causal=causal)
 
@@ -118,16 +144,17 @@ def test_shapes_with_padding(backend, device, shape, causal):
 @pytest.mark.parametrize("mask_kind", MASKS)
 @pytest.mark.parametrize("backend,device", backend_params())
 def test_mask_kinds(backend, device, mask_kind, causal):
+    cpu_only_unless(mask_kind in GPU_MASKS, device)
     inputs = make_inputs((2, 4, 2, 33, 70, 64), torch.float32, device, mask_kind)
     check_against_reference(inputs, backend, torch.float32, causal=causal,
                             mask_grad=mask_kind == "bias_grad")
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(2, 4, 2, 17, 129, 64), (1, 2, 1, 128, 128, 128),
-                                   (1, 4, 4, 1, 300, 80)], ids=shape_id)
+@pytest.mark.parametrize("shape", HALF_SHAPES, ids=shape_id)
 @pytest.mark.parametrize("backend,device", backend_params())
 def test_half_precision(backend, device, shape, dtype):
+    cpu_only_unless((shape, dtype) in GPU_HALF, device)
     inputs = make_inputs(shape, dtype, device, "padding")
     check_against_reference(inputs, backend, dtype, causal=True)
 
@@ -135,6 +162,7 @@ def test_half_precision(backend, device, shape, dtype):
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 @pytest.mark.parametrize("backend,device", backend_params())
 def test_half_precision_bias_grad(backend, device, dtype):
+    cpu_only_unless(dtype in GPU_HALF_BIAS_DTYPES, device)
     inputs = make_inputs((1, 2, 2, 40, 40, 32), dtype, device, "bias_grad")
     check_against_reference(inputs, backend, dtype, mask_grad=True)
 
@@ -171,6 +199,9 @@ def test_dropout_draws_a_fresh_mask_per_call_and_keeps_the_expected_fraction():
 
 @pytest.mark.parametrize("backend,device", backend_params())
 def test_rows_without_visible_keys_give_zeros(backend, device):
+    # on a GPU its D 16 call would compile a build for itself; rows that see no key run there in
+    # test_shapes_with_padding's causal Sq > Skv shape
+    cpu_only_unless(False, device)
     q, k, v, _ = make_inputs((2, 2, 2, 9, 12, 32), torch.float32, device)
     mask = torch.ones(2, 1, 9, 12, dtype=torch.bool, device=device)
     mask[0, :, 3] = False       # one query row sees nothing
@@ -208,6 +239,8 @@ def test_rows_whose_keys_all_carry_finfo_min_match_fp32_eager(backend, device):
 @pytest.mark.parametrize("backend,device", backend_params())
 def test_strided_inputs_in_the_transformers_layout(backend, device):
     """q/k/v as transformers hands them over: [B, S, H, D] transposed to [B, H, S, D]."""
+    # on a GPU it would compile an fp32 no-mask D 64 build for itself; strides are runtime values
+    cpu_only_unless(False, device)
     batch, seq, heads, dim = 2, 21, 4, 64
     q, k, v = (torch.randn(batch, seq, heads, dim, device=device).transpose(1, 2)
                for _ in range(3))

@@ -11,10 +11,11 @@ what the interpreter cannot: a tl.dot whose out_dtype the GPU compiler rejects, 
 registers over the target's limits, a construct a given triton version no longer accepts.
 
 Rows are grouped: "gpu-tests" mirror the parameters of the `gpu`-marked tests (tests/test_norm.py,
-test_int8.py, test_attention.py, test_attention_cuda.py; the cuda backend's Triton fallbacks
-(attention backward, fp32, dropout; w8a16 with m > 16) launch a subset of the triton backend's
-variants), "bench" the shapes of benchmarks/gpu_quick.py. Add a row to cover a new launcher (e.g.
-the varlen attention): a function taking nothing that calls launchers on `cuda(...)` tensors.
+test_int8.py, test_attention.py, test_varlen_attention.py, test_attention_cuda.py; the cuda
+backend's Triton fallbacks (attention backward, fp32, dropout; w8a16 with m > 16) launch a subset
+of the triton backend's variants; the attention tests' gpu runs are the parameters of their GPU_*
+lists, imported here), "bench" the shapes of benchmarks/gpu_quick.py. Add a row to cover a new
+launcher: a function taking nothing that calls launchers on `cuda(...)` tensors.
 
 On a GPU, triton's JIT also specializes integer arguments equal to 1 and pointer / integer
 divisibility by 16, so the compiles there are somewhat more than the variants counted here; the
@@ -24,6 +25,8 @@ compile of each such specialization goes through the same code.
     python tests/triton_variants.py --compile [--all]   # compile for sm_80 and sm_90
       (default: a representative subset -- every kernel, every constexpr flag value and dtype
        that occurs, at least once; --all: every variant)
+    --groups gpu-tests,bench (default) selects row groups, --rows attention,varlen-attention rows
+    by name; --spills prints each sm_90 build's registers and spill bytes (ptxas -v)
 Must run without TRITON_INTERPRET (the kernels must be JITFunctions); tests/test_triton_compile.py
 runs it in a subprocess.
 """
@@ -200,6 +203,31 @@ def _attention(shape, dtype, *, mask=None, causal=False, window=0, softcap=0.0, 
                                       bias_grad)
 
 
+def _varlen(lengths_q, lengths_k, heads_q, heads_kv, d, dtype, *, mask=None, causal=False,
+            window=0, softcap=0.0, dropout_p=0.0, backward=True, bias_grad=False):
+    """transfuse.ops.varlen_attention's Triton forward (and backward) on packed sequences of
+    these lengths (cu_seqlens int32 on the device); mask None, "bool" [B,1,1,max_k] or "bias"
+    [1,Hq,max_q,max_k] of dtype, broadcast to [B, Hq, max_q, max_k] as ops/attention.py does."""
+    lengths_k = lengths_k or lengths_q
+    batch, max_q, max_k = len(lengths_q), max(lengths_q), max(lengths_k)
+    q = cuda(sum(lengths_q), heads_q, d, dtype=dtype)
+    k, v = (cuda(sum(lengths_k), heads_kv, d, dtype=dtype) for _ in range(2))
+    cu_q, cu_k = (cuda(batch + 1, dtype=torch.int32) for _ in range(2))
+    extent = (batch, heads_q, max_q, max_k)
+    masks = {None: None,
+             "bool": lambda: cuda(batch, 1, 1, max_k, dtype=torch.bool).expand(extent),
+             "bias": lambda: cuda(1, heads_q, max_q, max_k, dtype=dtype).expand(extent)}
+    m = masks[mask]() if mask else None
+    layout = (cu_q, cu_k, max_q, max_k)
+    scale = d ** -0.5
+    out, lse = tattention.varlen_attention_forward(q, k, v, *layout, m, causal, scale, window,
+                                                   softcap, dropout_p, 99)
+    if backward:
+        tattention.varlen_attention_backward(cuda(*q.shape, dtype=dtype), q, k, v, out, lse,
+                                             *layout, m, causal, scale, window, softcap,
+                                             dropout_p, 99, bias_grad)
+
+
 def _norm_test_rows():
     from test_norm import DTYPES, HIDDEN, ROWS
     for dtype in DTYPES:
@@ -240,31 +268,36 @@ def _int8_test_rows():
 
 
 def _attention_test_rows():
-    from test_attention import HALF_DTYPES, MASKS, SHAPES
-    for shape in SHAPES:
-        for causal in (False, True):
-            _attention(shape, _F32, mask="padding", causal=causal)
+    """tests/test_attention.py's gpu runs (its GPU_* lists; causal, window and scale are runtime
+    arguments of the kernels, so each call below stands for its causal and non-causal runs)."""
+    from test_attention import GPU_HALF, GPU_HALF_BIAS_DTYPES, GPU_MASKS, GPU_SHAPES
     kinds = {"none": None, "padding": "padding", "bool": "bool", "additive": "additive",
              "bias_grad": "bias"}
-    for kind in MASKS:
-        for causal in (False, True):
-            _attention((2, 4, 2, 33, 70, 64), _F32, mask=kinds[kind], causal=causal,
-                       bias_grad=kind == "bias_grad")
-    for dtype in HALF_DTYPES:
-        for shape in [(2, 4, 2, 17, 129, 64), (1, 2, 1, 128, 128, 128), (1, 4, 4, 1, 300, 80)]:
-            _attention(shape, dtype, mask="padding", causal=True)
+    for shape in GPU_SHAPES:                                              # shapes_with_padding
+        _attention(shape, _F32, mask="padding", causal=True)
+    for kind in GPU_MASKS:                                                # mask_kinds
+        _attention((2, 4, 2, 33, 70, 64), _F32, mask=kinds[kind], causal=True,
+                   bias_grad=kind == "bias_grad")
+    for shape, dtype in GPU_HALF:                                         # half_precision
+        _attention(shape, dtype, mask="padding", causal=True)
+    for dtype in GPU_HALF_BIAS_DTYPES:                                    # half ... bias_grad
         _attention((1, 2, 2, 40, 40, 32), dtype, mask="bias", bias_grad=True)
     for option in [dict(window=9), dict(window=9, causal=True), dict(softcap=2.0),
-                   dict(softcap=2.0, causal=True), {}]:
+                   dict(softcap=2.0, causal=True), {}]:                   # window_softcap_scale
         _attention((1, 4, 2, 37, 53, 64), _F32, mask="padding", **option)
-    for causal in (False, True):
+    for causal in (False, True):                                          # dropout
         _attention((2, 2, 1, 29, 45, 32), _F32, mask="additive", causal=causal, dropout_p=0.25)
-    _attention((2, 2, 2, 9, 12, 32), _F32, mask="bool")
-    _attention((1, 2, 2, 5, 40, 16), _F32, causal=True, window=3)
-    for causal in (False, True):
+    for causal in (False, True):                                          # rows all finfo.min
         _attention((2, 2, 1, 9, 300, 32), _F32, mask="bias", causal=causal, bias_grad=True)
-    _attention((2, 4, 4, 21, 21, 64), _F32, causal=True)
-    _attention((2, 4, 4, 21, 21, 64), _F32)
+
+
+def _varlen_attention_test_rows():
+    """tests/test_varlen_attention.py's gpu runs (its GPU_* lists)."""
+    from test_varlen_attention import GPU_CASES, GPU_HALF_DTYPES
+    for lengths_q, lengths_k, heads_q, heads_kv, d in GPU_CASES:         # mixed_lengths
+        _varlen(lengths_q, lengths_k, heads_q, heads_kv, d, _F32, causal=True)
+    for dtype in GPU_HALF_DTYPES:                                         # half_precision
+        _varlen([1, 17, 129, 64], None, 4, 2, 64, dtype, causal=True)
 
 
 def _attention_cuda_test_rows():
@@ -277,6 +310,8 @@ def _bench_rows():
     for causal in (False, True):
         _attention((4, 32, 32, 4096, 4096, 128), _BF16, causal=causal, backward=False)
     _attention((1, 32, 8, 1, 32768, 128), _BF16, causal=True, backward=False)
+    _varlen([128 + 125 * i for i in range(32)], None, 16, 16, 128, _BF16, causal=True,
+            backward=False)                                               # varlen, 32 sequences
     for rms in (False, True):
         _norm(4096, 4096, _BF16, rms=rms, backward=False)
     _int8(4096, 4096, 4096, _BF16, "w8a8", bias=False)
@@ -289,14 +324,16 @@ ROWS = [
     ("gpu-tests", "norm", _norm_test_rows),
     ("gpu-tests", "int8", _int8_test_rows),
     ("gpu-tests", "attention", _attention_test_rows),
+    ("gpu-tests", "varlen-attention", _varlen_attention_test_rows),
     ("gpu-tests", "attention-cuda", _attention_cuda_test_rows),
     ("bench", "gpu_quick", _bench_rows),
 ]
 
 
-def variants(groups=("gpu-tests", "bench")):
-    """{row name: [Variant]} for the rows of `groups`."""
-    return {name: record(row) for group, name, row in ROWS if group in groups}
+def variants(groups=("gpu-tests", "bench"), rows=None):
+    """{row name: [Variant]} for the rows of `groups` (and of the names `rows`, if given)."""
+    return {name: record(row) for group, name, row in ROWS
+            if group in groups and (rows is None or name in rows)}
 
 
 def distinct(found):
@@ -307,39 +344,64 @@ def distinct(found):
     return list(seen)
 
 
-def representative(vs):
+def representative(vs, per_kernel_only=False):
     """A subset in which every kernel, and every value of each constexpr flag, dtype and option
-    of that kernel, occurs at least once (greedy, in order)."""
+    of that kernel, occurs at least once (greedy, in order); per_kernel_only: one variant of
+    each kernel."""
     chosen, covered = [], set()
     for v in vs:
-        features = {(v.name, "c", item) for item in v[1]} | {(v.name, "s", item) for item in v[2]}
-        features |= {(v.name, "o", item) for item in v[3]} | {(v.name,)}
+        features = {(v.name,)}
+        if not per_kernel_only:
+            features |= {(v.name, "c", item) for item in v[1]}
+            features |= {(v.name, "s", item) for item in v[2]} | {(v.name, "o", item) for item in v[3]}
         if not features <= covered:
             chosen.append(v)
             covered |= features
     return chosen
 
 
-def compile_variant(v, cc):
-    """Compile v for CUDA compute capability cc; -> seconds (raises on failure)."""
+def compile_variant(v, cc, spills=False):
+    """Compile v for CUDA compute capability cc; -> (seconds, "" or, with spills, ptxas's
+    registers and spill bytes of the build) (raises on failure)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     constexprs = {k: val for k, val in v[1]}
     signature = dict(v[2])
     options = dict(v[3])
     start = time.perf_counter()
-    triton.compile(ASTSource(v.fn, signature, constexprs), target=GPUTarget("cuda", cc, 32),
-                   options=options)
-    return time.perf_counter() - start
+    kernel = triton.compile(ASTSource(v.fn, signature, constexprs),
+                            target=GPUTarget("cuda", cc, 32), options=options)
+    seconds = time.perf_counter() - start
+    return seconds, (_ptxas_usage(kernel.asm["ptx"], cc) if spills else "")
+
+
+def _ptxas_usage(ptx, cc):
+    """"regs R, spill S/L bytes" of ptxas -v on the PTX (the ptxas triton compiles with)."""
+    import re
+    import subprocess
+    import tempfile
+    from triton.backends.nvidia.compiler import get_ptxas
+    ptxas = (get_ptxas(cc) if inspect.signature(get_ptxas).parameters else get_ptxas()).path
+    arch = f"sm_{cc}a" if cc >= 90 else f"sm_{cc}"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.ptx"
+        path.write_text(ptx)
+        log = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", str(path), "-o",
+                              str(path.with_suffix(".o"))], capture_output=True, text=True).stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return (f"regs {regs.group(1) if regs else '?'}, spill "
+            f"{'/'.join(spill.groups()) if spill else '?'} bytes")
 
 
 def _compile_job(args):
-    index, cc = args
+    index, cc, spills = args
     v = _JOBS[index]
     try:
-        return index, cc, compile_variant(v, cc), None
+        seconds, usage = compile_variant(v, cc, spills and cc == 90)
+        return index, cc, seconds, usage, None
     except Exception as error:  # reported with the variant
-        return index, cc, None, f"{type(error).__name__}: {str(error)[:2000]}"
+        return index, cc, None, "", f"{type(error).__name__}: {str(error)[:2000]}"
 
 
 _JOBS = []
@@ -350,13 +412,21 @@ def main(argv=None):
     parser.add_argument("--list", action="store_true", help="print every variant")
     parser.add_argument("--compile", action="store_true", help="compile for the targets")
     parser.add_argument("--all", action="store_true", help="compile every variant")
+    parser.add_argument("--per-kernel", action="store_true",
+                        help="compile one variant of each kernel (a quick check)")
     parser.add_argument("--targets", default=",".join(map(str, TARGETS)))
     parser.add_argument("--groups", default="gpu-tests,bench")
+    parser.add_argument("--rows", default=None,
+                        help="only these rows (comma-separated names, e.g. attention)")
+    parser.add_argument("--spills", action="store_true",
+                        help="print the registers and spill bytes of each sm_90 build (without "
+                             "the JIT's alignment / divisibility-by-16 specializations, which "
+                             "on a GPU vectorize the loads: an upper bound)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
     assert isinstance(tnorm._norm_forward_fused_kernel, JITFunction), \
         "run without TRITON_INTERPRET: the kernels must be JITFunctions"
-    found = variants(tuple(args.groups.split(",")))
+    found = variants(tuple(args.groups.split(",")), args.rows and args.rows.split(","))
     every = distinct(found)
     per_kernel = {}
     for v in every:
@@ -371,12 +441,13 @@ def main(argv=None):
             print("  " + v.describe())
     if not args.compile:
         return 0
-    chosen = every if args.all else representative(every)
+    chosen = every if args.all else representative(every, args.per_kernel)
     targets = [int(t) for t in args.targets.split(",")]
     _JOBS[:] = chosen
-    jobs = [(i, cc) for i in range(len(chosen)) for cc in targets]
+    jobs = [(i, cc, args.spills) for i in range(len(chosen)) for cc in targets]
     print(f"compiling {len(chosen)} variants for sm_{', sm_'.join(map(str, targets))} "
-          f"({'all' if args.all else 'representative subset'}), {args.jobs} processes",
+          f"({'all' if args.all else 'one per kernel' if args.per_kernel else 'representative'}"
+          f"), {args.jobs} processes",
           flush=True)
     start = time.perf_counter()
     if args.jobs > 1:
@@ -385,8 +456,11 @@ def main(argv=None):
             results = pool.map(_compile_job, jobs, chunksize=1)
     else:
         results = [_compile_job(job) for job in jobs]
-    failures = [(chosen[i], cc, err) for i, cc, _, err in results if err]
-    times = [t for _, _, t, _ in results if t is not None]
+    failures = [(chosen[i], cc, err) for i, cc, _, _, err in results if err]
+    times = [t for _, _, t, _, _ in results if t is not None]
+    for i, cc, _, usage, _ in results:
+        if usage:
+            print(f"sm_{cc} {usage}: {chosen[i].describe()}")
     for v, cc, err in failures:
         print(f"FAILED sm_{cc}: {v.describe()}\n    {err}")
     if times:
