@@ -18,6 +18,14 @@ def backend_params():
     return params
 
 
+def cpu_only_unless(keep, device):
+    """Skips a gpu run of a parameter set outside the GPU_* lists (it runs on CPU only): the gpu
+    tests keep the parameter sets that build distinct Triton variants, so that their JIT compiles
+    fit a short GPU lease (tests/triton_variants.py counts them)."""
+    if device != "cpu" and not keep:
+        pytest.skip("on CPU only: its Triton builds differ from the gpu runs' in combination only")
+
+
 def assert_close_to_reference(out, exact, plain, *, atol, name):
     """The FlashAttention rule: |out - exact| <= 2 |plain - exact| + atol, elementwise maxima.
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import transfuse
 from transfuse import reference
 
-from helpers import assert_close_to_reference, backend_params
+from helpers import assert_close_to_reference, backend_params, cpu_only_unless
 
 pytestmark = pytest.mark.usefixtures("poison_allocations")
 
@@ -46,12 +46,6 @@ GPU_SHAPES = [s for s in SHAPES if s[-1] in (32, 64, 80, 96, 256)]
 GPU_MASKS = ["padding", "bool"]
 GPU_HALF = [(HALF_SHAPES[1], torch.bfloat16), (HALF_SHAPES[0], torch.float16)]
 GPU_HALF_BIAS_DTYPES = HALF_DTYPES
-
-
-def cpu_only_unless(keep, device):
-    """Skips a gpu run of a parameter set outside the GPU_* lists (it runs on CPU only)."""
-    if device != "cpu" and not keep:
-        pytest.skip("on CPU only: its Triton builds differ from the gpu runs' in combination only")
 
 
 def shape_id(shape):

@@ -6,7 +6,7 @@ import torch
 import transfuse
 from transfuse import reference
 
-from helpers import assert_close_to_reference, backend_params
+from helpers import assert_close_to_reference, backend_params, cpu_only_unless
 
 pytestmark = pytest.mark.usefixtures("poison_allocations")
 
@@ -31,12 +31,6 @@ HALF_DTYPES = [torch.float16, torch.bfloat16]
 # padded gpu runs build (softcap, dropout, masks, head dims) and run on CPU only.
 GPU_CASES = [CASES[4]]
 GPU_HALF_DTYPES = [torch.bfloat16]
-
-
-def cpu_only_unless(keep, device):
-    """Skips a gpu run of a parameter set outside the GPU_* lists (it runs on CPU only)."""
-    if device != "cpu" and not keep:
-        pytest.skip("on CPU only: its Triton builds differ from the gpu runs' in combination only")
 
 
 def case_id(case):
