@@ -66,9 +66,10 @@ def _outputs_recorded():
     return bool(_active_collector.get())
 
 
-def _cache_argument(module):
+@functools.lru_cache(maxsize=None)
+def _cache_argument(model_class):
     """The name the model's forward gives its KV cache ("cache" on newer transformers)."""
-    parameters = inspect.signature(type(module).forward).parameters
+    parameters = inspect.signature(model_class.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
 
 
@@ -145,13 +146,14 @@ def _base_forward(self, *args, **kwargs):
     if len(args) > len(names):               # model; more of them: passed through untouched
         return original(*args, **kwargs)
     kwargs.update(zip(names, args))
+    # a cache is read before the mask: decoding steps (a cache holding tokens) leave at once
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
     valid = None
-    if getattr(self.config, "_attn_implementation", None) == ATTENTION_NAME:
+    if (getattr(self.config, "_attn_implementation", None) == ATTENTION_NAME
+            and (cache is None or (decoder and _fresh_dynamic_cache(cache)))):
         valid = _skippable_padding(kwargs.get("attention_mask"), kwargs, self.config)
     if valid is not None and decoder:
         valid = _with_cache(self, valid, kwargs)
-    elif kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
-        valid = None
     if valid is None:
         return original(**kwargs)
     if kind == "stack":
@@ -166,7 +168,7 @@ def _base_forward(self, *args, **kwargs):
 def _with_cache(module, valid, kwargs):
     """For a decoder: `valid` when the call uses no KV cache, or one a packed prefill can fill
     (then kwargs name it, created here when the model would create one), else None."""
-    name = _cache_argument(module)
+    name = _cache_argument(type(module))
     cache = kwargs.get(name, kwargs.get("past_key_values"))
     use_cache = kwargs.get("use_cache")
     if use_cache is None:
