@@ -143,6 +143,9 @@ def _store_output(acc, rows, cols, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, 
 # (twice: the second pass mostly reads from cache). In fp32, per row i:
 #   absmax = max_k |x[i, k]|;  scale = absmax / 127 (IEEE division), 1 where that is 0
 #   q[i, k] = clamp(rint(x[i, k] / scale), -127, 127)   (IEEE division, ties to even)
+# A row holding NaN or inf gets scale NaN and q = 0. absmax is reduced on the bit patterns of |x|
+# (int32: for non-negative floats the integer order is the float order, NaN above inf), since a
+# float max may skip NaN.
 @triton.jit
 def _quantize_per_token_kernel(
     x_ptr,      # [rows, cols] input, x dtype
@@ -159,14 +162,18 @@ def _quantize_per_token_kernel(
     row_starts = rows.to(tl.int64)[:, None] * n_cols
     tile = tl.arange(0, BLOCK_COLS)
 
-    absmax = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
+    absmax_bits = tl.zeros([BLOCK_ROWS], dtype=tl.int32)
     for col_start in range(0, n_cols, BLOCK_COLS):
         cols = col_start + tile
         mask = row_mask[:, None] & (cols < n_cols)[None, :]
         x = tl.load(x_ptr + row_starts + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        absmax = tl.maximum(absmax, tl.max(tl.abs(x), axis=1))
-    scale = tl.math.div_rn(absmax, 127.0)
+        bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+        absmax_bits = tl.maximum(absmax_bits, tl.max(bits, axis=1))
+    finite = absmax_bits < 0x7F800000
+    scale = tl.math.div_rn(absmax_bits.to(tl.float32, bitcast=True), 127.0)
     scale = tl.where(scale == 0.0, 1.0, scale)
+    nan = tl.full([BLOCK_ROWS], 0x7FC00000, tl.int32).to(tl.float32, bitcast=True)
+    scale = tl.where(finite, scale, nan)
     tl.store(scale_ptr + rows, scale, mask=row_mask)
 
     for col_start in range(0, n_cols, BLOCK_COLS):
@@ -174,7 +181,7 @@ def _quantize_per_token_kernel(
         mask = row_mask[:, None] & (cols < n_cols)[None, :]
         x = tl.load(x_ptr + row_starts + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         q = _round_half_even(tl.math.div_rn(x, scale[:, None]), INTERPRET)
-        q = tl.minimum(tl.maximum(q, -127.0), 127.0)
+        q = tl.where(finite[:, None], tl.minimum(tl.maximum(q, -127.0), 127.0), 0.0)
         tl.store(q_ptr + row_starts + cols[None, :], q.to(tl.int8), mask=mask)
 
 
@@ -371,8 +378,9 @@ def _gemm(a, w, a_scale, w_scale, bias, out):
 def quantize_per_token(x):
     """Per-row symmetric int8 quantization of x [m, k] (fp32, fp16 or bf16).
 
-    -> (q int8 [m, k], scale fp32 [m]) with scale = absmax / 127 (1 for a zero row) and
-       q = clamp(rint(x / scale), -127, 127), both bit for bit as in common/int8.h
+    -> (q int8 [m, k], scale fp32 [m]) with scale = absmax / 127 (1 for a zero row; NaN, with
+       q = 0, for a row holding NaN or inf) and q = clamp(rint(x / scale), -127, 127), both bit
+       for bit as in common/int8.h
     """
     _check(x, "x", _FLOAT_DTYPES)
     rows, cols = x.shape

@@ -82,6 +82,13 @@ def _round(v, DTYPE: tl.constexpr):
     return rounded
 
 
+# rstd = 1 / sqrt(v) for v = variance + eps (fp32, IEEE), NaN where v is not finite: a variance
+# that overflows fp32 makes the row's output NaN (as eager layer_norm gives), not zeros.
+@triton.jit
+def _inverse_std(v):
+    return tl.where(v < float("inf"), tl.math.div_rn(1.0, tl.math.sqrt_rn(v)), float("nan"))
+
+
 # h = round_x(x + residual) in fp32 (h = x without residual); masked-out elements are 0.
 #   x_ptr, residual_ptr: the rows' inputs, x dtype, addressed by `offsets`
 @triton.jit
@@ -101,7 +108,7 @@ def _load_h(x_ptr, residual_ptr, offsets, mask, HAS_RESIDUAL: tl.constexpr, X_DT
 # tile (BLOCK_COLS >= cols). Per row, in fp32:
 #   h     = round_x(x + residual)                         (written to residual_out)
 #   mean  = sum(h) / cols                                 (LayerNorm; 0 for RMSNorm)
-#   rstd  = 1 / sqrt(sum((h - mean)^2) / cols + eps)
+#   rstd  = 1 / sqrt(sum((h - mean)^2) / cols + eps)       (NaN where that overflows)
 #   x_hat = round_normalized((h - mean) * rstd)
 #   y     = round_out(x_hat * (weight_offset + w) + b)     (w = 1, offset unused, without weight;
 #                                                         b = 0 without bias)
@@ -147,7 +154,7 @@ def _norm_forward_fused_kernel(
         tl.store(mean_ptr + row_ids, mean, mask=row_mask)
         centered = tl.where(mask, h - mean[:, None], 0.0)
     variance = tl.sum(centered * centered, axis=1) / n_cols
-    rstd = tl.math.div_rn(1.0, tl.math.sqrt_rn(variance + eps))
+    rstd = _inverse_std(variance + eps)
     tl.store(rstd_ptr + row_ids, rstd, mask=row_mask)
 
     y = _round(centered * rstd[:, None], NORMALIZED_DTYPE)
@@ -164,7 +171,7 @@ def _norm_forward_fused_kernel(
 # _norm_forward_fused_kernel, in passes over the row (h is recomputed from x and residual in each):
 #   pass 1: h = round_x(x + residual) (written to residual_out); sum(h), or sum(h^2) for RMSNorm
 #   pass 2 (LayerNorm only): mean = sum(h) / cols; sum((h - mean)^2)
-#   then rstd = 1 / sqrt(sum((h - mean)^2) / cols + eps)
+#   then rstd = 1 / sqrt(sum((h - mean)^2) / cols + eps)   (NaN where that overflows)
 #   last pass: y = round_out(round_normalized((h - mean) * rstd) * (weight_offset + w) + b)
 @triton.jit
 def _norm_forward_looped_kernel(
@@ -220,7 +227,7 @@ def _norm_forward_looped_kernel(
             centered = tl.where(mask, h - mean, 0.0)
             squares += centered * centered
         variance = tl.sum(squares, axis=0) / n_cols
-    rstd = tl.math.div_rn(1.0, tl.math.sqrt_rn(variance + eps))
+    rstd = _inverse_std(variance + eps)
     tl.store(rstd_ptr + row, rstd)
 
     # last pass: normalize, scale, shift

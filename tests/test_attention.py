@@ -334,6 +334,18 @@ def _bad(**changes):
     (lambda: _bad(softcap=-1.0), ValueError, "softcap must be"),
     (lambda: _bad(scale="x"), TypeError, "scale must be a number"),
     (lambda: _bad(backend="nope"), ValueError, "backend must be one of"),
+    # scale finite and > 0; softcap finite and >= 0 (0 = off)
+    (lambda: _bad(scale=float("inf")), ValueError, "scale must be > 0.0 and finite"),
+    (lambda: _bad(scale=float("nan")), ValueError, "scale must be"),
+    (lambda: _bad(scale=0.0), ValueError, "scale must be"),
+    (lambda: _bad(scale=-0.25), ValueError, "scale must be"),
+    (lambda: _bad(scale=True), TypeError, "scale must be a number"),
+    (lambda: _bad(softcap=float("inf")), ValueError, "softcap must be >= 0.0 and finite"),
+    (lambda: _bad(softcap=float("nan")), ValueError, "softcap must be"),
+    (lambda: _bad(softcap=None), TypeError, "softcap must be a number"),
+    (lambda: _bad(backend=3), TypeError, "backend must be a str or None"),
+    (lambda: _bad(dropout_p=0.1, dropout_seed="abc"), TypeError, "dropout_seed must be an int"),
+    (lambda: _bad(dropout_seed=1.5), TypeError, "dropout_seed must be an int"),
 ])
 def test_bad_input_names_the_argument(args, error, match):
     kwargs = args()

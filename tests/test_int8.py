@@ -6,7 +6,7 @@ import torch
 import transfuse
 from transfuse import reference
 
-from helpers import backend_params
+from helpers import backend_params, cpu_backends
 
 pytestmark = pytest.mark.usefixtures("poison_allocations")
 
@@ -78,6 +78,69 @@ def test_quantize_rounds_half_to_even_and_gives_zero_rows_scale_one(backend, dev
     q, scale = transfuse.ops.quantize_per_token(x, backend=backend)
     assert q[0].tolist() == [127, 0, 2, 2, 0, -2] and scale.tolist() == [1.0, 1.0, 1.0]
     assert q[1].tolist() == [0] * 6 and q[2].tolist() == [0] * 6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_rows_with_nan_or_inf_get_scale_nan_and_nan_w8a8_outputs(backend, device, dtype):
+    """A row holding NaN or inf (anywhere: first element, a tail tile) is quantized to scale NaN
+    and q = 0 on every backend, as the reference does, so its w8a8 outputs are NaN; w8a16 gives
+    what the float64 matmul gives (NaN or +-inf). Finite rows are unaffected."""
+    nan, inf = float("nan"), float("inf")
+    x = activations(6, 300, torch.float32, "cpu")
+    x[0, 7], x[1, 299], x[3, 0], x[4, 0], x[4, 150] = nan, inf, -inf, inf, nan
+    x = x.to(dtype).to(device)
+    finite = torch.tensor([False, False, True, False, False, True], device=device)
+    q, scale = transfuse.ops.quantize_per_token(x, backend=backend)
+    expected_q, expected_scale = reference.quantize_per_token(x)
+    assert torch.equal(scale.isnan(), ~finite) and torch.equal(expected_scale.isnan(), ~finite)
+    assert torch.equal(scale[finite], expected_scale[finite])
+    assert torch.equal(q, expected_q) and (q[~finite] == 0).all()
+    if dtype != torch.float32:
+        return  # the GEMMs take the scales as they are: checked once
+    w, w_scale = quantized_weight(5, 300, device)
+    bias = torch.randn(5).to(dtype).to(device)
+    for mode in ("w8a8", "w8a16"):
+        out = transfuse.ops.int8_linear(x, w, w_scale, bias, mode, backend=backend)
+        exact = reference.int8_linear(x, w, w_scale, bias, mode)
+        assert torch.equal(out.isnan(), exact.isnan()), mode
+        assert torch.equal(out.isinf(), exact.isinf()), mode
+        assert torch.isfinite(out[finite]).all(), mode
+    assert out.isnan().any()  # w8a16 also sees the NaN rows
+    out = transfuse.ops.int8_linear(x, w, w_scale, bias, "w8a8", backend=backend)
+    assert out[~finite].isnan().all()
+
+
+@pytest.mark.parametrize("backend", ["reference"] + cpu_backends())
+def test_zero_width_x_gives_zeros_plus_bias_as_f_linear(backend):
+    """k = 0: quantize_per_token gives [..., 0] int8 and scale 1 per row; int8_linear gives what
+    F.linear gives (bias, or zeros), in both modes, with an empty gradient for x."""
+    x = torch.randn(2, 3, 0, requires_grad=True)
+    q, scale = transfuse.ops.quantize_per_token(x, backend=backend)
+    assert q.shape == (2, 3, 0) and q.dtype == torch.int8 and torch.equal(scale, torch.ones(2, 3))
+    w, w_scale = torch.zeros(4, 0, dtype=torch.int8), torch.rand(4)
+    bias = torch.randn(4, requires_grad=True)
+    for mode in ("w8a8", "w8a16"):
+        out = transfuse.ops.int8_linear(x, w, w_scale, bias, mode, backend=backend)
+        torch.testing.assert_close(out, torch.nn.functional.linear(x, w.float(), bias),
+                                   rtol=0, atol=0)
+        out.sum().backward()
+        assert x.grad.shape == x.shape
+        assert torch.equal(transfuse.ops.int8_linear(x, w, w_scale, None, mode, backend=backend),
+                           torch.zeros(2, 3, 4))
+
+
+def test_w_scale_requiring_grad_is_refused():
+    """The int8 weight and its scales are frozen: a w_scale that requires grad would silently get
+    no gradient, so int8_linear refuses it (ValueError naming w_scale) while grad is enabled."""
+    w, w_scale = quantized_weight(6, 8, "cpu")
+    w_scale.requires_grad_(True)
+    x = torch.randn(3, 8)
+    with pytest.raises(ValueError, match="w_scale must not require grad"):
+        transfuse.ops.int8_linear(x, w, w_scale)
+    with torch.no_grad():
+        out = transfuse.ops.int8_linear(x, w, w_scale)
+    torch.testing.assert_close(out, reference.int8_linear(x, w, w_scale.detach()))
 
 
 @pytest.mark.parametrize("backend,device", backend_params())
@@ -191,6 +254,7 @@ def _linear_args(**changes):
     (dict(w_scale=torch.ones(6, dtype=torch.float16)), TypeError, "w_scale must be"),
     (dict(bias=torch.ones(7)), ValueError, "bias must have shape"),
     (dict(mode="w4a16"), ValueError, "mode must be one of"),
+    (dict(backend=3), TypeError, "backend must be a str"),
 ])
 def test_bad_input_names_the_argument(changes, error, match):
     with pytest.raises(error, match=match):
@@ -205,3 +269,7 @@ def test_bad_matmul_input_names_the_argument():
         transfuse.ops.int8_matmul(a, torch.ones(3, 5, dtype=torch.int8))
     with pytest.raises(TypeError, match="x must be"):
         transfuse.ops.quantize_per_token(torch.ones(2, 3, dtype=torch.int8))
+    with pytest.raises(TypeError, match="backend must be a str"):
+        transfuse.ops.int8_matmul(a, a, backend=3)
+    with pytest.raises(TypeError, match="backend must be a str"):
+        transfuse.ops.quantize_per_token(torch.ones(2, 3), backend=3)

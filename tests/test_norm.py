@@ -145,6 +145,27 @@ def test_non_contiguous_input(backend, device):
     torch.testing.assert_close(h, h_ref)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("cols", [7, 100, 8208])  # 8208: the looped Triton kernels
+def test_statistics_overflow_gives_nan_rows_not_zeros(backend, device, cols):
+    """fp32 values near 1e30: the variance (sum of squares) overflows fp32. Every backend, the fp32
+    reference included, gives that row NaN (as eager F.layer_norm does), not the zeros of
+    rsqrt(inf) = 0; rows with large finite statistics stay right."""
+    x, r, w, b = make_inputs(3, cols, torch.float32, device)
+    x[1] *= 1e30
+    x[2] *= 1e15  # squares near 1e31: finite
+    for fn, args in ((layer_norm, (x, r, w, b)), (rms_norm, (x, r, w))):
+        y, _ = fn(*args, backend=backend)
+        y_fp32, _ = fn(*args, backend="reference")
+        y_exact, _ = fn(*(t.double() for t in args), backend="reference")
+        assert y[1].isnan().all() and y_fp32[1].isnan().all(), fn.__name__
+        assert torch.isfinite(y_exact).all()
+        rows = [0, 2]
+        assert_close_to_reference(y[rows], y_exact[rows], None, name=fn.__name__,
+                                  atol=1e-5 * max(1.0, y_exact[rows].abs().max().item()))
+
+
 @pytest.mark.parametrize("backend", ["auto", "reference"] + cpu_backends())
 def test_bad_input_names_the_argument(backend):
     x = torch.randn(4, 8)
@@ -163,6 +184,11 @@ def test_bad_input_names_the_argument(backend):
          TypeError, "residual"),
         (lambda: transfuse.ops.layer_norm(x, w, None, eps=-1.0, backend=backend), ValueError,
          "eps"),
+        (lambda: transfuse.ops.layer_norm(x, w, None, eps=float("nan"), backend=backend),
+         ValueError, "eps"),
+        (lambda: transfuse.ops.rms_norm(x, w, eps=float("inf"), backend=backend), ValueError,
+         "eps"),
+        (lambda: transfuse.ops.rms_norm(x, w, eps="1e-6", backend=backend), TypeError, "eps"),
         (lambda: transfuse.ops.layer_norm(torch.randn(4, 0), None, None, backend=backend),
          ValueError, "x"),
         (lambda: transfuse.ops.rms_norm(x, None, backend=backend), TypeError, "weight"),
@@ -183,6 +209,8 @@ def test_backend_selection(monkeypatch):
     w = torch.randn(8)
     with pytest.raises(ValueError, match="backend"):
         transfuse.ops.rms_norm(x, w, backend="fastest")
+    with pytest.raises(TypeError, match="backend must be a str"):
+        transfuse.ops.layer_norm(x, w, None, backend=3)
     # a CPU tensor cannot run on the cuda backend: a clear error, not a crash
     with pytest.raises(ValueError, match="backend='cuda'"):
         transfuse.ops.rms_norm(x, w, backend="cuda")

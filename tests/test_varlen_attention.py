@@ -223,6 +223,12 @@ def _bad(**changes):
      "k's number of heads"),
     (lambda: _bad(mask=torch.ones(3, 1, 1, 3, dtype=torch.bool)), ValueError, "mask of shape"),
     (lambda: _bad(window=-1), ValueError, "window must be"),
+    (lambda: _bad(scale=float("inf")), ValueError, "scale must be > 0.0 and finite"),
+    (lambda: _bad(scale=0.0), ValueError, "scale must be"),
+    (lambda: _bad(softcap=float("inf")), ValueError, "softcap must be >= 0.0 and finite"),
+    (lambda: _bad(softcap=float("nan")), ValueError, "softcap must be"),
+    (lambda: _bad(backend=3), TypeError, "backend must be a str or None"),
+    (lambda: _bad(dropout_p=0.1, dropout_seed="abc"), TypeError, "dropout_seed must be an int"),
 ])
 def test_bad_input_names_the_argument(args, error, match):
     kwargs = args()

@@ -5,6 +5,8 @@
 //   absmax[i] = max_k |x[i, k]|
 //   scale[i]  = absmax[i] / 127                  (1 where that is 0: zero or subnormal rows)
 //   q[i, k]   = clamp(rint(x[i, k] / scale[i]), -127, 127)    (rint: round half to even)
+// A row holding NaN or inf gets scale[i] = NaN and q[i, :] = 0, so that its w8a8 outputs are NaN
+// (the reductions must not skip NaN, as fmaxf does: they compare the bit patterns of |x|).
 //
 // w8a8 linear, x_q [m, k] int8 with per-row scales s_x, w [n, k] int8 with per-output-channel
 // scales s_w (symmetric, as quantized above along k):

@@ -4,7 +4,8 @@
 // Forward, per row i of a contiguous [rows, cols] input, all statistics in fp32:
 //   h      = round_x(x + residual)            (h = x when residual is null; written to residual_out)
 //   mean   = sum(h) / cols                    (LayerNorm; 0 for RMSNorm)
-//   rstd   = 1 / sqrt(sum((h - mean)^2) / cols + eps)
+//   rstd   = 1 / sqrt(sum((h - mean)^2) / cols + eps), NaN where that sum (or + eps) overflows
+//            fp32: the row's y is then NaN (as eager layer_norm gives), never zeros
 //   x_hat  = round_normalized((h - mean) * rstd)   (rounding only where normalized_dtype != f32)
 //   y      = round_out(x_hat * (weight_offset + weight) + bias)   (weight/bias optional)
 // round_T means "convert to dtype T and back": the HF modules' casts, reproduced exactly.

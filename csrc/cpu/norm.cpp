@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstring>
 #include <fstream>
+#include <limits>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -533,8 +534,15 @@ int team_size() {
 // Forward
 // ------------------------------------------------------------------------------------------------
 
+// 1 / sqrt(v), or NaN where v = variance + eps is not finite: a variance that overflows fp32
+// makes the row's output NaN (as eager layer_norm gives), not zeros (1 / sqrt(inf) = 0).
+inline float inverse_std(float v) {
+  return v < std::numeric_limits<float>::infinity() ? 1.0f / std::sqrt(v)
+                                                     : std::numeric_limits<float>::quiet_NaN();
+}
+
 // Per row:  h = round_x(x + residual),  mean = sum(h) / cols (LayerNorm; 0 for RMSNorm),
-//           rstd = 1 / sqrt(sum((h - mean)^2) / cols + eps),
+//           rstd = 1 / sqrt(sum((h - mean)^2) / cols + eps)   (NaN where that sum overflows),
 //           y = round_out(round_normalized((h - mean) * rstd) * (weight_offset + weight) + bias)
 void norm_forward(const NormForwardParams& p) {
   const int64_t rows = p.rows;
@@ -605,7 +613,7 @@ void norm_forward(const NormForwardParams& p) {
       float mean = 0.f;
       if (!p.rms) mean = (have_h_sum ? h_sum : row_sum(h, cols)) * inv_cols;
       const float variance = row_sum_squared_deviations(h, mean, cols) * inv_cols;
-      const float rstd = 1.0f / std::sqrt(variance + p.eps);
+      const float rstd = inverse_std(variance + p.eps);
       if (p.mean) p.mean[row] = mean;
       if (p.rstd) p.rstd[row] = rstd;
 

@@ -279,18 +279,18 @@ __device__ __forceinline__ int quantize_value(float x, float scale) {
 
 // The max of `value` over the blockDim.x threads of this thread's row group (threadIdx.y), in
 // every thread of the group. With blockDim.x > 32 every thread of the block must call it.
-__device__ __forceinline__ float row_max(float value) {
+__device__ __forceinline__ unsigned row_max(unsigned value) {
 #pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) value = fmaxf(value, __shfl_xor_sync(kFullMask, value, offset));
+  for (int offset = 16; offset > 0; offset /= 2) value = max(value, __shfl_xor_sync(kFullMask, value, offset));
   if (blockDim.x == 32) return value;
 
-  __shared__ float warp_max[32];  // a block has at most 32 warps
+  __shared__ unsigned warp_max[32];  // a block has at most 32 warps
   const int warps_per_row = static_cast<int>(blockDim.x) / 32;
   const int first_warp = static_cast<int>(threadIdx.y) * warps_per_row;
   __syncthreads();  // the previous call's readers are done with warp_max
   if (threadIdx.x % 32 == 0) warp_max[first_warp + static_cast<int>(threadIdx.x) / 32] = value;
   __syncthreads();
-  for (int w = 0; w < warps_per_row; ++w) value = fmaxf(value, warp_max[first_warp + w]);
+  for (int w = 0; w < warps_per_row; ++w) value = max(value, warp_max[first_warp + w]);
   return value;
 }
 
@@ -316,9 +316,10 @@ __device__ __forceinline__ void store_q(int8_t* q, const int (&values)[kVec]) {
 }
 
 // Per row i of x [rows, cols]:
-//   absmax = max_k |x[i, k]| (fp32; NaN elements are skipped by fmaxf)
-//   scale  = absmax / 127, or 1 where that is 0
-//   q      = clamp(rint(x / scale), -127, 127)
+//   absmax = max_k |x[i, k]|, reduced on the bit patterns of |x| (the integer order of
+//            non-negative floats, NaN above inf: fmaxf would skip a NaN)
+//   scale  = absmax / 127, or 1 where that is 0; NaN where absmax is inf or NaN
+//   q      = clamp(rint(x / scale), -127, 127); 0 where scale is NaN
 // A row belongs to a group of blockDim.x threads (a multiple of 32), blockDim.y groups a block,
 // rows grid-stride. Thread t of a group handles vectors t, t + blockDim.x, ... of kVec elements
 // (kVec = 16 / sizeof(T): 16-byte loads, rows aligned; kVec = 1: any row). Pass 1 reduces absmax
@@ -333,20 +334,21 @@ __global__ void __launch_bounds__(1024) quantize_per_token_kernel(const Quantize
     const bool row_valid = row < p.rows;
     const T* x_row = x + row * p.cols;
 
-    float absmax = 0.f;
+    unsigned absmax_bits = 0u;
     if (row_valid) {
       for (int64_t v = threadIdx.x; v < vectors; v += blockDim.x) {
         float values[kVec];
         load_floats<T, kVec>(x_row + v * kVec, kVec, true, values);
 #pragma unroll
-        for (int j = 0; j < kVec; ++j) absmax = fmaxf(absmax, fabsf(values[j]));
+        for (int j = 0; j < kVec; ++j) absmax_bits = max(absmax_bits, __float_as_uint(values[j]) & 0x7fffffffu);
       }
     }
-    absmax = row_max(absmax);  // every thread of the block takes part, valid row or not
+    absmax_bits = row_max(absmax_bits);  // every thread of the block takes part, valid row or not
     if (!row_valid) continue;
 
-    const float quotient = __fdiv_rn(absmax, 127.f);
-    const float scale = quotient == 0.f ? 1.f : quotient;
+    const bool finite = absmax_bits < 0x7f800000u;
+    const float quotient = __fdiv_rn(__uint_as_float(absmax_bits), 127.f);
+    const float scale = !finite ? __uint_as_float(0x7fc00000u) : quotient == 0.f ? 1.f : quotient;
     if (threadIdx.x == 0) p.scale[row] = scale;
     int8_t* q_row = p.q + row * p.cols;
     for (int64_t v = threadIdx.x; v < vectors; v += blockDim.x) {
@@ -354,7 +356,7 @@ __global__ void __launch_bounds__(1024) quantize_per_token_kernel(const Quantize
       load_floats<T, kVec>(x_row + v * kVec, kVec, true, values);
       int q[kVec];
 #pragma unroll
-      for (int j = 0; j < kVec; ++j) q[j] = quantize_value(values[j], scale);
+      for (int j = 0; j < kVec; ++j) q[j] = finite ? quantize_value(values[j], scale) : 0;
       store_q<kVec>(q_row + v * kVec, q);
     }
   }

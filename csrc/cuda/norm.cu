@@ -56,6 +56,12 @@ __device__ __forceinline__ float round_to_dtype(float value, DType dtype) {
   }
 }
 
+// rstd = 1 / sqrt(v) with v = variance + eps, or NaN where v is not finite: a variance that
+// overflows fp32 makes the row's output NaN (as eager layer_norm gives), not zeros.
+__device__ __forceinline__ float inverse_std(float v) {
+  return v < __int_as_float(0x7f800000) ? 1.f / sqrtf(v) : __int_as_float(0x7fc00000);
+}
+
 // kN consecutive elements of T held as the 32-bit words one vector access moves (4, 8, 16 or
 // 32 bytes; 32 bytes take two 16-byte accesses). A row cached in registers this way costs
 // sizeof(T) bytes an element; get() converts one element to float when it is used.
@@ -271,7 +277,8 @@ __device__ __forceinline__ void row_sum(float (&values)[kValues]) {
 // elements of h (rows need cols % kVec == 0 and at most threads_per_row * kChunks vectors).
 //   h     = round_x(x + residual)                 (written to residual_out when residual is given)
 //   mean  = sum(h) / cols                          (LayerNorm; 0 for RMSNorm)
-//   rstd  = 1 / sqrt(sum((h - mean)^2) / cols + eps)   (two passes over the registers)
+//   rstd  = 1 / sqrt(sum((h - mean)^2) / cols + eps)   (two passes over the registers; NaN
+//           where that overflows)
 //   y     = round_out(round_normalized((h - mean) * rstd) * (weight_offset + w) + b)
 template <typename TX, typename TO, int kChunks>
 __global__ void __launch_bounds__(1024) norm_forward_registers_kernel(const NormForwardParams p) {
@@ -338,7 +345,7 @@ __global__ void __launch_bounds__(1024) norm_forward_registers_kernel(const Norm
       }
     }
     row_sum(squares);
-    const float rstd = 1.f / sqrtf(squares[0] / cols + p.eps);
+    const float rstd = inverse_std(squares[0] / cols + p.eps);
 
     if (row_valid) {
       if (threadIdx.x == 0) {
@@ -421,7 +428,7 @@ __device__ __forceinline__ void forward_streaming(const NormForwardParams& p) {
     float mean = 0.f;
     float rstd;
     if (p.rms) {
-      rstd = 1.f / sqrtf(total[0] / cols + p.eps);
+      rstd = inverse_std(total[0] / cols + p.eps);
     } else {
       mean = total[0] / cols;
       float squares[1] = {0.f};
@@ -437,7 +444,7 @@ __device__ __forceinline__ void forward_streaming(const NormForwardParams& p) {
         }
       }
       row_sum(squares);
-      rstd = 1.f / sqrtf(squares[0] / cols + p.eps);
+      rstd = inverse_std(squares[0] / cols + p.eps);
     }
 
     if (row_valid) {

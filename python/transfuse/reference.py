@@ -4,6 +4,8 @@ stands for; called with float64 inputs it computes everything in float64.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -14,8 +16,18 @@ def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _inverse_std(variance, eps):
+    """rsqrt(variance + eps), NaN where that sum is not finite: a variance that overflows the
+    accumulation dtype makes the row NaN (as eager F.layer_norm gives), never zeros (rsqrt(inf)
+    = 0). Every backend computes this rule; it departs from HF's RMSNorm modules, which give
+    zeros there."""
+    v = variance + eps
+    return torch.where(v < float("inf"), torch.rsqrt(v), torch.full_like(v, float("nan")))
+
+
 def layer_norm(x, weight=None, bias=None, eps=1e-5, residual=None):
-    """F.layer_norm(x + residual): statistics in fp32 (or wider), output in x's dtype.
+    """F.layer_norm(x + residual): statistics in fp32 (or wider), output in x's dtype; a row whose
+    variance overflows (fp32 values near 1e19 and above) gives NaN, as eager does.
 
     Returns y, or (y, x + residual) when a residual is given.
     """
@@ -24,7 +36,7 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5, residual=None):
     hf = h.to(acc)
     mean = hf.mean(-1, keepdim=True)
     var = (hf - mean).pow(2).mean(-1, keepdim=True)
-    y = (hf - mean) * torch.rsqrt(var + eps)
+    y = (hf - mean) * _inverse_std(var, eps)
     if weight is not None:
         y = y * weight.to(acc)
     if bias is not None:
@@ -55,6 +67,7 @@ def rms_norm_dtypes(x_dtype, weight_dtype, casting_mode):
 
 def rms_norm(x, weight, eps=1e-6, residual=None, offset=0.0, casting_mode="llama"):
     """RMSNorm of x + residual, y = x_hat * (offset + weight), with the casts of `casting_mode`.
+    A row whose mean square overflows gives NaN (where HF's modules give zeros).
 
     Returns y, or (y, x + residual) when a residual is given.
     """
@@ -62,7 +75,7 @@ def rms_norm(x, weight, eps=1e-6, residual=None, offset=0.0, casting_mode="llama
     acc = _accumulate_dtype(h.dtype)
     normalized_dtype, out_dtype = rms_norm_dtypes(h.dtype, weight.dtype, casting_mode)
     hf = h.to(acc)
-    x_hat = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+    x_hat = hf * _inverse_std(hf.pow(2).mean(-1, keepdim=True), eps)
     x_hat = x_hat.to(normalized_dtype).to(acc)
     y = (x_hat * (weight.to(acc) + offset)).to(out_dtype)
     return y if residual is None else (y, h)
@@ -193,12 +206,16 @@ INT8_MAX = 127
 def quantize_per_token(x):
     """Symmetric per-row int8: scale = absmax / 127 in fp32 (1 where that is 0: a row of zeros,
     or of values so small that the scale underflows),
-    q = clamp(round_half_even(x / scale), -127, 127). Returns (q int8, scale fp32 [...])."""
+    q = clamp(round_half_even(x / scale), -127, 127). A row holding NaN or inf gets scale NaN
+    and q = 0, so that its w8a8 outputs are NaN. Returns (q int8, scale fp32 [...])."""
     xf = x.float()
-    absmax = xf.abs().amax(-1) if x.shape[-1] else xf.new_zeros(x.shape[:-1])
+    absmax = xf.abs().amax(-1) if x.shape[-1] else xf.new_zeros(x.shape[:-1])  # NaN propagates
+    finite = torch.isfinite(absmax)
     scale = absmax / INT8_MAX
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(xf / scale.unsqueeze(-1)).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    scale = torch.where(finite, scale, torch.full_like(scale, float("nan")))
+    q = torch.round(xf / scale.unsqueeze(-1)).clamp(-INT8_MAX, INT8_MAX)
+    q = torch.where(finite.unsqueeze(-1), q, torch.zeros_like(q)).to(torch.int8)
     return q, scale
 
 
@@ -215,7 +232,7 @@ def int8_linear(x, w_int8, w_scale, bias=None, mode="w8a8"):
     w8a16: (x @ w_int8^T) * s_w + bias with x as it is. Computed in float64 (the kernels' fp32
     epilogue is within a few ulps of it), rounded once to x's dtype."""
     wide = torch.float64
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
     if mode == "w8a8":
         x_q, x_scale = quantize_per_token(x2)
         out = int8_matmul(x_q, w_int8).to(wide) * x_scale.to(wide)[:, None]

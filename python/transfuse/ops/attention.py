@@ -13,6 +13,8 @@ run on it with a one-time warning naming the reason.
 from __future__ import annotations
 
 import functools
+import math
+import operator
 from typing import Optional, Tuple
 
 import torch
@@ -217,13 +219,30 @@ def _check_heads(name, t, q=None, dims=_PADDED_DIMS):
         raise ValueError(f"{name} must have q's head_dim {q.shape[-1]}, got {t.shape[-1]}")
 
 
-def _check_number(name, value, *, low, high=None, integer=False):
+def _check_number(name, value, *, low, high=math.inf, integer=False, low_open=False):
+    """value is an int (integer) or a number in [low, high) ((low, high) with low_open); with
+    high = inf that also excludes inf, and NaN fails every comparison."""
     kinds = (int,) if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kinds):
         raise TypeError(f"{name} must be {'an int' if integer else 'a number'}, got {value!r}")
-    if value < low or (high is not None and value >= high) or value != value:
-        bound = f"in [{low}, {high})" if high is not None else f">= {low}"
+    if not ((low < value if low_open else low <= value) and value < high):
+        if high != math.inf:
+            bound = f"in [{low}, {high})"
+        else:
+            bound = f"{'>' if low_open else '>='} {low}" + ("" if integer else " and finite")
         raise ValueError(f"{name} must be {bound}, got {value!r}")
+
+
+def _check_seed(dropout_seed):
+    """dropout_seed: None or an integer (any integer type, e.g. numpy's); -> int or None."""
+    if dropout_seed is None:
+        return None
+    if not isinstance(dropout_seed, bool):
+        try:
+            return operator.index(dropout_seed)
+        except TypeError:
+            pass
+    raise TypeError(f"dropout_seed must be an int or None, got {dropout_seed!r}")
 
 
 def _check_inputs(q, k, v, mask, causal, scale, dropout_p, window, softcap, layout=None):
@@ -255,10 +274,10 @@ def _check_inputs(q, k, v, mask, causal, scale, dropout_p, window, softcap, layo
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {causal!r}")
     if scale is not None:
-        _check_number("scale", scale, low=float("-inf"))
+        _check_number("scale", scale, low=0.0, low_open=True)
     _check_number("dropout_p", dropout_p, low=0.0, high=1.0)
     _check_number("window", window, low=0, integer=True)
-    _check_number("softcap", softcap, low=0.0)
+    _check_number("softcap", softcap, low=0.0)  # 0 = off
 
 
 def attention(q, k, v, *, mask=None, causal=False, scale=None, dropout_p=0.0, window=0,
@@ -268,12 +287,13 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, dropout_p=0.0, wi
     q [B, Hq, Sq, D], k/v [B, Hkv, Skv, D] with Hkv dividing Hq (GQA/MQA: K/V are not expanded).
     mask: None, bool (True = attend) or additive float, broadcastable to [B, Hq, Sq, Skv]; an
     additive mask that requires grad gets its gradient (T5's position bias). causal with
-    Sq < Skv is aligned bottom-right (query i sees keys j <= i + Skv - Sq). scale defaults to
-    D**-0.5. window > 0: query i sees keys with |i + Skv - Sq - j| < window. softcap > 0: scores
-    become softcap * tanh(scores / softcap) before the mask. dropout_p: dropout on the
-    probabilities, drawn from dropout_seed (default: a draw from torch's generator); the same
-    seed gives the same mask on every backend (reference.dropout_keep). Rows that see no key give
-    zeros. Returns [B, Hq, Sq, D] in q's dtype (its memory is laid out as [B, Sq, Hq, D]).
+    Sq < Skv is aligned bottom-right (query i sees keys j <= i + Skv - Sq). scale: a finite
+    number > 0, default D**-0.5. window > 0: query i sees keys with |i + Skv - Sq - j| < window.
+    softcap: finite and >= 0; 0 = off, else scores become softcap * tanh(scores / softcap) before
+    the mask. dropout_p: dropout on the probabilities, drawn from the int dropout_seed (default:
+    a draw from torch's generator); the same seed gives the same mask on every backend
+    (reference.dropout_keep). Rows that see no key give zeros. Returns [B, Hq, Sq, D] in q's
+    dtype (its memory is laid out as [B, Sq, Hq, D]).
     """
     _check_inputs(q, k, v, mask, causal, scale, dropout_p, window, softcap)
     return _dispatch(q, k, v, mask, None, causal, scale, dropout_p, window, softcap, dropout_seed,
@@ -311,6 +331,9 @@ def _dispatch(q, k, v, mask, layout, causal, scale, dropout_p, window, softcap, 
     """Checked inputs -> the chosen backend (through the custom op when compiling, through
     _EagerAttention when autograd needs a graph)."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    dropout_seed = _check_seed(dropout_seed)
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"backend must be a str or None, got {backend!r}")
     name = _resolve_constant("attention", backend, q.device)
     if name != "reference":
         name = _reference_if_unsupported(q, name)

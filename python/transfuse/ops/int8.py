@@ -7,13 +7,20 @@ int8_linear_w8a8 (int8 GEMM with the dequantizing epilogue) and int8_linear_w8a1
 Routing where a backend has no fast kernel for a shape: w8a16 with m > 16 runs on Triton on CUDA
 and, on CPU, as a matmul over blocks of dequantized weight rows (the C++ kernel is a GEMV).
 
-Backward: the int8 weights are frozen; dx = (dy * s_w) @ w (the activation quantization of w8a8
-passes the gradient straight through, as bitsandbytes does), dbias = sum of dy. Under
-torch.compile the forward is the custom op transfuse::int8_linear (fake impl for tracing).
+Backward: the int8 weights and their scales are frozen (a w_scale that requires grad is refused
+with a ValueError rather than left without a gradient); dx = (dy * s_w) @ w (the activation
+quantization of w8a8 passes the gradient straight through, as bitsandbytes does), dbias = sum of
+dy. Under torch.compile the forward is the custom op transfuse::int8_linear (fake impl for
+tracing).
+
+Non-finite activations: a row of x holding NaN or inf is quantized to scale NaN and q = 0 on
+every backend, so its w8a8 outputs are NaN (w8a16 computes with x as it is: NaN or +-inf, as a
+float matmul gives). k = 0 gives zeros (+ bias), as F.linear does.
 """
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional
 
 import torch
@@ -144,9 +151,23 @@ def _check_weight(x, w_int8, w_scale, bias, mode):
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if w_scale.requires_grad and torch.is_grad_enabled():
+        raise ValueError("w_scale must not require grad: the int8 weight and its scales are "
+                         "frozen (int8_linear gives no gradient for them)")
+
+
+def _check_backend(backend):
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"backend must be a str or None, got {backend!r}")
+
+
+def _rows(x):
+    """x [..., k] as a [rows, k] view or copy (reshape(-1, k) cannot infer rows when k = 0)."""
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
 def _backend_for(x, backend):
+    _check_backend(backend)
     name = _resolve_constant("int8", backend, x.device)
     if name != "reference" and x.dtype == torch.float64:
         backends.warn_once(("int8", "float64"), "transfuse: the int8 kernels take float32, "
@@ -157,10 +178,12 @@ def _backend_for(x, backend):
 
 def quantize_per_token(x, *, backend=None):
     """(x_int8, scale): per-row symmetric int8 over the last dimension, scale = absmax / 127 in
-    fp32 (1 for a row of zeros), x_int8 = round-half-even(x / scale). Any leading shape."""
+    fp32 (1 for a row of zeros, and for the rows of a zero-width x), x_int8 =
+    round-half-even(x / scale). A row holding NaN or inf gets scale NaN and x_int8 = 0 (so that
+    int8_linear's w8a8 output for it is NaN). Any leading shape."""
     _check_float("x", x)
     name = _backend_for(x, backend)
-    x2 = x.detach().reshape(-1, x.shape[-1]).contiguous()
+    x2 = _rows(x.detach()).contiguous()
     if x2.shape[0] == 0 or x2.shape[1] == 0 or name == "reference":
         q, scale = reference.quantize_per_token(x2)
     else:
@@ -179,6 +202,7 @@ def int8_matmul(a, b, *, backend=None):
         raise ValueError(f"k {a.shape[1]} exceeds {MAX_K}: the int32 accumulator could overflow")
     if b.device != a.device:
         raise ValueError(f"b is on {b.device} but a is on {a.device}")
+    _check_backend(backend)
     name = _resolve_constant("int8", backend, a.device)
     if 0 in a.shape or 0 in b.shape:
         name = "reference"
@@ -191,14 +215,16 @@ def int8_linear(x, w_int8, w_scale, bias=None, mode="w8a8", *, backend=None):
     w8a8: x is quantized per token on the fly; int8 x int8 -> int32, then the fp32 epilogue
     acc * s_x * s_w + bias. w8a16: weight-only; x stays in its dtype and the int8 weight is
     converted inside the kernel (for memory-bound decoding). Differentiable with respect to x
-    and bias (the weight is frozen).
+    and bias (the weight and w_scale are frozen: a w_scale requiring grad raises ValueError).
+    A row of x holding NaN or inf gives NaN outputs in w8a8 (its scale is NaN); k = 0 gives
+    bias (or zeros), as F.linear.
     """
     _check_float("x", x)
     _check_weight(x, w_int8, w_scale, bias, mode)
     name = _backend_for(x, backend)
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = _rows(x)
     if x2.stride(-1) != 1 or not x2.is_contiguous():
         x2 = x2.contiguous()
     args = (x2, w_int8.contiguous(), w_scale.contiguous(), bias, mode, name)

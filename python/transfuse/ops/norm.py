@@ -9,6 +9,7 @@ The `reference` backend is plain PyTorch, differentiated by autograd.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from typing import Optional, Tuple
 
@@ -153,8 +154,10 @@ def _check_inputs(x, weight, bias, residual, eps, backend_dtypes):
     if weight is not None and bias is not None and bias.dtype != weight.dtype:
         raise TypeError(f"bias must have the dtype of weight ({weight.dtype}), got {bias.dtype}")
     _check_tensor("residual", residual, like=x, shape=x.shape, dtypes=(x.dtype,))
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
-        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a number, got {eps!r}")
+    if not 0 <= eps < math.inf:  # also false for NaN
+        raise ValueError(f"eps must be finite and >= 0, got {eps!r}")
 
 
 def _dtypes_for(backend):
@@ -166,7 +169,9 @@ def _dtypes_for(backend):
 def layer_norm(x, weight=None, bias=None, eps=1e-5, residual=None, *, backend=None):
     """LayerNorm over the last dimension of x (+ residual): F.layer_norm(x + residual, ...).
 
-    Statistics in fp32; y in x's dtype. Returns y, or (y, x + residual) when residual is given.
+    Statistics in fp32; y in x's dtype. A row whose variance overflows fp32 (values near 1e19
+    and above) gives NaN on every backend, as eager F.layer_norm does, never zeros.
+    Returns y, or (y, x + residual) when residual is given.
     """
     name = _backend_for(x, backend)
     _check_inputs(x, weight, bias, residual, eps, _dtypes_for(name))
@@ -183,7 +188,8 @@ def rms_norm(x, weight, eps=1e-6, residual=None, offset=0.0, *, casting_mode="ll
 
     casting_mode reproduces the casts of the HF modules: "llama" (LlamaRMSNorm, Mistral, Qwen2),
     "gemma" (GemmaRMSNorm, with offset=1.0), "t5" (T5LayerNorm); see reference.rms_norm_dtypes.
-    Returns y, or (y, x + residual) when residual is given.
+    A row whose mean square overflows fp32 gives NaN on every backend (the HF modules give zeros
+    there: rsqrt(inf) = 0). Returns y, or (y, x + residual) when residual is given.
     """
     name = _backend_for(x, backend)
     _check_inputs(x, weight, None, residual, eps, _dtypes_for(name))
@@ -215,6 +221,8 @@ def _call(x, weight, bias, residual, *args):
 def _backend_for(x, backend):
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"backend must be a str or None, got {backend!r}")
     name = _resolve_constant("norm", backend, x.device)
     if x.dtype == torch.float64 and not (backend or os.environ.get(backends.ENV_VAR)):
         backends.warn_once(("norm", "float64"), "transfuse: the norm kernels take float32, "
