@@ -85,3 +85,16 @@ def assert_close_scaled(actual, expected, tol=1e-5, name=""):
     scale = expected.detach().abs().max().item() if expected.numel() else 0.0
     torch.testing.assert_close(actual, expected, rtol=tol, atol=tol * scale + 1e-30,
                                msg=lambda m: f"{name}: {m}")
+
+
+# Families whose attention modules compute attention themselves, not through transformers'
+# attention interface: patch leaves their attention unchanged (and says so).
+OWN_ATTENTION = {"bloom": dict(hidden_size=32, n_layer=2, n_head=4),
+                 "falcon": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4)}
+
+
+def build_own_attention(model_type, seed=0):
+    """A tiny random causal LM of an OWN_ATTENTION family, fp32, eval mode."""
+    config = AutoConfig.for_model(model_type, vocab_size=VOCAB, **OWN_ATTENTION[model_type])
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).eval()

@@ -63,3 +63,46 @@ def test_bench_command_writes_json_and_plot(tmp_path):
         assert row["speedup_vs_baseline"]["eager"] == 1.0
     assert report["device"] and report["versions"]["torch"] == torch.__version__
     assert (tmp_path / "bench-cpu.png").stat().st_size > 0
+
+
+@pytest.fixture
+def fresh_resolve():
+    backends._resolve.cache_clear()
+    yield
+    backends._resolve.cache_clear()
+
+
+def test_unknown_environment_backend_is_named_at_patch_and_at_resolve(monkeypatch, fresh_resolve):
+    monkeypatch.setenv(backends.ENV_VAR, "bogus")
+    with pytest.raises(ValueError, match="TRANSFUSE_BACKEND must be one of .*got 'bogus'"):
+        backends.check_requested()
+    with pytest.raises(ValueError, match="TRANSFUSE_BACKEND must be one of .*got 'bogus'"):
+        backends.resolve("norm", None, torch.device("cpu"))
+    model = torch.nn.Sequential(torch.nn.LayerNorm(8))
+    with pytest.raises(ValueError, match="TRANSFUSE_BACKEND"):
+        transfuse.patch(model)
+    assert type(model[0]) is torch.nn.LayerNorm  # checked before any work
+    assert transfuse.info()["TRANSFUSE_BACKEND"].startswith("bogus (unusable: ")
+    assert transfuse.patch(model, backend="reference") is model  # the argument wins
+    with pytest.raises(ValueError, match="^backend must be one of .*got 'bogus'"):
+        backends.check_requested("bogus")
+
+
+def test_unavailable_environment_backend_says_why_at_patch(no_extension, monkeypatch):
+    monkeypatch.setenv(backends.ENV_VAR, "cpu")
+    with pytest.raises(ValueError, match="TRANSFUSE_BACKEND='cpu' cannot run on this machine: "
+                                         ".*simulated build failure"):
+        transfuse.patch(torch.nn.Sequential(torch.nn.LayerNorm(8)))
+    with pytest.raises(ValueError, match="TRANSFUSE_BACKEND='cpu' cannot run this norm op: "
+                                         ".*simulated build failure"):
+        backends.resolve("norm", None, torch.device("cpu"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_backend_without_cuda_names_the_variable(monkeypatch, fresh_resolve):
+    monkeypatch.setenv(backends.ENV_VAR, "cuda")
+    with pytest.raises(ValueError, match="TRANSFUSE_BACKEND='cuda' cannot run on this machine: "
+                                         ".*CUDA is not available"):
+        backends.check_requested()
+    with pytest.raises(ValueError, match="^backend='cuda' cannot run on this machine"):
+        transfuse.patch(torch.nn.Sequential(torch.nn.LayerNorm(8)), backend="cuda")

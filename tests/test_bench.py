@@ -109,3 +109,39 @@ def test_bench_command_model_rows(minilm, tmp_path, capsys):
             if "int8" not in label:
                 assert side["max_abs_diff_vs_eager"] < 1e-3, label
     assert (tmp_path / "bench-cpu.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--device", "cuda"], "--device cuda"),
+    (["--device", "bogus"], "--device"),
+    (["--model", "/nonexistent"], "--model /nonexistent"),
+    (["--batch", "0"], "--batch"),
+    (["--seq", "-3"], "--seq"),
+    (["--repeat", "two"], "--repeat"),
+    (["--ops", "foo"], "--ops"),
+    (["--ops", "norm,foo"], "--ops"),
+])
+def test_bench_command_bad_arguments_end_in_one_line_and_keep_results(args, named, tmp_path,
+                                                                      capsys):
+    """Checked before any work: exit status 2, one line on stderr naming the option, and the
+    result files of an earlier run left as they were."""
+    if args == ["--device", "cuda"] and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    from transfuse.cli import main
+    earlier = tmp_path / "bench-cpu.json"
+    earlier.write_text("earlier run\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", *args, "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1 and named in err, err
+    assert earlier.read_text() == "earlier run\n" and sorted(tmp_path.iterdir()) == [earlier]
+
+
+def test_bench_command_out_must_be_a_folder(tmp_path, capsys):
+    from transfuse.cli import main
+    out = tmp_path / "file"
+    out.write_text("")
+    with pytest.raises(SystemExit, match="2"):
+        main(["bench", "--ops", "none", "--model", "none", "--out", str(out)])
+    assert "--out" in capsys.readouterr().err

@@ -104,10 +104,27 @@ def test_gradients_equal_eager(model_type):
                                        msg=lambda m: f"{model_type} grad {name}: {m}")
 
 
-@pytest.mark.parametrize("model_type", ["bert", "llama", "t5"])
+def attention_weights(out):
+    """The non-empty attention-weight fields of a model output ("attentions",
+    "cross_attentions", ...)."""
+    return {k: v for k, v in out.items() if k.endswith("attentions") and v}
+
+
+def assert_same_weights(actual, expected, name):
+    assert expected and actual.keys() == expected.keys(), name
+    for key, weights in expected.items():
+        assert len(actual[key]) == len(weights) > 0, f"{name} {key}"
+        for a, e in zip(actual[key], weights):
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6,
+                                       msg=lambda m: f"{name} {key}: {m}")
+
+
+@pytest.mark.parametrize("model_type", list(FAMILIES))
 def test_output_attentions_fall_back_to_eager_with_one_warning(model_type):
+    """The weights equal eager's in every family, GPT-2 included (its model pops
+    output_attentions before the attention function runs: the request is read where transformers
+    records it)."""
     model, batch = transfuse_model(model_type), make_batch(model_type)
-    eager = build(model_type, attn_implementation="eager")
     transfuse.backends._warned.discard(("attention", "output_attentions"))
     with warnings.catch_warnings(record=True) as record, torch.no_grad():
         warnings.simplefilter("always")
@@ -117,12 +134,28 @@ def test_output_attentions_fall_back_to_eager_with_one_warning(model_type):
                 and "transfuse" in str(w.message)]
     assert len(messages) == 1, messages
     with torch.no_grad():
-        expected = eager(**batch, output_attentions=True)
-    name = "encoder_attentions" if model_type == "t5" else "attentions"
-    actual_weights, expected_weights = getattr(out, name), getattr(expected, name)
-    assert actual_weights is not None and len(actual_weights) == len(expected_weights)
-    for a, e in zip(actual_weights, expected_weights):
-        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+        expected = build(model_type, attn_implementation="eager")(**batch, output_attentions=True)
+    assert_same_weights(attention_weights(out), attention_weights(expected), model_type)
+
+
+def test_assisted_generate_with_output_attentions_equals_eager():
+    """Assisted decoding splits the attentions of each verified step (an IndexError in
+    transformers when the model returns none)."""
+    prompt = torch.randint(3, VOCAB - 1, (1, 7), generator=torch.Generator().manual_seed(3))
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, output_attentions=True,
+                  return_dict_in_generate=True)
+    outs = []
+    for implementation in ("eager", hf_attention.NAME):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            outs.append(build("gpt2", attn_implementation=implementation).generate(
+                prompt, assistant_model=build("gpt2", seed=1, attn_implementation=implementation),
+                **kwargs))
+    expected, actual = outs
+    assert torch.equal(actual.sequences, expected.sequences)
+    assert len(actual.attentions) == len(expected.attentions) == 4
+    for step, (a, e) in enumerate(zip(actual.attentions, expected.attentions)):
+        assert_same_weights({"attentions": a}, {"attentions": e}, f"step {step}")
 
 
 @pytest.mark.parametrize("model_type", ["bert", "llama"])

@@ -1,7 +1,8 @@
 """transfuse.Int8Config through transformers: quantize on load, save_pretrained / from_pretrained
-of the int8 model, memory, and the config's validation. Tiny random models saved as float
-checkpoints (nothing is downloaded): a Llama decoder, GPT-2 (Conv1D layers, tied lm_head) and a
-BERT sequence classifier."""
+of the int8 model, memory, the config's validation, and corrupted int8 checkpoints (each raises,
+naming the tensor or the config field). Tiny random models saved as float checkpoints (nothing is
+downloaded): a Llama decoder, GPT-2 (Conv1D layers, tied lm_head) and a BERT sequence
+classifier."""
 import importlib
 import json
 import os
@@ -18,6 +19,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 from hf_models import ENCODER, VOCAB, build, make_batch, run  # noqa: E402
 from safetensors import safe_open  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import (AutoConfig, AutoModelForCausalLM,  # noqa: E402
                           AutoModelForSequenceClassification)
 from transformers.quantizers import AutoQuantizationConfig  # noqa: E402
@@ -230,3 +232,120 @@ def test_register_is_idempotent_and_survives_reload():
         quantizer_module.__dict__.update(saved_module)
         for mapping, entry in zip(mappings, saved_entries):
             mapping["transfuse_int8"] = entry
+
+
+# --- checkpoints that must not load: each raises, naming the tensor or the config field ---
+
+LAYER = "model.layers.0.self_attn.k_proj"  # [16, 32]: a reshape to [32, 16] changes its shape
+
+
+@pytest.fixture(scope="module")
+def int8_checkpoint(loaded, tmp_path_factory):
+    """(directory, its tensors, its config.json as a dict) of the saved llama w8a8 model."""
+    path = tmp_path_factory.mktemp("llama-int8")
+    loaded("llama", "w8a8")[2].save_pretrained(path)
+    config = json.loads((path / "config.json").read_text())
+    return path, load_file(path / "model.safetensors"), config
+
+
+def write_checkpoint(path, tensors, config):
+    path.mkdir(exist_ok=True)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def edit_tensor(key, change):
+    return lambda tensors, config: tensors.update({key: change(tensors[key])})
+
+
+def drop_tensor(key):
+    return lambda tensors, config: tensors.pop(key)
+
+
+def drop_and_add_unknown(key):
+    """Drop `key`, add a key the model does not know (as if transformers renamed keys): the
+    missing tensor is then found after loading rather than in the checkpoint's header."""
+    def corrupt(tensors, config):
+        del tensors[key]
+        tensors["unknown.tensor"] = torch.zeros(2)
+    return corrupt
+
+
+def edit_config(field, value):
+    return lambda tensors, config: config["quantization_config"].update({field: value})
+
+
+def remove_config(tensors, config):
+    del config["quantization_config"]
+
+
+@pytest.mark.parametrize("corrupt, load_kwargs, match", [
+    (drop_tensor(f"{LAYER}.weight"), {}, rf"{LAYER}\.weight is not in the checkpoint"),
+    (drop_tensor(f"{LAYER}.weight_scale"), {}, rf"{LAYER}\.weight_scale is not in the checkpoint"),
+    (drop_and_add_unknown(f"{LAYER}.weight_scale"), {},
+     rf"{LAYER}\.weight_scale is not in the checkpoint \(left uninitialized"),
+    (edit_tensor(f"{LAYER}.weight", lambda t: t.float()), {}, rf"{LAYER}\.weight' is F32"),
+    (edit_tensor(f"{LAYER}.weight", lambda t: t.to(torch.int16)), {}, rf"{LAYER}\.weight' is I16"),
+    (edit_tensor(f"{LAYER}.weight_scale", lambda t: t.to(torch.int8)), {},
+     rf"{LAYER}\.weight_scale' is I8"),
+    (edit_tensor(f"{LAYER}.weight_scale", lambda t: t.half()), {},
+     rf"{LAYER}\.weight_scale' is F16"),
+    (edit_tensor(f"{LAYER}.weight", lambda t: t.reshape(32, 16)), {},
+     rf"{LAYER}\.weight' is I8 \[32, 16\]"),
+    (edit_tensor(f"{LAYER}.weight_scale", lambda t: t[:-1].clone()), {},
+     rf"{LAYER}\.weight_scale' is F32 \[15\]"),
+    (edit_config("mode", "w4a16"), {}, "mode"),
+    (edit_config("skip", ["lm_head", "q_proj"]), {}, r"layers\.0\.self_attn\.q_proj\.weight_scale"),
+    (edit_config("skip", []), {}, r"'lm_head\.weight' is F32"),
+    (remove_config, {"quantization_config": transfuse.Int8Config("w8a8")}, r"\.weight_scale'"),
+    (edit_config("quant_method", "transfuse_int4"),
+     {"quantization_config": transfuse.Int8Config("w8a8")}, r"\.weight_scale'"),
+], ids=["weight missing", "scale missing", "scale missing, found after loading", "weight float",
+        "weight int16", "scale int8", "scale fp16", "weight reshaped", "scale shortened",
+        "unknown mode", "skip widened", "skip emptied", "config removed", "quant_method changed"])
+def test_corrupt_int8_checkpoint_raises(int8_checkpoint, tmp_path, corrupt, load_kwargs, match):
+    path, tensors, config = int8_checkpoint
+    tensors, config = dict(tensors), json.loads(json.dumps(config))
+    corrupt(tensors, config)
+    write_checkpoint(tmp_path, tensors, config)
+    with pytest.raises(ValueError, match=match):
+        AutoModelForCausalLM.from_pretrained(tmp_path, **load_kwargs)
+
+
+def test_int8_checkpoint_without_its_config_in_a_plain_load(int8_checkpoint, tmp_path):
+    """The limit of the checks: a plain from_pretrained of an int8 checkpoint whose
+    quantization_config is gone runs no quantizer (nothing of transfuse's runs), so transformers
+    loads the int8 weights as floats. What it does report: every weight_scale as unexpected."""
+    path, tensors, config = int8_checkpoint
+    config = {k: v for k, v in config.items() if k != "quantization_config"}
+    write_checkpoint(tmp_path, dict(tensors), config)
+    _, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert info["unexpected_keys"] >= {key for key in tensors if key.endswith(".weight_scale")}
+
+
+def test_quantize_on_load_of_a_layer_missing_its_float_weight_raises(checkpoints, tmp_path):
+    path = checkpoints["llama"]
+    tensors = load_file(path / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    write_checkpoint(tmp_path, tensors, json.loads((path / "config.json").read_text()))
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight is not in"):
+        AutoModelForCausalLM.from_pretrained(tmp_path,
+                                             quantization_config=transfuse.Int8Config("w8a16"))
+
+
+def test_loaded_int8_model_follows_to_dtype(checkpoints):
+    """.to(torch.bfloat16) casts the float tensors; the int8 weights and fp32 scales stay.
+    (`.half()` is refused by transformers itself for a model loaded with a quantizer.)"""
+    model = AutoModelForCausalLM.from_pretrained(checkpoints["llama"],
+                                                 quantization_config=transfuse.Int8Config("w8a16"))
+    layer = model.model.layers[0].mlp.up_proj
+    weight, scale = layer.weight.clone(), layer.weight_scale.clone()
+    batch = make_batch("llama")
+    with torch.no_grad():
+        expected = run(model, batch)
+        actual = run(model.to(torch.bfloat16), batch)
+    assert torch.equal(layer.weight, weight) and torch.equal(layer.weight_scale, scale)
+    assert actual.dtype == model.model.embed_tokens.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(actual.float(), expected, rtol=0,
+                               atol=2e-2 * expected.abs().max().item())

@@ -1,12 +1,17 @@
 """transfuse.patch(model) in one call (norms, attention, and int8 when asked) over every supported
-family: patching twice is harmless, and unpatch gives back the original outputs and state dict."""
+family: patching twice is harmless, and unpatch gives back the original outputs and state dict;
+patched_modules lists only what runs; a second int8 mode switches the mode."""
+import warnings
+
 import pytest
 import torch
 
 import transfuse
+from transfuse.hf import attention as hf_attention
 
 transformers = pytest.importorskip("transformers")
-from hf_models import FAMILIES, assert_close_scaled, build, make_batch, run  # noqa: E402
+from hf_models import (FAMILIES, OWN_ATTENTION, assert_close_scaled, build,  # noqa: E402
+                       build_own_attention, make_batch, run)
 
 
 @pytest.mark.parametrize("int8", [None, "w8a16"])
@@ -40,3 +45,64 @@ def test_one_call_twice_then_unpatch(model_type, int8):
     restored = model.state_dict()
     assert restored.keys() == state.keys()
     assert all(torch.equal(restored[k], state[k]) for k in state)
+
+
+@pytest.fixture
+def attention_calls(monkeypatch):
+    """Counts the kernel calls the transfuse attention makes (padded and packed)."""
+    seen = []
+    for name in ("attention", "varlen_attention"):
+        def spy(*args, _original=getattr(hf_attention, name), **kwargs):
+            seen.append(name)
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(hf_attention, name, spy)
+    return seen
+
+
+@pytest.mark.parametrize("model_type", ["llama", "t5"] + list(OWN_ATTENTION))
+def test_patched_modules_lists_the_attention_only_where_it_runs(model_type, attention_calls):
+    """BLOOM's and Falcon's attention modules never call transformers' attention interface: their
+    attention stays as it was, named in patch's one warning, and outputs are unchanged. T5's
+    attention runs in its encoder and decoder stacks, which hold copies of the config (that
+    transformers 5.17's set_attn_implementation does not reach)."""
+    own = model_type in OWN_ATTENTION
+    model = build_own_attention(model_type) if own else build(model_type)
+    batch = make_batch("llama" if own else model_type)
+    implementation = model.config._attn_implementation
+    with torch.no_grad():
+        expected = run(model, batch)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        transfuse.patch(model)
+    messages = [str(w.message) for w in record if "transfuse" in str(w.message)]
+    with torch.no_grad():
+        actual = run(model, batch)
+    listed = "<attention>" in transfuse.patched_modules(model)
+    assert listed == (len(attention_calls) > 0) == (not own), (listed, len(attention_calls))
+    if own:
+        assert len(messages) == 1 and f"{model_type.capitalize()}Attention x2 (" in messages[0], \
+            messages
+        assert model.config._attn_implementation == implementation
+        assert_close_scaled(actual, expected, name=model_type)
+    else:
+        assert messages == []
+
+
+def test_second_int8_mode_switches_the_mode_exactly():
+    """patch(int8="w8a8") then patch(int8="w8a16") gives what patch(int8="w8a16") gives (both
+    modes hold the same int8 weights); the same call twice changes nothing."""
+    batch = make_batch("llama")
+    fresh = transfuse.patch(build("llama"), int8="w8a16")
+    model = transfuse.patch(build("llama"), int8="w8a8")
+    with torch.no_grad():
+        expected, first = run(fresh, batch), run(model, batch)
+        transfuse.patch(model, int8="w8a16")
+        switched = run(model, batch)
+        modules = dict(model.named_modules())
+        transfuse.patch(model, int8="w8a16")
+        again = run(model, batch)
+    assert not torch.equal(first, expected)  # the modes differ here, so the switch is visible
+    assert torch.equal(switched, expected) and torch.equal(again, expected)
+    assert dict(model.named_modules()) == modules
+    int8 = [v for v in transfuse.patched_modules(model).values() if "Int8Linear" in v]
+    assert int8 and all(v.endswith("(mode='w8a16')") for v in int8)

@@ -1,4 +1,6 @@
 """transfuse.nn.Int8Linear, transfuse.quantize and transfuse.patch(int8=...)."""
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -8,9 +10,10 @@ from transfuse import reference
 from transfuse.quantize import DEFAULT_SKIP
 
 transformers = pytest.importorskip("transformers")
-from hf_models import build, make_batch, run  # noqa: E402
+from hf_models import HEADS, build, make_batch, run  # noqa: E402
 
 FAMILIES = ["llama", "bert", "gpt2"]  # nn.Linear decoder, encoder, Conv1D
+FAMILIES_HEAD = {"llama": "causal", "bert": "base", "gpt2": "causal"}
 
 
 def linear_weight_bytes(model):
@@ -103,6 +106,96 @@ def test_patch_int8_then_unpatch_restores_the_float_layers():
     transfuse.unpatch(model)
     assert all(m is originals[name] for name, m in model.named_modules())
     torch.testing.assert_close(run(model, batch), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cast", ["half", "bfloat16", "to_dtype", "type"])
+def test_int8_linear_casts_leave_the_int8_weight_and_fp32_scales_alone(cast):
+    module = transfuse.nn.Int8Linear.from_float(nn.Linear(40, 24), "w8a8")
+    weight, scale = module.weight.clone(), module.weight_scale.clone()
+    {"half": lambda: module.half(), "bfloat16": lambda: module.to(torch.bfloat16),
+     "to_dtype": lambda: module.to("cpu", dtype=torch.float16),
+     "type": lambda: module.type(torch.float16)}[cast]()
+    dtype = torch.bfloat16 if cast == "bfloat16" else torch.float16
+    assert module.bias.dtype == dtype and isinstance(module.bias, nn.Parameter)
+    assert module.weight.dtype == torch.int8 and torch.equal(module.weight, weight)
+    assert module.weight_scale.dtype == torch.float32 and torch.equal(module.weight_scale, scale)
+    x = torch.randn(3, 40).to(dtype)
+    out = module(x)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, reference.int8_linear(x, weight, scale, module.bias.detach(),
+                                                          "w8a8"))
+
+
+def test_quantized_model_runs_after_a_dtype_cast():
+    model = transfuse.quantize(build("llama"), "w8a16")
+    batch = make_batch("llama")
+    with torch.no_grad():
+        expected = run(model, batch)
+        layer = model.model.layers[0].mlp.up_proj
+        weight, scale = layer.weight.clone(), layer.weight_scale.clone()
+        actual = run(model.to(torch.bfloat16), batch)
+    assert torch.equal(layer.weight, weight) and torch.equal(layer.weight_scale, scale)
+    assert actual.dtype == torch.bfloat16
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(actual.float(), expected, rtol=0, atol=2e-2 * scale)
+
+
+def int8_modes(model):
+    return {n: m.mode for n, m in model.named_modules() if isinstance(m, transfuse.nn.Int8Linear)}
+
+
+# model_type -> (mode, skip) of the round trip
+ROUND_TRIPS = {"llama": ("w8a8", ("lm_head", "down_proj")), "gpt2": ("w8a16", ()),
+               "bert": ("w8a8", DEFAULT_SKIP)}
+
+
+@pytest.mark.filterwarnings("ignore:transfuse.*tied weights")  # GPT-2, skip=()
+@pytest.mark.parametrize("model_type", ROUND_TRIPS)
+def test_quantize_save_pretrained_from_pretrained_round_trip(model_type, tmp_path):
+    """A plain from_pretrained of what a quantized model saved rebuilds the same int8 layers."""
+    mode, skip = ROUND_TRIPS[model_type]
+    model = transfuse.quantize(build(model_type), mode, skip=skip)
+    assert model.config.quantization_config.to_dict() == {"quant_method": "transfuse_int8",
+                                                          "mode": mode, "skip": list(skip)}
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert saved == {"quant_method": "transfuse_int8", "mode": mode, "skip": list(skip)}
+    reloaded = HEADS[FAMILIES_HEAD[model_type]].from_pretrained(tmp_path)
+    assert int8_modes(reloaded) == int8_modes(model) and int8_modes(model)
+    assert reloaded.state_dict().keys() == model.state_dict().keys()
+    for name, tensor in model.state_dict().items():
+        assert reloaded.state_dict()[name].dtype == tensor.dtype, name
+        assert torch.equal(reloaded.state_dict()[name], tensor), name
+    batch = make_batch(model_type)
+    with torch.no_grad():
+        assert torch.equal(run(reloaded, batch), run(model, batch))
+
+
+def test_save_refuses_layers_the_config_would_not_rebuild(tmp_path):
+    """Two quantize calls in different modes: no quantization_config describes the model, so
+    save_pretrained raises (naming a layer) before it writes anything."""
+    model = transfuse.quantize(build("llama"), "w8a8", skip=("lm_head", "mlp"))
+    transfuse.quantize(model, "w8a16")
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj.*mode='w8a8'"):
+        model.save_pretrained(tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+def test_patch_int8_saves_its_quantization_config_and_unpatch_removes_it(tmp_path):
+    model = build("llama")
+    batch = make_batch("llama")
+    transfuse.patch(model, attention=False, norm=False, int8="w8a8")
+    assert model.config.quantization_config.to_dict()["mode"] == "w8a8"
+    model.save_pretrained(tmp_path / "int8")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "int8")
+    assert int8_modes(reloaded) == int8_modes(model)
+    with torch.no_grad():
+        assert torch.equal(run(reloaded, batch), run(model, batch))
+    transfuse.unpatch(model)
+    assert getattr(model.config, "quantization_config", None) is None
+    assert getattr(model, "hf_quantizer", None) is None
+    model.save_pretrained(tmp_path / "float")
+    assert "quantization_config" not in json.loads((tmp_path / "float" / "config.json").read_text())
 
 
 @pytest.mark.parametrize("kwargs,error,match", [

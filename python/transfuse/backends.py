@@ -15,6 +15,7 @@ import warnings
 import torch
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
+CHOICES = BACKENDS + ("auto",)
 ENV_VAR = "TRANSFUSE_BACKEND"
 
 # Preference of `auto` per (op family, device type), fastest measured first.
@@ -76,7 +77,7 @@ def missing_reason(backend: str, device_type: str) -> str:
         if not getattr(module, "with_cuda", False):
             return "transfuse._C was built without CUDA (no CUDA torch or no nvcc at build time)"
         return ""
-    raise ValueError(f"backend must be one of {BACKENDS + ('auto',)}, got {backend!r}")
+    raise ValueError(f"backend must be one of {CHOICES}, got {backend!r}")
 
 
 _warned: set = set()
@@ -88,15 +89,58 @@ def warn_once(key, message):
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
+def requested(backend=None):
+    """(the backend asked for, lowercased, and who asked: "backend" for the argument, else the
+    TRANSFUSE_BACKEND environment variable), "auto" when neither names one."""
+    if backend:
+        return backend.lower(), "backend"
+    from_env = os.environ.get(ENV_VAR)
+    if from_env:
+        return from_env.lower(), ENV_VAR
+    return "auto", "backend"
+
+
+def _check_name(name, source):
+    if name not in CHOICES:
+        unset = " (or unset it)" if source == ENV_VAR else ""
+        raise ValueError(f"{source} must be one of {CHOICES}{unset}, got {name!r}")
+
+
+def _devices():
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _no_cuda_reason():
+    why = "no GPU" if torch.version.cuda else f"torch {torch.__version__} has no CUDA"
+    return f"CUDA is not available to torch ({why})"
+
+
+def check_requested(backend=None) -> str:
+    """The backend that `backend` (else TRANSFUSE_BACKEND, else auto) names, checked before any
+    work (transfuse.patch calls it): ValueError naming the argument or the variable when the name
+    is unknown, or when the backend can run on no device of this machine (and why)."""
+    if backend is not None and not isinstance(backend, str):
+        raise ValueError(f"backend must be None or one of {CHOICES}, got {backend!r}")
+    name, source = requested(backend)
+    _check_name(name, source)
+    if name == "auto":
+        return name
+    reasons = [missing_reason(name, device) for device in _devices()]
+    if all(reasons):
+        if not torch.cuda.is_available() and name in ("cuda", "triton"):
+            reasons.append(_no_cuda_reason())
+        raise ValueError(f"{source}={name!r} cannot run on this machine: {'; '.join(reasons)}")
+    return name
+
+
 @functools.lru_cache(maxsize=None)
-def _resolve(op: str, requested: str, device_type: str) -> str:
-    if requested not in BACKENDS and requested != "auto":
-        raise ValueError(f"backend must be one of {BACKENDS + ('auto',)}, got {requested!r}")
-    if requested != "auto":
-        reason = missing_reason(requested, device_type)
+def _resolve(op: str, name: str, device_type: str, source: str) -> str:
+    _check_name(name, source)
+    if name != "auto":
+        reason = missing_reason(name, device_type)
         if reason:
-            raise ValueError(f"backend={requested!r} cannot run this {op} op: {reason}")
-        return requested
+            raise ValueError(f"{source}={name!r} cannot run this {op} op: {reason}")
+        return name
     order = AUTO_ORDER.get((op, device_type), DEFAULT_ORDER.get(device_type, ("reference",)))
     skipped = []
     for backend in order:
@@ -111,18 +155,18 @@ def _resolve(op: str, requested: str, device_type: str) -> str:
 
 
 def resolve(op: str, backend: str | None, device: torch.device) -> str:
-    """The backend that runs `op` on tensors of `device`."""
-    requested = backend or os.environ.get(ENV_VAR) or "auto"
-    return _resolve(op, requested.lower(), device.type)
+    """The backend that runs `op` on tensors of `device`: the `backend` argument, else the
+    TRANSFUSE_BACKEND environment variable, else auto; errors name the one that asked."""
+    name, source = requested(backend)
+    return _resolve(op, name, device.type, source)
 
 
 def available() -> dict:
     """For each backend and device type: True or the reason it is missing."""
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = _devices()
     table = {}
     for backend in BACKENDS:
         table[backend] = {d: (missing_reason(backend, d) or True) for d in devices}
     if "cuda" not in devices:
-        why = "no GPU" if torch.version.cuda else f"torch {torch.__version__} has no CUDA"
-        table["cuda"]["cuda"] = f"CUDA is not available to torch ({why})"
+        table["cuda"]["cuda"] = _no_cuda_reason()
     return table

