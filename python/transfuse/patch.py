@@ -14,6 +14,7 @@ from torch import nn
 
 from . import backends
 from .hf import attention as hf_attention
+from .hf import blocks as hf_blocks
 from .hf import unpad as hf_unpad
 from .hf.norm import NORM_RULES
 from .hf.quantizer import attach_config, detach_config
@@ -111,7 +112,7 @@ def _patch_norms(model, backend):
     return left
 
 
-def patch(model, *, attention=True, norm=True, int8=None, backend=None, unpad=True):
+def patch(model, *, attention=True, norm=True, int8=None, backend=None, unpad=True, blocks=True):
     """Replace the model's modules by transfuse's fused ones, in place; returns the same model.
 
     norm: LayerNorm / RMSNorm modules of the families in transfuse.hf.norm.NORM_RULES become
@@ -126,6 +127,10 @@ def patch(model, *, attention=True, norm=True, int8=None, backend=None, unpad=Tr
     `unpatch` (transfuse.quantize releases them, which is what saves memory); int8 layers already
     there switch to the mode asked for (exactly: both modes hold the same int8 weights). None
     leaves the linear layers as they are (float, or int8 from an earlier call).
+    blocks: the rules of transfuse.hf.blocks.BLOCK_RULES that span a block's modules: sibling
+    float projections (Q, K, V; gate, up) as one GEMM over weights sharing one storage (same
+    Parameters and state dict), the residual add of BERT-style output layers inside the fused
+    LayerNorm; a class whose forward reads otherwise than a rule expects is named in the warning.
     backend: passed to the new modules (None: the TRANSFUSE_BACKEND environment variable, else
     auto); checked here: an unknown or unavailable backend raises ValueError.
     Patching twice is harmless: modules replaced before are kept (a second call with backend=
@@ -144,6 +149,10 @@ def patch(model, *, attention=True, norm=True, int8=None, backend=None, unpad=Tr
         _patch_int8(model, int8, backend)
     if norm:
         left += _patch_norms(model, backend)
+    if blocks:
+        _, unfit = hf_blocks.patch_blocks(model)
+        left += Counter({(cls, "its forward is not the one the block rule was written for"): 1
+                         for cls in unfit})
     if backend is not None:
         for module in model.modules():
             if hasattr(module, ORIGINAL_ATTR) and hasattr(module, "backend"):
@@ -175,6 +184,7 @@ def unpatch(model):
                 original._parameters[pname] = param
         original.train(child.training)
         setattr(parent, name, original)
+    hf_blocks.unpatch_blocks(model)  # after the swaps: originals put back may carry block forwards
     detach_config(model)
     return model
 
@@ -195,6 +205,9 @@ def patched_modules(model) -> dict:
         if (hf_unpad.FORWARD_ATTR in module.__dict__
                 and type(module).__name__ in hf_unpad.UNPAD_RULES):
             found[f"{name or '<model>'}<unpad>"] = "padding removal (transfuse.hf.unpad)"
+        if (hf_blocks.FORWARD_ATTR in module.__dict__
+                and type(module).__name__ in hf_blocks.BLOCK_RULES):
+            found[f"{name}<block>"] = f"block rule {hf_blocks.BLOCK_RULES[type(module).__name__][0]!r}"
         original = getattr(module, ORIGINAL_ATTR, None)
         if original is not None:
             detail, mode = "", ""

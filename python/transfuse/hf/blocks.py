@@ -1,0 +1,247 @@
+"""Block rules: rewrites that span several modules of a transformer block, per family, as tables.
+
+A rule becomes the forward of one module instance (types.MethodType, marked with FORWARD_ATTR so
+that unpatch_blocks removes it; a deep copy of the model rebinds it to the copy). Each forward
+checks at call time that the modules it uses are still those it was written for, and runs the
+class's own forward otherwise, so a later swap (int8 layers, a user's module) never computes
+something else.
+
+  projections  sibling nn.Linear layers that read the same input (attention's Q, K and V; a
+               gated MLP's gate and up) run
+               as one GEMM. Their weights (and biases) live in one storage, each Parameter a
+               view of its rows: the Parameter objects, the state dict and an optimizer see
+               nothing new (save_pretrained clones such disjoint views). The first sibling
+               called computes x @ [W_q; W_k; W_v]^T and keeps it, per thread, until every
+               sibling has taken its columns from it (each checks that its input is the same
+               tensor, unmodified since: for inference-mode tensors, which count no
+               modifications, the same tensor). While autograd records, every layer runs on its own.
+  residual_norm  LayerNorm(dropout(dense(h)) + input) (BERT-style SelfOutput / Output): the
+               residual add runs inside the fused norm's pass (a FusedLayerNorm, from the norm
+               rules) instead of a separate one.
+
+Each rule names the class's forward lines it was written for (_expected_source); a class whose
+forward reads otherwise (another transformers version) is left alone.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import threading
+import types
+
+import torch
+from torch import nn
+
+from ..nn import FusedLayerNorm
+
+FORWARD_ATTR = "_transfuse_block_forward"
+PROJECTION_ATTR = "_transfuse_projection"
+
+_BERT_LIKE = ("Bert", "Roberta", "XLMRoberta", "Electra", "Camembert")
+_DECODERS = ("Llama", "Mistral", "Qwen2", "Gemma")
+
+# class name -> (rule, the attributes it uses)
+BLOCK_RULES = {
+    **{f"{family}SelfAttention": ("projections", ("query", "key", "value"))
+       for family in _BERT_LIKE},
+    **{f"{family}{part}": ("residual_norm", ("dense", "dropout", "LayerNorm"))
+       for family in _BERT_LIKE for part in ("SelfOutput", "Output")},
+    **{f"{family}Attention": ("projections", ("q_proj", "k_proj", "v_proj"))
+       for family in _DECODERS},
+    **{f"{family}MLP": ("projections", ("gate_proj", "up_proj")) for family in _DECODERS},
+}
+
+# What the class's forward must read, in this order, for a rule to replace it: for projections,
+# a call of each sibling (the fused call checks at run time that they share one input).
+RESIDUAL_NORM_SOURCE = ("hidden_states = self.dense(hidden_states)",
+                        "hidden_states = self.dropout(hidden_states)",
+                        "hidden_states = self.LayerNorm(hidden_states + input_tensor)",
+                        "return hidden_states")
+
+
+def _expected_source(kind, names):
+    if kind == "residual_norm":
+        return RESIDUAL_NORM_SOURCE
+    return tuple(f"self.{name}(" for name in names)
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_reads_as(cls, kind, names):
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    position = 0
+    for line in _expected_source(kind, names):
+        position = source.find(line, position)
+        if position < 0:
+            return False
+    return True
+
+
+# ------------------------------------------------------------------------------------------------
+# projections
+# ------------------------------------------------------------------------------------------------
+
+def _plain_linear(module):
+    return type(module) is nn.Linear and not (
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+        or module._backward_pre_hooks)
+
+
+def _rows_of_one_storage(tensors):
+    """[sum of rows, cols]: the tensors as one matrix when they are consecutive row blocks of
+    one storage (same dtype, device, columns), else None."""
+    first = tensors[0]
+    offset, rows, row_size = first.storage_offset(), 0, math.prod(first.shape[1:])
+    for t in tensors:
+        if (t.dtype != first.dtype or t.device != first.device or not t.is_contiguous()
+                or t.shape[1:] != first.shape[1:]
+                or t.storage_offset() != offset + rows * row_size
+                or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()):
+            return None
+        rows += t.shape[0]
+    return first.as_strided((rows,) + tuple(first.shape[1:]), first.stride(), offset)
+
+
+def _share_storage(tensors):
+    """Move the tensors' values into one storage, each a view of its rows (in place: .data)."""
+    with torch.no_grad():
+        joined = torch.cat([t.detach() for t in tensors])
+        for t, part in zip(tensors, joined.split([t.shape[0] for t in tensors])):
+            t.data = part
+
+
+def _version(x):
+    """x's in-place modification counter (inference tensors have none: 0)."""
+    return 0 if x.is_inference() else x._version
+
+
+class _Projection:
+    """The siblings' joint GEMM and, per thread, its last output until each sibling took its part."""
+
+    def __init__(self, parent, names):
+        self.parent, self.names = parent, names
+        self.linears = [getattr(parent, name) for name in names]
+        self.local = threading.local()
+
+    def __getstate__(self):  # deep copies and pickles start with no output kept
+        return {k: v for k, v in self.__dict__.items() if k != "local"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.local = threading.local()
+
+    def intact(self):
+        """The siblings are the layers fused at patch time, untouched since, with biases all or
+        none."""
+        current = [self.parent._modules.get(name) for name in self.names]
+        if any(a is not b for a, b in zip(current, self.linears)):
+            return False
+        return all(_plain_linear(m) for m in current) and len(
+            {m.bias is None for m in current}) == 1
+
+    def joined(self, attribute):
+        tensors = [getattr(m, attribute) for m in self.linears]
+        if tensors[0] is None:
+            return None
+        matrix = _rows_of_one_storage(tensors)
+        if matrix is None:  # e.g. after .to() or load_state_dict(assign=True): share again
+            _share_storage(tensors)
+            matrix = _rows_of_one_storage(tensors)
+        return matrix
+
+    def part(self, index, x):
+        """Columns of sibling `index` of x @ W_joined^T + b_joined."""
+        state = self.local
+        cached = getattr(state, "entry", None)
+        if cached is None or cached[0] is not x or cached[1] != _version(x) or index in cached[3]:
+            output = torch.nn.functional.linear(x, self.joined("weight"), self.joined("bias"))
+            cached = (x, _version(x), output, set())
+        cached[3].add(index)
+        state.entry = None if len(cached[3]) == len(self.linears) else cached
+        start = sum(m.out_features for m in self.linears[:index])
+        return cached[2][..., start:start + self.linears[index].out_features]
+
+
+def _projection_forward(self, x):
+    projection, index = self.__dict__[PROJECTION_ATTR]
+    records = torch.is_grad_enabled() and (x.requires_grad or any(
+        p.requires_grad for m in projection.linears for p in m.parameters()))
+    if records or torch.compiler.is_compiling() or not projection.intact():
+        return nn.Linear.forward(self, x)
+    return projection.part(index, x)
+
+
+def _patch_projections(module, names):
+    linears = [getattr(module, name, None) for name in names]
+    if not all(isinstance(m, nn.Module) and _plain_linear(m) and "forward" not in m.__dict__
+               for m in linears):
+        return False
+    if len({(m.in_features, m.bias is None, m.weight.dtype, m.weight.device)
+            for m in linears}) != 1:
+        return False
+    projection = _Projection(module, names)
+    _share_storage([m.weight for m in linears])
+    if linears[0].bias is not None:
+        _share_storage([m.bias for m in linears])
+    for index, linear in enumerate(linears):
+        linear.__dict__[PROJECTION_ATTR] = (projection, index)
+        _install(linear, _projection_forward)
+    return True
+
+
+# ------------------------------------------------------------------------------------------------
+# residual_norm
+# ------------------------------------------------------------------------------------------------
+
+def _residual_norm_forward(self, hidden_states, input_tensor):
+    if not isinstance(self.LayerNorm, FusedLayerNorm):  # norm=False, or swapped since
+        return type(self).forward(self, hidden_states, input_tensor)
+    hidden_states = self.dropout(self.dense(hidden_states))
+    return self.LayerNorm(hidden_states, residual=input_tensor)[0]
+
+
+def _patch_residual_norm(module, names):
+    return all(isinstance(getattr(module, name, None), nn.Module) for name in names) and _install(
+        module, _residual_norm_forward)
+
+
+_PATCHERS = {"projections": _patch_projections, "residual_norm": _patch_residual_norm}
+
+
+def _install(module, forward):
+    module.forward = types.MethodType(forward, module)
+    module.__dict__[FORWARD_ATTR] = True
+    return True
+
+
+def patch_blocks(model):
+    """Install the block rules on every module of `model` they fit; returns
+    ({qualified name: rule} for what was installed, sorted names of the classes of BLOCK_RULES
+    left alone because their forward reads otherwise). Instances whose modules do not fit (int8
+    or hooked layers, an overridden forward) stay as they are."""
+    done, unexpected = {}, set()
+    for name, module in model.named_modules():
+        rule = BLOCK_RULES.get(type(module).__name__)
+        if rule is None or FORWARD_ATTR in module.__dict__:
+            continue
+        kind, names = rule
+        if not _forward_reads_as(type(module), kind, names):
+            unexpected.add(type(module).__name__)
+        elif "forward" not in module.__dict__ and _PATCHERS[kind](module, names):
+            module.__dict__[FORWARD_ATTR] = True  # (projections: the siblings' forwards)
+            done[name] = kind
+    return done, sorted(unexpected)
+
+
+def unpatch_blocks(model):
+    """Remove the block forwards; fused projections get storages of their own again."""
+    for module in model.modules():
+        if module.__dict__.pop(FORWARD_ATTR, None):
+            module.__dict__.pop("forward", None)
+            if module.__dict__.pop(PROJECTION_ATTR, None) is not None:
+                with torch.no_grad():
+                    for p in module.parameters(recurse=False):
+                        p.data = p.data.clone()

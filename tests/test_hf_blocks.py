@@ -1,0 +1,162 @@
+"""Block rules (transfuse.hf.blocks): fused Q/K/V projections and residual-fused LayerNorms equal
+the unpatched model, keep its parameters and state dict, and step aside when they do not fit."""
+import copy
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import transfuse
+from transfuse.hf import blocks
+
+from hf_models import build
+
+ENCODERS = ["bert", "roberta"]
+
+
+def padded_batch(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 99, (3, 11), generator=g)
+    mask = torch.ones(3, 11, dtype=torch.long)
+    mask[1, 7:] = 0
+    mask[2, 2:] = 0
+    return ids, mask
+
+
+@pytest.fixture
+def linear_calls(monkeypatch):
+    """How many times F.linear runs (the GEMMs of a forward)."""
+    count = [0]
+    original = F.linear
+
+    def counting(*args, **kwargs):
+        count[0] += 1
+        return original(*args, **kwargs)
+    monkeypatch.setattr(F, "linear", counting)
+    return count
+
+
+def real_tokens(model, ids, mask):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).last_hidden_state[mask.bool()]
+
+
+@pytest.mark.parametrize("model_type", ENCODERS)
+def test_blocks_equal_the_unpatched_model_with_one_gemm_for_qkv(model_type, linear_calls):
+    model = build(model_type)
+    ids, mask = padded_batch()
+    expected = real_tokens(model, ids, mask)
+    patched = transfuse.patch(copy.deepcopy(model))
+    rules = {name: rule for name, rule in transfuse.patched_modules(patched).items()
+             if "<block" in name}
+    assert sorted(set(rules.values())) == ["block rule 'projections'",
+                                           "block rule 'residual_norm'"]
+    linear_calls[0] = 0
+    torch.testing.assert_close(real_tokens(patched, ids, mask), expected, rtol=1e-5, atol=1e-5)
+    layers = model.config.num_hidden_layers
+    # per layer QKV, attention output, intermediate, output (unpatched: 6); then the pooler
+    assert linear_calls[0] == 4 * layers + 1
+    self_attention = patched.encoder.layer[0].attention.self
+    storages = {m.weight.untyped_storage().data_ptr()
+                for m in (self_attention.query, self_attention.key, self_attention.value)}
+    assert len(storages) == 1
+    assert patched.state_dict().keys() == model.state_dict().keys()
+    for name, value in model.state_dict().items():
+        assert torch.equal(patched.state_dict()[name], value), name
+
+
+def test_unpatch_restores_the_class_forwards_and_separate_storages():
+    model = transfuse.patch(build("bert"))
+    transfuse.unpatch(model)
+    for module in model.modules():
+        assert "forward" not in module.__dict__, type(module).__name__
+    attention = model.encoder.layer[0].attention.self
+    storages = {m.weight.untyped_storage().data_ptr()
+                for m in (attention.query, attention.key, attention.value)}
+    assert len(storages) == 3
+
+
+def test_training_gradients_equal_the_unpatched_model():
+    model = build("bert").train()  # training mode: every layer runs on its own, unfused
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0  # (the packed and padded runs would draw differently)
+    patched = transfuse.patch(copy.deepcopy(model))
+    ids, mask = padded_batch()
+    for m in (model, patched):
+        m(input_ids=ids, attention_mask=mask).last_hidden_state[mask.bool()].square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), patched.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_dtype_change_and_a_state_dict_load_keep_the_fusion_exact():
+    model = build("bert")
+    ids, mask = padded_batch()
+    patched = transfuse.patch(copy.deepcopy(model)).double()  # new, separate storages
+    other = build("bert", seed=5)
+    patched.load_state_dict({k: v.double() for k, v in other.state_dict().items()})
+    torch.testing.assert_close(real_tokens(patched, ids, mask),
+                               real_tokens(other.double(), ids, mask), rtol=1e-9, atol=1e-9)
+    attention = patched.encoder.layer[0].attention.self
+    assert len({m.weight.untyped_storage().data_ptr()
+                for m in (attention.query, attention.key, attention.value)}) == 1  # shared again
+
+
+def test_save_pretrained_of_a_patched_model_loads_as_the_unpatched_one(tmp_path):
+    from transformers import AutoModel
+    model = build("bert")
+    ids, mask = padded_batch()
+    transfuse.patch(copy.deepcopy(model)).save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(real_tokens(loaded, ids, mask), real_tokens(model, ids, mask),
+                               rtol=0, atol=0)
+
+
+def test_swapped_siblings_and_unfused_norms_fall_back_to_the_class_forward(linear_calls):
+    model = build("bert")
+    ids, mask = padded_batch()
+    expected = real_tokens(model, ids, mask)
+    patched = transfuse.patch(copy.deepcopy(model), norm=False)  # LayerNorms stay nn.LayerNorm
+    attention = patched.encoder.layer[0].attention.self
+    replacement = torch.nn.Linear(attention.key.in_features, attention.key.out_features)
+    replacement.load_state_dict(attention.key.state_dict())
+    attention.key = replacement  # no longer the fused layer: its siblings run on their own
+    torch.testing.assert_close(real_tokens(patched, ids, mask), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_forward_that_reads_otherwise_is_left_alone(monkeypatch):
+    monkeypatch.setattr(blocks, "RESIDUAL_NORM_SOURCE", ("self.something_else(",))
+    blocks._forward_reads_as.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="BertOutput"):
+            patched = transfuse.patch(build("bert"))
+    finally:
+        blocks._forward_reads_as.cache_clear()
+    assert "forward" not in patched.encoder.layer[0].output.__dict__
+    assert "forward" in patched.encoder.layer[0].attention.self.query.__dict__
+
+
+def test_threads_sharing_a_patched_model_get_their_own_results():
+    patched = transfuse.patch(build("bert"))
+    batches = [padded_batch(seed) for seed in range(4)]
+    expected = [real_tokens(patched, *batch) for batch in batches]
+    results = [[] for _ in batches]
+
+    def work(i):
+        for _ in range(5):
+            results[i].append(real_tokens(patched, *batches[i]))
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(batches))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for got, want in zip(results, expected):
+        for g in got:
+            torch.testing.assert_close(g, want, rtol=0, atol=0)
+
+
+def test_blocks_false_leaves_the_block_modules_alone():
+    patched = transfuse.patch(build("bert"), blocks=False)
+    assert not any("forward" in m.__dict__ for m in patched.encoder.modules()
+                   if type(m).__name__ in blocks.BLOCK_RULES)
