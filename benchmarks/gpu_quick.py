@@ -353,6 +353,20 @@ def kernels_stage(out: Out, dry: bool):
             ok &= case(f"{op} + residual [{backend}]", (R, C), bf16, check,
                        lambda call=call, eager=eager: {backend: call, "eager": eager},
                        bytes_=4 * x.numel() * x.element_size())
+    # bias + GELU, the epilogue of BERT's intermediate linear layer
+    R, C = (8, 64) if dry else (8192, 4096)
+    x = torch.randn(R, C, device=dev, dtype=bf16)
+    b = torch.randn(C, device=dev, dtype=bf16)
+    for backend in backends:
+        def check(backend=backend):
+            y = transfuse.ops.bias_gelu(x, b, backend=backend)
+            e = reference.bias_gelu(x.double(), b.double())
+            return rel(y, e), 2 * rel(reference.bias_gelu(x, b), e) + 1e-3
+        timed = lambda backend=backend: {
+            backend: lambda: transfuse.ops.bias_gelu(x, b, backend=backend),
+            "eager": lambda: F.gelu(x + b)}
+        ok &= case(f"bias_gelu [{backend}]", (R, C), bf16, check, timed,
+                   bytes_=2 * x.numel() * x.element_size())
     # int8
     for mode, (m, n_, k_) in (("w8a8", (8, 64, 96) if dry else (4096, 4096, 4096)),
                               ("w8a16", (1, 64, 96) if dry else (1, 4096, 4096))):

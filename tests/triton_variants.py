@@ -11,11 +11,12 @@ what the interpreter cannot: a tl.dot whose out_dtype the GPU compiler rejects, 
 registers over the target's limits, a construct a given triton version no longer accepts.
 
 Rows are grouped: "gpu-tests" mirror the parameters of the `gpu`-marked tests (tests/test_norm.py,
-test_int8.py, test_attention.py, test_varlen_attention.py, test_attention_cuda.py; the cuda
-backend's Triton fallbacks (attention backward, fp32, dropout; w8a16 with m > 16) launch a subset
-of the triton backend's variants; the attention tests' gpu runs are the parameters of their GPU_*
-lists, imported here), "bench" the shapes of benchmarks/gpu_quick.py. Add a row to cover a new
-launcher: a function taking nothing that calls launchers on `cuda(...)` tensors.
+test_activation.py, test_int8.py, test_attention.py, test_varlen_attention.py,
+test_attention_cuda.py; the cuda backend's Triton fallbacks (attention backward, fp32, dropout;
+w8a16 with m > 16) launch a subset of the triton backend's variants; the attention tests' gpu runs
+are the parameters of their GPU_* lists, imported here), "bench" the shapes of
+benchmarks/gpu_quick.py. Add a row to cover a new launcher: a function taking nothing that calls
+launchers on `cuda(...)` tensors.
 
 On a GPU, triton's JIT also specializes integer arguments equal to 1 and pointer / integer
 divisibility by 16, so the compiles there are somewhat more than the variants counted here; the
@@ -50,6 +51,7 @@ import triton  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
+from kernels import activation as tactivation  # noqa: E402
 from kernels import attention as tattention  # noqa: E402
 from kernels import int8 as tint8  # noqa: E402
 from kernels import norm as tnorm  # noqa: E402
@@ -123,7 +125,7 @@ def record(call):
         found.setdefault(variant, variant)
 
     patches = [(JITFunction, "run", run)]
-    for module in (tnorm, tint8, tattention):
+    for module in (tnorm, tint8, tattention, tactivation):
         if hasattr(module, "_on_device"):
             patches.append((module, "_on_device", lambda tensor: contextlib.nullcontext()))
         if hasattr(module, "_multiprocessor_count"):
@@ -166,6 +168,15 @@ def _norm(rows, cols, x_dtype, *, rms, weight_dtype=None, weight=True, bias=True
     if backward:
         tnorm.norm_backward(cuda(rows, cols, dtype=out_dtype), h if residual else None,
                             h if residual else x, w, mean, rstd, 0.0, rms, bias)
+
+
+def _bias_gelu(rows, cols, dtype, *, bias=True, approximate="none", backward=True):
+    """transfuse.ops.bias_gelu on the triton backend (forward and, with backward, dz)."""
+    x = cuda(rows, cols, dtype=dtype)
+    b = cuda(cols, dtype=dtype) if bias else None
+    tactivation.bias_gelu_forward(x, b, approximate)
+    if backward:
+        tactivation.bias_gelu_backward(cuda(rows, cols, dtype=dtype), x, b, approximate)
 
 
 def _int8(m, n, k, dtype, mode, bias=True):
@@ -249,6 +260,18 @@ def _norm_test_rows():
     _norm(6, 64, _F32, rms=True, backward=False)                          # non-contiguous
 
 
+def _activation_test_rows():
+    """tests/test_activation.py's gpu runs. has_bias and approximate are run-time arguments of
+    the kernels and the tile is fixed on GPU, so they build one variant per dtype and direction
+    whatever the shape (the calls below are those of the main test; the others are alike)."""
+    from test_activation import APPROXIMATIONS, DTYPES, HIDDEN, ROWS
+    for dtype in DTYPES:
+        for cols in HIDDEN:
+            for approximate in APPROXIMATIONS:
+                for i, rows in enumerate(ROWS):
+                    _bias_gelu(rows, cols, dtype, bias=i % 2 == 0, approximate=approximate)
+
+
 def _int8_test_rows():
     from test_int8 import DTYPES, SHAPES
     for dtype in DTYPES:
@@ -315,6 +338,7 @@ def _bench_rows():
             backward=False)                                               # varlen, 32 sequences
     for rms in (False, True):
         _norm(4096, 4096, _BF16, rms=rms, backward=False)
+    _bias_gelu(8192, 4096, _BF16, backward=False)
     _int8(4096, 4096, 4096, _BF16, "w8a8", bias=False)
     _int8(1, 4096, 4096, _BF16, "w8a16", bias=False)
     tint8.int8_matmul(cuda(4096, 4096, dtype=torch.int8), cuda(4096, 4096, dtype=torch.int8))
@@ -323,6 +347,7 @@ def _bench_rows():
 # (group, name, row): add rows here (new launchers, new shapes)
 ROWS = [
     ("gpu-tests", "norm", _norm_test_rows),
+    ("gpu-tests", "activation", _activation_test_rows),
     ("gpu-tests", "int8", _int8_test_rows),
     ("gpu-tests", "attention", _attention_test_rows),
     ("gpu-tests", "varlen-attention", _varlen_attention_test_rows),

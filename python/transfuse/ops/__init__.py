@@ -1,7 +1,8 @@
 """The transfuse ops: thin wrappers that validate, pick a backend and call a custom op."""
+from .activation import bias_gelu
 from .attention import attention, varlen_attention
 from .int8 import int8_linear, int8_matmul, quantize_per_token
 from .norm import layer_norm, rms_norm
 
-__all__ = ["attention", "int8_linear", "int8_matmul", "layer_norm", "quantize_per_token",
-           "rms_norm", "varlen_attention"]
+__all__ = ["attention", "bias_gelu", "int8_linear", "int8_matmul", "layer_norm",
+           "quantize_per_token", "rms_norm", "varlen_attention"]

@@ -1,0 +1,130 @@
+// Binding of the bias + GELU kernels: tensor checks, allocation, registration as torch ops
+// transfuse_C::bias_gelu_forward / bias_gelu_backward for the CPU and CUDA dispatch keys.
+// The Python op transfuse::bias_gelu (python/transfuse/ops/activation.py) validates user input
+// first; these checks guard the kernels against anything that slips past it. dbias (the sum of
+// dx over rows) is left to the caller's torch sum.
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <string_view>
+
+#include "dtype.h"
+
+#include "../common/activation.h"
+#include "../cpu/activation.h"
+
+#ifdef TRANSFUSE_WITH_CUDA
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "../cuda/activation.h"
+#endif
+
+namespace transfuse {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+void check_matrix(const Tensor& t, const char* name, const Tensor& like) {
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.is_contiguous(), name, " must be a contiguous 2-D tensor");
+  TORCH_CHECK_VALUE(t.sizes() == like.sizes(), name, " must have shape ", like.sizes(), ", got ",
+                    t.sizes());
+  TORCH_CHECK_VALUE(t.device() == like.device(), name, " must be on ", like.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == like.scalar_type(), name, " must have dtype ",
+                   like.scalar_type(), ", got ", t.scalar_type());
+}
+
+void check_bias(const OptTensor& bias, const Tensor& x) {
+  if (!bias) return;
+  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->is_contiguous() && bias->size(0) == x.size(1),
+                    "bias must be a contiguous vector of ", x.size(1), " elements");
+  TORCH_CHECK_VALUE(bias->device() == x.device(), "bias must be on ", x.device());
+  TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "bias must have x's dtype ",
+                   x.scalar_type(), ", got ", bias->scalar_type());
+}
+
+GeluApproximation to_approximation(std::string_view approximate) {
+  if (approximate == "none") return GeluApproximation::none;
+  TORCH_CHECK_VALUE(approximate == "tanh", "approximate must be 'none' or 'tanh', got '",
+                    approximate, "'");
+  return GeluApproximation::tanh;
+}
+
+const void* data_or_null(const OptTensor& t) { return t ? t->data_ptr() : nullptr; }
+
+Tensor bias_gelu_forward(const Tensor& x, const OptTensor& bias, c10::string_view approximate) {
+  check_matrix(x, "x", x);
+  check_bias(bias, x);
+  BiasGeluForwardParams p;
+  p.dtype = to_dtype(x.scalar_type(), "x");
+  p.approximate = to_approximation(std::string_view(approximate.data(), approximate.size()));
+  Tensor y = at::empty_like(x);
+  p.x = x.data_ptr();
+  p.bias = data_or_null(bias);
+  p.y = y.data_ptr();
+  p.rows = x.size(0);
+  p.cols = x.size(1);
+  if (x.is_cuda()) {
+#ifdef TRANSFUSE_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(x.device());
+    cuda::bias_gelu_forward_launch(p, c10::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+#endif
+  } else {
+    p.num_threads = at::get_num_threads();
+    cpu::bias_gelu_forward(p);
+  }
+  return y;
+}
+
+Tensor bias_gelu_backward(const Tensor& dy, const Tensor& x, const OptTensor& bias,
+                          c10::string_view approximate) {
+  check_matrix(x, "x", x);
+  check_matrix(dy, "dy", x);
+  check_bias(bias, x);
+  BiasGeluBackwardParams p;
+  p.dtype = to_dtype(x.scalar_type(), "x");
+  p.approximate = to_approximation(std::string_view(approximate.data(), approximate.size()));
+  Tensor dx = at::empty_like(x);
+  p.dy = dy.data_ptr();
+  p.x = x.data_ptr();
+  p.bias = data_or_null(bias);
+  p.dx = dx.data_ptr();
+  p.rows = x.size(0);
+  p.cols = x.size(1);
+  if (x.is_cuda()) {
+#ifdef TRANSFUSE_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(x.device());
+    cuda::bias_gelu_backward_launch(p, c10::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+#endif
+  } else {
+    p.num_threads = at::get_num_threads();
+    cpu::bias_gelu_backward(p);
+  }
+  return dx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(transfuse_C, m) {
+  m.def("bias_gelu_forward(Tensor x, Tensor? bias, str approximate) -> Tensor");
+  m.def("bias_gelu_backward(Tensor dy, Tensor x, Tensor? bias, str approximate) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(transfuse_C, CPU, m) {
+  m.impl("bias_gelu_forward", &bias_gelu_forward);
+  m.impl("bias_gelu_backward", &bias_gelu_backward);
+}
+
+#ifdef TRANSFUSE_WITH_CUDA
+TORCH_LIBRARY_IMPL(transfuse_C, CUDA, m) {
+  m.impl("bias_gelu_forward", &bias_gelu_forward);
+  m.impl("bias_gelu_backward", &bias_gelu_backward);
+}
+#endif
+
+}  // namespace transfuse

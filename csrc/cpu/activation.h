@@ -1,0 +1,15 @@
+// CPU kernels of the bias + GELU epilogue: OpenMP over rows (tiles of rows), vectorized loops.
+// The math is stated in common/activation.h.
+#pragma once
+
+#include "../common/activation.h"
+
+namespace transfuse::cpu {
+
+// y = gelu(x + bias)
+void bias_gelu_forward(const BiasGeluForwardParams& p);
+
+// dx = dy * gelu'(x + bias)  (dbias, the sum of dx over rows, is the caller's)
+void bias_gelu_backward(const BiasGeluBackwardParams& p);
+
+}  // namespace transfuse::cpu
