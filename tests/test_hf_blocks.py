@@ -50,7 +50,7 @@ def test_blocks_equal_the_unpatched_model_with_one_gemm_for_qkv(model_type, line
     patched = transfuse.patch(copy.deepcopy(model))
     rules = {name: rule for name, rule in transfuse.patched_modules(patched).items()
              if "<block" in name}
-    assert sorted(set(rules.values())) == ["block rule 'projections'",
+    assert sorted(set(rules.values())) == ["block rule 'bias_gelu'", "block rule 'projections'",
                                            "block rule 'residual_norm'"]
     linear_calls[0] = 0
     torch.testing.assert_close(real_tokens(patched, ids, mask), expected, rtol=1e-5, atol=1e-5)
@@ -64,6 +64,25 @@ def test_blocks_equal_the_unpatched_model_with_one_gemm_for_qkv(model_type, line
     assert patched.state_dict().keys() == model.state_dict().keys()
     for name, value in model.state_dict().items():
         assert torch.equal(patched.state_dict()[name], value), name
+
+
+@pytest.mark.parametrize("hidden_act", ["gelu_pytorch_tanh", "gelu_new"])
+def test_intermediate_gelu_runs_bias_gelu_where_it_is_f_gelu(hidden_act, monkeypatch):
+    model = build("bert")
+    for layer in model.encoder.layer:  # the activation module transformers builds for hidden_act
+        layer.intermediate.intermediate_act_fn = type(model.encoder.layer[0].intermediate)(
+            model.config.__class__(**{**model.config.to_dict(), "hidden_act": hidden_act})
+        ).intermediate_act_fn
+    ids, mask = padded_batch()
+    expected = real_tokens(model, ids, mask)
+    calls = []
+    original = transfuse.ops.bias_gelu
+    monkeypatch.setattr(transfuse.ops, "bias_gelu",
+                        lambda *a, **k: calls.append(a[2]) or original(*a, **k))
+    patched = transfuse.patch(copy.deepcopy(model))
+    torch.testing.assert_close(real_tokens(patched, ids, mask), expected, rtol=1e-5, atol=1e-5)
+    # gelu_new is GPT's tanh formula written out (not F.gelu): the class's forward runs it
+    assert calls == (["tanh"] * model.config.num_hidden_layers if hidden_act != "gelu_new" else [])
 
 
 def test_unpatch_restores_the_class_forwards_and_separate_storages():
@@ -85,7 +104,8 @@ def test_training_gradients_equal_the_unpatched_model():
     patched = transfuse.patch(copy.deepcopy(model))
     ids, mask = padded_batch()
     for m in (model, patched):
-        m(input_ids=ids, attention_mask=mask).last_hidden_state[mask.bool()].square().sum().backward()
+        out = m(input_ids=ids, attention_mask=mask).last_hidden_state
+        out[mask.bool()].square().sum().backward()
     for (name, p), q in zip(model.named_parameters(), patched.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
 

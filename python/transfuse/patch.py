@@ -130,7 +130,8 @@ def patch(model, *, attention=True, norm=True, int8=None, backend=None, unpad=Tr
     blocks: the rules of transfuse.hf.blocks.BLOCK_RULES that span a block's modules: sibling
     float projections (Q, K, V; gate, up) as one GEMM over weights sharing one storage (same
     Parameters and state dict), the residual add of BERT-style output layers inside the fused
-    LayerNorm; a class whose forward reads otherwise than a rule expects is named in the warning.
+    LayerNorm, their intermediate layers' bias add + GELU as one pass; a class whose forward
+    reads otherwise than a rule expects is named in the warning.
     backend: passed to the new modules (None: the TRANSFUSE_BACKEND environment variable, else
     auto); checked here: an unknown or unavailable backend raises ValueError.
     Patching twice is harmless: modules replaced before are kept (a second call with backend=
@@ -150,7 +151,7 @@ def patch(model, *, attention=True, norm=True, int8=None, backend=None, unpad=Tr
     if norm:
         left += _patch_norms(model, backend)
     if blocks:
-        _, unfit = hf_blocks.patch_blocks(model)
+        _, unfit = hf_blocks.patch_blocks(model, backend)
         left += Counter({(cls, "its forward is not the one the block rule was written for"): 1
                          for cls in unfit})
     if backend is not None:
@@ -207,7 +208,8 @@ def patched_modules(model) -> dict:
             found[f"{name or '<model>'}<unpad>"] = "padding removal (transfuse.hf.unpad)"
         if (hf_blocks.FORWARD_ATTR in module.__dict__
                 and type(module).__name__ in hf_blocks.BLOCK_RULES):
-            found[f"{name}<block>"] = f"block rule {hf_blocks.BLOCK_RULES[type(module).__name__][0]!r}"
+            kind = hf_blocks.BLOCK_RULES[type(module).__name__][0]
+            found[f"{name}<block>"] = f"block rule {kind!r}"
         original = getattr(module, ORIGINAL_ATTR, None)
         if original is not None:
             detail, mode = "", ""

@@ -18,6 +18,9 @@ something else.
   residual_norm  LayerNorm(dropout(dense(h)) + input) (BERT-style SelfOutput / Output): the
                residual add runs inside the fused norm's pass (a FusedLayerNorm, from the norm
                rules) instead of a separate one.
+  bias_gelu    gelu(dense(h)) (BERT-style Intermediate, exact or tanh GELU): the GEMM without
+               its bias (no copy of the bias into the output first), then one pass of
+               transfuse.ops.bias_gelu.
 
 Each rule names the class's forward lines it was written for (_expected_source); a class whose
 forward reads otherwise (another transformers version) is left alone.
@@ -31,12 +34,15 @@ import threading
 import types
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
 from ..nn import FusedLayerNorm
 
 FORWARD_ATTR = "_transfuse_block_forward"
 PROJECTION_ATTR = "_transfuse_projection"
+BACKEND_ATTR = "_transfuse_block_backend"
 
 _BERT_LIKE = ("Bert", "Roberta", "XLMRoberta", "Electra", "Camembert")
 _DECODERS = ("Llama", "Mistral", "Qwen2", "Gemma")
@@ -47,6 +53,8 @@ BLOCK_RULES = {
        for family in _BERT_LIKE},
     **{f"{family}{part}": ("residual_norm", ("dense", "dropout", "LayerNorm"))
        for family in _BERT_LIKE for part in ("SelfOutput", "Output")},
+    **{f"{family}Intermediate": ("bias_gelu", ("dense", "intermediate_act_fn"))
+       for family in _BERT_LIKE},
     **{f"{family}Attention": ("projections", ("q_proj", "k_proj", "v_proj"))
        for family in _DECODERS},
     **{f"{family}MLP": ("projections", ("gate_proj", "up_proj")) for family in _DECODERS},
@@ -60,9 +68,16 @@ RESIDUAL_NORM_SOURCE = ("hidden_states = self.dense(hidden_states)",
                         "return hidden_states")
 
 
+BIAS_GELU_SOURCE = ("hidden_states = self.dense(hidden_states)",
+                    "hidden_states = self.intermediate_act_fn(hidden_states)",
+                    "return hidden_states")
+
+
 def _expected_source(kind, names):
     if kind == "residual_norm":
         return RESIDUAL_NORM_SOURCE
+    if kind == "bias_gelu":
+        return BIAS_GELU_SOURCE
     return tuple(f"self.{name}(" for name in names)
 
 
@@ -119,7 +134,8 @@ def _version(x):
 
 
 class _Projection:
-    """The siblings' joint GEMM and, per thread, its last output until each sibling took its part."""
+    """The siblings' joint GEMM, and per thread its last output until each sibling took its
+    part."""
 
     def __init__(self, parent, names):
         self.parent, self.names = parent, names
@@ -208,7 +224,41 @@ def _patch_residual_norm(module, names):
         module, _residual_norm_forward)
 
 
-_PATCHERS = {"projections": _patch_projections, "residual_norm": _patch_residual_norm}
+# ------------------------------------------------------------------------------------------------
+# bias_gelu
+# ------------------------------------------------------------------------------------------------
+
+def _gelu_approximation(act):
+    """"none" / "tanh" for transformers' GELU modules that compute F.gelu, else None."""
+    if act is None or act._forward_hooks or act._forward_pre_hooks or "forward" in act.__dict__:
+        return None
+    fn = getattr(act, "act", None)
+    if type(act).__name__ == "GELUActivation" and fn is F.gelu:
+        return "none"
+    if (type(act).__name__ == "GELUTanh" and isinstance(fn, functools.partial)
+            and fn.func is F.gelu and not fn.args and fn.keywords == {"approximate": "tanh"}):
+        return "tanh"
+    return None
+
+
+def _bias_gelu_forward(self, hidden_states):
+    dense = self.dense
+    approximate = _gelu_approximation(self.intermediate_act_fn)
+    if (approximate is None or not _plain_linear(dense) or dense.bias is None
+            or "forward" in dense.__dict__ or torch.is_autocast_enabled(hidden_states.device.type)
+            or dense.bias.dtype != hidden_states.dtype):
+        return type(self).forward(self, hidden_states)
+    return ops.bias_gelu(F.linear(hidden_states, dense.weight), dense.bias, approximate,
+                         backend=self.__dict__.get(BACKEND_ATTR))
+
+
+def _patch_bias_gelu(module, names):
+    return _gelu_approximation(getattr(module, "intermediate_act_fn", None)) is not None and (
+        _install(module, _bias_gelu_forward))
+
+
+_PATCHERS = {"projections": _patch_projections, "residual_norm": _patch_residual_norm,
+             "bias_gelu": _patch_bias_gelu}
 
 
 def _install(module, forward):
@@ -217,21 +267,27 @@ def _install(module, forward):
     return True
 
 
-def patch_blocks(model):
-    """Install the block rules on every module of `model` they fit; returns
+def patch_blocks(model, backend=None):
+    """Install the block rules on every module of `model` they fit (the ops they call run on
+    `backend`); returns
     ({qualified name: rule} for what was installed, sorted names of the classes of BLOCK_RULES
     left alone because their forward reads otherwise). Instances whose modules do not fit (int8
     or hooked layers, an overridden forward) stay as they are."""
     done, unexpected = {}, set()
     for name, module in model.named_modules():
         rule = BLOCK_RULES.get(type(module).__name__)
-        if rule is None or FORWARD_ATTR in module.__dict__:
+        if rule is None:
+            continue
+        if FORWARD_ATTR in module.__dict__:  # patched before
+            if backend is not None:
+                module.__dict__[BACKEND_ATTR] = backend
             continue
         kind, names = rule
         if not _forward_reads_as(type(module), kind, names):
             unexpected.add(type(module).__name__)
         elif "forward" not in module.__dict__ and _PATCHERS[kind](module, names):
             module.__dict__[FORWARD_ATTR] = True  # (projections: the siblings' forwards)
+            module.__dict__[BACKEND_ATTR] = backend
             done[name] = kind
     return done, sorted(unexpected)
 
@@ -241,6 +297,7 @@ def unpatch_blocks(model):
     for module in model.modules():
         if module.__dict__.pop(FORWARD_ATTR, None):
             module.__dict__.pop("forward", None)
+            module.__dict__.pop(BACKEND_ATTR, None)
             if module.__dict__.pop(PROJECTION_ATTR, None) is not None:
                 with torch.no_grad():
                     for p in module.parameters(recurse=False):
