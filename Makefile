@@ -38,13 +38,15 @@ test-gpu-quick-dry: setup
 # The GPU machine's versions (torch 2.11, transformers 5.17, triton 3.6 with numpy < 2.4) in a
 # second venv: what the GPU machine runs that the CPU leg cannot vouch for there -- the extension
 # built against torch 2.11, one variant of every Triton kernel compiled by triton 3.6 for sm_80
-# and sm_90, the int8 and varlen ops on the cpu backend, the int8 / quantizer and HF attention / padding-removal
-# tests on transformers 5.17 (the Triton interpreter tests run in the main leg).
+# and sm_90, the int8, varlen and bias_gelu ops on the cpu backend, and on transformers 5.17 the
+# int8 / quantizer / checkpoint, HF attention, padding-removal and block-rule tests (the Triton
+# interpreter tests run in the main leg).
 GPU_VENV ?= .venv-gpu-versions
 GPU_BIN := $(GPU_VENV)/bin
 GPU_VERSIONS ?= torch==2.11.0 "transformers==5.17.*" "triton==3.6.*" "numpy<2.4"
 GPU_TESTS ?= tests/test_triton_compile.py tests/test_int8.py tests/test_varlen_attention.py \
-	tests/test_hf_int8.py tests/test_quantize.py tests/test_hf_attention.py tests/test_hf_unpad.py
+	tests/test_hf_int8.py tests/test_quantize.py tests/test_hf_attention.py tests/test_hf_unpad.py \
+	tests/test_int8_checkpoint_fuzz.py tests/test_hf_blocks.py tests/test_activation.py
 
 $(GPU_VENV)/.installed: setup.py pyproject.toml $(CSRC) $(PY_SOURCES)
 	test -x $(GPU_BIN)/python || $(PYTHON) -m venv $(GPU_VENV)
