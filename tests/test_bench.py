@@ -56,7 +56,7 @@ def test_compare_outputs_ignores_pad_positions():
 
 
 def test_real_sentences_row(minilm):
-    """eager, SDPA, patch(model) and patch(unpad=False); pad positions (garbage here) never enter
+    """eager, SDPA, patch(model), patch(blocks=False) and patch(unpad=False); pad positions (garbage here) never enter
     the comparison."""
     _, tokenizer, model = minilm
     calls = []
@@ -72,9 +72,9 @@ def test_real_sentences_row(minilm):
 
     row = bench.real_sentences_case(model, tokenizer, torch.device("cpu"), 4, 1,
                                     patch_with_garbage_at_pads, sentences=SENTENCES[:6])
-    assert calls == [True, False]
+    assert calls == [True, True, False]
     assert list(row["results"]) == ["eager", "sdpa", "transfuse patch(model)",
-                                    "transfuse patch(unpad=False)"]
+                                    "transfuse patch(blocks=False)", "transfuse patch(unpad=False)"]
     assert row["batch_shapes"][1][0] == 2 and 0 < row["padding_fraction"] < 1
     assert row["real_tokens"] < row["positions"]
     for side in row["results"].values():
@@ -97,11 +97,13 @@ def test_bench_command_model_rows(minilm, tmp_path, capsys):
     assert m["batch"] == 3 and m["seq"] == 16 and m["padding_fraction"] == 0
     assert m["tokens_per_batch"] == 48 and len(m["loadavg_before"]) == 3
     assert list(m["results"]) == ["eager", "sdpa", "transfuse (norms)",
-                                  "transfuse (norms+attention)", "transfuse (+ int8 w8a8)"]
+                                  "transfuse (norms+attention)", "transfuse (+ block rules)",
+                                  "transfuse (+ int8 w8a8)"]
     real = m["real_sentences"]
     assert real["sequences"] == 5 and real["batch_shapes"][1][0] == 2
     assert real["padding_fraction"] > 0 and len(real["loadavg_after"]) == 3
     assert list(real["results"]) == ["eager", "sdpa", "transfuse patch(model)",
+                                     "transfuse patch(blocks=False)",
                                      "transfuse patch(unpad=False)"]
     for row in (m, real):
         for label, side in row["results"].items():

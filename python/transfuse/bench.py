@@ -430,21 +430,24 @@ def fixed_length_case(model, tokenizer, device, batch, seq, repeat, patch_fn):
     sides = {
         "eager": model,
         "sdpa": _variant(model, lambda m: m.set_attn_implementation("sdpa")),
-        "transfuse (norms)": _variant(model, lambda m: patch_fn(m, norm=True, attention=False)),
-        "transfuse (norms+attention)": _variant(model, lambda m: patch_fn(m)),
+        "transfuse (norms)": _variant(model, lambda m: patch_fn(m, attention=False, blocks=False)),
+        "transfuse (norms+attention)": _variant(model, lambda m: patch_fn(m, blocks=False)),
+        "transfuse (+ block rules)": _variant(model, lambda m: patch_fn(m)),
         "transfuse (+ int8 w8a8)": _variant(model, lambda m: patch_fn(m, int8="w8a8")),
     }
     return time_model(sides, [inputs], device, repeat)
 
 
 def real_sentences_case(model, tokenizer, device, batch, repeat, patch_fn, sentences=None):
-    """The real sentences in batches of `batch`, padding=True: eager, SDPA, transfuse.patch(model)
-    and patch(model, unpad=False) (padding removal off)."""
+    """The real sentences in batches of `batch`, padding=True: eager, SDPA, transfuse.patch(model),
+    patch(model, blocks=False) (block rules off) and patch(model, unpad=False) (padding removal
+    off)."""
     sentences = BENCH_SENTENCES if sentences is None else sentences
     batches = [inputs.to(device) for inputs in sentence_batches(tokenizer, sentences, batch)]
     sides = {"eager": model,
              "sdpa": _variant(model, lambda m: m.set_attn_implementation("sdpa")),
              "transfuse patch(model)": _variant(model, lambda m: patch_fn(m)),
+             "transfuse patch(blocks=False)": _variant(model, lambda m: patch_fn(m, blocks=False)),
              "transfuse patch(unpad=False)": _variant(model, lambda m: patch_fn(m, unpad=False))}
     result = time_model(sides, batches, device, repeat)
     result.update({"padding": "padding=True (each batch to its longest)", "batch": batch})
