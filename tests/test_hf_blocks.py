@@ -15,6 +15,13 @@ from hf_models import build
 ENCODERS = ["bert", "roberta"]
 
 
+@pytest.fixture(autouse=True)
+def joined_gemm_on_cpu(monkeypatch):
+    """The joint projection GEMM runs on CUDA only (it measured slower on the CPU); the tests
+    run it on CPU tensors too."""
+    monkeypatch.setattr(blocks, "JOINED_GEMM_DEVICES", ("cuda", "cpu"))
+
+
 def padded_batch(seed=1):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, 99, (3, 11), generator=g)
@@ -83,6 +90,17 @@ def test_intermediate_gelu_runs_bias_gelu_where_it_is_f_gelu(hidden_act, monkeyp
     torch.testing.assert_close(real_tokens(patched, ids, mask), expected, rtol=1e-5, atol=1e-5)
     # gelu_new is GPT's tanh formula written out (not F.gelu): the class's forward runs it
     assert calls == (["tanh"] * model.config.num_hidden_layers if hidden_act != "gelu_new" else [])
+
+
+def test_the_cpu_runs_the_projections_one_by_one_by_default(monkeypatch, linear_calls):
+    monkeypatch.setattr(blocks, "JOINED_GEMM_DEVICES", ("cuda",))
+    model = build("bert")
+    ids, mask = padded_batch()
+    expected = real_tokens(model, ids, mask)
+    patched = transfuse.patch(copy.deepcopy(model))
+    linear_calls[0] = 0
+    torch.testing.assert_close(real_tokens(patched, ids, mask), expected, rtol=1e-5, atol=1e-5)
+    assert linear_calls[0] == 6 * model.config.num_hidden_layers + 1
 
 
 def test_unpatch_restores_the_class_forwards_and_separate_storages():

@@ -14,7 +14,9 @@ something else.
                called computes x @ [W_q; W_k; W_v]^T and keeps it, per thread, until every
                sibling has taken its columns from it (each checks that its input is the same
                tensor, unmodified since: for inference-mode tensors, which count no
-               modifications, the same tensor). While autograd records, every layer runs on its own.
+               modifications, the same tensor). While autograd records, and on devices outside
+               JOINED_GEMM_DEVICES (the CPU, where it measured slower), every layer runs on its
+               own.
   residual_norm  LayerNorm(dropout(dense(h)) + input) (BERT-style SelfOutput / Output): the
                residual add runs inside the fused norm's pass (a FusedLayerNorm, from the norm
                rules) instead of a separate one.
@@ -43,6 +45,11 @@ from ..nn import FusedLayerNorm
 FORWARD_ATTR = "_transfuse_block_forward"
 PROJECTION_ATTR = "_transfuse_projection"
 BACKEND_ATTR = "_transfuse_block_backend"
+
+# Devices whose tensors run fused projections as one GEMM. Not the CPU: on all-MiniLM-L6-v2
+# (2 threads, AVX2, fp32, real sentences, batch 8) the joint Q/K/V GEMM measured 0.97x the three
+# separate ones, model-level (benchmarks/results/block-rules/); there each layer runs on its own.
+JOINED_GEMM_DEVICES = ("cuda",)
 
 _BERT_LIKE = ("Bert", "Roberta", "XLMRoberta", "Electra", "Camembert")
 _DECODERS = ("Llama", "Mistral", "Qwen2", "Gemma")
@@ -185,7 +192,8 @@ def _projection_forward(self, x):
     projection, index = self.__dict__[PROJECTION_ATTR]
     records = torch.is_grad_enabled() and (x.requires_grad or any(
         p.requires_grad for m in projection.linears for p in m.parameters()))
-    if records or torch.compiler.is_compiling() or not projection.intact():
+    if (records or x.device.type not in JOINED_GEMM_DEVICES or torch.compiler.is_compiling()
+            or not projection.intact()):
         return nn.Linear.forward(self, x)
     return projection.part(index, x)
 
