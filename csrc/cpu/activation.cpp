@@ -47,18 +47,6 @@ namespace {
 // Vectorizable scalar math (inlined into the row loops below)
 // ------------------------------------------------------------------------------------------------
 
-inline uint32_t bits_of(float value) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof(bits));
-  return bits;
-}
-
-inline float float_from_bits(uint32_t bits) {
-  float value;
-  std::memcpy(&value, &bits, sizeof(value));
-  return value;
-}
-
 // condition ? if_true : if_false, as bit masks. GCC does not if-convert (so does not vectorize) a
 // plain ?: whose arm holds a float operation, under its default -ftrapping-math (except with
 // AVX-512 masks); both values are computed anyway.

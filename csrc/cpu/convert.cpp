@@ -19,18 +19,6 @@ namespace {
 // Scalar dtype conversions
 // ------------------------------------------------------------------------------------------------
 
-inline uint32_t bits_of(float value) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof(bits));
-  return bits;
-}
-
-inline float float_from_bits(uint32_t bits) {
-  float value;
-  std::memcpy(&value, &bits, sizeof(value));
-  return value;
-}
-
 // bf16 -> f32 is exact: the bf16 bits are the top half of the f32 bits.
 inline float bf16_to_float(uint16_t value) { return float_from_bits(uint32_t(value) << 16); }
 

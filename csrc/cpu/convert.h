@@ -3,10 +3,24 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 #include "../common/norm.h"  // DType
 
 namespace transfuse::cpu {
+
+// The bits of a float and back (memcpy: no aliasing rules broken; compiles to a register move).
+inline uint32_t bits_of(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  return bits;
+}
+
+inline float float_from_bits(uint32_t bits) {
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+}
 
 // dst = float(src), src of dtype `dtype`.
 void load_row(const void* src, DType dtype, float* dst, int64_t n);

@@ -27,17 +27,12 @@ const char* at_row(const void* base, DType dtype, int64_t row, int64_t cols) {
 // it. A row holding NaN or inf gets scale NaN and q = 0 (its w8a8 outputs are then NaN).
 TRANSFUSE_MULTIVERSION float quantize_row(const float* x, int64_t n, int8_t* q) {
   uint32_t absmax_bits = 0;
-  for (int64_t k = 0; k < n; ++k) {
-    uint32_t bits;
-    std::memcpy(&bits, x + k, sizeof(bits));
-    absmax_bits = std::max(absmax_bits, bits & 0x7fffffffu);
-  }
+  for (int64_t k = 0; k < n; ++k) absmax_bits = std::max(absmax_bits, bits_of(x[k]) & 0x7fffffffu);
   if (absmax_bits >= 0x7f800000u) {  // inf or NaN in the row
     std::memset(q, 0, static_cast<size_t>(n));
     return std::numeric_limits<float>::quiet_NaN();
   }
-  float absmax;
-  std::memcpy(&absmax, &absmax_bits, sizeof(absmax));
+  const float absmax = float_from_bits(absmax_bits);
   const float scale = absmax / 127.f > 0.f ? absmax / 127.f : 1.f;
   for (int64_t k = 0; k < n; ++k) {
     const float v = std::nearbyint(x[k] / scale);  // IEEE division, round half to even

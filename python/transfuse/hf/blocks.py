@@ -189,11 +189,12 @@ class _Projection:
 
 
 def _projection_forward(self, x):
+    if x.device.type not in JOINED_GEMM_DEVICES or torch.compiler.is_compiling():
+        return nn.Linear.forward(self, x)
     projection, index = self.__dict__[PROJECTION_ATTR]
     records = torch.is_grad_enabled() and (x.requires_grad or any(
         p.requires_grad for m in projection.linears for p in m.parameters()))
-    if (records or x.device.type not in JOINED_GEMM_DEVICES or torch.compiler.is_compiling()
-            or not projection.intact()):
+    if records or not projection.intact():
         return nn.Linear.forward(self, x)
     return projection.part(index, x)
 
