@@ -27,9 +27,25 @@ ATTENTION_ATTR = "_transfuse_previous_attention"
 _FUSED_TYPES = (FusedLayerNorm, FusedRMSNorm)
 
 
-def _check_model(model):
+def _models_in(model):
+    """(name prefix, module) for each model transfuse patches in `model`: a transformers model
+    itself; in another nn.Module (a SentenceTransformer or CrossEncoder, a peft model, a user's
+    wrapper) the outermost transformers models inside it, or the module itself where none is;
+    in a transformers Pipeline the model it runs."""
+    from transformers import Pipeline, PreTrainedModel
+    if isinstance(model, Pipeline):
+        return [("model.", model.model)]
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        raise TypeError("model must be a torch.nn.Module or a transformers Pipeline, got "
+                        f"{type(model).__name__}")
+    if isinstance(model, PreTrainedModel):
+        return [("", model)]
+    found, inside = [], ()
+    for name, module in model.named_modules():
+        if isinstance(module, PreTrainedModel) and not name.startswith(inside):
+            found.append((name + ".", module))
+            inside = tuple(prefix for prefix, _ in found)
+    return found or [("", model)]
 
 
 def _children(model):
@@ -112,6 +128,29 @@ def _patch_norms(model, backend):
     return left
 
 
+def _patch_model(model, attention, norm, int8, backend, unpad, blocks):
+    """patch() on one model; returns the modules left unchanged, as a Counter of (class name,
+    reason)."""
+    left = Counter()
+    if attention:
+        left += _patch_attention(model)
+        if unpad:
+            hf_unpad.patch_unpad(model)
+    if int8 is not None:
+        _patch_int8(model, int8, backend)
+    if norm:
+        left += _patch_norms(model, backend)
+    if blocks:
+        _, unfit = hf_blocks.patch_blocks(model, backend)
+        left += Counter({(cls, "its forward is not the one the block rule was written for"): 1
+                         for cls in unfit})
+    if backend is not None:
+        for module in model.modules():
+            if hasattr(module, ORIGINAL_ATTR) and hasattr(module, "backend"):
+                module.backend = backend
+    return left
+
+
 def patch(model, *, attention=True, norm=True, int8=None, backend=None, unpad=True, blocks=True):
     """Replace the model's modules by transfuse's fused ones, in place; returns the same model.
 
@@ -137,27 +176,12 @@ def patch(model, *, attention=True, norm=True, int8=None, backend=None, unpad=Tr
     Patching twice is harmless: modules replaced before are kept (a second call with backend=
     changes their backend).
     """
-    _check_model(model)
     if int8 is not None and int8 not in MODES:
         raise ValueError(f"int8 must be None or one of {MODES}, got {int8!r}")
     backends.check_requested(backend)
     left = Counter()
-    if attention:
-        left += _patch_attention(model)
-        if unpad:
-            hf_unpad.patch_unpad(model)
-    if int8 is not None:
-        _patch_int8(model, int8, backend)
-    if norm:
-        left += _patch_norms(model, backend)
-    if blocks:
-        _, unfit = hf_blocks.patch_blocks(model, backend)
-        left += Counter({(cls, "its forward is not the one the block rule was written for"): 1
-                         for cls in unfit})
-    if backend is not None:
-        for module in model.modules():
-            if hasattr(module, ORIGINAL_ATTR) and hasattr(module, "backend"):
-                module.backend = backend
+    for _, inner in _models_in(model):
+        left += _patch_model(inner, attention, norm, int8, backend, unpad, blocks)
     if left:
         names = ", ".join(f"{cls} x{count} ({reason})"
                           for (cls, reason), count in sorted(left.items()))
@@ -167,12 +191,18 @@ def patch(model, *, attention=True, norm=True, int8=None, backend=None, unpad=Tr
 
 
 def unpatch(model):
-    """Put the original module objects (and attention implementation) back; returns model.
+    """Put the original module objects (and attention implementation) back; returns model (any
+    object patch() takes).
 
     The originals get the replacements' current parameters (the same objects unless a conversion
     such as .to() made new ones) and training mode.
     """
-    _check_model(model)
+    for _, inner in _models_in(model):
+        _unpatch_model(inner)
+    return model
+
+
+def _unpatch_model(model):
     if hasattr(model, ATTENTION_ATTR):
         hf_attention.set_implementation(model, model.__dict__.pop(ATTENTION_ATTR))
     hf_unpad.unpatch_unpad(model)
@@ -187,22 +217,28 @@ def unpatch(model):
         setattr(parent, name, original)
     hf_blocks.unpatch_blocks(model)  # after the swaps: originals put back may carry block forwards
     detach_config(model)
-    return model
 
 
 def patched_modules(model) -> dict:
     """Qualified module name -> what replaced it, for every module transfuse.patch swapped in;
-    "<attention>": the attention modules that run the "transfuse" attention."""
-    _check_model(model)
+    "<attention>": the attention modules that run the "transfuse" attention (names are relative
+    to `model`, any object patch() takes: "<prefix><attention>" for a model inside it)."""
+    found = {}
+    for prefix, inner in _models_in(model):
+        found.update(_patched_in(inner, prefix))
+    return found
+
+
+def _patched_in(model, prefix) -> dict:
     found = {}
     if hasattr(model, ATTENTION_ATTR):
         running = Counter(type(m).__name__ for m in hf_attention.attention_modules(model)
                           if not hf_attention.not_running(m, model))
         if running:
-            found["<attention>"] = (f"{hf_attention.NAME} attention replacing "
+            found[f"{prefix}<attention>"] = (f"{hf_attention.NAME} attention replacing "
                                     f"{getattr(model, ATTENTION_ATTR)} in "
                                     + ", ".join(f"{c} x{n}" for c, n in sorted(running.items())))
-    for name, module in model.named_modules(remove_duplicate=False):
+    for name, module in model.named_modules(remove_duplicate=False, prefix=prefix.rstrip(".")):
         if (hf_unpad.FORWARD_ATTR in module.__dict__
                 and type(module).__name__ in hf_unpad.UNPAD_RULES):
             found[f"{name or '<model>'}<unpad>"] = "padding removal (transfuse.hf.unpad)"
