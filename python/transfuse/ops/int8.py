@@ -30,6 +30,7 @@ from .. import backends, reference
 
 MODES = ("w8a8", "w8a16")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FLOAT_DTYPES = KERNEL_DTYPES + (torch.float64,)
 GEMV_MAX_ROWS = 16          # w8a16 rows up to this go to the GEMV kernels (decoding)
 MAX_K = 133_000             # k * 127 * 127 must stay below 2^31 for an exact int32 accumulator
 DEQUANT_BLOCK_ROWS = 1024   # CPU w8a16 with m > 16: weight rows dequantized at a time
@@ -58,7 +59,7 @@ def _w8a16_by_blocks(x, w, w_scale, bias):
 
 def _linear_forward(x, w, w_scale, bias, mode, backend):
     """x [m, k] contiguous -> [m, n] in x's dtype."""
-    if backend == "reference" or 0 in x.shape or w.shape[0] == 0:
+    if backend == "reference" or x.numel() == 0 or w.shape[0] == 0:
         return reference.int8_linear(x, w, w_scale, bias, mode)
     if mode == "w8a8":
         x_q, x_scale = _kernel(backend, "quantize_per_token")(x)
@@ -121,13 +122,14 @@ class _EagerInt8Linear(torch.autograd.Function):
 def _check_float(name, t):
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in KERNEL_DTYPES + (torch.float64,):
+    if t.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
     if t.dim() == 0:
         raise ValueError(f"{name} must have at least one dimension")
 
 
 def _check_weight(x, w_int8, w_scale, bias, mode):
+    """Every call (cheap checks first: this runs once per linear layer per decoding step)."""
     if not isinstance(w_int8, Tensor) or w_int8.dtype != torch.int8 or w_int8.dim() != 2:
         raise TypeError("w_int8 must be a 2-D int8 tensor [out_features, in_features], got "
                         f"{getattr(w_int8, 'dtype', type(w_int8).__name__)}")
@@ -137,18 +139,20 @@ def _check_weight(x, w_int8, w_scale, bias, mode):
                          f"({k})")
     if k > MAX_K:
         raise ValueError(f"in_features {k} exceeds {MAX_K}: the int32 accumulator could overflow")
-    if not isinstance(w_scale, Tensor) or w_scale.dtype != torch.float32 or (
-            tuple(w_scale.shape) != (n,)):
+    if not isinstance(w_scale, Tensor) or w_scale.dtype != torch.float32 or w_scale.shape != (n,):
         raise TypeError(f"w_scale must be a float32 tensor of shape ({n},), got "
                         f"{getattr(w_scale, 'dtype', None)} {tuple(getattr(w_scale, 'shape', ()))}")
     if bias is not None:
         if not isinstance(bias, Tensor) or not bias.is_floating_point():
             raise TypeError("bias must be a float tensor or None")
-        if tuple(bias.shape) != (n,):
+        if bias.shape != (n,):
             raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
-    for name, t in (("w_int8", w_int8), ("w_scale", w_scale), ("bias", bias)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    device = x.device
+    if w_int8.device != device or w_scale.device != device or (
+            bias is not None and bias.device != device):
+        for name, t in (("w_int8", w_int8), ("w_scale", w_scale), ("bias", bias)):
+            if t is not None and t.device != device:
+                raise ValueError(f"{name} is on {t.device} but x is on {device}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if w_scale.requires_grad and torch.is_grad_enabled():
@@ -163,7 +167,10 @@ def _check_backend(backend):
 
 def _rows(x):
     """x [..., k] as a [rows, k] view or copy (reshape(-1, k) cannot infer rows when k = 0)."""
-    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+    if x.dim() == 2:
+        return x
+    k = x.shape[-1]
+    return x.reshape(-1, k) if k else x.reshape(math.prod(x.shape[:-1]), 0)
 
 
 def _backend_for(x, backend):
@@ -224,9 +231,7 @@ def int8_linear(x, w_int8, w_scale, bias=None, mode="w8a8", *, backend=None):
     name = _backend_for(x, backend)
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
-    x2 = _rows(x)
-    if x2.stride(-1) != 1 or not x2.is_contiguous():
-        x2 = x2.contiguous()
+    x2 = _rows(x).contiguous()
     args = (x2, w_int8.contiguous(), w_scale.contiguous(), bias, mode, name)
     if torch.compiler.is_compiling():
         out = _int8_linear(*args)
@@ -234,7 +239,7 @@ def int8_linear(x, w_int8, w_scale, bias=None, mode="w8a8", *, backend=None):
         out = _EagerInt8Linear.apply(*args)
     else:
         out = _linear_forward(*args)
-    return out.view(*x.shape[:-1], w_int8.shape[0])
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], w_int8.shape[0])
 
 
 @torch.compiler.assume_constant_result

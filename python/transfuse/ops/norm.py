@@ -34,16 +34,22 @@ def _kernel(backend, direction):
 
 def _run_forward(x, weight, bias, residual, eps, weight_offset, rms, normalized_dtype, out_dtype,
                  backend):
-    cols = x.shape[-1]
-    x2 = x.contiguous().view(-1, cols)
-    r2 = None if residual is None else residual.contiguous().view(-1, cols)
+    flat = x.dim() != 2  # the kernels take [rows, cols]; a 2-D x needs no views (per-call cost)
+    x2 = _rows(x) if flat else x.contiguous()
+    r2 = None if residual is None else (_rows(residual) if flat else residual.contiguous())
     w = None if weight is None else weight.contiguous()
     b = None if bias is None else bias.contiguous()
     y, residual_out, mean, rstd = _kernel(backend, "forward")(
         x2, w, b, r2, eps, weight_offset, rms, normalized_dtype, out_dtype)
+    if not flat:
+        return y, residual_out, mean, rstd
     if residual is not None:
         residual_out = residual_out.view(x.shape)
     return y.view(x.shape), residual_out, mean, rstd
+
+
+def _rows(t):
+    return t.contiguous().view(-1, t.shape[-1])
 
 
 @torch.library.custom_op("transfuse::norm", mutates_args=())
