@@ -5,7 +5,7 @@ import torch
 
 pytest.importorskip("transformers")
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM,  # noqa: E402
-                          AutoModelForSeq2SeqLM)
+                          AutoModelForSeq2SeqLM, AutoModelForSpeechSeq2Seq)
 
 VOCAB = 100
 DECODER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -98,3 +98,64 @@ def build_own_attention(model_type, seed=0):
     config = AutoConfig.for_model(model_type, vocab_size=VOCAB, **OWN_ATTENTION[model_type])
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config).eval()
+
+# More families, tested in tests/test_hf_families.py only (the tests parametrized over FAMILIES
+# do not grow): model_type -> (kind, config overrides, norm class the model uses). kind: "encoder"
+# (text, right padding), "causal" (left padding, generates), "seq2seq" (generates), "speech"
+# (Whisper: input features, decoder padded, generates), "image" (ViT: a batch of images).
+# Weights are drawn at 0.2, not transformers' 0.02 (mT5 keeps its own init), so that attention
+# logits are not near zero: on near-uniform attention a dropped softcap or window does not show,
+# and greedy tokens ignore the encoder. Output heads are untied (tied ones repeat the last token).
+SPECIAL_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+UNTIED = dict(tie_word_embeddings=False)
+WIDE = dict(initializer_range=0.2)
+MORE_ENCODER = dict(ENCODER, **WIDE)
+MORE_SEQ2SEQ = dict(SEQ2SEQ, init_std=0.2, **UNTIED)
+MORE_DECODER = dict(DECODER, **WIDE, **UNTIED)
+MHA_DECODER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                   max_position_embeddings=64, **WIDE, **UNTIED)
+MORE_FAMILIES = {
+    "albert": ("encoder", dict(MORE_ENCODER, embedding_size=16), "LayerNorm"),
+    "electra": ("encoder", dict(MORE_ENCODER, embedding_size=16), "LayerNorm"),
+    "clip_text_model": ("encoder", dict(MORE_ENCODER, **SPECIAL_IDS), "LayerNorm"),
+    "vit": ("image", dict(MORE_ENCODER, image_size=16, patch_size=4), "LayerNorm"),
+    "mbart": ("seq2seq", MORE_SEQ2SEQ, "LayerNorm"),
+    "pegasus": ("seq2seq", MORE_SEQ2SEQ, "LayerNorm"),
+    "m2m_100": ("seq2seq", MORE_SEQ2SEQ, "LayerNorm"),
+    "mt5": ("seq2seq", dict(FAMILIES["t5"][1], **UNTIED), "MT5LayerNorm"),
+    "whisper": ("speech", dict(MORE_SEQ2SEQ, num_mel_bins=8, max_source_positions=16,
+                               max_target_positions=64, decoder_start_token_id=1,
+                               begin_suppress_tokens=None, suppress_tokens=None, **SPECIAL_IDS),
+                "LayerNorm"),
+    "phi": ("causal", MORE_DECODER, "LayerNorm"),
+    "gpt_neox": ("causal", dict(MHA_DECODER, intermediate_size=64), "LayerNorm"),
+    "opt": ("causal", dict(MHA_DECODER, ffn_dim=64, word_embed_proj_dim=32), "LayerNorm"),
+    "qwen3": ("causal", dict(MORE_DECODER, head_dim=8), "Qwen3RMSNorm"),
+    # transformers 5.17 builds Gemma 2 with SDPA, which drops the attention softcap (5.24 refuses
+    # SDPA for it): the unpatched reference is its eager attention
+    "gemma2": ("causal", dict(MORE_DECODER, head_dim=8, sliding_window=4, query_pre_attn_scalar=8,
+                              attn_logit_softcapping=1.0, attn_implementation="eager"),
+               "Gemma2RMSNorm"),
+    "gemma3_text": ("causal", dict(MORE_DECODER, head_dim=8, sliding_window=4,
+                                   query_pre_attn_scalar=8,
+                                   layer_types=["sliding_attention", "full_attention"]),
+                    "Gemma3RMSNorm"),
+    "bloom": ("causal", dict(OWN_ATTENTION["bloom"], **WIDE, **UNTIED), "LayerNorm"),
+    "falcon": ("causal", dict(OWN_ATTENTION["falcon"], **WIDE, **UNTIED), "LayerNorm"),
+}
+MORE_HEADS = {"encoder": AutoModel, "image": AutoModel, "causal": AutoModelForCausalLM,
+              "seq2seq": AutoModelForSeq2SeqLM, "speech": AutoModelForSpeechSeq2Seq}
+
+
+def build_more(model_type, seed=0):
+    """A tiny random model of a MORE_FAMILIES family, fp32, eval mode, norms not 1 / 0."""
+    kind, overrides, _ = MORE_FAMILIES[model_type]
+    config = AutoConfig.for_model(model_type, vocab_size=VOCAB, **overrides)
+    torch.manual_seed(seed)
+    model = MORE_HEADS[kind].from_config(config).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if "Norm" in type(module).__name__:
+                for param in module.parameters(recurse=False):
+                    param.add_(torch.randn_like(param) * 0.1)
+    return model

@@ -11,13 +11,16 @@ values nobody should read (a pad row attends to the real tokens).
 Two ways in, by family (UNPAD_RULES, keyed by the base model's class name):
   "stack": the model computes its embeddings on the padded batch as usual (so positions,
            token types and their embeddings are exactly the unpatched ones); its encoder stack,
-           `stack` attribute, a module called as stack(hidden [B, S, H], attention_mask, **kwargs),
-           runs on the packed tokens. The base model's forward records the 2D attention mask for
-           it.
+           `stack` attribute, a module called as stack(hidden [B, S, H], attention_mask, **kwargs)
+           (or with the hidden states as inputs_embeds=, CLIP's), runs on the packed tokens. The
+           base model's forward records the 2D attention mask for it. Norms after the stack (CLIP
+           text's final norm) see the zeros at pad positions.
   "model": the whole base model runs on packed input ids / embeddings with the packed
-           position_ids of the padded call (the given ones, else arange(S) per row); its final
-           output is scattered back. For families whose embeddings are token-wise and whose
-           positions come from position_ids only (rotary or learned absolute).
+           position_ids of the padded call (the given ones, else the model's own default:
+           arange(S) per row, or for POSITIONS_FROM_MASK the real tokens counted, as OPT
+           numbers them); its final output is scattered back. For families whose embeddings are
+           token-wise and whose positions come from position_ids only (rotary or learned
+           absolute).
 Only calls that run the "transfuse" attention (it reads the padding-free kwargs) are unpadded.
 A call keeps the padded path when there is nothing to skip (no mask, or no zero in it), when the
 mask is not 2D, when a KV cache holds tokens already or is not a plain DynamicCache (a decoder's
@@ -45,13 +48,26 @@ UNPAD_RULES = {
     "BertModel": ("stack", "encoder", False),
     "RobertaModel": ("stack", "encoder", False),
     "DistilBertModel": ("stack", "transformer", False),
+    "ElectraModel": ("stack", "encoder", False),
+    "AlbertModel": ("stack", "encoder", False),
+    # CLIP text: its encoder is causal through the is_causal=True its model passes down
+    "CLIPTextModel": ("stack", "encoder", False),
     "ModernBertModel": ("model", None, False),
     "LlamaModel": ("model", None, True),
     "MistralModel": ("model", None, True),
     "Qwen2Model": ("model", None, True),
+    "Qwen3Model": ("model", None, True),
     "GemmaModel": ("model", None, True),
+    "Gemma2Model": ("model", None, True),
+    "Gemma3TextModel": ("model", None, True),
     "GPT2Model": ("model", None, True),
+    "PhiModel": ("model", None, True),
+    "GPTNeoXModel": ("model", None, True),
+    "OPTDecoder": ("model", None, True),
 }
+# "model" rules whose forward, given no position_ids, numbers the real tokens of each row
+# (cumsum(attention_mask) - 1: left padding shifts nothing), not arange(S).
+POSITIONS_FROM_MASK = {"OPTDecoder"}
 
 # The 2D padding mask of the running base model call, for its "stack" to read.
 _padding_mask = contextvars.ContextVar("transfuse_padding_mask", default=None)
@@ -129,8 +145,10 @@ def _replace_last_hidden_state(output, packing):
 # The two forwards below become bound methods of the patched modules (types.MethodType, so that a
 # deep copy of the model rebinds them to the copies); they call the class's own forward.
 
-def _stack_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
+def _stack_forward(self, hidden_states=None, attention_mask=None, *args, **kwargs):
     original = type(self).forward
+    if hidden_states is None:  # a stack whose first argument is named inputs_embeds (CLIP's)
+        hidden_states = kwargs.pop("inputs_embeds")
     valid = None if torch.compiler.is_compiling() else _padding_mask.get()
     if valid is None or args or tuple(valid.shape) != tuple(hidden_states.shape[:2]):
         return original(self, hidden_states, attention_mask, *args, **kwargs)
@@ -162,7 +180,8 @@ def _base_forward(self, *args, **kwargs):
             return original(**kwargs)
         finally:
             _padding_mask.reset(token)
-    return _packed_model_call(original, valid, kwargs)
+    return _packed_model_call(original, valid, kwargs,
+                              type(self).__name__ in POSITIONS_FROM_MASK)
 
 
 def _with_cache(module, valid, kwargs):
@@ -194,16 +213,19 @@ def _pad_cache(cache, packing):
             setattr(layer, attribute, packing.unpack(packed).transpose(1, 2))
 
 
-def _packed_model_call(original, valid, kwargs):
-    """The base model on packed input ids (or embeddings) and the padded call's positions; a
-    KV cache it fills is handed back in the padded layout."""
+def _packed_model_call(original, valid, kwargs, positions_from_mask=False):
+    """The base model on packed input ids (or embeddings) and the padded call's positions (the
+    given ones, else arange(S) per row, or with positions_from_mask each row's real tokens
+    counted); a KV cache it fills is handed back in the padded layout."""
     packing = Packing(valid)
     inputs = {}
     for name in ("input_ids", "inputs_embeds"):
         if kwargs.get(name) is not None:
             inputs[name] = packing.pack(kwargs.pop(name))
     position_ids = kwargs.pop("position_ids", None)
-    if position_ids is None:
+    if position_ids is None and positions_from_mask:
+        position_ids = valid.long().cumsum(1) - 1
+    elif position_ids is None:
         position_ids = torch.arange(valid.shape[1], device=valid.device).unsqueeze(0)
     inputs["position_ids"] = packing.pack(position_ids.expand(valid.shape))
     kwargs.pop("attention_mask")
