@@ -113,8 +113,7 @@ class Int8Linear(nn.Module):
         out_features, in_features = weight.shape
         new = cls(in_features, out_features, bias=False, mode=mode, device=weight.device,
                   backend=backend)
-        new.weight, new.weight_scale = ops.quantize_per_token(weight.detach().float(),
-                                                               backend="reference")
+        new.set_float_weight(weight)
         new.bias = module.bias
         new.train(module.training)
         return new
@@ -134,6 +133,18 @@ class Int8Linear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         """weight * weight_scale as fp32 [out_features, in_features]."""
         return self.weight.float() * self.weight_scale[:, None]
+
+    def set_float_weight(self, weight: torch.Tensor) -> None:
+        """Quantize the float `weight` [out_features, in_features] per output channel (scale =
+        row absmax / 127) into `weight` and `weight_scale`, in place: the inverse of
+        dequantized_weight() up to rounding (|error| <= weight_scale / 2 per row)."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"weight must have shape {(self.out_features, self.in_features)}, "
+                             f"got {tuple(weight.shape)}")
+        with torch.no_grad():
+            q, scale = ops.quantize_per_token(weight.detach().float(), backend="reference")
+            self.weight.copy_(q)
+            self.weight_scale.copy_(scale)
 
     def forward(self, x):
         return ops.int8_linear(x, self.weight, self.weight_scale, self.bias, self.mode,

@@ -26,16 +26,37 @@ def check_arguments(mode, skip):
         raise TypeError(f"skip must be a sequence of module names, got {skip!r}")
 
 
+def _adapter_modules(model):
+    """ids of the modules inside peft adapter layers (BaseTunerLayer subclasses) but their base
+    layer: the adapters' own linear layers (lora_A, lora_B) stay float and trainable. A float base
+    layer under an adapter raises: quantize first, then add the adapters."""
+    ids = set()
+    for name, module in model.named_modules():
+        if not any(c.__name__ == "BaseTunerLayer" for c in type(module).__mro__):
+            continue
+        base = getattr(module, "base_layer", None)
+        if base is not None and not isinstance(base, Int8Linear) and float_weight(base) is not None:
+            raise ValueError(f"{name} is a peft adapter over a float linear layer: quantize the "
+                             "model first, then add the adapters (transfuse.hf.lora.lora_config)")
+        for child in module.children():
+            if child is not base:
+                ids.update(id(m) for m in child.modules())
+    return ids
+
+
 def replacements(model, mode, skip, backend):
     """(parent, attribute, original, Int8Linear) for every linear layer to quantize; a layer
     shared by two parents gets one replacement."""
     names, tied = {}, tied_parameter_ids(model)
     for name, module in model.named_modules(remove_duplicate=False):
         names.setdefault(id(module), name)
+    adapters = _adapter_modules(model)
     made, swaps = {}, []
     for parent in list(model.modules()):
         for attribute, child in parent._modules.items():
             if child is None or isinstance(child, Int8Linear) or float_weight(child) is None:
+                continue
+            if id(child) in adapters:
                 continue
             if set(names[id(child)].split(".")) & set(skip):
                 continue
