@@ -14,12 +14,14 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: setup.py pyproject.toml $(CSRC)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q $(TORCH) numpy  # numpy first: the build imports torch
 	TRANSFUSE_REQUIRE_EXTENSION=1 $(BIN)/python -m pip install -q --no-build-isolation -e ".[test,bench]"
 	touch $@
 
+# writes bench-results/ (untracked); refresh the committed results on purpose with
+# make bench BENCH_ARGS="--out benchmarks/results"
 bench: setup
-	$(BIN)/transfuse bench
+	$(BIN)/transfuse bench $(BENCH_ARGS)
 
 test: test-cpp test-python test-gpu-quick-dry
 
@@ -39,14 +41,15 @@ test-gpu-quick-dry: setup
 # second venv: what the GPU machine runs that the CPU leg cannot vouch for there -- the extension
 # built against torch 2.11, one variant of every Triton kernel compiled by triton 3.6 for sm_80
 # and sm_90, the int8, varlen and bias_gelu ops on the cpu backend, and on transformers 5.17 the
-# int8 / quantizer / checkpoint, HF attention, padding-removal and block-rule tests (the Triton
+# int8 / quantizer / checkpoint, HF attention, padding-removal, block-rule and family tests (the Triton
 # interpreter tests run in the main leg).
 GPU_VENV ?= .venv-gpu-versions
 GPU_BIN := $(GPU_VENV)/bin
 GPU_VERSIONS ?= torch==2.11.0 "transformers==5.17.*" "triton==3.6.*" "numpy<2.4"
 GPU_TESTS ?= tests/test_triton_compile.py tests/test_int8.py tests/test_varlen_attention.py \
 	tests/test_hf_int8.py tests/test_quantize.py tests/test_hf_attention.py tests/test_hf_unpad.py \
-	tests/test_int8_checkpoint_fuzz.py tests/test_hf_blocks.py tests/test_activation.py
+	tests/test_int8_checkpoint_fuzz.py tests/test_hf_blocks.py tests/test_activation.py \
+	tests/test_hf_families.py
 
 $(GPU_VENV)/.installed: setup.py pyproject.toml $(CSRC) $(PY_SOURCES)
 	test -x $(GPU_BIN)/python || $(PYTHON) -m venv $(GPU_VENV)

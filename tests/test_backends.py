@@ -43,7 +43,7 @@ def test_environment_variable_picks_the_backend(monkeypatch):
 
 
 def test_info_command_prints_json():
-    out = subprocess.run([sys.executable, "-m", "transfuse.cli", "info"], check=True,
+    out = subprocess.run([sys.executable, "-m", "transfuse_cli", "info"], check=True,
                          capture_output=True, text=True).stdout
     report = json.loads(out)
     assert report["extension"].startswith("built")
@@ -52,7 +52,7 @@ def test_info_command_prints_json():
 
 
 def test_bench_command_writes_json_and_plot(tmp_path):
-    subprocess.run([sys.executable, "-m", "transfuse.cli", "bench", "--model", "none", "--ops",
+    subprocess.run([sys.executable, "-m", "transfuse_cli", "bench", "--model", "none", "--ops",
                     "norm", "--repeat", "2", "--out", str(tmp_path)], check=True,
                    capture_output=True)
     report = json.loads((tmp_path / "bench-cpu.json").read_text())

@@ -1,6 +1,7 @@
 """`transfuse bench`'s model rows: the real sentences tokenized with padding=True and the
 fixed-length batch give their fields (tokens/s, padding fraction, differences at real tokens,
-load average), on tiny shapes and one timed round; no timing is asserted."""
+load average), on tiny shapes and one timed round; no timing is asserted. The command writes what
+it prints, within 100 columns, with the JSON and the plot, to bench-results/ unless told --out."""
 import json
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 import transfuse
 from transfuse import bench
 from transfuse.bench_sentences import SENTENCES
+from transfuse_cli import main
 
 RESULT_FIELDS = {"ms", "ms_all_batches", "ms_per_batch_quartiles", "sequences_per_s",
                  "tokens_per_s", "speedup_vs_eager", "max_abs_diff_vs_eager",
@@ -83,15 +85,17 @@ def test_real_sentences_row(minilm):
         assert side["tokens_per_s"] > 0
 
 
-def test_bench_command_model_rows(minilm, tmp_path, capsys):
-    from transfuse.cli import main
+def test_bench_command_model_rows(minilm, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
     assert main(["bench", "--ops", "none", "--repeat", "2", "--batch", "3", "--seq", "16",
-                 "--sentences", "5", "--out", str(tmp_path)]) == 0
+                 "--sentences", "5"]) == 0
     out = capsys.readouterr().out
-    model_part = out[out.index("\nmodel all-MiniLM-L6-v2"):out.index("\nwrote ")]
-    assert max(len(line) for line in model_part.splitlines()) <= 100
-    assert "real sentences, batch 3, padding=True: 5 sentences" in model_part
-    report = json.loads((tmp_path / "bench-cpu.json").read_text())
+    folder = tmp_path / "bench-results"
+    text = (folder / "bench-cpu.txt").read_text()
+    assert out.startswith(text) and "\nmodel all-MiniLM-L6-v2" in text
+    assert max(len(line) for line in text.splitlines()) <= 100
+    assert "real sentences, batch 3, padding=True: 5 sentences" in text
+    report = json.loads((folder / "bench-cpu.json").read_text())
     assert len(report["loadavg"]["start"]) == 3
     m = report["model"]
     assert m["batch"] == 3 and m["seq"] == 16 and m["padding_fraction"] == 0
@@ -110,7 +114,36 @@ def test_bench_command_model_rows(minilm, tmp_path, capsys):
             assert RESULT_FIELDS <= set(side), label
             if "int8" not in label:
                 assert side["max_abs_diff_vs_eager"] < 1e-3, label
-    assert (tmp_path / "bench-cpu.png").stat().st_size > 0
+    plotted = [label.split("\n")[0] for label, _ in bench.speedups(report)]
+    assert plotted == ["all-MiniLM-L6-v2, real sentences, padding=True "
+                       f"({real['padding_fraction']:.0%} pad)"] * 4 + [
+                       "all-MiniLM-L6-v2, fixed 3x16"] * 5
+    assert (folder / "bench-cpu.png").stat().st_size > 0
+
+
+def test_ops_table_fits_100_columns():
+    """The longest labels and shapes the ops take (CUDA's), each in a line of its own."""
+    row = {"op": "layer_norm dispatch (1x64)", "shape": "64x16x512x512x128", "dtype": "bfloat16",
+           "baseline": "eager", "floor_ms": 0.5,
+           "ms": {"eager": 1234.5, "torch.ops.transfuse_C (no wrapper)": 0.0123}}
+    row["speedup_vs_baseline"] = {k: 1234.5 / v for k, v in row["ms"].items()}
+    report = {"device": "NVIDIA H200", "date": "2026-12-01", "copy_bandwidth_GBps": 4000.0,
+              "matmul_TFLOPs": 700.0, "allocator": "glibc malloc with M_MMAP_THRESHOLD=32MiB, "
+              "M_TRIM_THRESHOLD=1GiB (mallopt)", "loadavg": {"start": [9.99] * 3, "end": None},
+              "versions": {"torch": "2.13.0+cu130", "transformers": "5.24.0",
+                           "triton": "3.9.0"}, "ops": [row], "model": None}
+    lines = bench.report_text(report).splitlines()
+    assert "layer_norm dispatch (1x64), 64x16x512x512x128, bfloat16" in lines
+    assert max(len(line) for line in lines) <= 100
+
+
+def test_progress_bar_names_the_case(capsys):
+    pytest.importorskip("tqdm")
+    cases = [bench.Case("rms_norm fwd", "4096x1024", "float32", 0, {}),
+             bench.Case("int8 linear", "1x4096x4096", "float32", 0, {})]
+    assert list(bench._progress(cases)) == cases
+    err = capsys.readouterr().err
+    assert "rms_norm fwd 4096x1024" in err and "int8 linear 1x4096x4096" in err
 
 
 @pytest.mark.parametrize("args, named", [
@@ -129,7 +162,6 @@ def test_bench_command_bad_arguments_end_in_one_line_and_keep_results(args, name
     result files of an earlier run left as they were."""
     if args == ["--device", "cuda"] and torch.cuda.is_available():
         pytest.skip("CUDA is available here")
-    from transfuse.cli import main
     earlier = tmp_path / "bench-cpu.json"
     earlier.write_text("earlier run\n")
     with pytest.raises(SystemExit) as exit_info:
@@ -141,7 +173,6 @@ def test_bench_command_bad_arguments_end_in_one_line_and_keep_results(args, name
 
 
 def test_bench_command_out_must_be_a_folder(tmp_path, capsys):
-    from transfuse.cli import main
     out = tmp_path / "file"
     out.write_text("")
     with pytest.raises(SystemExit, match="2"):

