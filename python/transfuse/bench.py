@@ -173,20 +173,41 @@ def norm_cases(device, dtype, rows, cols_list):
     return cases
 
 
-def dispatch_cases(device):
-    """Per-call overhead on a tiny input, where the kernel itself costs almost nothing."""
+def dispatch_cases(device, families):
+    """Per-call overhead on tiny inputs, where the kernels themselves cost almost nothing: what a
+    decoding step pays per norm, linear layer and attention call."""
+    kernels = _norm_backends(device)
     x = torch.randn(1, 64, device=device)
     w = torch.randn(64, device=device)
-    impls = {"eager": lambda: F.layer_norm(x, (64,), w)}
-    w_grad = w.clone().requires_grad_(True)
-    for k in _norm_backends(device):
-        impls[f"transfuse-{k}"] = lambda k=k: ops.layer_norm(x, w, backend=k)
-        # with a tensor that requires grad, the call goes through the autograd custom op
-        impls[f"transfuse-{k} (autograd)"] = lambda k=k: ops.layer_norm(x, w_grad, backend=k)
-    if backends.extension()[0] is not None:
-        impls["torch.ops.transfuse_C (no wrapper)"] = lambda: torch.ops.transfuse_C.norm_forward(
-            x, w, None, None, 1e-5, 0.0, False, x.dtype, x.dtype)
-    return [Case("layer_norm dispatch (1x64)", "1x64", "float32", 0, impls)]
+    cases = []
+    if "norm" in families:
+        impls = {"eager": lambda: F.layer_norm(x, (64,), w)}
+        w_grad = w.clone().requires_grad_(True)
+        for k in kernels:
+            impls[f"transfuse-{k}"] = lambda k=k: ops.layer_norm(x, w, backend=k)
+            # with a tensor that requires grad, the call goes through the autograd custom op
+            impls[f"transfuse-{k} (autograd)"] = lambda k=k: ops.layer_norm(x, w_grad, backend=k)
+        if backends.extension()[0] is not None:
+            impls["torch.ops.transfuse_C (no wrapper)"] = \
+                lambda: torch.ops.transfuse_C.norm_forward(x, w, None, None, 1e-5, 0.0, False,
+                                                           x.dtype, x.dtype)
+        cases.append(Case("layer_norm dispatch (1x64)", "1x64", "float32", 0, impls))
+    if "int8" in families:
+        weight, bias = torch.randn(64, 64, device=device), torch.randn(64, device=device)
+        w_int8, w_scale = ops.quantize_per_token(weight, backend="reference")
+        impls = {"eager": lambda: F.linear(x, weight, bias)}
+        for k in kernels:
+            for mode in ("w8a8", "w8a16"):
+                impls[f"transfuse-{k} {mode}"] = lambda k=k, mode=mode: ops.int8_linear(
+                    x, w_int8, w_scale, bias, mode, backend=k)
+        cases.append(Case("int8_linear dispatch (1x64x64)", "1x64x64", "float32", 0, impls))
+    if "attention" in families:
+        q, kv = torch.randn(1, 2, 1, 32, device=device), torch.randn(1, 2, 8, 32, device=device)
+        impls = {"eager": lambda: F.scaled_dot_product_attention(q, kv, kv)}
+        for k in kernels:
+            impls[f"transfuse-{k}"] = lambda k=k: ops.attention(q, kv, kv, backend=k)
+        cases.append(Case("attention dispatch (decode, 8 keys)", "1x2x1x32", "float32", 0, impls))
+    return cases
 
 
 def eager_attention(q, k, v, causal):
@@ -492,11 +513,11 @@ def run(args):
             cases += norm_cases(device, dtype, 16384, [1024, 4096, 8192])
         else:
             cases += norm_cases(device, dtype, 4096, [1024])
-        cases += dispatch_cases(device)
     if "attention" in args.ops:
         cases += attention_cases(device, dtype)
     if "int8" in args.ops:
         cases += int8_cases(device, dtype)
+    cases += dispatch_cases(device, args.ops)
     for case in _progress(cases):
         tiny = case.bytes == 0 and case.flops == 0  # per-call cost: 100 calls a sample
         case.results = time_ms(case.impls, device, repeat if case.flops < 1e10 else
