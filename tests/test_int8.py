@@ -1,5 +1,7 @@
 """transfuse.ops.quantize_per_token / int8_matmul / int8_linear: every backend against
 reference.py (integers exactly, dequantized outputs within 1e-6 of a float64 epilogue)."""
+import warnings
+
 import pytest
 import torch
 
@@ -157,6 +159,13 @@ def test_int8_matmul_is_exact(backend, device):
     b[1, 0] = 126
     acc = transfuse.ops.int8_matmul(a, b, backend=backend)
     assert torch.equal(acc, reference.int8_matmul(a, b)) and acc[0, 0].item() == 1100 * 127 * 127
+    # -128 * -128 over several chunks of k (bindings/int8.cpp's fp32 path, 1024 columns each,
+    # taken on CPUs without VNNI from 4 rows)
+    a = torch.full((5, 2100), -128, dtype=torch.int8, device=device)
+    b = torch.randint(-128, 128, (3, 2100), generator=g, dtype=torch.int8).to(device)
+    b[0] = -128
+    acc = transfuse.ops.int8_matmul(a, b, backend=backend)
+    assert torch.equal(acc, reference.int8_matmul(a, b)) and acc[0, 0].item() == 2100 * 128 * 128
 
 
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
@@ -273,3 +282,21 @@ def test_bad_matmul_input_names_the_argument():
         transfuse.ops.int8_matmul(a, a, backend=3)
     with pytest.raises(TypeError, match="backend must be a str"):
         transfuse.ops.quantize_per_token(torch.ones(2, 3), backend=3)
+
+
+def test_cpu_without_int8_dot_says_so_once():
+    """Without VNNI the CPU's w8a8 product runs as exact fp32 GEMMs: `info` reports it, and the
+    first w8a8 call on the cpu backend warns (once) that int8 is no faster than float here."""
+    module, _ = transfuse.backends.extension()
+    if module is None:
+        pytest.skip("needs the C++ extension")
+    assert transfuse.info()["cpu_int8_dot"] == bool(module.cpu_int8_dot)
+    if module.cpu_int8_dot:
+        pytest.skip("this CPU has an int8 dot product")
+    transfuse.backends._warned.discard(("int8", "no int8 dot"))
+    x, (w, w_scale) = torch.randn(8, 32), transfuse.ops.quantize_per_token(torch.randn(16, 32))
+    with pytest.warns(RuntimeWarning, match="no int8 dot-product instruction"):
+        transfuse.ops.int8_linear(x, w, w_scale, backend="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        transfuse.ops.int8_linear(x, w, w_scale, backend="cpu")

@@ -1,8 +1,11 @@
 // Binding of the int8 kernels: tensor checks, allocation, registration as torch ops
 // transfuse_C::quantize_per_token, int8_matmul, int8_linear_w8a8 and int8_linear_w8a16 for the
-// CPU and CUDA dispatch keys. On CPU the int8 x int8 product is oneDNN's (at::_int_mm), followed by
-// the dequantizing epilogue; on CUDA the GEMM and its epilogue are one kernel.
+// CPU and CUDA dispatch keys. On CPU the int8 x int8 product is oneDNN's (at::_int_mm) where the
+// CPU has VNNI, else exact fp32 GEMMs over chunks of k, followed by the dequantizing epilogue; on
+// CUDA the GEMM and its epilogue are one kernel.
 // python/transfuse/ops/int8.py validates user input first; these checks guard the kernels.
+#include <algorithm>
+
 #include <ATen/Parallel.h>
 #include <ATen/ops/_int_mm.h>
 #include <ATen/ops/empty.h>
@@ -62,11 +65,31 @@ Int8LinearParams linear_params(const Tensor& w, const Tensor& w_scale, const Opt
   return p;
 }
 
-// a [m, k] @ b [n, k]^T in int32 through oneDNN (torch._int_mm), except for k = 1, where
-// torch._int_mm on CPU returns wrong sums (torch 2.13; found by the int8 fuzz test): there an int32
-// outer product, exact and cheap.
+// a [m, k] @ b [n, k]^T in int32 through fp32 GEMMs over chunks of at most kExactChunk columns
+// of k: every partial sum of a chunk is an integer of magnitude <= 1024 * 128 * 128 = 2^24, which
+// fp32 holds exactly, whatever order the GEMM adds in; the chunks' sums are added in int32.
+// Exact, at fp32 GEMM speed (for CPUs whose int8 GEMM is slow).
+Tensor int_mm_by_fp32(const Tensor& a, const Tensor& b) {
+  constexpr int64_t kExactChunk = 1024;
+  const Tensor af = a.to(at::kFloat), bf = b.to(at::kFloat);
+  const int64_t k = a.size(1);
+  Tensor acc;
+  for (int64_t k0 = 0; k0 < k; k0 += kExactChunk) {
+    const int64_t len = std::min(kExactChunk, k - k0);
+    Tensor part = at::mm(af.narrow(1, k0, len), bf.narrow(1, k0, len).t()).to(at::kInt);
+    acc = acc.defined() ? acc.add_(part) : part;
+  }
+  return acc;
+}
+
+// a [m, k] @ b [n, k]^T in int32 on the CPU: oneDNN's (torch._int_mm) where the CPU has an int8
+// dot product, else for m >= 4 int_mm_by_fp32 (without VNNI torch._int_mm measured 4 GFLOP/s on
+// an AVX2-only AMD EPYC with torch 2.13, 0.04x fp32 F.linear; for fewer rows converting the
+// weight to fp32 costs more than it saves). For k = 1, where torch._int_mm on CPU returns wrong
+// sums (torch 2.13; found by the int8 fuzz test), an int32 outer product, exact and cheap.
 Tensor int_mm(const Tensor& a, const Tensor& b) {
   if (a.size(1) == 1) return at::mm(a.to(at::kInt), b.to(at::kInt).t());
+  if (!cpu::has_int8_dot() && a.size(0) >= 4) return int_mm_by_fp32(a, b);
   return at::_int_mm(a, b.t());
 }
 

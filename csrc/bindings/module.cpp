@@ -3,6 +3,8 @@
 // Plain CPython API, so this file compiles without torch headers.
 #include <Python.h>
 
+#include "../cpu/int8.h"
+
 #ifdef TRANSFUSE_WITH_CUDA
 static const int with_cuda = 1;
 #else
@@ -15,6 +17,9 @@ static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
 
 PyMODINIT_FUNC PyInit__C() {
   PyObject* module = PyModule_Create(&module_def);
-  if (module != nullptr) PyModule_AddIntConstant(module, "with_cuda", with_cuda);
+  if (module != nullptr) {
+    PyModule_AddIntConstant(module, "with_cuda", with_cuda);
+    PyModule_AddIntConstant(module, "cpu_int8_dot", transfuse::cpu::has_int8_dot());
+  }
   return module;
 }

@@ -166,4 +166,13 @@ void int8_linear_w8a16(const Int8LinearParams& p) {
               static_cast<char*>(p.out) + i * p.n * dtype_size(p.dtype), p.n);
 }
 
+bool has_int8_dot() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool has = __builtin_cpu_supports("avx512vnni") || __builtin_cpu_supports("avxvnni");
+  return has;
+#else
+  return true;
+#endif
+}
+
 }  // namespace transfuse::cpu

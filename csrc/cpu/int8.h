@@ -16,4 +16,8 @@ void dequantize_accumulators(const Int8LinearParams& p);
 // multiplied with every row of x.
 void int8_linear_w8a16(const Int8LinearParams& p);
 
+// Whether this CPU has an int8 dot-product instruction (x86: AVX512-VNNI or AVX-VNNI), which
+// oneDNN's int8 GEMM needs to be fast; true off x86.
+bool has_int8_dot();
+
 }  // namespace transfuse::cpu

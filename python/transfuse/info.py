@@ -53,6 +53,9 @@ def info() -> dict:
         extension = f"missing: {reason}"
     else:
         extension = "built with CUDA" if module.with_cuda else "built (CPU only)"
-    return {"device": device_name(device), "backends": backends.available(),
-            "extension": extension, "TRANSFUSE_BACKEND": requested_backend(),
-            "versions": versions()}
+    report = {"device": device_name(device), "backends": backends.available(),
+              "extension": extension, "TRANSFUSE_BACKEND": requested_backend(),
+              "versions": versions()}
+    if module is not None:  # without it, int8 GEMMs on this CPU run no faster than fp32
+        report["cpu_int8_dot"] = bool(module.cpu_int8_dot)
+    return report

@@ -36,6 +36,11 @@ MAX_K = 133_000             # k * 127 * 127 must stay below 2^31 for an exact in
 DEQUANT_BLOCK_ROWS = 1024   # CPU w8a16 with m > 16: weight rows dequantized at a time
 
 
+_NO_INT8_DOT = ("transfuse: this CPU has no int8 dot-product instruction (AVX512-VNNI or "
+                "AVX-VNNI): w8a8 runs its exact int8 product as fp32 GEMMs (from 4 rows; fewer "
+                "through oneDNN), no faster than a float linear layer; int8 saves memory here")
+
+
 @functools.lru_cache(maxsize=None)
 def _kernel(backend, name):
     if backend == "reference":
@@ -62,6 +67,8 @@ def _linear_forward(x, w, w_scale, bias, mode, backend):
     if backend == "reference" or x.numel() == 0 or w.shape[0] == 0:
         return reference.int8_linear(x, w, w_scale, bias, mode)
     if mode == "w8a8":
+        if backend == "cpu" and not backends.extension()[0].cpu_int8_dot:
+            backends.warn_once(("int8", "no int8 dot"), _NO_INT8_DOT)
         x_q, x_scale = _kernel(backend, "quantize_per_token")(x)
         return _kernel(backend, "int8_linear_w8a8")(x_q, x_scale, w, w_scale, bias, x.dtype)
     if x.shape[0] > GEMV_MAX_ROWS and backend in ("cpu", "cuda"):
