@@ -126,8 +126,11 @@ class Case:
     flops: int = 0              # for compute-bound ops: the floor is flops / matmul rate
 
 
-def _norm_backends(device):
-    return [b for b in ("cuda", "triton", "cpu") if not backends.missing_reason(b, device.type)]
+def _kernel_backends(device):
+    """The backends to time on `device`: never Triton on CPU tensors (its interpreter, under
+    TRITON_INTERPRET=1, is for tests; its times mean nothing)."""
+    return [b for b in ("cuda", "triton", "cpu") if not backends.missing_reason(b, device.type)
+            and not (b == "triton" and device.type == "cpu")]
 
 
 def norm_cases(device, dtype, rows, cols_list):
@@ -140,7 +143,7 @@ def norm_cases(device, dtype, rows, cols_list):
         x, r, dy = (torch.randn(rows, cols, device=device, dtype=dtype) for _ in range(3))
         w, b = (torch.randn(cols, device=device, dtype=dtype) for _ in range(2))
         n = rows * cols * elem
-        kernels = _norm_backends(device)
+        kernels = _kernel_backends(device)
 
         def impls(eager, fused):
             table = {"eager": eager}
@@ -176,7 +179,7 @@ def norm_cases(device, dtype, rows, cols_list):
 def dispatch_cases(device, families):
     """Per-call overhead on tiny inputs, where the kernels themselves cost almost nothing: what a
     decoding step pays per norm, linear layer and attention call."""
-    kernels = _norm_backends(device)
+    kernels = _kernel_backends(device)
     x = torch.randn(1, 64, device=device)
     w = torch.randn(64, device=device)
     cases = []
@@ -231,7 +234,7 @@ def attention_cases(device, dtype):
     else:
         shapes = [(1, 12, 1024, 1024, 64, False), (1, 12, 4096, 4096, 64, False),
                   (1, 12, 1, 4096, 64, False)]
-    kernels = [b for b in ("cuda", "triton", "cpu") if not backends.missing_reason(b, device.type)]
+    kernels = _kernel_backends(device)
     name = str(dtype).replace("torch.", "")
     cases = []
     for batch, heads, seq_q, seq_kv, dim, causal in shapes:
@@ -262,7 +265,7 @@ def int8_cases(device, dtype):
     quantization or epilogue)."""
     size = 8192 if device.type == "cuda" else 4096
     rows = (1, 16, 4096) if device.type == "cuda" else (1, 16, 512)
-    kernels = [b for b in ("cuda", "triton", "cpu") if not backends.missing_reason(b, device.type)]
+    kernels = _kernel_backends(device)
     weight = torch.randn(size, size, device=device, dtype=dtype) * 0.02
     w_int8, w_scale = ops.quantize_per_token(weight)
     name = str(dtype).replace("torch.", "")
