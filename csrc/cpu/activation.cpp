@@ -225,10 +225,21 @@ void add_bias_in_place(float* __restrict z, const float* __restrict bias, int64_
 // Columns of a tile: the fp32 scratch of a 16-bit tile (3 rows of it) stays in L1.
 constexpr int64_t kTileCols = 2048;
 
+// Where one tile lies: its first column, its width, and the index of its first element.
+struct TileSpan {
+  int64_t col, n, at;
+};
+
 struct Tiling {
   int64_t tiles_per_row = 0;
   int64_t tiles = 0;
   int threads = 1;
+
+  TileSpan span(int64_t tile, int64_t cols) const {
+    const int64_t row = tile / tiles_per_row;
+    const int64_t col = (tile % tiles_per_row) * kTileCols;
+    return {col, std::min(kTileCols, cols - col), row * cols + col};
+  }
 };
 
 // Tiles of at most kTileCols columns of one row; threads: at most num_threads, one per tile at
@@ -280,10 +291,7 @@ void bias_gelu_forward(const BiasGeluForwardParams& p) {
     float* y = static_cast<float*>(p.y);
 #pragma omp parallel for num_threads(tiling.threads) schedule(static)
     for (int64_t tile = 0; tile < tiling.tiles; ++tile) {
-      const int64_t row = tile / tiling.tiles_per_row;
-      const int64_t col = (tile % tiling.tiles_per_row) * kTileCols;
-      const int64_t n = std::min(kTileCols, cols - col);
-      const int64_t at = row * cols + col;
+      const auto [col, n, at] = tiling.span(tile, cols);
       gelu_row(x + at, bias ? bias + col : nullptr, y + at, n, kClamps);
     }
     return;
@@ -296,10 +304,7 @@ void bias_gelu_forward(const BiasGeluForwardParams& p) {
     alignas(64) float out[kTileCols];
 #pragma omp for schedule(static)
     for (int64_t tile = 0; tile < tiling.tiles; ++tile) {
-      const int64_t row = tile / tiling.tiles_per_row;
-      const int64_t col = (tile % tiling.tiles_per_row) * kTileCols;
-      const int64_t n = std::min(kTileCols, cols - col);
-      const int64_t at = row * cols + col;
+      const auto [col, n, at] = tiling.span(tile, cols);
       load_row(element_address(p.x, p.dtype, at), p.dtype, z, n);
       if (!bias.empty()) {
         add_bias_in_place(z, bias.data() + col, n);
@@ -326,10 +331,7 @@ void bias_gelu_backward(const BiasGeluBackwardParams& p) {
     float* dx = static_cast<float*>(p.dx);
 #pragma omp parallel for num_threads(tiling.threads) schedule(static)
     for (int64_t tile = 0; tile < tiling.tiles; ++tile) {
-      const int64_t row = tile / tiling.tiles_per_row;
-      const int64_t col = (tile % tiling.tiles_per_row) * kTileCols;
-      const int64_t n = std::min(kTileCols, cols - col);
-      const int64_t at = row * cols + col;
+      const auto [col, n, at] = tiling.span(tile, cols);
       grad_row(dy + at, x + at, bias ? bias + col : nullptr, dx + at, n, kClamps);
     }
     return;
@@ -343,10 +345,7 @@ void bias_gelu_backward(const BiasGeluBackwardParams& p) {
     alignas(64) float dz[kTileCols];
 #pragma omp for schedule(static)
     for (int64_t tile = 0; tile < tiling.tiles; ++tile) {
-      const int64_t row = tile / tiling.tiles_per_row;
-      const int64_t col = (tile % tiling.tiles_per_row) * kTileCols;
-      const int64_t n = std::min(kTileCols, cols - col);
-      const int64_t at = row * cols + col;
+      const auto [col, n, at] = tiling.span(tile, cols);
       load_row(element_address(p.x, p.dtype, at), p.dtype, z, n);
       if (!bias.empty()) {
         add_bias_in_place(z, bias.data() + col, n);

@@ -42,6 +42,11 @@ _NO_INT8_DOT = ("transfuse: this CPU has no int8 dot-product instruction (AVX512
 
 
 @functools.lru_cache(maxsize=None)
+def _cpu_has_int8_dot():
+    return bool(backends.extension()[0].cpu_int8_dot)
+
+
+@functools.lru_cache(maxsize=None)
 def _kernel(backend, name):
     if backend == "reference":
         return getattr(reference, name)
@@ -67,7 +72,7 @@ def _linear_forward(x, w, w_scale, bias, mode, backend):
     if backend == "reference" or x.numel() == 0 or w.shape[0] == 0:
         return reference.int8_linear(x, w, w_scale, bias, mode)
     if mode == "w8a8":
-        if backend == "cpu" and not backends.extension()[0].cpu_int8_dot:
+        if backend == "cpu" and not _cpu_has_int8_dot():
             backends.warn_once(("int8", "no int8 dot"), _NO_INT8_DOT)
         x_q, x_scale = _kernel(backend, "quantize_per_token")(x)
         return _kernel(backend, "int8_linear_w8a8")(x_q, x_scale, w, w_scale, bias, x.dtype)
