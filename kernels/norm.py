@@ -476,18 +476,24 @@ def _on_device(tensor: torch.Tensor):
 
 
 def norm_forward(x, weight, bias, residual, eps: float, weight_offset: float, rms: bool,
-                 normalized_dtype: torch.dtype, out_dtype: torch.dtype):
-    """Fused (residual add +) LayerNorm / RMSNorm of contiguous x [rows, cols].
+                 normalized_dtype: torch.dtype, out_dtype: torch.dtype, save_stats: bool = True):
+    """Fused (residual add +) LayerNorm / RMSNorm over the last dimension of x [..., cols]
+    (rows = x.numel() / cols; x, residual, weight and bias of any layout).
 
-    -> (y [rows, cols] out_dtype, residual_out (x + residual [rows, cols], or empty without
-        residual), mean [rows] fp32 (empty for RMSNorm), rstd [rows] fp32)
+    -> (y (x's shape, out_dtype), residual_out (x + residual, or empty without residual),
+        mean [rows] fp32 (empty for RMSNorm), rstd [rows] fp32)
+    save_stats is the C++ binding's (which then returns empty statistics); the Triton kernels
+    write the statistics either way.
     """
-    rows, cols = x.shape
+    x, residual, weight, bias = (None if t is None else t.contiguous()
+                                 for t in (x, residual, weight, bias))
+    cols = x.shape[-1]
+    rows = x.numel() // cols
     x_code = _dtype_code(x.dtype)
     normalized_code = _dtype_code(normalized_dtype)
     out_code = _dtype_code(out_dtype)
     has_bias = bias is not None and not rms
-    y = torch.empty((rows, cols), dtype=out_dtype, device=x.device)
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     residual_out = torch.empty_like(x) if residual is not None else x.new_empty(0)
     mean = x.new_empty(0 if rms else rows, dtype=torch.float32)
     rstd = x.new_empty(rows, dtype=torch.float32)
@@ -525,11 +531,14 @@ def norm_backward(dy, dresidual_out, h, weight, mean, rstd, weight_offset: float
                   has_bias: bool):
     """Gradients of norm_forward, from h (= x + residual) and the saved mean / rstd.
 
-    -> (dx [rows, cols] h.dtype (also the gradient of residual), dweight [cols] weight.dtype
+    -> (dx (h's shape and dtype; also the gradient of residual), dweight [cols] weight.dtype
         (empty without weight), dbias [cols] (empty without bias))
     dbias has weight's dtype, or h's when there is a bias but no weight.
     """
-    rows, cols = h.shape
+    dy, dresidual_out, h, weight = (None if t is None else t.contiguous()
+                                    for t in (dy, dresidual_out, h, weight))
+    cols = h.shape[-1]
+    rows = h.numel() // cols
     x_code = _dtype_code(h.dtype)
     _dtype_code(dy.dtype)
     has_weight = weight is not None

@@ -300,3 +300,23 @@ def test_cpu_without_int8_dot_says_so_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         transfuse.ops.int8_linear(x, w, w_scale, backend="cpu")
+
+
+@pytest.mark.filterwarnings("ignore:transfuse. this CPU has no int8 dot")
+@pytest.mark.parametrize("rows", [1, 16, 17])  # 17: past the GEMV, w8a16 over dequantized blocks
+@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_eager_call_takes_any_layout_and_casts_bias(backend, mode, rows):
+    """Without autograd, int8_linear on the C++ backend is one call into the extension (its
+    reshape, layout and bias cast done there): a permuted 3-D x and a float16 bias give the
+    reference's result, and the same as the autograd path."""
+    w, w_scale = quantized_weight(24, 40, "cpu")
+    x = torch.randn(40, rows, 2).permute(2, 1, 0)  # [2, rows, 40], not contiguous
+    bias = torch.randn(24, dtype=torch.float16)
+    with torch.no_grad():
+        out = transfuse.ops.int8_linear(x, w, w_scale, bias, mode, backend=backend)
+    expected = reference.int8_linear(x.contiguous(), w, w_scale, bias.float(), mode)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    with_grad = transfuse.ops.int8_linear(x.clone().requires_grad_(), w, w_scale, bias, mode,
+                                          backend=backend)
+    torch.testing.assert_close(with_grad.detach(), out, rtol=0, atol=0)

@@ -1,18 +1,21 @@
-// Binding of the int8 kernels: tensor checks, allocation, registration as torch ops
-// transfuse_C::quantize_per_token, int8_matmul, int8_linear_w8a8 and int8_linear_w8a16 for the
-// CPU and CUDA dispatch keys. On CPU the int8 x int8 product is oneDNN's (at::_int_mm) where the
+// Binding of the int8 kernels: tensor checks, allocation, and the functions
+// transfuse._C.quantize_per_token, int8_matmul, int8_linear_w8a8 and int8_linear_w8a16 (CPU or
+// CUDA, from the tensors' device). On CPU the int8 x int8 product is oneDNN's (at::_int_mm) where the
 // CPU has VNNI, else exact fp32 GEMMs over chunks of k, followed by the dequantizing epilogue; on
 // CUDA the GEMM and its epilogue are one kernel.
 // python/transfuse/ops/int8.py validates user input first; these checks guard the kernels.
 #include <algorithm>
+#include <optional>
+#include <vector>
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/_int_mm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
-#include <torch/library.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include "dtype.h"
+#include "python_functions.h"
 
 #include "../cpu/int8.h"
 
@@ -184,30 +187,86 @@ Tensor int8_linear_w8a16(const Tensor& x, const Tensor& w, const Tensor& w_scale
   return out;
 }
 
+constexpr int64_t kGemvMaxRows = 16;  // w8a16 rows up to this go to the GEMV kernels (decoding)
+constexpr int64_t kMaxK = 133000;  // k * 127 * 127 below 2^31: exact int32 sums (= Python MAX_K)
+constexpr int64_t kDequantBlockRows = 1024;  // CPU w8a16 beyond the GEMV: rows dequantized at once
+
+// CPU w8a16 for more rows than the GEMV takes: x @ (w * w_scale)^T + bias in fp32, with at most
+// kDequantBlockRows weight rows dequantized at a time, in x's dtype.
+Tensor w8a16_by_blocks(const Tensor& x, const Tensor& w, const Tensor& w_scale,
+                       const OptTensor& bias) {
+  const Tensor xf = x.to(at::kFloat);
+  Tensor out = at::empty({x.size(0), w.size(0)}, x.options());
+  for (int64_t n0 = 0; n0 < w.size(0); n0 += kDequantBlockRows) {
+    const int64_t rows = std::min(kDequantBlockRows, w.size(0) - n0);
+    Tensor part = at::mm(xf, w.narrow(0, n0, rows).to(at::kFloat).t());
+    part.mul_(w_scale.narrow(0, n0, rows));
+    if (bias) part.add_(bias->narrow(0, n0, rows).to(at::kFloat));
+    out.narrow(1, n0, rows).copy_(part);
+  }
+  return out;
+}
+
+// One eager int8 linear call on the CPU or CUDA backend: x [..., k] (any layout) @ (w *
+// w_scale[:, None])^T + bias (cast to x's dtype) -> [..., n] in x's dtype; w8a8 quantizes x per
+// token first. Checks every argument. Returns nothing for what it leaves to the Python op: an
+// empty product (the reference's zeros + bias) and, on CUDA, w8a16 beyond kGemvMaxRows rows (Triton).
+std::optional<Tensor> int8_linear(const Tensor& x, const Tensor& w, const Tensor& w_scale,
+                                  const OptTensor& bias, c10::string_view mode) {
+  const bool w8a8 = mode == "w8a8";
+  TORCH_CHECK_VALUE(w8a8 || mode == "w8a16", "mode must be one of ('w8a8', 'w8a16'), got '",
+                    mode, "'");
+  TORCH_CHECK_VALUE(x.dim() >= 1, "x must have at least one dimension");
+  to_dtype(x.scalar_type(), "x");
+  TORCH_CHECK_TYPE(w.dim() == 2 && w.scalar_type() == at::kChar,
+                   "w_int8 must be a 2-D int8 tensor [out_features, in_features]");
+  const int64_t k = x.size(-1), n = w.size(0);
+  TORCH_CHECK_VALUE(w.size(1) == k, "x's last dimension (", k,
+                    ") must equal w_int8's in_features (", w.size(1), ")");
+  TORCH_CHECK_VALUE(k <= kMaxK, "in_features ", k, " exceeds ", kMaxK,
+                    ": the int32 accumulator could overflow");
+  TORCH_CHECK_VALUE(w.device() == x.device(), "w_int8 is on ", w.device(), " but x is on ",
+                    x.device());
+  const int64_t m = x.numel() / std::max<int64_t>(k, 1);
+  if (m == 0 || k == 0 || n == 0) return std::nullopt;
+  if (!w8a8 && x.is_cuda() && m > kGemvMaxRows) return std::nullopt;
+  TORCH_CHECK_TYPE(!bias || at::isFloatingType(bias->scalar_type()),
+                   "bias must be a float tensor or None");
+  OptTensor bias_x;
+  if (bias) bias_x = bias->to(x.scalar_type());  // its shape and device: checked below
+  const Tensor x2 = x.reshape({m, k}).contiguous();
+  const Tensor w_c = w.contiguous(), w_scale_c = w_scale.contiguous();
+  Tensor out;
+  if (w8a8) {
+    const auto [x_q, x_scale] = quantize_per_token(x2);
+    out = int8_linear_w8a8(x_q, x_scale, w_c, w_scale_c, bias_x, x.scalar_type());
+  } else if (m > kGemvMaxRows) {
+    check_vector(w_scale_c, "w_scale", at::kFloat, n, x2);
+    if (bias_x) check_vector(*bias_x, "bias", x.scalar_type(), n, x2);
+    out = w8a16_by_blocks(x2, w_c, w_scale_c, bias_x);
+  } else {
+    out = int8_linear_w8a16(x2, w_c, w_scale_c, bias_x);
+  }
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = n;
+  return out.view(out_shape);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(transfuse_C, m) {
-  m.def("quantize_per_token(Tensor x) -> (Tensor, Tensor)");
-  m.def("int8_matmul(Tensor a, Tensor b) -> Tensor");
-  m.def("int8_linear_w8a8(Tensor x_q, Tensor x_scale, Tensor w, Tensor w_scale, Tensor? bias, "
-        "ScalarType dtype) -> Tensor");
-  m.def("int8_linear_w8a16(Tensor x, Tensor w, Tensor w_scale, Tensor? bias) -> Tensor");
+// The kernels as functions of transfuse._C (module.cpp): called straight from Python, without
+// the dispatcher's boxing (about 5 us a call); the GIL is released while they run.
+void add_int8_functions(PyObject* module) {
+  namespace py = pybind11;
+  using namespace pybind11::literals;
+  auto m = py::reinterpret_borrow<py::module_>(module);
+  const py::call_guard<py::gil_scoped_release> release_gil;
+  m.def("int8_linear", &int8_linear, "x"_a, "w"_a, "w_scale"_a, "bias"_a, "mode"_a, release_gil);
+  m.def("quantize_per_token", &quantize_per_token, "x"_a, release_gil);
+  m.def("int8_matmul", &int8_matmul, "a"_a, "b"_a, release_gil);
+  m.def("int8_linear_w8a8", &int8_linear_w8a8, "x_q"_a, "x_scale"_a, "w"_a, "w_scale"_a, "bias"_a,
+        "dtype"_a, release_gil);
+  m.def("int8_linear_w8a16", &int8_linear_w8a16, "x"_a, "w"_a, "w_scale"_a, "bias"_a, release_gil);
 }
-
-TORCH_LIBRARY_IMPL(transfuse_C, CPU, m) {
-  m.impl("quantize_per_token", &quantize_per_token);
-  m.impl("int8_matmul", &int8_matmul);
-  m.impl("int8_linear_w8a8", &int8_linear_w8a8);
-  m.impl("int8_linear_w8a16", &int8_linear_w8a16);
-}
-
-#ifdef TRANSFUSE_WITH_CUDA
-TORCH_LIBRARY_IMPL(transfuse_C, CUDA, m) {
-  m.impl("quantize_per_token", &quantize_per_token);
-  m.impl("int8_matmul", &int8_matmul);
-  m.impl("int8_linear_w8a8", &int8_linear_w8a8);
-  m.impl("int8_linear_w8a16", &int8_linear_w8a16);
-}
-#endif
 
 }  // namespace transfuse

@@ -1,8 +1,9 @@
-// The Python module transfuse._C. Importing it loads this shared library, whose static
-// initializers register the transfuse_C ops; the module itself only says how it was built.
-// Plain CPython API, so this file compiles without torch headers.
+// The Python module transfuse._C: how it was built, and the kernels as functions that the binding
+// files add (python_functions.h). Plain CPython API, so this file compiles without torch headers;
+// torch must be imported before the functions are called (transfuse.backends.extension does).
 #include <Python.h>
 
+#include "python_functions.h"
 #include "../cpu/int8.h"
 
 #ifdef TRANSFUSE_WITH_CUDA
@@ -12,7 +13,7 @@ static const int with_cuda = 0;
 #endif
 
 static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
-                                 "transfuse kernels, registered as torch.ops.transfuse_C.*", -1,
+                                 "transfuse kernels (CPU, and CUDA where built)", -1,
                                  nullptr};
 
 PyMODINIT_FUNC PyInit__C() {
@@ -20,6 +21,10 @@ PyMODINIT_FUNC PyInit__C() {
   if (module != nullptr) {
     PyModule_AddIntConstant(module, "with_cuda", with_cuda);
     PyModule_AddIntConstant(module, "cpu_int8_dot", transfuse::cpu::has_int8_dot());
+    transfuse::add_norm_functions(module);
+    transfuse::add_attention_functions(module);
+    transfuse::add_int8_functions(module);
+    transfuse::add_activation_functions(module);
   }
   return module;
 }

@@ -32,8 +32,8 @@ struct NormForwardParams {
   const void* bias = nullptr;      // [cols], weight_dtype, or null (LayerNorm only)
   void* y = nullptr;               // [rows, cols], out_dtype
   void* residual_out = nullptr;    // [rows, cols], x_dtype: h = x + residual; written iff residual
-  float* mean = nullptr;           // [rows] (LayerNorm only; null for RMSNorm)
-  float* rstd = nullptr;           // [rows]
+  float* mean = nullptr;           // [rows] (LayerNorm only), or null: not written
+  float* rstd = nullptr;           // [rows], or null: not written (no backward will need it)
   int64_t rows = 0;
   int64_t cols = 0;
   float eps = 1e-5f;

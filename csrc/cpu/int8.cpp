@@ -97,10 +97,18 @@ TRANSFUSE_MULTIVERSION void widen(const int8_t* w, int64_t n, float* out) {
 TRANSFUSE_DOT_TILE(dot_tile, kTileRows)
 TRANSFUSE_DOT_TILE(dot_tile_one_row, 1)
 
+// Threads for `work` element operations over `tasks` independent tasks: one per 64K elements at
+// most (a parallel region's wake-up costs a few microseconds, more than a small call's work).
+int threads_for(int num_threads, int64_t tasks, int64_t work) {
+  constexpr int64_t kMinWorkPerThread = 65536;
+  return int(std::max<int64_t>(1, std::min<int64_t>({num_threads, tasks,
+                                                     work / kMinWorkPerThread + 1})));
+}
+
 }  // namespace
 
 void quantize_per_token(const QuantizeParams& p) {
-#pragma omp parallel num_threads(std::max(1, p.num_threads))
+#pragma omp parallel num_threads(threads_for(p.num_threads, p.rows, p.rows * p.cols))
   {
     std::vector<float> row(p.cols);
 #pragma omp for schedule(static)
@@ -117,7 +125,7 @@ void dequantize_accumulators(const Int8LinearParams& p) {
     bias.resize(p.n);
     load_row(p.bias, p.dtype, bias.data(), p.n);
   }
-#pragma omp parallel num_threads(std::max(1, p.num_threads))
+#pragma omp parallel num_threads(threads_for(p.num_threads, p.m, p.m * p.n))
   {
     std::vector<float> row(p.n);
 #pragma omp for schedule(static)
@@ -138,7 +146,8 @@ void int8_linear_w8a16(const Int8LinearParams& p) {
   if (p.bias) load_row(p.bias, p.dtype, bias.data(), p.n);
   std::vector<float> out(p.m * p.n);
   const int64_t blocks = (p.n + kWeightRowsPerBlock - 1) / kWeightRowsPerBlock;
-#pragma omp parallel for schedule(static) num_threads(std::max(1, p.num_threads))
+#pragma omp parallel for schedule(static) \
+    num_threads(threads_for(p.num_threads, blocks, p.m * p.n * p.k))
   for (int64_t block = 0; block < blocks; ++block) {
     const int64_t j_end = std::min(p.n, (block + 1) * kWeightRowsPerBlock);
     for (int64_t j0 = block * kWeightRowsPerBlock; j0 < j_end; j0 += kTileCols) {

@@ -190,10 +190,10 @@ def dispatch_cases(device, families):
             impls[f"transfuse-{k}"] = lambda k=k: ops.layer_norm(x, w, backend=k)
             # with a tensor that requires grad, the call goes through the autograd custom op
             impls[f"transfuse-{k} (autograd)"] = lambda k=k: ops.layer_norm(x, w_grad, backend=k)
-        if backends.extension()[0] is not None:
-            impls["torch.ops.transfuse_C (no wrapper)"] = \
-                lambda: torch.ops.transfuse_C.norm_forward(x, w, None, None, 1e-5, 0.0, False,
-                                                           x.dtype, x.dtype)
+        extension = backends.extension()[0]
+        if extension is not None:
+            impls["transfuse._C (no wrapper)"] = lambda: extension.norm_forward(
+                x, w, None, None, 1e-5, 0.0, False, x.dtype, x.dtype)
         cases.append(Case("layer_norm dispatch (1x64)", "1x64", "float32", 0, impls))
     if "int8" in families:
         weight, bias = torch.randn(64, 64, device=device), torch.randn(64, device=device)

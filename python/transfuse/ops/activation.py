@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, reference
+from . import _backend
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 APPROXIMATIONS = ("none", "tanh")
@@ -31,8 +32,7 @@ def _kernel(backend, direction):
     if backend == "triton":
         from transfuse.kernels import activation as triton_activation
         return getattr(triton_activation, f"bias_gelu_{direction}")
-    backends.extension()  # loads transfuse._C, which registers the transfuse_C ops
-    return getattr(torch.ops.transfuse_C, f"bias_gelu_{direction}").default
+    return getattr(backends.extension()[0], f"bias_gelu_{direction}")  # a function of transfuse._C
 
 
 def _matrix(t):
@@ -170,7 +170,7 @@ def _backend_for(x, backend):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"backend must be a str or None, got {backend!r}")
-    name = _resolve_constant("activation", backend, x.device)
+    name = _backend.resolve("activation", backend, x.device)
     if x.dtype == torch.float64 and not (backend or os.environ.get(backends.ENV_VAR)):
         backends.warn_once(("activation", "float64"), "transfuse: the bias_gelu kernels take "
                            "float32, float16 and bfloat16; float64 inputs run on the reference "
@@ -178,7 +178,3 @@ def _backend_for(x, backend):
         return "reference"
     return name
 
-
-@torch.compiler.assume_constant_result
-def _resolve_constant(op, backend, device):
-    return backends.resolve(op, backend, device)

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, reference
+from . import _backend
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
@@ -34,8 +35,7 @@ def _kernel(backend, direction, packed):
     if backend == "triton":
         from transfuse.kernels import attention as triton_attention
         return getattr(triton_attention, name)
-    backends.extension()  # loads transfuse._C, which registers the transfuse_C ops
-    return getattr(torch.ops.transfuse_C, name).default
+    return getattr(backends.extension()[0], name)  # a function of transfuse._C
 
 
 def cuda_unsupported(q, dropout_p):
@@ -65,6 +65,9 @@ def _broadcast_mask(mask, q, k, layout):
     if mask is None:
         return None
     if mask.dtype != torch.bool and mask.dtype not in KERNEL_DTYPES:
+        if not mask.is_floating_point():  # checked here too: the eager C++ path has no Python check
+            raise TypeError(f"mask must be bool (True = attend) or a float additive mask, got "
+                            f"{mask.dtype}")
         mask = mask.float()
     return mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape)).expand(_mask_extent(q, k, layout))
 
@@ -245,7 +248,7 @@ def _check_seed(dropout_seed):
     raise TypeError(f"dropout_seed must be an int or None, got {dropout_seed!r}")
 
 
-def _check_inputs(q, k, v, mask, causal, scale, dropout_p, window, softcap, layout=None):
+def _check_tensors(q, k, v, mask, layout=None):
     dims = _PADDED_DIMS if layout is None else _PACKED_DIMS
     _check_heads("q", q, dims=dims)
     _check_heads("k", k, q, dims)
@@ -271,6 +274,9 @@ def _check_inputs(q, k, v, mask, causal, scale, dropout_p, window, softcap, layo
         if len(shape) > 4 or any(m not in (1, f) for m, f in zip(shape[::-1], full[::-1])):
             raise ValueError(f"mask of shape {shape} does not broadcast to [batch, heads_q, "
                              f"seq_q, seq_kv] = {list(full)}")
+
+
+def _check_scalars(causal, scale, dropout_p, window, softcap):
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {causal!r}")
     if scale is not None:
@@ -295,7 +301,7 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, dropout_p=0.0, wi
     (reference.dropout_keep). Rows that see no key give zeros. Returns [B, Hq, Sq, D] in q's
     dtype (its memory is laid out as [B, Sq, Hq, D]).
     """
-    _check_inputs(q, k, v, mask, causal, scale, dropout_p, window, softcap)
+    _check_scalars(causal, scale, dropout_p, window, softcap)
     return _dispatch(q, k, v, mask, None, causal, scale, dropout_p, window, softcap, dropout_seed,
                      backend)
 
@@ -317,8 +323,9 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     one synchronization) unless check_offsets=False, for callers that built them; under
     torch.compile only their dtype and shape are."""
     layout = _check_layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    _check_inputs(q, k, v, mask, causal, scale, dropout_p, window, softcap, layout)
+    _check_scalars(causal, scale, dropout_p, window, softcap)
     if check_offsets and not torch.compiler.is_compiling():
+        _check_tensors(q, k, v, mask, layout)  # their shapes first: the offsets' errors use them
         for name, cu, t, longest in zip(("cu_seqlens_q", "cu_seqlens_k"), layout[:2], (q, k),
                                         layout[2:]):
             _check_offsets(name, cu.tolist(), t.shape[0], longest)
@@ -328,15 +335,34 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
 
 def _dispatch(q, k, v, mask, layout, causal, scale, dropout_p, window, softcap, dropout_seed,
               backend):
-    """Checked inputs -> the chosen backend (through the custom op when compiling, through
-    _EagerAttention when autograd needs a graph)."""
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    dropout_seed = _check_seed(dropout_seed)
+    """Inputs with checked scalars -> the chosen backend. The tensors are checked in Python
+    first, except on the cpu and cuda backends in eager mode, whose C++ binding checks them
+    (per-call cost: decoding); a failure there is checked again in Python, so that its error is
+    worded as on every backend."""
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"backend must be a str or None, got {backend!r}")
-    name = _resolve_constant("attention", backend, q.device)
+    if not isinstance(q, Tensor) or q.dim() == 0:
+        _check_tensors(q, k, v, mask, layout)
+    name = _backend.resolve("attention", backend, q.device)
     if name != "reference":
         name = _reference_if_unsupported(q, name)
+    if (name == "cpu" or name == "cuda") and not torch.compiler.is_compiling():
+        try:
+            return _run(q, k, v, mask, layout, causal, scale, dropout_p, window, softcap,
+                        dropout_seed, name)
+        except Exception:
+            _check_tensors(q, k, v, mask, layout)
+            raise
+    _check_tensors(q, k, v, mask, layout)
+    return _run(q, k, v, mask, layout, causal, scale, dropout_p, window, softcap, dropout_seed,
+                name)
+
+
+def _run(q, k, v, mask, layout, causal, scale, dropout_p, window, softcap, dropout_seed, name):
+    """Through the custom op when compiling, through _EagerAttention when autograd needs a
+    graph, else straight to the kernels."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    dropout_seed = _check_seed(dropout_seed)
     if dropout_p and dropout_seed is None:
         dropout_seed = int(torch.randint(0, 2 ** 32, (), dtype=torch.int64))
     seed = int(dropout_seed or 0) & 0xFFFFFFFF
@@ -355,7 +381,8 @@ def _dispatch(q, k, v, mask, layout, causal, scale, dropout_p, window, softcap, 
             float(softcap), float(dropout_p), seed, name)
     if torch.compiler.is_compiling():
         return _attention(*args)[0]
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, mask)):
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or (
+            mask is not None and mask.requires_grad)):
         return _EagerAttention.apply(*args)[0]
     return _run_forward(*args)[0]
 
@@ -409,7 +436,3 @@ def _reference_if_unsupported(q, name):
     backends.warn_once(("attention", reason), f"transfuse: the attention kernels {reason}")
     return "reference"
 
-
-@torch.compiler.assume_constant_result
-def _resolve_constant(op, backend, device):
-    return backends.resolve(op, backend, device)

@@ -1,11 +1,13 @@
 """Int8 quantized matmul: per-token quantization and the int8 linear layer (w8a8, w8a16).
 
 Flow: the wrappers validate, flatten x to [m, k] and pick a backend; every backend exposes the
-same four kernels (kernels/int8.py for Triton, torch.ops.transfuse_C for the C++/CUDA extension,
+same four kernels (kernels/int8.py for Triton, transfuse._C for the C++/CUDA extension,
 reference.py for plain PyTorch): quantize_per_token, int8_matmul (the raw int32 product),
 int8_linear_w8a8 (int8 GEMM with the dequantizing epilogue) and int8_linear_w8a16 (weight-only).
-Routing where a backend has no fast kernel for a shape: w8a16 with m > 16 runs on Triton on CUDA
-and, on CPU, as a matmul over blocks of dequantized weight rows (the C++ kernel is a GEMV).
+The extension also has the whole int8_linear call (checks, quantization, GEMM or GEMV): in eager
+mode without autograd, int8_linear is that one C++ call (per-call cost, decoding). Routing where
+a backend has no fast kernel for a shape: w8a16 with m > 16 runs on Triton on CUDA and, on CPU,
+as a matmul over blocks of dequantized weight rows (the C++ kernel is a GEMV).
 
 Backward: the int8 weights and their scales are frozen (a w_scale that requires grad is refused
 with a ValueError rather than left without a gradient); dx = (dy * s_w) @ w (the activation
@@ -27,13 +29,12 @@ import torch
 from torch import Tensor
 
 from .. import backends, reference
+from . import _backend
 
 MODES = ("w8a8", "w8a16")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FLOAT_DTYPES = KERNEL_DTYPES + (torch.float64,)
-GEMV_MAX_ROWS = 16          # w8a16 rows up to this go to the GEMV kernels (decoding)
-MAX_K = 133_000             # k * 127 * 127 must stay below 2^31 for an exact int32 accumulator
-DEQUANT_BLOCK_ROWS = 1024   # CPU w8a16 with m > 16: weight rows dequantized at a time
+MAX_K = 133_000  # k * 127 * 127 must stay below 2^31 for an exact int32 accumulator (= C++ kMaxK)
 
 
 _NO_INT8_DOT = ("transfuse: this CPU has no int8 dot-product instruction (AVX512-VNNI or "
@@ -46,6 +47,12 @@ def _cpu_has_int8_dot():
     return bool(backends.extension()[0].cpu_int8_dot)
 
 
+def _warn_if_no_int8_dot():
+    """Once: w8a8 on a CPU without an int8 dot product is no faster than float."""
+    if not _cpu_has_int8_dot():
+        backends.warn_once(("int8", "no int8 dot"), _NO_INT8_DOT)
+
+
 @functools.lru_cache(maxsize=None)
 def _kernel(backend, name):
     if backend == "reference":
@@ -53,33 +60,23 @@ def _kernel(backend, name):
     if backend == "triton":
         from transfuse.kernels import int8 as triton_int8
         return getattr(triton_int8, name)
-    backends.extension()  # loads transfuse._C, which registers the transfuse_C ops
-    return getattr(torch.ops.transfuse_C, name).default
-
-
-def _w8a16_by_blocks(x, w, w_scale, bias):
-    """x @ (w * s_w)^T + bias with at most DEQUANT_BLOCK_ROWS weight rows dequantized at once."""
-    out = x.new_empty(x.shape[0], w.shape[0])
-    for n0 in range(0, w.shape[0], DEQUANT_BLOCK_ROWS):
-        block = slice(n0, n0 + DEQUANT_BLOCK_ROWS)
-        part = torch.mm(x.float(), w[block].float().T) * w_scale[block]
-        out[:, block] = part if bias is None else part + bias[block].float()
-    return out
+    return getattr(backends.extension()[0], name)  # a function of transfuse._C
 
 
 def _linear_forward(x, w, w_scale, bias, mode, backend):
-    """x [m, k] contiguous -> [m, n] in x's dtype."""
+    """x [m, k] contiguous -> [m, n] in x's dtype (bias has x's dtype)."""
+    if backend in ("cpu", "cuda"):
+        if mode == "w8a8" and backend == "cpu":
+            _warn_if_no_int8_dot()
+        out = _kernel(backend, "int8_linear")(x, w, w_scale, bias, mode)
+        if out is not None:
+            return out
+        backend = "triton"  # what the C++ op leaves: CUDA w8a16 beyond the GEMV, empty products
     if backend == "reference" or x.numel() == 0 or w.shape[0] == 0:
         return reference.int8_linear(x, w, w_scale, bias, mode)
     if mode == "w8a8":
-        if backend == "cpu" and not _cpu_has_int8_dot():
-            backends.warn_once(("int8", "no int8 dot"), _NO_INT8_DOT)
         x_q, x_scale = _kernel(backend, "quantize_per_token")(x)
         return _kernel(backend, "int8_linear_w8a8")(x_q, x_scale, w, w_scale, bias, x.dtype)
-    if x.shape[0] > GEMV_MAX_ROWS and backend in ("cpu", "cuda"):
-        if backend == "cpu":
-            return _w8a16_by_blocks(x, w, w_scale, bias)
-        backend = "triton"
     return _kernel(backend, "int8_linear_w8a16")(x, w, w_scale, bias)
 
 
@@ -186,8 +183,10 @@ def _rows(x):
 
 
 def _backend_for(x, backend):
+    if not isinstance(x, Tensor):
+        _check_float("x", x)
     _check_backend(backend)
-    name = _resolve_constant("int8", backend, x.device)
+    name = _backend.resolve("int8", backend, x.device)
     if name != "reference" and x.dtype == torch.float64:
         backends.warn_once(("int8", "float64"), "transfuse: the int8 kernels take float32, "
                            "float16 and bfloat16; float64 inputs run on the reference backend")
@@ -222,7 +221,7 @@ def int8_matmul(a, b, *, backend=None):
     if b.device != a.device:
         raise ValueError(f"b is on {b.device} but a is on {a.device}")
     _check_backend(backend)
-    name = _resolve_constant("int8", backend, a.device)
+    name = _backend.resolve("int8", backend, a.device)
     if 0 in a.shape or 0 in b.shape:
         name = "reference"
     return _kernel(name, "int8_matmul")(a.contiguous(), b.contiguous())
@@ -238,9 +237,23 @@ def int8_linear(x, w_int8, w_scale, bias=None, mode="w8a8", *, backend=None):
     A row of x holding NaN or inf gives NaN outputs in w8a8 (its scale is NaN); k = 0 gives
     bias (or zeros), as F.linear.
     """
+    name = _backend_for(x, backend)
+    if (name == "cpu" or name == "cuda") and not torch.compiler.is_compiling():
+        # the whole call in C++ (checks included) when autograd needs no graph: per-call cost
+        try:
+            if not (torch.is_grad_enabled() and (x.requires_grad or w_scale.requires_grad or (
+                    bias is not None and bias.requires_grad))):
+                if mode == "w8a8" and name == "cpu":
+                    _warn_if_no_int8_dot()
+                out = _kernel(name, "int8_linear")(x, w_int8, w_scale, bias, mode)
+                if out is not None:
+                    return out
+        except Exception:
+            _check_float("x", x)  # words the error as the other backends do
+            _check_weight(x, w_int8, w_scale, bias, mode)
+            raise
     _check_float("x", x)
     _check_weight(x, w_int8, w_scale, bias, mode)
-    name = _backend_for(x, backend)
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
     x2 = _rows(x).contiguous()
@@ -253,7 +266,3 @@ def int8_linear(x, w_int8, w_scale, bias=None, mode="w8a8", *, backend=None):
         out = _linear_forward(*args)
     return out if x.dim() == 2 else out.view(*x.shape[:-1], w_int8.shape[0])
 
-
-@torch.compiler.assume_constant_result
-def _resolve_constant(op, backend, device):
-    return backends.resolve(op, backend, device)

@@ -17,9 +17,11 @@ import torch
 from torch import Tensor
 
 from .. import backends, reference
+from . import _backend
 from ..reference import CASTING_MODES
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+REFERENCE_DTYPES = (torch.float64,) + KERNEL_DTYPES
 
 
 @functools.lru_cache(maxsize=None)
@@ -28,28 +30,13 @@ def _kernel(backend, direction):
     if backend == "triton":
         from transfuse.kernels import norm as triton_norm
         return getattr(triton_norm, f"norm_{direction}")
-    backends.extension()  # loads transfuse._C, which registers the transfuse_C ops
-    return getattr(torch.ops.transfuse_C, f"norm_{direction}").default
+    return getattr(backends.extension()[0], f"norm_{direction}")  # a function of transfuse._C
 
 
 def _run_forward(x, weight, bias, residual, eps, weight_offset, rms, normalized_dtype, out_dtype,
                  backend):
-    flat = x.dim() != 2  # the kernels take [rows, cols]; a 2-D x needs no views (per-call cost)
-    x2 = _rows(x) if flat else x.contiguous()
-    r2 = None if residual is None else (_rows(residual) if flat else residual.contiguous())
-    w = None if weight is None else weight.contiguous()
-    b = None if bias is None else bias.contiguous()
-    y, residual_out, mean, rstd = _kernel(backend, "forward")(
-        x2, w, b, r2, eps, weight_offset, rms, normalized_dtype, out_dtype)
-    if not flat:
-        return y, residual_out, mean, rstd
-    if residual is not None:
-        residual_out = residual_out.view(x.shape)
-    return y.view(x.shape), residual_out, mean, rstd
-
-
-def _rows(t):
-    return t.contiguous().view(-1, t.shape[-1])
+    return _kernel(backend, "forward")(x, weight, bias, residual, eps, weight_offset, rms,
+                                       normalized_dtype, out_dtype)
 
 
 @torch.library.custom_op("transfuse::norm", mutates_args=())
@@ -72,12 +59,8 @@ def _(x, weight, bias, residual, eps, weight_offset, rms, normalized_dtype, out_
 
 
 def _run_backward(dy, dresidual_out, h, weight, mean, rstd, weight_offset, rms, has_bias, backend):
-    cols = h.shape[-1]
-    dr = None if dresidual_out is None else dresidual_out.contiguous().view(-1, cols)
-    dx, dweight, dbias = _kernel(backend, "backward")(
-        dy.contiguous().view(-1, cols), dr, h.contiguous().view(-1, cols), weight, mean, rstd,
-        weight_offset, rms, has_bias)
-    return dx.view(h.shape), dweight, dbias
+    return _kernel(backend, "backward")(dy, dresidual_out, h, weight, mean, rstd, weight_offset,
+                                        rms, has_bias)
 
 
 @torch.library.custom_op("transfuse::norm_backward", mutates_args=())
@@ -149,7 +132,7 @@ def _check_tensor(name, t, *, like, shape=None, dtypes=KERNEL_DTYPES, optional=T
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
 
 
-def _check_inputs(x, weight, bias, residual, eps, backend_dtypes):
+def _check_inputs(x, weight, bias, residual, backend_dtypes=KERNEL_DTYPES):
     _check_tensor("x", x, like=None, dtypes=backend_dtypes, optional=False)
     if x.dim() == 0 or x.shape[-1] == 0:
         raise ValueError(f"x must have a non-empty last (hidden) dimension, got shape "
@@ -160,16 +143,14 @@ def _check_inputs(x, weight, bias, residual, eps, backend_dtypes):
     if weight is not None and bias is not None and bias.dtype != weight.dtype:
         raise TypeError(f"bias must have the dtype of weight ({weight.dtype}), got {bias.dtype}")
     _check_tensor("residual", residual, like=x, shape=x.shape, dtypes=(x.dtype,))
+
+
+def _check_eps(eps):
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise TypeError(f"eps must be a number, got {eps!r}")
     if not 0 <= eps < math.inf:  # also false for NaN
         raise ValueError(f"eps must be finite and >= 0, got {eps!r}")
-
-
-def _dtypes_for(backend):
-    if backend == "reference":
-        return (torch.float64,) + KERNEL_DTYPES
-    return KERNEL_DTYPES
+    return float(eps)
 
 
 def layer_norm(x, weight=None, bias=None, eps=1e-5, residual=None, *, backend=None):
@@ -180,11 +161,12 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5, residual=None, *, backend=No
     Returns y, or (y, x + residual) when residual is given.
     """
     name = _backend_for(x, backend)
-    _check_inputs(x, weight, bias, residual, eps, _dtypes_for(name))
+    eps = _check_eps(eps)
     if name == "reference":
+        _check_inputs(x, weight, bias, residual, REFERENCE_DTYPES)
         return reference.layer_norm(x, weight, bias, eps, residual)
-    y, residual_out, _, _ = _call(x, weight, bias, residual, float(eps), 0.0, False,
-                                  torch.float32, x.dtype, name)
+    y, residual_out, _, _ = _call(x, weight, bias, residual, eps, 0.0, False, torch.float32,
+                                  x.dtype, name)
     return y if residual is None else (y, residual_out)
 
 
@@ -198,30 +180,48 @@ def rms_norm(x, weight, eps=1e-6, residual=None, offset=0.0, *, casting_mode="ll
     there: rsqrt(inf) = 0). Returns y, or (y, x + residual) when residual is given.
     """
     name = _backend_for(x, backend)
-    _check_inputs(x, weight, None, residual, eps, _dtypes_for(name))
-    if weight is None:
-        raise TypeError("weight must be a tensor, got None")
+    eps = _check_eps(eps)
+    if not isinstance(weight, Tensor):
+        _check_tensor("weight", weight, like=None, optional=False)
     if casting_mode not in CASTING_MODES:
         raise ValueError(f"casting_mode must be one of {CASTING_MODES}, got {casting_mode!r}")
     if isinstance(offset, bool) or not isinstance(offset, (int, float)):
         raise TypeError(f"offset must be a number, got {offset!r}")
     if name == "reference":
+        _check_inputs(x, weight, None, residual, REFERENCE_DTYPES)
         return reference.rms_norm(x, weight, eps, residual, offset, casting_mode)
-    normalized_dtype, out_dtype = reference.rms_norm_dtypes(x.dtype, weight.dtype, casting_mode)
-    y, residual_out, _, _ = _call(x, weight, None, residual, float(eps), float(offset), True,
+    normalized_dtype, out_dtype = _rms_norm_dtypes(x.dtype, weight.dtype, casting_mode)
+    y, residual_out, _, _ = _call(x, weight, None, residual, eps, float(offset), True,
                                   normalized_dtype, out_dtype, name)
     return y if residual is None else (y, residual_out)
 
 
+_rms_norm_dtypes = functools.lru_cache(maxsize=None)(reference.rms_norm_dtypes)  # 0.4 us a call
+
+
 def _call(x, weight, bias, residual, *args):
     """The custom op under torch.compile; in eager mode the same kernels without its dispatch:
-    through _EagerNorm when autograd needs a graph, else directly."""
+    through _EagerNorm when autograd needs a graph, else directly.
+
+    The binding of the cpu and cuda kernels validates its inputs in C++; the Python checks run
+    before the Triton kernels and under torch.compile (whose kernels see fake tensors), and after
+    any failure, so that the error is worded alike on every backend."""
     if torch.compiler.is_compiling():
+        _check_inputs(x, weight, bias, residual)
         return _norm(x, weight, bias, residual, *args)
-    if torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, weight, bias, residual)):
-        return _EagerNorm.apply(x, weight, bias, residual, *args)
-    return _run_forward(x, weight, bias, residual, *args)
+    if args[-1] == "triton":
+        _check_inputs(x, weight, bias, residual)
+    try:
+        if torch.is_grad_enabled() and (
+                x.requires_grad or (weight is not None and weight.requires_grad)
+                or (bias is not None and bias.requires_grad)
+                or (residual is not None and residual.requires_grad)):
+            return _EagerNorm.apply(x, weight, bias, residual, *args)
+        # no backward will follow: the C++ kernels need not save mean and rstd
+        return _kernel(args[-1], "forward")(x, weight, bias, residual, *args[:-1], False)
+    except Exception:
+        _check_inputs(x, weight, bias, residual)
+        raise
 
 
 def _backend_for(x, backend):
@@ -229,14 +229,10 @@ def _backend_for(x, backend):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"backend must be a str or None, got {backend!r}")
-    name = _resolve_constant("norm", backend, x.device)
+    name = _backend.resolve("norm", backend, x.device)
     if x.dtype == torch.float64 and not (backend or os.environ.get(backends.ENV_VAR)):
         backends.warn_once(("norm", "float64"), "transfuse: the norm kernels take float32, "
                            "float16 and bfloat16; float64 inputs run on the reference backend")
         return "reference"
     return name
 
-
-@torch.compiler.assume_constant_result
-def _resolve_constant(op, backend, device):
-    return backends.resolve(op, backend, device)
