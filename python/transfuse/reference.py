@@ -246,7 +246,8 @@ def int8_linear(x, w_int8, w_scale, bias=None, mode="w8a8"):
 
 def bias_gelu(x, bias=None, approximate="none"):
     """F.gelu(x + bias, approximate=...): z = x + bias in x's dtype (as eager adds), GELU in fp32
-    (or wider), rounded once to x's dtype, as eager's half-precision GELU does."""
+    (or wider), rounded once to x's dtype, as eager's half-precision GELU does (within an ulp
+    on AVX-512)."""
     z = x if bias is None else x + bias
     acc = _accumulate_dtype(z.dtype)
     return torch.nn.functional.gelu(z.to(acc), approximate=approximate).to(z.dtype)
