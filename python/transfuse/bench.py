@@ -185,6 +185,21 @@ def norm_cases(device, dtype, rows, cols_list):
     return cases
 
 
+def activation_cases(device, dtype):
+    """bias + GELU (exact) as a linear layer's epilogue: MiniLM's FFN [tokens, 1536] and a larger
+    one; it reads x and writes y (the bias is one row)."""
+    cases = []
+    for rows, cols in ((1024, 1536), (4096, 4096)):
+        x = torch.randn(rows, cols, device=device, dtype=dtype)
+        b = torch.randn(cols, device=device, dtype=dtype)
+        impls = {"eager": lambda x=x, b=b: F.gelu(x + b)}
+        for k in _kernel_backends(device):
+            impls[f"transfuse-{k}"] = lambda k=k, x=x, b=b: ops.bias_gelu(x, b, backend=k)
+        cases.append(Case("bias+gelu fwd", f"{rows}x{cols}", str(dtype).replace("torch.", ""),
+                          2 * x.numel() * x.element_size(), impls))
+    return cases
+
+
 def dispatch_cases(device, families):
     """Per-call overhead on tiny inputs, where the kernels themselves cost almost nothing: what a
     decoding step pays per norm, linear layer and attention call."""
@@ -204,6 +219,15 @@ def dispatch_cases(device, families):
             impls["transfuse._C (no wrapper)"] = lambda: extension.norm_forward(
                 x, w, None, None, 1e-5, 0.0, False, x.dtype, x.dtype)
         cases.append(Case("layer_norm dispatch (1x64)", "1x64", "float32", 0, impls))
+        impls = {"eager": lambda: F.rms_norm(x, (64,), w, 1e-6)}
+        for k in kernels:
+            impls[f"transfuse-{k}"] = lambda k=k: ops.rms_norm(x, w, backend=k)
+        cases.append(Case("rms_norm dispatch (1x64)", "1x64", "float32", 0, impls))
+    if "activation" in families:
+        impls = {"eager": lambda: F.gelu(x + w)}
+        for k in kernels:
+            impls[f"transfuse-{k}"] = lambda k=k: ops.bias_gelu(x, w, backend=k)
+        cases.append(Case("bias_gelu dispatch (1x64)", "1x64", "float32", 0, impls))
     if "int8" in families:
         weight, bias = torch.randn(64, 64, device=device), torch.randn(64, device=device)
         w_int8, w_scale = ops.quantize_per_token(weight, backend="reference")
@@ -558,6 +582,8 @@ def run(args):
         cases += attention_cases(device, dtype)
     if "int8" in args.ops:
         cases += int8_cases(device, dtype)
+    if "activation" in args.ops:
+        cases += activation_cases(device, dtype)
     cases += dispatch_cases(device, args.ops)
     for case in _progress(cases):
         tiny = case.bytes == 0 and case.flops == 0  # per-call cost: 100 calls a sample
