@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import Optional
 
 import torch
@@ -171,7 +170,7 @@ def _backend_for(x, backend):
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"backend must be a str or None, got {backend!r}")
     name = _backend.resolve("activation", backend, x.device)
-    if x.dtype == torch.float64 and not (backend or os.environ.get(backends.ENV_VAR)):
+    if x.dtype == torch.float64 and not (backend or backends.environment_backend()):
         backends.warn_once(("activation", "float64"), "transfuse: the bias_gelu kernels take "
                            "float32, float16 and bfloat16; float64 inputs run on the reference "
                            "backend")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -230,7 +229,7 @@ def _backend_for(x, backend):
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"backend must be a str or None, got {backend!r}")
     name = _backend.resolve("norm", backend, x.device)
-    if x.dtype == torch.float64 and not (backend or os.environ.get(backends.ENV_VAR)):
+    if x.dtype == torch.float64 and not (backend or backends.environment_backend()):
         backends.warn_once(("norm", "float64"), "transfuse: the norm kernels take float32, "
                            "float16 and bfloat16; float64 inputs run on the reference backend")
         return "reference"
