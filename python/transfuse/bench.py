@@ -457,8 +457,9 @@ def fixed_length_case(model, tokenizer, device, batch, seq, repeat, patch_fn, pe
 def real_sentences_case(model, tokenizer, device, batch, repeat, patch_fn, sentences=None,
                         peers=None):
     """The real sentences in batches of `batch`, padding=True: eager, SDPA, transfuse.patch(model),
-    patch(model, blocks=False) (block rules off) and patch(model, unpad=False) (padding removal
-    off), then the `peers` sides (label -> side, bench_peers) where given."""
+    patch(model, blocks=False) (block rules off), patch(model, unpad=False) (padding removal
+    off) and patch(model, int8="w8a8"), then the `peers` sides (label -> side, bench_peers) where
+    given."""
     sentences = BENCH_SENTENCES if sentences is None else sentences
     batches = [inputs.to(device) for inputs in sentence_batches(tokenizer, sentences, batch)]
     sides = {"eager": model,
@@ -466,6 +467,7 @@ def real_sentences_case(model, tokenizer, device, batch, repeat, patch_fn, sente
              "transfuse patch(model)": _variant(model, lambda m: patch_fn(m)),
              "transfuse patch(blocks=False)": _variant(model, lambda m: patch_fn(m, blocks=False)),
              "transfuse patch(unpad=False)": _variant(model, lambda m: patch_fn(m, unpad=False)),
+             "transfuse patch(int8=w8a8)": _variant(model, lambda m: patch_fn(m, int8="w8a8")),
              **(peers or {})}
     result = time_model(sides, batches, device, repeat)
     result.update({"padding": "padding=True (each batch to its longest)", "batch": batch})
