@@ -74,15 +74,15 @@ def test_real_sentences_row(minilm):
 
     row = bench.real_sentences_case(model, tokenizer, torch.device("cpu"), 4, 1,
                                     patch_with_garbage_at_pads, sentences=SENTENCES[:6])
-    assert calls == [True, True, False, True]
+    assert calls == [True, True, False, True, True]
     assert list(row["results"]) == ["eager", "sdpa", "transfuse patch(model)",
                                     "transfuse patch(blocks=False)", "transfuse patch(unpad=False)",
-                                    "transfuse patch(int8=w8a8)"]
+                                    "transfuse patch(int8=w8a8)", "transfuse bf16 patch(model)"]
     assert row["batch_shapes"][1][0] == 2 and 0 < row["padding_fraction"] < 1
     assert row["real_tokens"] < row["positions"]
     for label, side in row["results"].items():
         assert RESULT_FIELDS <= set(side)
-        if "int8" in label:  # per-token quantization: the sentence embeddings stay close
+        if "int8" in label or "bf16" in label:  # the sentence embeddings stay close
             assert side["min_cosine_pooled_vs_eager"] > 0.99
         else:
             assert side["max_abs_diff_vs_eager"] < 1e-3
@@ -107,23 +107,24 @@ def test_bench_command_model_rows(minilm, tmp_path, monkeypatch, capsys):
     assert m["tokens_per_batch"] == 48 and len(m["loadavg_before"]) == 3
     assert list(m["results"]) == ["eager", "sdpa", "transfuse (norms)",
                                   "transfuse (norms+attention)", "transfuse (+ block rules)",
-                                  "transfuse (+ int8 w8a8)"]
+                                  "transfuse (+ int8 w8a8)", "transfuse bf16 patch(model)"]
     real = m["real_sentences"]
     assert real["sequences"] == 5 and real["batch_shapes"][1][0] == 2
     assert real["padding_fraction"] > 0 and len(real["loadavg_after"]) == 3
     assert list(real["results"]) == ["eager", "sdpa", "transfuse patch(model)",
                                      "transfuse patch(blocks=False)",
                                      "transfuse patch(unpad=False)",
-                                     "transfuse patch(int8=w8a8)"]
+                                     "transfuse patch(int8=w8a8)",
+                                     "transfuse bf16 patch(model)"]
     for row in (m, real):
         for label, side in row["results"].items():
             assert RESULT_FIELDS <= set(side), label
-            if "int8" not in label:
+            if "int8" not in label and "bf16" not in label:
                 assert side["max_abs_diff_vs_eager"] < 1e-3, label
     plotted = [label.split("\n")[0] for label, _ in bench.speedups(report)]
     assert plotted == ["all-MiniLM-L6-v2, real sentences, padding=True "
-                       f"({real['padding_fraction']:.0%} pad)"] * 5 + [
-                       "all-MiniLM-L6-v2, fixed 3x16"] * 5
+                       f"({real['padding_fraction']:.0%} pad)"] * 6 + [
+                       "all-MiniLM-L6-v2, fixed 3x16"] * 6
     assert (folder / "bench-cpu.png").stat().st_size > 0
 
 

@@ -438,9 +438,20 @@ def _variant(model, configure):
     return variant
 
 
+def _bf16_side(model, patch_fn):
+    """An fp32 model's bf16 copy, patched (what OpenVINO's bf16 hint does to the fp32 model): its
+    speed and its accuracy against fp32 eager in the same rounds. On a CPU, fast where it has
+    AVX512_BF16 or AMX (torch's bf16 GEMM, transfuse's bf16 norms and attention)."""
+    if next(model.parameters()).dtype != torch.float32:
+        return {}
+    return {"transfuse bf16 patch(model)": _variant(
+        model, lambda m: patch_fn(m.to(torch.bfloat16)))}
+
+
 def fixed_length_case(model, tokenizer, device, batch, seq, repeat, patch_fn, peers=None):
     """One batch of `batch` x `seq` tokens, no padding: eager, SDPA and transfuse step by step,
-    then the `peers` sides (label -> side, bench_peers) where given."""
+    patch(model) of a bf16 copy (fp32 models), then the `peers` sides (label -> side,
+    bench_peers) where given."""
     inputs = fixed_length_inputs(tokenizer, batch, seq).to(device)
     sides = {
         "eager": model,
@@ -449,6 +460,7 @@ def fixed_length_case(model, tokenizer, device, batch, seq, repeat, patch_fn, pe
         "transfuse (norms+attention)": _variant(model, lambda m: patch_fn(m, blocks=False)),
         "transfuse (+ block rules)": _variant(model, lambda m: patch_fn(m)),
         "transfuse (+ int8 w8a8)": _variant(model, lambda m: patch_fn(m, int8="w8a8")),
+        **_bf16_side(model, patch_fn),
         **(peers or {}),
     }
     return time_model(sides, [inputs], device, repeat)
@@ -458,8 +470,8 @@ def real_sentences_case(model, tokenizer, device, batch, repeat, patch_fn, sente
                         peers=None):
     """The real sentences in batches of `batch`, padding=True: eager, SDPA, transfuse.patch(model),
     patch(model, blocks=False) (block rules off), patch(model, unpad=False) (padding removal
-    off) and patch(model, int8="w8a8"), then the `peers` sides (label -> side, bench_peers) where
-    given."""
+    off), patch(model, int8="w8a8") and patch(model) of a bf16 copy (fp32 models), then the
+    `peers` sides (label -> side, bench_peers) where given."""
     sentences = BENCH_SENTENCES if sentences is None else sentences
     batches = [inputs.to(device) for inputs in sentence_batches(tokenizer, sentences, batch)]
     sides = {"eager": model,
@@ -468,6 +480,7 @@ def real_sentences_case(model, tokenizer, device, batch, repeat, patch_fn, sente
              "transfuse patch(blocks=False)": _variant(model, lambda m: patch_fn(m, blocks=False)),
              "transfuse patch(unpad=False)": _variant(model, lambda m: patch_fn(m, unpad=False)),
              "transfuse patch(int8=w8a8)": _variant(model, lambda m: patch_fn(m, int8="w8a8")),
+             **_bf16_side(model, patch_fn),
              **(peers or {})}
     result = time_model(sides, batches, device, repeat)
     result.update({"padding": "padding=True (each batch to its longest)", "batch": batch})
