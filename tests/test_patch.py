@@ -106,3 +106,63 @@ def test_second_int8_mode_switches_the_mode_exactly():
     assert dict(model.named_modules()) == modules
     int8 = [v for v in transfuse.patched_modules(model).values() if "Int8Linear" in v]
     assert int8 and all(v.endswith("(mode='w8a16')") for v in int8)
+
+
+def _tied(model_type):
+    """The tiny model with its head tied to the input embedding (GPT-2 ties by default)."""
+    model = build(model_type)
+    if model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
+        model.config.tie_word_embeddings = True
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    return model
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])  # nn.Linear and Conv1D models
+def test_int8_heads_quantizes_a_tied_head_and_unpatch_ties_it_again(model_type):
+    """int8_heads=True: the tied head becomes Int8Linear over its own int8 copy of the shared
+    weight; the embedding keeps the float Parameter, unchanged; the logits stay within int8's
+    error of the float head's; unpatch puts the tied nn.Linear back."""
+    model = _tied(model_type)
+    embedding = model.get_input_embeddings().weight
+    assert model.get_output_embeddings().weight is embedding
+    float_values = embedding.detach().clone()
+    batch = make_batch(model_type)
+    with torch.no_grad():
+        expected = run(transfuse.patch(_tied(model_type), int8="w8a16"), batch)
+        transfuse.patch(model, int8="w8a16", int8_heads=True)
+        actual = run(model, batch)
+    head = model.get_output_embeddings()
+    assert isinstance(head, transfuse.nn.Int8Linear) and head.weight.dtype == torch.int8
+    assert model.get_input_embeddings().weight is embedding
+    assert torch.equal(embedding, float_values)
+    torch.testing.assert_close(head.dequantized_weight(), float_values, rtol=0,
+                               atol=float(float_values.abs().max()) / 127)
+    real = batch["attention_mask"].bool()
+    assert not torch.equal(actual[real], expected[real])  # the head is int8 now
+    assert_close_scaled(actual[real], expected[real], tol=0.05, name=model_type)  # int8 error
+    transfuse.unpatch(model)
+    assert type(model.get_output_embeddings()).__name__ in ("Linear", "Conv1D")
+    assert model.get_output_embeddings().weight is embedding
+
+
+@pytest.mark.filterwarnings("ignore:transfuse.*tied weights")  # the head loads back in float
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_int8_heads_saves_the_tie(model_type, tmp_path):
+    """A checkpoint of a model patched with int8_heads keeps the tied float weight (no int8 head
+    tensors), and loads back as the int8 model with its tied head in float."""
+    from transformers import AutoModelForCausalLM
+    transfuse.patch(_tied(model_type), int8="w8a16", int8_heads=True).save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
+    batch = make_batch(model_type)
+    real = batch["attention_mask"].bool()
+    with torch.no_grad():
+        expected = run(transfuse.patch(_tied(model_type), int8="w8a16"), batch)
+        assert_close_scaled(run(loaded, batch)[real], expected[real], name=model_type)
+
+
+def test_int8_heads_needs_int8_and_a_bool():
+    with pytest.raises(ValueError, match="int8_heads=True needs int8"):
+        transfuse.patch(build("llama"), int8_heads=True)
+    with pytest.raises(TypeError, match="int8_heads must be a bool"):
+        transfuse.patch(build("llama"), int8="w8a16", int8_heads=1)

@@ -18,7 +18,7 @@ from .hf import blocks as hf_blocks
 from .hf import unpad as hf_unpad
 from .hf.norm import NORM_RULES
 from .hf.quantizer import attach_config, detach_config
-from .nn import FusedLayerNorm, FusedRMSNorm, Int8Linear
+from .nn import FusedLayerNorm, FusedRMSNorm, Int8Linear, float_weight, tied_parameter_ids
 from .ops.int8 import MODES
 from .quantize import DEFAULT_SKIP, replacements
 
@@ -91,17 +91,28 @@ def _patch_attention(model):
     return Counter((type(m).__name__, why) for m, why in zip(modules, reasons) if why)
 
 
-def _patch_int8(model, mode, backend):
-    """Linear layers become Int8Linear in `mode`; the Int8Linear layers already there (an earlier
-    patch, or transfuse.quantize) switch to `mode`: both modes hold the same per-channel int8
-    weights, so the switch is exact."""
+def _patch_int8(model, mode, backend, heads):
+    """Linear layers become Int8Linear in `mode` (with `heads`, the output heads too, tied or
+    not); the Int8Linear layers already there (an earlier patch, or transfuse.quantize) switch to
+    `mode`: both modes hold the same per-channel int8 weights, so the switch is exact."""
     for module in model.modules():
         if isinstance(module, Int8Linear):
             module.mode = mode
-    for parent, attribute, original, new in replacements(model, mode, DEFAULT_SKIP, backend):
+    skip = () if heads else DEFAULT_SKIP
+    tied = tied_parameter_ids(model)
+    for parent, attribute, original, new in replacements(model, mode, skip, backend, tied=heads):
         object.__setattr__(new, ORIGINAL_ATTR, original)
+        if id(float_weight(original)) in tied:
+            new._register_state_dict_hook(_saved_as_tied)
         setattr(parent, attribute, new)
-    attach_config(model, mode, DEFAULT_SKIP)  # config.quantization_config names the new mode
+    attach_config(model, mode, skip)  # config.quantization_config names the new mode
+
+
+def _saved_as_tied(module, state_dict, prefix, local_metadata):
+    """A tied head made int8 by int8_heads saves as the float head it replaced (the shared
+    weight), so that the checkpoint keeps the tie and loads back (with that head in float)."""
+    del state_dict[prefix + "weight_scale"]
+    state_dict[prefix + "weight"] = getattr(module, ORIGINAL_ATTR).weight.detach()
 
 
 def _patch_norms(model, backend):
@@ -128,7 +139,7 @@ def _patch_norms(model, backend):
     return left
 
 
-def _patch_model(model, attention, norm, int8, backend, unpad, blocks):
+def _patch_model(model, attention, norm, int8, int8_heads, backend, unpad, blocks):
     """patch() on one model; returns the modules left unchanged, as a Counter of (class name,
     reason)."""
     left = Counter()
@@ -137,7 +148,7 @@ def _patch_model(model, attention, norm, int8, backend, unpad, blocks):
         if unpad:
             hf_unpad.patch_unpad(model)
     if int8 is not None:
-        _patch_int8(model, int8, backend)
+        _patch_int8(model, int8, backend, int8_heads)
     if norm:
         left += _patch_norms(model, backend)
     if blocks:
@@ -151,7 +162,8 @@ def _patch_model(model, attention, norm, int8, backend, unpad, blocks):
     return left
 
 
-def patch(model, *, attention=True, norm=True, int8=None, backend=None, unpad=True, blocks=True):
+def patch(model, *, attention=True, norm=True, int8=None, int8_heads=False, backend=None,
+          unpad=True, blocks=True):
     """Replace the model's modules by transfuse's fused ones, in place; returns the same model.
 
     norm: LayerNorm / RMSNorm modules of the families in transfuse.hf.norm.NORM_RULES become
@@ -166,6 +178,9 @@ def patch(model, *, attention=True, norm=True, int8=None, backend=None, unpad=Tr
     `unpatch` (transfuse.quantize releases them, which is what saves memory); int8 layers already
     there switch to the mode asked for (exactly: both modes hold the same int8 weights). None
     leaves the linear layers as they are (float, or int8 from an earlier call).
+    int8_heads: with int8, the output heads too: decoding reads the whole head every token
+    (SmolLM-135M's tied 49152 x 576 head is half its fp32 bytes). A head tied to the input
+    embedding gets its own int8 copy of the shared weight; the embedding keeps the float one.
     blocks: the rules of transfuse.hf.blocks.BLOCK_RULES that span a block's modules: sibling
     float projections (Q, K, V; gate, up) as one GEMM over weights sharing one storage (same
     Parameters and state dict), the residual add of BERT-style output layers inside the fused
@@ -178,10 +193,14 @@ def patch(model, *, attention=True, norm=True, int8=None, backend=None, unpad=Tr
     """
     if int8 is not None and int8 not in MODES:
         raise ValueError(f"int8 must be None or one of {MODES}, got {int8!r}")
+    if not isinstance(int8_heads, bool):
+        raise TypeError(f"int8_heads must be a bool, got {int8_heads!r}")
+    if int8_heads and int8 is None:
+        raise ValueError("int8_heads=True needs int8='w8a8' or 'w8a16'")
     backends.check_requested(backend)
     left = Counter()
     for _, inner in _models_in(model):
-        left += _patch_model(inner, attention, norm, int8, backend, unpad, blocks)
+        left += _patch_model(inner, attention, norm, int8, int8_heads, backend, unpad, blocks)
     if left:
         names = ", ".join(f"{cls} x{count} ({reason})"
                           for (cls, reason), count in sorted(left.items()))

@@ -44,10 +44,12 @@ def _adapter_modules(model):
     return ids
 
 
-def replacements(model, mode, skip, backend):
+def replacements(model, mode, skip, backend, *, tied=False):
     """(parent, attribute, original, Int8Linear) for every linear layer to quantize; a layer
-    shared by two parents gets one replacement."""
-    names, tied = {}, tied_parameter_ids(model)
+    shared by two parents gets one replacement. tied: also the layers whose weight another module
+    holds (a head tied to the embedding): the int8 layer quantizes a copy, the other module keeps
+    the float weight."""
+    names, tied_ids = {}, tied_parameter_ids(model)
     for name, module in model.named_modules(remove_duplicate=False):
         names.setdefault(id(module), name)
     adapters = _adapter_modules(model)
@@ -60,7 +62,7 @@ def replacements(model, mode, skip, backend):
                 continue
             if set(names[id(child)].split(".")) & set(skip):
                 continue
-            if id(child.weight) in tied:  # tied to an embedding: stays float
+            if id(child.weight) in tied_ids and not tied:  # tied to an embedding: stays float
                 continue
             if id(child) not in made:
                 made[id(child)] = Int8Linear.from_float(child, mode, backend)

@@ -1,0 +1,115 @@
+"""Greedy decoding of a SmolLM-135M-shaped Llama on the CPU: ms per generated token of eager
+PyTorch, transfuse.patch(model) and patch(model, int8=..., int8_heads=...), with the floor beside
+each (the bytes of the weights one token reads over the measured copy bandwidth).
+
+The weights are random (the shapes are SmolLM-135M's: 30 layers, hidden 576, 9 query and 3
+key/value heads, MLP 1536, vocabulary 49152, the head tied to the embedding), so the tokens mean
+nothing; the table says how many of each side's tokens equal eager's. "+ head": int8_heads=True,
+the tied head (a third of the int8 model's bytes) in int8 too. A token's time is
+(generate(prompt, n + 1 new tokens) - generate(prompt, 1 new token)) / n: the prefill is taken out.
+The sides take turns (A B A B ...), median of the rounds.
+
+    python benchmarks/decode_cpu.py [--new-tokens 32] [--rounds 5] [--out results.json]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import time
+import warnings
+
+import torch
+
+import transfuse
+from transfuse.bench import copy_bandwidth_gbps
+
+SMOLLM_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                   num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                   max_position_embeddings=2048, tie_word_embeddings=True)
+SIDES = {"eager": None, "transfuse patch(model)": {}, "transfuse int8=w8a16": {"int8": "w8a16"},
+         "transfuse int8=w8a8": {"int8": "w8a8"},
+         "transfuse w8a16 + head": {"int8": "w8a16", "int8_heads": True},
+         "transfuse w8a8 + head": {"int8": "w8a8", "int8_heads": True}}
+
+
+def weight_bytes(model):
+    """Bytes of the parameters and buffers (a tied head and embedding counted once)."""
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def bytes_per_token(model):
+    """The weight bytes one token reads (the KV cache aside): all of them, but an input
+    embedding that is not also the head (one row of it is read)."""
+    embedding = model.get_input_embeddings().weight
+    if getattr(model.get_output_embeddings(), "weight", None) is embedding:
+        return weight_bytes(model)
+    return weight_bytes(model) - embedding.numel() * embedding.element_size()
+
+
+def generate(model, prompt, new_tokens):
+    with torch.inference_mode():
+        return model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                              do_sample=False)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--prompt", type=int, default=8, help="prompt tokens")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out", help="JSON file for the figures")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")  # generation-config notes
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SMOLLM_135M)).eval()
+    sides = {label: model if kwargs is None else transfuse.patch(copy.deepcopy(model), **kwargs)
+             for label, kwargs in SIDES.items()}
+    prompt = torch.randint(0, SMOLLM_135M["vocab_size"], (1, args.prompt))
+    tokens = {label: generate(m, prompt, args.new_tokens + 1)[0, args.prompt:]
+              for label, m in sides.items()}
+    bandwidth = copy_bandwidth_gbps(torch.device("cpu"), 20)
+    load_before = os.getloadavg()
+    times = {label: [] for label in sides}
+    for _ in range(args.rounds):
+        for label, m in sides.items():
+            start = time.perf_counter()
+            generate(m, prompt, 1)
+            first = time.perf_counter()
+            generate(m, prompt, args.new_tokens + 1)
+            end = time.perf_counter()
+            times[label].append(((end - first) - (first - start)) / args.new_tokens * 1e3)
+    load_after = os.getloadavg()
+    results = {}
+    for label, m in sides.items():
+        ms = statistics.median(times[label])
+        floor = bytes_per_token(m) / bandwidth / 1e6
+        results[label] = {"ms_per_token": ms, "weight_MB": weight_bytes(m) / 2**20,
+                          "floor_ms": floor,
+                          "tokens_equal_to_eager": int((tokens[label] == tokens["eager"]).sum())}
+    eager = results["eager"]["ms_per_token"]
+    print(f"SmolLM-135M-shaped Llama (random weights), greedy, prompt {args.prompt}, "
+          f"{args.new_tokens} new tokens, {torch.get_num_threads()} threads, torch "
+          f"{torch.__version__}; copy bandwidth {bandwidth:.1f} GB/s; load {load_before} before, "
+          f"{load_after} after")
+    print(f"  {'':24} {'ms/token':>9} {'x eager':>8} {'weights':>9} {'floor':>8} "
+          f"{'same tokens':>12}")
+    for label, r in results.items():
+        print(f"  {label:24} {r['ms_per_token']:9.2f} {eager / r['ms_per_token']:7.2f}x "
+              f"{r['weight_MB']:7.1f}MB {r['floor_ms']:6.2f}ms "
+              f"{r['tokens_equal_to_eager']:5d} of {args.new_tokens + 1}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"config": SMOLLM_135M, "prompt": args.prompt,
+                       "new_tokens": args.new_tokens, "threads": torch.get_num_threads(),
+                       "torch": torch.__version__, "copy_bandwidth_GBps": bandwidth,
+                       "loadavg_before": load_before, "loadavg_after": load_after,
+                       "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
