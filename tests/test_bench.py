@@ -55,6 +55,18 @@ def test_compare_outputs_ignores_pad_positions():
     diff = bench.compare_outputs([pooled[1]], [pooled[0]], [{"attention_mask": mask}])
     assert diff["max_abs_diff_vs_eager"] == 0 and diff["max_abs_diff_pooled_vs_eager"] == 0
     assert diff["min_cosine_pooled_vs_eager"] == pytest.approx(1.0)
+    assert diff["nearest_neighbours_kept"] == diff["sentences"] == 2
+
+
+def test_nearest_neighbours_kept_counts_changed_neighbours():
+    a, b, c = torch.tensor([1.0, 0.0]), torch.tensor([0.9, 0.1]), torch.tensor([0.0, 1.0])
+    reference = [(None, torch.stack([a, b, c]))]
+    assert bench.nearest_neighbours(reference[0][1]).tolist() == [1, 0, 1]
+    moved = [(None, torch.stack([a, torch.tensor([0.1, 0.9]), c]))]  # b now nearest to c
+    hidden = torch.zeros(3, 1, 1)
+    mask = {"attention_mask": torch.ones(3, 1)}
+    diff = bench.compare_outputs([(hidden, moved[0][1])], [(hidden, reference[0][1])], [mask])
+    assert diff["nearest_neighbours_kept"] == 2 and diff["sentences"] == 3  # b -> c now
 
 
 def test_real_sentences_row(minilm):

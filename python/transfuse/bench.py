@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import datetime
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -377,16 +378,31 @@ def _outputs(model, batches):
 def compare_outputs(outputs, reference, batches):
     """How far `outputs` are from `reference` (eager's), at real-token positions only: what an
     encoder leaves at pad positions is no output (transfuse's padding removal leaves zeros).
-    The cosines are of the sentence embeddings, the least and the mean over all sentences."""
+    The cosines are of the sentence embeddings, the least and the mean over all sentences; the
+    nearest neighbours kept: of the sentences, those whose nearest other sentence (by embedding
+    cosine, what a semantic search returns) is the one eager's embeddings give."""
     token, pooled, cosines = 0.0, 0.0, []
     for (hidden, emb), (ref_hidden, ref_emb), inputs in zip(outputs, reference, batches):
         real = inputs["attention_mask"].bool()
         token = max(token, (hidden[real] - ref_hidden[real]).abs().max().item())
         pooled = max(pooled, (emb - ref_emb).abs().max().item())
         cosines += F.cosine_similarity(emb, ref_emb, dim=-1).tolist()
+    neighbours = [nearest_neighbours(torch.cat([emb for _, emb in sides]))
+                  for sides in (outputs, reference)]
     return {"max_abs_diff_vs_eager": token, "max_abs_diff_pooled_vs_eager": pooled,
             "min_cosine_pooled_vs_eager": min(cosines),
-            "mean_cosine_pooled_vs_eager": statistics.fmean(cosines)}
+            "mean_cosine_pooled_vs_eager": statistics.fmean(cosines),
+            "nearest_neighbours_kept": int((neighbours[0] == neighbours[1]).sum()),
+            "sentences": len(cosines)}
+
+
+def nearest_neighbours(embeddings):
+    """For each row, the index of the most cosine-similar other row (itself for a single row)."""
+    unit = F.normalize(embeddings.double(), dim=-1)
+    similarity = unit @ unit.T
+    if len(unit) > 1:
+        similarity.fill_diagonal_(-math.inf)
+    return similarity.argmax(dim=-1)
 
 
 def _quartiles(times):
