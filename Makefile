@@ -7,7 +7,8 @@ BIN := $(VENV)/bin
 CSRC := $(shell find csrc -type f)
 PY_SOURCES := $(shell find python kernels -name '*.py')
 
-.PHONY: setup bench test test-cpp test-python test-triton-compile test-gpu-quick-dry test-gpu-versions clean
+.PHONY: setup bench test test-cpp test-python test-lower-isa test-triton-compile test-gpu-quick-dry \
+	test-gpu-versions clean
 
 setup: $(VENV)/.installed
 
@@ -23,7 +24,7 @@ $(VENV)/.installed: setup.py pyproject.toml $(CSRC)
 bench: setup
 	$(BIN)/transfuse bench $(BENCH_ARGS)
 
-test: test-cpp test-python test-gpu-quick-dry
+test: test-cpp test-python test-lower-isa test-gpu-quick-dry
 
 test-cpp:
 	cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release
@@ -32,6 +33,14 @@ test-cpp:
 
 test-python: setup
 	$(BIN)/python -m pytest
+
+# The CPU kernels written with intrinsics dispatch on the CPU's best ISA; their AVX2 and baseline
+# paths run here too with TRANSFUSE_CPU_ISA (csrc/cpu/multiversion.h): the cpu int8 and norm tests.
+test-lower-isa: setup
+	for isa in avx2 baseline; do \
+		TRANSFUSE_CPU_ISA=$$isa $(BIN)/python -m pytest -q -p no:cacheprovider -k cpu \
+			tests/test_int8.py tests/test_norm.py || exit 1; \
+	done
 
 # The lent GPU's one command, dry (CPU, tiny shapes, Triton interpreter): seconds.
 test-gpu-quick-dry: setup

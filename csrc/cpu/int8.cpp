@@ -1,6 +1,6 @@
 // CPU int8 kernels. The math is stated in common/int8.h. Loops are plain C++ that GCC vectorizes
-// (compiled for AVX-512, AVX2 and baseline, picked at load time); OpenMP over rows (quantize,
-// epilogue) or over blocks of weight rows (w8a16).
+// (compiled for AVX-512, AVX2 and baseline, picked at load time), but the one-token GEMV
+// (intrinsics); OpenMP over rows (quantize, epilogue) or over blocks of weight rows (w8a16).
 #include "int8.h"
 
 #include <algorithm>
@@ -11,6 +11,10 @@
 
 #include "convert.h"
 #include "multiversion.h"
+
+#ifdef TRANSFUSE_X86_MULTIVERSION
+#include <immintrin.h>
+#endif
 
 namespace transfuse::cpu {
 namespace {
@@ -60,42 +64,101 @@ TRANSFUSE_MULTIVERSION void widen(const int8_t* w, int64_t n, float* out) {
   for (int64_t k = 0; k < n; ++k) out[k] = static_cast<float>(w[k]);
 }
 
-// sums[r * kTileCols + c] = sum_k x[r][k] * float(w[c][k]) for a ROWS x 4 tile: the weight rows
-// are widened a chunk at a time into L1, then ROWS x 4 vector accumulators take each loaded x
-// vector four times and each widened w vector ROWS times. Defined for 4 rows (several tokens)
-// and 1 (decoding one token).
-#define TRANSFUSE_DOT_TILE(name, ROWS)                                                          \
-  TRANSFUSE_MULTIVERSION void name(const float* const* x, const int8_t* const* w, int64_t n,   \
-                                   float* sums) {                                              \
-    Floats16 acc[ROWS][kTileCols] = {};                                                        \
-    float widened[kTileCols][kChunk];                                                          \
-    float tail[ROWS][kTileCols] = {};                                                          \
-    for (int64_t k0 = 0; k0 < n; k0 += kChunk) {                                               \
-      const int64_t len = std::min(kChunk, n - k0), vectors = len / kLanes * kLanes;           \
-      for (int64_t c = 0; c < kTileCols; ++c) widen(w[c] + k0, len, widened[c]);              \
-      for (int64_t k = 0; k < vectors; k += kLanes) {                                          \
-        Floats16 wf[kTileCols];                                                                \
-        for (int64_t c = 0; c < kTileCols; ++c)                                                \
-          std::memcpy(&wf[c], widened[c] + k, sizeof(wf[c]));                                  \
-        for (int64_t r = 0; r < ROWS; ++r) {                                                   \
-          Floats16 xv;                                                                         \
-          std::memcpy(&xv, x[r] + k0 + k, sizeof(xv));                                         \
-          for (int64_t c = 0; c < kTileCols; ++c) acc[r][c] += xv * wf[c];                     \
-        }                                                                                      \
-      }                                                                                        \
-      for (int64_t r = 0; r < ROWS; ++r)                                                       \
-        for (int64_t c = 0; c < kTileCols; ++c)                                                \
-          for (int64_t k = vectors; k < len; ++k) tail[r][c] += x[r][k0 + k] * widened[c][k];  \
-    }                                                                                          \
-    for (int64_t r = 0; r < ROWS; ++r)                                                         \
-      for (int64_t c = 0; c < kTileCols; ++c) {                                                \
-        float total = tail[r][c];                                                              \
-        for (int64_t l = 0; l < kLanes; ++l) total += acc[r][c][l];                            \
-        sums[r * kTileCols + c] = total;                                                       \
-      }                                                                                        \
+// sums[r * kTileCols + c] = sum_k x[r][k] * float(w[c][k]) for a 4 x 4 tile: the weight rows
+// are widened a chunk at a time into L1, then 4 x 4 vector accumulators take each loaded x
+// vector four times and each widened w vector four times (several tokens; one token has
+// dot_tile_one_row).
+TRANSFUSE_MULTIVERSION void dot_tile(const float* const* x, const int8_t* const* w, int64_t n,
+                                     float* sums) {
+  Floats16 acc[kTileRows][kTileCols] = {};
+  float widened[kTileCols][kChunk];
+  float tail[kTileRows][kTileCols] = {};
+  for (int64_t k0 = 0; k0 < n; k0 += kChunk) {
+    const int64_t len = std::min(kChunk, n - k0), vectors = len / kLanes * kLanes;
+    for (int64_t c = 0; c < kTileCols; ++c) widen(w[c] + k0, len, widened[c]);
+    for (int64_t k = 0; k < vectors; k += kLanes) {
+      Floats16 wf[kTileCols];
+      for (int64_t c = 0; c < kTileCols; ++c)
+        std::memcpy(&wf[c], widened[c] + k, sizeof(wf[c]));
+      for (int64_t r = 0; r < kTileRows; ++r) {
+        Floats16 xv;
+        std::memcpy(&xv, x[r] + k0 + k, sizeof(xv));
+        for (int64_t c = 0; c < kTileCols; ++c) acc[r][c] += xv * wf[c];
+      }
+    }
+    for (int64_t r = 0; r < kTileRows; ++r)
+      for (int64_t c = 0; c < kTileCols; ++c)
+        for (int64_t k = vectors; k < len; ++k) tail[r][c] += x[r][k0 + k] * widened[c][k];
   }
-TRANSFUSE_DOT_TILE(dot_tile, kTileRows)
-TRANSFUSE_DOT_TILE(dot_tile_one_row, 1)
+  for (int64_t r = 0; r < kTileRows; ++r)
+    for (int64_t c = 0; c < kTileCols; ++c) {
+      float total = tail[r][c];
+      for (int64_t l = 0; l < kLanes; ++l) total += acc[r][c][l];
+      sums[r * kTileCols + c] = total;
+    }
+}
+
+// sums[c] = sum_k x[k] * float(w[c][k]) for 4 weight rows and one token (decoding). Each weight
+// is used once, so it is widened in registers (sign extension, conversion) right before its
+// multiply instead of staged in L1 as dot_tile does; each x vector serves the 4 rows. With
+// intrinsics: GCC's vectorizer turns a 16-byte widening into scalar conversions.
+#ifdef TRANSFUSE_X86_MULTIVERSION
+__attribute__((target("avx512f")))
+int64_t dot_tile_one_row_avx512(const float* x, const int8_t* const* w, int64_t n, float* sums) {
+  __m512 acc[kTileCols];
+  for (auto& a : acc) a = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) {
+    const __m512 xv = _mm512_loadu_ps(x + k);
+    for (int64_t c = 0; c < kTileCols; ++c) {
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w[c] + k));
+      acc[c] = _mm512_fmadd_ps(xv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)), acc[c]);
+    }
+  }
+  for (int64_t c = 0; c < kTileCols; ++c) sums[c] = _mm512_reduce_add_ps(acc[c]);
+  return k;
+}
+
+__attribute__((target("avx2")))
+int64_t dot_tile_one_row_avx2(const float* x, const int8_t* const* w, int64_t n, float* sums) {
+  __m256 acc[kTileCols];
+  for (auto& a : acc) a = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + k);
+    for (int64_t c = 0; c < kTileCols; ++c) {
+      const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w[c] + k));
+      acc[c] = _mm256_add_ps(acc[c],
+                             _mm256_mul_ps(xv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes))));
+    }
+  }
+  for (int64_t c = 0; c < kTileCols; ++c) {
+    float lanes[8];
+    _mm256_storeu_ps(lanes, acc[c]);
+    sums[c] = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) +
+              ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+  }
+  return k;
+}
+#endif
+
+void dot_tile_one_row(const float* const* x, const int8_t* const* w, int64_t n, float* sums) {
+  int64_t done = -1;
+#ifdef TRANSFUSE_X86_MULTIVERSION
+  if (vector_isa() == VectorIsa::avx512) done = dot_tile_one_row_avx512(x[0], w, n, sums);
+  else if (vector_isa() == VectorIsa::avx2) done = dot_tile_one_row_avx2(x[0], w, n, sums);
+#endif
+  if (done < 0) {  // no intrinsics here: the vectorized tile, its four rows all this one
+    const float* same[kTileRows];
+    float tile[kTileRows * kTileCols];
+    for (auto& row : same) row = x[0];
+    dot_tile(same, w, n, tile);
+    std::memcpy(sums, tile, kTileCols * sizeof(float));
+    return;
+  }
+  for (int64_t c = 0; c < kTileCols; ++c)
+    for (int64_t k = done; k < n; ++k) sums[c] += x[0][k] * static_cast<float>(w[c][k]);
+}
 
 // Threads for `work` element operations over `tasks` independent tasks: one per 64K elements at
 // most (a parallel region's wake-up costs a few microseconds, more than a small call's work).

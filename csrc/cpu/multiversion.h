@@ -1,10 +1,36 @@
 // TRANSFUSE_MULTIVERSION compiles a function three times (AVX-512, AVX2, baseline x86-64; GCC
 // target_clones) and the loader picks one per CPU. Elsewhere it is empty.
+// Kernels written with intrinsics (target("avx512f") / target("avx2") functions) dispatch on
+// vector_isa() instead: the best the CPU has, or a lower one named by the environment variable
+// TRANSFUSE_CPU_ISA ("avx2" or "baseline"), so that one machine tests every path.
 #pragma once
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define TRANSFUSE_X86_MULTIVERSION 1
 #define TRANSFUSE_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+
+#include <cstdlib>
+#include <cstring>
+
+namespace transfuse::cpu {
+
+enum class VectorIsa { baseline, avx2, avx512 };
+
+inline VectorIsa vector_isa() {
+  static const VectorIsa isa = [] {
+    const VectorIsa best = __builtin_cpu_supports("avx512f") ? VectorIsa::avx512
+                           : __builtin_cpu_supports("avx2")  ? VectorIsa::avx2
+                                                             : VectorIsa::baseline;
+    const char* asked = std::getenv("TRANSFUSE_CPU_ISA");
+    if (asked != nullptr && std::strcmp(asked, "baseline") == 0) return VectorIsa::baseline;
+    if (asked != nullptr && std::strcmp(asked, "avx2") == 0 && best == VectorIsa::avx512)
+      return VectorIsa::avx2;
+    return best;
+  }();
+  return isa;
+}
+
+}  // namespace transfuse::cpu
 #else
 #define TRANSFUSE_MULTIVERSION
 #endif

@@ -82,14 +82,6 @@ bool use_streaming_stores(int64_t bytes_touched) {
 }
 
 #ifdef TRANSFUSE_X86_MULTIVERSION
-enum class VectorIsa { baseline, avx2, avx512 };
-
-VectorIsa vector_isa() {
-  static const VectorIsa isa = __builtin_cpu_supports("avx512f") ? VectorIsa::avx512
-                               : __builtin_cpu_supports("avx2")  ? VectorIsa::avx2
-                                                                 : VectorIsa::baseline;
-  return isa;
-}
 
 // dst = src with non-temporal stores of whole aligned vectors; the unaligned head and the tail go
 // through ordinary stores.
