@@ -35,7 +35,8 @@ test-python: setup
 	$(BIN)/python -m pytest
 
 # The CPU kernels written with intrinsics dispatch on the CPU's best ISA; their AVX2 and baseline
-# paths run here too with TRANSFUSE_CPU_ISA (csrc/cpu/multiversion.h): the cpu int8 and norm tests.
+# paths (and, under avx2, the int8 paths of a CPU without VNNI) run here too with TRANSFUSE_CPU_ISA
+# (csrc/cpu/multiversion.h): the cpu int8 and norm tests.
 test-lower-isa: setup
 	for isa in avx2 baseline; do \
 		TRANSFUSE_CPU_ISA=$$isa $(BIN)/python -m pytest -q -p no:cacheprovider -k cpu \

@@ -86,11 +86,24 @@ Tensor int_mm_by_fp32(const Tensor& a, const Tensor& b) {
 }
 
 // a [m, k] @ b [n, k]^T in int32 on the CPU: oneDNN's (torch._int_mm) where the CPU has an int8
-// dot product, else for m >= 4 int_mm_by_fp32 (without VNNI torch._int_mm measured 4 GFLOP/s on
-// an AVX2-only AMD EPYC with torch 2.13, 0.04x fp32 F.linear; for fewer rows converting the
-// weight to fp32 costs more than it saves). For k = 1, where torch._int_mm on CPU returns wrong
+// dot product (with VNNI it beat cpu::int8_gemv 1.4-2x here at m = 1), else cpu::int8_gemv for one
+// row and int_mm_by_fp32 from 4 rows (without VNNI torch._int_mm measured 4 GFLOP/s on an
+// AVX2-only AMD EPYC with torch 2.13, 0.04x fp32 F.linear; for 2-3 rows converting the weight to
+// fp32 costs more than it saves). For k = 1, where torch._int_mm on CPU returns wrong
 // sums (torch 2.13; found by the int8 fuzz test), an int32 outer product, exact and cheap.
 Tensor int_mm(const Tensor& a, const Tensor& b) {
+  if (a.size(0) == 1 && !cpu::has_int8_dot()) {  // one token, no VNNI: transfuse's GEMV
+    Tensor acc = at::empty({1, b.size(0)}, a.options().dtype(at::kInt));
+    Int8LinearParams p;
+    p.x_q = a.data_ptr<int8_t>();
+    p.w = b.data_ptr<int8_t>();
+    p.acc = acc.data_ptr<int32_t>();
+    p.m = 1;
+    p.n = b.size(0);
+    p.k = a.size(1);
+    p.num_threads = at::get_num_threads();
+    if (cpu::int8_gemv(p)) return acc;
+  }
   if (a.size(1) == 1) return at::mm(a.to(at::kInt), b.to(at::kInt).t());
   if (!cpu::has_int8_dot() && a.size(0) >= 4) return int_mm_by_fp32(a, b);
   return at::_int_mm(a, b.t());
