@@ -39,6 +39,7 @@
 #endif
 
 #include "multiversion.h"
+#include "threads.h"
 
 namespace transfuse::cpu {
 namespace {
@@ -242,17 +243,14 @@ struct Tiling {
   }
 };
 
-// Tiles of at most kTileCols columns of one row; threads: at most num_threads, one per tile at
-// most, and one per ~16K elements, so a tiny call (a decode step) runs on the calling thread
-// without waking the OpenMP team.
+// Tiles of at most kTileCols columns of one row; threads (threads.h): one per tile and one per
+// ~16K elements at most.
 Tiling tiling_for(int num_threads, int64_t rows, int64_t cols) {
-  constexpr int64_t kMinElementsPerThread = 16384;
   Tiling t;
   if (rows <= 0 || cols <= 0) return t;
   t.tiles_per_row = (cols + kTileCols - 1) / kTileCols;
   t.tiles = rows * t.tiles_per_row;
-  const int64_t by_work = rows * cols / kMinElementsPerThread + 1;
-  t.threads = int(std::max<int64_t>(1, std::min<int64_t>({num_threads, t.tiles, by_work})));
+  t.threads = threads_for(num_threads, t.tiles, rows * cols, 16384);
   return t;
 }
 

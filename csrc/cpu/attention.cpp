@@ -33,6 +33,7 @@
 #endif
 
 #include "convert.h"
+#include "threads.h"
 
 namespace transfuse::cpu {
 namespace {
@@ -712,17 +713,11 @@ const Kernels& kernels() {
   return kernels_baseline;
 }
 
-// Threads for `units` independent tasks of a call whose scores cost `work` multiply-adds in all
-// (batch x heads x seq_q x seq_kv x head_dim): one per 64K at most, since waking a thread costs
-// microseconds, more than a decoding step's tiny call does in all.
-int threads_for(int num_threads, int64_t units, int64_t work) {
-  constexpr int64_t kMinWorkPerThread = 65536;
-  return int(std::max<int64_t>(
-      1, std::min<int64_t>({num_threads, units, work / kMinWorkPerThread + 1})));
-}
-
-int64_t score_work(const AttentionParams& p) {
-  return p.batch * p.heads_q * p.seq_q * p.seq_kv * p.head_dim;
+// Threads for `units` independent tasks of a call (threads.h): one per 64K multiply-adds of its
+// scores (batch x heads x seq_q x seq_kv x head_dim) at most.
+int score_threads(const AttentionParams& p, int64_t units) {
+  return threads_for(p.num_threads, units, p.batch * p.heads_q * p.seq_q * p.seq_kv * p.head_dim,
+                     65536);
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -804,7 +799,7 @@ void attention_forward(const AttentionParams& params) {
            ((first_row(p, u.seq, u.b, u.h) + u.q0) * splits + split * u.rows) * (dim + 2);
   };
 
-#pragma omp parallel num_threads(threads_for(p.num_threads, count * splits, score_work(p)))
+#pragma omp parallel num_threads(score_threads(p, count * splits))
   {
     Scratch scratch(p);
 #pragma omp for schedule(dynamic, 1)
@@ -819,7 +814,7 @@ void attention_forward(const AttentionParams& params) {
   }
   if (splits == 1) return;
 
-#pragma omp parallel num_threads(threads_for(p.num_threads, count, score_work(p)))
+#pragma omp parallel num_threads(score_threads(p, count))
   {
     std::vector<float> total(dim);
 #pragma omp for schedule(dynamic, 1)
@@ -866,7 +861,7 @@ void attention_backward(const AttentionBackwardParams& params) {
   const int64_t rows_per_head = is_packed(p) ? p.total_q : p.seq_q;
   std::vector<float> delta(std::max<int64_t>(rows, 0));
 
-#pragma omp parallel num_threads(threads_for(p.num_threads, rows / 64 + 1, score_work(p)))
+#pragma omp parallel num_threads(score_threads(p, rows / 64 + 1))
   {
     std::vector<float> out_row(p.head_dim), dout_row(p.head_dim);
 #pragma omp for schedule(static)
@@ -904,8 +899,7 @@ void attention_backward(const AttentionBackwardParams& params) {
         std::fill(first, bp.dbias + (b * p.heads_q + h + 1) * p.seq_q * p.seq_kv, 0.f);
       }
 
-#pragma omp parallel num_threads( \
-    threads_for(p.num_threads, std::max(key_count, query_count), score_work(p)))
+#pragma omp parallel num_threads(score_threads(p, std::max(key_count, query_count)))
   {
     Scratch scratch(p);
     if (stats.norm) {

@@ -11,6 +11,7 @@
 
 #include "convert.h"
 #include "multiversion.h"
+#include "threads.h"
 
 #ifdef TRANSFUSE_X86_MULTIVERSION
 #include <immintrin.h>
@@ -161,7 +162,8 @@ void int8_gemv_rows_avx2(const int8_t* x, const int8_t* w, int64_t k, int64_t j0
     __m256i sums[kTileCols];
     for (auto& sum : sums) sum = _mm256_setzero_si256();
     for (int64_t i = 0; i < vectors; i += 16) {
-      const __m256i xv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i)));
+      const __m256i xv =
+          _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i)));
       for (int64_t c = 0; c < rows; ++c) {
         const int8_t* row = w + (j + c) * k;
         if ((i & 63) == 0) _mm_prefetch(row + i + kPrefetchRows * k, _MM_HINT_T0);
@@ -201,18 +203,13 @@ void dot_tile_one_row(const float* const* x, const int8_t* const* w, int64_t n, 
     for (int64_t k = done; k < n; ++k) sums[c] += x[0][k] * static_cast<float>(w[c][k]);
 }
 
-// Threads for `work` element operations over `tasks` independent tasks: one per 64K elements at
-// most (a parallel region's wake-up costs a few microseconds, more than a small call's work).
-int threads_for(int num_threads, int64_t tasks, int64_t work) {
-  constexpr int64_t kMinWorkPerThread = 65536;
-  return int(std::max<int64_t>(1, std::min<int64_t>({num_threads, tasks,
-                                                     work / kMinWorkPerThread + 1})));
-}
+constexpr int64_t kMinWorkPerThread = 65536;  // element operations (threads.h)
 
 }  // namespace
 
 void quantize_per_token(const QuantizeParams& p) {
-#pragma omp parallel num_threads(threads_for(p.num_threads, p.rows, p.rows * p.cols))
+#pragma omp parallel num_threads( \
+    threads_for(p.num_threads, p.rows, p.rows * p.cols, kMinWorkPerThread))
   {
     std::vector<float> row(p.cols);
 #pragma omp for schedule(static)
@@ -229,7 +226,8 @@ void dequantize_accumulators(const Int8LinearParams& p) {
     bias.resize(p.n);
     load_row(p.bias, p.dtype, bias.data(), p.n);
   }
-#pragma omp parallel num_threads(threads_for(p.num_threads, p.m, p.m * p.n))
+#pragma omp parallel num_threads( \
+    threads_for(p.num_threads, p.m, p.m * p.n, kMinWorkPerThread))
   {
     std::vector<float> row(p.n);
 #pragma omp for schedule(static)
@@ -251,7 +249,7 @@ void int8_linear_w8a16(const Int8LinearParams& p) {
   std::vector<float> out(p.m * p.n);
   const int64_t blocks = (p.n + kWeightRowsPerBlock - 1) / kWeightRowsPerBlock;
 #pragma omp parallel for schedule(static) \
-    num_threads(threads_for(p.num_threads, blocks, p.m * p.n * p.k))
+    num_threads(threads_for(p.num_threads, blocks, p.m * p.n * p.k, kMinWorkPerThread))
   for (int64_t block = 0; block < blocks; ++block) {
     const int64_t j_end = std::min(p.n, (block + 1) * kWeightRowsPerBlock);
     for (int64_t j0 = block * kWeightRowsPerBlock; j0 < j_end; j0 += kTileCols) {
@@ -283,7 +281,8 @@ bool int8_gemv(const Int8LinearParams& p) {
 #ifdef TRANSFUSE_X86_MULTIVERSION
   if (vector_isa() == VectorIsa::baseline) return false;
   const int64_t blocks = (p.n + kWeightRowsPerBlock - 1) / kWeightRowsPerBlock;
-#pragma omp parallel for schedule(static) num_threads(threads_for(p.num_threads, blocks, p.n * p.k))
+#pragma omp parallel for schedule(static) \
+    num_threads(threads_for(p.num_threads, blocks, p.n * p.k, kMinWorkPerThread))
   for (int64_t block = 0; block < blocks; ++block)
     int8_gemv_rows_avx2(p.x_q, p.w, p.k, block * kWeightRowsPerBlock,
                         std::min(p.n, (block + 1) * kWeightRowsPerBlock), p.acc);

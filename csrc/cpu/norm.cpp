@@ -29,6 +29,7 @@
 #endif
 
 #include "multiversion.h"
+#include "threads.h"
 
 #ifdef TRANSFUSE_X86_MULTIVERSION
 #include <immintrin.h>
@@ -495,13 +496,9 @@ std::vector<float> parameter_as_float(const void* parameter, DType dtype, int64_
   return values;
 }
 
-// Threads for a call: at most num_threads, one per row at most, and one per ~16K elements, so a
-// tiny call (a decode step's norm) runs on the calling thread without waking the OpenMP team.
-int threads_for(int num_threads, int64_t rows, int64_t cols) {
-  constexpr int64_t kMinElementsPerThread = 16384;
-  const int64_t by_work = std::max<int64_t>(rows, 0) * std::max<int64_t>(cols, 0) /
-                              kMinElementsPerThread + 1;
-  return int(std::max<int64_t>(1, std::min<int64_t>({num_threads, rows, by_work})));
+// Threads for a call over rows: one per row at most and one per ~16K elements.
+int row_threads(int num_threads, int64_t rows, int64_t cols) {
+  return threads_for(num_threads, rows, rows * std::max<int64_t>(cols, 0), 16384);
 }
 
 int current_thread() {
@@ -559,7 +556,7 @@ void norm_forward(const NormForwardParams& p) {
   const bool y_straight_fp32 = out_is_f32 && normalized_is_f32;
   const bool y_in_place = out_is_f32 && !streaming;  // y scratch not needed
 
-#pragma omp parallel num_threads(threads_for(p.num_threads, rows, cols))
+#pragma omp parallel num_threads(row_threads(p.num_threads, rows, cols))
   {
     // Per-thread scratch rows, only those this dtype combination needs.
     std::vector<float> h_scratch(x_is_f32 && (!has_residual || !streaming) ? 0 : cols);
@@ -636,7 +633,7 @@ void norm_forward(const NormForwardParams& p) {
 
 int64_t norm_backward_workspace_floats(const NormBackwardParams& p) {
   if (!p.dweight && !p.dbias) return 0;
-  return int64_t(threads_for(p.num_threads, p.rows, p.cols)) * 2 * std::max<int64_t>(p.cols, 0);
+  return int64_t(row_threads(p.num_threads, p.rows, p.cols)) * 2 * std::max<int64_t>(p.cols, 0);
 }
 
 // Per row, with g = dy * (weight_offset + weight) and x_hat = (h - mean) * rstd:
@@ -662,7 +659,7 @@ void norm_backward(const NormBackwardParams& p, float* workspace) {
   int threads_used = 1;
 
   if (rows > 0) {
-#pragma omp parallel num_threads(threads_for(p.num_threads, rows, cols))
+#pragma omp parallel num_threads(row_threads(p.num_threads, rows, cols))
     {
 #pragma omp single
       threads_used = team_size();
