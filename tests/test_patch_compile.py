@@ -1,5 +1,6 @@
-"""torch.compile(fullgraph=True) over patched models (norms + attention): no graph break, the same
-outputs as eager, and generate() through a compiled forward."""
+"""torch.compile over patched models: fullgraph=True (norms + attention, no graph break) with the
+same outputs as eager, generate() through a compiled forward, and padding removal under compile
+with unpad="always"."""
 import pytest
 import torch
 
@@ -27,3 +28,28 @@ def test_generate_through_a_compiled_patched_forward():
     model.forward = torch.compile(model.forward, fullgraph=True, backend="aot_eager",
                                   dynamic=True)
     assert torch.equal(model.generate(prompts, **kwargs), expected)
+
+
+@pytest.mark.parametrize("model_type", ["bert", "llama"])  # the "stack" and "model" unpad rules
+@pytest.mark.parametrize("unpad", [True, "always"])
+def test_unpad_always_keeps_padding_removal_under_compile(model_type, unpad):
+    """Under torch.compile (graph breaks allowed) a padded batch runs packed with
+    unpad="always" (zeros at the pad positions, as in eager) and padded with unpad=True (values
+    there); the real tokens equal the unpatched model's either way."""
+    model = build(model_type)
+    model.config.use_cache = False
+    batch = make_batch(model_type)
+    real = batch["attention_mask"].bool()
+    with torch.no_grad():
+        expected = model.base_model(**batch).last_hidden_state
+        torch._dynamo.reset()
+        patched = transfuse.patch(model, unpad=unpad).base_model
+        actual = torch.compile(patched, backend="aot_eager")(**batch).last_hidden_state
+    torch.testing.assert_close(actual[real], expected[real], rtol=1e-5, atol=1e-5)
+    pads_zero = bool((actual[~real] == 0).all())
+    assert pads_zero == (unpad == "always")
+
+
+def test_unpad_takes_true_false_or_always():
+    with pytest.raises(ValueError, match="unpad must be True, False or 'always'"):
+        transfuse.patch(build("bert"), unpad="sometimes")

@@ -146,7 +146,7 @@ def _patch_model(model, attention, norm, int8, int8_heads, backend, unpad, block
     if attention:
         left += _patch_attention(model)
         if unpad:
-            hf_unpad.patch_unpad(model)
+            hf_unpad.patch_unpad(model, unpad)
     if int8 is not None:
         _patch_int8(model, int8, backend, int8_heads)
     if norm:
@@ -172,7 +172,9 @@ def patch(model, *, attention=True, norm=True, int8=None, int8_heads=False, back
     attention modules go through transformers' attention interface; other models are left as they
     are. Norm-like and attention modules left unchanged are named in one warning.
     unpad: with attention, padded batches of the families in transfuse.hf.unpad.UNPAD_RULES run
-    as packed tokens (pad positions skipped by every layer; zeros there in last_hidden_state).
+    as packed tokens (pad positions skipped by every layer; zeros there in last_hidden_state);
+    under torch.compile they keep the padded path (the packed size is data-dependent), but with
+    unpad="always", where the graph breaks around the packing (so not with fullgraph=True).
     int8: "w8a8" or "w8a16" swaps the linear layers (but the output heads of
     transfuse.quantize.DEFAULT_SKIP) for transfuse.nn.Int8Linear; the float layers are kept for
     `unpatch` (transfuse.quantize releases them, which is what saves memory); int8 layers already
@@ -193,6 +195,8 @@ def patch(model, *, attention=True, norm=True, int8=None, int8_heads=False, back
     """
     if int8 is not None and int8 not in MODES:
         raise ValueError(f"int8 must be None or one of {MODES}, got {int8!r}")
+    if unpad not in (True, False, "always"):
+        raise ValueError(f"unpad must be True, False or 'always', got {unpad!r}")
     if not isinstance(int8_heads, bool):
         raise TypeError(f"int8_heads must be a bool, got {int8_heads!r}")
     if int8_heads and int8 is None:

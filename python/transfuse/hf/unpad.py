@@ -27,7 +27,9 @@ mask is not 2D, when a KV cache holds tokens already or is not a plain DynamicCa
 prefill into an empty DynamicCache runs packed; the cache is then rewritten to the padded
 [B, heads, S, D] layout that the decoding steps use), when outputs are being recorded
 (output_hidden_states / output_attentions would be packed), when encoder_hidden_states are given
-(cross-attention), and under torch.compile (the packed size is data-dependent).
+(cross-attention), and under torch.compile (the packed size is data-dependent) unless patched
+with unpad="always": then torch.compile breaks the graph where the batch is packed and unpacked
+(and cannot take fullgraph=True on padded batches).
 """
 from __future__ import annotations
 
@@ -98,10 +100,15 @@ def _fresh_dynamic_cache(cache):
             and all(type(layer) is DynamicLayer for layer in cache.layers))
 
 
+def _off_under_compile(module):
+    """True while torch.compile traces a model patched with unpad=True (not "always")."""
+    return torch.compiler.is_compiling() and module.__dict__[FORWARD_ATTR] != "always"
+
+
 def _skippable_padding(attention_mask, kwargs, config):
     """The bool [B, S] mask of real tokens when this call can run packed, else None."""
     if (attention_mask is None or not isinstance(attention_mask, torch.Tensor)
-            or attention_mask.dim() != 2 or torch.compiler.is_compiling()):
+            or attention_mask.dim() != 2):
         return None
     if kwargs.get("encoder_hidden_states") is not None or _outputs_recorded():
         return None
@@ -149,7 +156,7 @@ def _stack_forward(self, hidden_states=None, attention_mask=None, *args, **kwarg
     original = type(self).forward
     if hidden_states is None:  # a stack whose first argument is named inputs_embeds (CLIP's)
         hidden_states = kwargs.pop("inputs_embeds")
-    valid = None if torch.compiler.is_compiling() else _padding_mask.get()
+    valid = None if _off_under_compile(self) else _padding_mask.get()
     if valid is None or args or tuple(valid.shape) != tuple(hidden_states.shape[:2]):
         return original(self, hidden_states, attention_mask, *args, **kwargs)
     packing = Packing(valid)
@@ -168,6 +175,7 @@ def _base_forward(self, *args, **kwargs):
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     valid = None
     if (getattr(self.config, "_attn_implementation", None) == ATTENTION_NAME
+            and not _off_under_compile(self)
             and (cache is None or (decoder and _fresh_dynamic_cache(cache)))):
         valid = _skippable_padding(kwargs.get("attention_mask"), kwargs, self.config)
     if valid is not None and decoder:
@@ -238,8 +246,9 @@ def _packed_model_call(original, valid, kwargs, positions_from_mask=False):
     return _replace_last_hidden_state(output, packing)
 
 
-def patch_unpad(model):
-    """Install padding removal on every base model of a rule in `model`; returns their names."""
+def patch_unpad(model, mode=True):
+    """Install padding removal on every base model of a rule in `model`; returns their names.
+    mode "always": also while torch.compile traces the model (see transfuse.patch)."""
     done = []
     for name, module in model.named_modules():
         rule = UNPAD_RULES.get(type(module).__name__)
@@ -251,7 +260,7 @@ def patch_unpad(model):
             targets.append((getattr(module, stack_name), _stack_forward))
         for target, forward in targets:
             target.forward = types.MethodType(forward, target)
-            target.__dict__[FORWARD_ATTR] = True
+            target.__dict__[FORWARD_ATTR] = mode
         done.append(name or type(module).__name__)
     return done
 
