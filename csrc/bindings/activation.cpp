@@ -111,8 +111,7 @@ Tensor bias_gelu_backward(const Tensor& dy, const Tensor& x, const OptTensor& bi
 
 }  // namespace
 
-// The kernels as functions of transfuse._C (module.cpp): called straight from Python, without
-// the dispatcher's boxing (about 5 us a call); the GIL is released while they run.
+// The kernels as functions of transfuse._C (python_functions.h).
 void add_activation_functions(PyObject* module) {
   namespace py = pybind11;
   using namespace pybind11::literals;

@@ -280,8 +280,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> varlen_attention_backward(
 
 }  // namespace
 
-// The kernels as functions of transfuse._C (module.cpp): called straight from Python, without
-// the dispatcher's boxing (about 5 us a call); the GIL is released while they run.
+// The kernels as functions of transfuse._C (python_functions.h).
 void add_attention_functions(PyObject* module) {
   namespace py = pybind11;
   using namespace pybind11::literals;

@@ -267,8 +267,7 @@ std::optional<Tensor> int8_linear(const Tensor& x, const Tensor& w, const Tensor
 
 }  // namespace
 
-// The kernels as functions of transfuse._C (module.cpp): called straight from Python, without
-// the dispatcher's boxing (about 5 us a call); the GIL is released while they run.
+// The kernels as functions of transfuse._C (python_functions.h).
 void add_int8_functions(PyObject* module) {
   namespace py = pybind11;
   using namespace pybind11::literals;

@@ -1,5 +1,6 @@
-// Each binding file adds its kernels to the module transfuse._C as Python functions; module.cpp
-// calls these while the module is created.
+// Each binding file adds its kernels to the module transfuse._C as Python functions (pybind11);
+// module.cpp calls these while the module is created. Python calls them straight, without the
+// torch dispatcher's boxing (about 5 us a call); the GIL is released while they run.
 #pragma once
 
 #include <Python.h>
