@@ -148,7 +148,9 @@ def test_w_scale_requiring_grad_is_refused():
 @pytest.mark.parametrize("backend,device", backend_params())
 def test_int8_matmul_is_exact(backend, device):
     g = torch.Generator().manual_seed(0)
-    for m, n, k in [(1, 1, 1), (3, 5, 1), (5, 7, 15), (17, 130, 100), (64, 64, 64)]:
+    # every row count of a 6-row tile, weight panels of 64 rows with tails, k not a multiple of 4
+    for m, n, k in [(1, 1, 1), (3, 5, 1), (5, 7, 15), (17, 130, 100), (64, 64, 64), (8, 70, 67),
+                    (9, 65, 262), (1, 200, 130), (2, 3, 5), (4, 129, 64)]:
         a = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8).to(device)
         b = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8).to(device)
         acc = transfuse.ops.int8_matmul(a, b, backend=backend)

@@ -1,8 +1,9 @@
 // Binding of the int8 kernels: tensor checks, allocation, and the functions
 // transfuse._C.quantize_per_token, int8_matmul, int8_linear_w8a8 and int8_linear_w8a16 (CPU or
-// CUDA, from the tensors' device). On CPU the int8 x int8 product is oneDNN's (at::_int_mm) where the
-// CPU has VNNI, else exact fp32 GEMMs over chunks of k, followed by the dequantizing epilogue; on
-// CUDA the GEMM and its epilogue are one kernel.
+// CUDA, from the tensors' device). On CPU the int8 x int8 product and its dequantizing epilogue
+// are cpu/int8_vnni.cpp's where the CPU has AVX512-VNNI; elsewhere the product is oneDNN's
+// (at::_int_mm) where the CPU has an int8 dot product (AVX-VNNI), else exact fp32 GEMMs over chunks
+// of k, followed by the epilogue. On CUDA the GEMM and its epilogue are one kernel.
 // python/transfuse/ops/int8.py validates user input first; these checks guard the kernels.
 #include <algorithm>
 #include <optional>
@@ -11,6 +12,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/_int_mm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/mm.h>
 #include <torch/csrc/utils/pybind.h>
 
@@ -85,8 +87,8 @@ Tensor int_mm_by_fp32(const Tensor& a, const Tensor& b) {
   return acc;
 }
 
-// a [m, k] @ b [n, k]^T in int32 on the CPU: oneDNN's (torch._int_mm) where the CPU has an int8
-// dot product (with VNNI it beat cpu::int8_gemv 1.4-2x here at m = 1), else cpu::int8_gemv for one
+// a [m, k] @ b [n, k]^T in int32 on a CPU without AVX512-VNNI: oneDNN's (torch._int_mm) where the
+// CPU has an int8 dot product (AVX-VNNI), else cpu::int8_gemv for one
 // row and int_mm_by_fp32 from 4 rows (without VNNI torch._int_mm measured 4 GFLOP/s on an
 // AVX2-only AMD EPYC with torch 2.13, 0.04x fp32 F.linear; for 2-3 rows converting the weight to
 // fp32 costs more than it saves). For k = 1, where torch._int_mm on CPU returns wrong
@@ -149,9 +151,7 @@ Tensor int8_matmul(const Tensor& a, const Tensor& b) {
   check_matrix(a, "a", at::kChar, a);
   check_matrix(b, "b", at::kChar, a);
   TORCH_CHECK_VALUE(a.size(1) == b.size(1), "a and b must have the same k");
-  if (!a.is_cuda()) return int_mm(a, b);
   Tensor acc = at::empty({a.size(0), b.size(0)}, a.options().dtype(at::kInt));
-#ifdef TRANSFUSE_WITH_CUDA
   Int8LinearParams p;
   p.x_q = a.data_ptr<int8_t>();
   p.w = b.data_ptr<int8_t>();
@@ -159,6 +159,9 @@ Tensor int8_matmul(const Tensor& a, const Tensor& b) {
   p.m = a.size(0);
   p.n = b.size(0);
   p.k = a.size(1);
+  p.num_threads = at::get_num_threads();
+  if (!a.is_cuda()) return p.m * p.n * p.k > 0 && cpu::int8_linear_vnni(p) ? acc : int_mm(a, b);
+#ifdef TRANSFUSE_WITH_CUDA
   launch_linear_cuda(p, a);
 #endif
   return acc;
@@ -171,12 +174,12 @@ Tensor int8_linear_w8a8(const Tensor& x_q, const Tensor& x_scale, const Tensor& 
   Tensor out;
   Int8LinearParams p = linear_params(w, w_scale, bias, dtype, x_q, out);
   p.x_scale = x_scale.data_ptr<float>();
+  p.x_q = x_q.data_ptr<int8_t>();
   if (x_q.is_cuda()) {
 #ifdef TRANSFUSE_WITH_CUDA
-    p.x_q = x_q.data_ptr<int8_t>();
     launch_linear_cuda(p, x_q);
 #endif
-  } else {
+  } else if (p.m * p.n * p.k == 0 || !cpu::int8_linear_vnni(p)) {
     Tensor acc = int_mm(x_q, w);
     p.acc = acc.data_ptr<int32_t>();
     cpu::dequantize_accumulators(p);
@@ -202,22 +205,35 @@ Tensor int8_linear_w8a16(const Tensor& x, const Tensor& w, const Tensor& w_scale
 
 constexpr int64_t kGemvMaxRows = 16;  // w8a16 rows up to this go to the GEMV kernels (decoding)
 constexpr int64_t kMaxK = 133000;  // k * 127 * 127 below 2^31: exact int32 sums (= Python MAX_K)
-constexpr int64_t kDequantBlockRows = 1024;  // CPU w8a16 beyond the GEMV: rows dequantized at once
+constexpr int64_t kDequantBlockElements = 1 << 23;  // CPU w8a16 beyond the GEMV: weights
+                                                   // dequantized at once (32 MB of fp32)
 
-// CPU w8a16 for more rows than the GEMV takes: x @ (w * w_scale)^T + bias in fp32, with at most
-// kDequantBlockRows weight rows dequantized at a time, in x's dtype.
+// CPU w8a16 for more rows than the GEMV takes: x @ (w * w_scale[:, None])^T + bias, one fp32 GEMM
+// (addmm) per block of weight rows dequantized with their scales (one block unless the weight
+// has more than kDequantBlockElements), in x's dtype. The scale folded into the weight rounds
+// each w * s once in fp32: within the fp32 accumulation's error of (x @ w^T) * s.
 Tensor w8a16_by_blocks(const Tensor& x, const Tensor& w, const Tensor& w_scale,
                        const OptTensor& bias) {
+  const int64_t n = w.size(0), k = w.size(1);
   const Tensor xf = x.to(at::kFloat);
-  Tensor out = at::empty({x.size(0), w.size(0)}, x.options());
-  for (int64_t n0 = 0; n0 < w.size(0); n0 += kDequantBlockRows) {
-    const int64_t rows = std::min(kDequantBlockRows, w.size(0) - n0);
-    Tensor part = at::mm(xf, w.narrow(0, n0, rows).to(at::kFloat).t());
-    part.mul_(w_scale.narrow(0, n0, rows));
-    if (bias) part.add_(bias->narrow(0, n0, rows).to(at::kFloat));
-    out.narrow(1, n0, rows).copy_(part);
+  const OptTensor bias_f = bias ? OptTensor(bias->to(at::kFloat)) : std::nullopt;
+  const int64_t block_rows = std::max<int64_t>(1, std::min(n, kDequantBlockElements / k));
+  Tensor weights = at::empty({block_rows, k}, xf.options());
+  Tensor out = at::empty({x.size(0), n}, xf.options());
+  for (int64_t n0 = 0; n0 < n; n0 += block_rows) {
+    const int64_t rows = std::min(block_rows, n - n0);
+    cpu::dequantize_weight(w.data_ptr<int8_t>() + n0 * k, w_scale.data_ptr<float>() + n0, rows, k,
+                           weights.data_ptr<float>(), at::get_num_threads());
+    const Tensor wt = weights.narrow(0, 0, rows).t();
+    if (rows == n) {
+      if (bias_f) at::addmm_out(out, *bias_f, xf, wt);
+      else at::mm_out(out, xf, wt);
+    } else {
+      Tensor part = bias_f ? at::addmm(bias_f->narrow(0, n0, rows), xf, wt) : at::mm(xf, wt);
+      out.narrow(1, n0, rows).copy_(part);
+    }
   }
-  return out;
+  return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
 }
 
 // One eager int8 linear call on the CPU or CUDA backend: x [..., k] (any layout) @ (w *

@@ -26,6 +26,31 @@ const char* at_row(const void* base, DType dtype, int64_t row, int64_t cols) {
   return static_cast<const char*>(base) + row * cols * dtype_size(dtype);
 }
 
+// q[k] = clamp(rint(x[k] / scale), -127, 127) for the whole vectors of x[0, n) (GCC leaves this
+// loop scalar); returns how far it got.
+#ifdef TRANSFUSE_X86_MULTIVERSION
+__attribute__((target("avx512f")))
+int64_t quantize_vectors_avx512(const float* x, int64_t n, float scale, int8_t* q) {
+  const __m512 divisor = _mm512_set1_ps(scale), high = _mm512_set1_ps(127.f),
+               low = _mm512_set1_ps(-127.f);
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) {
+    const __m512 v = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(x + k), divisor),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512i i = _mm512_cvtps_epi32(_mm512_min_ps(high, _mm512_max_ps(low, v)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtepi32_epi8(i));
+  }
+  return k;
+}
+#endif
+
+int64_t quantize_vectors(const float* x, int64_t n, float scale, int8_t* q) {
+#ifdef TRANSFUSE_X86_MULTIVERSION
+  if (vector_isa() == VectorIsa::avx512) return quantize_vectors_avx512(x, n, scale, q);
+#endif
+  return 0;
+}
+
 // absmax of x[0, n), then q = clamp(rint(x / scale)) with scale = absmax / 127 (1 where 0).
 // absmax is reduced on the bit patterns of |x| (for non-negative floats the integer order is the
 // float order, and NaN patterns lie above inf), so a NaN is not skipped as std::max would skip
@@ -39,9 +64,9 @@ TRANSFUSE_MULTIVERSION float quantize_row(const float* x, int64_t n, int8_t* q) 
   }
   const float absmax = float_from_bits(absmax_bits);
   const float scale = absmax / 127.f > 0.f ? absmax / 127.f : 1.f;
-  for (int64_t k = 0; k < n; ++k) {
+  for (int64_t k = quantize_vectors(x, n, scale, q); k < n; ++k) {
     const float v = std::nearbyint(x[k] / scale);  // IEEE division, round half to even
-    q[k] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, v)));
+    q[k] = static_cast<int8_t>(static_cast<int32_t>(std::min(127.f, std::max(-127.f, v))));
   }
   return scale;
 }
@@ -275,6 +300,17 @@ void int8_linear_w8a16(const Int8LinearParams& p) {
   for (int64_t i = 0; i < p.m; ++i)
     store_row(out.data() + i * p.n, p.dtype,
               static_cast<char*>(p.out) + i * p.n * dtype_size(p.dtype), p.n);
+}
+
+TRANSFUSE_MULTIVERSION void dequantize_row(const int8_t* w, float scale, int64_t k, float* out) {
+  for (int64_t i = 0; i < k; ++i) out[i] = static_cast<float>(w[i]) * scale;
+}
+
+void dequantize_weight(const int8_t* w, const float* w_scale, int64_t rows, int64_t k, float* out,
+                       int num_threads) {
+#pragma omp parallel for schedule(static) \
+    num_threads(threads_for(num_threads, rows, rows * k, kMinWorkPerThread))
+  for (int64_t j = 0; j < rows; ++j) dequantize_row(w + j * k, w_scale[j], k, out + j * k);
 }
 
 bool int8_gemv(const Int8LinearParams& p) {

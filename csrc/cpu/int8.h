@@ -1,7 +1,8 @@
 // CPU kernels of the int8 quantized matmul: fused per-token quantization, the dequantizing
 // epilogue of an int32 product, the weight-only (w8a16) GEMV for a few rows and the int8 x int8
-// GEMV of one token. The int8 x int8 GEMM of more rows is oneDNN's (torch._int_mm, called by the
-// binding). The math is in common/int8.h.
+// GEMV of one token; the int8 x int8 GEMM with its epilogue for AVX512-VNNI is in int8_vnni.cpp.
+// Elsewhere the int8 x int8 GEMM of more rows is oneDNN's (torch._int_mm, called by the binding).
+// The math is in common/int8.h.
 #pragma once
 
 #include "../common/int8.h"
@@ -17,10 +18,20 @@ void dequantize_accumulators(const Int8LinearParams& p);
 // multiplied with every row of x.
 void int8_linear_w8a16(const Int8LinearParams& p);
 
+// out [rows, k] = float(w [rows, k]) * w_scale[row]: the dequantized weights of w8a16 for the
+// fp32 GEMM that runs it beyond a few rows.
+void dequantize_weight(const int8_t* w, const float* w_scale, int64_t rows, int64_t k, float* out,
+                       int num_threads);
+
 // The int32 product acc [n] = w [n, k] x_q [k] of one token (p.m = 1; p.x_q, p.w, p.acc, p.n,
 // p.k), exact. Returns false, writing nothing, on a CPU without AVX2 (the caller then uses
 // oneDNN's GEMM).
 bool int8_gemv(const Int8LinearParams& p);
+
+// w8a8 on AVX512-VNNI: out (or, where p.acc is set, the raw int32 product acc) from p.x_q,
+// p.x_scale, p.w, p.w_scale and p.bias, exact in int32. Returns false, writing nothing, on a CPU
+// without AVX512-VNNI (or with TRANSFUSE_CPU_ISA below avx512).
+bool int8_linear_vnni(const Int8LinearParams& p);
 
 // Whether this CPU has an int8 dot-product instruction (x86: AVX512-VNNI or AVX-VNNI), which
 // oneDNN's int8 GEMM needs to be fast; true off x86.

@@ -1,0 +1,313 @@
+// The CPU int8 x int8 GEMM with its dequantizing epilogue, for AVX512-VNNI (vpdpbusd: 64 byte
+// products a cycle into 16 int32 sums). The math is in common/int8.h.
+//
+// acc[i, j] = sum_k x_q[i, k] * w[j, k]. vpdpbusd multiplies unsigned by signed bytes, so x goes in
+// as u = x_q + 128 (x_q ^ 0x80, for every x_q in [-128, 127]) and
+//   acc[i, j] = sum_k u[i, k] * w[j, k] - 128 * sum_k w[j, k],
+// in int32 modulo 2^32: the intermediate sums may wrap, the result (|acc| < 2^31 for k <= kMaxK) is
+// exact. Blocking: each thread takes panels of 64 weight rows, packs one (16 rows x 4 bytes of k
+// per 64-byte vector: a 16 x 16 transpose of int32) into a buffer that stays in L2, and runs every
+// 6-row tile of x over it: 24 accumulators (6 rows x 64 columns), per 4 columns of k 4 vector loads
+// of the panel and 6 broadcasts of 4 bytes of x. The epilogue takes the tile from registers.
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "convert.h"
+#include "int8.h"
+#include "multiversion.h"
+#include "threads.h"
+
+#ifdef TRANSFUSE_X86_MULTIVERSION
+#include <immintrin.h>
+#endif
+
+namespace transfuse::cpu {
+
+#ifdef TRANSFUSE_X86_MULTIVERSION
+namespace {
+
+#define TRANSFUSE_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
+
+constexpr int64_t kTileRows = 6;     // rows of x per tile
+constexpr int64_t kPanelVectors = 4;  // 16-column vectors per panel
+constexpr int64_t kPanelCols = 16 * kPanelVectors;
+constexpr int64_t kGroupBytes = 4 * kPanelCols;  // one group of 4 k columns of a packed panel
+constexpr int64_t kMinWorkPerThread = 1 << 20;    // multiply-adds (threads.h)
+constexpr int64_t kGemvTokens = 4;  // up to this many rows of x: gemv_rows, the weights unpacked
+constexpr int64_t kGemvRowsPerBlock = 16;         // gemv_rows: weight rows a thread takes at a time
+constexpr int64_t kMinGemvWorkPerThread = 65536;  // gemv_rows: multiply-adds (threads.h)
+
+// out[c] = column c of the 16 x 16 int32 matrix rows[0..16).
+TRANSFUSE_VNNI void transpose16(const __m512i rows[16], __m512i out[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {  // lane L of t[i]: rows i, i+1 at columns 4L, 4L+1 (lo), +2, +3 (hi)
+    t[i] = _mm512_unpacklo_epi32(rows[i], rows[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(rows[i], rows[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // lane L of u[i + q]: rows i..i+3 at column 4L + q
+    u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int q = 0; q < 4; ++q) {  // gather lane L of the four row quads: column 4L + q
+    const __m512i v0 = _mm512_shuffle_i32x4(u[q], u[4 + q], 0x44);
+    const __m512i v1 = _mm512_shuffle_i32x4(u[q], u[4 + q], 0xee);
+    const __m512i v2 = _mm512_shuffle_i32x4(u[8 + q], u[12 + q], 0x44);
+    const __m512i v3 = _mm512_shuffle_i32x4(u[8 + q], u[12 + q], 0xee);
+    out[q] = _mm512_shuffle_i32x4(v0, v2, 0x88);
+    out[4 + q] = _mm512_shuffle_i32x4(v0, v2, 0xdd);
+    out[8 + q] = _mm512_shuffle_i32x4(v1, v3, 0x88);
+    out[12 + q] = _mm512_shuffle_i32x4(v1, v3, 0xdd);
+  }
+}
+
+// Packs weight rows [j0, j0 + 64) (zeros past n; k zero-padded to groups * 4) as
+// panel[g][c][l][b] = w[j0 + 16 c + l][4 g + b], and returns 128 * sum_k w[j] per column vector.
+TRANSFUSE_VNNI void pack_panel(const int8_t* w, int64_t n, int64_t k, int64_t j0, int8_t* panel,
+                               __m512i offset[kPanelVectors]) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int64_t c = 0; c < kPanelVectors; ++c) {
+    __m512i sums = _mm512_setzero_si512();
+    for (int64_t k0 = 0; k0 < k; k0 += 64) {
+      const __mmask64 mask = k - k0 >= 64 ? ~__mmask64(0) : (__mmask64(1) << (k - k0)) - 1;
+      __m512i rows[16], columns[16];
+      for (int64_t l = 0; l < 16; ++l) {
+        const int64_t j = j0 + 16 * c + l;
+        rows[l] = j < n ? _mm512_maskz_loadu_epi8(mask, w + j * k + k0) : _mm512_setzero_si512();
+      }
+      transpose16(rows, columns);
+      const int64_t groups = std::min<int64_t>(16, (k - k0 + 3) / 4);
+      for (int64_t g = 0; g < groups; ++g) {
+        _mm512_storeu_si512(panel + (k0 / 4 + g) * kGroupBytes + c * 64, columns[g]);
+        sums = _mm512_dpbusd_epi32(sums, ones, columns[g]);
+      }
+    }
+    offset[c] = _mm512_slli_epi32(sums, 7);
+  }
+}
+
+// u[i, k] = x_q[i, k] + 128 (as x_q ^ 0x80), each row padded with 128 (x_q = 0) to `stride`.
+TRANSFUSE_VNNI void offset_rows(const int8_t* x_q, int64_t m, int64_t k, int64_t stride,
+                                uint8_t* u) {
+  const __m512i flip = _mm512_set1_epi8(char(0x80));
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t k0 = 0; k0 < stride; k0 += 64) {
+      const __mmask64 inside = k - k0 >= 64 ? ~__mmask64(0) : (__mmask64(1) << std::max<int64_t>(k - k0, 0)) - 1;
+      const __mmask64 row = stride - k0 >= 64 ? ~__mmask64(0) : (__mmask64(1) << (stride - k0)) - 1;
+      const __m512i v = _mm512_maskz_loadu_epi8(inside, x_q + i * k + k0);
+      _mm512_mask_storeu_epi8(u + i * stride + k0, row, _mm512_xor_si512(v, flip));
+    }
+}
+
+// What the epilogue needs of a call and a panel.
+struct Epilogue {
+  const Int8LinearParams* p;
+  int64_t j0;                        // the panel's first column
+  __mmask16 store[kPanelVectors];    // columns of each vector inside n
+  __m512 w_scale[kPanelVectors], bias[kPanelVectors];
+};
+
+// acc + the dot products of the four u8 of a with the four s8 of b in each int32 lane
+// (vpdpbusd). As inline assembly: with the intrinsic GCC 12 copies each accumulator to another
+// register and to the stack at every step of the loop below.
+TRANSFUSE_VNNI inline __m512i dot_add(__m512i acc, __m512i a, __m512i b) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+  return acc;
+}
+
+// Row r of a tile: its 4 accumulators, and one step of 4 k columns.
+#define TRANSFUSE_TILE_ROW_DECLARE(r) \
+  __m512i acc##r##0 = zero, acc##r##1 = zero, acc##r##2 = zero, acc##r##3 = zero;
+#define TRANSFUSE_TILE_ROW_STEP(r)                                               \
+  if constexpr (R > r) {                                                         \
+    int32_t four;                                                                \
+    std::memcpy(&four, u + r * stride + g * 4, sizeof(four));                    \
+    const __m512i xv = _mm512_set1_epi32(four);                                  \
+    acc##r##0 = dot_add(acc##r##0, xv, w0);                                        \
+    acc##r##1 = dot_add(acc##r##1, xv, w1);                                        \
+    acc##r##2 = dot_add(acc##r##2, xv, w2);                                        \
+    acc##r##3 = dot_add(acc##r##3, xv, w3);                                        \
+  }
+#define TRANSFUSE_TILE_ROW_SAVE(r)                                               \
+  if constexpr (R > r) {                                                         \
+    sums[r][0] = _mm512_sub_epi32(acc##r##0, offset[0]);                         \
+    sums[r][1] = _mm512_sub_epi32(acc##r##1, offset[1]);                         \
+    sums[r][2] = _mm512_sub_epi32(acc##r##2, offset[2]);                         \
+    sums[r][3] = _mm512_sub_epi32(acc##r##3, offset[3]);                         \
+  }
+
+// The product of R <= 6 rows of u over one packed panel: sums[r][c] = acc[i0 + r, j0 + 16 c + l].
+template <int R>
+TRANSFUSE_VNNI __attribute__((noinline)) void tile_product(const uint8_t* u, int64_t groups, const int8_t* panel,
+                                 const __m512i offset[kPanelVectors],
+                                 __m512i sums[kTileRows][kPanelVectors]) {
+  static_assert(kTileRows == 6 && kPanelVectors == 4, "the macros name 6 rows of 4 vectors");
+  const __m512i zero = _mm512_setzero_si512();
+  TRANSFUSE_TILE_ROW_DECLARE(0) TRANSFUSE_TILE_ROW_DECLARE(1) TRANSFUSE_TILE_ROW_DECLARE(2)
+  TRANSFUSE_TILE_ROW_DECLARE(3) TRANSFUSE_TILE_ROW_DECLARE(4) TRANSFUSE_TILE_ROW_DECLARE(5)
+  const int64_t stride = groups * 4;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int8_t* vectors = panel + g * kGroupBytes;
+    const __m512i w0 = _mm512_loadu_si512(vectors), w1 = _mm512_loadu_si512(vectors + 64),
+                  w2 = _mm512_loadu_si512(vectors + 128), w3 = _mm512_loadu_si512(vectors + 192);
+    TRANSFUSE_TILE_ROW_STEP(0) TRANSFUSE_TILE_ROW_STEP(1) TRANSFUSE_TILE_ROW_STEP(2)
+    TRANSFUSE_TILE_ROW_STEP(3) TRANSFUSE_TILE_ROW_STEP(4) TRANSFUSE_TILE_ROW_STEP(5)
+  }
+  TRANSFUSE_TILE_ROW_SAVE(0) TRANSFUSE_TILE_ROW_SAVE(1) TRANSFUSE_TILE_ROW_SAVE(2)
+  TRANSFUSE_TILE_ROW_SAVE(3) TRANSFUSE_TILE_ROW_SAVE(4) TRANSFUSE_TILE_ROW_SAVE(5)
+}
+
+// A tile's epilogue: raw int32 sums into p.acc, or out = float(acc) * s_x * s_w + bias in p.dtype.
+TRANSFUSE_VNNI void tile_epilogue(const __m512i sums[kTileRows][kPanelVectors], int64_t rows,
+                                  const Epilogue& e, int64_t i0) {
+  const Int8LinearParams& p = *e.p;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = i0 + r;
+    if (p.acc) {
+      for (int c = 0; c < kPanelVectors; ++c)
+        _mm512_mask_storeu_epi32(p.acc + i * p.n + e.j0 + 16 * c, e.store[c], sums[r][c]);
+      continue;
+    }
+    const __m512 row_scale = _mm512_set1_ps(p.x_scale[i]);
+    float staged[kPanelCols];
+    for (int c = 0; c < kPanelVectors; ++c) {
+      const __m512 sum = _mm512_cvtepi32_ps(sums[r][c]);
+      const __m512 value =
+          _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(sum, row_scale), e.w_scale[c]), e.bias[c]);
+      if (p.dtype == DType::f32)
+        _mm512_mask_storeu_ps(static_cast<float*>(p.out) + i * p.n + e.j0 + 16 * c, e.store[c],
+                              value);
+      else
+        _mm512_storeu_ps(staged + 16 * c, value);
+    }
+    if (p.dtype != DType::f32)
+      store_row(staged, p.dtype,
+                static_cast<char*>(p.out) + (i * p.n + e.j0) * dtype_size(p.dtype),
+                std::min(kPanelCols, p.n - e.j0));
+  }
+}
+
+TRANSFUSE_VNNI void run_tile(int64_t rows, const uint8_t* u, int64_t groups, const int8_t* panel,
+                             const __m512i offset[kPanelVectors], const Epilogue& e, int64_t i0) {
+  __m512i sums[kTileRows][kPanelVectors];
+  switch (rows) {
+    case 1: tile_product<1>(u, groups, panel, offset, sums); break;
+    case 2: tile_product<2>(u, groups, panel, offset, sums); break;
+    case 3: tile_product<3>(u, groups, panel, offset, sums); break;
+    case 4: tile_product<4>(u, groups, panel, offset, sums); break;
+    case 5: tile_product<5>(u, groups, panel, offset, sums); break;
+    default: tile_product<6>(u, groups, panel, offset, sums); break;
+  }
+  tile_epilogue(sums, rows, e, i0);
+}
+
+// acc[t, j] = sum_k x_q[t, k] * w[j, k] for T <= kGemvTokens tokens and weight rows [j0, j1),
+// from the weights' own layout (a few tokens use each weight a few times: packing would cost more
+// than it saves): 64 columns of k at a time, 4 weight rows sharing each vector of u, each row's
+// sum of weights beside its products.
+template <int T>
+TRANSFUSE_VNNI void gemv_rows(const uint8_t* u, int64_t stride, const int8_t* w, int64_t k,
+                              int64_t j0, int64_t j1, int32_t* acc, int64_t n) {
+  constexpr int64_t kRows = 4, kPrefetchRows = 2 * kRows;  // as the w8a16 GEMV (int8.cpp)
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int64_t j = j0; j < j1; j += kRows) {
+    const int64_t rows = std::min(kRows, j1 - j);
+    __m512i sums[T][kRows], weight_sums[kRows];
+    for (int64_t c = 0; c < kRows; ++c) {
+      weight_sums[c] = _mm512_setzero_si512();
+      for (int t = 0; t < T; ++t) sums[t][c] = _mm512_setzero_si512();
+    }
+    for (int64_t k0 = 0; k0 < k; k0 += 64) {
+      const __mmask64 inside = k - k0 >= 64 ? ~__mmask64(0) : (__mmask64(1) << (k - k0)) - 1;
+      __m512i uv[T];
+      for (int t = 0; t < T; ++t) uv[t] = _mm512_maskz_loadu_epi8(inside, u + t * stride + k0);
+      for (int64_t c = 0; c < kRows; ++c) {  // past j1: the last row again, its sums not stored
+        const int8_t* row = w + std::min(j + c, j1 - 1) * k;
+        _mm_prefetch(reinterpret_cast<const char*>(row + k0 + kPrefetchRows * k), _MM_HINT_T0);
+        const __m512i wv = _mm512_maskz_loadu_epi8(inside, row + k0);
+        weight_sums[c] = dot_add(weight_sums[c], ones, wv);
+        for (int t = 0; t < T; ++t) sums[t][c] = dot_add(sums[t][c], uv[t], wv);
+      }
+    }
+    // reduced with constant indices (a loop to `rows` would keep the accumulators in memory)
+    int32_t totals[T][kRows];
+    for (int64_t c = 0; c < kRows; ++c) {
+      const uint32_t offset = uint32_t(_mm512_reduce_add_epi32(weight_sums[c])) << 7;
+      for (int t = 0; t < T; ++t)
+        totals[t][c] = int32_t(uint32_t(_mm512_reduce_add_epi32(sums[t][c])) - offset);
+    }
+    for (int t = 0; t < T; ++t)
+      for (int64_t c = 0; c < rows; ++c) acc[t * n + j + c] = totals[t][c];
+  }
+}
+
+TRANSFUSE_VNNI void int8_linear_avx512_vnni(const Int8LinearParams& p) {
+  const int64_t groups = (p.k + 3) / 4, stride = groups * 4;
+  std::vector<uint8_t> u(p.m * stride);
+  offset_rows(p.x_q, p.m, p.k, stride, u.data());
+  if (p.m <= kGemvTokens) {
+    std::vector<int32_t> sums(p.acc ? 0 : p.m * p.n);
+    Int8LinearParams q = p;
+    if (!p.acc) q.acc = sums.data();
+    const int64_t blocks = (p.n + kGemvRowsPerBlock - 1) / kGemvRowsPerBlock;
+#pragma omp parallel for schedule(static) \
+    num_threads(threads_for(p.num_threads, blocks, p.m * p.n * p.k, kMinGemvWorkPerThread))
+    for (int64_t block = 0; block < blocks; ++block) {
+      const int64_t j0 = block * kGemvRowsPerBlock, j1 = std::min(p.n, j0 + kGemvRowsPerBlock);
+      switch (p.m) {
+        case 1: gemv_rows<1>(u.data(), stride, p.w, p.k, j0, j1, q.acc, p.n); break;
+        case 2: gemv_rows<2>(u.data(), stride, p.w, p.k, j0, j1, q.acc, p.n); break;
+        case 3: gemv_rows<3>(u.data(), stride, p.w, p.k, j0, j1, q.acc, p.n); break;
+        default: gemv_rows<4>(u.data(), stride, p.w, p.k, j0, j1, q.acc, p.n); break;
+      }
+    }
+    if (!p.acc) dequantize_accumulators(q);
+    return;
+  }
+  std::vector<float> bias(p.bias && !p.acc ? p.n : 0);
+  if (!bias.empty()) load_row(p.bias, p.dtype, bias.data(), p.n);
+  const int64_t panels = (p.n + kPanelCols - 1) / kPanelCols;
+#pragma omp parallel num_threads(threads_for(p.num_threads, panels, p.m * p.n * p.k, \
+                                                 kMinWorkPerThread))
+  {
+    // whole 16-group chunks: pack_panel writes all 16 groups of its last chunk
+    std::vector<int8_t> panel((groups + 15) / 16 * 16 * kGroupBytes);
+#pragma omp for schedule(static)
+    for (int64_t panel_index = 0; panel_index < panels; ++panel_index) {
+      Epilogue e;
+      e.p = &p;
+      e.j0 = panel_index * kPanelCols;
+      for (int64_t c = 0; c < kPanelVectors; ++c) {
+        const int64_t col = e.j0 + 16 * c, inside = std::clamp<int64_t>(p.n - col, 0, 16);
+        e.store[c] = __mmask16((1u << inside) - 1);
+        e.w_scale[c] = p.acc ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(e.store[c], p.w_scale + col);
+        e.bias[c] = bias.empty() ? _mm512_setzero_ps()
+                                 : _mm512_maskz_loadu_ps(e.store[c], bias.data() + col);
+      }
+      __m512i offset[kPanelVectors];
+      pack_panel(p.w, p.n, p.k, e.j0, panel.data(), offset);
+      for (int64_t i0 = 0; i0 < p.m; i0 += kTileRows)
+        run_tile(std::min(kTileRows, p.m - i0), u.data() + i0 * stride, groups, panel.data(),
+                 offset, e, i0);
+    }
+  }
+}
+
+}  // namespace
+#endif
+
+bool int8_linear_vnni(const Int8LinearParams& p) {
+#ifdef TRANSFUSE_X86_MULTIVERSION
+  static const bool has_vnni =
+      vector_isa() == VectorIsa::avx512 && __builtin_cpu_supports("avx512vnni");
+  if (!has_vnni) return false;
+  int8_linear_avx512_vnni(p);
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace transfuse::cpu
