@@ -92,6 +92,23 @@ def test_intermediate_gelu_runs_bias_gelu_where_it_is_f_gelu(hidden_act, monkeyp
     assert calls == (["tanh"] * model.config.num_hidden_layers if hidden_act != "gelu_new" else [])
 
 
+@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
+def test_an_int8_intermediate_runs_bias_gelu_on_its_product_without_bias(mode, monkeypatch):
+    model = transfuse.patch(build("bert"), int8=mode)
+    intermediate = model.encoder.layer[0].intermediate
+    assert isinstance(intermediate.dense, transfuse.nn.Int8Linear)
+    calls = []
+    original = transfuse.ops.bias_gelu
+    monkeypatch.setattr(transfuse.ops, "bias_gelu",
+                        lambda *a, **k: calls.append(a[2]) or original(*a, **k))
+    h = torch.randn(2, 5, model.config.hidden_size)
+    out = intermediate(h)
+    assert calls == ["none"]
+    # the class's forward: the int8 layer with its bias, then F.gelu
+    torch.testing.assert_close(out, type(intermediate).forward(intermediate, h), rtol=1e-5,
+                               atol=1e-6)
+
+
 def test_the_cpu_runs_the_projections_one_by_one_by_default(monkeypatch, linear_calls):
     monkeypatch.setattr(blocks, "JOINED_GEMM_DEVICES", ("cuda",))
     model = build("bert")

@@ -296,12 +296,14 @@ def int8_cases(device, dtype):
     """Linear layers: decoding (m = 1, 16: memory-bound, the floor is the weight bytes over the
     copy bandwidth) and prefill (m = 512 / 4096: compute-bound, flops over the matmul rate), eager
     F.linear against transfuse's w8a8 and w8a16 and torch._int_mm (the bare int8 GEMM, without
-    quantization or epilogue)."""
+    quantization or epilogue); on CPU also the Linear of torch.ao's quantize_dynamic (int8
+    weights, activations quantized per call: what a user gets for free)."""
     size = 8192 if device.type == "cuda" else 4096
     rows = (1, 16, 4096) if device.type == "cuda" else (1, 16, 512)
     kernels = _kernel_backends(device)
     weight = torch.randn(size, size, device=device, dtype=dtype) * 0.02
     w_int8, w_scale = ops.quantize_per_token(weight)
+    dynamic = _dynamic_int8_linear(weight) if device.type == "cpu" and dtype == torch.float32 else None
     name = str(dtype).replace("torch.", "")
     cases = []
     for m in rows:
@@ -310,6 +312,8 @@ def int8_cases(device, dtype):
         if m >= 16:  # torch._int_mm needs m > 16 on CUDA
             x_q = ops.quantize_per_token(x)[0]
             impls["torch._int_mm (GEMM only)"] = lambda x_q=x_q: torch._int_mm(x_q, w_int8.T)
+        if dynamic is not None:
+            impls["torch.ao quantize_dynamic"] = lambda x=x: dynamic(x)
         for kernel in kernels:
             for mode in ("w8a8", "w8a16"):
                 impls[f"transfuse-{kernel} {mode}"] = lambda x=x, b=kernel, mode=mode: (
@@ -317,6 +321,18 @@ def int8_cases(device, dtype):
         cases.append(Case("int8 linear", f"{m}x{size}x{size}", name, size * size, impls,
                           flops=0 if m <= 16 else 2 * m * size * size))
     return cases
+
+
+def _dynamic_int8_linear(weight):
+    """torch.ao.quantization.quantize_dynamic of a bias-free Linear holding `weight` (fp32, CPU)."""
+    import warnings
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+    with warnings.catch_warnings():  # torch.ao.quantization is deprecated in favour of torchao
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(
+            torch.nn.Sequential(linear), {torch.nn.Linear}, dtype=torch.qint8)
 
 
 # ----------------------------------------------------------------------------------------- model

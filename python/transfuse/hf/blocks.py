@@ -20,9 +20,9 @@ something else.
   residual_norm  LayerNorm(dropout(dense(h)) + input) (BERT-style SelfOutput / Output): the
                residual add runs inside the fused norm's pass (a FusedLayerNorm, from the norm
                rules) instead of a separate one.
-  bias_gelu    gelu(dense(h)) (BERT-style Intermediate, exact or tanh GELU): the GEMM without
-               its bias (no copy of the bias into the output first), then one pass of
-               transfuse.ops.bias_gelu.
+  bias_gelu    gelu(dense(h)) (BERT-style Intermediate, exact or tanh GELU): the GEMM (float or
+               transfuse int8) without its bias (no copy of the bias into the output first),
+               then one pass of transfuse.ops.bias_gelu.
 
 Each rule names the class's forward lines it was written for (_expected_source); a class whose
 forward reads otherwise (another transformers version) is left alone.
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..nn import FusedLayerNorm
+from ..nn import FusedLayerNorm, Int8Linear
 
 FORWARD_ATTR = "_transfuse_block_forward"
 PROJECTION_ATTR = "_transfuse_projection"
@@ -250,15 +250,28 @@ def _gelu_approximation(act):
     return None
 
 
+def _product_without_bias(dense, x):
+    """dense(x) without its bias, for an nn.Linear or a transfuse Int8Linear left as built; None
+    for anything else."""
+    if _plain_linear(dense):
+        return F.linear(x, dense.weight)
+    if type(dense) is Int8Linear and not (dense._forward_hooks or dense._forward_pre_hooks):
+        return ops.int8_linear(x, dense.weight, dense.weight_scale, None, dense.mode,
+                               backend=dense.backend)
+    return None
+
+
 def _bias_gelu_forward(self, hidden_states):
     dense = self.dense
     approximate = _gelu_approximation(self.intermediate_act_fn)
-    if (approximate is None or not _plain_linear(dense) or dense.bias is None
+    product = None
+    if not (approximate is None or getattr(dense, "bias", None) is None
             or "forward" in dense.__dict__ or torch.is_autocast_enabled(hidden_states.device.type)
             or dense.bias.dtype != hidden_states.dtype):
+        product = _product_without_bias(dense, hidden_states)
+    if product is None:
         return type(self).forward(self, hidden_states)
-    return ops.bias_gelu(F.linear(hidden_states, dense.weight), dense.bias, approximate,
-                         backend=self.__dict__.get(BACKEND_ATTR))
+    return ops.bias_gelu(product, dense.bias, approximate, backend=self.__dict__.get(BACKEND_ATTR))
 
 
 def _patch_bias_gelu(module, names):
