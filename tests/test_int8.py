@@ -207,6 +207,30 @@ def test_w8a16_matches_float64(backend, device, shape, dtype, with_bias):
     assert torch.isfinite(out).all() and (err <= bound).all(), f"max error {err.max():.3g}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_cpu_gemms_over_every_tile_remainder(backend, dtype):
+    """The CPU GEMMs (AVX512-VNNI w8a8, AVX-512 w8a16) in tiles of 6 rows x 64 columns and
+    blocks of 256 columns of k: every row remainder, column tails, k tails and several k
+    blocks, against the float64 epilogue (w8a8) and the float64 product (w8a16)."""
+    for m, n, k in [(18, 70, 17), (19, 65, 513), (20, 1, 256), (21, 129, 257), (22, 64, 600),
+                    (23, 3, 5)]:
+        x = activations(m, k, dtype, "cpu")
+        w, w_scale = quantized_weight(n, k, "cpu")
+        bias = torch.randn(n).to(dtype)
+        out = transfuse.ops.int8_linear(x, w, w_scale, bias, "w8a8", backend=backend)
+        x_q, x_scale = reference.quantize_per_token(x)
+        assert_epilogue_close(out, reference.int8_matmul(x_q, w).double()
+                              * x_scale.double()[:, None] * w_scale.double(), bias)
+        x = x / 100
+        out = transfuse.ops.int8_linear(x, w, w_scale, bias, "w8a16", backend=backend)
+        exact = reference.int8_linear(x.double(), w, w_scale, bias, "w8a16")
+        magnitude = (x.double().abs() @ w.double().abs().T) * w_scale.double()
+        bound = (4 * k * torch.finfo(torch.float32).eps * magnitude
+                 + 2 * exact.abs() * torch.finfo(dtype).eps + subnormal_spacing(dtype))
+        assert ((out.double() - exact).abs() <= bound).all(), (m, n, k)
+
+
 @pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
 @pytest.mark.parametrize("backend,device", backend_params())
 def test_leading_dims_and_gradients(backend, device, mode):

@@ -208,7 +208,7 @@ constexpr int64_t kMaxK = 133000;  // k * 127 * 127 below 2^31: exact int32 sums
 constexpr int64_t kDequantBlockElements = 1 << 23;  // CPU w8a16 beyond the GEMV: weights
                                                    // dequantized at once (32 MB of fp32)
 
-// CPU w8a16 for more rows than the GEMV takes: x @ (w * w_scale[:, None])^T + bias, one fp32 GEMM
+// CPU w8a16 for more rows than the GEMV takes, without AVX-512: x @ (w * w_scale[:, None])^T + bias, one fp32 GEMM
 // (addmm) per block of weight rows dequantized with their scales (one block unless the weight
 // has more than kDequantBlockElements), in x's dtype. The scale folded into the weight rounds
 // each w * s once in fp32: within the fp32 accumulation's error of (x @ w^T) * s.
@@ -270,9 +270,9 @@ std::optional<Tensor> int8_linear(const Tensor& x, const Tensor& w, const Tensor
     const auto [x_q, x_scale] = quantize_per_token(x2);
     out = int8_linear_w8a8(x_q, x_scale, w_c, w_scale_c, bias_x, x.scalar_type());
   } else if (m > kGemvMaxRows) {
-    check_vector(w_scale_c, "w_scale", at::kFloat, n, x2);
-    if (bias_x) check_vector(*bias_x, "bias", x.scalar_type(), n, x2);
-    out = w8a16_by_blocks(x2, w_c, w_scale_c, bias_x);
+    Int8LinearParams p = linear_params(w_c, w_scale_c, bias_x, x.scalar_type(), x2, out);
+    p.x = x2.data_ptr();
+    if (!cpu::int8_linear_w8a16_gemm(p)) out = w8a16_by_blocks(x2, w_c, w_scale_c, bias_x);
   } else {
     out = int8_linear_w8a16(x2, w_c, w_scale_c, bias_x);
   }

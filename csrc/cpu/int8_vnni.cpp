@@ -20,6 +20,8 @@
 
 #ifdef TRANSFUSE_X86_MULTIVERSION
 #include <immintrin.h>
+
+#include "transpose_avx512.h"
 #endif
 
 namespace transfuse::cpu {
@@ -37,31 +39,6 @@ constexpr int64_t kMinWorkPerThread = 1 << 20;    // multiply-adds (threads.h)
 constexpr int64_t kGemvTokens = 4;  // up to this many rows of x: gemv_rows, the weights unpacked
 constexpr int64_t kGemvRowsPerBlock = 16;         // gemv_rows: weight rows a thread takes at a time
 constexpr int64_t kMinGemvWorkPerThread = 65536;  // gemv_rows: multiply-adds (threads.h)
-
-// out[c] = column c of the 16 x 16 int32 matrix rows[0..16).
-TRANSFUSE_VNNI void transpose16(const __m512i rows[16], __m512i out[16]) {
-  __m512i t[16], u[16];
-  for (int i = 0; i < 16; i += 2) {  // lane L of t[i]: rows i, i+1 at columns 4L, 4L+1 (lo), +2, +3 (hi)
-    t[i] = _mm512_unpacklo_epi32(rows[i], rows[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(rows[i], rows[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {  // lane L of u[i + q]: rows i..i+3 at column 4L + q
-    u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-    u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-    u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-    u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
-  for (int q = 0; q < 4; ++q) {  // gather lane L of the four row quads: column 4L + q
-    const __m512i v0 = _mm512_shuffle_i32x4(u[q], u[4 + q], 0x44);
-    const __m512i v1 = _mm512_shuffle_i32x4(u[q], u[4 + q], 0xee);
-    const __m512i v2 = _mm512_shuffle_i32x4(u[8 + q], u[12 + q], 0x44);
-    const __m512i v3 = _mm512_shuffle_i32x4(u[8 + q], u[12 + q], 0xee);
-    out[q] = _mm512_shuffle_i32x4(v0, v2, 0x88);
-    out[4 + q] = _mm512_shuffle_i32x4(v0, v2, 0xdd);
-    out[8 + q] = _mm512_shuffle_i32x4(v1, v3, 0x88);
-    out[12 + q] = _mm512_shuffle_i32x4(v1, v3, 0xdd);
-  }
-}
 
 // Packs weight rows [j0, j0 + 64) (zeros past n; k zero-padded to groups * 4) as
 // panel[g][c][l][b] = w[j0 + 16 c + l][4 g + b], and returns 128 * sum_k w[j] per column vector.

@@ -1,0 +1,213 @@
+// The CPU w8a16 GEMM for more rows than the GEMV takes, on AVX-512: an fp32 GEMM whose weight
+// panels are dequantized (int8 -> fp32, exact) as they are packed, so the weights are never
+// widened in memory. The math is in common/int8.h:
+//   out[i, j] = round_out((sum_k float(x[i, k]) * float(w[j, k])) * s_w[j] + bias[j]).
+// Blocking: each thread takes panels of 64 weight rows; for each block of kDepth columns of k it
+// packs the panel's block (16 rows x 16 k at a time: widened, then a 16 x 16 transpose) into a
+// buffer that stays in L2 and runs every 6-row tile of x over it: 24 fp32 accumulators (6 rows x
+// 64 columns), per column of k 4 vector loads of the panel, 6 broadcasts of x and 24 FMAs. Sums
+// over several k blocks wait in fp32 between blocks; the last block's epilogue takes the tile from
+// registers.
+#include <algorithm>
+#include <vector>
+
+#include "convert.h"
+#include "int8.h"
+#include "multiversion.h"
+#include "threads.h"
+
+#ifdef TRANSFUSE_X86_MULTIVERSION
+#include <immintrin.h>
+
+#include "transpose_avx512.h"
+#endif
+
+namespace transfuse::cpu {
+
+#ifdef TRANSFUSE_X86_MULTIVERSION
+namespace {
+
+#define TRANSFUSE_AVX512BW __attribute__((target("avx512f,avx512bw,avx512vl")))
+
+constexpr int64_t kTileRows = 6;
+constexpr int64_t kPanelVectors = 4;
+constexpr int64_t kPanelCols = 16 * kPanelVectors;
+constexpr int64_t kDepth = 256;                 // k columns per block: a 64 KB panel block
+constexpr int64_t kMinWorkPerThread = 1 << 18;  // multiply-adds (threads.h)
+
+// panel[kk * 64 + 16 c + l] = float(w[j0 + 16 c + l, k0 + kk]) for kk < depth (zeros past n).
+TRANSFUSE_AVX512BW void pack_panel(const int8_t* w, int64_t n, int64_t k, int64_t j0, int64_t k0,
+                                   int64_t depth, float* panel) {
+  for (int64_t c = 0; c < kPanelVectors; ++c)
+    for (int64_t kk = 0; kk < depth; kk += 16) {
+      const int64_t len = std::min<int64_t>(16, depth - kk);
+      const __mmask16 mask = __mmask16((1u << len) - 1);
+      __m512i rows[16], columns[16];
+      for (int64_t l = 0; l < 16; ++l) {
+        const int64_t j = j0 + 16 * c + l;
+        rows[l] = j < n ? _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                              _mm_maskz_loadu_epi8(mask, w + j * k + k0 + kk))))
+                        : _mm512_setzero_si512();
+      }
+      transpose16(rows, columns);
+      for (int64_t q = 0; q < len; ++q)
+        _mm512_storeu_si512(panel + (kk + q) * kPanelCols + 16 * c, columns[q]);
+    }
+}
+
+// What a tile's store needs of the call and the panel.
+struct TileTarget {
+  const Int8LinearParams* p;
+  int64_t j0;                      // the panel's first column
+  __mmask16 store[kPanelVectors];  // columns of each vector inside n
+  __m512 w_scale[kPanelVectors], bias[kPanelVectors];
+  float* partial;                  // [m, n] fp32 sums between k blocks (several blocks only)
+};
+
+#define TRANSFUSE_W8A16_ROW_DECLARE(r) \
+  __m512 acc##r##0, acc##r##1, acc##r##2, acc##r##3;
+#define TRANSFUSE_W8A16_ROW_START(r)                                                        \
+  if constexpr (R > r) {                                                                    \
+    acc##r##0 = acc##r##1 = acc##r##2 = acc##r##3 = zero;                                   \
+    if (!first) {                                                                           \
+      const float* from = t.partial + (i0 + r) * p.n + t.j0;                                \
+      acc##r##0 = _mm512_maskz_loadu_ps(t.store[0], from);                                  \
+      acc##r##1 = _mm512_maskz_loadu_ps(t.store[1], from + 16);                             \
+      acc##r##2 = _mm512_maskz_loadu_ps(t.store[2], from + 32);                             \
+      acc##r##3 = _mm512_maskz_loadu_ps(t.store[3], from + 48);                             \
+    }                                                                                       \
+  }
+#define TRANSFUSE_W8A16_ROW_STEP(r)                                                         \
+  if constexpr (R > r) {                                                                    \
+    const __m512 xv = _mm512_set1_ps(x[r * p.k + kk]);                                      \
+    acc##r##0 = _mm512_fmadd_ps(xv, w0, acc##r##0);                                         \
+    acc##r##1 = _mm512_fmadd_ps(xv, w1, acc##r##1);                                         \
+    acc##r##2 = _mm512_fmadd_ps(xv, w2, acc##r##2);                                         \
+    acc##r##3 = _mm512_fmadd_ps(xv, w3, acc##r##3);                                         \
+  }
+#define TRANSFUSE_W8A16_ROW_SAVE(r)                                                         \
+  if constexpr (R > r) {                                                                    \
+    sums[r][0] = acc##r##0;                                                                 \
+    sums[r][1] = acc##r##1;                                                                 \
+    sums[r][2] = acc##r##2;                                                                 \
+    sums[r][3] = acc##r##3;                                                                 \
+  }
+
+// sums[r][c] = the partial sums of rows i0 + r (R <= 6) over k columns [k0, k0 + depth), added to
+// those of the blocks before (from t.partial unless `first`). x points at x[i0, k0].
+template <int R>
+TRANSFUSE_AVX512BW __attribute__((noinline)) void tile_product(
+    const float* x, const float* panel, int64_t depth, bool first, const TileTarget& t,
+    int64_t i0, __m512 sums[kTileRows][kPanelVectors]) {
+  static_assert(kTileRows == 6 && kPanelVectors == 4, "the macros name 6 rows of 4 vectors");
+  const Int8LinearParams& p = *t.p;
+  const __m512 zero = _mm512_setzero_ps();
+  TRANSFUSE_W8A16_ROW_DECLARE(0) TRANSFUSE_W8A16_ROW_DECLARE(1) TRANSFUSE_W8A16_ROW_DECLARE(2)
+  TRANSFUSE_W8A16_ROW_DECLARE(3) TRANSFUSE_W8A16_ROW_DECLARE(4) TRANSFUSE_W8A16_ROW_DECLARE(5)
+  TRANSFUSE_W8A16_ROW_START(0) TRANSFUSE_W8A16_ROW_START(1) TRANSFUSE_W8A16_ROW_START(2)
+  TRANSFUSE_W8A16_ROW_START(3) TRANSFUSE_W8A16_ROW_START(4) TRANSFUSE_W8A16_ROW_START(5)
+  for (int64_t kk = 0; kk < depth; ++kk) {
+    const float* vectors = panel + kk * kPanelCols;
+    const __m512 w0 = _mm512_loadu_ps(vectors), w1 = _mm512_loadu_ps(vectors + 16),
+                 w2 = _mm512_loadu_ps(vectors + 32), w3 = _mm512_loadu_ps(vectors + 48);
+    TRANSFUSE_W8A16_ROW_STEP(0) TRANSFUSE_W8A16_ROW_STEP(1) TRANSFUSE_W8A16_ROW_STEP(2)
+    TRANSFUSE_W8A16_ROW_STEP(3) TRANSFUSE_W8A16_ROW_STEP(4) TRANSFUSE_W8A16_ROW_STEP(5)
+  }
+  TRANSFUSE_W8A16_ROW_SAVE(0) TRANSFUSE_W8A16_ROW_SAVE(1) TRANSFUSE_W8A16_ROW_SAVE(2)
+  TRANSFUSE_W8A16_ROW_SAVE(3) TRANSFUSE_W8A16_ROW_SAVE(4) TRANSFUSE_W8A16_ROW_SAVE(5)
+}
+
+// A tile's sums after a k block: kept in t.partial, or (`last`) out = sums * s_w + bias in p.dtype.
+TRANSFUSE_AVX512BW void tile_store(const __m512 sums[kTileRows][kPanelVectors], int64_t rows,
+                                   bool last, const TileTarget& t, int64_t i0) {
+  const Int8LinearParams& p = *t.p;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = i0 + r;
+    if (!last) {
+      for (int c = 0; c < kPanelVectors; ++c)
+        _mm512_mask_storeu_ps(t.partial + i * p.n + t.j0 + 16 * c, t.store[c], sums[r][c]);
+      continue;
+    }
+    float staged[kPanelCols];
+    for (int c = 0; c < kPanelVectors; ++c) {
+      const __m512 value = _mm512_add_ps(_mm512_mul_ps(sums[r][c], t.w_scale[c]), t.bias[c]);
+      if (p.dtype == DType::f32)
+        _mm512_mask_storeu_ps(static_cast<float*>(p.out) + i * p.n + t.j0 + 16 * c, t.store[c],
+                              value);
+      else
+        _mm512_storeu_ps(staged + 16 * c, value);
+    }
+    if (p.dtype != DType::f32)
+      store_row(staged, p.dtype,
+                static_cast<char*>(p.out) + (i * p.n + t.j0) * dtype_size(p.dtype),
+                std::min(kPanelCols, p.n - t.j0));
+  }
+}
+
+TRANSFUSE_AVX512BW void run_tile(int64_t rows, const float* x, const float* panel, int64_t depth,
+                                 bool first, bool last, const TileTarget& t, int64_t i0) {
+  __m512 sums[kTileRows][kPanelVectors];
+  switch (rows) {
+    case 1: tile_product<1>(x, panel, depth, first, t, i0, sums); break;
+    case 2: tile_product<2>(x, panel, depth, first, t, i0, sums); break;
+    case 3: tile_product<3>(x, panel, depth, first, t, i0, sums); break;
+    case 4: tile_product<4>(x, panel, depth, first, t, i0, sums); break;
+    case 5: tile_product<5>(x, panel, depth, first, t, i0, sums); break;
+    default: tile_product<6>(x, panel, depth, first, t, i0, sums); break;
+  }
+  tile_store(sums, rows, last, t, i0);
+}
+
+TRANSFUSE_AVX512BW void w8a16_gemm_avx512(const Int8LinearParams& p) {
+  std::vector<float> x(p.m * p.k), bias(p.bias ? p.n : 0);
+  for (int64_t i = 0; i < p.m; ++i)
+    load_row(static_cast<const char*>(p.x) + i * p.k * dtype_size(p.dtype), p.dtype,
+             x.data() + i * p.k, p.k);
+  if (p.bias) load_row(p.bias, p.dtype, bias.data(), p.n);
+  std::vector<float> partial(p.k > kDepth ? p.m * p.n : 0);
+  const int64_t panels = (p.n + kPanelCols - 1) / kPanelCols;
+#pragma omp parallel num_threads(threads_for(p.num_threads, panels, p.m * p.n * p.k, \
+                                                 kMinWorkPerThread))
+  {
+    std::vector<float> panel(kDepth * kPanelCols);
+#pragma omp for schedule(static)
+    for (int64_t panel_index = 0; panel_index < panels; ++panel_index) {
+      TileTarget t;
+      t.p = &p;
+      t.j0 = panel_index * kPanelCols;
+      t.partial = partial.data();
+      for (int64_t c = 0; c < kPanelVectors; ++c) {
+        const int64_t col = t.j0 + 16 * c, inside = std::clamp<int64_t>(p.n - col, 0, 16);
+        t.store[c] = __mmask16((1u << inside) - 1);
+        t.w_scale[c] = _mm512_maskz_loadu_ps(t.store[c], p.w_scale + col);
+        t.bias[c] = bias.empty() ? _mm512_setzero_ps()
+                                 : _mm512_maskz_loadu_ps(t.store[c], bias.data() + col);
+      }
+      for (int64_t k0 = 0; k0 < p.k; k0 += kDepth) {
+        const int64_t depth = std::min(kDepth, p.k - k0);
+        pack_panel(p.w, p.n, p.k, t.j0, k0, depth, panel.data());
+        for (int64_t i0 = 0; i0 < p.m; i0 += kTileRows)
+          run_tile(std::min(kTileRows, p.m - i0), x.data() + i0 * p.k + k0, panel.data(), depth,
+                   k0 == 0, k0 + depth == p.k, t, i0);
+      }
+    }
+  }
+}
+
+}  // namespace
+#endif
+
+bool int8_linear_w8a16_gemm(const Int8LinearParams& p) {
+#ifdef TRANSFUSE_X86_MULTIVERSION
+  static const bool has_avx512 = vector_isa() == VectorIsa::avx512 &&
+                                 __builtin_cpu_supports("avx512bw") &&
+                                 __builtin_cpu_supports("avx512vl");
+  if (!has_avx512) return false;
+  w8a16_gemm_avx512(p);
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace transfuse::cpu
