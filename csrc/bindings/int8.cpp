@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/_int_mm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/mm.h>
 #include <torch/csrc/utils/pybind.h>
@@ -236,6 +237,31 @@ Tensor w8a16_by_blocks(const Tensor& x, const Tensor& w, const Tensor& w_scale,
   return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
 }
 
+// w8a8 of x [m, k] on the CPU, its quantized rows in buffers of the call (tensors cost their
+// allocation: a third of a one-token call).
+Tensor w8a8_cpu(const Tensor& x, const Tensor& w, const Tensor& w_scale, const OptTensor& bias) {
+  Tensor out;
+  Int8LinearParams p = linear_params(w, w_scale, bias, x.scalar_type(), x, out);
+  std::vector<int8_t> x_q(p.m * p.k);
+  std::vector<float> x_scale(p.m);
+  QuantizeParams q;
+  q.x = x.data_ptr();
+  q.q = x_q.data();
+  q.scale = x_scale.data();
+  q.rows = p.m;
+  q.cols = p.k;
+  q.dtype = p.dtype;
+  q.num_threads = p.num_threads;
+  cpu::quantize_per_token(q);
+  p.x_q = x_q.data();
+  p.x_scale = x_scale.data();
+  if (cpu::int8_linear_vnni(p)) return out;
+  Tensor acc = int_mm(at::from_blob(x_q.data(), {p.m, p.k}, x.options().dtype(at::kChar)), w);
+  p.acc = acc.data_ptr<int32_t>();
+  cpu::dequantize_accumulators(p);
+  return out;
+}
+
 // One eager int8 linear call on the CPU or CUDA backend: x [..., k] (any layout) @ (w *
 // w_scale[:, None])^T + bias (cast to x's dtype) -> [..., n] in x's dtype; w8a8 quantizes x per
 // token first. Checks every argument. Returns nothing for what it leaves to the Python op: an
@@ -266,7 +292,9 @@ std::optional<Tensor> int8_linear(const Tensor& x, const Tensor& w, const Tensor
   const Tensor x2 = x.reshape({m, k}).contiguous();
   const Tensor w_c = w.contiguous(), w_scale_c = w_scale.contiguous();
   Tensor out;
-  if (w8a8) {
+  if (w8a8 && !x.is_cuda()) {
+    out = w8a8_cpu(x2, w_c, w_scale_c, bias_x);
+  } else if (w8a8) {
     const auto [x_q, x_scale] = quantize_per_token(x2);
     out = int8_linear_w8a8(x_q, x_scale, w_c, w_scale_c, bias_x, x.scalar_type());
   } else if (m > kGemvMaxRows) {
