@@ -312,6 +312,23 @@ def _bad(**changes):
     return args
 
 
+def test_a_call_with_default_arguments_equals_the_general_path():
+    """attention(q, k, v) with the other arguments at their defaults takes a short path to the
+    kernel when no graph is recorded (per-call cost); it gives what the general path gives, and
+    leaves inputs it does not take (a last dimension with stride != 1) to it."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 4, 3, 16, generator=g), torch.randn(2, 2, 9, 16, generator=g),
+               torch.randn(2, 2, 9, 16, generator=g))
+    with torch.inference_mode():
+        for causal in (False, True):
+            short = transfuse.ops.attention(q, k, v, causal=causal)
+            general = transfuse.ops.attention(q, k, v, causal=causal, scale=16 ** -0.5)
+            assert torch.equal(short, general)
+        strided = torch.randn(2, 4, 16, 3, generator=g).transpose(-1, -2)
+        torch.testing.assert_close(transfuse.ops.attention(strided, k, v),
+                                   reference.attention(strided, k, v), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("args,error,match", [
     (lambda: _bad(k=torch.randn(2, 3, 6, 16), v=torch.randn(2, 3, 6, 16)), ValueError,
      "k's number of heads"),

@@ -301,9 +301,43 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, dropout_p=0.0, wi
     (reference.dropout_keep). Rows that see no key give zeros. Returns [B, Hq, Sq, D] in q's
     dtype (its memory is laid out as [B, Sq, Hq, D]).
     """
+    if (mask is None and scale is None and dropout_p is _DEFAULT_DROPOUT and window is _NO_WINDOW
+            and softcap is _NO_SOFTCAP and dropout_seed is None and type(causal) is bool
+            and (backend is None or type(backend) is str)):
+        out = _eager_inference(q, k, v, causal, backend)  # a decoding step's: its per-call cost
+        if out is not None:
+            return out
     _check_scalars(causal, scale, dropout_p, window, softcap)
     return _dispatch(q, k, v, mask, None, causal, scale, dropout_p, window, softcap, dropout_seed,
                      backend)
+
+
+_DEFAULT_DROPOUT, _NO_WINDOW, _NO_SOFTCAP = (attention.__kwdefaults__[name]
+                                             for name in ("dropout_p", "window", "softcap"))
+
+
+def _eager_inference(q, k, v, causal, backend):
+    """attention(q, k, v, causal=causal, backend=backend) with every other argument left at its
+    default, straight to the cpu or cuda kernel when no autograd graph is needed and no
+    Python-side choice is left to make (as _run would, without its checks and conversions); None
+    otherwise. The C++ binding checks the tensors; its errors are worded by _check_tensors, as on
+    the other paths."""
+    if type(q) is not Tensor or q.dtype not in KERNEL_DTYPES or q.dim() != 4 or (
+            q.shape[-1] > MAX_HEAD_DIM or torch.compiler.is_compiling()):
+        return None
+    name = _backend.resolve("attention", backend, q.device)
+    if name != "cpu" and not (name == "cuda" and not cuda_unsupported(q, 0.0)):
+        return None
+    try:
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            return None
+        if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+            return None
+        return _kernel(name, "forward", False)(q, k, v, None, causal, q.shape[-1] ** -0.5, 0, 0.0,
+                                                0.0, 0)[0]
+    except Exception:
+        _check_tensors(q, k, v, None, None)
+        raise
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
