@@ -36,11 +36,11 @@ test-python: setup
 
 # The CPU kernels written with intrinsics dispatch on the CPU's best ISA; their AVX2 and baseline
 # paths (and, under avx2, the int8 paths of a CPU without VNNI) run here too with TRANSFUSE_CPU_ISA
-# (csrc/cpu/multiversion.h): the cpu int8 and norm tests.
+# (csrc/cpu/multiversion.h): the cpu int8, linear and norm tests.
 test-lower-isa: setup
 	for isa in avx2 baseline; do \
 		TRANSFUSE_CPU_ISA=$$isa $(BIN)/python -m pytest -q -p no:cacheprovider -k cpu \
-			tests/test_int8.py tests/test_norm.py || exit 1; \
+			tests/test_int8.py tests/test_linear.py tests/test_norm.py || exit 1; \
 	done
 
 # The lent GPU's one command, dry (CPU, tiny shapes, Triton interpreter): seconds.
@@ -50,7 +50,7 @@ test-gpu-quick-dry: setup
 # The GPU machine's versions (torch 2.11, transformers 5.17, triton 3.6 with numpy < 2.4) in a
 # second venv: what the GPU machine runs that the CPU leg cannot vouch for there -- the extension
 # built against torch 2.11, one variant of every Triton kernel compiled by triton 3.6 for sm_80
-# and sm_90, the int8, varlen and bias_gelu ops on the cpu backend, and on transformers 5.17 the
+# and sm_90, the int8, linear, varlen and bias_gelu ops on the cpu backend, and on transformers 5.17 the
 # int8 / quantizer / checkpoint, HF attention, padding-removal, block-rule and family tests (the Triton
 # interpreter tests run in the main leg).
 GPU_VENV ?= .venv-gpu-versions
@@ -59,7 +59,7 @@ GPU_VERSIONS ?= torch==2.11.0 "transformers==5.17.*" "triton==3.6.*" "numpy<2.4"
 GPU_TESTS ?= tests/test_triton_compile.py tests/test_int8.py tests/test_varlen_attention.py \
 	tests/test_hf_int8.py tests/test_quantize.py tests/test_hf_attention.py tests/test_hf_unpad.py \
 	tests/test_int8_checkpoint_fuzz.py tests/test_hf_blocks.py tests/test_activation.py \
-	tests/test_hf_families.py
+	tests/test_hf_families.py tests/test_linear.py
 
 $(GPU_VENV)/.installed: setup.py pyproject.toml $(CSRC) $(PY_SOURCES)
 	test -x $(GPU_BIN)/python || $(PYTHON) -m venv $(GPU_VENV)

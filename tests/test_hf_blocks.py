@@ -1,6 +1,7 @@
 """Block rules (transfuse.hf.blocks): fused Q/K/V projections and residual-fused LayerNorms equal
 the unpatched model, keep its parameters and state dict, and step aside when they do not fit."""
 import copy
+import importlib
 import threading
 
 import pytest
@@ -90,6 +91,29 @@ def test_intermediate_gelu_runs_bias_gelu_where_it_is_f_gelu(hidden_act, monkeyp
     torch.testing.assert_close(real_tokens(patched, ids, mask), expected, rtol=1e-5, atol=1e-5)
     # gelu_new is GPT's tanh formula written out (not F.gelu): the class's forward runs it
     assert calls == (["tanh"] * model.config.num_hidden_layers if hidden_act != "gelu_new" else [])
+
+
+@pytest.mark.parametrize("joined", [False, True], ids=["one-by-one", "joined"])
+def test_the_float_gemms_of_the_rules_run_transfuse_linear_on_the_cpu(joined, monkeypatch):
+    """On CPU tensors the rules' GEMMs go through transfuse.ops.linear (thresholds lowered so that
+    a tiny model's GEMMs take transfuse's kernel where the CPU has it), equal to the unpatched
+    model per sequence."""
+    if not joined:
+        monkeypatch.setattr(blocks, "JOINED_GEMM_DEVICES", ("cuda",))
+    linear_module = importlib.import_module("transfuse.ops.linear")
+    monkeypatch.setattr(linear_module, "MIN_ROWS", 1)
+    monkeypatch.setattr(linear_module, "MIN_WORK", 0)
+    calls = []
+    original = transfuse.ops.linear
+    monkeypatch.setattr(transfuse.ops, "linear",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    model = build("bert")
+    ids, mask = padded_batch()
+    expected = real_tokens(model, ids, mask)
+    patched = transfuse.patch(copy.deepcopy(model))
+    torch.testing.assert_close(real_tokens(patched, ids, mask), expected, rtol=1e-5, atol=1e-5)
+    # per layer Q, K, V (or their joint GEMM), the attention output, intermediate and output
+    assert len(calls) == (4 if joined else 6) * model.config.num_hidden_layers
 
 
 @pytest.mark.parametrize("mode", ["w8a8", "w8a16"])

@@ -20,6 +20,7 @@
 #include "dtype.h"
 #include "python_functions.h"
 
+#include "../cpu/gemm.h"
 #include "../cpu/int8.h"
 
 #ifdef TRANSFUSE_WITH_CUDA
@@ -209,9 +210,9 @@ constexpr int64_t kMaxK = 133000;  // k * 127 * 127 below 2^31: exact int32 sums
 constexpr int64_t kDequantBlockElements = 1 << 23;  // CPU w8a16 beyond the GEMV: weights
                                                    // dequantized at once (32 MB of fp32)
 
-// CPU w8a16 for more rows than the GEMV takes, without AVX-512: x @ (w * w_scale[:, None])^T + bias, one fp32 GEMM
-// (addmm) per block of weight rows dequantized with their scales (one block unless the weight
-// has more than kDequantBlockElements), in x's dtype. The scale folded into the weight rounds
+// CPU w8a16 for more rows than the GEMV takes, without AVX-512: x @ (w * w_scale[:, None])^T +
+// bias, one fp32 GEMM (addmm) per block of weight rows dequantized with their scales (one block
+// unless the weight has more than kDequantBlockElements), in x's dtype. The scale folded into the weight rounds
 // each w * s once in fp32: within the fp32 accumulation's error of (x @ w^T) * s.
 Tensor w8a16_by_blocks(const Tensor& x, const Tensor& w, const Tensor& w_scale,
                        const OptTensor& bias) {
@@ -235,6 +236,28 @@ Tensor w8a16_by_blocks(const Tensor& x, const Tensor& w, const Tensor& w_scale,
     }
   }
   return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
+}
+
+// CPU w8a16 for more rows than the GEMV takes: cpu::gemm dequantizing the weights as it packs
+// them (AVX-512), else w8a16_by_blocks.
+Tensor w8a16_cpu(const Tensor& x, const Tensor& w, const Tensor& w_scale, const OptTensor& bias) {
+  Tensor out;
+  const Int8LinearParams p = linear_params(w, w_scale, bias, x.scalar_type(), x, out);
+  const Tensor xf = x.to(at::kFloat);
+  const OptTensor bias_f = bias ? OptTensor(bias->to(at::kFloat)) : std::nullopt;
+  GemmParams g;
+  g.x = xf.data_ptr<float>();
+  g.w = p.w;
+  g.w_int8 = true;
+  g.w_scale = p.w_scale;
+  g.bias = bias_f ? bias_f->data_ptr<float>() : nullptr;
+  g.out = p.out;
+  g.m = p.m;
+  g.n = p.n;
+  g.k = p.k;
+  g.dtype = p.dtype;
+  g.num_threads = p.num_threads;
+  return cpu::gemm(g) ? out : w8a16_by_blocks(x, w, w_scale, bias);
 }
 
 // w8a8 of x [m, k] on the CPU, its quantized rows in buffers of the call (tensors cost their
@@ -265,7 +288,8 @@ Tensor w8a8_cpu(const Tensor& x, const Tensor& w, const Tensor& w_scale, const O
 // One eager int8 linear call on the CPU or CUDA backend: x [..., k] (any layout) @ (w *
 // w_scale[:, None])^T + bias (cast to x's dtype) -> [..., n] in x's dtype; w8a8 quantizes x per
 // token first. Checks every argument. Returns nothing for what it leaves to the Python op: an
-// empty product (the reference's zeros + bias) and, on CUDA, w8a16 beyond kGemvMaxRows rows (Triton).
+// empty product (the reference's zeros + bias) and, on CUDA, w8a16 beyond kGemvMaxRows rows
+// (Triton).
 std::optional<Tensor> int8_linear(const Tensor& x, const Tensor& w, const Tensor& w_scale,
                                   const OptTensor& bias, c10::string_view mode) {
   const bool w8a8 = mode == "w8a8";
@@ -298,9 +322,7 @@ std::optional<Tensor> int8_linear(const Tensor& x, const Tensor& w, const Tensor
     const auto [x_q, x_scale] = quantize_per_token(x2);
     out = int8_linear_w8a8(x_q, x_scale, w_c, w_scale_c, bias_x, x.scalar_type());
   } else if (m > kGemvMaxRows) {
-    Int8LinearParams p = linear_params(w_c, w_scale_c, bias_x, x.scalar_type(), x2, out);
-    p.x = x2.data_ptr();
-    if (!cpu::int8_linear_w8a16_gemm(p)) out = w8a16_by_blocks(x2, w_c, w_scale_c, bias_x);
+    out = w8a16_cpu(x2, w_c, w_scale_c, bias_x);
   } else {
     out = int8_linear_w8a16(x2, w_c, w_scale_c, bias_x);
   }

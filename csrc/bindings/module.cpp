@@ -4,6 +4,7 @@
 #include <Python.h>
 
 #include "python_functions.h"
+#include "../cpu/gemm.h"
 #include "../cpu/int8.h"
 
 #ifdef TRANSFUSE_WITH_CUDA
@@ -21,10 +22,12 @@ PyMODINIT_FUNC PyInit__C() {
   if (module != nullptr) {
     PyModule_AddIntConstant(module, "with_cuda", with_cuda);
     PyModule_AddIntConstant(module, "cpu_int8_dot", transfuse::cpu::has_int8_dot());
+    PyModule_AddIntConstant(module, "cpu_gemm", transfuse::cpu::has_gemm());
     transfuse::add_norm_functions(module);
     transfuse::add_attention_functions(module);
     transfuse::add_int8_functions(module);
     transfuse::add_activation_functions(module);
+    transfuse::add_linear_functions(module);
   }
   return module;
 }

@@ -18,11 +18,6 @@ void dequantize_accumulators(const Int8LinearParams& p);
 // multiplied with every row of x.
 void int8_linear_w8a16(const Int8LinearParams& p);
 
-// w8a16 beyond a few rows on AVX-512 (int8_w8a16.cpp): out from p.x, p.w, p.w_scale and p.bias, an
-// fp32 GEMM dequantizing the weights as it packs them. Returns false, writing nothing, on a CPU
-// without AVX-512 (or with TRANSFUSE_CPU_ISA below avx512).
-bool int8_linear_w8a16_gemm(const Int8LinearParams& p);
-
 // out [rows, k] = float(w [rows, k]) * w_scale[row]: the dequantized weights of w8a16 for the
 // fp32 GEMM that runs it beyond a few rows.
 void dequantize_weight(const int8_t* w, const float* w_scale, int64_t rows, int64_t k, float* out,

@@ -1,5 +1,5 @@
 // The 16 x 16 transpose of 32-bit elements in AVX-512 registers, which packs weight panels for the
-// CPU GEMMs (int8_vnni.cpp, int8_w8a16.cpp). Include only where TRANSFUSE_X86_MULTIVERSION is set.
+// CPU GEMMs (int8_vnni.cpp, gemm.cpp). Include only where TRANSFUSE_X86_MULTIVERSION is set.
 #pragma once
 
 #include <immintrin.h>

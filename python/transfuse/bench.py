@@ -201,6 +201,24 @@ def activation_cases(device, dtype):
     return cases
 
 
+def linear_cases(device, dtype):
+    """fp32 linear layers (transfuse.ops.linear) at all-MiniLM-L6-v2's shapes for a batch of 8
+    real sentences (180 tokens: Q/K/V, intermediate, output) and a larger square one, against
+    F.linear; compute-bound, the floor is flops over the matmul rate."""
+    cases = []
+    for m, k, n in ((180, 384, 384), (180, 384, 1536), (180, 1536, 384), (1024, 2048, 2048)):
+        x = torch.randn(m, k, device=device, dtype=dtype)
+        w = torch.randn(n, k, device=device, dtype=dtype)
+        b = torch.randn(n, device=device, dtype=dtype)
+        impls = {"eager": lambda x=x, w=w, b=b: F.linear(x, w, b)}
+        for kernel in _kernel_backends(device):
+            impls[f"transfuse-{kernel}"] = lambda x=x, w=w, b=b, kernel=kernel: ops.linear(
+                x, w, b, backend=kernel)
+        cases.append(Case("linear fwd", f"{m}x{k}x{n}", str(dtype).replace("torch.", ""),
+                          0, impls, flops=2 * m * n * k))
+    return cases
+
+
 def dispatch_cases(device, families):
     """Per-call overhead on tiny inputs, where the kernels themselves cost almost nothing: what a
     decoding step pays per norm, linear layer and attention call."""
@@ -303,7 +321,8 @@ def int8_cases(device, dtype):
     kernels = _kernel_backends(device)
     weight = torch.randn(size, size, device=device, dtype=dtype) * 0.02
     w_int8, w_scale = ops.quantize_per_token(weight)
-    dynamic = _dynamic_int8_linear(weight) if device.type == "cpu" and dtype == torch.float32 else None
+    dynamic = (_dynamic_int8_linear(weight) if device.type == "cpu" and dtype == torch.float32
+               else None)
     name = str(dtype).replace("torch.", "")
     cases = []
     for m in rows:
@@ -631,6 +650,8 @@ def run(args):
         cases += int8_cases(device, dtype)
     if "activation" in args.ops:
         cases += activation_cases(device, dtype)
+    if "linear" in args.ops:
+        cases += linear_cases(device, dtype)
     cases += dispatch_cases(device, args.ops)
     for case in _progress(cases):
         tiny = case.bytes == 0 and case.flops == 0  # per-call cost: 100 calls a sample
@@ -702,9 +723,9 @@ def report_text(report):
             "x base: speedup over eager PyTorch (over SDPA where eager's scores would not fit).",
             "floor: norms, bytes / measured copy bandwidth / ms (above 100% where non-temporal "
             "stores beat",
-            "  the copy's read-for-ownership traffic); attention and int8 linear with m > 16, "
-            "flops /",
-            "  measured matmul rate / ms; int8 linear with m <= 16, int8 weight bytes / copy "
+            "  the copy's read-for-ownership traffic); attention, linear and int8 linear with "
+            "m > 16, flops",
+            "  / measured matmul rate / ms; int8 linear with m <= 16, int8 weight bytes / copy "
             "bandwidth / ms"]
     if report["model"]:
         lines += model_lines(report["model"])

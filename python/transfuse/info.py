@@ -58,4 +58,5 @@ def info() -> dict:
               "versions": versions()}
     if module is not None:  # without it, int8 GEMMs on this CPU run no faster than fp32
         report["cpu_int8_dot"] = bool(module.cpu_int8_dot)
+        report["cpu_gemm"] = bool(module.cpu_gemm)  # transfuse's fp32 GEMM (ops.linear) runs
     return report

@@ -244,6 +244,14 @@ def int8_linear(x, w_int8, w_scale, bias=None, mode="w8a8"):
     return out.to(x.dtype).reshape(*x.shape[:-1], w_int8.shape[0])
 
 
+def linear(x, weight, bias=None):
+    """x @ weight^T + bias, computed in float64 and rounded once to x's dtype."""
+    out = x.double() @ weight.double().T
+    if bias is not None:
+        out = out + bias.double()
+    return out.to(x.dtype)
+
+
 def bias_gelu(x, bias=None, approximate="none"):
     """F.gelu(x + bias, approximate=...): z = x + bias in x's dtype (as eager adds), GELU in fp32
     (or wider), rounded once to x's dtype, as eager's half-precision GELU does (within an ulp

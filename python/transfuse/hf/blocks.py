@@ -24,6 +24,9 @@ something else.
                transfuse int8) without its bias (no copy of the bias into the output first),
                then one pass of transfuse.ops.bias_gelu.
 
+On CPU tensors the rules' float GEMMs (the projections run one by one, the dense layers before a
+residual norm or a GELU) go through transfuse.ops.linear, whose fp32 GEMM is transfuse's own.
+
 Each rule names the class's forward lines it was written for (_expected_source); a class whose
 forward reads otherwise (another transformers version) is left alone.
 """
@@ -180,7 +183,8 @@ class _Projection:
         state = self.local
         cached = getattr(state, "entry", None)
         if cached is None or cached[0] is not x or cached[1] != _version(x) or index in cached[3]:
-            output = torch.nn.functional.linear(x, self.joined("weight"), self.joined("bias"))
+            output = _linear(x, self.joined("weight"), self.joined("bias"),
+                             self.parent.__dict__.get(BACKEND_ATTR))
             cached = (x, _version(x), output, set())
         cached[3].add(index)
         state.entry = None if len(cached[3]) == len(self.linears) else cached
@@ -188,10 +192,26 @@ class _Projection:
         return cached[2][..., start:start + self.linears[index].out_features]
 
 
+def _linear(x, weight, bias, backend):
+    """F.linear(x, weight, bias); for CPU tensors through transfuse.ops.linear (its fp32 GEMM)."""
+    if x.device.type == "cpu":
+        return ops.linear(x, weight, bias, backend=backend)
+    return F.linear(x, weight, bias)
+
+
+def _dense(module, x, backend):
+    """module(x): for a plain nn.Linear, _linear."""
+    if _plain_linear(module) and "forward" not in module.__dict__:
+        return _linear(x, module.weight, module.bias, backend)
+    return module(x)
+
+
 def _projection_forward(self, x):
-    if x.device.type not in JOINED_GEMM_DEVICES or torch.compiler.is_compiling():
-        return nn.Linear.forward(self, x)
     projection, index = self.__dict__[PROJECTION_ATTR]
+    if torch.compiler.is_compiling():
+        return nn.Linear.forward(self, x)
+    if x.device.type not in JOINED_GEMM_DEVICES:
+        return _linear(x, self.weight, self.bias, projection.parent.__dict__.get(BACKEND_ATTR))
     records = torch.is_grad_enabled() and (x.requires_grad or any(
         p.requires_grad for m in projection.linears for p in m.parameters()))
     if records or not projection.intact():
@@ -224,7 +244,7 @@ def _patch_projections(module, names):
 def _residual_norm_forward(self, hidden_states, input_tensor):
     if not isinstance(self.LayerNorm, FusedLayerNorm):  # norm=False, or swapped since
         return type(self).forward(self, hidden_states, input_tensor)
-    hidden_states = self.dropout(self.dense(hidden_states))
+    hidden_states = self.dropout(_dense(self.dense, hidden_states, self.__dict__.get(BACKEND_ATTR)))
     return self.LayerNorm(hidden_states, residual=input_tensor)[0]
 
 
@@ -250,11 +270,11 @@ def _gelu_approximation(act):
     return None
 
 
-def _product_without_bias(dense, x):
+def _product_without_bias(dense, x, backend):
     """dense(x) without its bias, for an nn.Linear or a transfuse Int8Linear left as built; None
     for anything else."""
     if _plain_linear(dense):
-        return F.linear(x, dense.weight)
+        return _linear(x, dense.weight, None, backend)
     if type(dense) is Int8Linear and not (dense._forward_hooks or dense._forward_pre_hooks):
         return ops.int8_linear(x, dense.weight, dense.weight_scale, None, dense.mode,
                                backend=dense.backend)
@@ -268,7 +288,7 @@ def _bias_gelu_forward(self, hidden_states):
     if not (approximate is None or getattr(dense, "bias", None) is None
             or "forward" in dense.__dict__ or torch.is_autocast_enabled(hidden_states.device.type)
             or dense.bias.dtype != hidden_states.dtype):
-        product = _product_without_bias(dense, hidden_states)
+        product = _product_without_bias(dense, hidden_states, self.__dict__.get(BACKEND_ATTR))
     if product is None:
         return type(self).forward(self, hidden_states)
     return ops.bias_gelu(product, dense.bias, approximate, backend=self.__dict__.get(BACKEND_ATTR))

@@ -2,7 +2,8 @@
 from .activation import bias_gelu
 from .attention import attention, varlen_attention
 from .int8 import int8_linear, int8_matmul, quantize_per_token
+from .linear import linear
 from .norm import layer_norm, rms_norm
 
-__all__ = ["attention", "bias_gelu", "int8_linear", "int8_matmul", "layer_norm",
+__all__ = ["attention", "bias_gelu", "int8_linear", "int8_matmul", "layer_norm", "linear",
            "quantize_per_token", "rms_norm", "varlen_attention"]

@@ -1,7 +1,6 @@
-// The CPU w8a16 GEMM for more rows than the GEMV takes, on AVX-512: an fp32 GEMM whose weight
-// panels are dequantized (int8 -> fp32, exact) as they are packed, so the weights are never
-// widened in memory. The math is in common/int8.h:
-//   out[i, j] = round_out((sum_k float(x[i, k]) * float(w[j, k])) * s_w[j] + bias[j]).
+// The CPU fp32 GEMM with its epilogue, on AVX-512 (the math is in common/gemm.h). It runs w8a16
+// for more rows than the GEMV takes, its weight panels dequantized (int8 -> fp32, exact) as they
+// are packed, so the weights are never widened in memory, and transfuse's fp32 linear.
 // Blocking: each thread takes panels of 64 weight rows; for each block of kDepth columns of k it
 // packs the panel's block (16 rows x 16 k at a time: widened, then a 16 x 16 transpose) into a
 // buffer that stays in L2 and runs every 6-row tile of x over it: 24 fp32 accumulators (6 rows x
@@ -12,7 +11,7 @@
 #include <vector>
 
 #include "convert.h"
-#include "int8.h"
+#include "gemm.h"
 #include "multiversion.h"
 #include "threads.h"
 
@@ -35,8 +34,17 @@ constexpr int64_t kPanelCols = 16 * kPanelVectors;
 constexpr int64_t kDepth = 256;                 // k columns per block: a 64 KB panel block
 constexpr int64_t kMinWorkPerThread = 1 << 18;  // multiply-adds (threads.h)
 
+// Row j's 16 weights from column k0 as fp32 (int8 widened exactly), zeros past `len`.
+TRANSFUSE_AVX512BW inline __m512 load_weights(const int8_t* row, __mmask16 mask) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, row)));
+}
+TRANSFUSE_AVX512BW inline __m512 load_weights(const float* row, __mmask16 mask) {
+  return _mm512_maskz_loadu_ps(mask, row);
+}
+
 // panel[kk * 64 + 16 c + l] = float(w[j0 + 16 c + l, k0 + kk]) for kk < depth (zeros past n).
-TRANSFUSE_AVX512BW void pack_panel(const int8_t* w, int64_t n, int64_t k, int64_t j0, int64_t k0,
+template <typename Weight>
+TRANSFUSE_AVX512BW void pack_panel(const Weight* w, int64_t n, int64_t k, int64_t j0, int64_t k0,
                                    int64_t depth, float* panel) {
   for (int64_t c = 0; c < kPanelVectors; ++c)
     for (int64_t kk = 0; kk < depth; kk += 16) {
@@ -45,8 +53,7 @@ TRANSFUSE_AVX512BW void pack_panel(const int8_t* w, int64_t n, int64_t k, int64_
       __m512i rows[16], columns[16];
       for (int64_t l = 0; l < 16; ++l) {
         const int64_t j = j0 + 16 * c + l;
-        rows[l] = j < n ? _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-                              _mm_maskz_loadu_epi8(mask, w + j * k + k0 + kk))))
+        rows[l] = j < n ? _mm512_castps_si512(load_weights(w + j * k + k0 + kk, mask))
                         : _mm512_setzero_si512();
       }
       transpose16(rows, columns);
@@ -57,7 +64,7 @@ TRANSFUSE_AVX512BW void pack_panel(const int8_t* w, int64_t n, int64_t k, int64_
 
 // What a tile's store needs of the call and the panel.
 struct TileTarget {
-  const Int8LinearParams* p;
+  const GemmParams* p;
   int64_t j0;                      // the panel's first column
   __mmask16 store[kPanelVectors];  // columns of each vector inside n
   __m512 w_scale[kPanelVectors], bias[kPanelVectors];
@@ -79,7 +86,7 @@ struct TileTarget {
   }
 #define TRANSFUSE_W8A16_ROW_STEP(r)                                                         \
   if constexpr (R > r) {                                                                    \
-    const __m512 xv = _mm512_set1_ps(x[r * p.k + kk]);                                      \
+    const __m512 xv = _mm512_set1_ps(x[r * p.k + kk]);                                                \
     acc##r##0 = _mm512_fmadd_ps(xv, w0, acc##r##0);                                         \
     acc##r##1 = _mm512_fmadd_ps(xv, w1, acc##r##1);                                         \
     acc##r##2 = _mm512_fmadd_ps(xv, w2, acc##r##2);                                         \
@@ -100,7 +107,7 @@ TRANSFUSE_AVX512BW __attribute__((noinline)) void tile_product(
     const float* x, const float* panel, int64_t depth, bool first, const TileTarget& t,
     int64_t i0, __m512 sums[kTileRows][kPanelVectors]) {
   static_assert(kTileRows == 6 && kPanelVectors == 4, "the macros name 6 rows of 4 vectors");
-  const Int8LinearParams& p = *t.p;
+  const GemmParams& p = *t.p;
   const __m512 zero = _mm512_setzero_ps();
   TRANSFUSE_W8A16_ROW_DECLARE(0) TRANSFUSE_W8A16_ROW_DECLARE(1) TRANSFUSE_W8A16_ROW_DECLARE(2)
   TRANSFUSE_W8A16_ROW_DECLARE(3) TRANSFUSE_W8A16_ROW_DECLARE(4) TRANSFUSE_W8A16_ROW_DECLARE(5)
@@ -120,7 +127,7 @@ TRANSFUSE_AVX512BW __attribute__((noinline)) void tile_product(
 // A tile's sums after a k block: kept in t.partial, or (`last`) out = sums * s_w + bias in p.dtype.
 TRANSFUSE_AVX512BW void tile_store(const __m512 sums[kTileRows][kPanelVectors], int64_t rows,
                                    bool last, const TileTarget& t, int64_t i0) {
-  const Int8LinearParams& p = *t.p;
+  const GemmParams& p = *t.p;
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = i0 + r;
     if (!last) {
@@ -158,12 +165,7 @@ TRANSFUSE_AVX512BW void run_tile(int64_t rows, const float* x, const float* pane
   tile_store(sums, rows, last, t, i0);
 }
 
-TRANSFUSE_AVX512BW void w8a16_gemm_avx512(const Int8LinearParams& p) {
-  std::vector<float> x(p.m * p.k), bias(p.bias ? p.n : 0);
-  for (int64_t i = 0; i < p.m; ++i)
-    load_row(static_cast<const char*>(p.x) + i * p.k * dtype_size(p.dtype), p.dtype,
-             x.data() + i * p.k, p.k);
-  if (p.bias) load_row(p.bias, p.dtype, bias.data(), p.n);
+TRANSFUSE_AVX512BW void gemm_avx512(const GemmParams& p) {
   std::vector<float> partial(p.k > kDepth ? p.m * p.n : 0);
   const int64_t panels = (p.n + kPanelCols - 1) / kPanelCols;
 #pragma omp parallel num_threads(threads_for(p.num_threads, panels, p.m * p.n * p.k, \
@@ -179,15 +181,18 @@ TRANSFUSE_AVX512BW void w8a16_gemm_avx512(const Int8LinearParams& p) {
       for (int64_t c = 0; c < kPanelVectors; ++c) {
         const int64_t col = t.j0 + 16 * c, inside = std::clamp<int64_t>(p.n - col, 0, 16);
         t.store[c] = __mmask16((1u << inside) - 1);
-        t.w_scale[c] = _mm512_maskz_loadu_ps(t.store[c], p.w_scale + col);
-        t.bias[c] = bias.empty() ? _mm512_setzero_ps()
-                                 : _mm512_maskz_loadu_ps(t.store[c], bias.data() + col);
+        t.w_scale[c] = p.w_scale ? _mm512_maskz_loadu_ps(t.store[c], p.w_scale + col)
+                                 : _mm512_set1_ps(1.f);
+        t.bias[c] = p.bias ? _mm512_maskz_loadu_ps(t.store[c], p.bias + col) : _mm512_setzero_ps();
       }
       for (int64_t k0 = 0; k0 < p.k; k0 += kDepth) {
         const int64_t depth = std::min(kDepth, p.k - k0);
-        pack_panel(p.w, p.n, p.k, t.j0, k0, depth, panel.data());
+        if (p.w_int8)
+          pack_panel(static_cast<const int8_t*>(p.w), p.n, p.k, t.j0, k0, depth, panel.data());
+        else
+          pack_panel(static_cast<const float*>(p.w), p.n, p.k, t.j0, k0, depth, panel.data());
         for (int64_t i0 = 0; i0 < p.m; i0 += kTileRows)
-          run_tile(std::min(kTileRows, p.m - i0), x.data() + i0 * p.k + k0, panel.data(), depth,
+          run_tile(std::min(kTileRows, p.m - i0), p.x + i0 * p.k + k0, panel.data(), depth,
                    k0 == 0, k0 + depth == p.k, t, i0);
       }
     }
@@ -197,13 +202,20 @@ TRANSFUSE_AVX512BW void w8a16_gemm_avx512(const Int8LinearParams& p) {
 }  // namespace
 #endif
 
-bool int8_linear_w8a16_gemm(const Int8LinearParams& p) {
+bool has_gemm() {
 #ifdef TRANSFUSE_X86_MULTIVERSION
-  static const bool has_avx512 = vector_isa() == VectorIsa::avx512 &&
-                                 __builtin_cpu_supports("avx512bw") &&
-                                 __builtin_cpu_supports("avx512vl");
-  if (!has_avx512) return false;
-  w8a16_gemm_avx512(p);
+  static const bool has = vector_isa() == VectorIsa::avx512 && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl");
+  return has;
+#else
+  return false;
+#endif
+}
+
+bool gemm(const GemmParams& p) {
+#ifdef TRANSFUSE_X86_MULTIVERSION
+  if (!has_gemm()) return false;
+  gemm_avx512(p);
   return true;
 #else
   return false;

@@ -1,0 +1,28 @@
+// Parameters of the CPU fp32 GEMM with its epilogue (cpu/gemm.cpp), which runs transfuse's fp32
+// linear and the w8a16 linear beyond a few rows. Knows nothing of torch. All tensors contiguous,
+// row-major. x [m, k] fp32, w [n, k] fp32 or int8, w_scale [n] and bias [n] fp32 or null:
+//   out[i, j] = round_out((sum_k x[i, k] * float(w[j, k])) * w_scale[j] + bias[j])
+// (w_scale[j] = 1 and bias[j] = 0 where null; the sum in fp32, in an order of the kernel's).
+#pragma once
+
+#include <cstdint>
+
+#include "norm.h"  // DType
+
+namespace transfuse {
+
+struct GemmParams {
+  const float* x = nullptr;        // [m, k]
+  const void* w = nullptr;         // [n, k], int8 if w_int8 else fp32
+  bool w_int8 = false;
+  const float* w_scale = nullptr;  // [n] or null
+  const float* bias = nullptr;     // [n] or null
+  void* out = nullptr;             // [m, n], dtype
+  int64_t m = 0;
+  int64_t n = 0;
+  int64_t k = 0;
+  DType dtype = DType::f32;        // of out
+  int num_threads = 1;             // OpenMP threads to use
+};
+
+}  // namespace transfuse

@@ -1,0 +1,53 @@
+"""Linear: x @ weight^T + bias, the float GEMMs of a transformer block (the block rules call it).
+
+On the cpu backend, an fp32 call on a CPU with AVX-512 with at least MIN_ROWS rows and MIN_WORK
+multiply-adds, when autograd records nothing and torch.compile is not tracing, runs transfuse's
+GEMM (csrc/cpu/gemm.cpp: the weight packed per call into L2-resident panels, 6 x 64 register
+tiles, bias in the epilogue; 1.20-1.26x F.linear at all-MiniLM-L6-v2's shapes on 2 AVX-512
+threads). Every other call is torch's own F.linear (oneDNN on the CPU, cuBLAS on CUDA: transfuse
+has no GPU GEMM of its own), which also gives the gradients. The reference backend computes in
+float64 and rounds once.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import backends, reference
+from . import _backend
+
+MIN_ROWS = 16        # fewer rows (decoding): torch's GEMV; packing would cost more than it saves
+MIN_WORK = 1 << 20   # multiply-adds; smaller products: torch's, at its smaller per-call cost
+
+
+def linear(x, weight, bias=None, *, backend=None):
+    """x [..., k] @ weight [n, k]^T + bias [n] -> [..., n], as F.linear (same dtypes)."""
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() == 0:
+        raise TypeError("x must be a float torch.Tensor with at least one dimension")
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise TypeError("weight must be a 2-D torch.Tensor [out_features, in_features]")
+    if weight.dtype != x.dtype or weight.device != x.device:
+        raise TypeError(f"weight must have x's dtype and device ({x.dtype}, {x.device}), got "
+                        f"{weight.dtype}, {weight.device}")
+    if weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"x's last dimension ({x.shape[-1]}) must equal weight's in_features "
+                         f"({weight.shape[1]})")
+    if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (
+            weight.shape[0],) or bias.dtype != x.dtype or bias.device != x.device):
+        raise ValueError(f"bias must be None or a vector of out_features = {weight.shape[0]} "
+                         f"elements with x's dtype and device")
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"backend must be a str or None, got {backend!r}")
+    name = _backend.resolve("linear", backend, x.device)
+    if name == "reference":
+        return reference.linear(x, weight, bias)
+    if name == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling() and not (
+            torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (
+                bias is not None and bias.requires_grad))):
+        rows = x.numel() // max(x.shape[-1], 1)
+        if rows >= MIN_ROWS and rows * weight.numel() >= MIN_WORK:
+            out = backends.extension()[0].linear(x, weight, bias)
+            if out is not None:
+                return out
+    return F.linear(x, weight, bias)

@@ -1,0 +1,95 @@
+"""transfuse.ops.linear: transfuse's fp32 CPU GEMM (csrc/cpu/gemm.cpp) against reference.py's
+float64 product over awkward shapes, torch's F.linear for every call it does not take, gradients,
+and bad input named."""
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import transfuse
+from transfuse import reference
+linear_module = importlib.import_module("transfuse.ops.linear")
+
+from helpers import cpu_backends
+
+pytestmark = pytest.mark.usefixtures("poison_allocations")
+
+# (rows, n, k): every remainder of the 6-row tiles, 64-column panels with tails, k tails and
+# several 256-column k blocks, leading dimensions
+SHAPES = [((16,), 64, 256), ((17,), 65, 17), ((2, 9), 130, 513), ((19,), 1, 300), ((20,), 3, 5),
+          ((3, 7), 129, 1024), ((23,), 200, 64)]
+
+
+def kernel_calls(monkeypatch):
+    """Counts the calls of transfuse._C.linear that returned a result (the GEMM ran)."""
+    module = transfuse.backends.extension()[0]
+    if module is None:
+        pytest.skip("needs the C++ extension")
+    calls, original = [0], module.linear
+
+    def counting(*args):
+        out = original(*args)
+        calls[0] += out is not None
+        return out
+    monkeypatch.setattr(module, "linear", counting)
+    return calls
+
+
+def within_fp32_accumulation(out, x, w, bias):
+    exact = reference.linear(x.double(), w.double(), None if bias is None else bias.double())
+    magnitude = x.double().abs() @ w.double().abs().T + (0 if bias is None else bias.double().abs())
+    bound = 2 * x.shape[-1] * torch.finfo(torch.float32).eps * magnitude + 1e-30
+    assert torch.isfinite(out).all() and ((out.double() - exact).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_cpu_gemm_within_fp32_accumulation_of_float64(shape, with_bias, monkeypatch):
+    monkeypatch.setattr(linear_module, "MIN_WORK", 0)  # the small shapes too
+    calls = kernel_calls(monkeypatch)
+    lead, n, k = shape
+    x, w = torch.randn(*lead, k), torch.randn(n, k)
+    bias = torch.randn(n) if with_bias else None
+    with torch.no_grad():
+        out = transfuse.ops.linear(x, w, bias, backend="cpu")
+    assert out.shape == (*lead, n) and out.dtype == torch.float32
+    within_fp32_accumulation(out, x, w, bias)
+    if transfuse.backends.extension()[0].cpu_gemm:
+        assert calls[0] == 1  # the GEMM ran (elsewhere torch's F.linear does)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + cpu_backends())
+def test_calls_it_does_not_take_are_f_linear(backend, monkeypatch):
+    """Few rows, other dtypes, autograd and the other backends: torch's F.linear (the reference
+    computes in float64), gradients included."""
+    calls = kernel_calls(monkeypatch)
+    w, bias = torch.randn(96, 80), torch.randn(96)
+    for x in (torch.randn(15, 80), torch.randn(40, 80).bfloat16(), torch.randn(40, 80).half()):
+        out = transfuse.ops.linear(x, w.to(x.dtype), bias.to(x.dtype), backend=backend)
+        expected = (reference.linear if backend == "reference" else F.linear)(
+            x, w.to(x.dtype), bias.to(x.dtype))
+        assert torch.equal(out, expected)
+    x = torch.randn(40, 80, requires_grad=True)
+    out = transfuse.ops.linear(x, w, bias, backend=backend)
+    out.square().sum().backward()
+    dtype = torch.float64 if backend == "reference" else torch.float32  # the reference's own
+    x2 = x.detach().to(dtype).requires_grad_()
+    F.linear(x2, w.to(dtype), bias.to(dtype)).square().sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad.float(), rtol=1e-5, atol=1e-5)
+    assert calls[0] == 0
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda x, w: transfuse.ops.linear("x", w), TypeError, "x must be a float torch.Tensor"),
+    (lambda x, w: transfuse.ops.linear(x.long(), w), TypeError, "x must be a float"),
+    (lambda x, w: transfuse.ops.linear(x, w[0]), TypeError, "weight must be a 2-D"),
+    (lambda x, w: transfuse.ops.linear(x, w.double()), TypeError, "weight must have x's dtype"),
+    (lambda x, w: transfuse.ops.linear(x, w[:, :5]), ValueError, "must equal weight's in_features"),
+    (lambda x, w: transfuse.ops.linear(x, w, torch.ones(3)), ValueError, "bias must be None or"),
+    (lambda x, w: transfuse.ops.linear(x, w, backend=3), TypeError, "backend must be a str"),
+    (lambda x, w: transfuse.ops.linear(x, w, backend="nope"), ValueError, "backend must be one of"),
+])
+def test_bad_input_names_the_argument(call, error, match):
+    with pytest.raises(error, match=match):
+        call(torch.randn(20, 8), torch.randn(6, 8))
