@@ -206,9 +206,10 @@ Tensor int8_linear_w8a16(const Tensor& x, const Tensor& w, const Tensor& w_scale
 }
 
 constexpr int64_t kGemvMaxRows = 16;  // w8a16 rows up to this go to the GEMV kernels (decoding)
-// but on a CPU with AVX-512, where more than kCpuGemvMaxRows go to cpu::gemm (4096 x 4096, 2
-// threads: 5 rows 2.2 ms against the GEMV's 3.7, 16 rows 4.5 against 5.4; 2-4 rows level)
-constexpr int64_t kCpuGemvMaxRows = 4;
+// but on a CPU with AVX-512, where up to kCpuGemvMaxRows do, and more go to cpu::gemm (4096 x
+// 4096, 2 threads: 32 rows 5.9 ms against the GEMM's 7.2, 48 rows 7.7 against 9.3, 64 level;
+// both near the fp32 FMA peak from 16 rows)
+constexpr int64_t kCpuGemvMaxRows = 48;
 constexpr int64_t kMaxK = 133000;  // k * 127 * 127 below 2^31: exact int32 sums (= Python MAX_K)
 constexpr int64_t kDequantBlockElements = 1 << 23;  // CPU w8a16 beyond the GEMV: weights
                                                    // dequantized at once (32 MB of fp32)
@@ -324,7 +325,7 @@ std::optional<Tensor> int8_linear(const Tensor& x, const Tensor& w, const Tensor
   } else if (w8a8) {
     const auto [x_q, x_scale] = quantize_per_token(x2);
     out = int8_linear_w8a8(x_q, x_scale, w_c, w_scale_c, bias_x, x.scalar_type());
-  } else if (!x.is_cuda() && m > kCpuGemvMaxRows && (m > kGemvMaxRows || cpu::has_gemm())) {
+  } else if (!x.is_cuda() && (cpu::has_gemm() ? m > kCpuGemvMaxRows : m > kGemvMaxRows)) {
     out = w8a16_cpu(x2, w_c, w_scale_c, bias_x);
   } else {
     out = int8_linear_w8a16(x2, w_c, w_scale_c, bias_x);

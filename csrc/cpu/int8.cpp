@@ -150,6 +150,50 @@ int64_t dot_tile_one_row_avx512(const float* x, const int8_t* const* w, int64_t 
   return k;
 }
 
+// The 4 x 4 tile of dot_tile for a few tokens on AVX-512: each 16 weights of a row widened in
+// registers once and used by the 4 rows of x (named accumulators: GCC spills an array of them).
+#define TRANSFUSE_W8A16_TILE_ROW(r)                                                      \
+  {                                                                                      \
+    const __m512 xv = _mm512_loadu_ps(x[r] + k);                                         \
+    acc##r##0 = _mm512_fmadd_ps(xv, w0, acc##r##0);                                      \
+    acc##r##1 = _mm512_fmadd_ps(xv, w1, acc##r##1);                                      \
+    acc##r##2 = _mm512_fmadd_ps(xv, w2, acc##r##2);                                      \
+    acc##r##3 = _mm512_fmadd_ps(xv, w3, acc##r##3);                                      \
+  }
+#define TRANSFUSE_W8A16_TILE_SUMS(r)                                                     \
+  sums[r * kTileCols] = _mm512_reduce_add_ps(acc##r##0);                                 \
+  sums[r * kTileCols + 1] = _mm512_reduce_add_ps(acc##r##1);                             \
+  sums[r * kTileCols + 2] = _mm512_reduce_add_ps(acc##r##2);                             \
+  sums[r * kTileCols + 3] = _mm512_reduce_add_ps(acc##r##3);
+
+__attribute__((target("avx512f")))
+int64_t dot_tile_avx512(const float* const* x, const int8_t* const* w, int64_t n, float* sums) {
+  static_assert(kTileRows == 4 && kTileCols == 4, "the macros name a 4 x 4 tile");
+  __m512 acc00, acc01, acc02, acc03, acc10, acc11, acc12, acc13, acc20, acc21, acc22, acc23,
+      acc30, acc31, acc32, acc33;
+  acc00 = acc01 = acc02 = acc03 = acc10 = acc11 = acc12 = acc13 = _mm512_setzero_ps();
+  acc20 = acc21 = acc22 = acc23 = acc30 = acc31 = acc32 = acc33 = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) {
+    if ((k & 63) == 0)
+      for (int64_t c = 0; c < kTileCols; ++c)
+        _mm_prefetch(w[c] + k + kPrefetchRows * n, _MM_HINT_T0);
+    const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                      _mm_loadu_si128(reinterpret_cast<const __m128i*>(w[0] + k)))),
+                 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                      _mm_loadu_si128(reinterpret_cast<const __m128i*>(w[1] + k)))),
+                 w2 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                      _mm_loadu_si128(reinterpret_cast<const __m128i*>(w[2] + k)))),
+                 w3 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                      _mm_loadu_si128(reinterpret_cast<const __m128i*>(w[3] + k))));
+    TRANSFUSE_W8A16_TILE_ROW(0) TRANSFUSE_W8A16_TILE_ROW(1) TRANSFUSE_W8A16_TILE_ROW(2)
+    TRANSFUSE_W8A16_TILE_ROW(3)
+  }
+  TRANSFUSE_W8A16_TILE_SUMS(0) TRANSFUSE_W8A16_TILE_SUMS(1) TRANSFUSE_W8A16_TILE_SUMS(2)
+  TRANSFUSE_W8A16_TILE_SUMS(3)
+  return k;
+}
+
 __attribute__((target("avx2")))
 int64_t dot_tile_one_row_avx2(const float* x, const int8_t* const* w, int64_t n, float* sums) {
   __m256 acc[kTileCols];
@@ -228,6 +272,21 @@ void dot_tile_one_row(const float* const* x, const int8_t* const* w, int64_t n, 
     for (int64_t k = done; k < n; ++k) sums[c] += x[0][k] * static_cast<float>(w[c][k]);
 }
 
+// dot_tile for a few tokens: AVX-512 widens the weights in registers, else dot_tile.
+void dot_tile_few_rows(const float* const* x, const int8_t* const* w, int64_t n, float* sums) {
+#ifdef TRANSFUSE_X86_MULTIVERSION
+  if (vector_isa() == VectorIsa::avx512) {
+    const int64_t done = dot_tile_avx512(x, w, n, sums);
+    for (int64_t r = 0; r < kTileRows; ++r)
+      for (int64_t c = 0; c < kTileCols; ++c)
+        for (int64_t k = done; k < n; ++k)
+          sums[r * kTileCols + c] += x[r][k] * static_cast<float>(w[c][k]);
+    return;
+  }
+#endif
+  dot_tile(x, w, n, sums);
+}
+
 constexpr int64_t kMinWorkPerThread = 65536;  // element operations (threads.h)
 
 }  // namespace
@@ -289,7 +348,7 @@ void int8_linear_w8a16(const Int8LinearParams& p) {
         if (p.m == 1)
           dot_tile_one_row(x_rows, w_rows, p.k, sums);
         else
-          dot_tile(x_rows, w_rows, p.k, sums);
+          dot_tile_few_rows(x_rows, w_rows, p.k, sums);
         for (int64_t r = 0; r < std::min(kTileRows, p.m - i0); ++r)
           for (int64_t c = 0; c < std::min(kTileCols, j_end - j0); ++c)
             out[(i0 + r) * p.n + j0 + c] = sums[r * kTileCols + c] * p.w_scale[j0 + c] +
