@@ -37,35 +37,39 @@ def kernel_calls(monkeypatch):
 
 
 def within_fp32_accumulation(out, x, w, bias):
+    """|out - exact| within fp32 accumulation over k terms, then one rounding to out's dtype."""
     exact = reference.linear(x.double(), w.double(), None if bias is None else bias.double())
     magnitude = x.double().abs() @ w.double().abs().T + (0 if bias is None else bias.double().abs())
-    bound = 2 * x.shape[-1] * torch.finfo(torch.float32).eps * magnitude + 1e-30
+    bound = (2 * x.shape[-1] * torch.finfo(torch.float32).eps * magnitude
+             + exact.abs() * torch.finfo(out.dtype).eps + 1e-30)
     assert torch.isfinite(out).all() and ((out.double() - exact).abs() <= bound).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_cpu_gemm_within_fp32_accumulation_of_float64(shape, with_bias, monkeypatch):
+def test_cpu_gemm_within_fp32_accumulation_of_float64(shape, with_bias, dtype, monkeypatch):
     monkeypatch.setattr(linear_module, "MIN_WORK", 0)  # the small shapes too
     calls = kernel_calls(monkeypatch)
     lead, n, k = shape
-    x, w = torch.randn(*lead, k), torch.randn(n, k)
-    bias = torch.randn(n) if with_bias else None
+    x, w = torch.randn(*lead, k).to(dtype), torch.randn(n, k).to(dtype)
+    bias = torch.randn(n).to(dtype) if with_bias else None
     with torch.no_grad():
         out = transfuse.ops.linear(x, w, bias, backend="cpu")
-    assert out.shape == (*lead, n) and out.dtype == torch.float32
+    assert out.shape == (*lead, n) and out.dtype == dtype
     within_fp32_accumulation(out, x, w, bias)
-    if transfuse.backends.extension()[0].cpu_gemm:
+    module = transfuse.backends.extension()[0]
+    if module.cpu_gemm if dtype == torch.float32 else module.cpu_gemm_bf16:
         assert calls[0] == 1  # the GEMM ran (elsewhere torch's F.linear does)
 
 
 @pytest.mark.parametrize("backend", ["reference"] + cpu_backends())
 def test_calls_it_does_not_take_are_f_linear(backend, monkeypatch):
-    """Few rows, other dtypes, autograd and the other backends: torch's F.linear (the reference
-    computes in float64), gradients included."""
+    """Few rows, fp16, autograd and the other backends: torch's F.linear (the reference computes
+    in float64), gradients included."""
     calls = kernel_calls(monkeypatch)
     w, bias = torch.randn(96, 80), torch.randn(96)
-    for x in (torch.randn(15, 80), torch.randn(40, 80).bfloat16(), torch.randn(40, 80).half()):
+    for x in (torch.randn(15, 80), torch.randn(15, 80).bfloat16(), torch.randn(40, 80).half()):
         out = transfuse.ops.linear(x, w.to(x.dtype), bias.to(x.dtype), backend=backend)
         expected = (reference.linear if backend == "reference" else F.linear)(
             x, w.to(x.dtype), bias.to(x.dtype))

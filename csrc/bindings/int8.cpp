@@ -250,7 +250,7 @@ Tensor w8a16_cpu(const Tensor& x, const Tensor& w, const Tensor& w_scale, const 
   const Tensor xf = x.to(at::kFloat);
   const OptTensor bias_f = bias ? OptTensor(bias->to(at::kFloat)) : std::nullopt;
   GemmParams g;
-  g.x = xf.data_ptr<float>();
+  g.x = xf.data_ptr();
   g.w = p.w;
   g.w_int8 = true;
   g.w_scale = p.w_scale;

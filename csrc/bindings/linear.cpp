@@ -1,6 +1,6 @@
-// Binding of the fp32 linear: transfuse._C.linear(x, w, bias) = x @ w^T + bias. On the CPU with
-// AVX-512, fp32 x and w: cpu::gemm (weights packed per call into L2-resident panels); any other
-// call is torch's own (at::linear), which the binding says by returning None.
+// Binding of the linear: transfuse._C.linear(x, w, bias) = x @ w^T + bias. On the CPU, fp32 with
+// AVX-512: cpu::gemm; bf16 with AVX512_BF16: cpu::gemm_bf16 (weights packed per call into
+// L2-resident panels). Any other call is left to torch (at::linear): the binding returns None.
 // python/transfuse/ops/linear.py validates user input first; these checks guard the kernel.
 #include <optional>
 #include <vector>
@@ -11,6 +11,8 @@
 
 #include "python_functions.h"
 
+#include "dtype.h"
+
 #include "../cpu/gemm.h"
 
 namespace transfuse {
@@ -19,8 +21,9 @@ namespace {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
-// x [..., k] (any layout) @ w [n, k]^T + bias [n] -> [..., n]; None where cpu::gemm does not take
-// the call (not CPU fp32, no AVX-512, an empty product).
+// x [..., k] (any layout) @ w [n, k]^T + bias [n] -> [..., n]; None where transfuse's GEMMs do not
+// take the call (not on the CPU, dtypes other than all fp32 or all bf16, a CPU without AVX-512 /
+// AVX512_BF16, an empty product).
 std::optional<Tensor> linear(const Tensor& x, const Tensor& w, const OptTensor& bias) {
   TORCH_CHECK_VALUE(x.dim() >= 1, "x must have at least one dimension");
   TORCH_CHECK_VALUE(w.dim() == 2, "weight must be 2-D [out_features, in_features]");
@@ -29,24 +32,28 @@ std::optional<Tensor> linear(const Tensor& x, const Tensor& w, const OptTensor& 
                     ") must equal weight's in_features (", w.size(1), ")");
   TORCH_CHECK_VALUE(!bias || (bias->dim() == 1 && bias->size(0) == n),
                     "bias must be a vector of out_features = ", n, " elements");
-  const bool fp32 = x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat &&
-                    (!bias || bias->scalar_type() == at::kFloat);
+  const at::ScalarType dtype = x.scalar_type();
+  const bool same_dtype = w.scalar_type() == dtype && (!bias || bias->scalar_type() == dtype);
   const bool cpu = x.device().is_cpu() && w.device().is_cpu() && (!bias || bias->device().is_cpu());
+  const bool bf16 = dtype == at::kBFloat16;
   const int64_t m = x.numel() / std::max<int64_t>(k, 1);
-  if (!fp32 || !cpu || m == 0 || n == 0 || k == 0) return std::nullopt;
+  if (!same_dtype || !cpu || (dtype != at::kFloat && !bf16) || m == 0 || n == 0 || k == 0 ||
+      !(bf16 ? cpu::has_gemm_bf16() : cpu::has_gemm()))
+    return std::nullopt;
   const Tensor x2 = x.reshape({m, k}).contiguous(), w_c = w.contiguous();
-  const OptTensor bias_c = bias ? OptTensor(bias->contiguous()) : std::nullopt;
+  const OptTensor bias_f = bias ? OptTensor(bias->to(at::kFloat).contiguous()) : std::nullopt;
   Tensor out = at::empty({m, n}, x.options());
   GemmParams p;
-  p.x = x2.data_ptr<float>();
-  p.w = w_c.data_ptr<float>();
-  p.bias = bias_c ? bias_c->data_ptr<float>() : nullptr;
+  p.x = x2.data_ptr();
+  p.w = w_c.data_ptr();
+  p.bias = bias_f ? bias_f->data_ptr<float>() : nullptr;
   p.out = out.data_ptr();
   p.m = m;
   p.n = n;
   p.k = k;
+  p.dtype = bf16 ? DType::bf16 : DType::f32;
   p.num_threads = at::get_num_threads();
-  if (!cpu::gemm(p)) return std::nullopt;
+  if (!(bf16 ? cpu::gemm_bf16(p) : cpu::gemm(p))) return std::nullopt;
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = n;
   return out.view(out_shape);

@@ -23,6 +23,7 @@ PyMODINIT_FUNC PyInit__C() {
     PyModule_AddIntConstant(module, "with_cuda", with_cuda);
     PyModule_AddIntConstant(module, "cpu_int8_dot", transfuse::cpu::has_int8_dot());
     PyModule_AddIntConstant(module, "cpu_gemm", transfuse::cpu::has_gemm());
+    PyModule_AddIntConstant(module, "cpu_gemm_bf16", transfuse::cpu::has_gemm_bf16());
     transfuse::add_norm_functions(module);
     transfuse::add_attention_functions(module);
     transfuse::add_int8_functions(module);

@@ -1,8 +1,10 @@
-// Parameters of the CPU fp32 GEMM with its epilogue (cpu/gemm.cpp), which runs transfuse's fp32
-// linear and the w8a16 linear beyond a few rows. Knows nothing of torch. All tensors contiguous,
-// row-major. x [m, k] fp32, w [n, k] fp32 or int8, w_scale [n] and bias [n] fp32 or null:
-//   out[i, j] = round_out((sum_k x[i, k] * float(w[j, k])) * w_scale[j] + bias[j])
-// (w_scale[j] = 1 and bias[j] = 0 where null; the sum in fp32, in an order of the kernel's).
+// Parameters of the CPU GEMMs with their epilogue (cpu/gemm.cpp: fp32, which runs transfuse's
+// fp32 linear and the w8a16 linear beyond a few rows; cpu/gemm_bf16.cpp: bf16 x and w). Knows
+// nothing of torch. All tensors contiguous, row-major. x [m, k] fp32 (gemm) or bf16 (gemm_bf16),
+// w [n, k] fp32 or int8 (gemm) or bf16 (gemm_bf16), w_scale [n] and bias [n] fp32 or null:
+//   out[i, j] = round_out((sum_k float(x[i, k]) * float(w[j, k])) * w_scale[j] + bias[j])
+// (w_scale[j] = 1 and bias[j] = 0 where null; the sum in fp32, in an order of the kernel's; the
+// products of bf16 values are exact in fp32).
 #pragma once
 
 #include <cstdint>
@@ -12,8 +14,8 @@
 namespace transfuse {
 
 struct GemmParams {
-  const float* x = nullptr;        // [m, k]
-  const void* w = nullptr;         // [n, k], int8 if w_int8 else fp32
+  const void* x = nullptr;         // [m, k], fp32 (gemm) or bf16 (gemm_bf16)
+  const void* w = nullptr;         // [n, k], int8 if w_int8 else fp32 (gemm); bf16 (gemm_bf16)
   bool w_int8 = false;
   const float* w_scale = nullptr;  // [n] or null
   const float* bias = nullptr;     // [n] or null

@@ -192,8 +192,8 @@ TRANSFUSE_AVX512BW void gemm_avx512(const GemmParams& p) {
         else
           pack_panel(static_cast<const float*>(p.w), p.n, p.k, t.j0, k0, depth, panel.data());
         for (int64_t i0 = 0; i0 < p.m; i0 += kTileRows)
-          run_tile(std::min(kTileRows, p.m - i0), p.x + i0 * p.k + k0, panel.data(), depth,
-                   k0 == 0, k0 + depth == p.k, t, i0);
+          run_tile(std::min(kTileRows, p.m - i0), static_cast<const float*>(p.x) + i0 * p.k + k0,
+                   panel.data(), depth, k0 == 0, k0 + depth == p.k, t, i0);
       }
     }
   }

@@ -1,4 +1,4 @@
-// The CPU fp32 GEMM with its epilogue (the math is in common/gemm.h).
+// The CPU GEMMs with their epilogue (the math is in common/gemm.h).
 #pragma once
 
 #include "../common/gemm.h"
@@ -11,5 +11,10 @@ bool gemm(const GemmParams& p);
 
 // Whether gemm runs on this CPU (AVX-512 with BW and VL, as vector_isa() sees it).
 bool has_gemm();
+
+// bf16 x and w (gemm_bf16.cpp): runs p with AVX512_BF16 dot products and returns true; returns
+// false, writing nothing, on a CPU without AVX512_BF16 (or TRANSFUSE_CPU_ISA below avx512).
+bool gemm_bf16(const GemmParams& p);
+bool has_gemm_bf16();
 
 }  // namespace transfuse::cpu

@@ -58,5 +58,7 @@ def info() -> dict:
               "versions": versions()}
     if module is not None:  # without it, int8 GEMMs on this CPU run no faster than fp32
         report["cpu_int8_dot"] = bool(module.cpu_int8_dot)
-        report["cpu_gemm"] = bool(module.cpu_gemm)  # transfuse's fp32 GEMM (ops.linear) runs
+        # transfuse's own GEMMs (ops.linear) run: fp32 (AVX-512), bf16 (AVX512_BF16)
+        report["cpu_gemm"] = bool(module.cpu_gemm)
+        report["cpu_gemm_bf16"] = bool(module.cpu_gemm_bf16)
     return report

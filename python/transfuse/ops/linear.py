@@ -1,12 +1,12 @@
 """Linear: x @ weight^T + bias, the float GEMMs of a transformer block (the block rules call it).
 
-On the cpu backend, an fp32 call on a CPU with AVX-512 with at least MIN_ROWS rows and MIN_WORK
-multiply-adds, when autograd records nothing and torch.compile is not tracing, runs transfuse's
-GEMM (csrc/cpu/gemm.cpp: the weight packed per call into L2-resident panels, 6 x 64 register
-tiles, bias in the epilogue; 1.20-1.26x F.linear at all-MiniLM-L6-v2's shapes on 2 AVX-512
-threads). Every other call is torch's own F.linear (oneDNN on the CPU, cuBLAS on CUDA: transfuse
-has no GPU GEMM of its own), which also gives the gradients. The reference backend computes in
-float64 and rounds once.
+On the cpu backend, a call with at least MIN_ROWS rows and MIN_WORK multiply-adds, when autograd
+records nothing and torch.compile is not tracing, runs transfuse's GEMMs: fp32 on a CPU with
+AVX-512 (csrc/cpu/gemm.cpp), bf16 on one with AVX512_BF16 (csrc/cpu/gemm_bf16.cpp: fp32 sums of
+exact products; subnormal bf16 inputs count as zero): the weight packed per call into L2-resident
+panels, 6 x 64 register tiles, bias in the epilogue. Every other call is torch's own F.linear
+(oneDNN on the CPU, cuBLAS on CUDA: transfuse has no GPU GEMM of its own), which also gives the
+gradients. The reference backend computes in float64 and rounds once.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from . import _backend
 
 MIN_ROWS = 16        # fewer rows (decoding): torch's GEMV; packing would cost more than it saves
 MIN_WORK = 1 << 20   # multiply-adds; smaller products: torch's, at its smaller per-call cost
+GEMM_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def linear(x, weight, bias=None, *, backend=None):
@@ -42,7 +43,7 @@ def linear(x, weight, bias=None, *, backend=None):
     name = _backend.resolve("linear", backend, x.device)
     if name == "reference":
         return reference.linear(x, weight, bias)
-    if name == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling() and not (
+    if name == "cpu" and x.dtype in GEMM_DTYPES and not torch.compiler.is_compiling() and not (
             torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (
                 bias is not None and bias.requires_grad))):
         rows = x.numel() // max(x.shape[-1], 1)

@@ -1,0 +1,191 @@
+// The CPU bf16 GEMM with its epilogue, for AVX512_BF16 (vdpbf16ps: 32 bf16 products into 16 fp32
+// sums, a pair of consecutive k per lane). The math is in common/gemm.h; the instruction treats
+// subnormal bf16 inputs as zero and flushes subnormal sums to zero.
+// Blocking as the VNNI GEMM (int8_vnni.cpp), with a pair of bf16 (32 bits) where that has four
+// int8: each thread takes panels of 64 weight rows, packs one (16 rows x one pair of k per 64-byte
+// vector: a 16 x 16 transpose of 32-bit pairs) into a buffer that stays in L2, and runs every
+// 6-row tile of x over it: 24 fp32 accumulators (6 rows x 64 columns), per pair of k 4 vector
+// loads of the panel, 6 broadcasts of a pair of x and 24 vdpbf16ps. An odd k gets a zero column.
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "convert.h"
+#include "gemm.h"
+#include "multiversion.h"
+#include "threads.h"
+
+#ifdef TRANSFUSE_X86_MULTIVERSION
+#include <immintrin.h>
+
+#include "transpose_avx512.h"
+#endif
+
+namespace transfuse::cpu {
+
+#ifdef TRANSFUSE_X86_MULTIVERSION
+namespace {
+
+#define TRANSFUSE_BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
+
+constexpr int64_t kTileRows = 6;
+constexpr int64_t kPanelVectors = 4;
+constexpr int64_t kPanelCols = 16 * kPanelVectors;
+constexpr int64_t kMinWorkPerThread = 1 << 18;  // multiply-adds (threads.h)
+
+// acc + the dot products of the two bf16 of a with the two of b in each fp32 lane (vdpbf16ps),
+// as inline assembly: GCC keeps intrinsic accumulators of such instructions in memory.
+TRANSFUSE_BF16 inline __m512 dot_add(__m512 acc, __m512i a, __m512i b) {
+  asm("vdpbf16ps %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+  return acc;
+}
+
+// Packs weight rows [j0, j0 + 64) (zeros past n; an odd k padded with a zero column) as
+// panel[g][c][l] = the pair w[j0 + 16 c + l][2 g, 2 g + 1] (32 bits).
+TRANSFUSE_BF16 void pack_panel(const uint16_t* w, int64_t n, int64_t k, int64_t j0,
+                               uint32_t* panel) {
+  for (int64_t c = 0; c < kPanelVectors; ++c)
+    for (int64_t k0 = 0; k0 < k; k0 += 32) {
+      const __mmask32 mask = k - k0 >= 32 ? ~__mmask32(0) : (__mmask32(1) << (k - k0)) - 1;
+      __m512i rows[16], columns[16];
+      for (int64_t l = 0; l < 16; ++l) {
+        const int64_t j = j0 + 16 * c + l;
+        rows[l] = j < n ? _mm512_maskz_loadu_epi16(mask, w + j * k + k0) : _mm512_setzero_si512();
+      }
+      transpose16(rows, columns);
+      const int64_t pairs = std::min<int64_t>(16, (k - k0 + 1) / 2);
+      for (int64_t g = 0; g < pairs; ++g)
+        _mm512_storeu_si512(panel + (k0 / 2 + g) * kPanelCols + 16 * c, columns[g]);
+    }
+}
+
+#define TRANSFUSE_BF16_ROW_DECLARE(r) \
+  __m512 acc##r##0 = zero, acc##r##1 = zero, acc##r##2 = zero, acc##r##3 = zero;
+#define TRANSFUSE_BF16_ROW_STEP(r)                                               \
+  if constexpr (R > r) {                                                         \
+    uint32_t pair;                                                               \
+    std::memcpy(&pair, x + r * stride + 2 * g, sizeof(pair));                    \
+    const __m512i xv = _mm512_set1_epi32(int32_t(pair));                         \
+    acc##r##0 = dot_add(acc##r##0, xv, w0);                                      \
+    acc##r##1 = dot_add(acc##r##1, xv, w1);                                      \
+    acc##r##2 = dot_add(acc##r##2, xv, w2);                                      \
+    acc##r##3 = dot_add(acc##r##3, xv, w3);                                      \
+  }
+#define TRANSFUSE_BF16_ROW_SAVE(r)                                               \
+  if constexpr (R > r) {                                                         \
+    sums[r][0] = acc##r##0;                                                      \
+    sums[r][1] = acc##r##1;                                                      \
+    sums[r][2] = acc##r##2;                                                      \
+    sums[r][3] = acc##r##3;                                                      \
+  }
+
+// sums[r][c] = the fp32 sums of rows r < R <= 6 of x (row stride `stride` bf16, whole pairs)
+// over the packed panel.
+template <int R>
+TRANSFUSE_BF16 __attribute__((noinline)) void tile_product(const uint16_t* x, int64_t stride,
+                                                           int64_t pairs, const uint32_t* panel,
+                                                           __m512 sums[kTileRows][kPanelVectors]) {
+  static_assert(kTileRows == 6 && kPanelVectors == 4, "the macros name 6 rows of 4 vectors");
+  const __m512 zero = _mm512_setzero_ps();
+  TRANSFUSE_BF16_ROW_DECLARE(0) TRANSFUSE_BF16_ROW_DECLARE(1) TRANSFUSE_BF16_ROW_DECLARE(2)
+  TRANSFUSE_BF16_ROW_DECLARE(3) TRANSFUSE_BF16_ROW_DECLARE(4) TRANSFUSE_BF16_ROW_DECLARE(5)
+  for (int64_t g = 0; g < pairs; ++g) {
+    const uint32_t* vectors = panel + g * kPanelCols;
+    const __m512i w0 = _mm512_loadu_si512(vectors), w1 = _mm512_loadu_si512(vectors + 16),
+                  w2 = _mm512_loadu_si512(vectors + 32), w3 = _mm512_loadu_si512(vectors + 48);
+    TRANSFUSE_BF16_ROW_STEP(0) TRANSFUSE_BF16_ROW_STEP(1) TRANSFUSE_BF16_ROW_STEP(2)
+    TRANSFUSE_BF16_ROW_STEP(3) TRANSFUSE_BF16_ROW_STEP(4) TRANSFUSE_BF16_ROW_STEP(5)
+  }
+  TRANSFUSE_BF16_ROW_SAVE(0) TRANSFUSE_BF16_ROW_SAVE(1) TRANSFUSE_BF16_ROW_SAVE(2)
+  TRANSFUSE_BF16_ROW_SAVE(3) TRANSFUSE_BF16_ROW_SAVE(4) TRANSFUSE_BF16_ROW_SAVE(5)
+}
+
+// out rows [i0, i0 + rows), columns [j0, j0 + 64) inside n: sums * w_scale + bias in p.dtype.
+TRANSFUSE_BF16 void tile_store(const __m512 sums[kTileRows][kPanelVectors], int64_t rows,
+                               const GemmParams& p, int64_t i0, int64_t j0) {
+  const int64_t cols = std::min(kPanelCols, p.n - j0);
+  __m512 w_scale[kPanelVectors], bias[kPanelVectors];
+  for (int64_t c = 0; c < kPanelVectors; ++c) {
+    const __mmask16 inside = __mmask16((1u << std::clamp<int64_t>(cols - 16 * c, 0, 16)) - 1);
+    w_scale[c] = p.w_scale ? _mm512_maskz_loadu_ps(inside, p.w_scale + j0 + 16 * c)
+                           : _mm512_set1_ps(1.f);
+    bias[c] = p.bias ? _mm512_maskz_loadu_ps(inside, p.bias + j0 + 16 * c) : _mm512_setzero_ps();
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    float staged[kPanelCols];
+    for (int c = 0; c < kPanelVectors; ++c)
+      _mm512_storeu_ps(staged + 16 * c, _mm512_add_ps(_mm512_mul_ps(sums[r][c], w_scale[c]),
+                                                      bias[c]));
+    store_row(staged, p.dtype,
+              static_cast<char*>(p.out) + ((i0 + r) * p.n + j0) * dtype_size(p.dtype), cols);
+  }
+}
+
+TRANSFUSE_BF16 void run_tile(int64_t rows, const uint16_t* x, int64_t stride, int64_t pairs,
+                             const uint32_t* panel, const GemmParams& p, int64_t i0, int64_t j0) {
+  __m512 sums[kTileRows][kPanelVectors];
+  switch (rows) {
+    case 1: tile_product<1>(x, stride, pairs, panel, sums); break;
+    case 2: tile_product<2>(x, stride, pairs, panel, sums); break;
+    case 3: tile_product<3>(x, stride, pairs, panel, sums); break;
+    case 4: tile_product<4>(x, stride, pairs, panel, sums); break;
+    case 5: tile_product<5>(x, stride, pairs, panel, sums); break;
+    default: tile_product<6>(x, stride, pairs, panel, sums); break;
+  }
+  tile_store(sums, rows, p, i0, j0);
+}
+
+TRANSFUSE_BF16 void gemm_bf16_avx512(const GemmParams& p) {
+  const int64_t pairs = (p.k + 1) / 2;
+  const uint16_t* x = static_cast<const uint16_t*>(p.x);
+  int64_t stride = p.k;
+  std::vector<uint16_t> padded;  // an odd k: rows copied with a zero column
+  if (p.k % 2) {
+    stride = p.k + 1;
+    padded.assign(p.m * stride, 0);
+    for (int64_t i = 0; i < p.m; ++i)
+      std::memcpy(padded.data() + i * stride, x + i * p.k, p.k * sizeof(uint16_t));
+    x = padded.data();
+  }
+  const int64_t panels = (p.n + kPanelCols - 1) / kPanelCols;
+#pragma omp parallel num_threads(threads_for(p.num_threads, panels, p.m * p.n * p.k, \
+                                                 kMinWorkPerThread))
+  {
+    // whole 16-pair chunks: pack_panel writes all 16 pairs of its last chunk
+    std::vector<uint32_t> panel((pairs + 15) / 16 * 16 * kPanelCols);
+#pragma omp for schedule(static)
+    for (int64_t panel_index = 0; panel_index < panels; ++panel_index) {
+      const int64_t j0 = panel_index * kPanelCols;
+      pack_panel(static_cast<const uint16_t*>(p.w), p.n, p.k, j0, panel.data());
+      for (int64_t i0 = 0; i0 < p.m; i0 += kTileRows)
+        run_tile(std::min(kTileRows, p.m - i0), x + i0 * stride, stride, pairs, panel.data(), p,
+                 i0, j0);
+    }
+  }
+}
+
+}  // namespace
+#endif
+
+bool has_gemm_bf16() {
+#ifdef TRANSFUSE_X86_MULTIVERSION
+  static const bool has = vector_isa() == VectorIsa::avx512 &&
+                          __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512bf16");
+  return has;
+#else
+  return false;
+#endif
+}
+
+bool gemm_bf16(const GemmParams& p) {
+#ifdef TRANSFUSE_X86_MULTIVERSION
+  if (!has_gemm_bf16()) return false;
+  gemm_bf16_avx512(p);
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace transfuse::cpu
