@@ -63,6 +63,33 @@ def test_cpu_gemm_within_fp32_accumulation_of_float64(shape, with_bias, dtype, m
         assert calls[0] == 1  # the GEMM ran (elsewhere torch's F.linear does)
 
 
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gelu_epilogue_within_its_error_of_float64(dtype, activation, monkeypatch):
+    """act(x @ w^T + b) with the GELU in the GEMM's epilogue: the fp32 accumulation's error
+    through GELU (slope <= 1.13), GELU's own (2.5e-7 of Phi), one rounding to x's dtype (and,
+    where torch's F.linear and F.gelu run instead, the rounding of z between them)."""
+    monkeypatch.setattr(linear_module, "MIN_WORK", 0)
+    calls = kernel_calls(monkeypatch)
+    module = transfuse.backends.extension()[0]
+    kernel = module.cpu_gemm if dtype == torch.float32 else module.cpu_gemm_bf16
+    for lead, n, k in [((17,), 65, 17), ((2, 9), 130, 513), ((23,), 200, 64)]:
+        x, w, b = (torch.randn(*lead, k) * 0.3).to(dtype), torch.randn(n, k).to(dtype), \
+            torch.randn(n).to(dtype)
+        with torch.no_grad():
+            out = transfuse.ops.linear(x, w, b, activation=activation, backend="cpu")
+        z = reference.linear(x.double(), w.double(), b.double())
+        exact = reference.linear(x.double(), w.double(), b.double(), activation)
+        magnitude = x.double().abs() @ w.double().abs().T + b.double().abs()
+        between = 0 if kernel else z.abs() * torch.finfo(dtype).eps  # F.linear's rounding
+        bound = (1.2 * (2 * k * torch.finfo(torch.float32).eps * magnitude + between)
+                 + 1e-6 * z.abs() + exact.abs() * torch.finfo(dtype).eps + 1e-6)
+        assert out.dtype == dtype and ((out.double() - exact).abs() <= bound).all()
+    assert calls[0] == (3 if kernel else 0)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        transfuse.ops.linear(x, w, b, activation="relu")
+
+
 @pytest.mark.parametrize("backend", ["reference"] + cpu_backends())
 def test_calls_it_does_not_take_are_f_linear(backend, monkeypatch):
     """Few rows, fp16, autograd and the other backends: torch's F.linear (the reference computes

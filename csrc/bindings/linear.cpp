@@ -1,4 +1,5 @@
-// Binding of the linear: transfuse._C.linear(x, w, bias) = x @ w^T + bias. On the CPU, fp32 with
+// Binding of the linear: transfuse._C.linear(x, w, bias, activation) = act(x @ w^T + bias), act
+// "none", "gelu" or "gelu_tanh". On the CPU, fp32 with
 // AVX-512: cpu::gemm; bf16 with AVX512_BF16: cpu::gemm_bf16 (weights packed per call into
 // L2-resident panels). Any other call is left to torch (at::linear): the binding returns None.
 // python/transfuse/ops/linear.py validates user input first; these checks guard the kernel.
@@ -24,7 +25,11 @@ using OptTensor = std::optional<Tensor>;
 // x [..., k] (any layout) @ w [n, k]^T + bias [n] -> [..., n]; None where transfuse's GEMMs do not
 // take the call (not on the CPU, dtypes other than all fp32 or all bf16, a CPU without AVX-512 /
 // AVX512_BF16, an empty product).
-std::optional<Tensor> linear(const Tensor& x, const Tensor& w, const OptTensor& bias) {
+std::optional<Tensor> linear(const Tensor& x, const Tensor& w, const OptTensor& bias,
+                             c10::string_view activation) {
+  TORCH_CHECK_VALUE(activation == "none" || activation == "gelu" || activation == "gelu_tanh",
+                    "activation must be one of (None, 'gelu', 'gelu_tanh'), got '", activation,
+                    "'");
   TORCH_CHECK_VALUE(x.dim() >= 1, "x must have at least one dimension");
   TORCH_CHECK_VALUE(w.dim() == 2, "weight must be 2-D [out_features, in_features]");
   const int64_t k = x.size(-1), n = w.size(0);
@@ -52,6 +57,8 @@ std::optional<Tensor> linear(const Tensor& x, const Tensor& w, const OptTensor& 
   p.n = n;
   p.k = k;
   p.dtype = bf16 ? DType::bf16 : DType::f32;
+  p.gelu = activation != "none";
+  p.approximate = activation == "gelu_tanh" ? GeluApproximation::tanh : GeluApproximation::none;
   p.num_threads = at::get_num_threads();
   if (!(bf16 ? cpu::gemm_bf16(p) : cpu::gemm(p))) return std::nullopt;
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
@@ -65,7 +72,8 @@ void add_linear_functions(PyObject* module) {
   namespace py = pybind11;
   using namespace pybind11::literals;
   auto m = py::reinterpret_borrow<py::module_>(module);
-  m.def("linear", &linear, "x"_a, "w"_a, "bias"_a, py::call_guard<py::gil_scoped_release>());
+  m.def("linear", &linear, "x"_a, "w"_a, "bias"_a, "activation"_a,
+        py::call_guard<py::gil_scoped_release>());
 }
 
 }  // namespace transfuse

@@ -2,14 +2,16 @@
 // fp32 linear and the w8a16 linear beyond a few rows; cpu/gemm_bf16.cpp: bf16 x and w). Knows
 // nothing of torch. All tensors contiguous, row-major. x [m, k] fp32 (gemm) or bf16 (gemm_bf16),
 // w [n, k] fp32 or int8 (gemm) or bf16 (gemm_bf16), w_scale [n] and bias [n] fp32 or null:
-//   out[i, j] = round_out((sum_k float(x[i, k]) * float(w[j, k])) * w_scale[j] + bias[j])
+//   out[i, j] = round_out(act((sum_k float(x[i, k]) * float(w[j, k])) * w_scale[j] + bias[j]))
 // (w_scale[j] = 1 and bias[j] = 0 where null; the sum in fp32, in an order of the kernel's; the
-// products of bf16 values are exact in fp32).
+// products of bf16 values are exact in fp32; act: none, or GELU as common/activation.h states it,
+// in fp32).
 #pragma once
 
 #include <cstdint>
 
-#include "norm.h"  // DType
+#include "activation.h"  // GeluApproximation
+#include "norm.h"        // DType
 
 namespace transfuse {
 
@@ -24,6 +26,8 @@ struct GemmParams {
   int64_t n = 0;
   int64_t k = 0;
   DType dtype = DType::f32;        // of out
+  bool gelu = false;               // act = GELU (approximate) rather than none
+  GeluApproximation approximate = GeluApproximation::none;
   int num_threads = 1;             // OpenMP threads to use
 };
 

@@ -276,6 +276,11 @@ std::vector<float> bias_as_float(const void* bias, DType dtype, int64_t cols) {
 // ------------------------------------------------------------------------------------------------
 
 // y = round_x(gelu(round_x(x + bias)))
+void gelu_row(const float* z, float* y, int64_t n, GeluApproximation approximate) {
+  if (approximate == GeluApproximation::tanh) gelu_tanh_row(z, nullptr, y, n, kClamps);
+  else gelu_erf_row(z, nullptr, y, n, kClamps);
+}
+
 void bias_gelu_forward(const BiasGeluForwardParams& p) {
   const Tiling tiling = tiling_for(p.num_threads, p.rows, p.cols);
   if (tiling.tiles == 0) return;

@@ -12,4 +12,7 @@ void bias_gelu_forward(const BiasGeluForwardParams& p);
 // dx = dy * gelu'(x + bias)  (dbias, the sum of dx over rows, is the caller's)
 void bias_gelu_backward(const BiasGeluBackwardParams& p);
 
+// y[0, n) = gelu(z[0, n)) in fp32 (z and y distinct): the GEMMs' GELU epilogue.
+void gelu_row(const float* z, float* y, int64_t n, GeluApproximation approximate);
+
 }  // namespace transfuse::cpu

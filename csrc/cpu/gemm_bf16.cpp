@@ -10,6 +10,7 @@
 #include <cstring>
 #include <vector>
 
+#include "activation.h"
 #include "convert.h"
 #include "gemm.h"
 #include "multiversion.h"
@@ -100,7 +101,7 @@ TRANSFUSE_BF16 __attribute__((noinline)) void tile_product(const uint16_t* x, in
   TRANSFUSE_BF16_ROW_SAVE(3) TRANSFUSE_BF16_ROW_SAVE(4) TRANSFUSE_BF16_ROW_SAVE(5)
 }
 
-// out rows [i0, i0 + rows), columns [j0, j0 + 64) inside n: sums * w_scale + bias in p.dtype.
+// out rows [i0, i0 + rows), columns [j0, j0 + 64) inside n: act(sums * w_scale + bias) in p.dtype.
 TRANSFUSE_BF16 void tile_store(const __m512 sums[kTileRows][kPanelVectors], int64_t rows,
                                const GemmParams& p, int64_t i0, int64_t j0) {
   const int64_t cols = std::min(kPanelCols, p.n - j0);
@@ -112,11 +113,12 @@ TRANSFUSE_BF16 void tile_store(const __m512 sums[kTileRows][kPanelVectors], int6
     bias[c] = p.bias ? _mm512_maskz_loadu_ps(inside, p.bias + j0 + 16 * c) : _mm512_setzero_ps();
   }
   for (int64_t r = 0; r < rows; ++r) {
-    float staged[kPanelCols];
+    float staged[kPanelCols], activated[kPanelCols];
     for (int c = 0; c < kPanelVectors; ++c)
       _mm512_storeu_ps(staged + 16 * c, _mm512_add_ps(_mm512_mul_ps(sums[r][c], w_scale[c]),
                                                       bias[c]));
-    store_row(staged, p.dtype,
+    if (p.gelu) gelu_row(staged, activated, cols, p.approximate);
+    store_row(p.gelu ? activated : staged, p.dtype,
               static_cast<char*>(p.out) + ((i0 + r) * p.n + j0) * dtype_size(p.dtype), cols);
   }
 }

@@ -244,11 +244,15 @@ def int8_linear(x, w_int8, w_scale, bias=None, mode="w8a8"):
     return out.to(x.dtype).reshape(*x.shape[:-1], w_int8.shape[0])
 
 
-def linear(x, weight, bias=None):
-    """x @ weight^T + bias, computed in float64 and rounded once to x's dtype."""
+def linear(x, weight, bias=None, activation=None):
+    """act(x @ weight^T + bias), act None or "gelu" / "gelu_tanh" (F.gelu, approximate "none" /
+    "tanh"), computed in float64 and rounded once to x's dtype."""
     out = x.double() @ weight.double().T
     if bias is not None:
         out = out + bias.double()
+    if activation is not None:
+        out = torch.nn.functional.gelu(out, approximate="tanh" if activation == "gelu_tanh"
+                                       else "none")
     return out.to(x.dtype)
 
 

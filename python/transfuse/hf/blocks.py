@@ -20,9 +20,11 @@ something else.
   residual_norm  LayerNorm(dropout(dense(h)) + input) (BERT-style SelfOutput / Output): the
                residual add runs inside the fused norm's pass (a FusedLayerNorm, from the norm
                rules) instead of a separate one.
-  bias_gelu    gelu(dense(h)) (BERT-style Intermediate, exact or tanh GELU): the GEMM (float or
-               transfuse int8) without its bias (no copy of the bias into the output first),
-               then one pass of transfuse.ops.bias_gelu.
+  bias_gelu    gelu(dense(h)) (BERT-style Intermediate, exact or tanh GELU): on CPU tensors with
+               a float dense layer, one transfuse.ops.linear with the bias and GELU in its
+               GEMM's epilogue; else the GEMM (float or transfuse int8) without its bias (no
+               copy of the bias into the output first), then one pass of
+               transfuse.ops.bias_gelu.
 
 On CPU tensors the rules' float GEMMs (the projections run one by one, the dense layers before a
 residual norm or a GELU) go through transfuse.ops.linear, whose fp32 GEMM is transfuse's own.
@@ -282,6 +284,9 @@ def _product_without_bias(dense, x, backend):
 
 
 def _bias_gelu_forward(self, hidden_states):
+    fused = _cpu_linear_gelu(self, hidden_states)
+    if fused is not None:
+        return fused
     dense = self.dense
     approximate = _gelu_approximation(self.intermediate_act_fn)
     product = None
@@ -292,6 +297,21 @@ def _bias_gelu_forward(self, hidden_states):
     if product is None:
         return type(self).forward(self, hidden_states)
     return ops.bias_gelu(product, dense.bias, approximate, backend=self.__dict__.get(BACKEND_ATTR))
+
+
+def _cpu_linear_gelu(self, hidden_states):
+    """The GEMM with bias and GELU in its epilogue (transfuse.ops.linear) for a plain nn.Linear on
+    CPU tensors, where the rule applies; else None."""
+    dense = self.dense
+    approximate = _gelu_approximation(self.intermediate_act_fn)
+    if (hidden_states.device.type != "cpu" or approximate is None or not _plain_linear(dense)
+            or "forward" in dense.__dict__ or torch.is_autocast_enabled("cpu")
+            or dense.weight.dtype != hidden_states.dtype
+            or (dense.bias is not None and dense.bias.dtype != hidden_states.dtype)):
+        return None
+    return ops.linear(hidden_states, dense.weight, dense.bias,
+                      activation="gelu" if approximate == "none" else "gelu_tanh",
+                      backend=self.__dict__.get(BACKEND_ATTR))
 
 
 def _patch_bias_gelu(module, names):

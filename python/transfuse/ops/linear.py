@@ -1,10 +1,12 @@
-"""Linear: x @ weight^T + bias, the float GEMMs of a transformer block (the block rules call it).
+"""Linear: act(x @ weight^T + bias), act none or GELU: the float GEMMs of a transformer block
+(the block rules call it).
 
 On the cpu backend, a call with at least MIN_ROWS rows and MIN_WORK multiply-adds, when autograd
 records nothing and torch.compile is not tracing, runs transfuse's GEMMs: fp32 on a CPU with
 AVX-512 (csrc/cpu/gemm.cpp), bf16 on one with AVX512_BF16 (csrc/cpu/gemm_bf16.cpp: fp32 sums of
 exact products; subnormal bf16 inputs count as zero): the weight packed per call into L2-resident
-panels, 6 x 64 register tiles, bias in the epilogue. Every other call is torch's own F.linear
+panels, 6 x 64 register tiles, bias and GELU (in fp32, as transfuse.ops.bias_gelu computes it)
+in the epilogue, one rounding to x's dtype. Every other call is torch's own F.linear (and F.gelu)
 (oneDNN on the CPU, cuBLAS on CUDA: transfuse has no GPU GEMM of its own), which also gives the
 gradients. The reference backend computes in float64 and rounds once.
 """
@@ -22,8 +24,12 @@ MIN_WORK = 1 << 20   # multiply-adds; smaller products: torch's, at its smaller 
 GEMM_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def linear(x, weight, bias=None, *, backend=None):
-    """x [..., k] @ weight [n, k]^T + bias [n] -> [..., n], as F.linear (same dtypes)."""
+ACTIVATIONS = (None, "gelu", "gelu_tanh")  # gelu: F.gelu's exact (erf) form; gelu_tanh: its tanh
+
+
+def linear(x, weight, bias=None, *, activation=None, backend=None):
+    """act(x [..., k] @ weight [n, k]^T + bias [n]) -> [..., n], as F.linear (same dtypes) then,
+    for activation "gelu" / "gelu_tanh", F.gelu (approximate "none" / "tanh")."""
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() == 0:
         raise TypeError("x must be a float torch.Tensor with at least one dimension")
     if not isinstance(weight, Tensor) or weight.dim() != 2:
@@ -38,17 +44,22 @@ def linear(x, weight, bias=None, *, backend=None):
             weight.shape[0],) or bias.dtype != x.dtype or bias.device != x.device):
         raise ValueError(f"bias must be None or a vector of out_features = {weight.shape[0]} "
                          f"elements with x's dtype and device")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"backend must be a str or None, got {backend!r}")
     name = _backend.resolve("linear", backend, x.device)
     if name == "reference":
-        return reference.linear(x, weight, bias)
+        return reference.linear(x, weight, bias, activation)
     if name == "cpu" and x.dtype in GEMM_DTYPES and not torch.compiler.is_compiling() and not (
             torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (
                 bias is not None and bias.requires_grad))):
         rows = x.numel() // max(x.shape[-1], 1)
         if rows >= MIN_ROWS and rows * weight.numel() >= MIN_WORK:
-            out = backends.extension()[0].linear(x, weight, bias)
+            out = backends.extension()[0].linear(x, weight, bias, activation or "none")
             if out is not None:
                 return out
-    return F.linear(x, weight, bias)
+    out = F.linear(x, weight, bias)
+    if activation is None:
+        return out
+    return F.gelu(out, approximate="tanh" if activation == "gelu_tanh" else "none")
