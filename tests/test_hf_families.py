@@ -30,11 +30,12 @@ NEW_TOKENS = 4
 # of the padded batch, counted by hand from the tiny configs, and the transfuse kernel calls the
 # patched model makes instead: "attention" (padded) or "varlen_attention" (packed: padding
 # removal), none where the family's attention does not go through transformers' interface (BLOOM,
-# Falcon); "layer_norm" / "rms_norm" for every norm call; "bias_gelu" from the block rules.
+# Falcon); "layer_norm" / "rms_norm" for every norm call; "linear+gelu" from the block rules (on
+# CPU tensors the GEMM with bias and GELU in its epilogue; elsewhere GEMM, then "bias_gelu").
 EXPECTED = {
     # ALBERT: one layer (one AlbertAttention, two LayerNorms) run at both layer positions
     "albert": (2, 5, dict(varlen_attention=2, layer_norm=5)),
-    "electra": (2, 5, dict(varlen_attention=2, layer_norm=5, bias_gelu=2)),
+    "electra": (2, 5, dict(varlen_attention=2, layer_norm=5, **{"linear+gelu": 2})),
     "clip_text_model": (2, 5, dict(varlen_attention=2, layer_norm=5)),
     "vit": (2, 5, dict(attention=2, layer_norm=5)),
     # encoder-decoders: 2 encoder self-attentions, then 2 x (self + cross) in the decoder
@@ -67,8 +68,8 @@ assert EXPECTED.keys() == MORE_FAMILIES.keys()
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """Counts the calls of the transfuse attention kernels (as the attention function reaches
-    them) and of the fused norm / activation ops (as transfuse.nn and the block rules reach
-    them)."""
+    them) and of the fused norm / activation ops and linear layers with an activation (as
+    transfuse.nn and the block rules reach them)."""
     seen = Counter()
 
     def spy(owner, name):
@@ -82,6 +83,13 @@ def kernel_calls(monkeypatch):
         spy(hf_attention, name)
     for name in ("layer_norm", "rms_norm", "bias_gelu"):
         spy(transfuse.ops, name)
+    linear = transfuse.ops.linear
+
+    def linear_gelu(*args, **kwargs):
+        if kwargs.get("activation"):
+            seen["linear+gelu"] += 1
+        return linear(*args, **kwargs)
+    monkeypatch.setattr(transfuse.ops, "linear", linear_gelu)
     return seen
 
 
