@@ -111,6 +111,23 @@ def test_calls_it_does_not_take_are_f_linear(backend, monkeypatch):
     assert calls[0] == 0
 
 
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_torch_compile_fullgraph_runs_the_custom_op(activation, monkeypatch):
+    """Under torch.compile an inference call is the custom op transfuse::linear (Inductor would
+    otherwise run its own GEMM): fullgraph, transfuse's GEMM inside, what eager gives."""
+    monkeypatch.setattr(linear_module, "MIN_WORK", 0)
+    calls = kernel_calls(monkeypatch)
+    x, w, b = torch.randn(2, 20, 64), torch.randn(48, 64), torch.randn(48)
+
+    def f(x):
+        return transfuse.ops.linear(x, w, b, activation=activation, backend="cpu")
+    with torch.no_grad():
+        eager = f(x)
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    assert calls[0] == (2 if transfuse.backends.extension()[0].cpu_gemm else 0)
+
+
 @pytest.mark.parametrize("call,error,match", [
     (lambda x, w: transfuse.ops.linear("x", w), TypeError, "x must be a float torch.Tensor"),
     (lambda x, w: transfuse.ops.linear(x.long(), w), TypeError, "x must be a float"),

@@ -11,9 +11,9 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/_int_mm.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
-#include <ATen/ops/addmm.h>
 #include <ATen/ops/mm.h>
 #include <torch/csrc/utils/pybind.h>
 
@@ -90,8 +90,8 @@ Tensor int_mm_by_fp32(const Tensor& a, const Tensor& b) {
 }
 
 // a [m, k] @ b [n, k]^T in int32 on a CPU without AVX512-VNNI: oneDNN's (torch._int_mm) where the
-// CPU has an int8 dot product (AVX-VNNI), else cpu::int8_gemv for one
-// row and int_mm_by_fp32 from 4 rows (without VNNI torch._int_mm measured 4 GFLOP/s on an
+// CPU has an int8 dot product (AVX-VNNI), else cpu::int8_gemv for one row and int_mm_by_fp32
+// from 4 rows (without VNNI torch._int_mm measured 4 GFLOP/s on an
 // AVX2-only AMD EPYC with torch 2.13, 0.04x fp32 F.linear; for 2-3 rows converting the weight to
 // fp32 costs more than it saves). For k = 1, where torch._int_mm on CPU returns wrong
 // sums (torch 2.13; found by the int8 fuzz test), an int32 outer product, exact and cheap.
@@ -216,8 +216,8 @@ constexpr int64_t kDequantBlockElements = 1 << 23;  // CPU w8a16 beyond the GEMV
 
 // CPU w8a16 for more rows than the GEMV takes, without AVX-512: x @ (w * w_scale[:, None])^T +
 // bias, one fp32 GEMM (addmm) per block of weight rows dequantized with their scales (one block
-// unless the weight has more than kDequantBlockElements), in x's dtype. The scale folded into the weight rounds
-// each w * s once in fp32: within the fp32 accumulation's error of (x @ w^T) * s.
+// unless the weight has more than kDequantBlockElements), in x's dtype. The scale folded into the
+// weight rounds each w * s once in fp32: within the fp32 accumulation's error of (x @ w^T) * s.
 Tensor w8a16_by_blocks(const Tensor& x, const Tensor& w, const Tensor& w_scale,
                        const OptTensor& bias) {
   const int64_t n = w.size(0), k = w.size(1);

@@ -87,7 +87,7 @@ struct TileTarget {
   }
 #define TRANSFUSE_W8A16_ROW_STEP(r)                                                         \
   if constexpr (R > r) {                                                                    \
-    const __m512 xv = _mm512_set1_ps(x[r * p.k + kk]);                                                \
+    const __m512 xv = _mm512_set1_ps(x[r * p.k + kk]);                                      \
     acc##r##0 = _mm512_fmadd_ps(xv, w0, acc##r##0);                                         \
     acc##r##1 = _mm512_fmadd_ps(xv, w1, acc##r##1);                                         \
     acc##r##2 = _mm512_fmadd_ps(xv, w2, acc##r##2);                                         \

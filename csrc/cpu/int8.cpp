@@ -361,7 +361,8 @@ void int8_linear_w8a16(const Int8LinearParams& p) {
               static_cast<char*>(p.out) + i * p.n * dtype_size(p.dtype), p.n);
 }
 
-TRANSFUSE_MULTIVERSION void dequantize_row(const int8_t* w, float scale, int64_t k, float* out) {
+TRANSFUSE_MULTIVERSION void dequantize_weight_row(const int8_t* w, float scale, int64_t k,
+                                                  float* out) {
   for (int64_t i = 0; i < k; ++i) out[i] = static_cast<float>(w[i]) * scale;
 }
 
@@ -369,7 +370,7 @@ void dequantize_weight(const int8_t* w, const float* w_scale, int64_t rows, int6
                        int num_threads) {
 #pragma omp parallel for schedule(static) \
     num_threads(threads_for(num_threads, rows, rows * k, kMinWorkPerThread))
-  for (int64_t j = 0; j < rows; ++j) dequantize_row(w + j * k, w_scale[j], k, out + j * k);
+  for (int64_t j = 0; j < rows; ++j) dequantize_weight_row(w + j * k, w_scale[j], k, out + j * k);
 }
 
 bool int8_gemv(const Int8LinearParams& p) {

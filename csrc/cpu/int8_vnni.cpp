@@ -8,7 +8,8 @@
 // exact. Blocking: each thread takes panels of 64 weight rows, packs one (16 rows x 4 bytes of k
 // per 64-byte vector: a 16 x 16 transpose of int32) into a buffer that stays in L2, and runs every
 // 6-row tile of x over it: 24 accumulators (6 rows x 64 columns), per 4 columns of k 4 vector loads
-// of the panel and 6 broadcasts of 4 bytes of x. The epilogue takes the tile from registers.
+// of the panel and 6 broadcasts of 4 bytes of x. The epilogue takes the tile from registers. Up
+// to kGemvTokens rows of x instead read the weights as stored (gemv_rows): no packing.
 #include <algorithm>
 #include <cstring>
 #include <vector>
@@ -71,8 +72,9 @@ TRANSFUSE_VNNI void offset_rows(const int8_t* x_q, int64_t m, int64_t k, int64_t
   const __m512i flip = _mm512_set1_epi8(char(0x80));
   for (int64_t i = 0; i < m; ++i)
     for (int64_t k0 = 0; k0 < stride; k0 += 64) {
-      const __mmask64 inside = k - k0 >= 64 ? ~__mmask64(0) : (__mmask64(1) << std::max<int64_t>(k - k0, 0)) - 1;
-      const __mmask64 row = stride - k0 >= 64 ? ~__mmask64(0) : (__mmask64(1) << (stride - k0)) - 1;
+      const int64_t in_x = std::max<int64_t>(k - k0, 0), in_row = stride - k0;
+      const __mmask64 inside = in_x >= 64 ? ~__mmask64(0) : (__mmask64(1) << in_x) - 1;
+      const __mmask64 row = in_row >= 64 ? ~__mmask64(0) : (__mmask64(1) << in_row) - 1;
       const __m512i v = _mm512_maskz_loadu_epi8(inside, x_q + i * k + k0);
       _mm512_mask_storeu_epi8(u + i * stride + k0, row, _mm512_xor_si512(v, flip));
     }
@@ -117,9 +119,9 @@ TRANSFUSE_VNNI inline __m512i dot_add(__m512i acc, __m512i a, __m512i b) {
 
 // The product of R <= 6 rows of u over one packed panel: sums[r][c] = acc[i0 + r, j0 + 16 c + l].
 template <int R>
-TRANSFUSE_VNNI __attribute__((noinline)) void tile_product(const uint8_t* u, int64_t groups, const int8_t* panel,
-                                 const __m512i offset[kPanelVectors],
-                                 __m512i sums[kTileRows][kPanelVectors]) {
+TRANSFUSE_VNNI __attribute__((noinline)) void tile_product(
+    const uint8_t* u, int64_t groups, const int8_t* panel, const __m512i offset[kPanelVectors],
+    __m512i sums[kTileRows][kPanelVectors]) {
   static_assert(kTileRows == 6 && kPanelVectors == 4, "the macros name 6 rows of 4 vectors");
   const __m512i zero = _mm512_setzero_si512();
   TRANSFUSE_TILE_ROW_DECLARE(0) TRANSFUSE_TILE_ROW_DECLARE(1) TRANSFUSE_TILE_ROW_DECLARE(2)
@@ -259,7 +261,8 @@ TRANSFUSE_VNNI void int8_linear_avx512_vnni(const Int8LinearParams& p) {
       for (int64_t c = 0; c < kPanelVectors; ++c) {
         const int64_t col = e.j0 + 16 * c, inside = std::clamp<int64_t>(p.n - col, 0, 16);
         e.store[c] = __mmask16((1u << inside) - 1);
-        e.w_scale[c] = p.acc ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(e.store[c], p.w_scale + col);
+        e.w_scale[c] =
+            p.acc ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(e.store[c], p.w_scale + col);
         e.bias[c] = bias.empty() ? _mm512_setzero_ps()
                                  : _mm512_maskz_loadu_ps(e.store[c], bias.data() + col);
       }

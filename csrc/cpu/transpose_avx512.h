@@ -10,7 +10,8 @@ namespace transfuse::cpu {
 __attribute__((target("avx512f"))) inline void transpose16(const __m512i rows[16],
                                                            __m512i out[16]) {
   __m512i t[16], u[16];
-  for (int i = 0; i < 16; i += 2) {  // lane L of t[i]: rows i, i+1 at columns 4L, 4L+1 (lo), +2, +3 (hi)
+  // lane L of t[i]: rows i, i+1 at columns 4L, 4L + 1 (unpacklo), 4L + 2, 4L + 3 (unpackhi)
+  for (int i = 0; i < 16; i += 2) {
     t[i] = _mm512_unpacklo_epi32(rows[i], rows[i + 1]);
     t[i + 1] = _mm512_unpackhi_epi32(rows[i], rows[i + 1]);
   }

@@ -27,7 +27,8 @@ something else.
                transfuse.ops.bias_gelu.
 
 On CPU tensors the rules' float GEMMs (the projections run one by one, the dense layers before a
-residual norm or a GELU) go through transfuse.ops.linear, whose fp32 GEMM is transfuse's own.
+residual norm or a GELU) go through transfuse.ops.linear, whose fp32 and bf16 GEMMs are
+transfuse's own.
 
 Each rule names the class's forward lines it was written for (_expected_source); a class whose
 forward reads otherwise (another transformers version) is left alone.
@@ -195,7 +196,7 @@ class _Projection:
 
 
 def _linear(x, weight, bias, backend):
-    """F.linear(x, weight, bias); for CPU tensors through transfuse.ops.linear (its fp32 GEMM)."""
+    """F.linear(x, weight, bias); for CPU tensors through transfuse.ops.linear (its own GEMMs)."""
     if x.device.type == "cpu":
         return ops.linear(x, weight, bias, backend=backend)
     return F.linear(x, weight, bias)
@@ -210,10 +211,10 @@ def _dense(module, x, backend):
 
 def _projection_forward(self, x):
     projection, index = self.__dict__[PROJECTION_ATTR]
-    if torch.compiler.is_compiling():
-        return nn.Linear.forward(self, x)
     if x.device.type not in JOINED_GEMM_DEVICES:
         return _linear(x, self.weight, self.bias, projection.parent.__dict__.get(BACKEND_ATTR))
+    if torch.compiler.is_compiling():  # the joint GEMM keeps per-thread state: not traced
+        return nn.Linear.forward(self, x)
     records = torch.is_grad_enabled() and (x.requires_grad or any(
         p.requires_grad for m in projection.linears for p in m.parameters()))
     if records or not projection.intact():
@@ -246,7 +247,8 @@ def _patch_projections(module, names):
 def _residual_norm_forward(self, hidden_states, input_tensor):
     if not isinstance(self.LayerNorm, FusedLayerNorm):  # norm=False, or swapped since
         return type(self).forward(self, hidden_states, input_tensor)
-    hidden_states = self.dropout(_dense(self.dense, hidden_states, self.__dict__.get(BACKEND_ATTR)))
+    backend = self.__dict__.get(BACKEND_ATTR)
+    hidden_states = self.dropout(_dense(self.dense, hidden_states, backend))
     return self.LayerNorm(hidden_states, residual=input_tensor)[0]
 
 

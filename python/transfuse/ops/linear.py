@@ -2,15 +2,18 @@
 (the block rules call it).
 
 On the cpu backend, a call with at least MIN_ROWS rows and MIN_WORK multiply-adds, when autograd
-records nothing and torch.compile is not tracing, runs transfuse's GEMMs: fp32 on a CPU with
-AVX-512 (csrc/cpu/gemm.cpp), bf16 on one with AVX512_BF16 (csrc/cpu/gemm_bf16.cpp: fp32 sums of
-exact products; subnormal bf16 inputs count as zero): the weight packed per call into L2-resident
-panels, 6 x 64 register tiles, bias and GELU (in fp32, as transfuse.ops.bias_gelu computes it)
-in the epilogue, one rounding to x's dtype. Every other call is torch's own F.linear (and F.gelu)
+records nothing, runs transfuse's GEMMs (under torch.compile inside the custom op
+transfuse::linear, which Inductor leaves alone): fp32 on a CPU with AVX-512 (csrc/cpu/gemm.cpp),
+bf16 on one with AVX512_BF16 (csrc/cpu/gemm_bf16.cpp: fp32 sums of exact products; subnormal
+bf16 inputs count as zero): the weight packed per call into L2-resident panels, 6 x 64 register
+tiles, bias and GELU (in fp32, as transfuse.ops.bias_gelu computes it) in the epilogue, one
+rounding to x's dtype. Every other call is torch's own F.linear (and F.gelu)
 (oneDNN on the CPU, cuBLAS on CUDA: transfuse has no GPU GEMM of its own), which also gives the
 gradients. The reference backend computes in float64 and rounds once.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -51,15 +54,40 @@ def linear(x, weight, bias=None, *, activation=None, backend=None):
     name = _backend.resolve("linear", backend, x.device)
     if name == "reference":
         return reference.linear(x, weight, bias, activation)
-    if name == "cpu" and x.dtype in GEMM_DTYPES and not torch.compiler.is_compiling() and not (
-            torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (
+    if name == "cpu" and x.dtype in GEMM_DTYPES and not (torch.is_grad_enabled() and (
+            x.requires_grad or weight.requires_grad or (
                 bias is not None and bias.requires_grad))):
-        rows = x.numel() // max(x.shape[-1], 1)
-        if rows >= MIN_ROWS and rows * weight.numel() >= MIN_WORK:
-            out = backends.extension()[0].linear(x, weight, bias, activation or "none")
-            if out is not None:
-                return out
+        if torch.compiler.is_compiling():  # opaque to Inductor, which would run its own GEMM
+            return _cpu_linear(x, weight, bias, activation or "none")
+        return _cpu_linear_forward(x, weight, bias, activation or "none")
+    return _torch_linear(x, weight, bias, activation or "none")
+
+
+def _torch_linear(x, weight, bias, activation):
     out = F.linear(x, weight, bias)
-    if activation is None:
+    if activation == "none":
         return out
     return F.gelu(out, approximate="tanh" if activation == "gelu_tanh" else "none")
+
+
+def _cpu_linear_forward(x, weight, bias, activation):
+    """transfuse's GEMM where it takes the call (enough rows and work, a CPU with the GEMM),
+    else torch's."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    if rows >= MIN_ROWS and rows * weight.numel() >= MIN_WORK:
+        out = backends.extension()[0].linear(x, weight, bias, activation)
+        if out is not None:
+            return out
+    return _torch_linear(x, weight, bias, activation)
+
+
+@torch.library.custom_op("transfuse::linear", mutates_args=())
+def _cpu_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str) -> Tensor:
+    """-> act(x @ weight^T + bias), a new tensor (inference: no autograd registered)"""
+    out = _cpu_linear_forward(x, weight, bias, activation)
+    return out.clone() if out is x else out
+
+
+@_cpu_linear.register_fake
+def _(x, weight, bias, activation):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
