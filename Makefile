@@ -36,9 +36,11 @@ test-python: setup
 
 # The CPU kernels written with intrinsics dispatch on the CPU's best ISA; their AVX2 and baseline
 # paths (and, under avx2, the int8 paths of a CPU without VNNI) run here too with TRANSFUSE_CPU_ISA
-# (csrc/cpu/multiversion.h): the cpu int8, linear and norm tests.
+# (csrc/cpu/multiversion.h): the cpu int8, linear and norm tests. On a CPU with AMX, avx512 runs
+# the AVX-512 GEMMs that AMX replaces there (csrc/cpu/amx.h).
 test-lower-isa: setup
-	for isa in avx2 baseline; do \
+	for isa in $$($(BIN)/python -c "import torch, transfuse._C as c; print('avx512' * c.cpu_amx)") \
+			avx2 baseline; do \
 		TRANSFUSE_CPU_ISA=$$isa $(BIN)/python -m pytest -q -p no:cacheprovider -k cpu \
 			tests/test_int8.py tests/test_linear.py tests/test_norm.py || exit 1; \
 	done

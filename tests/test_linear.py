@@ -15,17 +15,20 @@ from helpers import cpu_backends
 
 pytestmark = pytest.mark.usefixtures("poison_allocations")
 
-# (rows, n, k): every remainder of the 6-row tiles, 64-column panels with tails, k tails and
-# several 256-column k blocks, leading dimensions
+# (rows, n, k): every remainder of the 6-row tiles, blocks of 32 rows (AMX) with tails,
+# 64-column panels with tails, k tails and several 256-column k blocks, leading dimensions
 SHAPES = [((16,), 64, 256), ((17,), 65, 17), ((2, 9), 130, 513), ((19,), 1, 300), ((20,), 3, 5),
-          ((3, 7), 129, 1024), ((23,), 200, 64)]
+          ((3, 7), 129, 1024), ((23,), 200, 64), ((2, 33), 70, 100), ((96,), 64, 32)]
 
 
-def kernel_calls(monkeypatch):
-    """Counts the calls of transfuse._C.linear that returned a result (the GEMM ran)."""
+def kernel_calls(monkeypatch, own_gemm=True):
+    """Counts the calls of transfuse._C.linear that returned a result (the GEMM ran); with
+    own_gemm, on any CPU with the GEMMs, also where torch's run faster (own_gemm_faster)."""
     module = transfuse.backends.extension()[0]
     if module is None:
         pytest.skip("needs the C++ extension")
+    if own_gemm:
+        monkeypatch.setattr(linear_module, "own_gemm_faster", lambda: True)
     calls, original = [0], module.linear
 
     def counting(*args):
@@ -88,6 +91,19 @@ def test_gelu_epilogue_within_its_error_of_float64(dtype, activation, monkeypatc
     assert calls[0] == (3 if kernel else 0)
     with pytest.raises(ValueError, match="activation must be one of"):
         transfuse.ops.linear(x, w, b, activation="relu")
+
+
+def test_cpus_with_amx_keep_torchs_gemm(monkeypatch):
+    """On a CPU with AMX torch's GEMMs ran faster than transfuse's (own_gemm_faster): every call
+    is F.linear there; elsewhere, with the GEMMs built, transfuse's take the call."""
+    calls = kernel_calls(monkeypatch, own_gemm=False)
+    module = transfuse.backends.extension()[0]
+    assert linear_module.own_gemm_faster() == (not module.cpu_amx)
+    x, w = torch.randn(64, 128), torch.randn(256, 128)
+    with torch.no_grad():
+        out = transfuse.ops.linear(x, w, backend="cpu")
+    within_fp32_accumulation(out, x, w, None)
+    assert calls[0] == int(bool(module.cpu_gemm) and not module.cpu_amx)
 
 
 @pytest.mark.parametrize("backend", ["reference"] + cpu_backends())

@@ -4,6 +4,7 @@
 #include <Python.h>
 
 #include "python_functions.h"
+#include "../cpu/amx.h"
 #include "../cpu/gemm.h"
 #include "../cpu/int8.h"
 
@@ -24,6 +25,7 @@ PyMODINIT_FUNC PyInit__C() {
     PyModule_AddIntConstant(module, "cpu_int8_dot", transfuse::cpu::has_int8_dot());
     PyModule_AddIntConstant(module, "cpu_gemm", transfuse::cpu::has_gemm());
     PyModule_AddIntConstant(module, "cpu_gemm_bf16", transfuse::cpu::has_gemm_bf16());
+    PyModule_AddIntConstant(module, "cpu_amx", transfuse::cpu::has_amx());
     transfuse::add_norm_functions(module);
     transfuse::add_attention_functions(module);
     transfuse::add_int8_functions(module);

@@ -1,5 +1,5 @@
 // The CPU int8 x int8 GEMM with its dequantizing epilogue, for AVX512-VNNI (vpdpbusd: 64 byte
-// products a cycle into 16 int32 sums). The math is in common/int8.h.
+// products a cycle into 16 int32 sums) and AMX-INT8. The math is in common/int8.h.
 //
 // acc[i, j] = sum_k x_q[i, k] * w[j, k]. vpdpbusd multiplies unsigned by signed bytes, so x goes in
 // as u = x_q + 128 (x_q ^ 0x80, for every x_q in [-128, 127]) and
@@ -10,6 +10,9 @@
 // 6-row tile of x over it: 24 accumulators (6 rows x 64 columns), per 4 columns of k 4 vector loads
 // of the panel and 6 broadcasts of 4 bytes of x. The epilogue takes the tile from registers. Up
 // to kGemvTokens rows of x instead read the weights as stored (gemv_rows): no packing.
+// On a CPU with AMX (amx.h), more rows than that run on the tiles instead, the weights read as
+// stored too: tdpbssd (signed x signed bytes, no offset) into int32 tiles of 16 weight rows x 16
+// tokens, 64 of k per instruction (amx_block), transposed for the same epilogue.
 #include <algorithm>
 #include <cstring>
 #include <vector>
@@ -22,6 +25,7 @@
 #ifdef TRANSFUSE_X86_MULTIVERSION
 #include <immintrin.h>
 
+#include "amx.h"
 #include "transpose_avx512.h"
 #endif
 
@@ -35,6 +39,7 @@ namespace {
 constexpr int64_t kTileRows = 6;     // rows of x per tile
 constexpr int64_t kPanelVectors = 4;  // 16-column vectors per panel
 constexpr int64_t kPanelCols = 16 * kPanelVectors;
+static_assert(kPanelCols == kAmxPanelRows, "AMX panels share the epilogue");
 constexpr int64_t kGroupBytes = 4 * kPanelCols;  // one group of 4 k columns of a packed panel
 constexpr int64_t kMinWorkPerThread = 1 << 20;    // multiply-adds (threads.h)
 constexpr int64_t kGemvTokens = 4;  // up to this many rows of x: gemv_rows, the weights unpacked
@@ -138,34 +143,45 @@ TRANSFUSE_VNNI __attribute__((noinline)) void tile_product(
   TRANSFUSE_TILE_ROW_SAVE(3) TRANSFUSE_TILE_ROW_SAVE(4) TRANSFUSE_TILE_ROW_SAVE(5)
 }
 
-// A tile's epilogue: raw int32 sums into p.acc, or out = float(acc) * s_x * s_w + bias in p.dtype.
-TRANSFUSE_VNNI void tile_epilogue(const __m512i sums[kTileRows][kPanelVectors], int64_t rows,
-                                  const Epilogue& e, int64_t i0) {
+// One row's epilogue: raw int32 sums into p.acc, or out = float(acc) * s_x * s_w + bias in p.dtype.
+TRANSFUSE_VNNI void row_epilogue(const __m512i sums[kPanelVectors], const Epilogue& e, int64_t i) {
   const Int8LinearParams& p = *e.p;
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t i = i0 + r;
-    if (p.acc) {
-      for (int c = 0; c < kPanelVectors; ++c)
-        _mm512_mask_storeu_epi32(p.acc + i * p.n + e.j0 + 16 * c, e.store[c], sums[r][c]);
-      continue;
-    }
-    const __m512 row_scale = _mm512_set1_ps(p.x_scale[i]);
-    float staged[kPanelCols];
-    for (int c = 0; c < kPanelVectors; ++c) {
-      const __m512 sum = _mm512_cvtepi32_ps(sums[r][c]);
-      const __m512 value =
-          _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(sum, row_scale), e.w_scale[c]), e.bias[c]);
-      if (p.dtype == DType::f32)
-        _mm512_mask_storeu_ps(static_cast<float*>(p.out) + i * p.n + e.j0 + 16 * c, e.store[c],
-                              value);
-      else
-        _mm512_storeu_ps(staged + 16 * c, value);
-    }
-    if (p.dtype != DType::f32)
-      store_row(staged, p.dtype,
-                static_cast<char*>(p.out) + (i * p.n + e.j0) * dtype_size(p.dtype),
-                std::min(kPanelCols, p.n - e.j0));
+  if (p.acc) {
+    for (int c = 0; c < kPanelVectors; ++c)
+      _mm512_mask_storeu_epi32(p.acc + i * p.n + e.j0 + 16 * c, e.store[c], sums[c]);
+    return;
   }
+  const __m512 row_scale = _mm512_set1_ps(p.x_scale[i]);
+  float staged[kPanelCols];
+  for (int c = 0; c < kPanelVectors; ++c) {
+    const __m512 sum = _mm512_cvtepi32_ps(sums[c]);
+    const __m512 value =
+        _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(sum, row_scale), e.w_scale[c]), e.bias[c]);
+    if (p.dtype == DType::f32)
+      _mm512_mask_storeu_ps(static_cast<float*>(p.out) + i * p.n + e.j0 + 16 * c, e.store[c],
+                            value);
+    else
+      _mm512_storeu_ps(staged + 16 * c, value);
+  }
+  if (p.dtype != DType::f32)
+    store_row(staged, p.dtype, static_cast<char*>(p.out) + (i * p.n + e.j0) * dtype_size(p.dtype),
+              std::min(kPanelCols, p.n - e.j0));
+}
+
+TRANSFUSE_VNNI Epilogue panel_epilogue(const Int8LinearParams& p, int64_t j0,
+                                       const std::vector<float>& bias) {
+  Epilogue e;
+  e.p = &p;
+  e.j0 = j0;
+  for (int64_t c = 0; c < kPanelVectors; ++c) {
+    const int64_t col = j0 + 16 * c, inside = std::clamp<int64_t>(p.n - col, 0, 16);
+    e.store[c] = __mmask16((1u << inside) - 1);
+    e.w_scale[c] =
+        p.acc ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(e.store[c], p.w_scale + col);
+    e.bias[c] =
+        bias.empty() ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(e.store[c], bias.data() + col);
+  }
+  return e;
 }
 
 TRANSFUSE_VNNI void run_tile(int64_t rows, const uint8_t* u, int64_t groups, const int8_t* panel,
@@ -179,7 +195,79 @@ TRANSFUSE_VNNI void run_tile(int64_t rows, const uint8_t* u, int64_t groups, con
     case 5: tile_product<5>(u, groups, panel, offset, sums); break;
     default: tile_product<6>(u, groups, panel, offset, sums); break;
   }
-  tile_epilogue(sums, rows, e, i0);
+  for (int64_t r = 0; r < rows; ++r) row_epilogue(sums[r], e, i0 + r);
+}
+
+// sums_t[r][t] = acc[t0 + t, j0 + r] for a panel of 64 weight rows (w_rows, stride bytes apart)
+// and 32 tokens of xt (from t0; m_pad apart), on AMX (the calling thread's tiles configured). Per
+// half panel a 2 x 2 grid of int32 tiles (0-3: 16 weight rows x 16 tokens); per 64 columns of k,
+// two tiles of weight rows (4, 5: 16 x 64 bytes), two of tokens (6, 7: 16 words of 4 bytes x 16
+// tokens) and four tdpbssd.
+TRANSFUSE_AMX void amx_block(const int8_t* w_rows, int64_t stride, const uint32_t* xt,
+                             int64_t m_pad, int64_t k_pad,
+                             int32_t sums_t[kAmxPanelRows][kAmxTokens]) {
+  constexpr int64_t kSumsStride = kAmxTokens * sizeof(int32_t);
+  for (int64_t half = 0; half < 2; ++half) {
+    const int8_t* rows = w_rows + 32 * half * stride;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t k0 = 0; k0 < k_pad; k0 += 64) {
+      const uint32_t* words = xt + k0 / 4 * m_pad;
+      _tile_loadd(4, rows + k0, stride);
+      _tile_loadd(5, rows + 16 * stride + k0, stride);
+      _tile_loadd(6, words, m_pad * 4);
+      _tile_loadd(7, words + 16, m_pad * 4);
+      _tile_dpbssd(0, 4, 6);
+      _tile_dpbssd(1, 4, 7);
+      _tile_dpbssd(2, 5, 6);
+      _tile_dpbssd(3, 5, 7);
+    }
+    _tile_stored(0, &sums_t[32 * half][0], kSumsStride);
+    _tile_stored(1, &sums_t[32 * half][16], kSumsStride);
+    _tile_stored(2, &sums_t[32 * half + 16][0], kSumsStride);
+    _tile_stored(3, &sums_t[32 * half + 16][16], kSumsStride);
+  }
+}
+
+// More than kGemvTokens rows on AMX: per group of tokens whose packed x stays in L2 (1 MiB), each
+// thread takes panels of 64 weight rows and runs every block of 32 tokens of the group over it.
+TRANSFUSE_VNNI void int8_linear_amx(const Int8LinearParams& p) {
+  const int64_t k_pad = (p.k + 63) / 64 * 64;
+  const int64_t m_pad = (p.m + kAmxTokens - 1) / kAmxTokens * kAmxTokens;
+  std::vector<uint32_t> xt(k_pad / 4 * m_pad);
+  pack_words(p.x_q, p.m, p.k, k_pad / 4, m_pad, xt.data());
+  const int64_t group_tokens = std::max<int64_t>(1, (1 << 20) / k_pad / kAmxTokens) * kAmxTokens;
+  std::vector<float> bias(p.bias && !p.acc ? p.n : 0);
+  if (!bias.empty()) load_row(p.bias, p.dtype, bias.data(), p.n);
+  const int64_t panels = (p.n + kPanelCols - 1) / kPanelCols;
+#pragma omp parallel num_threads(threads_for(p.num_threads, panels, p.m * p.n * p.k, \
+                                                 kMinWorkPerThread))
+  {
+    const TileScope tile_scope;
+    std::vector<uint8_t> copy;
+    for (int64_t g0 = 0; g0 < p.m; g0 += group_tokens)
+#pragma omp for schedule(static)
+    for (int64_t panel_index = 0; panel_index < panels; ++panel_index) {
+      const Epilogue e = panel_epilogue(p, panel_index * kPanelCols, bias);
+      int64_t stride;
+      const auto* w_rows =
+          reinterpret_cast<const int8_t*>(weight_panel(p.w, p.n, p.k, e.j0, copy, &stride));
+      for (int64_t t0 = g0; t0 < std::min(p.m, g0 + group_tokens); t0 += kAmxTokens) {
+        alignas(64) int32_t sums_t[kAmxPanelRows][kAmxTokens];
+        alignas(64) int32_t sums[kAmxTokens][kAmxPanelRows];
+        amx_block(w_rows, stride, xt.data() + t0, m_pad, k_pad, sums_t);
+        transpose_block(reinterpret_cast<uint32_t(*)[kAmxTokens]>(sums_t),
+                        reinterpret_cast<uint32_t(*)[kAmxPanelRows]>(sums));
+        for (int64_t t = 0; t < std::min(kAmxTokens, p.m - t0); ++t) {
+          __m512i row[kPanelVectors];
+          for (int c = 0; c < kPanelVectors; ++c) row[c] = _mm512_load_si512(&sums[t][16 * c]);
+          row_epilogue(row, e, t0 + t);
+        }
+      }
+    }
+  }
 }
 
 // acc[t, j] = sum_k x_q[t, k] * w[j, k] for T <= kGemvTokens tokens and weight rows [j0, j1),
@@ -223,6 +311,10 @@ TRANSFUSE_VNNI void gemv_rows(const uint8_t* u, int64_t stride, const int8_t* w,
 }
 
 TRANSFUSE_VNNI void int8_linear_avx512_vnni(const Int8LinearParams& p) {
+  if (p.m > kGemvTokens && has_amx()) {
+    int8_linear_amx(p);
+    return;
+  }
   const int64_t groups = (p.k + 3) / 4, stride = groups * 4;
   std::vector<uint8_t> u(p.m * stride);
   offset_rows(p.x_q, p.m, p.k, stride, u.data());
@@ -255,17 +347,7 @@ TRANSFUSE_VNNI void int8_linear_avx512_vnni(const Int8LinearParams& p) {
     std::vector<int8_t> panel((groups + 15) / 16 * 16 * kGroupBytes);
 #pragma omp for schedule(static)
     for (int64_t panel_index = 0; panel_index < panels; ++panel_index) {
-      Epilogue e;
-      e.p = &p;
-      e.j0 = panel_index * kPanelCols;
-      for (int64_t c = 0; c < kPanelVectors; ++c) {
-        const int64_t col = e.j0 + 16 * c, inside = std::clamp<int64_t>(p.n - col, 0, 16);
-        e.store[c] = __mmask16((1u << inside) - 1);
-        e.w_scale[c] =
-            p.acc ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(e.store[c], p.w_scale + col);
-        e.bias[c] = bias.empty() ? _mm512_setzero_ps()
-                                 : _mm512_maskz_loadu_ps(e.store[c], bias.data() + col);
-      }
+      const Epilogue e = panel_epilogue(p, panel_index * kPanelCols, bias);
       __m512i offset[kPanelVectors];
       pack_panel(p.w, p.n, p.k, e.j0, panel.data(), offset);
       for (int64_t i0 = 0; i0 < p.m; i0 += kTileRows)

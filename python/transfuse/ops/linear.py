@@ -1,8 +1,9 @@
 """Linear: act(x @ weight^T + bias), act none or GELU: the float GEMMs of a transformer block
 (the block rules call it).
 
-On the cpu backend, a call with at least MIN_ROWS rows and MIN_WORK multiply-adds, when autograd
-records nothing, runs transfuse's GEMMs (under torch.compile inside the custom op
+On the cpu backend, on a CPU where they run faster than torch's (own_gemm_faster), a call with at
+least MIN_ROWS rows and MIN_WORK multiply-adds, when autograd records nothing, runs transfuse's
+GEMMs (under torch.compile inside the custom op
 transfuse::linear, which Inductor leaves alone): fp32 on a CPU with AVX-512 (csrc/cpu/gemm.cpp),
 bf16 on one with AVX512_BF16 (csrc/cpu/gemm_bf16.cpp: fp32 sums of exact products; subnormal
 bf16 inputs count as zero): the weight packed per call into L2-resident panels, 6 x 64 register
@@ -54,13 +55,23 @@ def linear(x, weight, bias=None, *, activation=None, backend=None):
     name = _backend.resolve("linear", backend, x.device)
     if name == "reference":
         return reference.linear(x, weight, bias, activation)
-    if name == "cpu" and x.dtype in GEMM_DTYPES and not (torch.is_grad_enabled() and (
-            x.requires_grad or weight.requires_grad or (
-                bias is not None and bias.requires_grad))):
+    tracked = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias))
+    if name == "cpu" and x.dtype in GEMM_DTYPES and own_gemm_faster() and not tracked:
         if torch.compiler.is_compiling():  # opaque to Inductor, which would run its own GEMM
             return _cpu_linear(x, weight, bias, activation or "none")
         return _cpu_linear_forward(x, weight, bias, activation or "none")
     return _torch_linear(x, weight, bias, activation or "none")
+
+
+@torch.compiler.assume_constant_result  # under torch.compile: called once, not traced
+def own_gemm_faster() -> bool:
+    """Whether transfuse's CPU GEMMs beat torch's on this CPU, as measured (README, "The linear
+    op"): on AVX-512 CPUs without AMX (AMD EPYC, Zen 4) by 1.05-1.21x in fp32, 1.10-1.30x in bf16.
+    On an Intel Xeon with AMX, torch's oneDNN GEMMs (fp32 AVX-512, bf16 on the AMX tiles) ran
+    1.2-1.4x faster than transfuse's, so there every call is torch's."""
+    module = backends.extension()[0]
+    return module is not None and not module.cpu_amx
 
 
 def _torch_linear(x, weight, bias, activation):
