@@ -63,11 +63,18 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_ms(fns, device, repeat, calls=1, samples=None):
+SETTLE_S = 0.3  # CPU model rows: the pause before each side's turn (see time_ms)
+
+
+def time_ms(fns, device, repeat, calls=1, samples=None, settle_s=0.0):
     """Median milliseconds per call of each function in `fns` (label -> callable), each sample
     timing `calls` calls. On CPU the functions take turns, sample by sample, so that a drift in
-    the machine's state (other load, memory placement) hits all of them alike. `samples`, a dict,
-    receives each label's timed samples (ms per call) where this loop took them."""
+    the machine's state (other load, memory placement) hits all of them alike; `settle_s` seconds
+    of sleep before each turn let the previous side's worker threads go idle (engines' thread
+    pools spin-wait after a call: Intel's OpenMP, which CTranslate2 ships, 200 ms by default). On
+    2 cores, without the pause, MiniLM's eager side read 90 ms a batch with the peers in the
+    rounds, 78 ms with it, 68 ms without peers. `samples`, a dict, receives each label's timed
+    samples (ms per call) where this loop took them."""
     if device.type == "cuda":
         try:
             from triton.testing import do_bench
@@ -79,6 +86,8 @@ def time_ms(fns, device, repeat, calls=1, samples=None):
     for round_index in range(repeat + 3):  # the first 3 rounds warm up
         for label, fn in fns.items():
             _sync(device)
+            if settle_s and device.type == "cpu":
+                time.sleep(settle_s)
             start = time.perf_counter()
             for _ in range(calls):
                 fn()
@@ -467,7 +476,8 @@ def time_model(sides, batches, device, repeat):
         load_before = _loadavg()
         samples = {}
         pass_ms = time_ms({label: (lambda m=model: [m(**inputs) for inputs in batches])
-                           for label, model in sides.items()}, device, repeat, samples=samples)
+                           for label, model in sides.items()}, device, repeat, samples=samples,
+                          settle_s=SETTLE_S)
         load_after = _loadavg()
     eager = next(iter(pass_ms.values()))
     for label, ms in pass_ms.items():
