@@ -68,8 +68,8 @@ def linear(x, weight, bias=None, *, activation=None, backend=None):
 def own_gemm_faster() -> bool:
     """Whether transfuse's CPU GEMMs beat torch's on this CPU, as measured (README, "The linear
     op"): on AVX-512 CPUs without AMX (AMD EPYC, Zen 4) by 1.05-1.21x in fp32, 1.10-1.30x in bf16.
-    On an Intel Xeon with AMX, torch's oneDNN GEMMs (fp32 AVX-512, bf16 on the AMX tiles) ran
-    1.2-1.4x faster than transfuse's, so there every call is torch's."""
+    On an Intel Xeon with AMX, torch's GEMMs ran faster (fp32 1.2-1.45x; bf16 on the AMX tiles
+    far faster than AVX512_BF16), so there every call is torch's."""
     module = backends.extension()[0]
     return module is not None and not module.cpu_amx
 
