@@ -15,14 +15,14 @@ namespace transfuse::cpu {
 
 namespace {
 
-constexpr unsigned kAmxBf16 = 1u << 22, kAmxTile = 1u << 24, kAmxInt8 = 1u << 25;  // CPUID.7.0:EDX
+constexpr unsigned kAmxTile = 1u << 24, kAmxInt8 = 1u << 25;  // CPUID.(EAX=7, ECX=0):EDX
 constexpr long kArchRequestComponentPermission = 0x1023;  // ARCH_REQ_XCOMP_PERM
 constexpr long kTileDataComponent = 18;                   // XFEATURE_XTILEDATA
 
 bool cpu_has_amx() {
   unsigned eax, ebx, ecx, edx;
   if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
-  const unsigned wanted = kAmxBf16 | kAmxTile | kAmxInt8;
+  const unsigned wanted = kAmxTile | kAmxInt8;
   return (edx & wanted) == wanted;
 }
 

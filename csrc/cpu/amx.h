@@ -1,6 +1,6 @@
 // AMX (Intel's Advanced Matrix Extensions, x86-64 Linux): eight tile registers of up to 16 rows x
-// 64 bytes, and tile instructions that multiply them: tdpbusd (u8 x s8 into int32, 64 products per
-// output per instruction) and tdpbf16ps (bf16 x bf16 into fp32, 32 products per output).
+// 64 bytes, and tile instructions that multiply them, such as tdpbssd (s8 x s8 into int32: a
+// 16 x 16 tile += 16 x 64 times 64 x 16 per instruction).
 // A process may use the tiles only once Linux grants it their state (arch_prctl
 // ARCH_REQ_XCOMP_PERM), and a thread only after loading a tile configuration.
 #pragma once
@@ -13,17 +13,17 @@
 #include <cstdint>
 #include <vector>
 
-#define TRANSFUSE_AMX __attribute__((target("avx512f,avx512bw,avx512vl,amx-tile,amx-int8,amx-bf16")))
+#define TRANSFUSE_AMX __attribute__((target("avx512f,avx512bw,amx-tile,amx-int8")))
 
 namespace transfuse::cpu {
 
-// Whether this process may run AMX-INT8 and AMX-BF16: the CPU has them, Linux granted the tile
-// state, and TRANSFUSE_CPU_ISA names no narrower set ("avx512" keeps AVX-512 without AMX).
+// Whether this process may run AMX-INT8: the CPU has it, Linux granted the tile state, and
+// TRANSFUSE_CPU_ISA names no narrower set ("avx512" keeps AVX-512 without AMX).
 bool has_amx();
 
-// The GEMMs on AMX (int8_vnni.cpp, gemm_bf16.cpp) compute out^T = w x^T a panel of 64 weight rows
-// at a time: the weights are the A operand, read as stored (16 rows x 64 bytes of k per tile),
-// and x the B operand, whose tile rows hold 16 tokens x one 32-bit word of k (4 int8 or 2 bf16).
+// The int8 GEMM on AMX (int8_vnni.cpp) computes out^T = w x^T a panel of 64 weight rows at a
+// time: the weights are the A operand, read as stored (16 rows x 64 bytes of k per tile), and x
+// the B operand, whose tile rows hold 16 tokens x one 32-bit word of k (4 int8).
 constexpr int64_t kAmxPanelRows = 64;  // weight rows per panel: two halves of 2 x 2 output tiles
 constexpr int64_t kAmxTokens = 32;     // tokens per block: two tiles
 
@@ -42,9 +42,8 @@ const uint8_t* weight_panel(const void* w, int64_t n, int64_t row_bytes, int64_t
 void transpose_block(const uint32_t sums_t[kAmxPanelRows][kAmxTokens],
                      uint32_t sums[kAmxTokens][kAmxPanelRows]);
 
-// Every tile 16 rows of 64 bytes: the A and B operands (64 int8 or 32 bf16 of k per row; B in
-// the pair/quad layout, row g holding 16 columns x 4 bytes of k) and the 16 x 16 int32 or fp32
-// products.
+// Every tile 16 rows of 64 bytes: the operands (A: 16 rows x 64 int8 of k; B: 16 groups of 4 k
+// x 16 columns) and the 16 x 16 int32 products.
 struct alignas(64) TileConfig {
   uint8_t palette = 1;
   uint8_t start_row = 0;

@@ -58,8 +58,8 @@ def info() -> dict:
               "versions": versions()}
     if module is not None:  # without it, int8 GEMMs on this CPU run no faster than fp32
         report["cpu_int8_dot"] = bool(module.cpu_int8_dot)
-        # transfuse's own GEMMs (ops.linear) run: fp32 (AVX-512), bf16 (AVX512_BF16); the bf16
-        # and int8 GEMMs on AMX tiles where the CPU has them
+        # transfuse's own GEMMs (ops.linear) run: fp32 (AVX-512), bf16 (AVX512_BF16); with AMX,
+        # ops.linear leaves float GEMMs to torch and w8a8 runs on the tiles
         report["cpu_gemm"] = bool(module.cpu_gemm)
         report["cpu_gemm_bf16"] = bool(module.cpu_gemm_bf16)
         report["cpu_amx"] = bool(module.cpu_amx)
