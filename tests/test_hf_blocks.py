@@ -242,3 +242,60 @@ def test_blocks_false_leaves_the_block_modules_alone():
     patched = transfuse.patch(build("bert"), blocks=False)
     assert not any("forward" in m.__dict__ for m in patched.encoder.modules()
                    if type(m).__name__ in blocks.BLOCK_RULES)
+
+
+DECODERS = ["llama", "mistral", "qwen2", "gemma"]
+
+
+def logits_of_real_tokens(model, ids, mask):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits[mask.bool()]
+
+
+@pytest.mark.parametrize("model_type", DECODERS)
+def test_decoder_layers_add_the_attention_residual_inside_the_rms_norm(model_type, monkeypatch):
+    """residual_rms_norm: per layer one fused RMSNorm takes h + attn(...) (no separate add), equal
+    to the unpatched model per sequence and token for token in greedy generation; in bf16 bitwise
+    equal to the same patch without block rules (the sum rounds as eager's add does)."""
+    model = build(model_type)
+    ids, mask = padded_batch()
+    patched = transfuse.patch(copy.deepcopy(model))
+    layers = model.config.num_hidden_layers
+    rules = [rule for name, rule in transfuse.patched_modules(patched).items()
+             if rule == "block rule 'residual_rms_norm'"]
+    assert len(rules) == layers
+    with_residual = []
+    original = transfuse.ops.rms_norm
+    monkeypatch.setattr(transfuse.ops, "rms_norm", lambda x, w, eps, residual=None, *a, **k: (
+        with_residual.append(residual is not None) or original(x, w, eps, residual, *a, **k)))
+    torch.testing.assert_close(logits_of_real_tokens(patched, ids, mask),
+                               logits_of_real_tokens(model, ids, mask), rtol=1e-5, atol=1e-5)
+    assert sum(with_residual) == layers
+    with torch.no_grad():
+        prompt = ids[:1, :6]
+        assert torch.equal(patched.generate(prompt, max_new_tokens=6, do_sample=False),
+                           model.generate(prompt, max_new_tokens=6, do_sample=False))
+    bf16 = [transfuse.patch(copy.deepcopy(model).to(torch.bfloat16), blocks=blocks)
+            for blocks in (True, False)]
+    torch.testing.assert_close(logits_of_real_tokens(bf16[0], ids, mask),
+                               logits_of_real_tokens(bf16[1], ids, mask), rtol=0, atol=0)
+
+
+def test_decoder_gradients_and_fallbacks_equal_the_unpatched_model():
+    """Training through the fused residual norm gives the unpatched gradients; with norm=False
+    (post_attention_layernorm stays the family's) the layer runs the class's forward; unpatch
+    restores it."""
+    model = build("llama").train()
+    patched = transfuse.patch(copy.deepcopy(model))
+    ids, mask = padded_batch()
+    for m in (model, patched):
+        m(input_ids=ids, attention_mask=mask).logits[mask.bool()].square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), patched.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+    model.eval()
+    unfused = transfuse.patch(copy.deepcopy(model), norm=False)
+    assert "forward" in unfused.model.layers[0].__dict__
+    torch.testing.assert_close(logits_of_real_tokens(unfused, ids, mask),
+                               logits_of_real_tokens(model, ids, mask), rtol=1e-5, atol=1e-5)
+    transfuse.unpatch(unfused)
+    assert "forward" not in unfused.model.layers[0].__dict__

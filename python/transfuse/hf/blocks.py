@@ -20,6 +20,10 @@ something else.
   residual_norm  LayerNorm(dropout(dense(h)) + input) (BERT-style SelfOutput / Output): the
                residual add runs inside the fused norm's pass (a FusedLayerNorm, from the norm
                rules) instead of a separate one.
+  residual_rms_norm  a pre-norm decoder layer (Llama, Mistral, Qwen2, Gemma): h + attn(...) and
+               post_attention_layernorm of it in one pass of the fused RMSNorm (a FusedRMSNorm,
+               from the norm rules), which returns the normed sum and the sum, the MLP's
+               residual.
   bias_gelu    gelu(dense(h)) (BERT-style Intermediate, exact or tanh GELU): on CPU tensors with
                a float dense layer, one transfuse.ops.linear with the bias and GELU in its
                GEMM's epilogue; else the GEMM (float or transfuse int8) without its bias (no
@@ -46,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..nn import FusedLayerNorm, Int8Linear
+from ..nn import FusedLayerNorm, FusedRMSNorm, Int8Linear
 
 FORWARD_ATTR = "_transfuse_block_forward"
 PROJECTION_ATTR = "_transfuse_projection"
@@ -71,6 +75,9 @@ BLOCK_RULES = {
     **{f"{family}Attention": ("projections", ("q_proj", "k_proj", "v_proj"))
        for family in _DECODERS},
     **{f"{family}MLP": ("projections", ("gate_proj", "up_proj")) for family in _DECODERS},
+    **{f"{family}DecoderLayer": ("residual_rms_norm",
+                                 ("input_layernorm", "self_attn", "post_attention_layernorm",
+                                  "mlp")) for family in _DECODERS},
 }
 
 # What the class's forward must read, in this order, for a rule to replace it: for projections,
@@ -79,6 +86,17 @@ RESIDUAL_NORM_SOURCE = ("hidden_states = self.dense(hidden_states)",
                         "hidden_states = self.dropout(hidden_states)",
                         "hidden_states = self.LayerNorm(hidden_states + input_tensor)",
                         "return hidden_states")
+
+
+RESIDUAL_RMS_NORM_SOURCE = (
+    "residual = hidden_states", "hidden_states = self.input_layernorm(hidden_states)",
+    "hidden_states, _ = self.self_attn(", "hidden_states=hidden_states,",
+    "attention_mask=attention_mask,", "position_ids=position_ids,", "cache=cache,",
+    "use_cache=use_cache,", "position_embeddings=position_embeddings,", "**kwargs,",
+    "hidden_states = residual + hidden_states", "residual = hidden_states",
+    "hidden_states = self.post_attention_layernorm(hidden_states)",
+    "hidden_states = self.mlp(hidden_states)", "hidden_states = residual + hidden_states",
+    "return hidden_states")
 
 
 BIAS_GELU_SOURCE = ("hidden_states = self.dense(hidden_states)",
@@ -91,6 +109,8 @@ def _expected_source(kind, names):
         return RESIDUAL_NORM_SOURCE
     if kind == "bias_gelu":
         return BIAS_GELU_SOURCE
+    if kind == "residual_rms_norm":
+        return RESIDUAL_RMS_NORM_SOURCE
     return tuple(f"self.{name}(" for name in names)
 
 
@@ -258,6 +278,30 @@ def _patch_residual_norm(module, names):
 
 
 # ------------------------------------------------------------------------------------------------
+# residual_rms_norm
+# ------------------------------------------------------------------------------------------------
+
+def _residual_rms_norm_forward(self, hidden_states, attention_mask=None, position_ids=None,
+                               cache=None, use_cache=False, position_embeddings=None, **kwargs):
+    norm = self.post_attention_layernorm
+    if not isinstance(norm, FusedRMSNorm) or "past_key_values" in kwargs:  # (the deprecated name)
+        return type(self).forward(self, hidden_states, attention_mask, position_ids, cache,
+                                  use_cache, position_embeddings, **kwargs)
+    residual = hidden_states
+    hidden_states, _ = self.self_attn(
+        hidden_states=self.input_layernorm(hidden_states), attention_mask=attention_mask,
+        position_ids=position_ids, cache=cache, use_cache=use_cache,
+        position_embeddings=position_embeddings, **kwargs)
+    hidden_states, residual = norm(hidden_states, residual)
+    return residual + self.mlp(hidden_states)
+
+
+def _patch_residual_rms_norm(module, names):
+    return all(isinstance(getattr(module, name, None), nn.Module) for name in names) and _install(
+        module, _residual_rms_norm_forward)
+
+
+# ------------------------------------------------------------------------------------------------
 # bias_gelu
 # ------------------------------------------------------------------------------------------------
 
@@ -322,7 +366,7 @@ def _patch_bias_gelu(module, names):
 
 
 _PATCHERS = {"projections": _patch_projections, "residual_norm": _patch_residual_norm,
-             "bias_gelu": _patch_bias_gelu}
+             "residual_rms_norm": _patch_residual_rms_norm, "bias_gelu": _patch_bias_gelu}
 
 
 def _install(module, forward):
