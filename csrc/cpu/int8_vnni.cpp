@@ -15,6 +15,7 @@
 // tokens, 64 of k per instruction (amx_block), transposed for the same epilogue.
 #include <algorithm>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "convert.h"
@@ -236,8 +237,8 @@ TRANSFUSE_AMX void amx_block(const int8_t* w_rows, int64_t stride, const uint32_
 TRANSFUSE_VNNI void int8_linear_amx(const Int8LinearParams& p) {
   const int64_t k_pad = (p.k + 63) / 64 * 64;
   const int64_t m_pad = (p.m + kAmxTokens - 1) / kAmxTokens * kAmxTokens;
-  std::vector<uint32_t> xt(k_pad / 4 * m_pad);
-  pack_words(p.x_q, p.m, p.k, k_pad / 4, m_pad, xt.data());
+  const std::unique_ptr<uint32_t[]> xt(new uint32_t[k_pad / 4 * m_pad]);  // pack_words fills it
+  pack_words(p.x_q, p.m, p.k, k_pad / 4, m_pad, xt.get());
   const int64_t group_tokens = std::max<int64_t>(1, (1 << 20) / k_pad / kAmxTokens) * kAmxTokens;
   std::vector<float> bias(p.bias && !p.acc ? p.n : 0);
   if (!bias.empty()) load_row(p.bias, p.dtype, bias.data(), p.n);
@@ -257,7 +258,7 @@ TRANSFUSE_VNNI void int8_linear_amx(const Int8LinearParams& p) {
       for (int64_t t0 = g0; t0 < std::min(p.m, g0 + group_tokens); t0 += kAmxTokens) {
         alignas(64) int32_t sums_t[kAmxPanelRows][kAmxTokens];
         alignas(64) int32_t sums[kAmxTokens][kAmxPanelRows];
-        amx_block(w_rows, stride, xt.data() + t0, m_pad, k_pad, sums_t);
+        amx_block(w_rows, stride, xt.get() + t0, m_pad, k_pad, sums_t);
         transpose_block(reinterpret_cast<uint32_t(*)[kAmxTokens]>(sums_t),
                         reinterpret_cast<uint32_t(*)[kAmxPanelRows]>(sums));
         for (int64_t t = 0; t < std::min(kAmxTokens, p.m - t0); ++t) {

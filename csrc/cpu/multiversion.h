@@ -2,7 +2,8 @@
 // target_clones) and the loader picks one per CPU. Elsewhere it is empty.
 // Kernels written with intrinsics (target("avx512f") / target("avx2") functions) dispatch on
 // vector_isa() instead: the best the CPU has, or a lower one named by the environment variable
-// TRANSFUSE_CPU_ISA ("avx2" or "baseline"), so that one machine tests every path.
+// TRANSFUSE_CPU_ISA ("avx2" or "baseline"; "avx512" keeps AVX-512 but not AMX, amx.h), so that
+// one machine tests every path.
 #pragma once
 
 #if defined(__x86_64__) && defined(__GNUC__)
