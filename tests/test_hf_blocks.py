@@ -283,8 +283,8 @@ def test_decoder_layers_add_the_attention_residual_inside_the_rms_norm(model_typ
 
 def test_decoder_gradients_and_fallbacks_equal_the_unpatched_model():
     """Training through the fused residual norm gives the unpatched gradients; with norm=False
-    (post_attention_layernorm stays the family's) the layer runs the class's forward; unpatch
-    restores it."""
+    (post_attention_layernorm stays the family's) the rule is not installed; a norm swapped after
+    patching sends the layer to the class's forward; unpatch restores it."""
     model = build("llama").train()
     patched = transfuse.patch(copy.deepcopy(model))
     ids, mask = padded_batch()
@@ -294,8 +294,12 @@ def test_decoder_gradients_and_fallbacks_equal_the_unpatched_model():
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
     model.eval()
     unfused = transfuse.patch(copy.deepcopy(model), norm=False)
-    assert "forward" in unfused.model.layers[0].__dict__
-    torch.testing.assert_close(logits_of_real_tokens(unfused, ids, mask),
-                               logits_of_real_tokens(model, ids, mask), rtol=1e-5, atol=1e-5)
-    transfuse.unpatch(unfused)
     assert "forward" not in unfused.model.layers[0].__dict__
+    swapped = transfuse.patch(copy.deepcopy(model))
+    layer = swapped.model.layers[0]
+    assert "forward" in layer.__dict__
+    layer.post_attention_layernorm = copy.deepcopy(model.model.layers[0].post_attention_layernorm)
+    torch.testing.assert_close(logits_of_real_tokens(swapped, ids, mask),
+                               logits_of_real_tokens(model, ids, mask), rtol=1e-5, atol=1e-5)
+    transfuse.unpatch(swapped)
+    assert "forward" not in layer.__dict__

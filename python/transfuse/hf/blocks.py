@@ -297,7 +297,10 @@ def _residual_rms_norm_forward(self, hidden_states, attention_mask=None, positio
 
 
 def _patch_residual_rms_norm(module, names):
-    return all(isinstance(getattr(module, name, None), nn.Module) for name in names) and _install(
+    """Only over a fused post_attention_layernorm (the norm rules ran; norm=False leaves the
+    layer alone)."""
+    return all(isinstance(getattr(module, name, None), nn.Module) for name in names) and isinstance(
+        module.post_attention_layernorm, FusedRMSNorm) and _install(
         module, _residual_rms_norm_forward)
 
 
