@@ -88,15 +88,16 @@ RESIDUAL_NORM_SOURCE = ("hidden_states = self.dense(hidden_states)",
                         "return hidden_states")
 
 
+# A decoder layer's forward: the attention gets each named parameter of the forward by its own
+# name ("name=name,", in the signature's order: transformers 5.17 names the cache
+# past_key_values, 5.24 cache), then **kwargs.
 RESIDUAL_RMS_NORM_SOURCE = (
-    "residual = hidden_states", "hidden_states = self.input_layernorm(hidden_states)",
-    "hidden_states, _ = self.self_attn(", "hidden_states=hidden_states,",
-    "attention_mask=attention_mask,", "position_ids=position_ids,", "cache=cache,",
-    "use_cache=use_cache,", "position_embeddings=position_embeddings,", "**kwargs,",
-    "hidden_states = residual + hidden_states", "residual = hidden_states",
-    "hidden_states = self.post_attention_layernorm(hidden_states)",
-    "hidden_states = self.mlp(hidden_states)", "hidden_states = residual + hidden_states",
-    "return hidden_states")
+    ("residual = hidden_states", "hidden_states = self.input_layernorm(hidden_states)",
+     "hidden_states, _ = self.self_attn(", "hidden_states=hidden_states,"),
+    ("**kwargs,", "hidden_states = residual + hidden_states", "residual = hidden_states",
+     "hidden_states = self.post_attention_layernorm(hidden_states)",
+     "hidden_states = self.mlp(hidden_states)", "hidden_states = residual + hidden_states",
+     "return hidden_states"))
 
 
 BIAS_GELU_SOURCE = ("hidden_states = self.dense(hidden_states)",
@@ -104,13 +105,21 @@ BIAS_GELU_SOURCE = ("hidden_states = self.dense(hidden_states)",
                     "return hidden_states")
 
 
-def _expected_source(kind, names):
+@functools.lru_cache(maxsize=None)
+def _decoder_parameters(cls):
+    """The named parameters of a decoder layer's forward after hidden_states, with defaults."""
+    parameters = list(inspect.signature(cls.forward).parameters.values())[2:]
+    return {p.name: p.default for p in parameters if p.kind is p.POSITIONAL_OR_KEYWORD}
+
+
+def _expected_source(kind, names, cls):
     if kind == "residual_norm":
         return RESIDUAL_NORM_SOURCE
     if kind == "bias_gelu":
         return BIAS_GELU_SOURCE
     if kind == "residual_rms_norm":
-        return RESIDUAL_RMS_NORM_SOURCE
+        head, tail = RESIDUAL_RMS_NORM_SOURCE
+        return (*head, *(f"{name}={name}," for name in _decoder_parameters(cls)), *tail)
     return tuple(f"self.{name}(" for name in names)
 
 
@@ -121,7 +130,7 @@ def _forward_reads_as(cls, kind, names):
     except (OSError, TypeError):
         return False
     position = 0
-    for line in _expected_source(kind, names):
+    for line in _expected_source(kind, names, cls):
         position = source.find(line, position)
         if position < 0:
             return False
@@ -281,17 +290,16 @@ def _patch_residual_norm(module, names):
 # residual_rms_norm
 # ------------------------------------------------------------------------------------------------
 
-def _residual_rms_norm_forward(self, hidden_states, attention_mask=None, position_ids=None,
-                               cache=None, use_cache=False, position_embeddings=None, **kwargs):
+def _residual_rms_norm_forward(self, hidden_states, *args, **kwargs):
     norm = self.post_attention_layernorm
-    if not isinstance(norm, FusedRMSNorm) or "past_key_values" in kwargs:  # (the deprecated name)
-        return type(self).forward(self, hidden_states, attention_mask, position_ids, cache,
-                                  use_cache, position_embeddings, **kwargs)
+    parameters = _decoder_parameters(type(self))
+    # positional arguments, or 5.24's deprecated name of its cache: the class's forward
+    if not isinstance(norm, FusedRMSNorm) or args or (
+            "past_key_values" in kwargs and "past_key_values" not in parameters):
+        return type(self).forward(self, hidden_states, *args, **kwargs)
     residual = hidden_states
-    hidden_states, _ = self.self_attn(
-        hidden_states=self.input_layernorm(hidden_states), attention_mask=attention_mask,
-        position_ids=position_ids, cache=cache, use_cache=use_cache,
-        position_embeddings=position_embeddings, **kwargs)
+    hidden_states, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states),
+                                      **{**parameters, **kwargs})
     hidden_states, residual = norm(hidden_states, residual)
     return residual + self.mlp(hidden_states)
 
