@@ -169,6 +169,13 @@ TRANSFUSE_VNNI void row_epilogue(const __m512i sums[kPanelVectors], const Epilog
               std::min(kPanelCols, p.n - e.j0));
 }
 
+// The bias in fp32 for the epilogue (empty without one, or for raw sums into p.acc).
+std::vector<float> fp32_bias(const Int8LinearParams& p) {
+  std::vector<float> bias(p.bias && !p.acc ? p.n : 0);
+  if (!bias.empty()) load_row(p.bias, p.dtype, bias.data(), p.n);
+  return bias;
+}
+
 TRANSFUSE_VNNI Epilogue panel_epilogue(const Int8LinearParams& p, int64_t j0,
                                        const std::vector<float>& bias) {
   Epilogue e;
@@ -240,8 +247,7 @@ TRANSFUSE_VNNI void int8_linear_amx(const Int8LinearParams& p) {
   const std::unique_ptr<uint32_t[]> xt(new uint32_t[k_pad / 4 * m_pad]);  // pack_words fills it
   pack_words(p.x_q, p.m, p.k, k_pad / 4, m_pad, xt.get());
   const int64_t group_tokens = std::max<int64_t>(1, (1 << 20) / k_pad / kAmxTokens) * kAmxTokens;
-  std::vector<float> bias(p.bias && !p.acc ? p.n : 0);
-  if (!bias.empty()) load_row(p.bias, p.dtype, bias.data(), p.n);
+  const std::vector<float> bias = fp32_bias(p);
   const int64_t panels = (p.n + kPanelCols - 1) / kPanelCols;
 #pragma omp parallel num_threads(threads_for(p.num_threads, panels, p.m * p.n * p.k, \
                                                  kMinWorkPerThread))
@@ -338,8 +344,7 @@ TRANSFUSE_VNNI void int8_linear_avx512_vnni(const Int8LinearParams& p) {
     if (!p.acc) dequantize_accumulators(q);
     return;
   }
-  std::vector<float> bias(p.bias && !p.acc ? p.n : 0);
-  if (!bias.empty()) load_row(p.bias, p.dtype, bias.data(), p.n);
+  const std::vector<float> bias = fp32_bias(p);
   const int64_t panels = (p.n + kPanelCols - 1) / kPanelCols;
 #pragma omp parallel num_threads(threads_for(p.num_threads, panels, p.m * p.n * p.k, \
                                                  kMinWorkPerThread))
