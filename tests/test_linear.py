@@ -1,5 +1,5 @@
-"""transfuse.ops.linear: transfuse's fp32 CPU GEMM (csrc/cpu/gemm.cpp) against reference.py's
-float64 product over awkward shapes, torch's F.linear for every call it does not take, gradients,
+"""transfuse.ops.linear: transfuse's CPU GEMMs (csrc/cpu/gemm.cpp, gemm_bf16.cpp) and GEMV
+(gemv.cpp) against reference.py's float64 product over awkward shapes, torch's F.linear for every call it does not take, gradients,
 and bad input named."""
 import importlib
 
@@ -39,6 +39,12 @@ def kernel_calls(monkeypatch, own_gemm=True):
     return calls
 
 
+# (rows, n, k) for the GEMV: rows 1-15 (every remainder of its 4-row tiles), n tails of its 4-row
+# tiles and 16-row blocks, k tails of 16, leading dimensions
+FEW_ROWS = [((1,), 1, 1), ((1,), 17, 300), ((2,), 33, 16), ((3,), 5, 17), ((1, 4), 64, 15),
+            ((5,), 19, 130), ((2, 4), 70, 33), ((9,), 3, 64), ((15,), 35, 200)]
+
+
 def within_fp32_accumulation(out, x, w, bias):
     """|out - exact| within fp32 accumulation over k terms, then one rounding to out's dtype."""
     exact = reference.linear(x.double(), w.double(), None if bias is None else bias.double())
@@ -66,6 +72,26 @@ def test_cpu_gemm_within_fp32_accumulation_of_float64(shape, with_bias, dtype, m
         assert calls[0] == 1  # the GEMM ran (elsewhere torch's F.linear does)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("shape", FEW_ROWS, ids=str)
+def test_cpu_gemv_within_fp32_accumulation_of_float64(shape, with_bias, dtype, monkeypatch):
+    """Up to GEMV_MAX_ROWS rows (15 fp32, 8 bf16) transfuse's GEMV takes the call on any CPU with
+    AVX-512 (own_gemm_faster aside: the GEMMs' measure), whatever the product's size."""
+    calls = kernel_calls(monkeypatch, own_gemm=False)
+    monkeypatch.setattr(linear_module, "own_gemm_faster", lambda: False)
+    lead, n, k = shape
+    x, w = torch.randn(*lead, k).to(dtype), torch.randn(n, k).to(dtype)
+    bias = torch.randn(n).to(dtype) if with_bias else None
+    with torch.no_grad():
+        out = transfuse.ops.linear(x, w, bias, backend="cpu")
+    assert out.shape == (*lead, n) and out.dtype == dtype
+    within_fp32_accumulation(out, x, w, bias)
+    rows = x.numel() // k
+    assert calls[0] == int(bool(transfuse.backends.extension()[0].cpu_gemm)
+                           and rows <= linear_module.GEMV_MAX_ROWS[dtype])
+
+
 @pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_gelu_epilogue_within_its_error_of_float64(dtype, activation, monkeypatch):
@@ -75,12 +101,15 @@ def test_gelu_epilogue_within_its_error_of_float64(dtype, activation, monkeypatc
     monkeypatch.setattr(linear_module, "MIN_WORK", 0)
     calls = kernel_calls(monkeypatch)
     module = transfuse.backends.extension()[0]
-    kernel = module.cpu_gemm if dtype == torch.float32 else module.cpu_gemm_bf16
-    for lead, n, k in [((17,), 65, 17), ((2, 9), 130, 513), ((23,), 200, 64)]:
+    gemm = module.cpu_gemm if dtype == torch.float32 else module.cpu_gemm_bf16
+    expected_calls = 0
+    for lead, n, k in [((17,), 65, 17), ((2, 9), 130, 513), ((23,), 200, 64), ((3,), 37, 40)]:
         x, w, b = (torch.randn(*lead, k) * 0.3).to(dtype), torch.randn(n, k).to(dtype), \
             torch.randn(n).to(dtype)
         with torch.no_grad():
             out = transfuse.ops.linear(x, w, b, activation=activation, backend="cpu")
+        kernel = module.cpu_gemm if x.numel() // k <= 8 else gemm  # the GEMV needs AVX-512 alone
+        expected_calls += bool(kernel)
         z = reference.linear(x.double(), w.double(), b.double())
         exact = reference.linear(x.double(), w.double(), b.double(), activation)
         magnitude = x.double().abs() @ w.double().abs().T + b.double().abs()
@@ -88,7 +117,7 @@ def test_gelu_epilogue_within_its_error_of_float64(dtype, activation, monkeypatc
         bound = (1.2 * (2 * k * torch.finfo(torch.float32).eps * magnitude + between)
                  + 1e-6 * z.abs() + exact.abs() * torch.finfo(dtype).eps + 1e-6)
         assert out.dtype == dtype and ((out.double() - exact).abs() <= bound).all()
-    assert calls[0] == (3 if kernel else 0)
+    assert calls[0] == expected_calls
     with pytest.raises(ValueError, match="activation must be one of"):
         transfuse.ops.linear(x, w, b, activation="relu")
 
@@ -108,11 +137,11 @@ def test_cpus_with_amx_keep_torchs_gemm(monkeypatch):
 
 @pytest.mark.parametrize("backend", ["reference"] + cpu_backends())
 def test_calls_it_does_not_take_are_f_linear(backend, monkeypatch):
-    """Few rows, fp16, autograd and the other backends: torch's F.linear (the reference computes
-    in float64), gradients included."""
+    """Between the GEMV's rows and the GEMMs' (or below their work), fp16, autograd and the other
+    backends: torch's F.linear (the reference computes in float64), gradients included."""
     calls = kernel_calls(monkeypatch)
     w, bias = torch.randn(96, 80), torch.randn(96)
-    for x in (torch.randn(15, 80), torch.randn(15, 80).bfloat16(), torch.randn(40, 80).half()):
+    for x in (torch.randn(16, 80), torch.randn(12, 80).bfloat16(), torch.randn(3, 80).half()):
         out = transfuse.ops.linear(x, w.to(x.dtype), bias.to(x.dtype), backend=backend)
         expected = (reference.linear if backend == "reference" else F.linear)(
             x, w.to(x.dtype), bias.to(x.dtype))

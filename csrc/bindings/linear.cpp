@@ -1,7 +1,7 @@
 // Binding of the linear: transfuse._C.linear(x, w, bias, activation) = act(x @ w^T + bias), act
-// "none", "gelu" or "gelu_tanh". On the CPU, fp32 with
-// AVX-512: cpu::gemm; bf16 with AVX512_BF16: cpu::gemm_bf16 (weights packed per call into
-// L2-resident panels). Any other call is left to torch (at::linear): the binding returns None.
+// "none", "gelu" or "gelu_tanh". On the CPU with AVX-512: up to cpu::kGemvMaxRows rows of fp32 or
+// bf16, cpu::gemv (weights as stored); more, fp32: cpu::gemm; bf16 with AVX512_BF16:
+// cpu::gemm_bf16 (weights packed per call into L2-resident panels). Any other call is left to torch (at::linear): the binding returns None.
 // python/transfuse/ops/linear.py validates user input first; these checks guard the kernel.
 #include <optional>
 #include <vector>
@@ -42,8 +42,9 @@ std::optional<Tensor> linear(const Tensor& x, const Tensor& w, const OptTensor& 
   const bool cpu = x.device().is_cpu() && w.device().is_cpu() && (!bias || bias->device().is_cpu());
   const bool bf16 = dtype == at::kBFloat16;
   const int64_t m = x.numel() / std::max<int64_t>(k, 1);
+  const bool few_rows = m <= cpu::kGemvMaxRows;
   if (!same_dtype || !cpu || (dtype != at::kFloat && !bf16) || m == 0 || n == 0 || k == 0 ||
-      !(bf16 ? cpu::has_gemm_bf16() : cpu::has_gemm()))
+      !(bf16 && !few_rows ? cpu::has_gemm_bf16() : cpu::has_gemm()))
     return std::nullopt;
   const Tensor x2 = x.reshape({m, k}).contiguous(), w_c = w.contiguous();
   const OptTensor bias_f = bias ? OptTensor(bias->to(at::kFloat).contiguous()) : std::nullopt;
@@ -60,7 +61,7 @@ std::optional<Tensor> linear(const Tensor& x, const Tensor& w, const OptTensor& 
   p.gelu = activation != "none";
   p.approximate = activation == "gelu_tanh" ? GeluApproximation::tanh : GeluApproximation::none;
   p.num_threads = at::get_num_threads();
-  if (!(bf16 ? cpu::gemm_bf16(p) : cpu::gemm(p))) return std::nullopt;
+  if (!(few_rows ? cpu::gemv(p) : bf16 ? cpu::gemm_bf16(p) : cpu::gemm(p))) return std::nullopt;
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = n;
   return out.view(out_shape);

@@ -17,4 +17,10 @@ bool has_gemm();
 bool gemm_bf16(const GemmParams& p);
 bool has_gemm_bf16();
 
+// A few rows of x (decoding; gemv.cpp): fp32 or bf16 x and w (not int8), weights read as stored.
+// Runs p and returns true for p.m <= kGemvMaxRows on a CPU where has_gemm(); else false, writing
+// nothing.
+constexpr int64_t kGemvMaxRows = 15;
+bool gemv(const GemmParams& p);
+
 }  // namespace transfuse::cpu

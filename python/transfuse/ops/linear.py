@@ -1,16 +1,21 @@
 """Linear: act(x @ weight^T + bias), act none or GELU: the float GEMMs of a transformer block
 (the block rules call it).
 
-On the cpu backend, on a CPU where they run faster than torch's (own_gemm_faster), a call with at
-least MIN_ROWS rows and MIN_WORK multiply-adds, when autograd records nothing, runs transfuse's
-GEMMs (under torch.compile inside the custom op
-transfuse::linear, which Inductor leaves alone): fp32 on a CPU with AVX-512 (csrc/cpu/gemm.cpp),
-bf16 on one with AVX512_BF16 (csrc/cpu/gemm_bf16.cpp: fp32 sums of exact products; subnormal
-bf16 inputs count as zero): the weight packed per call into L2-resident panels, 6 x 64 register
-tiles, bias and GELU (in fp32, as transfuse.ops.bias_gelu computes it) in the epilogue, one
-rounding to x's dtype. Every other call is torch's own F.linear (and F.gelu)
-(oneDNN on the CPU, cuBLAS on CUDA: transfuse has no GPU GEMM of its own), which also gives the
-gradients. The reference backend computes in float64 and rounds once.
+On the cpu backend, when autograd records nothing, fp32 and bf16 calls on a CPU with AVX-512 run
+transfuse's kernels (under torch.compile inside the custom op transfuse::linear, which Inductor
+leaves alone):
+- up to GEMV_MAX_ROWS rows (decoding), the GEMV (csrc/cpu/gemv.cpp): the weights read once, as
+  stored, each thread streaming its own rows; bf16 widened exactly, fp32 FMAs. On the AMD EPYC
+  (2 threads, SmolLM-135M's shapes) 1.4-2.9x torch's F.linear at one row, whose fp32 GEMV read
+  12 GB/s there;
+- at least MIN_ROWS rows and MIN_WORK multiply-adds, on a CPU where they run faster than torch's
+  (own_gemm_faster): the GEMMs, fp32 on AVX-512 (csrc/cpu/gemm.cpp), bf16 on AVX512_BF16
+  (csrc/cpu/gemm_bf16.cpp: fp32 sums of exact products; subnormal bf16 inputs count as zero):
+  the weight packed per call into L2-resident panels, 6 x 64 register tiles.
+Both take the bias and GELU (in fp32, as transfuse.ops.bias_gelu computes it) in the epilogue and
+round once to x's dtype. Every other call is torch's own F.linear (and F.gelu) (oneDNN on the CPU,
+cuBLAS on CUDA: transfuse has no GPU GEMM of its own), which also gives the gradients. The
+reference backend computes in float64 and rounds once.
 """
 from __future__ import annotations
 
@@ -23,9 +28,11 @@ from torch import Tensor
 from .. import backends, reference
 from . import _backend
 
-MIN_ROWS = 16        # fewer rows (decoding): torch's GEMV; packing would cost more than it saves
+# Rows up to which the GEMV runs (measured on the AMD EPYC: in bf16 torch's AVX512_BF16 GEMM
+# overtakes it past 8 rows; in fp32 torch's ran 2-3.7x slower up to 15 rows).
+GEMV_MAX_ROWS = {torch.float32: 15, torch.bfloat16: 8}
+MIN_ROWS = 16        # the GEMMs from this many rows: fewer, packing would cost more than it saves
 MIN_WORK = 1 << 20   # multiply-adds; smaller products: torch's, at its smaller per-call cost
-GEMM_DTYPES = (torch.float32, torch.bfloat16)
 
 
 ACTIVATIONS = (None, "gelu", "gelu_tanh")  # gelu: F.gelu's exact (erf) form; gelu_tanh: its tanh
@@ -57,11 +64,21 @@ def linear(x, weight, bias=None, *, activation=None, backend=None):
         return reference.linear(x, weight, bias, activation)
     tracked = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias))
-    if name == "cpu" and x.dtype in GEMM_DTYPES and own_gemm_faster() and not tracked:
+    if name == "cpu" and not tracked and _own_kernel_takes(x, weight):
         if torch.compiler.is_compiling():  # opaque to Inductor, which would run its own GEMM
             return _cpu_linear(x, weight, bias, activation or "none")
         return _cpu_linear_forward(x, weight, bias, activation or "none")
     return _torch_linear(x, weight, bias, activation or "none")
+
+
+def _own_kernel_takes(x, weight):
+    """Whether transfuse's GEMV or GEMMs run the call (the extension may still decline it: a CPU
+    without AVX-512)."""
+    if x.dtype not in GEMV_MAX_ROWS:
+        return False
+    rows = x.numel() // max(x.shape[-1], 1)
+    return rows <= GEMV_MAX_ROWS[x.dtype] or (
+        rows >= MIN_ROWS and rows * weight.numel() >= MIN_WORK and own_gemm_faster())
 
 
 @torch.compiler.assume_constant_result  # under torch.compile: called once, not traced
@@ -69,7 +86,8 @@ def own_gemm_faster() -> bool:
     """Whether transfuse's CPU GEMMs beat torch's on this CPU, as measured (README, "The linear
     op"): on AVX-512 CPUs without AMX (AMD EPYC, Zen 4) by 1.05-1.21x in fp32, 1.10-1.30x in bf16.
     On an Intel Xeon with AMX, torch's GEMMs ran faster (fp32 1.2-1.45x; bf16 on the AMX tiles
-    far faster than AVX512_BF16), so there every call is torch's."""
+    far faster than AVX512_BF16), so there every call of MIN_ROWS rows or more is torch's. (The
+    GEMV is not measured there yet; it runs wherever AVX-512 does.)"""
     module = backends.extension()[0]
     return module is not None and not module.cpu_amx
 
@@ -82,14 +100,10 @@ def _torch_linear(x, weight, bias, activation):
 
 
 def _cpu_linear_forward(x, weight, bias, activation):
-    """transfuse's GEMM where it takes the call (enough rows and work, a CPU with the GEMM),
-    else torch's."""
-    rows = x.numel() // max(x.shape[-1], 1)
-    if rows >= MIN_ROWS and rows * weight.numel() >= MIN_WORK:
-        out = backends.extension()[0].linear(x, weight, bias, activation)
-        if out is not None:
-            return out
-    return _torch_linear(x, weight, bias, activation)
+    """transfuse's GEMV or GEMM (_own_kernel_takes the call); torch's where the extension
+    declines it."""
+    out = backends.extension()[0].linear(x, weight, bias, activation)
+    return _torch_linear(x, weight, bias, activation) if out is None else out
 
 
 @torch.library.custom_op("transfuse::linear", mutates_args=())
