@@ -131,7 +131,7 @@ TRANSFUSE_MULTIVERSION void dot_tile(const float* const* x, const int8_t* const*
 #ifdef TRANSFUSE_X86_MULTIVERSION
 // The one-token GEMV streams its weights from DRAM once: each row of a tile prefetches the row
 // kPrefetchRows further on (two tiles ahead; measured best of 0, 4, 8, 16, 32 on SmolLM's rows).
-constexpr int64_t kPrefetchRows = 2 * kTileCols;
+constexpr int64_t kPrefetchRows = 4 * kTileCols;
 
 __attribute__((target("avx512f")))
 int64_t dot_tile_one_row_avx512(const float* x, const int8_t* const* w, int64_t n, float* sums) {
@@ -141,7 +141,7 @@ int64_t dot_tile_one_row_avx512(const float* x, const int8_t* const* w, int64_t 
   for (; k + 16 <= n; k += 16) {
     const __m512 xv = _mm512_loadu_ps(x + k);
     for (int64_t c = 0; c < kTileCols; ++c) {
-      if ((k & 63) == 0) _mm_prefetch(w[c] + k + kPrefetchRows * n, _MM_HINT_T0);
+      if ((k & 63) == 0) _mm_prefetch(w[c] + k + kPrefetchRows * n, _MM_HINT_T1);
       const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w[c] + k));
       acc[c] = _mm512_fmadd_ps(xv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)), acc[c]);
     }
@@ -177,7 +177,7 @@ int64_t dot_tile_avx512(const float* const* x, const int8_t* const* w, int64_t n
   for (; k + 16 <= n; k += 16) {
     if ((k & 63) == 0)
       for (int64_t c = 0; c < kTileCols; ++c)
-        _mm_prefetch(w[c] + k + kPrefetchRows * n, _MM_HINT_T0);
+        _mm_prefetch(w[c] + k + kPrefetchRows * n, _MM_HINT_T1);
     const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
                       _mm_loadu_si128(reinterpret_cast<const __m128i*>(w[0] + k)))),
                  w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
@@ -202,7 +202,7 @@ int64_t dot_tile_one_row_avx2(const float* x, const int8_t* const* w, int64_t n,
   for (; k + 8 <= n; k += 8) {
     const __m256 xv = _mm256_loadu_ps(x + k);
     for (int64_t c = 0; c < kTileCols; ++c) {
-      if ((k & 63) == 0) _mm_prefetch(w[c] + k + kPrefetchRows * n, _MM_HINT_T0);
+      if ((k & 63) == 0) _mm_prefetch(w[c] + k + kPrefetchRows * n, _MM_HINT_T1);
       const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w[c] + k));
       acc[c] = _mm256_add_ps(acc[c],
                              _mm256_mul_ps(xv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes))));
@@ -235,7 +235,7 @@ void int8_gemv_rows_avx2(const int8_t* x, const int8_t* w, int64_t k, int64_t j0
           _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i)));
       for (int64_t c = 0; c < rows; ++c) {
         const int8_t* row = w + (j + c) * k;
-        if ((i & 63) == 0) _mm_prefetch(row + i + kPrefetchRows * k, _MM_HINT_T0);
+        if ((i & 63) == 0) _mm_prefetch(row + i + kPrefetchRows * k, _MM_HINT_T1);
         const __m256i wv =
             _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i)));
         sums[c] = _mm256_add_epi32(sums[c], _mm256_madd_epi16(xv, wv));

@@ -284,7 +284,7 @@ TRANSFUSE_VNNI void int8_linear_amx(const Int8LinearParams& p) {
 template <int T>
 TRANSFUSE_VNNI void gemv_rows(const uint8_t* u, int64_t stride, const int8_t* w, int64_t k,
                               int64_t j0, int64_t j1, int32_t* acc, int64_t n) {
-  constexpr int64_t kRows = 4, kPrefetchRows = 2 * kRows;  // as the w8a16 GEMV (int8.cpp)
+  constexpr int64_t kRows = 4, kPrefetchRows = 4 * kRows;  // as the w8a16 GEMV (int8.cpp)
   const __m512i ones = _mm512_set1_epi8(1);
   for (int64_t j = j0; j < j1; j += kRows) {
     const int64_t rows = std::min(kRows, j1 - j);
@@ -299,7 +299,7 @@ TRANSFUSE_VNNI void gemv_rows(const uint8_t* u, int64_t stride, const int8_t* w,
       for (int t = 0; t < T; ++t) uv[t] = _mm512_maskz_loadu_epi8(inside, u + t * stride + k0);
       for (int64_t c = 0; c < kRows; ++c) {  // past j1: the last row again, its sums not stored
         const int8_t* row = w + std::min(j + c, j1 - 1) * k;
-        _mm_prefetch(reinterpret_cast<const char*>(row + k0 + kPrefetchRows * k), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(row + k0 + kPrefetchRows * k), _MM_HINT_T1);
         const __m512i wv = _mm512_maskz_loadu_epi8(inside, row + k0);
         weight_sums[c] = dot_add(weight_sums[c], ones, wv);
         for (int t = 0; t < T; ++t) sums[t][c] = dot_add(sums[t][c], uv[t], wv);
