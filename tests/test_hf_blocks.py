@@ -45,6 +45,12 @@ def linear_calls(monkeypatch):
     return count
 
 
+def pooler_f_linear():
+    """F.linear calls of the pooler of a patched BERT on padded_batch (the linear rule): its 3
+    rows run transfuse's GEMV where the CPU has AVX-512."""
+    return 0 if transfuse.backends.extension()[0].cpu_gemm else 1
+
+
 def real_tokens(model, ids, mask):
     with torch.no_grad():
         return model(input_ids=ids, attention_mask=mask).last_hidden_state[mask.bool()]
@@ -58,13 +64,13 @@ def test_blocks_equal_the_unpatched_model_with_one_gemm_for_qkv(model_type, line
     patched = transfuse.patch(copy.deepcopy(model))
     rules = {name: rule for name, rule in transfuse.patched_modules(patched).items()
              if "<block" in name}
-    assert sorted(set(rules.values())) == ["block rule 'bias_gelu'", "block rule 'projections'",
-                                           "block rule 'residual_norm'"]
+    assert sorted(set(rules.values())) == ["block rule 'bias_gelu'", "block rule 'linear'",
+                                           "block rule 'projections'", "block rule 'residual_norm'"]
     linear_calls[0] = 0
     torch.testing.assert_close(real_tokens(patched, ids, mask), expected, rtol=1e-5, atol=1e-5)
     layers = model.config.num_hidden_layers
     # per layer QKV, attention output, intermediate, output (unpatched: 6); then the pooler
-    assert linear_calls[0] == 4 * layers + 1
+    assert linear_calls[0] == 4 * layers + pooler_f_linear()
     self_attention = patched.encoder.layer[0].attention.self
     storages = {m.weight.untyped_storage().data_ptr()
                 for m in (self_attention.query, self_attention.key, self_attention.value)}
@@ -115,8 +121,9 @@ def test_the_float_gemms_of_the_rules_run_transfuse_linear_on_the_cpu(joined, mo
     expected = real_tokens(model, ids, mask)
     patched = transfuse.patch(copy.deepcopy(model))
     torch.testing.assert_close(real_tokens(patched, ids, mask), expected, rtol=1e-5, atol=1e-5)
-    # per layer Q, K, V (or their joint GEMM), the attention output, intermediate and output
-    assert len(calls) == (4 if joined else 6) * model.config.num_hidden_layers
+    # per layer Q, K, V (or their joint GEMM), the attention output, intermediate and output;
+    # the pooler (the linear rule)
+    assert len(calls) == (4 if joined else 6) * model.config.num_hidden_layers + 1
 
 
 @pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
@@ -144,7 +151,7 @@ def test_the_cpu_runs_the_projections_one_by_one_by_default(monkeypatch, linear_
     patched = transfuse.patch(copy.deepcopy(model))
     linear_calls[0] = 0
     torch.testing.assert_close(real_tokens(patched, ids, mask), expected, rtol=1e-5, atol=1e-5)
-    assert linear_calls[0] == 6 * model.config.num_hidden_layers + 1
+    assert linear_calls[0] == 6 * model.config.num_hidden_layers + pooler_f_linear()
 
 
 def test_unpatch_restores_the_class_forwards_and_separate_storages():
@@ -303,3 +310,51 @@ def test_decoder_gradients_and_fallbacks_equal_the_unpatched_model():
                                logits_of_real_tokens(model, ids, mask), rtol=1e-5, atol=1e-5)
     transfuse.unpatch(swapped)
     assert "forward" not in layer.__dict__
+
+
+def test_the_other_linear_layers_run_transfuse_linear(monkeypatch):
+    """linear: each nn.Linear that no other rule takes (a decoder's o_proj and down_proj, its
+    head) runs through transfuse.ops.linear, so that a decoding step's few rows run transfuse's
+    GEMV where the CPU has it; logits equal the unpatched model's, also under autocast (F.linear
+    there, within bf16's rounding); a hooked layer keeps its class's forward; unpatch removes
+    the rule."""
+    model = build("llama")
+    model.model.layers[1].mlp.down_proj.register_forward_hook(lambda *args: None)
+    patched = transfuse.patch(copy.deepcopy(model))
+    names = sorted(name for name, rule in transfuse.patched_modules(patched).items()
+                   if rule == "block rule 'linear'")
+    assert names == ["lm_head<block>", "model.layers.0.mlp.down_proj<block>",
+                     "model.layers.0.self_attn.o_proj<block>",
+                     "model.layers.1.self_attn.o_proj<block>"]
+    module = transfuse.backends.extension()[0]
+    ran, original = [], module.linear
+    monkeypatch.setattr(module, "linear", lambda *a: ran.append(1) or original(*a))
+    ids = torch.randint(3, 60, (1, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(patched(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+        # per layer Q/K/V as one GEMM (joined_gemm_on_cpu), o_proj, gate/up, down_proj; the head
+        assert len(ran) == 4 * model.config.num_hidden_layers + 1 - 1  # (one down_proj hooked)
+        o_proj, h = patched.model.layers[0].self_attn.o_proj, torch.randn(1, 5, 32)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(o_proj(h), torch.nn.Linear.forward(o_proj, h))
+            torch.testing.assert_close(patched(ids).logits, model(ids).logits, rtol=0.02,
+                                       atol=0.02)
+    transfuse.unpatch(patched)
+    assert not any("forward" in m.__dict__ for m in patched.modules())
+
+
+@pytest.mark.parametrize("model_type", ENCODERS + DECODERS)
+def test_patched_models_run_under_cpu_autocast(model_type):
+    """Under torch.autocast (bf16 on the CPU) the linear layers return bf16 while residuals stay
+    fp32: the residual rules add them as the class's forward does (promoting) and the attention
+    takes its inputs in autocast's dtype; the real tokens equal the unpatched model's under the
+    same autocast within bf16's rounding."""
+    model = build(model_type)
+    patched = transfuse.patch(copy.deepcopy(model))
+    ids, mask = padded_batch()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(input_ids=ids, attention_mask=mask)[0][mask.bool()]
+        actual = patched(input_ids=ids, attention_mask=mask)[0][mask.bool()]
+    assert actual.dtype == expected.dtype
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=0.02,
+                               atol=0.02 * expected.abs().max().item())

@@ -217,7 +217,7 @@ class MyLayerNorm(nn.LayerNorm):
 def test_unknown_norms_named_in_one_warning():
     model = nn.Sequential(nn.Linear(8, 8), WeirdNorm(8), nn.LayerNorm(8), WeirdNorm(8),
                           nn.LayerNorm((2, 4)), MyLayerNorm(8))
-    messages = patch_recording(model, attention=False)
+    messages = patch_recording(model, attention=False, blocks=False)
     assert len(messages) == 1, messages
     assert "WeirdNorm x2 (no rule)" in messages[0] and "MyLayerNorm x1 (no rule)" in messages[0]
     assert "LayerNorm x1 (structure not supported)" in messages[0]  # the 2-D one
@@ -347,8 +347,8 @@ def test_all_minilm_l6_v2_embeddings(monkeypatch):
         expected = mean_pool(model, encoded)
         assert patch_recording(model) == []  # norms and attention
         # the attention implementation, padding removal, the embeddings' norm, 2 per layer x 6
-        # attention, padding removal, 13 norms; per layer 4 block rules (tests/test_hf_blocks.py)
-        assert len(transfuse.patched_modules(model)) == 15 + 6 * 4
+        # attention, padding removal, 13 norms; per layer 4 block rules, the pooler's linear rule
+        assert len(transfuse.patched_modules(model)) == 15 + 6 * 4 + 1
         actual = mean_pool(model, encoded)
         alone = torch.cat([mean_pool(model, tokenizer([s], return_tensors="pt"))
                            for s in SENTENCES])

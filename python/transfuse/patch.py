@@ -186,8 +186,9 @@ def patch(model, *, attention=True, norm=True, int8=None, int8_heads=False, back
     blocks: the rules of transfuse.hf.blocks.BLOCK_RULES that span a block's modules: sibling
     float projections (Q, K, V; gate, up) as one GEMM over weights sharing one storage (same
     Parameters and state dict), the residual add of BERT-style output layers inside the fused
-    LayerNorm, their intermediate layers' bias add + GELU as one pass; a class whose forward
-    reads otherwise than a rule expects is named in the warning.
+    LayerNorm, their intermediate layers' bias add + GELU as one pass, every other nn.Linear
+    through transfuse.ops.linear (on the CPU a decoding step's rows run transfuse's GEMV); a
+    class whose forward reads otherwise than a rule expects is named in the warning.
     backend: passed to the new modules (None: the TRANSFUSE_BACKEND environment variable, else
     auto); checked here: an unknown or unavailable backend raises ValueError.
     Patching twice is harmless: modules replaced before are kept (a second call with backend=
@@ -266,7 +267,8 @@ def _patched_in(model, prefix) -> dict:
                 and type(module).__name__ in hf_unpad.UNPAD_RULES):
             found[f"{name or '<model>'}<unpad>"] = "padding removal (transfuse.hf.unpad)"
         if (hf_blocks.FORWARD_ATTR in module.__dict__
-                and type(module).__name__ in hf_blocks.BLOCK_RULES):
+                and type(module).__name__ in hf_blocks.BLOCK_RULES
+                and hf_blocks.PROJECTION_ATTR not in module.__dict__):  # (listed as its parent)
             kind = hf_blocks.BLOCK_RULES[type(module).__name__][0]
             found[f"{name}<block>"] = f"block rule {kind!r}"
         original = getattr(module, ORIGINAL_ATTR, None)

@@ -95,6 +95,11 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     """AttentionInterface entry: [B, H, S, D] query/key/value (K/V not expanded for GQA) ->
     ([B, Sq, Hq, D], None)."""
     causal = _causal(module, query, attention_mask, is_causal)
+    if torch.is_autocast_enabled(query.device.type):
+        # the eager attention's matmuls run in autocast's dtype (its rotary embedding may have
+        # left query and key in fp32 and value in bf16)
+        dtype = torch.get_autocast_dtype(query.device.type)
+        query, key, value = (t.to(dtype) for t in (query, key, value))
     if _weights_requested(kwargs):
         backends.warn_once(("attention", "output_attentions"), "transfuse: output_attentions=True "
                            "needs the attention weights; those calls run the model's eager "

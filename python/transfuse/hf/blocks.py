@@ -24,6 +24,11 @@ something else.
                post_attention_layernorm of it in one pass of the fused RMSNorm (a FusedRMSNorm,
                from the norm rules), which returns the normed sum and the sum, the MLP's
                residual.
+  linear       any other torch.nn.Linear (that class only, unhooked, not used by its parent's
+               rule): its forward through transfuse.ops.linear, so that on CPU tensors a
+               decoding step's output projections and head run transfuse's GEMV
+               (csrc/cpu/gemv.cpp) rather than torch's, which read fp32 weights at 12 GB/s on
+               the AMD EPYC.
   bias_gelu    gelu(dense(h)) (BERT-style Intermediate, exact or tanh GELU): on CPU tensors with
                a float dense layer, one transfuse.ops.linear with the bias and GELU in its
                GEMM's epilogue; else the GEMM (float or transfuse int8) without its bias (no
@@ -78,6 +83,7 @@ BLOCK_RULES = {
     **{f"{family}DecoderLayer": ("residual_rms_norm",
                                  ("input_layernorm", "self_attn", "post_attention_layernorm",
                                   "mlp")) for family in _DECODERS},
+    "Linear": ("linear", ()),  # torch.nn.Linear itself (_patch_linear checks the class)
 }
 
 # What the class's forward must read, in this order, for a rule to replace it: for projections,
@@ -142,9 +148,18 @@ def _forward_reads_as(cls, kind, names):
 # ------------------------------------------------------------------------------------------------
 
 def _plain_linear(module):
+    """An nn.Linear computing F.linear: that class, unhooked, running the class's forward or one
+    of the linear forwards of the rules."""
     return type(module) is nn.Linear and not (
         module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-        or module._backward_pre_hooks)
+        or module._backward_pre_hooks or _own_forward(module))
+
+
+def _own_forward(module):
+    """Whether the instance has a forward of its own that is not a rule's linear forward."""
+    forward = module.__dict__.get("forward")
+    return forward is not None and getattr(forward, "__func__", None) not in (
+        _linear_forward, _projection_forward)
 
 
 def _rows_of_one_storage(tensors):
@@ -225,15 +240,17 @@ class _Projection:
 
 
 def _linear(x, weight, bias, backend):
-    """F.linear(x, weight, bias); for CPU tensors through transfuse.ops.linear (its own GEMMs)."""
-    if x.device.type == "cpu":
+    """F.linear(x, weight, bias); for CPU tensors of one dtype (no autocast) through
+    transfuse.ops.linear (its own GEMV and GEMMs)."""
+    if (x.device.type == "cpu" and weight.device == x.device and weight.dtype == x.dtype
+            and (bias is None or bias.dtype == x.dtype) and not torch.is_autocast_enabled("cpu")):
         return ops.linear(x, weight, bias, backend=backend)
     return F.linear(x, weight, bias)
 
 
 def _dense(module, x, backend):
     """module(x): for a plain nn.Linear, _linear."""
-    if _plain_linear(module) and "forward" not in module.__dict__:
+    if _plain_linear(module):
         return _linear(x, module.weight, module.bias, backend)
     return module(x)
 
@@ -254,7 +271,7 @@ def _projection_forward(self, x):
 def _patch_projections(module, names):
     linears = [getattr(module, name, None) for name in names]
     if not all(isinstance(m, nn.Module) and _plain_linear(m) and "forward" not in m.__dict__
-               for m in linears):
+               for m in linears):  # (not the linear rule's either: one forward per module)
         return False
     if len({(m.in_features, m.bias is None, m.weight.dtype, m.weight.device)
             for m in linears}) != 1:
@@ -270,6 +287,18 @@ def _patch_projections(module, names):
 
 
 # ------------------------------------------------------------------------------------------------
+# linear
+# ------------------------------------------------------------------------------------------------
+
+def _linear_forward(self, x):
+    return _linear(x, self.weight, self.bias, self.__dict__.get(BACKEND_ATTR))
+
+
+def _patch_linear(module, names):
+    return _plain_linear(module) and _install(module, _linear_forward)
+
+
+# ------------------------------------------------------------------------------------------------
 # residual_norm
 # ------------------------------------------------------------------------------------------------
 
@@ -278,6 +307,8 @@ def _residual_norm_forward(self, hidden_states, input_tensor):
         return type(self).forward(self, hidden_states, input_tensor)
     backend = self.__dict__.get(BACKEND_ATTR)
     hidden_states = self.dropout(_dense(self.dense, hidden_states, backend))
+    if hidden_states.dtype != input_tensor.dtype:  # autocast: the sum promotes, as the class's
+        return self.LayerNorm(hidden_states + input_tensor)
     return self.LayerNorm(hidden_states, residual=input_tensor)[0]
 
 
@@ -300,7 +331,11 @@ def _residual_rms_norm_forward(self, hidden_states, *args, **kwargs):
     residual = hidden_states
     hidden_states, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states),
                                       **{**parameters, **kwargs})
-    hidden_states, residual = norm(hidden_states, residual)
+    if hidden_states.dtype == residual.dtype:
+        hidden_states, residual = norm(hidden_states, residual)
+    else:  # autocast: the sum promotes, as the class's add does
+        residual = residual + hidden_states
+        hidden_states = norm(residual)
     return residual + self.mlp(hidden_states)
 
 
@@ -348,7 +383,7 @@ def _bias_gelu_forward(self, hidden_states):
     approximate = _gelu_approximation(self.intermediate_act_fn)
     product = None
     if not (approximate is None or getattr(dense, "bias", None) is None
-            or "forward" in dense.__dict__ or torch.is_autocast_enabled(hidden_states.device.type)
+            or _own_forward(dense) or torch.is_autocast_enabled(hidden_states.device.type)
             or dense.bias.dtype != hidden_states.dtype):
         product = _product_without_bias(dense, hidden_states, self.__dict__.get(BACKEND_ATTR))
     if product is None:
@@ -362,7 +397,7 @@ def _cpu_linear_gelu(self, hidden_states):
     dense = self.dense
     approximate = _gelu_approximation(self.intermediate_act_fn)
     if (hidden_states.device.type != "cpu" or approximate is None or not _plain_linear(dense)
-            or "forward" in dense.__dict__ or torch.is_autocast_enabled("cpu")
+            or torch.is_autocast_enabled("cpu")
             or dense.weight.dtype != hidden_states.dtype
             or (dense.bias is not None and dense.bias.dtype != hidden_states.dtype)):
         return None
@@ -376,7 +411,8 @@ def _patch_bias_gelu(module, names):
         _install(module, _bias_gelu_forward))
 
 
-_PATCHERS = {"projections": _patch_projections, "residual_norm": _patch_residual_norm,
+_PATCHERS = {"projections": _patch_projections, "linear": _patch_linear,
+             "residual_norm": _patch_residual_norm,
              "residual_rms_norm": _patch_residual_rms_norm, "bias_gelu": _patch_bias_gelu}
 
 
@@ -393,21 +429,25 @@ def patch_blocks(model, backend=None):
     left alone because their forward reads otherwise). Instances whose modules do not fit (int8
     or hooked layers, an overridden forward) stay as they are."""
     done, unexpected = {}, set()
+    taken = set()  # ids of the modules a rule of their parent uses (named_modules: parents first)
     for name, module in model.named_modules():
         rule = BLOCK_RULES.get(type(module).__name__)
-        if rule is None:
+        if rule is None or (rule[0] == "linear" and id(module) in taken):
             continue
+        kind, names = rule
         if FORWARD_ATTR in module.__dict__:  # patched before
             if backend is not None:
                 module.__dict__[BACKEND_ATTR] = backend
-            continue
-        kind, names = rule
-        if not _forward_reads_as(type(module), kind, names):
+        elif not _forward_reads_as(type(module), kind, names):
             unexpected.add(type(module).__name__)
+            continue
         elif "forward" not in module.__dict__ and _PATCHERS[kind](module, names):
             module.__dict__[FORWARD_ATTR] = True  # (projections: the siblings' forwards)
             module.__dict__[BACKEND_ATTR] = backend
             done[name] = kind
+        else:
+            continue
+        taken.update(id(getattr(module, n, None)) for n in names)
     return done, sorted(unexpected)
 
 
