@@ -7,9 +7,11 @@ key/value heads, MLP 1536, vocabulary 49152, the head tied to the embedding), so
 nothing; the table says how many of each side's tokens equal eager's. "+ head": int8_heads=True,
 the tied head (a third of the int8 model's bytes) in int8 too. A token's time is
 (generate(prompt, n + 1 new tokens) - generate(prompt, 1 new token)) / n: the prefill is taken out.
-The sides take turns (A B A B ...), median of the rounds.
+The sides take turns (A B A B ...), median of the rounds. With --compile, also eager, the patch
+and w8a16 + head with a static cache and the forward compiled by generate() (Inductor; the
+warm-up compiles both lengths).
 
-    python benchmarks/decode_cpu.py [--new-tokens 32] [--rounds 5] [--out results.json]
+    python benchmarks/decode_cpu.py [--new-tokens 32] [--rounds 5] [--compile] [--out F.json]
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ SIDES = {"eager": None, "transfuse patch(model)": {}, "transfuse int8=w8a16": {"
          "transfuse int8=w8a8": {"int8": "w8a8"},
          "transfuse w8a16 + head": {"int8": "w8a16", "int8_heads": True},
          "transfuse w8a8 + head": {"int8": "w8a8", "int8_heads": True}}
+COMPILED = ("eager", "transfuse patch(model)", "transfuse w8a16 + head")  # --compile
 
 
 def weight_bytes(model):
@@ -49,10 +52,21 @@ def bytes_per_token(model):
     return weight_bytes(model) - embedding.numel() * embedding.element_size()
 
 
-def generate(model, prompt, new_tokens):
+def compile_config():
+    """generate()'s compilation of the forward, on the CPU too (transformers does it by itself on
+    CUDA only): Inductor, whole graph."""
+    from transformers.generation.configuration_utils import CompileConfig
+    config = CompileConfig(fullgraph=True, mode="default")
+    config._compile_all_devices = True
+    return config
+
+
+def generate(model, prompt, new_tokens, compiled=False):
+    static = dict(cache_implementation="static", compile_config=compile_config()) if compiled \
+        else {}
     with torch.inference_mode():
         return model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                              do_sample=False)
+                              do_sample=False, **static)
 
 
 def main(argv=None):
@@ -60,6 +74,8 @@ def main(argv=None):
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompt", type=int, default=8, help="prompt tokens")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--compile", action="store_true",
+                        help=f"also {', '.join(COMPILED)} compiled, with a static cache")
     parser.add_argument("--out", help="JSON file for the figures")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")  # generation-config notes
@@ -67,25 +83,30 @@ def main(argv=None):
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**SMOLLM_135M)).eval()
-    sides = {label: model if kwargs is None else transfuse.patch(copy.deepcopy(model), **kwargs)
-             for label, kwargs in SIDES.items()}
+    models = {label: model if kwargs is None else transfuse.patch(copy.deepcopy(model), **kwargs)
+              for label, kwargs in SIDES.items()}
+    sides = {label: (m, False) for label, m in models.items()}  # label -> (model, compiled)
+    if args.compile:
+        sides.update({f"{label}, compiled": (models[label], True) for label in COMPILED})
     prompt = torch.randint(0, SMOLLM_135M["vocab_size"], (1, args.prompt))
-    tokens = {label: generate(m, prompt, args.new_tokens + 1)[0, args.prompt:]
-              for label, m in sides.items()}
+    tokens = {}
+    for label, (m, compiled) in sides.items():  # (the warm-up: compiles both lengths)
+        generate(m, prompt, 1, compiled)
+        tokens[label] = generate(m, prompt, args.new_tokens + 1, compiled)[0, args.prompt:]
     bandwidth = copy_bandwidth_gbps(torch.device("cpu"), 20)
     load_before = os.getloadavg()
     times = {label: [] for label in sides}
     for _ in range(args.rounds):
-        for label, m in sides.items():
+        for label, (m, compiled) in sides.items():
             start = time.perf_counter()
-            generate(m, prompt, 1)
+            generate(m, prompt, 1, compiled)
             first = time.perf_counter()
-            generate(m, prompt, args.new_tokens + 1)
+            generate(m, prompt, args.new_tokens + 1, compiled)
             end = time.perf_counter()
             times[label].append(((end - first) - (first - start)) / args.new_tokens * 1e3)
     load_after = os.getloadavg()
     results = {}
-    for label, m in sides.items():
+    for label, (m, _) in sides.items():
         ms = statistics.median(times[label])
         floor = bytes_per_token(m) / bandwidth / 1e6
         results[label] = {"ms_per_token": ms, "weight_MB": weight_bytes(m) / 2**20,
@@ -96,10 +117,10 @@ def main(argv=None):
           f"{args.new_tokens} new tokens, {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}; copy bandwidth {bandwidth:.1f} GB/s; load {load_before} before, "
           f"{load_after} after")
-    print(f"  {'':24} {'ms/token':>9} {'x eager':>8} {'weights':>9} {'floor':>8} "
+    print(f"  {'':34} {'ms/token':>9} {'x eager':>8} {'weights':>9} {'floor':>8} "
           f"{'same tokens':>12}")
     for label, r in results.items():
-        print(f"  {label:24} {r['ms_per_token']:9.2f} {eager / r['ms_per_token']:7.2f}x "
+        print(f"  {label:34} {r['ms_per_token']:9.2f} {eager / r['ms_per_token']:7.2f}x "
               f"{r['weight_MB']:7.1f}MB {r['floor_ms']:6.2f}ms "
               f"{r['tokens_equal_to_eager']:5d} of {args.new_tokens + 1}")
     if args.out:

@@ -53,3 +53,27 @@ def test_unpad_always_keeps_padding_removal_under_compile(model_type, unpad):
 def test_unpad_takes_true_false_or_always():
     with pytest.raises(ValueError, match="unpad must be True, False or 'always'"):
         transfuse.patch(build("bert"), unpad="sometimes")
+
+
+@pytest.mark.parametrize("int8", [None, "w8a8"])
+def test_generate_with_a_static_cache_compiles_the_patched_forward(int8):
+    """generate(cache_implementation="static") compiles the forward when a compile_config allows
+    it on the CPU (transformers does so by itself on CUDA): a patched model, its int8 layers too
+    (the quantizer says it is compileable), decodes through the compiled forward token for token
+    as it does in eager mode."""
+    from transformers.generation.configuration_utils import CompileConfig
+    model = build("llama")
+    prompts = torch.randint(3, 60, (2, 7), generator=torch.Generator().manual_seed(3))
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0,
+                  cache_implementation="static")
+    transfuse.patch(model, int8=int8)
+    expected = model.generate(prompts, **kwargs)
+    config = CompileConfig(fullgraph=True, backend="aot_eager", mode=None)
+    config._compile_all_devices = True
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    assert torch.equal(model.generate(prompts, compile_config=config, **kwargs), expected)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # it did compile
+    if int8 is None:
+        transfuse.unpatch(model)
+        assert torch.equal(model.generate(prompts, **kwargs), expected)

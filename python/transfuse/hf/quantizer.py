@@ -139,6 +139,12 @@ if HfQuantizer is not None:
         def quantized_element_size(self):
             return 1
 
+        @property
+        def is_compileable(self):
+            # Int8Linear's ops are torch custom ops with fake kernels: generate() may compile the
+            # forward (a static cache) as for an unquantized model.
+            return True
+
         def validate_environment(self, *args, **kwargs):
             # the config's attributes may have been changed since (QuantizationConfigMixin.update)
             check_arguments(self.quantization_config.mode, self.quantization_config.skip)
