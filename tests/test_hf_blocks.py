@@ -18,9 +18,10 @@ ENCODERS = ["bert", "roberta"]
 
 @pytest.fixture(autouse=True)
 def joined_gemm_on_cpu(monkeypatch):
-    """The joint projection GEMM runs on CUDA only (it measured slower on the CPU); the tests
-    run it on CPU tensors too."""
+    """The joint projection GEMMs run on CUDA only (they measured slower on the CPU); the tests
+    run them on CPU tensors too."""
     monkeypatch.setattr(blocks, "JOINED_GEMM_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(blocks, "JOINED_INT8_DEVICES", ("cuda", "cpu"))
 
 
 def padded_batch(seed=1):
@@ -358,3 +359,49 @@ def test_patched_models_run_under_cpu_autocast(model_type):
     assert actual.dtype == expected.dtype
     torch.testing.assert_close(actual.float(), expected.float(), rtol=0.02,
                                atol=0.02 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
+@pytest.mark.parametrize("model_type", ["bert", "llama"])
+def test_int8_siblings_run_as_one_int8_linear(model_type, mode, monkeypatch):
+    """projections over Int8Linear siblings (after patch(int8=...)): their int8 weights, scales and
+    biases share one storage and run as one transfuse.ops.int8_linear (w8a8: one quantization of
+    the shared input); per sequence what the int8 patch without block rules
+    gives (the same int8 products and epilogue, rounding aside), the state dict unchanged."""
+    monkeypatch.setattr(blocks, "JOINED_GEMM_DEVICES", ("cuda",))  # (float layers: not joined)
+    model = build(model_type)
+    ids, mask = padded_batch()
+    unjoined = transfuse.patch(copy.deepcopy(model), int8=mode, blocks=False)
+    joined = transfuse.patch(copy.deepcopy(model), int8=mode)
+    calls = []
+    original = transfuse.ops.int8_linear
+    monkeypatch.setattr(transfuse.ops, "int8_linear",
+                        lambda *a, **k: calls.append(a[1].shape[0]) or original(*a, **k))
+    outputs = []
+    for patched in (unjoined, joined):
+        calls.clear()
+        with torch.no_grad():
+            outputs.append(patched(input_ids=ids, attention_mask=mask)[0][mask.bool()])
+        outputs.append(list(calls))
+    expected, separate, actual, together = outputs
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    layers, hidden = model.config.num_hidden_layers, model.config.hidden_size
+    # Q, K and V (and a gated MLP's gate and up) as one call each
+    assert len(together) == len(separate) - layers * (2 if model_type == "bert" else 3)
+    if model_type == "bert":
+        assert together.count(3 * hidden) == layers
+    assert joined.state_dict().keys() == unjoined.state_dict().keys()
+    for name, value in unjoined.state_dict().items():
+        assert torch.equal(joined.state_dict()[name], value), name
+
+
+def test_the_cpu_runs_int8_siblings_one_by_one_by_default(monkeypatch):
+    monkeypatch.setattr(blocks, "JOINED_INT8_DEVICES", ("cuda",))
+    patched = transfuse.patch(build("llama"), int8="w8a8")
+    calls = []
+    original = transfuse.ops.int8_linear
+    monkeypatch.setattr(transfuse.ops, "int8_linear",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    with torch.no_grad():
+        patched(input_ids=torch.randint(3, 60, (1, 4)))
+    assert len(calls) == 7 * patched.config.num_hidden_layers  # q k v o, gate up down

@@ -7,16 +7,16 @@ class's own forward otherwise, so a later swap (int8 layers, a user's module) ne
 something else.
 
   projections  sibling nn.Linear layers that read the same input (attention's Q, K and V; a
-               gated MLP's gate and up) run
-               as one GEMM. Their weights (and biases) live in one storage, each Parameter a
+               gated MLP's gate and up), or sibling transfuse Int8Linear layers of one mode, run
+               as one GEMM (int8: one quantization of the input in w8a8). Their weights (and biases) live in one storage, each Parameter a
                view of its rows: the Parameter objects, the state dict and an optimizer see
                nothing new (save_pretrained clones such disjoint views). The first sibling
                called computes x @ [W_q; W_k; W_v]^T and keeps it, per thread, until every
                sibling has taken its columns from it (each checks that its input is the same
                tensor, unmodified since: for inference-mode tensors, which count no
                modifications, the same tensor). While autograd records, and on devices outside
-               JOINED_GEMM_DEVICES (the CPU, where it measured slower), every layer runs on its
-               own.
+               JOINED_GEMM_DEVICES / JOINED_INT8_DEVICES (the CPU, where it measured slower),
+               every layer runs on its own.
   residual_norm  LayerNorm(dropout(dense(h)) + input) (BERT-style SelfOutput / Output): the
                residual add runs inside the fused norm's pass (a FusedLayerNorm, from the norm
                rules) instead of a separate one.
@@ -65,6 +65,11 @@ BACKEND_ATTR = "_transfuse_block_backend"
 # (2 threads, AVX2, fp32, real sentences, batch 8) the joint Q/K/V GEMM measured 0.97x the three
 # separate ones, model-level (benchmarks/results/block-rules/); there each layer runs on its own.
 JOINED_GEMM_DEVICES = ("cuda",)
+# Devices whose tensors run int8 siblings as one int8 GEMM (w8a8: one quantization of the input).
+# Not the CPU either: w8a8 there (AMD EPYC, 2 threads, one interleaved A/B) read 1.01x on
+# MiniLM's real sentences, 1.00x at 8 x 128, and 0.84x decoding the SmolLM-135M shape (the
+# joint call's Python bookkeeping costs more than two quantizations of one token).
+JOINED_INT8_DEVICES = ("cuda",)
 
 _BERT_LIKE = ("Bert", "Roberta", "XLMRoberta", "Electra", "Camembert")
 _DECODERS = ("Llama", "Mistral", "Qwen2", "Gemma")
@@ -207,12 +212,13 @@ class _Projection:
         self.local = threading.local()
 
     def intact(self):
-        """The siblings are the layers fused at patch time, untouched since, with biases all or
-        none."""
+        """The siblings are the layers fused at patch time, untouched since, all of one kind
+        (float, or int8 of one mode and backend), with biases all or none."""
         current = [self.parent._modules.get(name) for name in self.names]
         if any(a is not b for a, b in zip(current, self.linears)):
             return False
-        return all(_plain_linear(m) for m in current) and len(
+        kinds = {_sibling_kind(m) for m in current}
+        return None not in kinds and len(kinds) == 1 and len(
             {m.bias is None for m in current}) == 1
 
     def joined(self, attribute):
@@ -230,8 +236,13 @@ class _Projection:
         state = self.local
         cached = getattr(state, "entry", None)
         if cached is None or cached[0] is not x or cached[1] != _version(x) or index in cached[3]:
-            output = _linear(x, self.joined("weight"), self.joined("bias"),
-                             self.parent.__dict__.get(BACKEND_ATTR))
+            first = self.linears[0]
+            if type(first) is Int8Linear:  # one quantization of x (w8a8), one GEMM
+                output = ops.int8_linear(x, self.joined("weight"), self.joined("weight_scale"),
+                                         self.joined("bias"), first.mode, backend=first.backend)
+            else:
+                output = _linear(x, self.joined("weight"), self.joined("bias"),
+                                 self.parent.__dict__.get(BACKEND_ATTR))
             cached = (x, _version(x), output, set())
         cached[3].add(index)
         state.entry = None if len(cached[3]) == len(self.linears) else cached
@@ -255,31 +266,46 @@ def _dense(module, x, backend):
     return module(x)
 
 
+def _sibling_kind(module):
+    """"float" for a plain nn.Linear, (mode, backend) for a transfuse Int8Linear as built
+    (unhooked), else None: siblings of one kind can run as one GEMM."""
+    if _plain_linear(module):
+        return "float"
+    if type(module) is Int8Linear and not (
+            module._forward_hooks or module._forward_pre_hooks or _own_forward(module)):
+        return module.mode, module.backend
+    return None
+
+
 def _projection_forward(self, x):
     projection, index = self.__dict__[PROJECTION_ATTR]
-    if x.device.type not in JOINED_GEMM_DEVICES:
-        return _linear(x, self.weight, self.bias, projection.parent.__dict__.get(BACKEND_ATTR))
+    int8 = type(self) is Int8Linear
+    own = Int8Linear.forward if int8 else nn.Linear.forward
+    if x.device.type not in (JOINED_INT8_DEVICES if int8 else JOINED_GEMM_DEVICES):
+        return own(self, x) if int8 else _linear(
+            x, self.weight, self.bias, projection.parent.__dict__.get(BACKEND_ATTR))
     if torch.compiler.is_compiling():  # the joint GEMM keeps per-thread state: not traced
-        return nn.Linear.forward(self, x)
+        return own(self, x)
     records = torch.is_grad_enabled() and (x.requires_grad or any(
         p.requires_grad for m in projection.linears for p in m.parameters()))
     if records or not projection.intact():
-        return nn.Linear.forward(self, x)
+        return own(self, x)
     return projection.part(index, x)
 
 
 def _patch_projections(module, names):
     linears = [getattr(module, name, None) for name in names]
-    if not all(isinstance(m, nn.Module) and _plain_linear(m) and "forward" not in m.__dict__
-               for m in linears):  # (not the linear rule's either: one forward per module)
-        return False
-    if len({(m.in_features, m.bias is None, m.weight.dtype, m.weight.device)
-            for m in linears}) != 1:
+    if not all(isinstance(m, nn.Module) and "forward" not in m.__dict__ for m in linears):
+        return False  # (not the linear rule's either: one forward per module)
+    kinds = {_sibling_kind(m) for m in linears}
+    if None in kinds or len(kinds) != 1 or len(
+            {(m.in_features, m.bias is None, m.weight.dtype, m.weight.device)
+             for m in linears}) != 1:
         return False
     projection = _Projection(module, names)
-    _share_storage([m.weight for m in linears])
-    if linears[0].bias is not None:
-        _share_storage([m.bias for m in linears])
+    for attribute in ("weight", "weight_scale", "bias"):
+        if getattr(linears[0], attribute, None) is not None:
+            _share_storage([getattr(m, attribute) for m in linears])
     for index, linear in enumerate(linears):
         linear.__dict__[PROJECTION_ATTR] = (projection, index)
         _install(linear, _projection_forward)
@@ -459,5 +485,5 @@ def unpatch_blocks(model):
             module.__dict__.pop(BACKEND_ATTR, None)
             if module.__dict__.pop(PROJECTION_ATTR, None) is not None:
                 with torch.no_grad():
-                    for p in module.parameters(recurse=False):
-                        p.data = p.data.clone()
+                    for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+                        t.data = t.data.clone()
