@@ -183,6 +183,7 @@ def test_torch_compile_fullgraph_runs_the_custom_op(activation, monkeypatch):
     (lambda x, w: transfuse.ops.linear(x, w, backend=3), TypeError, "backend must be a str"),
     (lambda x, w: transfuse.ops.linear(x, w, backend="nope"), ValueError, "backend must be one of"),
 ])
-def test_bad_input_names_the_argument(call, error, match):
+@pytest.mark.parametrize("rows", [1, 20], ids=["gemv-rows", "gemm-rows"])
+def test_bad_input_names_the_argument(call, error, match, rows):
     with pytest.raises(error, match=match):
-        call(torch.randn(20, 8), torch.randn(6, 8))
+        call(torch.randn(rows, 8), torch.randn(6, 8))

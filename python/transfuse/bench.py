@@ -265,6 +265,12 @@ def dispatch_cases(device, families):
                 impls[f"transfuse-{k} {mode}"] = lambda k=k, mode=mode: ops.int8_linear(
                     x, w_int8, w_scale, bias, mode, backend=k)
         cases.append(Case("int8_linear dispatch (1x64x64)", "1x64x64", "float32", 0, impls))
+    if "linear" in families:
+        weight, bias = torch.randn(64, 64, device=device), torch.randn(64, device=device)
+        impls = {"eager": lambda: F.linear(x, weight, bias)}
+        for k in kernels:
+            impls[f"transfuse-{k}"] = lambda k=k: ops.linear(x, weight, bias, backend=k)
+        cases.append(Case("linear dispatch (1x64x64)", "1x64x64", "float32", 0, impls))
     if "attention" in families:
         q, kv = torch.randn(1, 2, 1, 32, device=device), torch.randn(1, 2, 8, 32, device=device)
         impls = {"eager": lambda: F.scaled_dot_product_attention(q, kv, kv)}

@@ -41,6 +41,35 @@ ACTIVATIONS = (None, "gelu", "gelu_tanh")  # gelu: F.gelu's exact (erf) form; ge
 def linear(x, weight, bias=None, *, activation=None, backend=None):
     """act(x [..., k] @ weight [n, k]^T + bias [n]) -> [..., n], as F.linear (same dtypes) then,
     for activation "gelu" / "gelu_tanh", F.gelu (approximate "none" / "tanh")."""
+    if (type(x) is Tensor and type(weight) is Tensor and x.is_cpu and type(backend) in (
+            str, type(None)) and not torch.compiler.is_compiling() and not (
+            torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (
+                bias is not None and bias.requires_grad)))
+            and _backend.resolve("linear", backend, x.device) == "cpu"
+            and _own_kernel_takes(x, weight)):
+        # the whole call in C++, its checks included, where transfuse's kernel takes it: the
+        # Python checks below cost as much as the call (a decoding step makes hundreds)
+        try:
+            out = backends.extension()[0].linear(x, weight, bias, activation or "none")
+        except Exception:
+            _check_arguments(x, weight, bias, activation, backend)  # words the error
+            raise
+        if out is not None:
+            return out
+    _check_arguments(x, weight, bias, activation, backend)
+    name = _backend.resolve("linear", backend, x.device)
+    if name == "reference":
+        return reference.linear(x, weight, bias, activation)
+    tracked = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias))
+    if name == "cpu" and not tracked and _own_kernel_takes(x, weight):
+        if torch.compiler.is_compiling():  # opaque to Inductor, which would run its own GEMM
+            return _cpu_linear(x, weight, bias, activation or "none")
+        return _cpu_linear_forward(x, weight, bias, activation or "none")
+    return _torch_linear(x, weight, bias, activation or "none")
+
+
+def _check_arguments(x, weight, bias, activation, backend):
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() == 0:
         raise TypeError("x must be a float torch.Tensor with at least one dimension")
     if not isinstance(weight, Tensor) or weight.dim() != 2:
@@ -59,16 +88,6 @@ def linear(x, weight, bias=None, *, activation=None, backend=None):
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"backend must be a str or None, got {backend!r}")
-    name = _backend.resolve("linear", backend, x.device)
-    if name == "reference":
-        return reference.linear(x, weight, bias, activation)
-    tracked = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias))
-    if name == "cpu" and not tracked and _own_kernel_takes(x, weight):
-        if torch.compiler.is_compiling():  # opaque to Inductor, which would run its own GEMM
-            return _cpu_linear(x, weight, bias, activation or "none")
-        return _cpu_linear_forward(x, weight, bias, activation or "none")
-    return _torch_linear(x, weight, bias, activation or "none")
 
 
 def _own_kernel_takes(x, weight):
