@@ -4,7 +4,8 @@ each (the bytes of the weights one token reads over the measured copy bandwidth)
 
 The weights are random (the shapes are SmolLM-135M's: 30 layers, hidden 576, 9 query and 3
 key/value heads, MLP 1536, vocabulary 49152, the head tied to the embedding), so the tokens mean
-nothing; the table says how many of each side's tokens equal eager's. "+ head": int8_heads=True,
+nothing; the table says how many of each side's tokens equal eager's. "bf16 copy": the model
+cast to bfloat16, eager and patched. "+ head": int8_heads=True,
 the tied head (a third of the int8 model's bytes) in int8 too. A token's time is
 (generate(prompt, n + 1 new tokens) - generate(prompt, 1 new token)) / n: the prefill is taken out.
 The sides take turns (A B A B ...), median of the rounds. With --compile, also eager, the patch
@@ -85,6 +86,9 @@ def main(argv=None):
     model = LlamaForCausalLM(LlamaConfig(**SMOLLM_135M)).eval()
     models = {label: model if kwargs is None else transfuse.patch(copy.deepcopy(model), **kwargs)
               for label, kwargs in SIDES.items()}
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    models.update({"eager, bf16 copy": bf16, "transfuse patch(bf16 copy)": transfuse.patch(
+        copy.deepcopy(bf16))})
     sides = {label: (m, False) for label, m in models.items()}  # label -> (model, compiled)
     if args.compile:
         sides.update({f"{label}, compiled": (models[label], True) for label in COMPILED})
