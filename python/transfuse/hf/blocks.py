@@ -349,7 +349,8 @@ def _patch_residual_norm(module, names):
 
 def _residual_rms_norm_forward(self, hidden_states, *args, **kwargs):
     norm = self.post_attention_layernorm
-    parameters = _decoder_parameters(type(self))
+    parameters = (_decoder_parameters.__wrapped__ if torch.compiler.is_compiling()  # (no
+                  else _decoder_parameters)(type(self))  # warning of Dynamo's on lru_cache)
     # positional arguments, or 5.24's deprecated name of its cache: the class's forward
     if not isinstance(norm, FusedRMSNorm) or args or (
             "past_key_values" in kwargs and "past_key_values" not in parameters):

@@ -195,7 +195,8 @@ def _base_forward(self, *args, **kwargs):
 def _with_cache(module, valid, kwargs):
     """For a decoder: `valid` when the call uses no KV cache, or one a packed prefill can fill
     (then kwargs name it, created here when the model would create one), else None."""
-    name = _cache_argument(type(module))
+    name = (_cache_argument.__wrapped__ if torch.compiler.is_compiling()  # (no warning of
+            else _cache_argument)(type(module))  # Dynamo's on lru_cache)
     cache = kwargs.get(name, kwargs.get("past_key_values"))
     use_cache = kwargs.get("use_cache")
     if use_cache is None:

@@ -189,13 +189,15 @@ def rms_norm(x, weight, eps=1e-6, residual=None, offset=0.0, *, casting_mode="ll
     if name == "reference":
         _check_inputs(x, weight, None, residual, REFERENCE_DTYPES)
         return reference.rms_norm(x, weight, eps, residual, offset, casting_mode)
-    normalized_dtype, out_dtype = _rms_norm_dtypes(x.dtype, weight.dtype, casting_mode)
+    dtypes = reference.rms_norm_dtypes if torch.compiler.is_compiling() else _rms_norm_dtypes
+    normalized_dtype, out_dtype = dtypes(x.dtype, weight.dtype, casting_mode)
     y, residual_out, _, _ = _call(x, weight, None, residual, eps, float(offset), True,
                                   normalized_dtype, out_dtype, name)
     return y if residual is None else (y, residual_out)
 
 
-_rms_norm_dtypes = functools.lru_cache(maxsize=None)(reference.rms_norm_dtypes)  # 0.4 us a call
+# 0.4 us a call saved; not under torch.compile (Dynamo warns of an lru_cache, and traces it once)
+_rms_norm_dtypes = functools.lru_cache(maxsize=None)(reference.rms_norm_dtypes)
 
 
 def _call(x, weight, bias, residual, *args):
