@@ -31,7 +31,7 @@ constexpr int64_t kTileCols = 4;                 // weight rows sharing each loa
 constexpr int64_t kTileRows = 4;                 // rows of x sharing each load of the weights
 constexpr int64_t kRowsPerBlock = 16;            // weight rows a thread takes at a time
 constexpr int64_t kPrefetchRows = 4 * kTileCols;
-constexpr int64_t kMinWorkPerThread = 1 << 17;   // multiply-adds (threads.h)
+constexpr int64_t kMinWorkPerThread = 1 << 15;   // multiply-adds (threads.h)
 
 // 16 weights of a row from `from` as fp32 (bf16 widened exactly), zeros where mask is clear.
 TRANSFUSE_AVX512BW inline __m512 load_weights(const float* from, __mmask16 mask) {
