@@ -137,14 +137,15 @@ def test_cpus_with_amx_keep_torchs_gemm(monkeypatch):
 
 @pytest.mark.parametrize("backend", ["reference"] + cpu_backends())
 def test_calls_it_does_not_take_are_f_linear(backend, monkeypatch):
-    """Between the GEMV's rows and the GEMMs' (or below their work), fp16, autograd and the other
-    backends: torch's F.linear (the reference computes in float64), gradients included."""
+    """Between the GEMV's rows and the GEMMs' (or below their work), fp16, a transposed weight
+    view at the GEMV's rows, autograd and the other backends: torch's F.linear (the reference computes in float64), gradients included."""
     calls = kernel_calls(monkeypatch)
     w, bias = torch.randn(96, 80), torch.randn(96)
-    for x in (torch.randn(16, 80), torch.randn(12, 80).bfloat16(), torch.randn(3, 80).half()):
-        out = transfuse.ops.linear(x, w.to(x.dtype), bias.to(x.dtype), backend=backend)
+    for x, weight in ((torch.randn(16, 80), w), (torch.randn(12, 80).bfloat16(), w.bfloat16()),
+                      (torch.randn(3, 80).half(), w.half()), (torch.randn(3, 80), w.T.contiguous().T)):
+        out = transfuse.ops.linear(x, weight, bias.to(x.dtype), backend=backend)
         expected = (reference.linear if backend == "reference" else F.linear)(
-            x, w.to(x.dtype), bias.to(x.dtype))
+            x, weight, bias.to(x.dtype))
         assert torch.equal(out, expected)
     x = torch.randn(40, 80, requires_grad=True)
     out = transfuse.ops.linear(x, w, bias, backend=backend)

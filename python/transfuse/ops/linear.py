@@ -92,11 +92,12 @@ def _check_arguments(x, weight, bias, activation, backend):
 
 def _own_kernel_takes(x, weight):
     """Whether transfuse's GEMV or GEMMs run the call (the extension may still decline it: a CPU
-    without AVX-512)."""
+    without AVX-512). The GEMV reads the weight as stored: a transposed view (which the binding
+    would copy, doubling the bytes read) is torch's."""
     if x.dtype not in GEMV_MAX_ROWS:
         return False
     rows = x.numel() // max(x.shape[-1], 1)
-    return rows <= GEMV_MAX_ROWS[x.dtype] or (
+    return (rows <= GEMV_MAX_ROWS[x.dtype] and weight.is_contiguous()) or (
         rows >= MIN_ROWS and rows * weight.numel() >= MIN_WORK and own_gemm_faster())
 
 
