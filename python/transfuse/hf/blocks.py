@@ -8,8 +8,9 @@ something else.
 
   projections  sibling nn.Linear layers that read the same input (attention's Q, K and V; a
                gated MLP's gate and up), or sibling transfuse Int8Linear layers of one mode, run
-               as one GEMM (int8: one quantization of the input in w8a8). Their weights (and biases) live in one storage, each Parameter a
-               view of its rows: the Parameter objects, the state dict and an optimizer see
+               as one GEMM (int8: one quantization of the input in w8a8). Their weights (and
+               biases, int8 scales) live in one storage, each tensor a view of its rows:
+               the Parameter objects, the state dict and an optimizer see
                nothing new (save_pretrained clones such disjoint views). The first sibling
                called computes x @ [W_q; W_k; W_v]^T and keeps it, per thread, until every
                sibling has taken its columns from it (each checks that its input is the same
