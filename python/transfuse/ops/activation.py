@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, reference
-from . import _backend
+from . import _backend, _library
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 APPROXIMATIONS = ("none", "tanh")
@@ -56,7 +56,7 @@ def _run_backward(dy, x, bias, approximate, backend):
     return dx if x2 is x else dx.view(x.shape)
 
 
-@torch.library.custom_op("transfuse::bias_gelu", mutates_args=())
+@_library.op("bias_gelu")
 def _bias_gelu(x: Tensor, bias: Optional[Tensor], approximate: str, backend: str) -> Tensor:
     """-> gelu(x + bias), a new contiguous tensor of x's shape and dtype"""
     return _run_forward(x, bias, approximate, backend)
@@ -67,7 +67,7 @@ def _(x, bias, approximate, backend):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("transfuse::bias_gelu_backward", mutates_args=())
+@_library.op("bias_gelu_backward")
 def _bias_gelu_backward(dy: Tensor, x: Tensor, bias: Optional[Tensor], approximate: str,
                         backend: str) -> Tensor:
     """-> dz = dy * gelu'(x + bias), of x's shape"""

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, reference
-from . import _backend
+from . import _backend, _library
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
@@ -113,7 +113,7 @@ def _run_backward(dout, q, k, v, out, lse, mask, cu_seqlens_q, cu_seqlens_k, max
 
 # One custom op pair for both layouts: cu_seqlens_q None is the padded layout (q [B, Hq, Sq, D]),
 # else the packed one (q [Tq, Hq, D], sequence b in rows cu_seqlens_q[b]:cu_seqlens_q[b + 1]).
-@torch.library.custom_op("transfuse::attention", mutates_args=())
+@_library.op("attention")
 def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
                cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
                max_seqlen_k: int, causal: bool, scale: float, window: int, softcap: float,
@@ -134,7 +134,7 @@ def _(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, cau
     return out, q.new_empty(batch, heads, seq_q, dtype=torch.float32)
 
 
-@torch.library.custom_op("transfuse::attention_backward", mutates_args=())
+@_library.op("attention_backward")
 def _attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                         mask: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
                         cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,

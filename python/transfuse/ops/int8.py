@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, reference
-from . import _backend
+from . import _backend, _library
 
 MODES = ("w8a8", "w8a16")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -84,7 +84,7 @@ def _grad_x(dy, w, w_scale, dtype):
     return ((dy.float() * w_scale) @ w.float()).to(dtype)
 
 
-@torch.library.custom_op("transfuse::int8_linear", mutates_args=())
+@_library.op("int8_linear")
 def _int8_linear(x: Tensor, w: Tensor, w_scale: Tensor, bias: Optional[Tensor], mode: str,
                  backend: str) -> Tensor:
     return _linear_forward(x, w, w_scale, bias, mode, backend)

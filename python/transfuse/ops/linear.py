@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backends, reference
-from . import _backend
+from . import _backend, _library
 
 # Rows up to which the GEMV runs (measured on the AMD EPYC: in bf16 torch's AVX512_BF16 GEMM
 # overtakes it past 8 rows; in fp32 torch's ran 2-3.7x slower up to 15 rows).
@@ -126,7 +126,7 @@ def _cpu_linear_forward(x, weight, bias, activation):
     return _torch_linear(x, weight, bias, activation) if out is None else out
 
 
-@torch.library.custom_op("transfuse::linear", mutates_args=())
+@_library.op("linear")
 def _cpu_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str) -> Tensor:
     """-> act(x @ weight^T + bias), a new tensor (inference: no autograd registered)"""
     out = _cpu_linear_forward(x, weight, bias, activation)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, reference
-from . import _backend
+from . import _backend, _library
 from ..reference import CASTING_MODES
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -38,7 +38,7 @@ def _run_forward(x, weight, bias, residual, eps, weight_offset, rms, normalized_
                                        normalized_dtype, out_dtype)
 
 
-@torch.library.custom_op("transfuse::norm", mutates_args=())
+@_library.op("norm")
 def _norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
           eps: float, weight_offset: float, rms: bool, normalized_dtype: torch.dtype,
           out_dtype: torch.dtype, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -62,7 +62,7 @@ def _run_backward(dy, dresidual_out, h, weight, mean, rstd, weight_offset, rms, 
                                         rms, has_bias)
 
 
-@torch.library.custom_op("transfuse::norm_backward", mutates_args=())
+@_library.op("norm_backward")
 def _norm_backward(dy: Tensor, dresidual_out: Optional[Tensor], h: Tensor, weight: Optional[Tensor],
                    mean: Tensor, rstd: Tensor, weight_offset: float, rms: bool, has_bias: bool,
                    backend: str) -> Tuple[Tensor, Tensor, Tensor]:
