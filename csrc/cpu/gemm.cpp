@@ -27,8 +27,6 @@ namespace transfuse::cpu {
 #ifdef TRANSFUSE_X86_MULTIVERSION
 namespace {
 
-#define TRANSFUSE_AVX512BW __attribute__((target("avx512f,avx512bw,avx512vl")))
-
 constexpr int64_t kTileRows = 6;
 constexpr int64_t kPanelVectors = 4;
 constexpr int64_t kPanelCols = 16 * kPanelVectors;

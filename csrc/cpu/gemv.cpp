@@ -25,8 +25,6 @@ namespace transfuse::cpu {
 #ifdef TRANSFUSE_X86_MULTIVERSION
 namespace {
 
-#define TRANSFUSE_AVX512BW __attribute__((target("avx512f,avx512bw,avx512vl")))
-
 constexpr int64_t kTileCols = 4;                 // weight rows sharing each load of x
 constexpr int64_t kTileRows = 4;                 // rows of x sharing each load of the weights
 constexpr int64_t kRowsPerBlock = 16;            // weight rows a thread takes at a time

@@ -9,6 +9,9 @@
 #if defined(__x86_64__) && defined(__GNUC__)
 #define TRANSFUSE_X86_MULTIVERSION 1
 #define TRANSFUSE_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+// Intrinsics kernels on AVX-512 with byte/word ops and 128/256-bit masks (the fp32 / bf16 GEMM and
+// GEMV: gemm.h's has_gemm).
+#define TRANSFUSE_AVX512BW __attribute__((target("avx512f,avx512bw,avx512vl")))
 
 #include <cstdlib>
 #include <cstring>
