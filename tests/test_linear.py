@@ -2,6 +2,7 @@
 (gemv.cpp) against reference.py's float64 product over awkward shapes, torch's F.linear for every call it does not take, gradients,
 and bad input named."""
 import importlib
+import math
 
 import pytest
 import torch
@@ -54,12 +55,9 @@ def within_fp32_accumulation(out, x, w, bias):
     assert torch.isfinite(out).all() and ((out.double() - exact).abs() <= bound).all()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_cpu_gemm_within_fp32_accumulation_of_float64(shape, with_bias, dtype, monkeypatch):
-    monkeypatch.setattr(linear_module, "MIN_WORK", 0)  # the small shapes too
-    calls = kernel_calls(monkeypatch)
+def linear_within_fp32_accumulation(shape, with_bias, dtype):
+    """transfuse.ops.linear on the cpu backend of fresh inputs of shape (lead, n, k): the output's
+    shape, dtype and values (within_fp32_accumulation)."""
     lead, n, k = shape
     x, w = torch.randn(*lead, k).to(dtype), torch.randn(n, k).to(dtype)
     bias = torch.randn(n).to(dtype) if with_bias else None
@@ -67,6 +65,15 @@ def test_cpu_gemm_within_fp32_accumulation_of_float64(shape, with_bias, dtype, m
         out = transfuse.ops.linear(x, w, bias, backend="cpu")
     assert out.shape == (*lead, n) and out.dtype == dtype
     within_fp32_accumulation(out, x, w, bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_cpu_gemm_within_fp32_accumulation_of_float64(shape, with_bias, dtype, monkeypatch):
+    monkeypatch.setattr(linear_module, "MIN_WORK", 0)  # the small shapes too
+    calls = kernel_calls(monkeypatch)
+    linear_within_fp32_accumulation(shape, with_bias, dtype)
     module = transfuse.backends.extension()[0]
     if module.cpu_gemm if dtype == torch.float32 else module.cpu_gemm_bf16:
         assert calls[0] == 1  # the GEMM ran (elsewhere torch's F.linear does)
@@ -80,14 +87,8 @@ def test_cpu_gemv_within_fp32_accumulation_of_float64(shape, with_bias, dtype, m
     AVX-512 (own_gemm_faster aside: the GEMMs' measure), whatever the product's size."""
     calls = kernel_calls(monkeypatch, own_gemm=False)
     monkeypatch.setattr(linear_module, "own_gemm_faster", lambda: False)
-    lead, n, k = shape
-    x, w = torch.randn(*lead, k).to(dtype), torch.randn(n, k).to(dtype)
-    bias = torch.randn(n).to(dtype) if with_bias else None
-    with torch.no_grad():
-        out = transfuse.ops.linear(x, w, bias, backend="cpu")
-    assert out.shape == (*lead, n) and out.dtype == dtype
-    within_fp32_accumulation(out, x, w, bias)
-    rows = x.numel() // k
+    linear_within_fp32_accumulation(shape, with_bias, dtype)
+    rows = math.prod(shape[0])
     assert calls[0] == int(bool(transfuse.backends.extension()[0].cpu_gemm)
                            and rows <= linear_module.GEMV_MAX_ROWS[dtype])
 
