@@ -97,8 +97,16 @@ def _own_kernel_takes(x, weight):
     if x.dtype not in GEMV_MAX_ROWS:
         return False
     rows = x.numel() // max(x.shape[-1], 1)
-    return (rows <= GEMV_MAX_ROWS[x.dtype] and weight.is_contiguous()) or (
+    return (rows <= GEMV_MAX_ROWS[x.dtype] and weight.is_contiguous() and gemv_built()) or (
         rows >= MIN_ROWS and rows * weight.numel() >= MIN_WORK and own_gemm_faster())
+
+
+@torch.compiler.assume_constant_result  # under torch.compile: called once, not traced
+def gemv_built() -> bool:
+    """Whether transfuse's GEMV runs on this CPU (AVX-512, `transfuse info`: cpu_gemm); elsewhere
+    the calls go to torch's at once instead of through an extension call that declines them."""
+    module = backends.extension()[0]
+    return module is not None and bool(module.cpu_gemm)
 
 
 @torch.compiler.assume_constant_result  # under torch.compile: called once, not traced
