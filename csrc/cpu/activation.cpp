@@ -292,17 +292,18 @@ void bias_gelu_forward(const BiasGeluForwardParams& p) {
     const float* x = static_cast<const float*>(p.x);
     const float* bias = static_cast<const float*>(p.bias);
     float* y = static_cast<float*>(p.y);
-#pragma omp parallel for num_threads(tiling.threads) schedule(static)
-    for (int64_t tile = 0; tile < tiling.tiles; ++tile) {
-      const auto [col, n, at] = tiling.span(tile, cols);
-      gelu_row(x + at, bias ? bias + col : nullptr, y + at, n, kClamps);
-    }
+    in_team(tiling.threads, [&] {
+#pragma omp for schedule(static)
+      for (int64_t tile = 0; tile < tiling.tiles; ++tile) {
+        const auto [col, n, at] = tiling.span(tile, cols);
+        gelu_row(x + at, bias ? bias + col : nullptr, y + at, n, kClamps);
+      }
+    });
     return;
   }
 
   const std::vector<float> bias = bias_as_float(p.bias, p.dtype, cols);
-#pragma omp parallel num_threads(tiling.threads)
-  {
+  in_team(tiling.threads, [&] {
     alignas(64) float z[kTileCols];
     alignas(64) float out[kTileCols];
 #pragma omp for schedule(static)
@@ -316,7 +317,7 @@ void bias_gelu_forward(const BiasGeluForwardParams& p) {
       gelu_row(z, nullptr, out, n, kClamps);
       store_row(out, p.dtype, element_address(p.y, p.dtype, at), n);
     }
-  }
+  });
 }
 
 // dx = round_x(dy * gelu'(round_x(x + bias)))
@@ -332,17 +333,18 @@ void bias_gelu_backward(const BiasGeluBackwardParams& p) {
     const float* x = static_cast<const float*>(p.x);
     const float* bias = static_cast<const float*>(p.bias);
     float* dx = static_cast<float*>(p.dx);
-#pragma omp parallel for num_threads(tiling.threads) schedule(static)
-    for (int64_t tile = 0; tile < tiling.tiles; ++tile) {
-      const auto [col, n, at] = tiling.span(tile, cols);
-      grad_row(dy + at, x + at, bias ? bias + col : nullptr, dx + at, n, kClamps);
-    }
+    in_team(tiling.threads, [&] {
+#pragma omp for schedule(static)
+      for (int64_t tile = 0; tile < tiling.tiles; ++tile) {
+        const auto [col, n, at] = tiling.span(tile, cols);
+        grad_row(dy + at, x + at, bias ? bias + col : nullptr, dx + at, n, kClamps);
+      }
+    });
     return;
   }
 
   const std::vector<float> bias = bias_as_float(p.bias, p.dtype, cols);
-#pragma omp parallel num_threads(tiling.threads)
-  {
+  in_team(tiling.threads, [&] {
     alignas(64) float z[kTileCols];
     alignas(64) float dy[kTileCols];
     alignas(64) float dz[kTileCols];
@@ -358,7 +360,7 @@ void bias_gelu_backward(const BiasGeluBackwardParams& p) {
       grad_row(dy, z, nullptr, dz, n, kClamps);
       store_row(dz, p.dtype, element_address(p.dx, p.dtype, at), n);
     }
-  }
+  });
 }
 
 }  // namespace transfuse::cpu

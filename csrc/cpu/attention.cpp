@@ -799,8 +799,7 @@ void attention_forward(const AttentionParams& params) {
            ((first_row(p, u.seq, u.b, u.h) + u.q0) * splits + split * u.rows) * (dim + 2);
   };
 
-#pragma omp parallel num_threads(score_threads(p, count * splits))
-  {
+  in_team(score_threads(p, count * splits), [&] {
     Scratch scratch(p);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t index = 0; index < count * splits; ++index) {
@@ -811,11 +810,10 @@ void attention_forward(const AttentionParams& params) {
       if (splits > 1) u.partial = partial_of(u, split);
       k.forward(p, u, scratch);
     }
-  }
+  });
   if (splits == 1) return;
 
-#pragma omp parallel num_threads(score_threads(p, count))
-  {
+  in_team(score_threads(p, count), [&] {
     std::vector<float> total(dim);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t index = 0; index < count; ++index) {
@@ -844,7 +842,7 @@ void attention_forward(const AttentionParams& params) {
         if (p.lse) p.lse[first_row(p, u.seq, u.b, u.h) + i] = sum > 0 ? best + std::log(sum) : kInf;
       }
     }
-  }
+  });
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -861,8 +859,7 @@ void attention_backward(const AttentionBackwardParams& params) {
   const int64_t rows_per_head = is_packed(p) ? p.total_q : p.seq_q;
   std::vector<float> delta(std::max<int64_t>(rows, 0));
 
-#pragma omp parallel num_threads(score_threads(p, rows / 64 + 1))
-  {
+  in_team(score_threads(p, rows / 64 + 1), [&] {
     std::vector<float> out_row(p.head_dim), dout_row(p.head_dim);
 #pragma omp for schedule(static)
     for (int64_t row = 0; row < rows; ++row) {
@@ -876,7 +873,7 @@ void attention_backward(const AttentionBackwardParams& params) {
       for (int64_t d = 0; d < p.head_dim; ++d) total += out_row[d] * dout_row[d];
       delta[row] = total;
     }
-  }
+  });
 
   const std::vector<KeyUnit> key_work = key_units(p);
   const std::vector<ForwardUnit> query_work = query_units(p);
@@ -899,8 +896,7 @@ void attention_backward(const AttentionBackwardParams& params) {
         std::fill(first, bp.dbias + (b * p.heads_q + h + 1) * p.seq_q * p.seq_kv, 0.f);
       }
 
-#pragma omp parallel num_threads(score_threads(p, std::max(key_count, query_count)))
-  {
+  in_team(score_threads(p, std::max(key_count, query_count)), [&] {
     Scratch scratch(p);
     if (stats.norm) {
       std::vector<float> partial(scratch.dim + 2);
@@ -925,7 +921,7 @@ void attention_backward(const AttentionBackwardParams& params) {
 #pragma omp for schedule(dynamic, 1)
     for (int64_t index = 0; index < query_count; ++index)
       k.queries(bp, stats, query_work[index], scratch);
-  }
+  });
 }
 
 }  // namespace transfuse::cpu

@@ -170,9 +170,8 @@ TRANSFUSE_AVX512BW void run_tile(int64_t rows, const float* x, const float* pane
 TRANSFUSE_AVX512BW void gemm_avx512(const GemmParams& p) {
   std::vector<float> partial(p.k > kDepth ? p.m * p.n : 0);
   const int64_t panels = (p.n + kPanelCols - 1) / kPanelCols;
-#pragma omp parallel num_threads(threads_for(p.num_threads, panels, p.m * p.n * p.k, \
-                                                 kMinWorkPerThread))
-  {
+  in_team(threads_for(p.num_threads, panels, p.m * p.n * p.k, kMinWorkPerThread),
+          [&]() TRANSFUSE_AVX512BW {
     std::vector<float> panel(kDepth * kPanelCols);
 #pragma omp for schedule(static)
     for (int64_t panel_index = 0; panel_index < panels; ++panel_index) {
@@ -198,7 +197,7 @@ TRANSFUSE_AVX512BW void gemm_avx512(const GemmParams& p) {
                    panel.data(), depth, k0 == 0, k0 + depth == p.k, t, i0);
       }
     }
-  }
+  });
 }
 
 }  // namespace

@@ -150,9 +150,8 @@ TRANSFUSE_BF16 void gemm_bf16_avx512(const GemmParams& p) {
     x = padded.data();
   }
   const int64_t panels = (p.n + kPanelCols - 1) / kPanelCols;
-#pragma omp parallel num_threads(threads_for(p.num_threads, panels, p.m * p.n * p.k, \
-                                                 kMinWorkPerThread))
-  {
+  in_team(threads_for(p.num_threads, panels, p.m * p.n * p.k, kMinWorkPerThread),
+          [&]() TRANSFUSE_BF16 {
     // whole 16-pair chunks: pack_panel writes all 16 pairs of its last chunk
     std::vector<uint32_t> panel((pairs + 15) / 16 * 16 * kPanelCols);
 #pragma omp for schedule(static)
@@ -163,7 +162,7 @@ TRANSFUSE_BF16 void gemm_bf16_avx512(const GemmParams& p) {
         run_tile(std::min(kTileRows, p.m - i0), x + i0 * stride, stride, pairs, panel.data(), p,
                  i0, j0);
     }
-  }
+  });
 }
 
 }  // namespace

@@ -75,39 +75,41 @@ template <typename Weight>
 TRANSFUSE_AVX512BW void gemv_avx512(const GemmParams& p, const float* x) {
   const Weight* w = static_cast<const Weight*>(p.w);
   const int64_t blocks = (p.n + kRowsPerBlock - 1) / kRowsPerBlock;
-#pragma omp parallel for schedule(static) \
-    num_threads(threads_for(p.num_threads, blocks, p.m * p.n * p.k, kMinWorkPerThread))
-  for (int64_t block = 0; block < blocks; ++block) {
-    const int64_t j_begin = block * kRowsPerBlock, j_end = std::min(p.n, j_begin + kRowsPerBlock);
-    float staged[kGemvMaxRows][kRowsPerBlock], activated[kRowsPerBlock];
-    for (int64_t j0 = j_begin; j0 < j_end; j0 += kTileCols) {
-      const Weight* rows[kTileCols];  // past j_end: the last row again, its sums not kept
-      for (int64_t c = 0; c < kTileCols; ++c) rows[c] = w + std::min(j0 + c, j_end - 1) * p.k;
-      for (int64_t i0 = 0; i0 < p.m; i0 += kTileRows) {
-        float sums[kTileRows][kTileCols];
-        const float* x_rows = x + i0 * p.k;
-        switch (std::min(kTileRows, p.m - i0)) {
-          case 1: dot_tile<1>(x_rows, rows, p.k, sums); break;
-          case 2: dot_tile<2>(x_rows, rows, p.k, sums); break;
-          case 3: dot_tile<3>(x_rows, rows, p.k, sums); break;
-          default: dot_tile<4>(x_rows, rows, p.k, sums); break;
+  in_team(threads_for(p.num_threads, blocks, p.m * p.n * p.k, kMinWorkPerThread),
+          [&]() TRANSFUSE_AVX512BW {
+#pragma omp for schedule(static)
+    for (int64_t block = 0; block < blocks; ++block) {
+      const int64_t j_begin = block * kRowsPerBlock, j_end = std::min(p.n, j_begin + kRowsPerBlock);
+      float staged[kGemvMaxRows][kRowsPerBlock], activated[kRowsPerBlock];
+      for (int64_t j0 = j_begin; j0 < j_end; j0 += kTileCols) {
+        const Weight* rows[kTileCols];  // past j_end: the last row again, its sums not kept
+        for (int64_t c = 0; c < kTileCols; ++c) rows[c] = w + std::min(j0 + c, j_end - 1) * p.k;
+        for (int64_t i0 = 0; i0 < p.m; i0 += kTileRows) {
+          float sums[kTileRows][kTileCols];
+          const float* x_rows = x + i0 * p.k;
+          switch (std::min(kTileRows, p.m - i0)) {
+            case 1: dot_tile<1>(x_rows, rows, p.k, sums); break;
+            case 2: dot_tile<2>(x_rows, rows, p.k, sums); break;
+            case 3: dot_tile<3>(x_rows, rows, p.k, sums); break;
+            default: dot_tile<4>(x_rows, rows, p.k, sums); break;
+          }
+          for (int64_t r = 0; r < std::min(kTileRows, p.m - i0); ++r)
+            for (int64_t c = 0; c < std::min(kTileCols, j_end - j0); ++c)
+              staged[i0 + r][j0 - j_begin + c] = sums[r][c];
         }
-        for (int64_t r = 0; r < std::min(kTileRows, p.m - i0); ++r)
-          for (int64_t c = 0; c < std::min(kTileCols, j_end - j0); ++c)
-            staged[i0 + r][j0 - j_begin + c] = sums[r][c];
+      }
+      const int64_t cols = j_end - j_begin;
+      for (int64_t i = 0; i < p.m; ++i) {
+        float* row = staged[i];
+        for (int64_t c = 0; c < cols; ++c)
+          row[c] = row[c] * (p.w_scale ? p.w_scale[j_begin + c] : 1.f) +
+                   (p.bias ? p.bias[j_begin + c] : 0.f);
+        if (p.gelu) gelu_row(row, activated, cols, p.approximate);
+        store_row(p.gelu ? activated : row, p.dtype,
+                  static_cast<char*>(p.out) + (i * p.n + j_begin) * dtype_size(p.dtype), cols);
       }
     }
-    const int64_t cols = j_end - j_begin;
-    for (int64_t i = 0; i < p.m; ++i) {
-      float* row = staged[i];
-      for (int64_t c = 0; c < cols; ++c)
-        row[c] = row[c] * (p.w_scale ? p.w_scale[j_begin + c] : 1.f) +
-                 (p.bias ? p.bias[j_begin + c] : 0.f);
-      if (p.gelu) gelu_row(row, activated, cols, p.approximate);
-      store_row(p.gelu ? activated : row, p.dtype,
-                static_cast<char*>(p.out) + (i * p.n + j_begin) * dtype_size(p.dtype), cols);
-    }
-  }
+  });
 }
 
 }  // namespace

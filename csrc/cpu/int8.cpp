@@ -292,16 +292,14 @@ constexpr int64_t kMinWorkPerThread = 65536;  // element operations (threads.h)
 }  // namespace
 
 void quantize_per_token(const QuantizeParams& p) {
-#pragma omp parallel num_threads( \
-    threads_for(p.num_threads, p.rows, p.rows * p.cols, kMinWorkPerThread))
-  {
+  in_team(threads_for(p.num_threads, p.rows, p.rows * p.cols, kMinWorkPerThread), [&] {
     std::vector<float> row(p.cols);
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < p.rows; ++i) {
       load_row(at_row(p.x, p.dtype, i, p.cols), p.dtype, row.data(), p.cols);
       p.scale[i] = quantize_row(row.data(), p.cols, p.q + i * p.cols);
     }
-  }
+  });
 }
 
 void dequantize_accumulators(const Int8LinearParams& p) {
@@ -310,9 +308,7 @@ void dequantize_accumulators(const Int8LinearParams& p) {
     bias.resize(p.n);
     load_row(p.bias, p.dtype, bias.data(), p.n);
   }
-#pragma omp parallel num_threads( \
-    threads_for(p.num_threads, p.m, p.m * p.n, kMinWorkPerThread))
-  {
+  in_team(threads_for(p.num_threads, p.m, p.m * p.n, kMinWorkPerThread), [&] {
     std::vector<float> row(p.n);
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < p.m; ++i) {
@@ -321,7 +317,7 @@ void dequantize_accumulators(const Int8LinearParams& p) {
       store_row(row.data(), p.dtype, static_cast<char*>(p.out) + i * p.n * dtype_size(p.dtype),
                 p.n);
     }
-  }
+  });
 }
 
 void int8_linear_w8a16(const Int8LinearParams& p) {
@@ -332,30 +328,32 @@ void int8_linear_w8a16(const Int8LinearParams& p) {
   if (p.bias) load_row(p.bias, p.dtype, bias.data(), p.n);
   std::vector<float> out(p.m * p.n);
   const int64_t blocks = (p.n + kWeightRowsPerBlock - 1) / kWeightRowsPerBlock;
-#pragma omp parallel for schedule(static) \
-    num_threads(threads_for(p.num_threads, blocks, p.m * p.n * p.k, kMinWorkPerThread))
-  for (int64_t block = 0; block < blocks; ++block) {
-    const int64_t j_end = std::min(p.n, (block + 1) * kWeightRowsPerBlock);
-    for (int64_t j0 = block * kWeightRowsPerBlock; j0 < j_end; j0 += kTileCols) {
-      for (int64_t i0 = 0; i0 < p.m; i0 += kTileRows) {
-        // Tiles past the last row / weight row repeat it; those sums are not stored.
-        const float* x_rows[kTileRows];
-        const int8_t* w_rows[kTileCols];
-        for (int64_t r = 0; r < kTileRows; ++r)
-          x_rows[r] = x.data() + std::min(i0 + r, p.m - 1) * p.k;
-        for (int64_t c = 0; c < kTileCols; ++c) w_rows[c] = p.w + std::min(j0 + c, j_end - 1) * p.k;
-        float sums[kTileRows * kTileCols];
-        if (p.m == 1)
-          dot_tile_one_row(x_rows, w_rows, p.k, sums);
-        else
-          dot_tile_few_rows(x_rows, w_rows, p.k, sums);
-        for (int64_t r = 0; r < std::min(kTileRows, p.m - i0); ++r)
-          for (int64_t c = 0; c < std::min(kTileCols, j_end - j0); ++c)
-            out[(i0 + r) * p.n + j0 + c] = sums[r * kTileCols + c] * p.w_scale[j0 + c] +
-                                           (p.bias ? bias[j0 + c] : 0.f);
+  in_team(threads_for(p.num_threads, blocks, p.m * p.n * p.k, kMinWorkPerThread), [&] {
+#pragma omp for schedule(static)
+    for (int64_t block = 0; block < blocks; ++block) {
+      const int64_t j_end = std::min(p.n, (block + 1) * kWeightRowsPerBlock);
+      for (int64_t j0 = block * kWeightRowsPerBlock; j0 < j_end; j0 += kTileCols) {
+        for (int64_t i0 = 0; i0 < p.m; i0 += kTileRows) {
+          // Tiles past the last row / weight row repeat it; those sums are not stored.
+          const float* x_rows[kTileRows];
+          const int8_t* w_rows[kTileCols];
+          for (int64_t r = 0; r < kTileRows; ++r)
+            x_rows[r] = x.data() + std::min(i0 + r, p.m - 1) * p.k;
+          for (int64_t c = 0; c < kTileCols; ++c)
+            w_rows[c] = p.w + std::min(j0 + c, j_end - 1) * p.k;
+          float sums[kTileRows * kTileCols];
+          if (p.m == 1)
+            dot_tile_one_row(x_rows, w_rows, p.k, sums);
+          else
+            dot_tile_few_rows(x_rows, w_rows, p.k, sums);
+          for (int64_t r = 0; r < std::min(kTileRows, p.m - i0); ++r)
+            for (int64_t c = 0; c < std::min(kTileCols, j_end - j0); ++c)
+              out[(i0 + r) * p.n + j0 + c] = sums[r * kTileCols + c] * p.w_scale[j0 + c] +
+                                             (p.bias ? bias[j0 + c] : 0.f);
+        }
       }
     }
-  }
+  });
   for (int64_t i = 0; i < p.m; ++i)
     store_row(out.data() + i * p.n, p.dtype,
               static_cast<char*>(p.out) + i * p.n * dtype_size(p.dtype), p.n);
@@ -368,20 +366,22 @@ TRANSFUSE_MULTIVERSION void dequantize_weight_row(const int8_t* w, float scale, 
 
 void dequantize_weight(const int8_t* w, const float* w_scale, int64_t rows, int64_t k, float* out,
                        int num_threads) {
-#pragma omp parallel for schedule(static) \
-    num_threads(threads_for(num_threads, rows, rows * k, kMinWorkPerThread))
-  for (int64_t j = 0; j < rows; ++j) dequantize_weight_row(w + j * k, w_scale[j], k, out + j * k);
+  in_team(threads_for(num_threads, rows, rows * k, kMinWorkPerThread), [&] {
+#pragma omp for schedule(static)
+    for (int64_t j = 0; j < rows; ++j) dequantize_weight_row(w + j * k, w_scale[j], k, out + j * k);
+  });
 }
 
 bool int8_gemv(const Int8LinearParams& p) {
 #ifdef TRANSFUSE_X86_MULTIVERSION
   if (vector_isa() == VectorIsa::baseline) return false;
   const int64_t blocks = (p.n + kWeightRowsPerBlock - 1) / kWeightRowsPerBlock;
-#pragma omp parallel for schedule(static) \
-    num_threads(threads_for(p.num_threads, blocks, p.n * p.k, kMinWorkPerThread))
-  for (int64_t block = 0; block < blocks; ++block)
-    int8_gemv_rows_avx2(p.x_q, p.w, p.k, block * kWeightRowsPerBlock,
-                        std::min(p.n, (block + 1) * kWeightRowsPerBlock), p.acc);
+  in_team(threads_for(p.num_threads, blocks, p.n * p.k, kMinWorkPerThread), [&] {
+#pragma omp for schedule(static)
+    for (int64_t block = 0; block < blocks; ++block)
+      int8_gemv_rows_avx2(p.x_q, p.w, p.k, block * kWeightRowsPerBlock,
+                          std::min(p.n, (block + 1) * kWeightRowsPerBlock), p.acc);
+  });
   return true;
 #else
   return false;

@@ -249,9 +249,8 @@ TRANSFUSE_VNNI void int8_linear_amx(const Int8LinearParams& p) {
   const int64_t group_tokens = std::max<int64_t>(1, (1 << 20) / k_pad / kAmxTokens) * kAmxTokens;
   const std::vector<float> bias = fp32_bias(p);
   const int64_t panels = (p.n + kPanelCols - 1) / kPanelCols;
-#pragma omp parallel num_threads(threads_for(p.num_threads, panels, p.m * p.n * p.k, \
-                                                 kMinWorkPerThread))
-  {
+  in_team(threads_for(p.num_threads, panels, p.m * p.n * p.k, kMinWorkPerThread),
+          [&]() TRANSFUSE_VNNI {
     const TileScope tile_scope;
     std::vector<uint8_t> copy;
     for (int64_t g0 = 0; g0 < p.m; g0 += group_tokens)
@@ -274,7 +273,7 @@ TRANSFUSE_VNNI void int8_linear_amx(const Int8LinearParams& p) {
         }
       }
     }
-  }
+  });
 }
 
 // acc[t, j] = sum_k x_q[t, k] * w[j, k] for T <= kGemvTokens tokens and weight rows [j0, j1),
@@ -330,25 +329,26 @@ TRANSFUSE_VNNI void int8_linear_avx512_vnni(const Int8LinearParams& p) {
     Int8LinearParams q = p;
     if (!p.acc) q.acc = sums.data();
     const int64_t blocks = (p.n + kGemvRowsPerBlock - 1) / kGemvRowsPerBlock;
-#pragma omp parallel for schedule(static) \
-    num_threads(threads_for(p.num_threads, blocks, p.m * p.n * p.k, kMinGemvWorkPerThread))
-    for (int64_t block = 0; block < blocks; ++block) {
-      const int64_t j0 = block * kGemvRowsPerBlock, j1 = std::min(p.n, j0 + kGemvRowsPerBlock);
-      switch (p.m) {
-        case 1: gemv_rows<1>(u.data(), stride, p.w, p.k, j0, j1, q.acc, p.n); break;
-        case 2: gemv_rows<2>(u.data(), stride, p.w, p.k, j0, j1, q.acc, p.n); break;
-        case 3: gemv_rows<3>(u.data(), stride, p.w, p.k, j0, j1, q.acc, p.n); break;
-        default: gemv_rows<4>(u.data(), stride, p.w, p.k, j0, j1, q.acc, p.n); break;
+    in_team(threads_for(p.num_threads, blocks, p.m * p.n * p.k, kMinGemvWorkPerThread),
+            [&]() TRANSFUSE_VNNI {
+#pragma omp for schedule(static)
+      for (int64_t block = 0; block < blocks; ++block) {
+        const int64_t j0 = block * kGemvRowsPerBlock, j1 = std::min(p.n, j0 + kGemvRowsPerBlock);
+        switch (p.m) {
+          case 1: gemv_rows<1>(u.data(), stride, p.w, p.k, j0, j1, q.acc, p.n); break;
+          case 2: gemv_rows<2>(u.data(), stride, p.w, p.k, j0, j1, q.acc, p.n); break;
+          case 3: gemv_rows<3>(u.data(), stride, p.w, p.k, j0, j1, q.acc, p.n); break;
+          default: gemv_rows<4>(u.data(), stride, p.w, p.k, j0, j1, q.acc, p.n); break;
+        }
       }
-    }
+    });
     if (!p.acc) dequantize_accumulators(q);
     return;
   }
   const std::vector<float> bias = fp32_bias(p);
   const int64_t panels = (p.n + kPanelCols - 1) / kPanelCols;
-#pragma omp parallel num_threads(threads_for(p.num_threads, panels, p.m * p.n * p.k, \
-                                                 kMinWorkPerThread))
-  {
+  in_team(threads_for(p.num_threads, panels, p.m * p.n * p.k, kMinWorkPerThread),
+          [&]() TRANSFUSE_VNNI {
     // whole 16-group chunks: pack_panel writes all 16 groups of its last chunk
     std::vector<int8_t> panel((groups + 15) / 16 * 16 * kGroupBytes);
 #pragma omp for schedule(static)
@@ -360,7 +360,7 @@ TRANSFUSE_VNNI void int8_linear_avx512_vnni(const Int8LinearParams& p) {
         run_tile(std::min(kTileRows, p.m - i0), u.data() + i0 * stride, groups, panel.data(),
                  offset, e, i0);
     }
-  }
+  });
 }
 
 }  // namespace

@@ -556,8 +556,7 @@ void norm_forward(const NormForwardParams& p) {
   const bool y_straight_fp32 = out_is_f32 && normalized_is_f32;
   const bool y_in_place = out_is_f32 && !streaming;  // y scratch not needed
 
-#pragma omp parallel num_threads(row_threads(p.num_threads, rows, cols))
-  {
+  in_team(row_threads(p.num_threads, rows, cols), [&] {
     // Per-thread scratch rows, only those this dtype combination needs.
     std::vector<float> h_scratch(x_is_f32 && (!has_residual || !streaming) ? 0 : cols);
     std::vector<float> residual_scratch(!x_is_f32 && has_residual ? cols : 0);
@@ -624,7 +623,7 @@ void norm_forward(const NormForwardParams& p) {
       }
     }
     if (streaming) finish_streaming_stores();
-  }
+  });
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -659,8 +658,7 @@ void norm_backward(const NormBackwardParams& p, float* workspace) {
   int threads_used = 1;
 
   if (rows > 0) {
-#pragma omp parallel num_threads(row_threads(p.num_threads, rows, cols))
-    {
+    in_team(row_threads(p.num_threads, rows, cols), [&] {
 #pragma omp single
       threads_used = team_size();
 
@@ -719,7 +717,7 @@ void norm_backward(const NormBackwardParams& p, float* workspace) {
         if (!dx_in_place) write_row(dx, p.x_dtype, dx_row, cols, streaming, staging.data());
       }
       if (streaming) finish_streaming_stores();
-    }
+    });
   }
 
   // Reduce the per-thread partial sums into slice 0 and convert to the weight dtype.
