@@ -13,10 +13,11 @@ from helpers import backend_params, cpu_backends
 pytestmark = pytest.mark.usefixtures("poison_allocations")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# (m, n, k): m 0, 1, decode-sized and prefill-sized; n and k with tails for any tile size; k = 1
-# (where torch._int_mm on CPU is wrong, see bindings/int8.cpp).
+# (m, n, k): m 0, 1, decode-sized (7 x 1030: the CPU GEMV's token groups) and prefill-sized; n
+# and k with tails for any tile size; k = 1 (where torch._int_mm on CPU is wrong, see
+# bindings/int8.cpp).
 SHAPES = [(0, 7, 16), (1, 1, 1), (4, 3, 1), (1, 130, 300), (5, 7, 15), (16, 64, 16),
-          (17, 130, 100), (100, 64, 300)]
+          (17, 130, 100), (100, 64, 300), (7, 70, 1030)]
 
 
 def shape_id(shape):
@@ -149,8 +150,10 @@ def test_w_scale_requiring_grad_is_refused():
 def test_int8_matmul_is_exact(backend, device):
     g = torch.Generator().manual_seed(0)
     # every row count of a 6-row tile, weight panels of 64 rows with tails, k not a multiple of 4
+    # and, past 4 rows, the CPU GEMV's token groups (up to k / 128 rows: int8_vnni.cpp)
     for m, n, k in [(1, 1, 1), (3, 5, 1), (5, 7, 15), (17, 130, 100), (64, 64, 64), (8, 70, 67),
-                    (9, 65, 262), (1, 200, 130), (2, 3, 5), (4, 129, 64)]:
+                    (9, 65, 262), (1, 200, 130), (2, 3, 5), (4, 129, 64), (5, 7, 700),
+                    (11, 66, 1500), (16, 37, 2100)]:
         a = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8).to(device)
         b = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8).to(device)
         acc = transfuse.ops.int8_matmul(a, b, backend=backend)

@@ -9,7 +9,7 @@
 // per 64-byte vector: a 16 x 16 transpose of int32) into a buffer that stays in L2, and runs every
 // 6-row tile of x over it: 24 accumulators (6 rows x 64 columns), per 4 columns of k 4 vector loads
 // of the panel and 6 broadcasts of 4 bytes of x. The epilogue takes the tile from registers. Up
-// to kGemvTokens rows of x instead read the weights as stored (gemv_rows): no packing.
+// to gemv_tokens(k) rows of x instead read the weights as stored (gemv_rows): no packing.
 // On a CPU with AMX (amx.h), more rows than that run on the tiles instead, the weights read as
 // stored too: tdpbssd (signed x signed bytes, no offset) into int32 tiles of 16 weight rows x 16
 // tokens, 64 of k per instruction (amx_block), transposed for the same epilogue.
@@ -43,7 +43,7 @@ constexpr int64_t kPanelCols = 16 * kPanelVectors;
 static_assert(kPanelCols == kAmxPanelRows, "AMX panels share the epilogue");
 constexpr int64_t kGroupBytes = 4 * kPanelCols;  // one group of 4 k columns of a packed panel
 constexpr int64_t kMinWorkPerThread = 1 << 20;    // multiply-adds (threads.h)
-constexpr int64_t kGemvTokens = 4;  // up to this many rows of x: gemv_rows, the weights unpacked
+constexpr int64_t kAmxGemvTokens = 4;  // with AMX, more rows of x than this: the tiles
 constexpr int64_t kGemvRowsPerBlock = 16;         // gemv_rows: weight rows a thread takes at a time
 constexpr int64_t kMinGemvWorkPerThread = 65536;  // gemv_rows: multiply-adds (threads.h)
 
@@ -239,7 +239,7 @@ TRANSFUSE_AMX void amx_block(const int8_t* w_rows, int64_t stride, const uint32_
   }
 }
 
-// More than kGemvTokens rows on AMX: per group of tokens whose packed x stays in L2 (1 MiB), each
+// More than kAmxGemvTokens rows on AMX: per group of tokens whose packed x stays in L2 (1 MiB), each
 // thread takes panels of 64 weight rows and runs every block of 32 tokens of the group over it.
 TRANSFUSE_VNNI void int8_linear_amx(const Int8LinearParams& p) {
   const int64_t k_pad = (p.k + 63) / 64 * 64;
@@ -276,55 +276,103 @@ TRANSFUSE_VNNI void int8_linear_amx(const Int8LinearParams& p) {
   });
 }
 
-// acc[t, j] = sum_k x_q[t, k] * w[j, k] for T <= kGemvTokens tokens and weight rows [j0, j1),
-// from the weights' own layout (a few tokens use each weight a few times: packing would cost more
-// than it saves): 64 columns of k at a time, 4 weight rows sharing each vector of u, each row's
-// sum of weights beside its products.
-template <int T>
-TRANSFUSE_VNNI void gemv_rows(const uint8_t* u, int64_t stride, const int8_t* w, int64_t k,
-                              int64_t j0, int64_t j1, int32_t* acc, int64_t n) {
-  constexpr int64_t kRows = 4, kPrefetchRows = 4 * kRows;  // as the w8a16 GEMV (int8.cpp)
+// totals[t][c] = sum_k u[t, k] * w_row_c[k] for T <= 4 tokens of u and 4 weight rows, from the
+// weights' own layout: 64 columns of k at a time, the 4 rows sharing each vector of u. The first
+// token group of the rows (kFirst) also sums each row's weights (the u = x_q + 128 offset, into
+// offset[c]) and prefetches the rows that follow into L2; later groups find the rows in L1. Not
+// inlined: inside the loops of its callers GCC 12 keeps the accumulators in memory (2x slower).
+template <int T, bool kFirst>
+TRANSFUSE_VNNI __attribute__((noinline)) void dot_four_rows(const uint8_t* u, int64_t stride, const int8_t* const row[4],
+                                  int64_t k, int64_t prefetch_ahead, uint32_t offset[4],
+                                  int32_t totals[T][4]) {
   const __m512i ones = _mm512_set1_epi8(1);
-  for (int64_t j = j0; j < j1; j += kRows) {
-    const int64_t rows = std::min(kRows, j1 - j);
-    __m512i sums[T][kRows], weight_sums[kRows];
-    for (int64_t c = 0; c < kRows; ++c) {
-      weight_sums[c] = _mm512_setzero_si512();
-      for (int t = 0; t < T; ++t) sums[t][c] = _mm512_setzero_si512();
-    }
-    for (int64_t k0 = 0; k0 < k; k0 += 64) {
-      const __mmask64 inside = k - k0 >= 64 ? ~__mmask64(0) : (__mmask64(1) << (k - k0)) - 1;
-      __m512i uv[T];
-      for (int t = 0; t < T; ++t) uv[t] = _mm512_maskz_loadu_epi8(inside, u + t * stride + k0);
-      for (int64_t c = 0; c < kRows; ++c) {  // past j1: the last row again, its sums not stored
-        const int8_t* row = w + std::min(j + c, j1 - 1) * k;
-        _mm_prefetch(reinterpret_cast<const char*>(row + k0 + kPrefetchRows * k), _MM_HINT_T1);
-        const __m512i wv = _mm512_maskz_loadu_epi8(inside, row + k0);
+  __m512i sums[T][4], weight_sums[4];
+  for (int c = 0; c < 4; ++c) {
+    weight_sums[c] = _mm512_setzero_si512();
+    for (int t = 0; t < T; ++t) sums[t][c] = _mm512_setzero_si512();
+  }
+  for (int64_t k0 = 0; k0 < k; k0 += 64) {
+    const __mmask64 inside = k - k0 >= 64 ? ~__mmask64(0) : (__mmask64(1) << (k - k0)) - 1;
+    __m512i uv[T];
+    for (int t = 0; t < T; ++t) uv[t] = _mm512_maskz_loadu_epi8(inside, u + t * stride + k0);
+    for (int c = 0; c < 4; ++c) {
+      const __m512i wv = _mm512_maskz_loadu_epi8(inside, row[c] + k0);
+      if constexpr (kFirst) {
+        _mm_prefetch(reinterpret_cast<const char*>(row[c] + k0 + prefetch_ahead), _MM_HINT_T1);
         weight_sums[c] = dot_add(weight_sums[c], ones, wv);
-        for (int t = 0; t < T; ++t) sums[t][c] = dot_add(sums[t][c], uv[t], wv);
+      }
+      for (int t = 0; t < T; ++t) sums[t][c] = dot_add(sums[t][c], uv[t], wv);
+    }
+  }
+  // reduced with constant indices (a loop to a variable bound would keep them in memory)
+  if constexpr (kFirst)
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) offset[c] = uint32_t(_mm512_reduce_add_epi32(weight_sums[c])) << 7;
+#pragma GCC unroll 4
+  for (int t = 0; t < T; ++t)
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c)
+      totals[t][c] = int32_t(uint32_t(_mm512_reduce_add_epi32(sums[t][c])) - offset[c]);
+}
+
+// dot_four_rows, its totals stored as acc[t, c] (n apart) for the first `rows` rows.
+template <int T, bool kFirst>
+TRANSFUSE_VNNI void store_four_rows(const uint8_t* u, int64_t stride, const int8_t* const row[4],
+                                    int64_t k, int64_t prefetch_ahead, uint32_t offset[4],
+                                    int64_t rows, int32_t* acc, int64_t n) {
+  int32_t totals[T][4];
+  dot_four_rows<T, kFirst>(u, stride, row, k, prefetch_ahead, offset, totals);
+  for (int t = 0; t < T; ++t)
+    for (int64_t c = 0; c < rows; ++c) acc[t * n + c] = totals[t][c];
+}
+
+// acc[t, j] = sum_k x_q[t, k] * w[j, k] for the m <= gemv_tokens(k) tokens of u and weight rows
+// [j0, j1), the weights read as stored (a few tokens use each weight a few times: packing would
+// cost more than it saves): per 4 weight rows, the tokens 4 at a time (dot_four_rows).
+TRANSFUSE_VNNI void gemv_rows(const uint8_t* u, int64_t stride, int64_t m, const int8_t* w,
+                              int64_t k, int64_t j0, int64_t j1, int32_t* acc, int64_t n) {
+  constexpr int64_t kPrefetchRows = 16;  // as the w8a16 GEMV (int8.cpp)
+  for (int64_t j = j0; j < j1; j += 4) {
+    const int64_t rows = std::min<int64_t>(4, j1 - j);
+    const int8_t* row[4];  // past j1: the last row again, its sums not stored
+    for (int64_t c = 0; c < 4; ++c) row[c] = w + std::min(j + c, j1 - 1) * k;
+    uint32_t offset[4];  // from the first group of tokens, for the others
+    const int64_t ahead = kPrefetchRows * k;
+    switch (std::min<int64_t>(m, 4)) {
+      case 1: store_four_rows<1, true>(u, stride, row, k, ahead, offset, rows, acc + j, n); break;
+      case 2: store_four_rows<2, true>(u, stride, row, k, ahead, offset, rows, acc + j, n); break;
+      case 3: store_four_rows<3, true>(u, stride, row, k, ahead, offset, rows, acc + j, n); break;
+      default: store_four_rows<4, true>(u, stride, row, k, ahead, offset, rows, acc + j, n); break;
+    }
+    for (int64_t t0 = 4; t0 < m; t0 += 4) {
+      const uint8_t* ut = u + t0 * stride;
+      int32_t* at = acc + t0 * n + j;
+      switch (std::min<int64_t>(m - t0, 4)) {
+        case 1: store_four_rows<1, false>(ut, stride, row, k, 0, offset, rows, at, n); break;
+        case 2: store_four_rows<2, false>(ut, stride, row, k, 0, offset, rows, at, n); break;
+        case 3: store_four_rows<3, false>(ut, stride, row, k, 0, offset, rows, at, n); break;
+        default: store_four_rows<4, false>(ut, stride, row, k, 0, offset, rows, at, n); break;
       }
     }
-    // reduced with constant indices (a loop to `rows` would keep the accumulators in memory)
-    int32_t totals[T][kRows];
-    for (int64_t c = 0; c < kRows; ++c) {
-      const uint32_t offset = uint32_t(_mm512_reduce_add_epi32(weight_sums[c])) << 7;
-      for (int t = 0; t < T; ++t)
-        totals[t][c] = int32_t(uint32_t(_mm512_reduce_add_epi32(sums[t][c])) - offset);
-    }
-    for (int t = 0; t < T; ++t)
-      for (int64_t c = 0; c < rows; ++c) acc[t * n + j + c] = totals[t][c];
   }
 }
 
+// Rows of x up to which gemv_rows runs instead of the packed panels. Packing costs a pass over the
+// weights per call; gemv_rows, 16 horizontal sums per 4 weight rows x 4 tokens whatever k: it
+// pays for more tokens the longer k is. Measured on the AMD EPYC (2 threads; gemv_rows over the
+// panels): k = n = 4096, 1.6x at 5 tokens, 1.5x at 8, 1.2x at 16, 0.96x at 32; n = 1536,
+// k = 1024: 1.3x at 5, 1.2x at 8, 0.9x at 16; k = 576: 0.96x at 8, 0.8x at 12-16.
+int64_t gemv_tokens(int64_t k) { return std::clamp<int64_t>(k / 128, 4, 16); }
+
 TRANSFUSE_VNNI void int8_linear_avx512_vnni(const Int8LinearParams& p) {
-  if (p.m > kGemvTokens && has_amx()) {
+  if (p.m > kAmxGemvTokens && has_amx()) {
     int8_linear_amx(p);
     return;
   }
   const int64_t groups = (p.k + 3) / 4, stride = groups * 4;
   std::vector<uint8_t> u(p.m * stride);
   offset_rows(p.x_q, p.m, p.k, stride, u.data());
-  if (p.m <= kGemvTokens) {
+  if (p.m <= gemv_tokens(p.k)) {
     std::vector<int32_t> sums(p.acc ? 0 : p.m * p.n);
     Int8LinearParams q = p;
     if (!p.acc) q.acc = sums.data();
@@ -334,12 +382,7 @@ TRANSFUSE_VNNI void int8_linear_avx512_vnni(const Int8LinearParams& p) {
 #pragma omp for schedule(static)
       for (int64_t block = 0; block < blocks; ++block) {
         const int64_t j0 = block * kGemvRowsPerBlock, j1 = std::min(p.n, j0 + kGemvRowsPerBlock);
-        switch (p.m) {
-          case 1: gemv_rows<1>(u.data(), stride, p.w, p.k, j0, j1, q.acc, p.n); break;
-          case 2: gemv_rows<2>(u.data(), stride, p.w, p.k, j0, j1, q.acc, p.n); break;
-          case 3: gemv_rows<3>(u.data(), stride, p.w, p.k, j0, j1, q.acc, p.n); break;
-          default: gemv_rows<4>(u.data(), stride, p.w, p.k, j0, j1, q.acc, p.n); break;
-        }
+        gemv_rows(u.data(), stride, p.m, p.w, p.k, j0, j1, q.acc, p.n);
       }
     });
     if (!p.acc) dequantize_accumulators(q);
