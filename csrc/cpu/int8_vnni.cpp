@@ -279,10 +279,9 @@ TRANSFUSE_VNNI void int8_linear_amx(const Int8LinearParams& p) {
 // totals[t][c] = sum_k u[t, k] * w_row_c[k] for T <= 4 tokens of u and 4 weight rows, from the
 // weights' own layout: 64 columns of k at a time, the 4 rows sharing each vector of u. The first
 // token group of the rows (kFirst) also sums each row's weights (the u = x_q + 128 offset, into
-// offset[c]) and prefetches the rows that follow into L2; later groups find the rows in L1. Not
-// inlined: inside the loops of its callers GCC 12 keeps the accumulators in memory (2x slower).
+// offset[c]) and prefetches the rows that follow into L2; later groups find the rows in L1.
 template <int T, bool kFirst>
-TRANSFUSE_VNNI __attribute__((noinline)) void dot_four_rows(const uint8_t* u, int64_t stride, const int8_t* const row[4],
+TRANSFUSE_VNNI void dot_four_rows(const uint8_t* u, int64_t stride, const int8_t* const row[4],
                                   int64_t k, int64_t prefetch_ahead, uint32_t offset[4],
                                   int32_t totals[T][4]) {
   const __m512i ones = _mm512_set1_epi8(1);
