@@ -20,6 +20,7 @@
 #include "dtype.h"
 #include "python_functions.h"
 
+#include "../cpu/buffer.h"
 #include "../cpu/gemm.h"
 #include "../cpu/int8.h"
 
@@ -269,21 +270,21 @@ Tensor w8a16_cpu(const Tensor& x, const Tensor& w, const Tensor& w_scale, const 
 Tensor w8a8_cpu(const Tensor& x, const Tensor& w, const Tensor& w_scale, const OptTensor& bias) {
   Tensor out;
   Int8LinearParams p = linear_params(w, w_scale, bias, x.scalar_type(), x, out);
-  std::vector<int8_t> x_q(p.m * p.k);
-  std::vector<float> x_scale(p.m);
+  const auto x_q = cpu::uninitialized<int8_t>(p.m * p.k);
+  const auto x_scale = cpu::uninitialized<float>(p.m);
   QuantizeParams q;
   q.x = x.data_ptr();
-  q.q = x_q.data();
-  q.scale = x_scale.data();
+  q.q = x_q.get();
+  q.scale = x_scale.get();
   q.rows = p.m;
   q.cols = p.k;
   q.dtype = p.dtype;
   q.num_threads = p.num_threads;
   cpu::quantize_per_token(q);
-  p.x_q = x_q.data();
-  p.x_scale = x_scale.data();
+  p.x_q = x_q.get();
+  p.x_scale = x_scale.get();
   if (cpu::int8_linear_vnni(p)) return out;
-  Tensor acc = int_mm(at::from_blob(x_q.data(), {p.m, p.k}, x.options().dtype(at::kChar)), w);
+  Tensor acc = int_mm(at::from_blob(x_q.get(), {p.m, p.k}, x.options().dtype(at::kChar)), w);
   p.acc = acc.data_ptr<int32_t>();
   cpu::dequantize_accumulators(p);
   return out;

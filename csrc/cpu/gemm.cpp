@@ -8,9 +8,9 @@
 // over several k blocks wait in fp32 between blocks; the last block's epilogue takes the tile from
 // registers.
 #include <algorithm>
-#include <vector>
 
 #include "activation.h"
+#include "buffer.h"
 #include "convert.h"
 #include "gemm.h"
 #include "multiversion.h"
@@ -168,17 +168,17 @@ TRANSFUSE_AVX512BW void run_tile(int64_t rows, const float* x, const float* pane
 }
 
 TRANSFUSE_AVX512BW void gemm_avx512(const GemmParams& p) {
-  std::vector<float> partial(p.k > kDepth ? p.m * p.n : 0);
+  const auto partial = uninitialized<float>(p.k > kDepth ? p.m * p.n : 0);
   const int64_t panels = (p.n + kPanelCols - 1) / kPanelCols;
   in_team(threads_for(p.num_threads, panels, p.m * p.n * p.k, kMinWorkPerThread),
           [&]() TRANSFUSE_AVX512BW {
-    std::vector<float> panel(kDepth * kPanelCols);
+    const auto panel = uninitialized<float>(kDepth * kPanelCols);
 #pragma omp for schedule(static)
     for (int64_t panel_index = 0; panel_index < panels; ++panel_index) {
       TileTarget t;
       t.p = &p;
       t.j0 = panel_index * kPanelCols;
-      t.partial = partial.data();
+      t.partial = partial.get();
       for (int64_t c = 0; c < kPanelVectors; ++c) {
         const int64_t col = t.j0 + 16 * c, inside = std::clamp<int64_t>(p.n - col, 0, 16);
         t.store[c] = __mmask16((1u << inside) - 1);
@@ -189,12 +189,13 @@ TRANSFUSE_AVX512BW void gemm_avx512(const GemmParams& p) {
       for (int64_t k0 = 0; k0 < p.k; k0 += kDepth) {
         const int64_t depth = std::min(kDepth, p.k - k0);
         if (p.w_int8)
-          pack_panel(static_cast<const int8_t*>(p.w), p.n, p.k, t.j0, k0, depth, panel.data());
+          pack_panel(static_cast<const int8_t*>(p.w), p.n, p.k, t.j0, k0, depth,
+                     panel.get());
         else
-          pack_panel(static_cast<const float*>(p.w), p.n, p.k, t.j0, k0, depth, panel.data());
+          pack_panel(static_cast<const float*>(p.w), p.n, p.k, t.j0, k0, depth, panel.get());
         for (int64_t i0 = 0; i0 < p.m; i0 += kTileRows)
           run_tile(std::min(kTileRows, p.m - i0), static_cast<const float*>(p.x) + i0 * p.k + k0,
-                   panel.data(), depth, k0 == 0, k0 + depth == p.k, t, i0);
+                   panel.get(), depth, k0 == 0, k0 + depth == p.k, t, i0);
       }
     }
   });

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "activation.h"
+#include "buffer.h"
 #include "convert.h"
 #include "gemm.h"
 #include "multiversion.h"
@@ -153,13 +154,13 @@ TRANSFUSE_BF16 void gemm_bf16_avx512(const GemmParams& p) {
   in_team(threads_for(p.num_threads, panels, p.m * p.n * p.k, kMinWorkPerThread),
           [&]() TRANSFUSE_BF16 {
     // whole 16-pair chunks: pack_panel writes all 16 pairs of its last chunk
-    std::vector<uint32_t> panel((pairs + 15) / 16 * 16 * kPanelCols);
+    const auto panel = uninitialized<uint32_t>((pairs + 15) / 16 * 16 * kPanelCols);
 #pragma omp for schedule(static)
     for (int64_t panel_index = 0; panel_index < panels; ++panel_index) {
       const int64_t j0 = panel_index * kPanelCols;
-      pack_panel(static_cast<const uint16_t*>(p.w), p.n, p.k, j0, panel.data());
+      pack_panel(static_cast<const uint16_t*>(p.w), p.n, p.k, j0, panel.get());
       for (int64_t i0 = 0; i0 < p.m; i0 += kTileRows)
-        run_tile(std::min(kTileRows, p.m - i0), x + i0 * stride, stride, pairs, panel.data(), p,
+        run_tile(std::min(kTileRows, p.m - i0), x + i0 * stride, stride, pairs, panel.get(), p,
                  i0, j0);
     }
   });

@@ -18,6 +18,7 @@
 #include <memory>
 #include <vector>
 
+#include "buffer.h"
 #include "convert.h"
 #include "int8.h"
 #include "multiversion.h"
@@ -239,8 +240,8 @@ TRANSFUSE_AMX void amx_block(const int8_t* w_rows, int64_t stride, const uint32_
   }
 }
 
-// More than kAmxGemvTokens rows on AMX: per group of tokens whose packed x stays in L2 (1 MiB), each
-// thread takes panels of 64 weight rows and runs every block of 32 tokens of the group over it.
+// More than kAmxGemvTokens rows on AMX: per group of tokens whose packed x stays in L2 (1 MiB),
+// each thread takes panels of 64 weight rows and runs every block of 32 tokens of the group over it.
 TRANSFUSE_VNNI void int8_linear_amx(const Int8LinearParams& p) {
   const int64_t k_pad = (p.k + 63) / 64 * 64;
   const int64_t m_pad = (p.m + kAmxTokens - 1) / kAmxTokens * kAmxTokens;
@@ -369,19 +370,19 @@ TRANSFUSE_VNNI void int8_linear_avx512_vnni(const Int8LinearParams& p) {
     return;
   }
   const int64_t groups = (p.k + 3) / 4, stride = groups * 4;
-  std::vector<uint8_t> u(p.m * stride);
-  offset_rows(p.x_q, p.m, p.k, stride, u.data());
+  const auto u = uninitialized<uint8_t>(p.m * stride);
+  offset_rows(p.x_q, p.m, p.k, stride, u.get());
   if (p.m <= gemv_tokens(p.k)) {
-    std::vector<int32_t> sums(p.acc ? 0 : p.m * p.n);
+    const auto sums = uninitialized<int32_t>(p.acc ? 0 : p.m * p.n);
     Int8LinearParams q = p;
-    if (!p.acc) q.acc = sums.data();
+    if (!p.acc) q.acc = sums.get();
     const int64_t blocks = (p.n + kGemvRowsPerBlock - 1) / kGemvRowsPerBlock;
     in_team(threads_for(p.num_threads, blocks, p.m * p.n * p.k, kMinGemvWorkPerThread),
             [&]() TRANSFUSE_VNNI {
 #pragma omp for schedule(static)
       for (int64_t block = 0; block < blocks; ++block) {
         const int64_t j0 = block * kGemvRowsPerBlock, j1 = std::min(p.n, j0 + kGemvRowsPerBlock);
-        gemv_rows(u.data(), stride, p.m, p.w, p.k, j0, j1, q.acc, p.n);
+        gemv_rows(u.get(), stride, p.m, p.w, p.k, j0, j1, q.acc, p.n);
       }
     });
     if (!p.acc) dequantize_accumulators(q);
@@ -392,14 +393,14 @@ TRANSFUSE_VNNI void int8_linear_avx512_vnni(const Int8LinearParams& p) {
   in_team(threads_for(p.num_threads, panels, p.m * p.n * p.k, kMinWorkPerThread),
           [&]() TRANSFUSE_VNNI {
     // whole 16-group chunks: pack_panel writes all 16 groups of its last chunk
-    std::vector<int8_t> panel((groups + 15) / 16 * 16 * kGroupBytes);
+    const auto panel = uninitialized<int8_t>((groups + 15) / 16 * 16 * kGroupBytes);
 #pragma omp for schedule(static)
     for (int64_t panel_index = 0; panel_index < panels; ++panel_index) {
       const Epilogue e = panel_epilogue(p, panel_index * kPanelCols, bias);
       __m512i offset[kPanelVectors];
-      pack_panel(p.w, p.n, p.k, e.j0, panel.data(), offset);
+      pack_panel(p.w, p.n, p.k, e.j0, panel.get(), offset);
       for (int64_t i0 = 0; i0 < p.m; i0 += kTileRows)
-        run_tile(std::min(kTileRows, p.m - i0), u.data() + i0 * stride, groups, panel.data(),
+        run_tile(std::min(kTileRows, p.m - i0), u.get() + i0 * stride, groups, panel.get(),
                  offset, e, i0);
     }
   });
