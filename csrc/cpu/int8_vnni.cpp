@@ -241,7 +241,8 @@ TRANSFUSE_AMX void amx_block(const int8_t* w_rows, int64_t stride, const uint32_
 }
 
 // More than kAmxGemvTokens rows on AMX: per group of tokens whose packed x stays in L2 (1 MiB),
-// each thread takes panels of 64 weight rows and runs every block of 32 tokens of the group over it.
+// each thread takes panels of 64 weight rows and runs every block of 32 tokens of the group over
+// it.
 TRANSFUSE_VNNI void int8_linear_amx(const Int8LinearParams& p) {
   const int64_t k_pad = (p.k + 63) / 64 * 64;
   const int64_t m_pad = (p.m + kAmxTokens - 1) / kAmxTokens * kAmxTokens;
@@ -277,14 +278,15 @@ TRANSFUSE_VNNI void int8_linear_amx(const Int8LinearParams& p) {
   });
 }
 
-// totals[t][c] = sum_k u[t, k] * w_row_c[k] for T <= 4 tokens of u and 4 weight rows, from the
-// weights' own layout: 64 columns of k at a time, the 4 rows sharing each vector of u. The first
-// token group of the rows (kFirst) also sums each row's weights (the u = x_q + 128 offset, into
-// offset[c]) and prefetches the rows that follow into L2; later groups find the rows in L1.
+// acc[t, c] (n apart) = sum_k u[t, k] * w_row_c[k] - 128 * sum_k w_row_c[k] for T <= 4 tokens
+// of u and 4 weight rows (the first `rows` stored), from the weights' own layout: 64 columns of k
+// at a time, the 4 rows sharing each vector of u. The first token group of the rows (kFirst) also
+// sums each row's weights (into offset[c]) and prefetches the rows that follow into L2; later
+// groups find the rows in L1 and take the offsets.
 template <int T, bool kFirst>
 TRANSFUSE_VNNI void dot_four_rows(const uint8_t* u, int64_t stride, const int8_t* const row[4],
                                   int64_t k, int64_t prefetch_ahead, uint32_t offset[4],
-                                  int32_t totals[T][4]) {
+                                  int64_t rows, int32_t* acc, int64_t n) {
   const __m512i ones = _mm512_set1_epi8(1);
   __m512i sums[T][4], weight_sums[4];
   for (int c = 0; c < 4; ++c) {
@@ -304,26 +306,32 @@ TRANSFUSE_VNNI void dot_four_rows(const uint8_t* u, int64_t stride, const int8_t
       for (int t = 0; t < T; ++t) sums[t][c] = dot_add(sums[t][c], uv[t], wv);
     }
   }
-  // reduced with constant indices (a loop to a variable bound would keep them in memory)
+  // Reduced with constant indices, the loops unrolled by pragma: otherwise GCC 12 keeps every
+  // accumulator in memory, stored at each step of the loop above (2x slower).
   if constexpr (kFirst)
 #pragma GCC unroll 4
     for (int c = 0; c < 4; ++c) offset[c] = uint32_t(_mm512_reduce_add_epi32(weight_sums[c])) << 7;
+  int32_t totals[T][4];
 #pragma GCC unroll 4
   for (int t = 0; t < T; ++t)
 #pragma GCC unroll 4
     for (int c = 0; c < 4; ++c)
       totals[t][c] = int32_t(uint32_t(_mm512_reduce_add_epi32(sums[t][c])) - offset[c]);
-}
-
-// dot_four_rows, its totals stored as acc[t, c] (n apart) for the first `rows` rows.
-template <int T, bool kFirst>
-TRANSFUSE_VNNI void store_four_rows(const uint8_t* u, int64_t stride, const int8_t* const row[4],
-                                    int64_t k, int64_t prefetch_ahead, uint32_t offset[4],
-                                    int64_t rows, int32_t* acc, int64_t n) {
-  int32_t totals[T][4];
-  dot_four_rows<T, kFirst>(u, stride, row, k, prefetch_ahead, offset, totals);
   for (int t = 0; t < T; ++t)
     for (int64_t c = 0; c < rows; ++c) acc[t * n + c] = totals[t][c];
+}
+
+// dot_four_rows for `tokens` (1 to 4) tokens.
+template <bool kFirst>
+TRANSFUSE_VNNI void dot_four_rows(int64_t tokens, const uint8_t* u, int64_t stride,
+                                  const int8_t* const row[4], int64_t k, int64_t ahead,
+                                  uint32_t offset[4], int64_t rows, int32_t* acc, int64_t n) {
+  switch (tokens) {
+    case 1: return dot_four_rows<1, kFirst>(u, stride, row, k, ahead, offset, rows, acc, n);
+    case 2: return dot_four_rows<2, kFirst>(u, stride, row, k, ahead, offset, rows, acc, n);
+    case 3: return dot_four_rows<3, kFirst>(u, stride, row, k, ahead, offset, rows, acc, n);
+    default: return dot_four_rows<4, kFirst>(u, stride, row, k, ahead, offset, rows, acc, n);
+  }
 }
 
 // acc[t, j] = sum_k x_q[t, k] * w[j, k] for the m <= gemv_tokens(k) tokens of u and weight rows
@@ -337,23 +345,11 @@ TRANSFUSE_VNNI void gemv_rows(const uint8_t* u, int64_t stride, int64_t m, const
     const int8_t* row[4];  // past j1: the last row again, its sums not stored
     for (int64_t c = 0; c < 4; ++c) row[c] = w + std::min(j + c, j1 - 1) * k;
     uint32_t offset[4];  // from the first group of tokens, for the others
-    const int64_t ahead = kPrefetchRows * k;
-    switch (std::min<int64_t>(m, 4)) {
-      case 1: store_four_rows<1, true>(u, stride, row, k, ahead, offset, rows, acc + j, n); break;
-      case 2: store_four_rows<2, true>(u, stride, row, k, ahead, offset, rows, acc + j, n); break;
-      case 3: store_four_rows<3, true>(u, stride, row, k, ahead, offset, rows, acc + j, n); break;
-      default: store_four_rows<4, true>(u, stride, row, k, ahead, offset, rows, acc + j, n); break;
-    }
-    for (int64_t t0 = 4; t0 < m; t0 += 4) {
-      const uint8_t* ut = u + t0 * stride;
-      int32_t* at = acc + t0 * n + j;
-      switch (std::min<int64_t>(m - t0, 4)) {
-        case 1: store_four_rows<1, false>(ut, stride, row, k, 0, offset, rows, at, n); break;
-        case 2: store_four_rows<2, false>(ut, stride, row, k, 0, offset, rows, at, n); break;
-        case 3: store_four_rows<3, false>(ut, stride, row, k, 0, offset, rows, at, n); break;
-        default: store_four_rows<4, false>(ut, stride, row, k, 0, offset, rows, at, n); break;
-      }
-    }
+    dot_four_rows<true>(std::min<int64_t>(m, 4), u, stride, row, k, kPrefetchRows * k, offset,
+                        rows, acc + j, n);
+    for (int64_t t0 = 4; t0 < m; t0 += 4)
+      dot_four_rows<false>(std::min<int64_t>(m - t0, 4), u + t0 * stride, stride, row, k, 0,
+                           offset, rows, acc + t0 * n + j, n);
   }
 }
 
