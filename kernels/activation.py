@@ -1,17 +1,23 @@
-"""Triton kernels of the bias + GELU epilogue, forward and backward.
+"""Triton kernels of the bias + GELU epilogue and of SiLU(gate) * up, forward and backward.
 
 The math, including where values are rounded, is that of csrc/common/activation.h: z = x + bias
-rounded to x's dtype (as eager's add), GELU in fp32, the result rounded once. Elementwise: each
-program handles one [BLOCK_ROWS, BLOCK_COLS] tile of the [rows, cols] input (tiles numbered row
-block by row block), loading the tile's bias columns once.
+rounded to x's dtype (as eager's add), GELU in fp32, the result rounded once; silu(g) * u and its
+gradients in fp32, each rounded once. Elementwise: each program handles one
+[BLOCK_ROWS, BLOCK_COLS] tile of the [rows, cols] inputs (tiles numbered row block by row block),
+loading the tile's bias columns once.
 
-Launchers (called by transfuse.ops.activation with contiguous 2-D [rows, cols] tensors):
-    bias_gelu_forward(x, bias, approximate) -> y
+Launchers (called by transfuse.ops.activation with 2-D [rows, cols] tensors):
+    bias_gelu_forward(x, bias, approximate) -> y           (x contiguous)
     bias_gelu_backward(dy, x, bias, approximate) -> dx (= dz; dbias, the sum of dz over rows,
                                                         is the caller's torch sum)
+    silu_mul_forward(gate, up) -> y                        (gate and up: rows contiguous, any
+    silu_mul_backward(dy, gate, up) -> (dgate, dup)         row strides, e.g. the two halves of
+                                                            a [rows, 2 * cols] tensor; dy and
+                                                            the outputs contiguous)
 
-On GPU every call takes the same tile shape, and has_bias / use_tanh are run-time flags (one
-uniform branch per program), so one variant is compiled per dtype and direction. Under
+On GPU every call takes the same tile shape, and has_bias / use_tanh and the row strides are
+run-time arguments (one uniform branch per program), so one variant is compiled per kernel, dtype
+and direction (plus the JIT's divisibility-by-16 specializations of the integer arguments). Under
 TRITON_INTERPRET=1 (CPU tensors) tiles span whole rows, to keep the programs few. bf16 rounding
 goes through kernels/norm.py's helpers (the interpreter truncates fp32 -> bf16; they round to
 nearest even first).
@@ -150,6 +156,69 @@ def _bias_gelu_backward_kernel(
     tl.store(dx_ptr + offsets, _convert(dy * _gelu_grad(z, use_tanh), X_DTYPE), mask=mask)
 
 
+# The rows and columns of program `pid`'s tile of [rows, cols] (row ids int64) and its mask, for
+# inputs whose rows are apart by their own strides.
+@triton.jit
+def _tile_ids(pid, n_rows, n_cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    col_blocks = tl.cdiv(n_cols, BLOCK_COLS)
+    row_ids = (pid // col_blocks).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    col_ids = (pid % col_blocks) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    mask = (row_ids < n_rows)[:, None] & (col_ids < n_cols)[None, :]
+    return row_ids[:, None], col_ids[None, :], mask
+
+
+# y = round(silu(g) * u), silu(g) = g * s, s = sigmoid(g) = 1 / (1 + exp(-g)) (exp(-g) = inf for
+# g << 0 gives s = 0, the limit), for one [BLOCK_ROWS, BLOCK_COLS] tile; g = gate, u = up.
+@triton.jit
+def _silu_mul_forward_kernel(
+    gate_ptr,         # [rows, cols] gate, dtype, rows gate_row_stride elements apart
+    up_ptr,           # [rows, cols] up, dtype, rows up_row_stride elements apart
+    y_ptr,            # [rows, cols] output, dtype, contiguous
+    n_rows,
+    n_cols,
+    gate_row_stride,
+    up_row_stride,
+    DTYPE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
+):
+    rows, cols, mask = _tile_ids(tl.program_id(0), n_rows, n_cols, BLOCK_ROWS, BLOCK_COLS)
+    g = tl.load(gate_ptr + (rows * gate_row_stride + cols), mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(up_ptr + (rows * up_row_stride + cols), mask=mask, other=0.0).to(tl.float32)
+    s = 1.0 / (1.0 + tl.exp(-g))
+    tl.store(y_ptr + (rows * n_cols + cols), _convert(g * s * u, DTYPE), mask=mask)
+
+
+# With s = sigmoid(g), for one [BLOCK_ROWS, BLOCK_COLS] tile:
+#   dup   = round(dy * silu(g)) = round(dy * g * s)
+#   dgate = round(dy * u * silu'(g)),  silu'(g) = s * (1 + g * (1 - s))
+#   (g << 0: s = 0, and s * (1 + g) = 0, no overflow)
+@triton.jit
+def _silu_mul_backward_kernel(
+    dy_ptr,           # [rows, cols] gradient of y, dtype, contiguous
+    gate_ptr,         # [rows, cols] gate, dtype, rows gate_row_stride elements apart
+    up_ptr,           # [rows, cols] up, dtype, rows up_row_stride elements apart
+    dgate_ptr,        # [rows, cols] gradient of gate, dtype, contiguous
+    dup_ptr,          # [rows, cols] gradient of up, dtype, contiguous
+    n_rows,
+    n_cols,
+    gate_row_stride,
+    up_row_stride,
+    DTYPE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
+):
+    rows, cols, mask = _tile_ids(tl.program_id(0), n_rows, n_cols, BLOCK_ROWS, BLOCK_COLS)
+    offsets = rows * n_cols + cols
+    g = tl.load(gate_ptr + (rows * gate_row_stride + cols), mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(up_ptr + (rows * up_row_stride + cols), mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    s = 1.0 / (1.0 + tl.exp(-g))
+    tl.store(dup_ptr + offsets, _convert(dy * (g * s), DTYPE), mask=mask)
+    tl.store(dgate_ptr + offsets, _convert(dy * u * (s * (1.0 + g * (1.0 - s))), DTYPE),
+             mask=mask)
+
+
 # ------------------------------------------------------------------------------------------------
 # Launchers
 # ------------------------------------------------------------------------------------------------
@@ -158,7 +227,7 @@ def _dtype_code(dtype: torch.dtype) -> int:
     try:
         return _DTYPE_CODES[dtype]
     except KeyError:
-        raise TypeError(f"the triton bias_gelu kernels take float32, float16 or bfloat16, got "
+        raise TypeError(f"the triton activation kernels take float32, float16 or bfloat16, got "
                         f"{dtype}") from None
 
 
@@ -204,3 +273,53 @@ def bias_gelu_backward(dy, x, bias, approximate: str):
     _launch(_bias_gelu_backward_kernel, x, bias, approximate,
             (dy, x, bias if bias is not None else x, dx))
     return dx
+
+
+def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """t [rows, cols] with each row contiguous (stride(1) == 1; copied if not)."""
+    return t if t.stride(1) == 1 or t.shape[1] <= 1 else t.contiguous()
+
+
+def _silu_mul_check(gate, up, dy=None):
+    tensors = (gate, up) if dy is None else (gate, up, dy)
+    if any(t.dim() != 2 for t in tensors) or any(t.shape != gate.shape for t in tensors):
+        raise ValueError("silu_mul takes 2-D gate, up (and dy) of one shape, got "
+                         + ", ".join(str(tuple(t.shape)) for t in tensors))
+    if any(t.dtype != gate.dtype for t in tensors):
+        raise TypeError("silu_mul takes gate, up (and dy) of one dtype, got "
+                        + ", ".join(str(t.dtype) for t in tensors))
+    return _dtype_code(gate.dtype)
+
+
+def _silu_mul_launch(kernel, gate, up, pointers):
+    rows, cols = gate.shape
+    if rows == 0 or cols == 0:
+        return
+    block_rows, block_cols, num_warps = _block(rows, cols, gate.device)
+    grid = (triton.cdiv(rows, block_rows) * triton.cdiv(cols, block_cols),)
+    with _on_device(gate):
+        # a row stride is unused when there is one row: that of a contiguous tensor then
+        kernel[grid](*pointers, rows, cols, gate.stride(0) if rows > 1 else cols,
+                     up.stride(0) if rows > 1 else cols, DTYPE=_dtype_code(gate.dtype),
+                     BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=num_warps)
+
+
+def silu_mul_forward(gate, up):
+    """silu(gate) * up of gate, up [rows, cols] (rows contiguous, any row strides) -> y
+    (contiguous [rows, cols], their dtype)."""
+    _silu_mul_check(gate, up)
+    gate, up = _rows_contiguous(gate), _rows_contiguous(up)
+    y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    _silu_mul_launch(_silu_mul_forward_kernel, gate, up, (gate, up, y))
+    return y
+
+
+def silu_mul_backward(dy, gate, up):
+    """Gradients of silu_mul_forward for dy [rows, cols] -> (dgate, dup) (contiguous
+    [rows, cols], the dtype of gate and up)."""
+    _silu_mul_check(gate, up, dy)
+    gate, up, dy = _rows_contiguous(gate), _rows_contiguous(up), dy.contiguous()
+    dgate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    dup = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    _silu_mul_launch(_silu_mul_backward_kernel, gate, up, (dy, gate, up, dgate, dup))
+    return dgate, dup

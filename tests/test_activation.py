@@ -1,4 +1,5 @@
-"""transfuse.ops.bias_gelu: every backend against reference.py in float64 (and eager F.gelu)."""
+"""transfuse.ops.bias_gelu and silu_mul: every backend against reference.py in float64 (and eager
+F.gelu, F.silu)."""
 import warnings
 
 import pytest
@@ -225,3 +226,106 @@ def test_reference_is_eager():
             torch.testing.assert_close(reference.bias_gelu(x, b, approximate),
                                        F.gelu(x + b, approximate=approximate), rtol=rtol,
                                        atol=atol)
+
+
+# ------------------------------------------------------------------------------------------------
+# silu_mul
+# ------------------------------------------------------------------------------------------------
+
+def make_gate_up(rows, cols, dtype, device, *, joint):
+    """gate and up [rows, cols] reaching SiLU's tails (|gate| up to about 15); joint: the two
+    halves of one [rows, 2 cols] tensor (rows 2 cols apart), as a joint gate-up GEMM gives."""
+    if joint:
+        both = (torch.randn(rows, 2 * cols) * 3).to(dtype).to(device)
+        return both[:, :cols], both[:, cols:]
+    return tuple((torch.randn(rows, cols) * 3).to(dtype).to(device) for _ in range(2))
+
+
+def run_silu_mul(gate, up, backend):
+    """silu_mul with autograd on copies: (y, [dgate, dup]) for a random projection of y."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in (gate, up)]
+    y = transfuse.ops.silu_mul(*leaves, backend=backend)
+    torch.manual_seed(1)
+    (y.double() * torch.randn(y.shape, dtype=torch.float64).to(y.device)).sum().backward()
+    return y, [t.grad for t in leaves]
+
+
+def check_silu_mul(gate, up, backend):
+    dtype = gate.dtype
+    y, grads = run_silu_mul(gate, up, backend)
+    exact, exact_grads = run_silu_mul(gate.double(), up.double(), "reference")
+    plain, plain_grads = run_silu_mul(gate, up, "reference")
+    fp32 = dtype == torch.float32
+    assert y.dtype == dtype and y.shape == gate.shape and y.is_contiguous()
+    for name, out, ref, eager in zip(["y", "dgate", "dup"], [y] + grads, [exact] + exact_grads,
+                                     [plain] + plain_grads):
+        assert out.dtype == dtype and out.shape == gate.shape, name
+        if out.numel() == 0:
+            continue
+        scale = max(1.0, ref.abs().max().item())
+        assert_close_to_reference(out, ref, None if fp32 else eager,
+                                  atol=2e-6 * scale if fp32 else 1e-3 * scale, name=name)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("cols", HIDDEN)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_silu_mul_matches_reference(backend, device, cols, dtype):
+    for i, rows in enumerate(ROWS):  # separate tensors and the halves of one in turn
+        check_silu_mul(*make_gate_up(rows, cols, dtype, device, joint=i % 2 == 1), backend)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's exp(inf), -inf * 0
+def test_silu_mul_layouts_and_tails(backend, device):
+    # leading dimensions, a transposed gate (copied to contiguous rows), the halves of a 3-D joint
+    both = torch.randn(2, 5, 2 * 48, device=device)
+    check_silu_mul(both[..., :48], both[..., 48:], backend)
+    check_silu_mul(torch.randn(48, 6, device=device).t(), torch.randn(6, 48, device=device),
+                   backend)
+    # saturated tails and special values: silu(g) = g far right, -0 far left, as eager's
+    g = torch.tensor([1e3, 88.0, 100.0, -1e3, -200.0, 0.0, float("inf"), -float("inf"),
+                      float("nan")], device=device)
+    y = transfuse.ops.silu_mul(g, torch.ones_like(g), backend=backend)
+    torch.testing.assert_close(y, F.silu(g.double()).float(), equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"] + cpu_backends())
+def test_silu_mul_bad_input_names_the_argument(backend):
+    g, u = torch.randn(4, 8), torch.randn(4, 8)
+    call = transfuse.ops.silu_mul
+    cases = [
+        (lambda: call(g.int(), u, backend=backend), TypeError, "gate"),
+        (lambda: call([1.0], u, backend=backend), TypeError, "gate"),
+        (lambda: call(g, u.numpy(), backend=backend), TypeError, "up"),
+        (lambda: call(g, u.half(), backend=backend), TypeError, "up"),
+        (lambda: call(g, torch.randn(4, 7), backend=backend), ValueError, "up"),
+        (lambda: call(g, torch.randn(8), backend=backend), ValueError, "up"),
+        (lambda: call(torch.tensor(1.0), torch.tensor(2.0), backend=backend), ValueError, "gate"),
+        (lambda: call(g, torch.randn(4, 8, device="meta"), backend=backend), ValueError, "up"),
+        (lambda: call(g, u, backend=3), TypeError, "backend"),
+    ]
+    if backend != "reference":
+        cases.append((lambda: call(g.double(), u.double(), backend=backend), TypeError, "gate"))
+    for fn, error, name in cases:
+        with pytest.raises(error, match=rf"\b{name}\b"):
+            fn()
+
+
+def test_silu_mul_torch_compile_fullgraph():
+    """Traced without a graph break, the same outputs and gradients as eager mode."""
+    def mlp(x, w):
+        gate, up = (x @ w.t()).chunk(2, dim=-1)
+        return transfuse.ops.silu_mul(gate, up) * 2
+
+    def outputs_and_grads(fn):
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(3, 5, 16, generator=generator).requires_grad_(True)
+        w = torch.randn(64, 16, generator=generator).requires_grad_(True)
+        out = fn(x, w)
+        return [out.detach(), *torch.autograd.grad((out * out).sum(), [x, w])]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(mlp, fullgraph=True, backend="aot_eager")
+    for got, expected in zip(outputs_and_grads(compiled), outputs_and_grads(mlp)):
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)

@@ -11,7 +11,7 @@ what the interpreter cannot: a tl.dot whose out_dtype the GPU compiler rejects, 
 registers over the target's limits, a construct a given triton version no longer accepts.
 
 Rows are grouped: "gpu-tests" mirror the parameters of the `gpu`-marked tests (tests/test_norm.py,
-test_activation.py, test_int8.py, test_attention.py, test_varlen_attention.py,
+test_activation.py, test_rotary.py, test_int8.py, test_attention.py, test_varlen_attention.py,
 test_attention_cuda.py; the cuda backend's Triton fallbacks (attention backward, fp32, dropout;
 w8a16 with m > 16) launch a subset of the triton backend's variants; the attention tests' gpu runs
 are the parameters of their GPU_* lists, imported here), "bench" the shapes of
@@ -55,6 +55,7 @@ from kernels import activation as tactivation  # noqa: E402
 from kernels import attention as tattention  # noqa: E402
 from kernels import int8 as tint8  # noqa: E402
 from kernels import norm as tnorm  # noqa: E402
+from kernels import rotary as trotary  # noqa: E402
 
 TARGETS = (80, 90)
 MULTIPROCESSORS = 132  # H100 / H200 SXM (the split-K and backward grids depend on it)
@@ -125,7 +126,7 @@ def record(call):
         found.setdefault(variant, variant)
 
     patches = [(JITFunction, "run", run)]
-    for module in (tnorm, tint8, tattention, tactivation):
+    for module in (tnorm, tint8, tattention, tactivation, trotary):
         if hasattr(module, "_on_device"):
             patches.append((module, "_on_device", lambda tensor: contextlib.nullcontext()))
         if hasattr(module, "_multiprocessor_count"):
@@ -177,6 +178,32 @@ def _bias_gelu(rows, cols, dtype, *, bias=True, approximate="none", backward=Tru
     tactivation.bias_gelu_forward(x, b, approximate)
     if backward:
         tactivation.bias_gelu_backward(cuda(rows, cols, dtype=dtype), x, b, approximate)
+
+
+def _silu_mul(rows, cols, dtype, *, joint=True, backward=True):
+    """transfuse.ops.silu_mul on the triton backend (forward and, with backward, dgate and dup);
+    joint: gate and up the two halves of one [rows, 2 * cols] tensor (one gate-up GEMM)."""
+    if joint:  # (views of fake CUDA tensors need CUDA: strided tensors of the views' layout)
+        gate, up = (torch.empty_strided((rows, cols), (2 * cols, 1), dtype=dtype, device="cuda")
+                    for _ in range(2))
+    else:
+        gate, up = cuda(rows, cols, dtype=dtype), cuda(rows, cols, dtype=dtype)
+    tactivation.silu_mul_forward(gate, up)
+    if backward:
+        tactivation.silu_mul_backward(cuda(rows, cols, dtype=dtype), gate, up)
+
+
+def _rotary(batch, q_heads, k_heads, seq, head_dim, dtype, *, shared_cos=True, backward=True):
+    """transfuse.ops.rotary on the triton backend: q and k the transposed views of [B, S, H, D]
+    projections, cos / sin [1 or B, S, D]; the backward is the inverse on contiguous gradients."""
+    q, k = (torch.empty_strided((batch, heads, seq, head_dim),
+                                (seq * heads * head_dim, head_dim, heads * head_dim, 1),
+                                dtype=dtype, device="cuda") for heads in (q_heads, k_heads))
+    cos, sin = (cuda(1 if shared_cos else batch, seq, head_dim, dtype=dtype) for _ in range(2))
+    trotary.rotary(q, k, cos, sin, False)
+    if backward:
+        trotary.rotary(cuda(batch, q_heads, seq, head_dim, dtype=dtype),
+                       cuda(batch, k_heads, seq, head_dim, dtype=dtype), cos, sin, True)
 
 
 def _int8(m, n, k, dtype, mode, bias=True):
@@ -270,6 +297,19 @@ def _activation_test_rows():
             for approximate in APPROXIMATIONS:
                 for i, rows in enumerate(ROWS):
                     _bias_gelu(rows, cols, dtype, bias=i % 2 == 0, approximate=approximate)
+            for i, rows in enumerate(ROWS):  # silu_mul: likewise one variant per dtype and way
+                _silu_mul(rows, cols, dtype, joint=i % 2 == 1)
+
+
+def _rotary_test_rows():
+    """tests/test_rotary.py's gpu runs: one variant per dtype and head-dim bucket
+    (next_power_of_2(D / 2)); `inverse` is a run-time argument."""
+    from test_rotary import DTYPES, GPU_SHAPES
+    for dtype in DTYPES:
+        for shape in GPU_SHAPES:
+            for shared_cos in (True, False):
+                _rotary(*shape, dtype, shared_cos=shared_cos)
+    _rotary(2, 3, 1, 5, 64, _F32, shared_cos=False)  # test_layouts_and_general_angles
 
 
 def _int8_test_rows():
@@ -348,6 +388,7 @@ def _bench_rows():
 ROWS = [
     ("gpu-tests", "norm", _norm_test_rows),
     ("gpu-tests", "activation", _activation_test_rows),
+    ("gpu-tests", "rotary", _rotary_test_rows),
     ("gpu-tests", "int8", _int8_test_rows),
     ("gpu-tests", "attention", _attention_test_rows),
     ("gpu-tests", "varlen-attention", _varlen_attention_test_rows),

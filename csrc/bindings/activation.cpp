@@ -1,13 +1,16 @@
-// Binding of the bias + GELU kernels: tensor checks, allocation, and the functions
-// transfuse._C.bias_gelu_forward / bias_gelu_backward (CPU or CUDA, from the tensors' device).
+// Binding of the activation kernels: tensor checks, allocation, and the functions
+// transfuse._C.bias_gelu_forward / bias_gelu_backward and silu_mul_forward / silu_mul_backward
+// (CPU or CUDA, from the tensors' device).
 // The Python op transfuse::bias_gelu (python/transfuse/ops/activation.py) validates user input
 // first; these checks guard the kernels against anything that slips past it. dbias (the sum of
 // dx over rows) is left to the caller's torch sum.
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <string_view>
+#include <tuple>
 
 #include "dtype.h"
 #include "python_functions.h"
@@ -109,6 +112,83 @@ Tensor bias_gelu_backward(const Tensor& dy, const Tensor& x, const OptTensor& bi
   return dx;
 }
 
+// t [..., cols], of like's shape, dtype and device, as rows of cols contiguous elements lying
+// evenly apart (the leading dimensions collapse into one): the distance between its rows.
+int64_t row_stride(const Tensor& t, const char* name, const Tensor& like) {
+  TORCH_CHECK_VALUE(t.sizes() == like.sizes(), name, " must have shape ", like.sizes(), ", got ",
+                    t.sizes());
+  TORCH_CHECK_VALUE(t.device() == like.device(), name, " must be on ", like.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == like.scalar_type(), name, " must have dtype ",
+                   like.scalar_type(), ", got ", t.scalar_type());
+  const int64_t dims = t.dim();
+  TORCH_CHECK_VALUE(dims >= 1 && (t.stride(-1) == 1 || t.size(-1) <= 1), name,
+                    " must have a contiguous last dimension");
+  int64_t stride = -1, rows = 1;  // rows: of the inner leading dimensions walked so far
+  for (int64_t i = dims - 2; i >= 0; --i) {
+    if (t.size(i) == 1) continue;
+    if (stride < 0) stride = t.stride(i);
+    TORCH_CHECK_VALUE(t.stride(i) == stride * rows, name,
+                      "'s rows must lie evenly apart (leading dimensions that collapse into one)");
+    rows *= t.size(i);
+  }
+  return stride < 0 ? t.size(-1) : stride;
+}
+
+// y = silu(gate) * up over gate, up [..., cols] (row_stride), y contiguous of their shape
+Tensor silu_mul_forward(const Tensor& gate, const Tensor& up) {
+  SiluMulForwardParams p;
+  p.gate_row_stride = row_stride(gate, "gate", gate);
+  p.up_row_stride = row_stride(up, "up", gate);
+  p.dtype = to_dtype(gate.scalar_type(), "gate");
+  Tensor y = at::empty(gate.sizes(), gate.options());
+  p.gate = gate.data_ptr();
+  p.up = up.data_ptr();
+  p.y = y.data_ptr();
+  p.cols = gate.dim() ? gate.size(-1) : 1;
+  p.rows = p.cols ? gate.numel() / p.cols : 0;
+  if (gate.is_cuda()) {
+#ifdef TRANSFUSE_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(gate.device());
+    cuda::silu_mul_forward_launch(p, c10::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+#endif
+  } else {
+    p.num_threads = at::get_num_threads();
+    cpu::silu_mul_forward(p);
+  }
+  return y;
+}
+
+std::tuple<Tensor, Tensor> silu_mul_backward(const Tensor& dy, const Tensor& gate,
+                                             const Tensor& up) {
+  SiluMulBackwardParams p;
+  p.gate_row_stride = row_stride(gate, "gate", gate);
+  p.up_row_stride = row_stride(up, "up", gate);
+  TORCH_CHECK_VALUE(dy.is_contiguous(), "dy must be contiguous");
+  row_stride(dy, "dy", gate);
+  p.dtype = to_dtype(gate.scalar_type(), "gate");
+  Tensor dgate = at::empty(gate.sizes(), gate.options());
+  Tensor dup = at::empty(gate.sizes(), gate.options());
+  p.dy = dy.data_ptr();
+  p.gate = gate.data_ptr();
+  p.up = up.data_ptr();
+  p.dgate = dgate.data_ptr();
+  p.dup = dup.data_ptr();
+  p.cols = gate.dim() ? gate.size(-1) : 1;
+  p.rows = p.cols ? gate.numel() / p.cols : 0;
+  if (gate.is_cuda()) {
+#ifdef TRANSFUSE_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(gate.device());
+    cuda::silu_mul_backward_launch(p, c10::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+#endif
+  } else {
+    p.num_threads = at::get_num_threads();
+    cpu::silu_mul_backward(p);
+  }
+  return {dgate, dup};
+}
+
 }  // namespace
 
 // The kernels as functions of transfuse._C (python_functions.h).
@@ -120,6 +200,8 @@ void add_activation_functions(PyObject* module) {
   m.def("bias_gelu_forward", &bias_gelu_forward, "x"_a, "bias"_a, "approximate"_a, release_gil);
   m.def("bias_gelu_backward", &bias_gelu_backward, "dy"_a, "x"_a, "bias"_a, "approximate"_a,
         release_gil);
+  m.def("silu_mul_forward", &silu_mul_forward, "gate"_a, "up"_a, release_gil);
+  m.def("silu_mul_backward", &silu_mul_backward, "dy"_a, "gate"_a, "up"_a, release_gil);
 }
 
 }  // namespace transfuse

@@ -31,6 +31,7 @@ PyMODINIT_FUNC PyInit__C() {
     transfuse::add_int8_functions(module);
     transfuse::add_activation_functions(module);
     transfuse::add_linear_functions(module);
+    transfuse::add_rotary_functions(module);
   }
   return module;
 }

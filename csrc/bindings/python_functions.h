@@ -12,5 +12,6 @@ void add_attention_functions(PyObject* module);
 void add_int8_functions(PyObject* module);
 void add_activation_functions(PyObject* module);
 void add_linear_functions(PyObject* module);
+void add_rotary_functions(PyObject* module);
 
 }  // namespace transfuse

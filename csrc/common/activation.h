@@ -1,5 +1,5 @@
-// Parameters of the bias + GELU epilogue kernels (what BERT's intermediate layer computes after
-// its GEMM). Shared by the CPU kernels, the CUDA kernels and the bindings; knows nothing of torch.
+// Parameters of the activation kernels: the bias + GELU epilogue (what BERT's intermediate layer
+// computes after its GEMM) and SiLU(gate) * up (a gated, SwiGLU MLP: Llama, Mistral, Qwen2). Shared by the CPU kernels, the CUDA kernels and the bindings; knows nothing of torch.
 //
 // Forward, elementwise over a contiguous [rows, cols] x, bias [cols] optional:
 //   z = round_x(x + bias)            (z = x without bias; rounded to x's dtype, as eager's add)
@@ -16,6 +16,13 @@
 // and, free of overflow and cancellation, with m = exp(-|v|) <= 1:
 //   sigmoid(2u) = (v <= 0 ? 1 : m) / (1 + m),  sigmoid(2u) * (1 - sigmoid(2u)) = m / (1 + m)^2
 //   0.25 * (1 - tanh(u)^2) = sigmoid(2u) * (1 - sigmoid(2u))
+//
+// SiLU(gate) * up, elementwise over [rows, cols] gate and up (each row contiguous, rows
+// gate_row_stride / up_row_stride elements apart: they may be the two halves of one joint
+// gate-up GEMM's output), in fp32, rounded once to the dtype:
+//   y = silu(g) * u,  silu(g) = g * sigmoid(g),  sigmoid(g) = 1 / (1 + exp(-g))
+// Backward, with s = sigmoid(g):
+//   dup = round(dy * silu(g)),  dgate = round(dy * u * s * (1 + g * (1 - s)))
 #pragma once
 
 #include <cstdint>
@@ -51,6 +58,32 @@ struct BiasGeluBackwardParams {
   GeluApproximation approximate = GeluApproximation::none;
   DType dtype = DType::f32;
   int num_threads = 1;         // CPU only
+};
+
+struct SiluMulForwardParams {
+  const void* gate = nullptr;   // [rows, cols], dtype, rows gate_row_stride elements apart
+  const void* up = nullptr;     // [rows, cols], dtype, rows up_row_stride elements apart
+  void* y = nullptr;            // [rows, cols], dtype, contiguous
+  int64_t rows = 0;
+  int64_t cols = 0;
+  int64_t gate_row_stride = 0;
+  int64_t up_row_stride = 0;
+  DType dtype = DType::f32;
+  int num_threads = 1;          // CPU only
+};
+
+struct SiluMulBackwardParams {
+  const void* dy = nullptr;     // [rows, cols], dtype, contiguous: gradient of y
+  const void* gate = nullptr;   // as in the forward
+  const void* up = nullptr;
+  void* dgate = nullptr;        // [rows, cols], dtype, contiguous
+  void* dup = nullptr;          // [rows, cols], dtype, contiguous
+  int64_t rows = 0;
+  int64_t cols = 0;
+  int64_t gate_row_stride = 0;
+  int64_t up_row_stride = 0;
+  DType dtype = DType::f32;
+  int num_threads = 1;          // CPU only
 };
 
 }  // namespace transfuse

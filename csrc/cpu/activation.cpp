@@ -1,4 +1,5 @@
-// CPU kernels of the bias + GELU epilogue. The math is stated in common/activation.h.
+// CPU kernels of the bias + GELU epilogue and of SiLU(gate) * up. The math is stated in
+// common/activation.h.
 //
 // Layout of the work: the [rows, cols] elements are cut into tiles of at most kTileCols columns
 // of one row; OpenMP threads take contiguous runs of tiles (static schedule), so each thread
@@ -213,6 +214,32 @@ void gelu_tanh_grad_row(const float* __restrict dy, const float* __restrict x,
   }
 }
 
+// silu(g) = g sigmoid(g) = g / (1 + exp(-g)): exp(-g) overflows to inf for g << 0 (then
+// g / inf = -0, the limit) and is 2^-126 at most for g >> 0 (then g / 1 = g).
+inline float sigmoid(float g, const Clamps& c) {
+  const float y2 = -kLog2e * g;
+  return 1.f / (1.f + exp2_clamped(std::min(std::max(y2, c.exp2_min), c.exp2_max)));
+}
+
+// y = silu(g) * u
+TRANSFUSE_MULTIVERSION
+void silu_mul_row(const float* __restrict g, const float* __restrict u, float* __restrict y,
+                  int64_t n, Clamps c) {
+  for (int64_t j = 0; j < n; ++j) y[j] = (g[j] * sigmoid(g[j], c)) * u[j];
+}
+
+// dup = dy silu(g), dgate = dy u s (1 + g (1 - s)), s = sigmoid(g)
+TRANSFUSE_MULTIVERSION
+void silu_mul_grad_row(const float* __restrict dy, const float* __restrict g,
+                       const float* __restrict u, float* __restrict dg, float* __restrict du,
+                       int64_t n, Clamps c) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float s = sigmoid(g[j], c);
+    du[j] = dy[j] * (g[j] * s);
+    dg[j] = (dy[j] * u[j]) * (s * (1.f + g[j] * (1.f - s)));
+  }
+}
+
 // z += bias, in place (16-bit inputs: the sum is then rounded to the dtype).
 TRANSFUSE_MULTIVERSION
 void add_bias_in_place(float* __restrict z, const float* __restrict bias, int64_t n) {
@@ -359,6 +386,65 @@ void bias_gelu_backward(const BiasGeluBackwardParams& p) {
       load_row(element_address(p.dy, p.dtype, at), p.dtype, dy, n);
       grad_row(dy, z, nullptr, dz, n, kClamps);
       store_row(dz, p.dtype, element_address(p.dx, p.dtype, at), n);
+    }
+  });
+}
+
+// y = round(silu(gate) * up); tiles of one row, whose gate and up rows lie row_stride apart.
+void silu_mul_forward(const SiluMulForwardParams& p) {
+  const Tiling tiling = tiling_for(p.num_threads, p.rows, p.cols);
+  if (tiling.tiles == 0) return;
+  in_team(tiling.threads, [&] {
+    alignas(64) float g[kTileCols];
+    alignas(64) float u[kTileCols];
+    alignas(64) float y[kTileCols];
+#pragma omp for schedule(static)
+    for (int64_t tile = 0; tile < tiling.tiles; ++tile) {
+      const auto [col, n, at] = tiling.span(tile, p.cols);
+      const int64_t row = tile / tiling.tiles_per_row;
+      const void* gate = element_address(p.gate, p.dtype, row * p.gate_row_stride + col);
+      const void* up = element_address(p.up, p.dtype, row * p.up_row_stride + col);
+      if (p.dtype == DType::f32) {
+        silu_mul_row(static_cast<const float*>(gate), static_cast<const float*>(up),
+                     static_cast<float*>(p.y) + at, n, kClamps);
+        continue;
+      }
+      load_row(gate, p.dtype, g, n);
+      load_row(up, p.dtype, u, n);
+      silu_mul_row(g, u, y, n, kClamps);
+      store_row(y, p.dtype, element_address(p.y, p.dtype, at), n);
+    }
+  });
+}
+
+// dgate = round(dy up s (1 + gate (1 - s))), dup = round(dy silu(gate)), s = sigmoid(gate)
+void silu_mul_backward(const SiluMulBackwardParams& p) {
+  const Tiling tiling = tiling_for(p.num_threads, p.rows, p.cols);
+  if (tiling.tiles == 0) return;
+  in_team(tiling.threads, [&] {
+    alignas(64) float dy[kTileCols];
+    alignas(64) float g[kTileCols];
+    alignas(64) float u[kTileCols];
+    alignas(64) float dg[kTileCols];
+    alignas(64) float du[kTileCols];
+#pragma omp for schedule(static)
+    for (int64_t tile = 0; tile < tiling.tiles; ++tile) {
+      const auto [col, n, at] = tiling.span(tile, p.cols);
+      const int64_t row = tile / tiling.tiles_per_row;
+      const void* gate = element_address(p.gate, p.dtype, row * p.gate_row_stride + col);
+      const void* up = element_address(p.up, p.dtype, row * p.up_row_stride + col);
+      if (p.dtype == DType::f32) {
+        silu_mul_grad_row(static_cast<const float*>(p.dy) + at, static_cast<const float*>(gate),
+                          static_cast<const float*>(up), static_cast<float*>(p.dgate) + at,
+                          static_cast<float*>(p.dup) + at, n, kClamps);
+        continue;
+      }
+      load_row(element_address(p.dy, p.dtype, at), p.dtype, dy, n);
+      load_row(gate, p.dtype, g, n);
+      load_row(up, p.dtype, u, n);
+      silu_mul_grad_row(dy, g, u, dg, du, n, kClamps);
+      store_row(dg, p.dtype, element_address(p.dgate, p.dtype, at), n);
+      store_row(du, p.dtype, element_address(p.dup, p.dtype, at), n);
     }
   });
 }

@@ -1,17 +1,20 @@
-// CUDA kernels of the bias + GELU epilogue. The math is stated in common/activation.h.
+// CUDA kernels of the bias + GELU epilogue and of SiLU(gate) * up. The math is stated in
+// common/activation.h.
 //
-// How the work is laid out. Elementwise and memory-bound: every element of x (and dy) is read
-// once and y (or dx) written once. A thread owns one vector of kVec consecutive columns
-// (kVec = 16 / sizeof(T): 16-byte loads and stores, when cols % kVec == 0 and every pointer is
-// 16-byte aligned; else kVec = 1) and walks the rows grid-stride, so its bias vector is loaded
-// once. A block is (threads_x, threads_y) = 256 threads: threads_x covers the row's vectors (a
-// multiple of 32, at most 256), threads_y rows side by side when rows are short. grid.x covers
-// the columns, grid.y enough row groups to fill the device a few times over.
+// How the work is laid out. Elementwise and memory-bound: every element of x (and dy; gate and
+// up) is read once and y (or dx; dgate and dup) written once. A thread owns one vector of kVec
+// consecutive columns (kVec = 16 / sizeof(T): 16-byte loads and stores, when cols and every row
+// stride are multiples of kVec and every pointer is 16-byte aligned; else kVec = 1) and walks the
+// rows grid-stride, so its bias vector is loaded once. A block is (threads_x, threads_y) = 256
+// threads: threads_x covers the row's vectors (a multiple of 32, at most 256), threads_y rows side
+// by side when rows are short. grid.x covers the columns, grid.y enough row groups to fill the
+// device a few times over. Offsets are int64 (rows * cols may pass 2^31).
 //
 // Math in fp32 (accurate libdevice functions; no fast-math):
 //   none: Phi(z) = normcdff(z) (no cancellation in the negative tail), gelu = z Phi(z),
 //         gelu' = Phi(z) + z exp(-z^2 / 2) / sqrt(2 pi)
 //   tanh: through the logistic function with m = exp(-|v|), v = -2u (common/activation.h)
+//   silu: s = 1 / (1 + expf(-g)) (expf(-g) = inf for g << 0 gives s = 0: the limit), silu = g s
 // z = round_T(x + bias) first (as eager's add), the result rounded once to T.
 
 #include "activation.h"
@@ -63,30 +66,8 @@ __device__ __forceinline__ float gelu_grad(float z, bool use_tanh) {
   return normcdff(z) + z * (expf(-0.5f * z2) * kInvSqrt2Pi);
 }
 
-// ------------------------------------------------------------------------------------------------
-// Vectors of kVec elements
-// ------------------------------------------------------------------------------------------------
-
-template <typename T, int kVec>
-struct alignas(sizeof(T) * kVec) Vector {
-  T values[kVec];
-};
-
-// kVec consecutive elements at ptr (aligned to sizeof(T) * kVec) as floats.
-template <typename T, int kVec>
-__device__ __forceinline__ void load_floats(const T* ptr, float (&out)[kVec]) {
-  const Vector<T, kVec> v = *reinterpret_cast<const Vector<T, kVec>*>(ptr);
-#pragma unroll
-  for (int i = 0; i < kVec; ++i) out[i] = to_float<T>(v.values[i]);
-}
-
-template <typename T, int kVec>
-__device__ __forceinline__ void store_floats(T* ptr, const float (&in)[kVec]) {
-  Vector<T, kVec> v;
-#pragma unroll
-  for (int i = 0; i < kVec; ++i) v.values[i] = from_float<T>(in[i]);
-  *reinterpret_cast<Vector<T, kVec>*>(ptr) = v;
-}
+// sigmoid(g) = 1 / (1 + exp(-g)): 0 for g << 0 (exp overflows to inf), 1 for g >> 0.
+__device__ __forceinline__ float sigmoid(float g) { return 1.f / (1.f + expf(-g)); }
 
 // z = round_T(x + bias) for the kVec elements at x_at (bias: this thread's columns, or none).
 template <typename T, int kVec>
@@ -163,6 +144,59 @@ __global__ void __launch_bounds__(256) bias_gelu_backward_kernel(const BiasGeluB
   }
 }
 
+// y[row, col..col+kVec) = round_T(silu(g) * u), g = gate[row, col..], u = up[row, col..] (rows
+// gate_row_stride / up_row_stride elements apart; y contiguous), rows grid-stride.
+template <typename T, int kVec>
+__global__ void __launch_bounds__(256) silu_mul_forward_kernel(const SiluMulForwardParams p) {
+  const int64_t col = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * kVec;
+  if (col >= p.cols) return;
+  const T* gate = static_cast<const T*>(p.gate);
+  const T* up = static_cast<const T*>(p.up);
+  T* y = static_cast<T*>(p.y);
+  for (int64_t row = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; row < p.rows;
+       row += int64_t(gridDim.y) * blockDim.y) {
+    float g[kVec];
+    float u[kVec];
+    load_floats<T, kVec>(gate + row * p.gate_row_stride + col, g);
+    load_floats<T, kVec>(up + row * p.up_row_stride + col, u);
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) g[i] = (g[i] * sigmoid(g[i])) * u[i];
+    store_floats<T, kVec>(y + row * p.cols + col, g);
+  }
+}
+
+// With s = sigmoid(g): dup = round_T(dy * g s), dgate = round_T(dy * u * s (1 + g (1 - s))),
+// dy, dgate and dup contiguous, gate and up as in the forward; rows grid-stride.
+template <typename T, int kVec>
+__global__ void __launch_bounds__(256) silu_mul_backward_kernel(const SiluMulBackwardParams p) {
+  const int64_t col = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * kVec;
+  if (col >= p.cols) return;
+  const T* dy = static_cast<const T*>(p.dy);
+  const T* gate = static_cast<const T*>(p.gate);
+  const T* up = static_cast<const T*>(p.up);
+  T* dgate = static_cast<T*>(p.dgate);
+  T* dup = static_cast<T*>(p.dup);
+  for (int64_t row = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; row < p.rows;
+       row += int64_t(gridDim.y) * blockDim.y) {
+    const int64_t at = row * p.cols + col;
+    float d[kVec];
+    float g[kVec];
+    float u[kVec];
+    load_floats<T, kVec>(dy + at, d);
+    load_floats<T, kVec>(gate + row * p.gate_row_stride + col, g);
+    load_floats<T, kVec>(up + row * p.up_row_stride + col, u);
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) {
+      const float s = sigmoid(g[i]);
+      const float dgate_i = (d[i] * u[i]) * (s * (1.f + g[i] * (1.f - s)));
+      u[i] = d[i] * (g[i] * s);  // dup
+      g[i] = dgate_i;
+    }
+    store_floats<T, kVec>(dgate + at, g);
+    store_floats<T, kVec>(dup + at, u);
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // Host side: launch plan and dispatch
 // ------------------------------------------------------------------------------------------------
@@ -180,13 +214,18 @@ struct Plan {
   dim3 block;
 };
 
-// ptrs: every tensor pointer of the call (null ones ignored).
-Plan plan_for(int64_t rows, int64_t cols, DType dtype, std::initializer_list<const void*> ptrs) {
+// ptrs: every tensor pointer of the call (null ones ignored); row_strides: the row strides
+// (elements) of the inputs that are not contiguous (ignored for a single row).
+Plan plan_for(int64_t rows, int64_t cols, DType dtype, std::initializer_list<const void*> ptrs,
+              std::initializer_list<int64_t> row_strides = {}) {
   Plan plan;
   const int vec = 16 / dtype_size(dtype);
   plan.vectorized = cols % vec == 0;
   for (const void* ptr : ptrs) {
     plan.vectorized = plan.vectorized && (ptr == nullptr || aligned_16(ptr));
+  }
+  if (rows > 1) {
+    for (const int64_t stride : row_strides) plan.vectorized = plan.vectorized && stride % vec == 0;
   }
   const int64_t units = plan.vectorized ? cols / vec : cols;  // vectors (or elements) per row
   const int threads_x =
@@ -230,6 +269,36 @@ void bias_gelu_backward_launch(const BiasGeluBackwardParams& p, cudaStream_t str
       bias_gelu_backward_kernel<T, kVec><<<plan.grid, plan.block, 0, stream>>>(p);
     } else {
       bias_gelu_backward_kernel<T, 1><<<plan.grid, plan.block, 0, stream>>>(p);
+    }
+  });
+}
+
+void silu_mul_forward_launch(const SiluMulForwardParams& p, cudaStream_t stream) {
+  if (p.rows <= 0 || p.cols <= 0) return;
+  const Plan plan = plan_for(p.rows, p.cols, p.dtype, {p.gate, p.up, p.y},
+                             {p.gate_row_stride, p.up_row_stride});
+  with_float_type(p.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+    if (plan.vectorized) {
+      silu_mul_forward_kernel<T, kVec><<<plan.grid, plan.block, 0, stream>>>(p);
+    } else {
+      silu_mul_forward_kernel<T, 1><<<plan.grid, plan.block, 0, stream>>>(p);
+    }
+  });
+}
+
+void silu_mul_backward_launch(const SiluMulBackwardParams& p, cudaStream_t stream) {
+  if (p.rows <= 0 || p.cols <= 0) return;
+  const Plan plan = plan_for(p.rows, p.cols, p.dtype, {p.dy, p.gate, p.up, p.dgate, p.dup},
+                             {p.gate_row_stride, p.up_row_stride});
+  with_float_type(p.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+    if (plan.vectorized) {
+      silu_mul_backward_kernel<T, kVec><<<plan.grid, plan.block, 0, stream>>>(p);
+    } else {
+      silu_mul_backward_kernel<T, 1><<<plan.grid, plan.block, 0, stream>>>(p);
     }
   });
 }

@@ -1,5 +1,6 @@
 // The element types of the CUDA kernels (float, __half, __nv_bfloat16): choosing one from a DType,
-// and fp32 <-> element conversions rounding to nearest even.
+// fp32 <-> element conversions rounding to nearest even, and vectors of kVec elements (one 16-byte
+// load or store at most).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -46,6 +47,34 @@ __device__ __forceinline__ T from_float(float value) {
   } else {
     return __float2bfloat16_rn(value);
   }
+}
+
+template <typename T, int kVec>
+struct alignas(sizeof(T) * kVec) Vector {
+  T values[kVec];
+};
+
+// kVec consecutive elements at ptr (aligned to sizeof(T) * kVec).
+template <typename T, int kVec>
+__device__ __forceinline__ Vector<T, kVec> load_vector(const T* ptr) {
+  return *reinterpret_cast<const Vector<T, kVec>*>(ptr);
+}
+
+// The same as floats.
+template <typename T, int kVec>
+__device__ __forceinline__ void load_floats(const T* ptr, float (&out)[kVec]) {
+  const Vector<T, kVec> v = load_vector<T, kVec>(ptr);
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) out[i] = to_float<T>(v.values[i]);
+}
+
+// kVec floats rounded to T, stored at ptr (aligned likewise).
+template <typename T, int kVec>
+__device__ __forceinline__ void store_floats(T* ptr, const float (&in)[kVec]) {
+  Vector<T, kVec> v;
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) v.values[i] = from_float<T>(in[i]);
+  *reinterpret_cast<Vector<T, kVec>*>(ptr) = v;
 }
 
 }  // namespace transfuse::cuda

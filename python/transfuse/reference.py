@@ -263,3 +263,22 @@ def bias_gelu(x, bias=None, approximate="none"):
     z = x if bias is None else x + bias
     acc = _accumulate_dtype(z.dtype)
     return torch.nn.functional.gelu(z.to(acc), approximate=approximate).to(z.dtype)
+
+
+def silu_mul(gate, up):
+    """F.silu(gate) * up in fp32 (or wider), rounded once to the inputs' dtype."""
+    acc = _accumulate_dtype(gate.dtype)
+    return (torch.nn.functional.silu(gate.to(acc)) * up.to(acc)).to(gate.dtype)
+
+
+def rotary(q, k, cos, sin):
+    """transformers' apply_rotary_pos_emb (rotate half) over q [B, Hq, S, D] and k [B, Hk, S, D]
+    with cos, sin [1 or B, S, D], in fp32 (or wider), rounded once: (q_out, k_out)."""
+    acc = _accumulate_dtype(q.dtype)
+    cos, sin = cos.to(acc).unsqueeze(1), sin.to(acc).unsqueeze(1)
+
+    def rotate(x):
+        x = x.to(acc)
+        lo, hi = x.chunk(2, dim=-1)
+        return (x * cos + torch.cat((-hi, lo), dim=-1) * sin).to(q.dtype)
+    return rotate(q), rotate(k)

@@ -1,6 +1,7 @@
-"""Bias + GELU: the epilogue of a linear layer (BERT's intermediate layer after its GEMM).
+"""Activations: bias + GELU, the epilogue of a linear layer (BERT's intermediate layer after its
+GEMM), and SiLU(gate) * up, the gate of a SwiGLU MLP (Llama, Mistral, Qwen2).
 
-Flow: bias_gelu validates its inputs and picks a backend (op family "activation"). Under
+Flow: bias_gelu (and silu_mul alike) validates its inputs and picks a backend (op family "activation"). Under
 torch.compile it calls the custom op `transfuse::bias_gelu` (fake impl for tracing, autograd
 through `transfuse::bias_gelu_backward`); in eager mode it runs the same kernels without the
 custom op's dispatch, through `_EagerBiasGelu` (same context and backward) when autograd needs a
@@ -8,12 +9,13 @@ graph. The `reference` backend is plain PyTorch, differentiated by autograd.
 
 Backward: dz = dy * gelu'(z) with z recomputed from x and bias (the kernels'); dx = dz, and
 dbias = dz summed over the leading dimensions (a torch sum, as eager's broadcast add gives).
+silu_mul's: dgate = dy * up * silu'(gate), dup = dy * silu(gate) (the kernels').
 """
 from __future__ import annotations
 
 import functools
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -26,12 +28,13 @@ APPROXIMATIONS = ("none", "tanh")
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(backend, direction):
-    """The launcher of `backend` for direction "forward" or "backward" (looked up once)."""
+def _kernel(backend, direction, name="bias_gelu"):
+    """The launcher of `backend` for op `name`, direction "forward" or "backward" (looked up
+    once)."""
     if backend == "triton":
         from transfuse.kernels import activation as triton_activation
-        return getattr(triton_activation, f"bias_gelu_{direction}")
-    return getattr(backends.extension()[0], f"bias_gelu_{direction}")  # a function of transfuse._C
+        return getattr(triton_activation, f"{name}_{direction}")
+    return getattr(backends.extension()[0], f"{name}_{direction}")  # a function of transfuse._C
 
 
 def _matrix(t):
@@ -41,6 +44,14 @@ def _matrix(t):
     cols = t.shape[-1]
     rows = t.numel() // cols if cols else math.prod(t.shape[:-1])
     return t.contiguous().view(rows, cols)
+
+
+def _rows(t):
+    """t [..., cols] as [rows, cols] with contiguous rows (a view where the strides allow)."""
+    cols = t.shape[-1]
+    rows = t.numel() // cols if cols else math.prod(t.shape[:-1])
+    t2 = t.reshape(rows, cols)
+    return t2 if t2.stride(-1) == 1 or cols <= 1 else t2.contiguous()
 
 
 def _run_forward(x, bias, approximate, backend):
@@ -164,16 +175,127 @@ def _call(x, bias, approximate, backend):
     return _run_forward(x, bias, approximate, backend)
 
 
-def _backend_for(x, backend):
+def _backend_for(x, backend, op="bias_gelu", argument="x"):
     if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        raise TypeError(f"{argument} must be a torch.Tensor, got {type(x).__name__}")
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"backend must be a str or None, got {backend!r}")
     name = _backend.resolve("activation", backend, x.device)
     if x.dtype == torch.float64 and not (backend or backends.environment_backend()):
-        backends.warn_once(("activation", "float64"), "transfuse: the bias_gelu kernels take "
-                           "float32, float16 and bfloat16; float64 inputs run on the reference "
-                           "backend")
+        backends.warn_once((op, "float64"), f"transfuse: the {op} kernels take float32, "
+                           "float16 and bfloat16; float64 inputs run on the reference backend")
         return "reference"
     return name
 
+
+
+# ------------------------------------------------------------------------------------------------
+# silu_mul
+# ------------------------------------------------------------------------------------------------
+
+def _run_silu_mul(gate, up, backend):
+    """The kernel over gate and up as they lie (rows evenly apart, each contiguous: a joint
+    GEMM's halves in place); other layouts are copied to contiguous rows first."""
+    kernel = _kernel(backend, "forward", "silu_mul")
+    if backend == "triton":  # (its launchers take [rows, cols])
+        return kernel(_rows(gate), _rows(up)).view(gate.shape)
+    try:
+        return kernel(gate, up)
+    except (ValueError, TypeError):
+        _check_silu_mul(gate, up, KERNEL_DTYPES)  # a bad input: its error, named in Python
+        return kernel(gate.contiguous(), up.contiguous())
+
+
+def _run_silu_mul_backward(dy, gate, up, backend):
+    dgate, dup = _kernel(backend, "backward", "silu_mul")(_matrix(dy), _rows(gate), _rows(up))
+    return dgate.view(gate.shape), dup.view(gate.shape)
+
+
+@_library.op("silu_mul")
+def _silu_mul(gate: Tensor, up: Tensor, backend: str) -> Tensor:
+    """-> silu(gate) * up, a new contiguous tensor of gate's shape and dtype"""
+    return _run_silu_mul(gate, up, backend)
+
+
+@_silu_mul.register_fake
+def _(gate, up, backend):
+    return gate.new_empty(gate.shape)
+
+
+@_library.op("silu_mul_backward")
+def _silu_mul_backward(dy: Tensor, gate: Tensor, up: Tensor,
+                       backend: str) -> Tuple[Tensor, Tensor]:
+    """-> (dgate, dup) of gate's shape"""
+    return _run_silu_mul_backward(dy, gate, up, backend)
+
+
+@_silu_mul_backward.register_fake
+def _(dy, gate, up, backend):
+    return gate.new_empty(gate.shape), gate.new_empty(gate.shape)
+
+
+def _silu_mul_setup_context(ctx, inputs, output):
+    gate, up, backend = inputs
+    ctx.save_for_backward(gate, up)
+    ctx.backend = backend
+
+
+def _silu_mul_backward_with(run_backward):
+    def backward(ctx, dy):
+        gate, up = ctx.saved_tensors
+        return (*run_backward(dy, gate, up, ctx.backend), None)
+    return backward
+
+
+_silu_mul.register_autograd(_silu_mul_backward_with(_silu_mul_backward),
+                            setup_context=_silu_mul_setup_context)
+
+
+class _EagerSiluMul(torch.autograd.Function):
+    """The custom op's forward, context and backward without its dispatch (eager mode)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _run_silu_mul(*inputs)
+        _silu_mul_setup_context(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(_silu_mul_backward_with(_run_silu_mul_backward))
+
+
+def _check_silu_mul(gate, up, dtypes):
+    if gate.dtype not in dtypes:
+        raise TypeError(f"gate must have a floating dtype in {dtypes}, got {gate.dtype}")
+    if up.dtype != gate.dtype:
+        raise TypeError(f"up must have gate's dtype ({gate.dtype}), got {up.dtype}")
+    if up.device != gate.device:
+        raise ValueError(f"up is on {up.device} but gate is on {gate.device}")
+    if up.shape != gate.shape or gate.dim() == 0:
+        raise ValueError(f"gate and up must have one shape of at least one dimension, got "
+                         f"{tuple(gate.shape)} and {tuple(up.shape)}")
+
+
+def silu_mul(gate, up, *, backend=None):
+    """F.silu(gate) * up: the gate of a SwiGLU MLP, act_fn(gate_proj(x)) * up_proj(x), in one pass.
+
+    gate and up: tensors of one shape, dtype and device (float32, float16, bfloat16; float64 on the
+    reference backend); any strides (rows lying evenly apart, e.g. the two halves of one joint
+    gate-up GEMM's output, are read in place; other layouts are copied first). silu in fp32, the
+    product rounded once (eager rounds silu(gate) first, then the product: within an ulp of
+    this). Returns a new contiguous tensor of gate's shape; differentiable in both.
+
+    The cpu and cuda kernels' bindings validate their inputs in C++; the Python checks run before
+    the Triton kernels, under torch.compile and after a failure, so that errors read alike.
+    """
+    name = _backend_for(gate, backend, "silu_mul", "gate")
+    if not isinstance(up, Tensor):
+        raise TypeError(f"up must be a torch.Tensor, got {type(up).__name__}")
+    if name == "reference" or name == "triton" or torch.compiler.is_compiling():
+        _check_silu_mul(gate, up, _dtypes_for(name))
+    if name == "reference":
+        return reference.silu_mul(gate, up)
+    if torch.compiler.is_compiling():
+        return _silu_mul(gate, up, name)
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return _EagerSiluMul.apply(gate, up, name)
+    return _run_silu_mul(gate, up, name)
