@@ -1,6 +1,7 @@
 """Block rules (transfuse.hf.blocks): fused Q/K/V projections and residual-fused LayerNorms equal
 the unpatched model, keep its parameters and state dict, and step aside when they do not fit."""
 import copy
+import functools
 import importlib
 import threading
 
@@ -283,6 +284,10 @@ def test_decoder_layers_add_the_attention_residual_inside_the_rms_norm(model_typ
         prompt = ids[:1, :6]
         assert torch.equal(patched.generate(prompt, max_new_tokens=6, do_sample=False),
                            model.generate(prompt, max_new_tokens=6, do_sample=False))
+    # bf16, the attention and MLP rules aside (they round once where eager rounds each op)
+    for name in (f"{type(model.model.layers[0]).__name__[:-len('DecoderLayer')]}{part}"
+                 for part in ("Attention", "MLP")):
+        monkeypatch.setitem(blocks.BLOCK_RULES, name, ("projections", ()))
     bf16 = [transfuse.patch(copy.deepcopy(model).to(torch.bfloat16), blocks=blocks)
             for blocks in (True, False)]
     torch.testing.assert_close(logits_of_real_tokens(bf16[0], ids, mask),
@@ -406,3 +411,67 @@ def test_the_cpu_runs_int8_siblings_one_by_one_by_default(monkeypatch):
     with torch.no_grad():
         patched(input_ids=torch.randint(3, 60, (1, 4)))
     assert len(calls) == 7 * patched.config.num_hidden_layers  # q k v o, gate up down
+
+
+@pytest.mark.parametrize("model_type", DECODERS)
+def test_decoder_attention_rotates_q_and_k_in_one_call_and_mlps_gate_with_silu_mul(
+        model_type, monkeypatch):
+    """rotary_attention: per layer and forward one transfuse.ops.rotary over q and k; gated_mlp:
+    one transfuse.ops.silu_mul where act_fn is SiLU (Gemma's GELU keeps the projections rule);
+    per sequence of a padded batch and token for token in greedy generation (the cache filled
+    through the rule) equal to the unpatched model; in bf16 within twice eager bf16's error to
+    the fp32 model."""
+    model = build(model_type)
+    patched = transfuse.patch(copy.deepcopy(model))
+    layers = model.config.num_hidden_layers
+    rules = sorted(rule for name, rule in transfuse.patched_modules(patched).items()
+                   if ".self_attn<" in name or ".mlp<" in name)
+    mlp_rule = "projections" if model_type == "gemma" else "gated_mlp"
+    assert rules == sorted([f"block rule '{mlp_rule}'", "block rule 'rotary_attention'"] * layers)
+    calls = []
+    for op in ("rotary", "silu_mul"):
+        original = getattr(transfuse.ops, op)
+        monkeypatch.setattr(transfuse.ops, op, functools.partial(
+            lambda original, op, *a, **k: calls.append(op) or original(*a, **k), original, op))
+    ids, mask = padded_batch()
+    torch.testing.assert_close(logits_of_real_tokens(patched, ids, mask),
+                               logits_of_real_tokens(model, ids, mask), rtol=1e-5, atol=1e-5)
+    assert calls.count("rotary") == layers
+    assert calls.count("silu_mul") == (0 if model_type == "gemma" else layers)
+    with torch.no_grad():
+        prompt = ids[:2, :5]
+        assert torch.equal(patched.generate(prompt, max_new_tokens=6, do_sample=False),
+                           model.generate(prompt, max_new_tokens=6, do_sample=False))
+    assert calls.count("rotary") == layers * (1 + 6)  # the prefill and each new token
+    exact = logits_of_real_tokens(model, ids, mask).double()
+    errors = [(logits_of_real_tokens(m, ids, mask).double() - exact).abs().max().item()
+              for m in (transfuse.patch(copy.deepcopy(model).to(torch.bfloat16)),
+                        copy.deepcopy(model).to(torch.bfloat16))]
+    assert errors[0] <= 2 * errors[1] + 1e-3, errors
+
+
+def test_decoder_attention_and_mlp_fall_back_to_the_class_forward():
+    """A positional cache argument, a cache passed by transformers 5.24's deprecated name, a
+    swapped act_fn and angles that require a gradient run the class's code; unpatch removes the
+    rules."""
+    model = build("llama")
+    patched = transfuse.patch(copy.deepcopy(model))
+    attention, mlp = patched.model.layers[0].self_attn, patched.model.layers[0].mlp
+    reference_attention = model.model.layers[0].self_attn
+    h = torch.randn(2, 5, model.config.hidden_size)
+    position_ids = torch.arange(5).expand(2, 5)
+    cos, sin = model.model.rotary_emb(h, position_ids)
+    with torch.no_grad():
+        expected = reference_attention(h, (cos, sin), None)[0]
+        torch.testing.assert_close(attention(h, (cos, sin), None)[0], expected, rtol=1e-5,
+                                   atol=1e-6)
+        torch.testing.assert_close(attention(h, (cos, sin), None, None)[0], expected, rtol=1e-5,
+                                   atol=1e-6)
+        mlp.act_fn = torch.nn.Tanh()
+        torch.testing.assert_close(mlp(h), type(mlp).forward(mlp, h), rtol=0, atol=0)
+    angle = cos.clone().requires_grad_(True)
+    torch.testing.assert_close(attention(h, (angle, sin), None)[0], expected, rtol=1e-5, atol=1e-6)
+    attention(h, (angle, sin), None)[0].sum().backward()
+    assert angle.grad is not None and angle.grad.abs().sum() > 0
+    transfuse.unpatch(patched)
+    assert "forward" not in attention.__dict__ and "forward" not in mlp.__dict__

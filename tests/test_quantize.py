@@ -186,7 +186,7 @@ def test_save_refuses_layers_the_config_would_not_rebuild(tmp_path):
 def test_patch_int8_saves_its_quantization_config_and_unpatch_removes_it(tmp_path):
     model = build("llama")
     batch = make_batch("llama")
-    transfuse.patch(model, attention=False, norm=False, int8="w8a8")
+    transfuse.patch(model, attention=False, norm=False, blocks=False, int8="w8a8")  # int8 alone
     assert model.config.quantization_config.to_dict()["mode"] == "w8a8"
     model.save_pretrained(tmp_path / "int8")
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "int8")

@@ -269,8 +269,7 @@ def _patched_in(model, prefix) -> dict:
         if (hf_blocks.FORWARD_ATTR in module.__dict__
                 and type(module).__name__ in hf_blocks.BLOCK_RULES
                 and hf_blocks.PROJECTION_ATTR not in module.__dict__):  # (listed as its parent)
-            kind = hf_blocks.BLOCK_RULES[type(module).__name__][0]
-            found[f"{name}<block>"] = f"block rule {kind!r}"
+            found[f"{name}<block>"] = f"block rule {module.__dict__[hf_blocks.FORWARD_ATTR]!r}"
         original = getattr(module, ORIGINAL_ATTR, None)
         if original is not None:
             detail, mode = "", ""

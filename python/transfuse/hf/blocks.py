@@ -25,6 +25,15 @@ something else.
                post_attention_layernorm of it in one pass of the fused RMSNorm (a FusedRMSNorm,
                from the norm rules), which returns the normed sum and the sum, the MLP's
                residual.
+  rotary_attention  a decoder's attention (Llama, Mistral, Qwen2, Gemma): its Q, K and V as
+               projections (above), then transformers' apply_rotary_pos_emb (about ten torch ops)
+               replaced by one transfuse.ops.rotary call over q and k, which also lays them out
+               contiguously for the attention; the rest as the class's forward (cache update,
+               the configured attention function, o_proj).
+  gated_mlp    act_fn(gate_proj(x)) * up_proj(x) with act_fn SiLU (Llama, Mistral, Qwen2): gate
+               and up as projections, their product through transfuse.ops.silu_mul (one pass
+               instead of two; on CUDA it reads the two halves of the joint GEMM's output in
+               place). Another act_fn (Gemma's GELU): the projections alone.
   linear       any other torch.nn.Linear (that class only, unhooked, not used by its parent's
                rule): its forward through transfuse.ops.linear, so that on CPU tensors a
                decoding step's output projections and head run transfuse's GEMV
@@ -40,14 +49,17 @@ On CPU tensors the rules' float GEMMs (the projections run one by one, the dense
 residual norm or a GELU) go through transfuse.ops.linear, whose fp32 and bf16 GEMMs are
 transfuse's own.
 
-Each rule names the class's forward lines it was written for (_expected_source); a class whose
-forward reads otherwise (another transformers version) is left alone.
+Each rule names the class's forward lines it was written for (_expected_source, matched in order
+with comments and line breaks ignored); a class whose forward reads otherwise (another
+transformers version) is left alone.
 """
 from __future__ import annotations
 
 import functools
 import inspect
 import math
+import re
+import sys
 import threading
 import types
 
@@ -57,10 +69,14 @@ from torch import nn
 
 from .. import ops
 from ..nn import FusedLayerNorm, FusedRMSNorm, Int8Linear
+from ..ops.activation import KERNEL_DTYPES as ACTIVATION_DTYPES
+from ..ops.rotary import KERNEL_DTYPES as ROTARY_DTYPES
 
 FORWARD_ATTR = "_transfuse_block_forward"
 PROJECTION_ATTR = "_transfuse_projection"
 BACKEND_ATTR = "_transfuse_block_backend"
+FACTS_ATTR = "_transfuse_block_facts"  # what a rule read from the module's class at patch time
+SILU_CLASSES = {nn.SiLU}
 
 # Devices whose tensors run fused projections as one GEMM. Not the CPU: on all-MiniLM-L6-v2
 # (2 threads, AVX2, fp32, real sentences, batch 8) the joint Q/K/V GEMM measured 0.97x the three
@@ -83,9 +99,9 @@ BLOCK_RULES = {
        for family in _BERT_LIKE for part in ("SelfOutput", "Output")},
     **{f"{family}Intermediate": ("bias_gelu", ("dense", "intermediate_act_fn"))
        for family in _BERT_LIKE},
-    **{f"{family}Attention": ("projections", ("q_proj", "k_proj", "v_proj"))
+    **{f"{family}Attention": ("rotary_attention", ("q_proj", "k_proj", "v_proj"))
        for family in _DECODERS},
-    **{f"{family}MLP": ("projections", ("gate_proj", "up_proj")) for family in _DECODERS},
+    **{f"{family}MLP": ("gated_mlp", ("gate_proj", "up_proj")) for family in _DECODERS},
     **{f"{family}DecoderLayer": ("residual_rms_norm",
                                  ("input_layernorm", "self_attn", "post_attention_layernorm",
                                   "mlp")) for family in _DECODERS},
@@ -112,6 +128,42 @@ RESIDUAL_RMS_NORM_SOURCE = (
      "return hidden_states"))
 
 
+# A decoder attention's forward (Llama's; transformers 5.17 names the cache past_key_values and
+# updates it without kwargs, 5.24 names it cache), with the family's attention arguments
+# (ROTARY_ATTENTION_ARGUMENTS) between scaling and **kwargs.
+ROTARY_ATTENTION_SOURCE = (
+    ("query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)",
+     "key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)",
+     "value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)",
+     "cos, sin = position_embeddings",
+     "query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)",
+     ".update(key_states, value_states, self.layer_idx",
+     "attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface( "
+     "self.config._attn_implementation, eager_attention_forward )",
+     "attn_output, attn_weights = attention_interface( self, query_states, key_states, "
+     "value_states, attention_mask, dropout=0.0 if not self.training else "
+     "self.attention_dropout, scaling=self.scaling,"),
+    ("**kwargs, )", "attn_output = attn_output.reshape(*input_shape, -1).contiguous()",
+     "attn_output = self.o_proj(attn_output)", "return attn_output, attn_weights"))
+# family -> (what its forward passes the attention function, that argument's value)
+ROTARY_ATTENTION_ARGUMENTS = {
+    "Mistral": ('sliding_window=getattr(self.config, "sliding_window", None),',
+                lambda module: {"sliding_window": getattr(module.config, "sliding_window", None)}),
+    "Qwen2": ("sliding_window=self.sliding_window,",
+              lambda module: {"sliding_window": module.sliding_window}),
+}
+# transformers' rotate-half rotary embedding (the family module's apply_rotary_pos_emb and
+# rotate_half), which transfuse.ops.rotary computes
+ROTATE_HALF_SOURCE = ("def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):",
+                      "cos = cos.unsqueeze(unsqueeze_dim)", "sin = sin.unsqueeze(unsqueeze_dim)",
+                      "q_embed = (q * cos) + (rotate_half(q) * sin)",
+                      "k_embed = (k * cos) + (rotate_half(k) * sin)", "return q_embed, k_embed")
+ROTATE_HALF_HELPER_SOURCE = ("x1 = x[..., : x.shape[-1] // 2]", "x2 = x[..., x.shape[-1] // 2 :]",
+                             "return torch.cat((-x2, x1), dim=-1)")
+
+GATED_MLP_SOURCE = ("down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))",
+                    "return down_proj")
+
 BIAS_GELU_SOURCE = ("hidden_states = self.dense(hidden_states)",
                     "hidden_states = self.intermediate_act_fn(hidden_states)",
                     "return hidden_states")
@@ -124,9 +176,20 @@ def _decoder_parameters(cls):
     return {p.name: p.default for p in parameters if p.kind is p.POSITIONAL_OR_KEYWORD}
 
 
+def _family(cls):
+    """The family of a BLOCK_RULES class name: its prefix among _DECODERS, else ''."""
+    return next((f for f in _DECODERS if cls.__name__.startswith(f)), "")
+
+
 def _expected_source(kind, names, cls):
     if kind == "residual_norm":
         return RESIDUAL_NORM_SOURCE
+    if kind == "gated_mlp":
+        return GATED_MLP_SOURCE
+    if kind == "rotary_attention":
+        head, tail = ROTARY_ATTENTION_SOURCE
+        argument = ROTARY_ATTENTION_ARGUMENTS.get(_family(cls), ("",))[0]
+        return (*head[:-1], f"{head[-1]} {argument} {tail[0]}".replace("  ", " "), *tail[1:])
     if kind == "bias_gelu":
         return BIAS_GELU_SOURCE
     if kind == "residual_rms_norm":
@@ -135,18 +198,35 @@ def _expected_source(kind, names, cls):
     return tuple(f"self.{name}(" for name in names)
 
 
-@functools.lru_cache(maxsize=None)
-def _forward_reads_as(cls, kind, names):
+def _normalized_source(function):
+    """function's source with comments dropped and every run of white space one space ('' when
+    there is no source)."""
     try:
-        source = inspect.getsource(cls.forward)
+        source = inspect.getsource(function)
     except (OSError, TypeError):
-        return False
-    position = 0
-    for line in _expected_source(kind, names, cls):
+        return ""
+    return " ".join(re.sub(r"#[^\n]*", "", source).split())
+
+
+def _reads_as(function, lines):
+    """The lines (normalized likewise) occur in function's source in this order."""
+    source, position = _normalized_source(function), 0
+    for line in lines:
         position = source.find(line, position)
         if position < 0:
             return False
     return True
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_reads_as(cls, kind, names):
+    if kind == "rotary_attention":  # the module's rotary embedding is the rotate-half one
+        family_module = sys.modules[cls.__module__]
+        if not (_reads_as(getattr(family_module, "apply_rotary_pos_emb", None), ROTATE_HALF_SOURCE)
+                and _reads_as(getattr(family_module, "rotate_half", None),
+                              ROTATE_HALF_HELPER_SOURCE)):
+            return False
+    return _reads_as(cls.forward, _expected_source(kind, names, cls))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -376,6 +456,106 @@ def _patch_residual_rms_norm(module, names):
 
 
 # ------------------------------------------------------------------------------------------------
+# rotary_attention
+# ------------------------------------------------------------------------------------------------
+
+def _attention_facts(cls):
+    """(the name of the family's module, the name of the cache parameter, whether cache.update
+    takes the call's kwargs, the family's name), read from the class at patch time."""
+    parameters = inspect.signature(cls.forward).parameters
+    return (cls.__module__, "cache" if "cache" in parameters else "past_key_values",
+            _reads_as(cls.forward, ("self.layer_idx, kwargs=kwargs)",)), _family(cls))
+
+
+def _rotate(q, k, cos, sin, family_module, backend):
+    """The family's apply_rotary_pos_emb(q, k, cos, sin) through transfuse.ops.rotary where its
+    kernels take the inputs (one dtype of theirs, [B or 1, S, D] angles needing no gradient)."""
+    batch, _, seq, head_dim = q.shape
+    if (q.dtype in ROTARY_DTYPES and k.dtype == cos.dtype == sin.dtype == q.dtype
+            and cos.dim() == 3 and cos.shape == sin.shape and cos.shape[0] in (1, batch)
+            and tuple(cos.shape[1:]) == (seq, head_dim) and head_dim % 2 == 0
+            and not (torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad))):
+        return ops.rotary(q, k, cos, sin, backend=backend)
+    return family_module.apply_rotary_pos_emb(q, k, cos, sin)
+
+
+def _rotary_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None,
+                              *args, **kwargs):
+    module_name, cache_name, update_takes_kwargs, family = self.__dict__[FACTS_ATTR]
+    family_module = sys.modules[module_name]
+    # positional arguments past the mask, or 5.24's deprecated name of its cache: the class's
+    if args or position_embeddings is None or (cache_name != "past_key_values"
+                                               and "past_key_values" in kwargs):
+        return type(self).forward(self, hidden_states, position_embeddings, attention_mask,
+                                  *args, **kwargs)
+    cache = kwargs.pop(cache_name, None)
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.head_dim)
+    query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    query, key = _rotate(query, key, *position_embeddings, family_module,
+                         self.__dict__.get(BACKEND_ATTR))
+    if cache is not None:
+        extra = {"kwargs": kwargs} if update_takes_kwargs else {}
+        key, value = cache.update(key, value, self.layer_idx, **extra)
+    attention = family_module.ALL_ATTENTION_FUNCTIONS.get_interface(
+        self.config._attn_implementation, family_module.eager_attention_forward)
+    output, weights = attention(
+        self, query, key, value, attention_mask,
+        dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling,
+        **(ROTARY_ATTENTION_ARGUMENTS[family][1](self) if family in ROTARY_ATTENTION_ARGUMENTS
+           else {}), **kwargs)
+    return self.o_proj(output.reshape(*input_shape, -1).contiguous()), weights
+
+
+def _patch_rotary_attention(module, names):
+    """The projections of q, k and v where they fit, and the forward."""
+    _patch_projections(module, names)
+    module.__dict__[FACTS_ATTR] = _attention_facts(type(module))
+    return _install(module, _rotary_attention_forward)
+
+
+# ------------------------------------------------------------------------------------------------
+# gated_mlp
+# ------------------------------------------------------------------------------------------------
+
+def _silu_class(cls):
+    """torch's SiLU or transformers' SiLUActivation (F.silu); those found are kept in
+    SILU_CLASSES, which the rule's forward reads."""
+    if cls not in SILU_CLASSES and cls.__name__ == "SiLUActivation" and _reads_as(
+            cls.forward, ("return nn.functional.silu(input)",)):
+        SILU_CLASSES.add(cls)
+    return cls in SILU_CLASSES
+
+
+def _is_silu(act):
+    """A SiLU module (SILU_CLASSES), unhooked, running its class's forward."""
+    if act is None or act._forward_hooks or act._forward_pre_hooks or "forward" in act.__dict__:
+        return False
+    return type(act) in SILU_CLASSES
+
+
+def _gated_mlp_forward(self, x):
+    if not _is_silu(self.act_fn):  # swapped since
+        return type(self).forward(self, x)
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    if gate.dtype not in ACTIVATION_DTYPES or up.dtype != gate.dtype:
+        return self.down_proj(self.act_fn(gate) * up)
+    return self.down_proj(ops.silu_mul(gate, up, backend=self.__dict__.get(BACKEND_ATTR)))
+
+
+def _patch_gated_mlp(module, names):
+    """The projections of gate and up where they fit; the forward where act_fn is SiLU."""
+    joined = _patch_projections(module, names)
+    act = getattr(module, "act_fn", None)
+    if isinstance(act, nn.Module) and _silu_class(type(act)) and _is_silu(act) and isinstance(
+            getattr(module, "down_proj", None), nn.Module):
+        return _install(module, _gated_mlp_forward) and "gated_mlp"
+    return joined and "projections"
+
+
+# ------------------------------------------------------------------------------------------------
 # bias_gelu
 # ------------------------------------------------------------------------------------------------
 
@@ -441,7 +621,8 @@ def _patch_bias_gelu(module, names):
 
 _PATCHERS = {"projections": _patch_projections, "linear": _patch_linear,
              "residual_norm": _patch_residual_norm,
-             "residual_rms_norm": _patch_residual_rms_norm, "bias_gelu": _patch_bias_gelu}
+             "residual_rms_norm": _patch_residual_rms_norm, "bias_gelu": _patch_bias_gelu,
+             "rotary_attention": _patch_rotary_attention, "gated_mlp": _patch_gated_mlp}
 
 
 def _install(module, forward):
@@ -452,7 +633,7 @@ def _install(module, forward):
 
 def patch_blocks(model, backend=None):
     """Install the block rules on every module of `model` they fit (the ops they call run on
-    `backend`); returns
+    `backend`; FORWARD_ATTR names the rule that was installed); returns
     ({qualified name: rule} for what was installed, sorted names of the classes of BLOCK_RULES
     left alone because their forward reads otherwise). Instances whose modules do not fit (int8
     or hooked layers, an overridden forward) stay as they are."""
@@ -469,8 +650,9 @@ def patch_blocks(model, backend=None):
         elif not _forward_reads_as(type(module), kind, names):
             unexpected.add(type(module).__name__)
             continue
-        elif "forward" not in module.__dict__ and _PATCHERS[kind](module, names):
-            module.__dict__[FORWARD_ATTR] = True  # (projections: the siblings' forwards)
+        elif "forward" not in module.__dict__ and (applied := _PATCHERS[kind](module, names)):
+            kind = applied if isinstance(applied, str) else kind
+            module.__dict__[FORWARD_ATTR] = kind  # (projections: the siblings' forwards)
             module.__dict__[BACKEND_ATTR] = backend
             done[name] = kind
         else:
@@ -485,6 +667,7 @@ def unpatch_blocks(model):
         if module.__dict__.pop(FORWARD_ATTR, None):
             module.__dict__.pop("forward", None)
             module.__dict__.pop(BACKEND_ATTR, None)
+            module.__dict__.pop(FACTS_ATTR, None)
             if module.__dict__.pop(PROJECTION_ATTR, None) is not None:
                 with torch.no_grad():
                     for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
