@@ -367,6 +367,42 @@ def kernels_stage(out: Out, dry: bool):
             "eager": lambda: F.gelu(x + b)}
         ok &= case(f"bias_gelu [{backend}]", (R, C), bf16, check, timed,
                    bytes_=2 * x.numel() * x.element_size())
+    # SiLU(gate) * up over the halves of a joint gate-up GEMM's output (a SwiGLU MLP)
+    gate_up = torch.randn(R, 2 * C, device=dev, dtype=bf16)
+    gate, up = gate_up[:, :C], gate_up[:, C:]
+    for backend in backends:
+        def check(backend=backend):
+            y = transfuse.ops.silu_mul(gate, up, backend=backend)
+            e = reference.silu_mul(gate.double(), up.double())
+            return rel(y, e), 2 * rel(reference.silu_mul(gate, up), e) + 1e-3
+        timed = lambda backend=backend: {
+            backend: lambda: transfuse.ops.silu_mul(gate, up, backend=backend),
+            "eager": lambda: F.silu(gate) * up}
+        ok &= case(f"silu_mul [{backend}]", (R, C), bf16, check, timed,
+                   bytes_=3 * gate.numel() * gate.element_size())
+    # rotary embedding of a prefill's q and k (8B-model shape: 32 query and 8 key heads of 128)
+    B, S, HQ, HK, D = (2, 5, 4, 2, 16) if dry else (4, 2048, 32, 8, 128)
+    q = torch.randn(B, S, HQ, D, device=dev, dtype=bf16).transpose(1, 2)
+    k = torch.randn(B, S, HK, D, device=dev, dtype=bf16).transpose(1, 2)
+    angle = torch.randn(B, S, D // 2, device=dev)
+    cos, sin = (torch.cat([f(angle)] * 2, dim=-1).to(bf16) for f in (torch.cos, torch.sin))
+
+    def eager_rotary():  # transformers' apply_rotary_pos_emb
+        c, n = cos.unsqueeze(1), sin.unsqueeze(1)
+        half = lambda x: torch.cat((-x[..., D // 2:], x[..., :D // 2]), dim=-1)
+        return q * c + half(q) * n, k * c + half(k) * n
+    for backend in backends:
+        def check(backend=backend):
+            got = transfuse.ops.rotary(q, k, cos, sin, backend=backend)
+            exact = reference.rotary(q.double(), k.double(), cos.double(), sin.double())
+            plain = reference.rotary(q, k, cos, sin)
+            return (max(rel(g, e) for g, e in zip(got, exact)),
+                    2 * max(rel(p, e) for p, e in zip(plain, exact)) + 1e-3)
+        timed = lambda backend=backend: {
+            backend: lambda: transfuse.ops.rotary(q, k, cos, sin, backend=backend),
+            "eager": eager_rotary}
+        ok &= case(f"rotary [{backend}]", (B, HQ, HK, S, D), bf16, check, timed,
+                   bytes_=2 * (q.numel() + k.numel()) * q.element_size())
     # int8
     for mode, (m, n_, k_) in (("w8a8", (8, 64, 96) if dry else (4096, 4096, 4096)),
                               ("w8a16", (1, 64, 96) if dry else (1, 4096, 4096))):

@@ -379,6 +379,8 @@ def _bench_rows():
     for rms in (False, True):
         _norm(4096, 4096, _BF16, rms=rms, backward=False)
     _bias_gelu(8192, 4096, _BF16, backward=False)
+    _silu_mul(8192, 4096, _BF16, backward=False)
+    _rotary(4, 32, 8, 2048, 128, _BF16, shared_cos=False, backward=False)
     _int8(4096, 4096, 4096, _BF16, "w8a8", bias=False)
     _int8(1, 4096, 4096, _BF16, "w8a16", bias=False)
     tint8.int8_matmul(cuda(4096, 4096, dtype=torch.int8), cuda(4096, 4096, dtype=torch.int8))
