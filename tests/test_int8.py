@@ -238,6 +238,39 @@ def test_cpu_gemms_over_every_tile_remainder(backend, dtype):
         assert ((out.double() - exact).abs() <= bound).all(), (m, n, k)
 
 
+def test_cpu_w8a8_weights_kept_packed_follow_their_weights():
+    """The CPU GEMM keeps a weight's packed panels between calls (bindings/int8.cpp): every call
+    equals the float64 epilogue of the weight as it is then: repeated, after the weight is written
+    in place, for new weights allocated where freed ones were, for views of one storage, and for
+    an inference tensor (packed per call)."""
+    m, n, k = 40, 130, 300  # beyond the GEMV's tokens: the packed panels
+
+    def check(w, w_scale, x):
+        out = transfuse.ops.int8_linear(x, w, w_scale, None, "w8a8", backend="cpu")
+        x_q, x_scale = reference.quantize_per_token(x)
+        assert_epilogue_close(out, reference.int8_matmul(x_q, w).double()
+                              * x_scale.double()[:, None] * w_scale.double(), None)
+
+    x = activations(m, k, torch.float32, "cpu")
+    w, w_scale = quantized_weight(n, k, "cpu")
+    for _ in range(2):
+        check(w, w_scale, x)
+    w.copy_(quantized_weight(n, k, "cpu")[0])  # in place: a new version
+    check(w, w_scale, x)
+    w[5:9] = -w[5:9]
+    check(w, w_scale, x)
+    for seed in range(4):  # freed and allocated again, likely at the same address
+        del w
+        torch.manual_seed(seed)
+        w, w_scale = quantized_weight(n, k, "cpu")
+        check(w, w_scale, x)
+    both = torch.cat([w, quantized_weight(n, k, "cpu")[0]])  # two views of one storage
+    check(both[:n], w_scale, x)
+    check(both[n:], w_scale, x)
+    with torch.inference_mode():
+        check(w.clone(), w_scale, x)
+
+
 @pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
 @pytest.mark.parametrize("backend,device", backend_params())
 def test_leading_dims_and_gradients(backend, device, mode):

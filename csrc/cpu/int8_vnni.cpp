@@ -6,7 +6,8 @@
 //   acc[i, j] = sum_k u[i, k] * w[j, k] - 128 * sum_k w[j, k],
 // in int32 modulo 2^32: the intermediate sums may wrap, the result (|acc| < 2^31 for k <= kMaxK) is
 // exact. Blocking: each thread takes panels of 64 weight rows, packs one (16 rows x 4 bytes of k
-// per 64-byte vector: a 16 x 16 transpose of int32) into a buffer that stays in L2, and runs every
+// per 64-byte vector: a 16 x 16 transpose of int32) into a buffer that stays in L2 (or reads it
+// packed before: p.w_packed, all panels as pack_weight_vnni lays them out), and runs every
 // 6-row tile of x over it: 24 accumulators (6 rows x 64 columns), per 4 columns of k 4 vector loads
 // of the panel and 6 broadcasts of 4 bytes of x. The epilogue takes the tile from registers. Up
 // to gemv_tokens(k) rows of x instead read the weights as stored (gemv_rows): no packing.
@@ -360,6 +361,31 @@ TRANSFUSE_VNNI void gemv_rows(const uint8_t* u, int64_t stride, int64_t m, const
 // k = 1024: 1.3x at 5, 1.2x at 8, 0.9x at 16; k = 576: 0.96x at 8, 0.8x at 12-16.
 int64_t gemv_tokens(int64_t k) { return std::clamp<int64_t>(k / 128, 4, 16); }
 
+// Bytes of one packed panel: whole 16-group chunks (pack_panel writes all 16 groups of its last
+// chunk), then its 4 offset vectors (pack_weight_vnni's layout).
+int64_t panel_bytes(int64_t k) { return ((k + 3) / 4 + 15) / 16 * 16 * kGroupBytes; }
+constexpr int64_t kOffsetBytes = kPanelVectors * 64;
+
+bool has_vnni() {
+  static const bool vnni =
+      vector_isa() == VectorIsa::avx512 && __builtin_cpu_supports("avx512vnni");
+  return vnni;
+}
+
+TRANSFUSE_VNNI void pack_all_panels(const int8_t* w, int64_t n, int64_t k, int8_t* packed,
+                                    int num_threads) {
+  const int64_t panels = (n + kPanelCols - 1) / kPanelCols, bytes = panel_bytes(k);
+  in_team(threads_for(num_threads, panels, n * k, kMinWorkPerThread), [&]() TRANSFUSE_VNNI {
+#pragma omp for schedule(static)
+    for (int64_t panel = 0; panel < panels; ++panel) {
+      int8_t* at = packed + panel * (bytes + kOffsetBytes);
+      __m512i offset[kPanelVectors];
+      pack_panel(w, n, k, panel * kPanelCols, at, offset);
+      for (int c = 0; c < kPanelVectors; ++c) _mm512_storeu_si512(at + bytes + 64 * c, offset[c]);
+    }
+  });
+}
+
 TRANSFUSE_VNNI void int8_linear_avx512_vnni(const Int8LinearParams& p) {
   if (p.m > kAmxGemvTokens && has_amx()) {
     int8_linear_amx(p);
@@ -386,18 +412,25 @@ TRANSFUSE_VNNI void int8_linear_avx512_vnni(const Int8LinearParams& p) {
   }
   const std::vector<float> bias = fp32_bias(p);
   const int64_t panels = (p.n + kPanelCols - 1) / kPanelCols;
+  const int64_t bytes = panel_bytes(p.k);
   in_team(threads_for(p.num_threads, panels, p.m * p.n * p.k, kMinWorkPerThread),
           [&]() TRANSFUSE_VNNI {
-    // whole 16-group chunks: pack_panel writes all 16 groups of its last chunk
-    const auto panel = uninitialized<int8_t>((groups + 15) / 16 * 16 * kGroupBytes);
+    const auto own = uninitialized<int8_t>(p.w_packed ? 0 : bytes);  // this thread's panel
 #pragma omp for schedule(static)
     for (int64_t panel_index = 0; panel_index < panels; ++panel_index) {
       const Epilogue e = panel_epilogue(p, panel_index * kPanelCols, bias);
+      const int8_t* panel = own.get();
       __m512i offset[kPanelVectors];
-      pack_panel(p.w, p.n, p.k, e.j0, panel.get(), offset);
+      if (p.w_packed) {
+        panel = p.w_packed + panel_index * (bytes + kOffsetBytes);
+        for (int c = 0; c < kPanelVectors; ++c)
+          offset[c] = _mm512_loadu_si512(panel + bytes + 64 * c);
+      } else {
+        pack_panel(p.w, p.n, p.k, e.j0, own.get(), offset);
+      }
       for (int64_t i0 = 0; i0 < p.m; i0 += kTileRows)
-        run_tile(std::min(kTileRows, p.m - i0), u.get() + i0 * stride, groups, panel.get(),
-                 offset, e, i0);
+        run_tile(std::min(kTileRows, p.m - i0), u.get() + i0 * stride, groups, panel, offset, e,
+                 i0);
     }
   });
 }
@@ -407,10 +440,34 @@ TRANSFUSE_VNNI void int8_linear_avx512_vnni(const Int8LinearParams& p) {
 
 bool int8_linear_vnni(const Int8LinearParams& p) {
 #ifdef TRANSFUSE_X86_MULTIVERSION
-  static const bool has_vnni =
-      vector_isa() == VectorIsa::avx512 && __builtin_cpu_supports("avx512vnni");
-  if (!has_vnni) return false;
+  if (!has_vnni()) return false;
   int8_linear_avx512_vnni(p);
+  return true;
+#else
+  return false;
+#endif
+}
+
+int64_t packed_weight_bytes(int64_t n, int64_t k) {
+#ifdef TRANSFUSE_X86_MULTIVERSION
+  return (n + kPanelCols - 1) / kPanelCols * (panel_bytes(k) + kOffsetBytes);
+#else
+  return 0;
+#endif
+}
+
+bool int8_vnni_packs(int64_t m, int64_t k) {
+#ifdef TRANSFUSE_X86_MULTIVERSION
+  return has_vnni() && m > gemv_tokens(k) && !(m > kAmxGemvTokens && has_amx());
+#else
+  return false;
+#endif
+}
+
+bool pack_weight_vnni(const int8_t* w, int64_t n, int64_t k, int8_t* packed, int num_threads) {
+#ifdef TRANSFUSE_X86_MULTIVERSION
+  if (!has_vnni()) return false;
+  pack_all_panels(w, n, k, packed, num_threads);
   return true;
 #else
   return false;
