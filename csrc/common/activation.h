@@ -1,5 +1,6 @@
 // Parameters of the activation kernels: the bias + GELU epilogue (what BERT's intermediate layer
-// computes after its GEMM) and SiLU(gate) * up (a gated, SwiGLU MLP: Llama, Mistral, Qwen2). Shared by the CPU kernels, the CUDA kernels and the bindings; knows nothing of torch.
+// computes after its GEMM) and SiLU(gate) * up (a gated, SwiGLU MLP: Llama, Mistral, Qwen2).
+// Shared by the CPU kernels, the CUDA kernels and the bindings; knows nothing of torch.
 //
 // Forward, elementwise over a contiguous [rows, cols] x, bias [cols] optional:
 //   z = round_x(x + bias)            (z = x without bias; rounded to x's dtype, as eager's add)

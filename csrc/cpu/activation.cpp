@@ -281,12 +281,6 @@ Tiling tiling_for(int num_threads, int64_t rows, int64_t cols) {
   return t;
 }
 
-template <typename Pointer>
-Pointer element_address(Pointer base, DType dtype, int64_t index) {
-  using Byte = std::conditional_t<std::is_const_v<std::remove_pointer_t<Pointer>>, const char, char>;
-  return static_cast<Byte*>(base) + index * dtype_size(dtype);
-}
-
 // fp32 copy of the bias (16-bit dtypes); empty without bias.
 std::vector<float> bias_as_float(const void* bias, DType dtype, int64_t cols) {
   std::vector<float> values;

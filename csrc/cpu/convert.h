@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "../common/norm.h"  // DType
 
@@ -20,6 +21,14 @@ inline float float_from_bits(uint32_t bits) {
   float value;
   std::memcpy(&value, &bits, sizeof(value));
   return value;
+}
+
+// The address of element `index` of an array of `dtype` at base (const stays const).
+template <typename Pointer>
+Pointer element_address(Pointer base, DType dtype, int64_t index) {
+  using Byte =
+      std::conditional_t<std::is_const_v<std::remove_pointer_t<Pointer>>, const char, char>;
+  return static_cast<Byte*>(base) + index * dtype_size(dtype);
 }
 
 // dst = float(src), src of dtype `dtype`.

@@ -12,7 +12,6 @@
 #include "multiversion.h"
 #include "threads.h"
 
-#include <type_traits>
 
 namespace transfuse::cpu {
 namespace {
@@ -43,12 +42,6 @@ void rotary_row(const float* __restrict x, const float* __restrict c, const floa
   }
 }
 #pragma GCC pop_options
-
-template <typename Pointer>
-Pointer element_address(Pointer base, DType dtype, int64_t index) {
-  using Byte = std::conditional_t<std::is_const_v<std::remove_pointer_t<Pointer>>, const char, char>;
-  return static_cast<Byte*>(base) + index * dtype_size(dtype);
-}
 
 }  // namespace
 

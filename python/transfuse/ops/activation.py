@@ -1,11 +1,11 @@
 """Activations: bias + GELU, the epilogue of a linear layer (BERT's intermediate layer after its
 GEMM), and SiLU(gate) * up, the gate of a SwiGLU MLP (Llama, Mistral, Qwen2).
 
-Flow: bias_gelu (and silu_mul alike) validates its inputs and picks a backend (op family "activation"). Under
-torch.compile it calls the custom op `transfuse::bias_gelu` (fake impl for tracing, autograd
-through `transfuse::bias_gelu_backward`); in eager mode it runs the same kernels without the
-custom op's dispatch, through `_EagerBiasGelu` (same context and backward) when autograd needs a
-graph. The `reference` backend is plain PyTorch, differentiated by autograd.
+Flow: bias_gelu (and silu_mul alike) validates its inputs and picks a backend (op family
+"activation"). Under torch.compile it calls the custom op `transfuse::bias_gelu` (fake impl for
+tracing, autograd through `transfuse::bias_gelu_backward`); in eager mode it runs the same
+kernels without the custom op's dispatch, through `_EagerBiasGelu` (same context and backward)
+when autograd needs a graph. The `reference` backend is plain PyTorch, differentiated by autograd.
 
 Backward: dz = dy * gelu'(z) with z recomputed from x and bias (the kernels'); dx = dz, and
 dbias = dz summed over the leading dimensions (a torch sum, as eager's broadcast add gives).
@@ -186,7 +186,6 @@ def _backend_for(x, backend, op="bias_gelu", argument="x"):
                            "float16 and bfloat16; float64 inputs run on the reference backend")
         return "reference"
     return name
-
 
 
 # ------------------------------------------------------------------------------------------------
