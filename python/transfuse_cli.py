@@ -11,7 +11,7 @@ import importlib.util
 import json
 import sys
 
-OPS = ("norm", "attention", "int8", "activation", "linear")
+OPS = ("norm", "attention", "int8", "activation", "rotary", "linear")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -197,7 +197,9 @@ def norm_cases(device, dtype, rows, cols_list):
 
 def activation_cases(device, dtype):
     """bias + GELU (exact) as a linear layer's epilogue: MiniLM's FFN [tokens, 1536] and a larger
-    one; it reads x and writes y (the bias is one row)."""
+    one; it reads x and writes y (the bias is one row). SiLU(gate) * up of a SwiGLU MLP, gate and
+    up the halves of one joint GEMM's output (SmolLM-135M's 1536 and an 8B model's 14336): it
+    reads both and writes y."""
     cases = []
     for rows, cols in ((1024, 1536), (4096, 4096)):
         x = torch.randn(rows, cols, device=device, dtype=dtype)
@@ -207,6 +209,41 @@ def activation_cases(device, dtype):
             impls[f"transfuse-{k}"] = lambda k=k, x=x, b=b: ops.bias_gelu(x, b, backend=k)
         cases.append(Case("bias+gelu fwd", f"{rows}x{cols}", str(dtype).replace("torch.", ""),
                           2 * x.numel() * x.element_size(), impls))
+    for rows, cols in ((512, 1536), (1024, 14336)):
+        gate, up = torch.randn(rows, 2 * cols, device=device, dtype=dtype).chunk(2, dim=-1)
+        impls = {"eager": lambda gate=gate, up=up: F.silu(gate) * up}
+        for k in _kernel_backends(device):
+            impls[f"transfuse-{k}"] = lambda k=k, gate=gate, up=up: ops.silu_mul(gate, up,
+                                                                                  backend=k)
+        cases.append(Case("silu*up fwd", f"{rows}x{cols}", str(dtype).replace("torch.", ""),
+                          3 * gate.numel() * gate.element_size(), impls))
+    return cases
+
+
+def rotate_half_eager(q, k, cos, sin):
+    """transformers' apply_rotary_pos_emb (rotate half), as eager computes it."""
+    half = q.shape[-1] // 2
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    rotated = [torch.cat((-x[..., half:], x[..., :half]), dim=-1) for x in (q, k)]
+    return q * cos + rotated[0] * sin, k * cos + rotated[1] * sin
+
+
+def rotary_cases(device, dtype):
+    """The rotary embedding of a prefill's q and k as the projections leave them ([B, S, H, D]
+    viewed as [B, H, S, D]): SmolLM-135M's 9 + 3 heads of 64 over 512 positions and an 8B model's
+    32 + 8 of 128 over 2048; it reads q, k and the angles and writes q and k."""
+    cases = []
+    for batch, seq, q_heads, k_heads, dim in ((1, 512, 9, 3, 64), (2, 2048, 32, 8, 128)):
+        q, k = (torch.randn(batch, seq, h, dim, device=device, dtype=dtype).transpose(1, 2)
+                for h in (q_heads, k_heads))
+        cos, sin = (torch.randn(batch, seq, dim, device=device, dtype=dtype) for _ in range(2))
+        impls = {"eager": lambda q=q, k=k, cos=cos, sin=sin: rotate_half_eager(q, k, cos, sin)}
+        for kernel in _kernel_backends(device):
+            impls[f"transfuse-{kernel}"] = lambda q=q, k=k, cos=cos, sin=sin, kernel=kernel: (
+                ops.rotary(q, k, cos, sin, backend=kernel))
+        bytes_ = (2 * (q.numel() + k.numel()) + 2 * cos.numel()) * q.element_size()
+        cases.append(Case("rotary fwd", f"{batch}x{seq}x({q_heads}+{k_heads})x{dim}",
+                          str(dtype).replace("torch.", ""), bytes_, impls))
     return cases
 
 
@@ -256,6 +293,18 @@ def dispatch_cases(device, families):
         for k in kernels:
             impls[f"transfuse-{k}"] = lambda k=k: ops.bias_gelu(x, w, backend=k)
         cases.append(Case("bias_gelu dispatch (1x64)", "1x64", "float32", 0, impls))
+        impls = {"eager": lambda: F.silu(x) * x}
+        for k in kernels:
+            impls[f"transfuse-{k}"] = lambda k=k: ops.silu_mul(x, x, backend=k)
+        cases.append(Case("silu_mul dispatch (1x64)", "1x64", "float32", 0, impls))
+    if "rotary" in families:
+        query, key = (torch.randn(1, h, 1, 32, device=device) for h in (2, 1))
+        angle = torch.randn(1, 1, 32, device=device)
+        impls = {"eager": lambda: rotate_half_eager(query, key, angle, angle)}
+        for kernel in kernels:
+            impls[f"transfuse-{kernel}"] = lambda kernel=kernel: ops.rotary(
+                query, key, angle, angle, backend=kernel)
+        cases.append(Case("rotary dispatch (decode)", "1x(2+1)x1x32", "float32", 0, impls))
     if "int8" in families:
         weight, bias = torch.randn(64, 64, device=device), torch.randn(64, device=device)
         w_int8, w_scale = ops.quantize_per_token(weight, backend="reference")
@@ -666,6 +715,8 @@ def run(args):
         cases += int8_cases(device, dtype)
     if "activation" in args.ops:
         cases += activation_cases(device, dtype)
+    if "rotary" in args.ops:
+        cases += rotary_cases(device, dtype)
     if "linear" in args.ops:
         cases += linear_cases(device, dtype)
     cases += dispatch_cases(device, args.ops)
