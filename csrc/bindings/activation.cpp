@@ -144,7 +144,7 @@ Tensor silu_mul_forward(const Tensor& gate, const Tensor& up) {
   p.gate = gate.data_ptr();
   p.up = up.data_ptr();
   p.y = y.data_ptr();
-  p.cols = gate.dim() ? gate.size(-1) : 1;
+  p.cols = gate.size(-1);  // (row_stride: at least one dimension)
   p.rows = p.cols ? gate.numel() / p.cols : 0;
   if (gate.is_cuda()) {
 #ifdef TRANSFUSE_WITH_CUDA
@@ -174,7 +174,7 @@ std::tuple<Tensor, Tensor> silu_mul_backward(const Tensor& dy, const Tensor& gat
   p.up = up.data_ptr();
   p.dgate = dgate.data_ptr();
   p.dup = dup.data_ptr();
-  p.cols = gate.dim() ? gate.size(-1) : 1;
+  p.cols = gate.size(-1);  // (row_stride: at least one dimension)
   p.rows = p.cols ? gate.numel() / p.cols : 0;
   if (gate.is_cuda()) {
 #ifdef TRANSFUSE_WITH_CUDA
