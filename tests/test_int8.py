@@ -242,8 +242,8 @@ def test_cpu_w8a8_weights_kept_packed_follow_their_weights():
     """The CPU GEMM keeps a weight's packed panels between calls (bindings/int8.cpp): every call
     equals the float64 epilogue of the weight as it is then: repeated, after the weight is written
     in place, for new weights allocated where freed ones were, for views of one storage, and for
-    an inference tensor (packed per call)."""
-    m, n, k = 40, 130, 300  # beyond the GEMV's tokens: the packed panels
+    an inference tensor (packed per call, or for few rows the GEMV)."""
+    m, n, k = 40, 130, 300  # beyond the GEMV's tokens (int8_vnni.cpp): the packed panels
 
     def check(w, w_scale, x):
         out = transfuse.ops.int8_linear(x, w, w_scale, None, "w8a8", backend="cpu")
@@ -269,6 +269,8 @@ def test_cpu_w8a8_weights_kept_packed_follow_their_weights():
     check(both[n:], w_scale, x)
     with torch.inference_mode():
         check(w.clone(), w_scale, x)
+        check(w.clone(), w_scale, x[:3])
+    check(w, w_scale, x[:3])  # few rows over kept panels
 
 
 @pytest.mark.parametrize("mode", ["w8a8", "w8a16"])

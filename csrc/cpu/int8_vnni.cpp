@@ -9,8 +9,8 @@
 // per 64-byte vector: a 16 x 16 transpose of int32) into a buffer that stays in L2 (or reads it
 // packed before: p.w_packed, all panels as pack_weight_vnni lays them out), and runs every
 // 6-row tile of x over it: 24 accumulators (6 rows x 64 columns), per 4 columns of k 4 vector loads
-// of the panel and 6 broadcasts of 4 bytes of x. The epilogue takes the tile from registers. Up
-// to gemv_tokens(k) rows of x instead read the weights as stored (gemv_rows): no packing.
+// of the panel and 6 broadcasts of 4 bytes of x. The epilogue takes the tile from registers. Few
+// rows of x (runs_gemv) instead read the weights as stored (gemv_rows): no packing.
 // On a CPU with AMX (amx.h), more rows than that run on the tiles instead, the weights read as
 // stored too: tdpbssd (signed x signed bytes, no offset) into int32 tiles of 16 weight rows x 16
 // tokens, 64 of k per instruction (amx_block), transposed for the same epilogue.
@@ -354,12 +354,22 @@ TRANSFUSE_VNNI void gemv_rows(const uint8_t* u, int64_t stride, int64_t m, const
   }
 }
 
-// Rows of x up to which gemv_rows runs instead of the packed panels. Packing costs a pass over the
-// weights per call; gemv_rows, 16 horizontal sums per 4 weight rows x 4 tokens whatever k: it
-// pays for more tokens the longer k is. Measured on the AMD EPYC (2 threads; gemv_rows over the
-// panels): k = n = 4096, 1.6x at 5 tokens, 1.5x at 8, 1.2x at 16, 0.96x at 32; n = 1536,
+// Rows of x up to which gemv_rows runs instead of panels packed for the call. Packing costs a pass
+// over the weights per call; gemv_rows, 16 horizontal sums per 4 weight rows x 4 tokens whatever
+// k: it pays for more tokens the longer k is. Measured on the AMD EPYC (2 threads; gemv_rows over
+// the panels): k = n = 4096, 1.6x at 5 tokens, 1.5x at 8, 1.2x at 16, 0.96x at 32; n = 1536,
 // k = 1024: 1.3x at 5, 1.2x at 8, 0.9x at 16; k = 576: 0.96x at 8, 0.8x at 12-16.
 int64_t gemv_tokens(int64_t k) { return std::clamp<int64_t>(k / 128, 4, 16); }
+
+// With panels packed before (p.w_packed, no pass per call), gemv_rows only for one token. Measured
+// on the AMD EPYC (2 threads, weights in L3; panels over gemv_rows): 2 to 16 tokens 1.15x-2.4x
+// at k x n = 4096 x 4096, 1024 x 1536, 576 x 1536, 1536 x 576, 384 x 1152, 384 x 384; one token
+// 0.84x-1.29x (the GEMV streams the weights as well as the panels).
+constexpr int64_t kPackedGemvTokens = 1;
+
+bool runs_gemv(int64_t m, int64_t k, bool packed) {
+  return m <= (packed ? kPackedGemvTokens : gemv_tokens(k));
+}
 
 // Bytes of one packed panel: whole 16-group chunks (pack_panel writes all 16 groups of its last
 // chunk), then its 4 offset vectors (pack_weight_vnni's layout).
@@ -394,7 +404,7 @@ TRANSFUSE_VNNI void int8_linear_avx512_vnni(const Int8LinearParams& p) {
   const int64_t groups = (p.k + 3) / 4, stride = groups * 4;
   const auto u = uninitialized<uint8_t>(p.m * stride);
   offset_rows(p.x_q, p.m, p.k, stride, u.get());
-  if (p.m <= gemv_tokens(p.k)) {
+  if (runs_gemv(p.m, p.k, p.w_packed != nullptr)) {
     const auto sums = uninitialized<int32_t>(p.acc ? 0 : p.m * p.n);
     Int8LinearParams q = p;
     if (!p.acc) q.acc = sums.get();
@@ -458,7 +468,7 @@ int64_t packed_weight_bytes(int64_t n, int64_t k) {
 
 bool int8_vnni_packs(int64_t m, int64_t k) {
 #ifdef TRANSFUSE_X86_MULTIVERSION
-  return has_vnni() && m > gemv_tokens(k) && !(m > kAmxGemvTokens && has_amx());
+  return has_vnni() && !runs_gemv(m, k, true) && !(m > kAmxGemvTokens && has_amx());
 #else
   return false;
 #endif
