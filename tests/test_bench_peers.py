@@ -113,6 +113,24 @@ def test_ctranslate2_output_goes_back_to_the_padded_positions():
     assert torch.equal(hidden[..., 0], (ids * mask).float())
 
 
+def test_ctranslate2_runs_in_its_own_process_and_its_errors_come_back(tiny, source):
+    """CTranslate2's sides call a worker process: a timed call sends nothing back; a model folder
+    the converter cannot read raises its error in the bench's process (the engine is then skipped
+    as failed, with the error)."""
+    pytest.importorskip("ctranslate2")
+    sides, _ = bench_peers.ctranslate2_sides(source)
+    batch = _batches(tiny[1])[0]
+    for side in sides.values():
+        assert side.timed(**batch) is None and side(**batch).last_hidden_state.shape[:2] == (
+            batch["input_ids"].shape)
+    broken = bench_peers.Source(*[getattr(source, f) for f in ("model", "path", "example",
+                                                                "calibration", "folder",
+                                                                "threads")])
+    broken.path, broken.folder = str(source.folder / "no-such-model"), source.folder / "broken"
+    with pytest.raises(Exception, match="no-such-model"):
+        bench_peers.ctranslate2_sides(broken)
+
+
 def test_winners_by_speed_cosine_and_exactness():
     results = {
         "eager": {"ms": 10.0, "min_cosine_pooled_vs_eager": 1.0, "max_abs_diff_vs_eager": 0.0},

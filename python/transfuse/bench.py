@@ -510,6 +510,12 @@ def _quartiles(times):
     return statistics.quantiles(times, n=4)
 
 
+def _timed_call(side):
+    """The side's call as timed: a peer engine's `timed` where it has one (bench_peers.PeerSide),
+    else the side itself."""
+    return getattr(side, "timed", None) or side
+
+
 def time_model(sides, batches, device, repeat):
     """sides: label -> model (or a peer engine's side, called alike), eager's first. Each side
     runs all the batches once untimed (its outputs, compared with eager's, and its peak memory);
@@ -530,7 +536,8 @@ def time_model(sides, batches, device, repeat):
         del outputs, reference
         load_before = _loadavg()
         samples = {}
-        pass_ms = time_ms({label: (lambda m=model: [m(**inputs) for inputs in batches])
+        pass_ms = time_ms({label: (lambda call=_timed_call(model): [call(**inputs)
+                                                                     for inputs in batches])
                            for label, model in sides.items()}, device, repeat, samples=samples,
                           settle_s=SETTLE_S)
         load_after = _loadavg()

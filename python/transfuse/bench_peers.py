@@ -6,7 +6,8 @@ So they get the same batches, the same comparison with eager and the same interl
 Every engine is optional (pip install 'transfuse[peers]'); one that is not importable is named as
 skipped, with the pip command that installs it. The conversions (export, graph optimization,
 quantization) run once, into a folder the caller gives, outside the timed rounds. Every engine runs
-on CPU with torch's thread count (torch.get_num_threads()) and one stream.
+on CPU with torch's thread count (torch.get_num_threads()) and one stream. CTranslate2 runs in a
+process of its own (see ctranslate2_sides); the others in the bench's.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import copy
 import importlib
 import importlib.metadata
 import logging
+import multiprocessing
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -36,6 +38,7 @@ class PeerSide:
     """One engine in one configuration, called as a transformers encoder is."""
     run: Callable               # the tokenizer's batch (dict of tensors) -> last_hidden_state
     weight_bytes: int | None    # the weights as the engine holds them (its file, its constants)
+    timed: Callable | None = None  # the call as timed, where it differs: (**batch) -> anything
 
     def __call__(self, **batch):
         return PeerOutput(self.run(batch))
@@ -229,26 +232,76 @@ def ctranslate2_forward(encoder, batch):
     return padded
 
 
-def ctranslate2_sides(src):
-    """The model folder through ctranslate2's TransformersConverter, once as float32 and once
-    with int8 weights; each loaded with the matching compute type."""
+def _ctranslate2_worker(connection, path, folder, threads):
+    """CTranslate2's process: converts the model folder `path` into `folder` (float32, and int8
+    weights), loads each with the matching compute type, sends (label, compute type, file bytes)
+    per model, then answers each (label, batch, wants_output) with the last_hidden_state (or None)
+    until the pipe closes. An error goes back as the exception."""
     import ctranslate2
 
-    converter = ctranslate2.converters.TransformersConverter(src.path)
+    try:
+        converter = ctranslate2.converters.TransformersConverter(path)
+        encoders, about = {}, []
+        for compute in ("float32", "int8"):
+            with warnings.catch_warnings():  # transformers' deprecations, as the converter loads
+                warnings.simplefilter("ignore")
+                converted = converter.convert(str(Path(folder) / f"ctranslate2-{compute}"),
+                                              quantization=None if compute == "float32" else compute)
+            label = f"ctranslate2 {'fp32' if compute == 'float32' else compute}"
+            encoders[label] = ctranslate2.Encoder(converted, device="cpu", compute_type=compute,
+                                                  intra_threads=threads, inter_threads=1)
+            about.append((label, encoders[label].compute_type,
+                          (Path(converted) / "model.bin").stat().st_size))
+        connection.send(about)
+        while True:
+            label, batch, wants_output = connection.recv()
+            hidden = ctranslate2_forward(encoders[label], batch)
+            connection.send(hidden if wants_output else None)
+    except EOFError:  # the bench dropped its end: done
+        return
+    except Exception as error:  # noqa: BLE001 -- raised again in the bench's process
+        connection.send(error)
+
+
+class _Worker:
+    """A process running `target(connection, *args)`, asked over a pipe; it ends when this object
+    goes (its end of the pipe closes)."""
+
+    def __init__(self, target, *args):
+        context = multiprocessing.get_context("spawn")
+        self.connection, theirs = context.Pipe()
+        self.process = context.Process(target=target, args=(theirs, *args), daemon=True)
+        self.process.start()
+        theirs.close()
+
+    def receive(self):
+        reply = self.connection.recv()
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    def ask(self, message):
+        self.connection.send(message)
+        return self.receive()
+
+
+def ctranslate2_sides(src):
+    """The model folder through ctranslate2's TransformersConverter, once as float32 and once
+    with int8 weights; each loaded with the matching compute type. In a process of CTranslate2's
+    own: it ships its own GNU OpenMP runtime, and with it loaded and run in the bench's process,
+    the torch sides ran slower between its turns (AMD EPYC, 2 threads, all-MiniLM-L6-v2 8 x 128:
+    transfuse fp32 133 -> 151 ms, w8a8 58 -> 76, eager 150 -> 173; OpenVINO and ONNX Runtime in
+    the same process measured no such effect). A timed call sends the batch and gets no output
+    back: a pipe round trip (tens of microseconds) on top of the engine's time."""
+    worker = _Worker(_ctranslate2_worker, src.path, str(src.folder), src.threads)
     sides, computes = {}, []
-    for compute in ("float32", "int8"):
-        with warnings.catch_warnings():  # transformers' deprecations, as the converter loads
-            warnings.simplefilter("ignore")
-            folder = converter.convert(str(src.folder / f"ctranslate2-{compute}"),
-                                       quantization=None if compute == "float32" else compute)
-        encoder = ctranslate2.Encoder(folder, device="cpu", compute_type=compute,
-                                      intra_threads=src.threads, inter_threads=1)
-        computes.append(encoder.compute_type)
-        sides[f"ctranslate2 {'fp32' if compute == 'float32' else compute}"] = PeerSide(
-            lambda batch, encoder=encoder: ctranslate2_forward(encoder, batch),
-            (Path(folder) / "model.bin").stat().st_size)
+    for label, compute, file_bytes in worker.receive():
+        computes.append(compute)
+        sides[label] = PeerSide(
+            lambda batch, label=label: worker.ask((label, batch, True)), file_bytes,
+            timed=lambda label=label, **batch: worker.ask((label, batch, False)))
     return sides, [f"ctranslate2: TransformersConverter, Encoder compute types "
-                   f"{' and '.join(computes)}"]
+                   f"{' and '.join(computes)}, in a process of its own"]
 
 
 # ------------------------------------------------------------------------------------- peers
