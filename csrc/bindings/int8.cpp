@@ -6,8 +6,6 @@
 // of k, followed by the epilogue. On CUDA the GEMM and its epilogue are one kernel.
 // python/transfuse/ops/int8.py validates user input first; these checks guard the kernels.
 #include <algorithm>
-#include <list>
-#include <mutex>
 #include <optional>
 #include <vector>
 
@@ -20,6 +18,7 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include "dtype.h"
+#include "packed_weights.h"
 #include "python_functions.h"
 
 #include "../cpu/buffer.h"
@@ -267,63 +266,6 @@ Tensor w8a16_cpu(const Tensor& x, const Tensor& w, const Tensor& w_scale, const 
   return cpu::gemm(g) ? out : w8a16_by_blocks(x, w, w_scale, bias);
 }
 
-// The VNNI GEMM's packed panels of CPU int8 weights, kept between calls: packing costs a pass over
-// the weights per call (pack_panel: 6% of all-MiniLM-L6-v2's w8a8 forward on the AMD EPYC). An
-// entry serves a weight while the weight's storage lives, at the same address, unmodified: its
-// version counter as it was (a write in place bumps it; inference tensors keep none and are not
-// served). Weights are taken in the order they come, until kPackedBytes are held; entries go when
-// their storage is freed.
-class PackedWeights {
- public:
-  // The packed panels of w (contiguous [n, k] int8, CPU), or nothing (not kept: then packed per
-  // call).
-  std::optional<Tensor> of(const Tensor& w) {
-    if (w.is_inference()) return std::nullopt;
-    const c10::StorageImpl* storage = w.storage().unsafeGetStorageImpl();
-    const int64_t version = w._version();
-    std::lock_guard<std::mutex> lock(mutex_);
-    for (auto it = entries_.begin(); it != entries_.end();) {
-      const auto alive = it->storage.lock();
-      if (!alive) {  // freed: its memory may hold another weight now
-        held_ -= it->packed.numel();
-        it = entries_.erase(it);
-        continue;
-      }
-      if (alive.get() == storage && it->data == w.data_ptr() && it->shape == w.sizes()) {
-        if (it->version == version) return it->packed;
-        held_ -= it->packed.numel();  // written in place since: packed again below
-        entries_.erase(it);
-        break;
-      }
-      ++it;
-    }
-    const int64_t bytes = cpu::packed_weight_bytes(w.size(0), w.size(1));
-    if (held_ + bytes > kPackedBytes) return std::nullopt;
-    Tensor packed = at::empty({bytes}, w.options());
-    if (!cpu::pack_weight_vnni(w.data_ptr<int8_t>(), w.size(0), w.size(1),
-                               packed.data_ptr<int8_t>(), at::get_num_threads()))
-      return std::nullopt;
-    entries_.push_back({w.storage().getWeakStorageImpl(), w.data_ptr(), w.sizes().vec(), version,
-                        packed});
-    held_ += bytes;
-    return packed;
-  }
-
- private:
-  static constexpr int64_t kPackedBytes = int64_t(256) << 20;
-  struct Entry {
-    c10::weak_intrusive_ptr<c10::StorageImpl> storage;
-    const void* data;
-    std::vector<int64_t> shape;
-    int64_t version;
-    Tensor packed;
-  };
-  std::mutex mutex_;
-  std::list<Entry> entries_;
-  int64_t held_ = 0;
-};
-
-PackedWeights packed_weights;
 
 // w8a8 of x [m, k] on the CPU, its quantized rows in buffers of the call (tensors cost their
 // allocation: a third of a one-token call).
@@ -344,7 +286,14 @@ Tensor w8a8_cpu(const Tensor& x, const Tensor& w, const Tensor& w_scale, const O
   p.x_q = x_q.get();
   p.x_scale = x_scale.get();
   const std::optional<Tensor> packed =
-      cpu::int8_vnni_packs(p.m, p.k) ? packed_weights.of(w) : std::nullopt;
+      cpu::int8_vnni_packs(p.m, p.k)
+          ? packed_weights().of(w, cpu::packed_weight_bytes(p.n, p.k),
+                                [](const Tensor& w, Tensor& out) {
+                                  return cpu::pack_weight_vnni(w.data_ptr<int8_t>(), w.size(0),
+                                                               w.size(1), out.data_ptr<int8_t>(),
+                                                               at::get_num_threads());
+                                })
+          : std::nullopt;
   if (packed) p.w_packed = packed->data_ptr<int8_t>();
   if (cpu::int8_linear_vnni(p)) return out;
   Tensor acc = int_mm(at::from_blob(x_q.get(), {p.m, p.k}, x.options().dtype(at::kChar)), w);

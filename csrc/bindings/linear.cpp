@@ -1,7 +1,8 @@
 // Binding of the linear: transfuse._C.linear(x, w, bias, activation) = act(x @ w^T + bias), act
 // "none", "gelu" or "gelu_tanh". On the CPU with AVX-512: up to cpu::kGemvMaxRows rows of fp32 or
 // bf16, cpu::gemv (weights as stored); more, fp32: cpu::gemm; bf16 with AVX512_BF16:
-// cpu::gemm_bf16 (weights packed per call into L2-resident panels). Any other call is left to torch (at::linear): the binding returns None.
+// cpu::gemm_bf16 (weights packed into L2-sized panels, kept between calls: packed_weights.h). Any
+// other call is left to torch (at::linear): the binding returns None.
 // python/transfuse/ops/linear.py validates user input first; these checks guard the kernel.
 #include <optional>
 #include <vector>
@@ -10,9 +11,9 @@
 #include <ATen/ops/empty.h>
 #include <torch/csrc/utils/pybind.h>
 
-#include "python_functions.h"
-
 #include "dtype.h"
+#include "packed_weights.h"
+#include "python_functions.h"
 
 #include "../cpu/gemm.h"
 
@@ -61,6 +62,16 @@ std::optional<Tensor> linear(const Tensor& x, const Tensor& w, const OptTensor& 
   p.gelu = activation != "none";
   p.approximate = activation == "gelu_tanh" ? GeluApproximation::tanh : GeluApproximation::none;
   p.num_threads = at::get_num_threads();
+  std::optional<Tensor> packed;
+  if (bf16 && !few_rows && w.is_contiguous()) {  // (a copy of w would not outlive the call)
+    packed = packed_weights().of(w, cpu::packed_weight_bytes_bf16(n, k),
+                                 [](const Tensor& w, Tensor& out) {
+                                   return cpu::pack_weight_bf16(
+                                       static_cast<const uint16_t*>(w.data_ptr()), w.size(0),
+                                       w.size(1), out.data_ptr(), at::get_num_threads());
+                                 });
+    if (packed) p.w_packed = packed->data_ptr();
+  }
   if (!(few_rows ? cpu::gemv(p) : bf16 ? cpu::gemm_bf16(p) : cpu::gemm(p))) return std::nullopt;
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = n;

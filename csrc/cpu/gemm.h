@@ -1,6 +1,8 @@
 // The CPU GEMMs with their epilogue (the math is in common/gemm.h).
 #pragma once
 
+#include <cstdint>
+
 #include "../common/gemm.h"
 
 namespace transfuse::cpu {
@@ -16,6 +18,11 @@ bool has_gemm();
 // false, writing nothing, on a CPU without AVX512_BF16 (or TRANSFUSE_CPU_ISA below avx512).
 bool gemm_bf16(const GemmParams& p);
 bool has_gemm_bf16();
+
+// gemm_bf16's packed panels of a weight w [n, k], kept between calls (p.w_packed): their bytes;
+// the packing (false, writing nothing, where gemm_bf16 would not run).
+int64_t packed_weight_bytes_bf16(int64_t n, int64_t k);
+bool pack_weight_bf16(const uint16_t* w, int64_t n, int64_t k, void* packed, int num_threads);
 
 // A few rows of x (decoding; gemv.cpp): fp32 or bf16 x and w (not int8), weights read as stored.
 // Runs p and returns true for p.m <= kGemvMaxRows on a CPU where has_gemm(); else false, writing

@@ -6,6 +6,7 @@
 // vector: a 16 x 16 transpose of 32-bit pairs) into a buffer that stays in L2, and runs every
 // 6-row tile of x over it: 24 fp32 accumulators (6 rows x 64 columns), per pair of k 4 vector
 // loads of the panel, 6 broadcasts of a pair of x and 24 vdpbf16ps. An odd k gets a zero column.
+// The panels may also come packed before (p.w_packed, as pack_weight_bf16 lays them out).
 #include <algorithm>
 #include <cstring>
 #include <vector>
@@ -60,6 +61,10 @@ TRANSFUSE_BF16 void pack_panel(const uint16_t* w, int64_t n, int64_t k, int64_t 
         _mm512_storeu_si512(panel + (k0 / 2 + g) * kPanelCols + 16 * c, columns[g]);
     }
 }
+
+// 32-bit words of one packed panel: whole 16-pair chunks (pack_panel writes all 16 pairs of its
+// last chunk).
+int64_t panel_words(int64_t k) { return ((k + 1) / 2 + 15) / 16 * 16 * kPanelCols; }
 
 #define TRANSFUSE_BF16_ROW_DECLARE(r) \
   __m512 acc##r##0 = zero, acc##r##1 = zero, acc##r##2 = zero, acc##r##3 = zero;
@@ -150,19 +155,29 @@ TRANSFUSE_BF16 void gemm_bf16_avx512(const GemmParams& p) {
       std::memcpy(padded.data() + i * stride, x + i * p.k, p.k * sizeof(uint16_t));
     x = padded.data();
   }
-  const int64_t panels = (p.n + kPanelCols - 1) / kPanelCols;
+  const int64_t panels = (p.n + kPanelCols - 1) / kPanelCols, words = panel_words(p.k);
+  const auto* packed = static_cast<const uint32_t*>(p.w_packed);
   in_team(threads_for(p.num_threads, panels, p.m * p.n * p.k, kMinWorkPerThread),
           [&]() TRANSFUSE_BF16 {
-    // whole 16-pair chunks: pack_panel writes all 16 pairs of its last chunk
-    const auto panel = uninitialized<uint32_t>((pairs + 15) / 16 * 16 * kPanelCols);
+    const auto own = uninitialized<uint32_t>(packed ? 0 : words);  // this thread's panel
 #pragma omp for schedule(static)
     for (int64_t panel_index = 0; panel_index < panels; ++panel_index) {
       const int64_t j0 = panel_index * kPanelCols;
-      pack_panel(static_cast<const uint16_t*>(p.w), p.n, p.k, j0, panel.get());
+      const uint32_t* panel = packed ? packed + panel_index * words : own.get();
+      if (!packed) pack_panel(static_cast<const uint16_t*>(p.w), p.n, p.k, j0, own.get());
       for (int64_t i0 = 0; i0 < p.m; i0 += kTileRows)
-        run_tile(std::min(kTileRows, p.m - i0), x + i0 * stride, stride, pairs, panel.get(), p,
-                 i0, j0);
+        run_tile(std::min(kTileRows, p.m - i0), x + i0 * stride, stride, pairs, panel, p, i0, j0);
     }
+  });
+}
+
+TRANSFUSE_BF16 void pack_all_panels(const uint16_t* w, int64_t n, int64_t k, uint32_t* packed,
+                                    int num_threads) {
+  const int64_t panels = (n + kPanelCols - 1) / kPanelCols, words = panel_words(k);
+  in_team(threads_for(num_threads, panels, n * k, kMinWorkPerThread), [&]() TRANSFUSE_BF16 {
+#pragma omp for schedule(static)
+    for (int64_t panel = 0; panel < panels; ++panel)
+      pack_panel(w, n, k, panel * kPanelCols, packed + panel * words);
   });
 }
 
@@ -175,6 +190,24 @@ bool has_gemm_bf16() {
                           __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512bf16");
   return has;
+#else
+  return false;
+#endif
+}
+
+int64_t packed_weight_bytes_bf16(int64_t n, int64_t k) {
+#ifdef TRANSFUSE_X86_MULTIVERSION
+  return (n + kPanelCols - 1) / kPanelCols * panel_words(k) * int64_t(sizeof(uint32_t));
+#else
+  return 0;
+#endif
+}
+
+bool pack_weight_bf16(const uint16_t* w, int64_t n, int64_t k, void* packed, int num_threads) {
+#ifdef TRANSFUSE_X86_MULTIVERSION
+  if (!has_gemm_bf16()) return false;
+  pack_all_panels(w, n, k, static_cast<uint32_t*>(packed), num_threads);
+  return true;
 #else
   return false;
 #endif
