@@ -3,6 +3,7 @@ give eager's last_hidden_state at the real tokens (fp32 within 1e-4, int8 by the
 embeddings' cosine), in eager's padded shape; an engine that is not installed is named as skipped
 with its pip command, never an error. On a tiny random BERT saved with all-MiniLM-L6-v2's
 tokenizer, one timed round; no timing is asserted."""
+import dataclasses
 import json
 import sys
 
@@ -118,15 +119,14 @@ def test_ctranslate2_runs_in_its_own_process_and_its_errors_come_back(tiny, sour
     the converter cannot read raises its error in the bench's process (the engine is then skipped
     as failed, with the error)."""
     pytest.importorskip("ctranslate2")
-    sides, _ = bench_peers.ctranslate2_sides(source)
+    sides, _ = bench_peers.ctranslate2_sides(
+        dataclasses.replace(source, folder=source.folder / "own-process"))
     batch = _batches(tiny[1])[0]
     for side in sides.values():
         assert side.timed(**batch) is None and side(**batch).last_hidden_state.shape[:2] == (
             batch["input_ids"].shape)
-    broken = bench_peers.Source(*[getattr(source, f) for f in ("model", "path", "example",
-                                                                "calibration", "folder",
-                                                                "threads")])
-    broken.path, broken.folder = str(source.folder / "no-such-model"), source.folder / "broken"
+    broken = dataclasses.replace(source, path=str(source.folder / "no-such-model"),
+                                 folder=source.folder / "broken")
     with pytest.raises(Exception, match="no-such-model"):
         bench_peers.ctranslate2_sides(broken)
 
