@@ -266,7 +266,6 @@ Tensor w8a16_cpu(const Tensor& x, const Tensor& w, const Tensor& w_scale, const 
   return cpu::gemm(g) ? out : w8a16_by_blocks(x, w, w_scale, bias);
 }
 
-
 // w8a8 of x [m, k] on the CPU, its quantized rows in buffers of the call (tensors cost their
 // allocation: a third of a one-token call).
 Tensor w8a8_cpu(const Tensor& x, const Tensor& w, const Tensor& w_scale, const OptTensor& bias) {
