@@ -239,10 +239,10 @@ def test_cpu_gemms_over_every_tile_remainder(backend, dtype):
 
 
 def test_cpu_w8a8_weights_kept_packed_follow_their_weights():
-    """The CPU GEMM keeps a weight's packed panels between calls (bindings/int8.cpp): every call
-    equals the float64 epilogue of the weight as it is then: repeated, after the weight is written
-    in place, for new weights allocated where freed ones were, for views of one storage, and for
-    an inference tensor (packed per call, or for few rows the GEMV)."""
+    """The CPU GEMM keeps a weight's packed panels between calls (bindings/packed_weights.h): every
+    call equals the float64 epilogue of the weight as it is then: repeated, after the weight is
+    written in place, for new weights allocated where freed ones were, for views of one storage,
+    and for an inference tensor (packed per call, or for few rows the GEMV)."""
     m, n, k = 40, 130, 300  # beyond the GEMV's tokens (int8_vnni.cpp): the packed panels
 
     def check(w, w_scale, x):

@@ -35,7 +35,8 @@ bool int8_linear_vnni(const Int8LinearParams& p);
 
 // The VNNI GEMM's packed panels of a weight w [n, k], kept between calls (p.w_packed): their bytes;
 // whether a call of m rows of x would read them if packed before (rather than run the GEMV or
-// AMX, which read the weights as stored); the packing (false, writing nothing, where int8_linear_vnni would not run).
+// AMX, which read the weights as stored); the packing (false, writing nothing, where
+// int8_linear_vnni would not run).
 int64_t packed_weight_bytes(int64_t n, int64_t k);
 bool int8_vnni_packs(int64_t m, int64_t k);
 bool pack_weight_vnni(const int8_t* w, int64_t n, int64_t k, int8_t* packed, int num_threads);
