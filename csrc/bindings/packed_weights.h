@@ -2,8 +2,8 @@
 // kept between calls: packing costs a pass over the weights per call (the VNNI GEMM's pack_panel:
 // 6% of all-MiniLM-L6-v2's w8a8 forward on the AMD EPYC; the bf16 GEMM's: 5% of its bf16 forward
 // on real sentences). An entry serves a weight while the weight's storage lives, at the same
-// address, unmodified: its version counter as it was (a write in place bumps it; inference
-// tensors keep none and are not served). Weights are taken in the order they come, until
+// address, unmodified: its version counter as it was (a write in place bumps it; tensors without
+// one, inference tensors, are not served). Weights are taken in the order they come, until
 // kPackedBytes are held in all; entries go when their storage is freed.
 #pragma once
 
@@ -24,7 +24,8 @@ class PackedWeights {
   // it could not), or nothing (not kept: then packed per call).
   template <class Pack>
   std::optional<at::Tensor> of(const at::Tensor& w, int64_t bytes, Pack pack) {
-    if (w.is_inference()) return std::nullopt;
+    // (an nn.Parameter made of an inference tensor has no counter either, though not one itself)
+    if (!w.unsafeGetTensorImpl()->version_counter().enabled()) return std::nullopt;
     const c10::StorageImpl* storage = w.storage().unsafeGetStorageImpl();
     const int64_t version = w._version();
     std::lock_guard<std::mutex> lock(mutex_);

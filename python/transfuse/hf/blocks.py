@@ -264,8 +264,12 @@ def _rows_of_one_storage(tensors):
 
 
 def _share_storage(tensors):
-    """Move the tensors' values into one storage, each a view of its rows (in place: .data)."""
-    with torch.no_grad():
+    """Move the tensors' values into one storage, each a view of its rows (in place: .data).
+    Inference tensors (a model built under torch.inference_mode) get inference tensors: a normal
+    tensor's storage swapped into one leaves a tensor without a version counter, which F.linear
+    refuses."""
+    inference = any(t.is_inference() for t in tensors)
+    with torch.inference_mode() if inference else torch.no_grad():
         joined = torch.cat([t.detach() for t in tensors])
         for t, part in zip(tensors, joined.split([t.shape[0] for t in tensors])):
             t.data = part
