@@ -79,23 +79,26 @@ def test_cpu_gemm_within_fp32_accumulation_of_float64(shape, with_bias, dtype, m
         assert calls[0] == 1  # the GEMM ran (elsewhere torch's F.linear does)
 
 
-def test_cpu_bf16_weights_kept_packed_follow_their_weights(monkeypatch):
-    """The bf16 GEMM keeps a weight's packed panels between calls (bindings/packed_weights.h):
-    every call is within fp32 accumulation of the weight as it is then: repeated, after the weight
-    is written in place, for new weights allocated where freed ones were, for views of one
-    storage, and for an inference tensor and a transposed weight (packed per call)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_gemm_weights_kept_packed_follow_their_weights(dtype, monkeypatch):
+    """The GEMMs keep a weight's packed panels between calls (bindings/packed_weights.h): every
+    call is within fp32 accumulation of the weight as it is then: repeated, after the weight is
+    written in place, for new weights allocated where freed ones were, for views of one storage,
+    and for an inference tensor and a transposed weight (packed per call); k spans several of the
+    fp32 GEMM's k blocks."""
     monkeypatch.setattr(linear_module, "MIN_WORK", 0)
     calls = kernel_calls(monkeypatch)
-    if not transfuse.backends.extension()[0].cpu_gemm_bf16:
-        pytest.skip("needs AVX512_BF16")
-    n, k = 130, 300
-    x = torch.randn(40, k).bfloat16()  # beyond the GEMV's rows: the GEMM
+    module = transfuse.backends.extension()[0]
+    if not (module.cpu_gemm if dtype == torch.float32 else module.cpu_gemm_bf16):
+        pytest.skip("needs AVX-512 (fp32) or AVX512_BF16 (bf16)")
+    n, k = 130, 600
+    x = torch.randn(40, k).to(dtype)  # beyond the GEMV's rows: the GEMM
 
     def check(w):
         with torch.no_grad():
             within_fp32_accumulation(transfuse.ops.linear(x, w, None, backend="cpu"), x, w, None)
 
-    w = torch.randn(n, k).bfloat16()
+    w = torch.randn(n, k).to(dtype)
     for _ in range(2):
         check(w)
     w.copy_(torch.randn(n, k))  # in place: a new version
@@ -105,12 +108,12 @@ def test_cpu_bf16_weights_kept_packed_follow_their_weights(monkeypatch):
     for seed in range(4):  # freed and allocated again, likely at the same address
         del w
         torch.manual_seed(seed)
-        w = torch.randn(n, k).bfloat16()
+        w = torch.randn(n, k).to(dtype)
         check(w)
-    both = torch.cat([w, torch.randn(n, k).bfloat16()])  # two views of one storage
+    both = torch.cat([w, torch.randn(n, k).to(dtype)])  # two views of one storage
     check(both[:n])
     check(both[n:])
-    check(torch.randn(k, n).bfloat16().T)
+    check(torch.randn(k, n).to(dtype).T)
     with torch.inference_mode():
         check(w.clone())
     assert calls[0] == 12  # every call ran the GEMM

@@ -1,8 +1,8 @@
 // Binding of the linear: transfuse._C.linear(x, w, bias, activation) = act(x @ w^T + bias), act
 // "none", "gelu" or "gelu_tanh". On the CPU with AVX-512: up to cpu::kGemvMaxRows rows of fp32 or
 // bf16, cpu::gemv (weights as stored); more, fp32: cpu::gemm; bf16 with AVX512_BF16:
-// cpu::gemm_bf16 (weights packed into L2-sized panels, kept between calls: packed_weights.h). Any
-// other call is left to torch (at::linear): the binding returns None.
+// cpu::gemm_bf16 (both with the weights packed into L2-sized panels, kept between calls:
+// packed_weights.h). Any other call is left to torch (at::linear): the binding returns None.
 // python/transfuse/ops/linear.py validates user input first; these checks guard the kernel.
 #include <optional>
 #include <vector>
@@ -63,13 +63,16 @@ std::optional<Tensor> linear(const Tensor& x, const Tensor& w, const OptTensor& 
   p.approximate = activation == "gelu_tanh" ? GeluApproximation::tanh : GeluApproximation::none;
   p.num_threads = at::get_num_threads();
   std::optional<Tensor> packed;
-  if (bf16 && !few_rows && w.is_contiguous()) {  // (a copy of w would not outlive the call)
-    packed = packed_weights().of(w, cpu::packed_weight_bytes_bf16(n, k),
-                                 [](const Tensor& w, Tensor& out) {
-                                   return cpu::pack_weight_bf16(
-                                       static_cast<const uint16_t*>(w.data_ptr()), w.size(0),
-                                       w.size(1), out.data_ptr(), at::get_num_threads());
-                                 });
+  if (!few_rows && w.is_contiguous()) {  // (a copy of w would not outlive the call)
+    packed = packed_weights().of(
+        w, bf16 ? cpu::packed_weight_bytes_bf16(n, k) : cpu::packed_weight_bytes_fp32(n, k),
+        [bf16](const Tensor& w, Tensor& out) {
+          const int threads = at::get_num_threads();
+          return bf16 ? cpu::pack_weight_bf16(static_cast<const uint16_t*>(w.data_ptr()),
+                                              w.size(0), w.size(1), out.data_ptr(), threads)
+                      : cpu::pack_weight_fp32(w.data_ptr<float>(), w.size(0), w.size(1),
+                                              out.data_ptr(), threads);
+        });
     if (packed) p.w_packed = packed->data_ptr();
   }
   if (!(few_rows ? cpu::gemv(p) : bf16 ? cpu::gemm_bf16(p) : cpu::gemm(p))) return std::nullopt;

@@ -6,7 +6,8 @@
 // buffer that stays in L2 and runs every 6-row tile of x over it: 24 fp32 accumulators (6 rows x
 // 64 columns), per column of k 4 vector loads of the panel, 6 broadcasts of x and 24 FMAs. Sums
 // over several k blocks wait in fp32 between blocks; the last block's epilogue takes the tile from
-// registers.
+// registers. fp32 weights' panels may also come packed before (p.w_packed, as pack_weight_fp32
+// lays them out).
 #include <algorithm>
 
 #include "activation.h"
@@ -170,9 +171,10 @@ TRANSFUSE_AVX512BW void run_tile(int64_t rows, const float* x, const float* pane
 TRANSFUSE_AVX512BW void gemm_avx512(const GemmParams& p) {
   const auto partial = uninitialized<float>(p.k > kDepth ? p.m * p.n : 0);
   const int64_t panels = (p.n + kPanelCols - 1) / kPanelCols;
+  const auto* packed = p.w_int8 ? nullptr : static_cast<const float*>(p.w_packed);
   in_team(threads_for(p.num_threads, panels, p.m * p.n * p.k, kMinWorkPerThread),
           [&]() TRANSFUSE_AVX512BW {
-    const auto panel = uninitialized<float>(kDepth * kPanelCols);
+    const auto panel = uninitialized<float>(packed ? 0 : kDepth * kPanelCols);
 #pragma omp for schedule(static)
     for (int64_t panel_index = 0; panel_index < panels; ++panel_index) {
       TileTarget t;
@@ -188,21 +190,54 @@ TRANSFUSE_AVX512BW void gemm_avx512(const GemmParams& p) {
       }
       for (int64_t k0 = 0; k0 < p.k; k0 += kDepth) {
         const int64_t depth = std::min(kDepth, p.k - k0);
-        if (p.w_int8)
+        const float* block = panel.get();
+        if (packed)
+          block = packed + (panel_index * p.k + k0) * kPanelCols;
+        else if (p.w_int8)
           pack_panel(static_cast<const int8_t*>(p.w), p.n, p.k, t.j0, k0, depth,
                      panel.get());
         else
           pack_panel(static_cast<const float*>(p.w), p.n, p.k, t.j0, k0, depth, panel.get());
         for (int64_t i0 = 0; i0 < p.m; i0 += kTileRows)
           run_tile(std::min(kTileRows, p.m - i0), static_cast<const float*>(p.x) + i0 * p.k + k0,
-                   panel.get(), depth, k0 == 0, k0 + depth == p.k, t, i0);
+                   block, depth, k0 == 0, k0 + depth == p.k, t, i0);
       }
     }
   });
 }
 
+// All panels, each as its k blocks one after the other: panel P's block at k0 starts at float
+// (P * k + k0) * 64, as gemm_avx512 reads p.w_packed.
+TRANSFUSE_AVX512BW void pack_all_panels(const float* w, int64_t n, int64_t k, float* packed,
+                                        int num_threads) {
+  const int64_t panels = (n + kPanelCols - 1) / kPanelCols;
+  in_team(threads_for(num_threads, panels, n * k, kMinWorkPerThread), [&]() TRANSFUSE_AVX512BW {
+#pragma omp for schedule(static)
+    for (int64_t panel = 0; panel < panels; ++panel)
+      pack_panel(w, n, k, panel * kPanelCols, 0, k, packed + panel * k * kPanelCols);
+  });
+}
+
 }  // namespace
 #endif
+
+int64_t packed_weight_bytes_fp32(int64_t n, int64_t k) {
+#ifdef TRANSFUSE_X86_MULTIVERSION
+  return (n + kPanelCols - 1) / kPanelCols * k * kPanelCols * int64_t(sizeof(float));
+#else
+  return 0;
+#endif
+}
+
+bool pack_weight_fp32(const float* w, int64_t n, int64_t k, void* packed, int num_threads) {
+#ifdef TRANSFUSE_X86_MULTIVERSION
+  if (!has_gemm()) return false;
+  pack_all_panels(w, n, k, static_cast<float*>(packed), num_threads);
+  return true;
+#else
+  return false;
+#endif
+}
 
 bool has_gemm() {
 #ifdef TRANSFUSE_X86_MULTIVERSION

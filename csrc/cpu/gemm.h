@@ -14,6 +14,11 @@ bool gemm(const GemmParams& p);
 // Whether gemm runs on this CPU (AVX-512 with BW and VL, as vector_isa() sees it).
 bool has_gemm();
 
+// gemm's packed panels of an fp32 weight w [n, k], kept between calls (p.w_packed; not for int8
+// weights): their bytes; the packing (false, writing nothing, where gemm would not run).
+int64_t packed_weight_bytes_fp32(int64_t n, int64_t k);
+bool pack_weight_fp32(const float* w, int64_t n, int64_t k, void* packed, int num_threads);
+
 // bf16 x and w (gemm_bf16.cpp): runs p with AVX512_BF16 dot products and returns true; returns
 // false, writing nothing, on a CPU without AVX512_BF16 (or TRANSFUSE_CPU_ISA below avx512).
 bool gemm_bf16(const GemmParams& p);
