@@ -11,8 +11,8 @@ leaves alone):
 - at least MIN_ROWS rows and MIN_WORK multiply-adds, on a CPU where they run faster than torch's
   (own_gemm_faster): the GEMMs, fp32 on AVX-512 (csrc/cpu/gemm.cpp), bf16 on AVX512_BF16
   (csrc/cpu/gemm_bf16.cpp: fp32 sums of exact products; subnormal bf16 inputs count as zero):
-  the weight packed into L2-sized panels (fp32: per call; bf16: kept between calls while the
-  weight is unchanged, csrc/bindings/packed_weights.h), 6 x 64 register tiles.
+  the weight packed into L2-sized panels (kept between calls while the weight is unchanged:
+  csrc/bindings/packed_weights.h), 6 x 64 register tiles.
 Both take the bias and GELU (in fp32, as transfuse.ops.bias_gelu computes it) in the epilogue and
 round once to x's dtype. Every other call is torch's own F.linear (and F.gelu) (oneDNN on the CPU,
 cuBLAS on CUDA: transfuse has no GPU GEMM of its own), which also gives the gradients. The
