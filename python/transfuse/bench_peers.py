@@ -245,8 +245,9 @@ def _ctranslate2_worker(connection, path, folder, threads):
         for compute in ("float32", "int8"):
             with warnings.catch_warnings():  # transformers' deprecations, as the converter loads
                 warnings.simplefilter("ignore")
-                converted = converter.convert(str(Path(folder) / f"ctranslate2-{compute}"),
-                                              quantization=None if compute == "float32" else compute)
+                converted = converter.convert(
+                    str(Path(folder) / f"ctranslate2-{compute}"),
+                    quantization=None if compute == "float32" else compute)
             label = f"ctranslate2 {'fp32' if compute == 'float32' else compute}"
             encoders[label] = ctranslate2.Encoder(converted, device="cpu", compute_type=compute,
                                                   intra_threads=threads, inter_threads=1)
