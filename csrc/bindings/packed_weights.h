@@ -24,7 +24,7 @@ class PackedWeights {
   // it could not), or nothing (not kept: then packed per call).
   template <class Pack>
   std::optional<at::Tensor> of(const at::Tensor& w, int64_t bytes, Pack pack) {
-    // (an nn.Parameter made of an inference tensor has no counter either, though not one itself)
+    // (no counter: an inference tensor, or a tensor whose .data was swapped across inference mode)
     if (!w.unsafeGetTensorImpl()->version_counter().enabled()) return std::nullopt;
     const c10::StorageImpl* storage = w.storage().unsafeGetStorageImpl();
     const int64_t version = w._version();
