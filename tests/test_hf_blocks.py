@@ -173,18 +173,22 @@ def test_a_model_built_under_inference_mode_patches_and_runs_as_one_built_outsid
                                                                                    int8):
     """Weights that are inference tensors (a model built under torch.inference_mode) keep working
     through the joined projections' shared storage and the CPU GEMMs' packed-weight cache (which
-    does not keep them): the same outputs as the same model built outside inference mode."""
+    does not keep them): the same outputs as the same model built outside inference mode, patched
+    and unpatched again."""
     with torch.inference_mode():
         inside = build(model_type)
-    outside = build(model_type)
+    outside, plain = build(model_type), build(model_type)
     assert inside.get_input_embeddings().weight.is_inference()
     for model in (inside, outside):
         transfuse.patch(model, int8=int8)
     ids, mask = padded_batch()
-    with torch.inference_mode():
-        outputs = [model(input_ids=ids, attention_mask=mask)[0][mask.bool()]
-                   for model in (inside, outside)]
-    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+
+    def run(model):
+        with torch.inference_mode():
+            return model(input_ids=ids, attention_mask=mask)[0][mask.bool()]
+    torch.testing.assert_close(run(inside), run(outside), rtol=0, atol=0)
+    transfuse.unpatch(inside)
+    torch.testing.assert_close(run(inside), run(plain), rtol=0, atol=0)
 
 
 def test_training_gradients_equal_the_unpatched_model():

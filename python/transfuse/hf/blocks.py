@@ -673,6 +673,6 @@ def unpatch_blocks(model):
             module.__dict__.pop(BACKEND_ATTR, None)
             module.__dict__.pop(FACTS_ATTR, None)
             if module.__dict__.pop(PROJECTION_ATTR, None) is not None:
-                with torch.no_grad():
-                    for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
-                        t.data = t.data.clone()
+                for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+                    with torch.inference_mode() if t.is_inference() else torch.no_grad():
+                        t.data = t.data.clone()  # (an inference tensor's: one too, as above)
