@@ -353,33 +353,32 @@ def kernels_stage(out: Out, dry: bool):
             ok &= case(f"{op} + residual [{backend}]", (R, C), bf16, check,
                        lambda call=call, eager=eager: {backend: call, "eager": eager},
                        bytes_=4 * x.numel() * x.element_size())
+    def elementwise(name, inputs, eager, bytes_):
+        """transfuse.ops.<name> against reference.<name> (float64, and at bf16 for the bound),
+        timed against `eager`."""
+        op, exact = getattr(transfuse.ops, name), getattr(reference, name)
+        ok = True
+        for backend in backends:
+            def check(backend=backend):
+                e = exact(*(t.double() for t in inputs))
+                return rel(op(*inputs, backend=backend), e), 2 * rel(exact(*inputs), e) + 1e-3
+            timed = lambda backend=backend: {
+                backend: lambda: op(*inputs, backend=backend), "eager": lambda: eager(*inputs)}
+            ok &= case(f"{name} [{backend}]", tuple(inputs[0].shape), bf16, check, timed,
+                       bytes_=bytes_)
+        return ok
+
     # bias + GELU, the epilogue of BERT's intermediate linear layer
     R, C = (8, 64) if dry else (8192, 4096)
     x = torch.randn(R, C, device=dev, dtype=bf16)
     b = torch.randn(C, device=dev, dtype=bf16)
-    for backend in backends:
-        def check(backend=backend):
-            y = transfuse.ops.bias_gelu(x, b, backend=backend)
-            e = reference.bias_gelu(x.double(), b.double())
-            return rel(y, e), 2 * rel(reference.bias_gelu(x, b), e) + 1e-3
-        timed = lambda backend=backend: {
-            backend: lambda: transfuse.ops.bias_gelu(x, b, backend=backend),
-            "eager": lambda: F.gelu(x + b)}
-        ok &= case(f"bias_gelu [{backend}]", (R, C), bf16, check, timed,
-                   bytes_=2 * x.numel() * x.element_size())
+    ok &= elementwise("bias_gelu", (x, b), lambda x, b: F.gelu(x + b),
+                      2 * x.numel() * x.element_size())
     # SiLU(gate) * up over the halves of a joint gate-up GEMM's output (a SwiGLU MLP)
     gate_up = torch.randn(R, 2 * C, device=dev, dtype=bf16)
     gate, up = gate_up[:, :C], gate_up[:, C:]
-    for backend in backends:
-        def check(backend=backend):
-            y = transfuse.ops.silu_mul(gate, up, backend=backend)
-            e = reference.silu_mul(gate.double(), up.double())
-            return rel(y, e), 2 * rel(reference.silu_mul(gate, up), e) + 1e-3
-        timed = lambda backend=backend: {
-            backend: lambda: transfuse.ops.silu_mul(gate, up, backend=backend),
-            "eager": lambda: F.silu(gate) * up}
-        ok &= case(f"silu_mul [{backend}]", (R, C), bf16, check, timed,
-                   bytes_=3 * gate.numel() * gate.element_size())
+    ok &= elementwise("silu_mul", (gate, up), lambda gate, up: F.silu(gate) * up,
+                      3 * gate.numel() * gate.element_size())
     # rotary embedding of a prefill's q and k (8B-model shape: 32 query and 8 key heads of 128)
     B, S, HQ, HK, D = (2, 5, 4, 2, 16) if dry else (4, 2048, 32, 8, 128)
     q = torch.randn(B, S, HQ, D, device=dev, dtype=bf16).transpose(1, 2)
