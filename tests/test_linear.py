@@ -79,6 +79,31 @@ def test_cpu_gemm_within_fp32_accumulation_of_float64(shape, with_bias, dtype, m
         assert calls[0] == 1  # the GEMM ran (elsewhere torch's F.linear does)
 
 
+def test_cpu_gemm_bf16_rounds_its_fp32_results_as_torch(monkeypatch):
+    """With two ones per row of w, each output of x @ w.T + bias is x[:, j] + x[:, j + 1] + bias[j]
+    in fp32 (the products exact, the first sum too): the bf16 GEMM's outputs must equal torch's
+    fp32 sums rounded to bf16 bit for bit, ties to even included, and a NaN in x gives NaN in all
+    its row (its GELU epilogue: test_gelu_epilogue_within_its_error_of_float64)."""
+    monkeypatch.setattr(linear_module, "MIN_WORK", 0)
+    calls = kernel_calls(monkeypatch)
+    if not transfuse.backends.extension()[0].cpu_gemm_bf16:
+        pytest.skip("needs AVX512_BF16")
+    rows, k = 40, 150  # 3 panels, the last partly outside n
+    x, bias = torch.randn(rows, k).bfloat16(), torch.randn(k).bfloat16()
+    x[7, 3] = float("nan")
+    columns = torch.arange(k)
+    w = torch.zeros(k, k)
+    w[columns, columns] = w[columns, (columns + 1) % k] = 1
+    with torch.no_grad():
+        out = transfuse.ops.linear(x, w.bfloat16(), bias, backend="cpu")
+    assert calls[0] == 1
+    expected = ((x.float() + x.float()[:, (columns + 1) % k]) + bias.float()).bfloat16()
+    expected[7] = float("nan")  # NaN times the zeros of w too
+    assert torch.equal(out.isnan(), expected.isnan())
+    finite = ~expected.isnan()
+    assert torch.equal(out[finite], expected[finite])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cpu_gemm_weights_kept_packed_follow_their_weights(dtype, monkeypatch):
     """The GEMMs keep a weight's packed panels between calls (bindings/packed_weights.h): every

@@ -20,6 +20,7 @@
 #ifdef TRANSFUSE_X86_MULTIVERSION
 #include <immintrin.h>
 
+#include "epilogue_avx512.h"
 #include "transpose_avx512.h"
 #endif
 
@@ -135,22 +136,13 @@ TRANSFUSE_AVX512BW void tile_store(const __m512 sums[kTileRows][kPanelVectors], 
         _mm512_mask_storeu_ps(t.partial + i * p.n + t.j0 + 16 * c, t.store[c], sums[r][c]);
       continue;
     }
-    const bool direct = p.dtype == DType::f32 && !p.gelu;  // else staged, then stored
-    float staged[kPanelCols], activated[kPanelCols];
-    for (int c = 0; c < kPanelVectors; ++c) {
-      const __m512 value = _mm512_add_ps(_mm512_mul_ps(sums[r][c], t.w_scale[c]), t.bias[c]);
-      if (direct)
-        _mm512_mask_storeu_ps(static_cast<float*>(p.out) + i * p.n + t.j0 + 16 * c, t.store[c],
-                              value);
-      else
-        _mm512_storeu_ps(staged + 16 * c, value);
-    }
-    if (!direct) {
-      const int64_t cols = std::min(kPanelCols, p.n - t.j0);
-      if (p.gelu) gelu_row(staged, activated, cols, p.approximate);
-      store_row(p.gelu ? activated : staged, p.dtype,
-                static_cast<char*>(p.out) + (i * p.n + t.j0) * dtype_size(p.dtype), cols);
-    }
+    __m512 values[kPanelVectors];
+    for (int c = 0; c < kPanelVectors; ++c)
+      values[c] = _mm512_add_ps(_mm512_mul_ps(sums[r][c], t.w_scale[c]), t.bias[c]);
+    if (p.gelu)
+      gelu_vectors<kPanelVectors>(values, t.store, std::min(kPanelCols, p.n - t.j0), p.approximate);
+    store_vectors<kPanelVectors>(values, t.store, p.dtype,
+                  static_cast<char*>(p.out) + (i * p.n + t.j0) * dtype_size(p.dtype));
   }
 }
 

@@ -13,7 +13,6 @@
 
 #include "activation.h"
 #include "buffer.h"
-#include "convert.h"
 #include "gemm.h"
 #include "multiversion.h"
 #include "threads.h"
@@ -21,6 +20,7 @@
 #ifdef TRANSFUSE_X86_MULTIVERSION
 #include <immintrin.h>
 
+#include "epilogue_avx512.h"
 #include "transpose_avx512.h"
 #endif
 
@@ -112,20 +112,21 @@ TRANSFUSE_BF16 void tile_store(const __m512 sums[kTileRows][kPanelVectors], int6
                                const GemmParams& p, int64_t i0, int64_t j0) {
   const int64_t cols = std::min(kPanelCols, p.n - j0);
   __m512 w_scale[kPanelVectors], bias[kPanelVectors];
+  __mmask16 inside[kPanelVectors];
   for (int64_t c = 0; c < kPanelVectors; ++c) {
-    const __mmask16 inside = __mmask16((1u << std::clamp<int64_t>(cols - 16 * c, 0, 16)) - 1);
-    w_scale[c] = p.w_scale ? _mm512_maskz_loadu_ps(inside, p.w_scale + j0 + 16 * c)
+    inside[c] = __mmask16((1u << std::clamp<int64_t>(cols - 16 * c, 0, 16)) - 1);
+    w_scale[c] = p.w_scale ? _mm512_maskz_loadu_ps(inside[c], p.w_scale + j0 + 16 * c)
                            : _mm512_set1_ps(1.f);
-    bias[c] = p.bias ? _mm512_maskz_loadu_ps(inside, p.bias + j0 + 16 * c) : _mm512_setzero_ps();
+    bias[c] = p.bias ? _mm512_maskz_loadu_ps(inside[c], p.bias + j0 + 16 * c)
+                     : _mm512_setzero_ps();
   }
   for (int64_t r = 0; r < rows; ++r) {
-    float staged[kPanelCols], activated[kPanelCols];
+    __m512 values[kPanelVectors];
     for (int c = 0; c < kPanelVectors; ++c)
-      _mm512_storeu_ps(staged + 16 * c, _mm512_add_ps(_mm512_mul_ps(sums[r][c], w_scale[c]),
-                                                      bias[c]));
-    if (p.gelu) gelu_row(staged, activated, cols, p.approximate);
-    store_row(p.gelu ? activated : staged, p.dtype,
-              static_cast<char*>(p.out) + ((i0 + r) * p.n + j0) * dtype_size(p.dtype), cols);
+      values[c] = _mm512_add_ps(_mm512_mul_ps(sums[r][c], w_scale[c]), bias[c]);
+    if (p.gelu) gelu_vectors<kPanelVectors>(values, inside, cols, p.approximate);
+    store_vectors<kPanelVectors>(values, inside, p.dtype,
+                  static_cast<char*>(p.out) + ((i0 + r) * p.n + j0) * dtype_size(p.dtype));
   }
 }
 

@@ -29,6 +29,7 @@
 #include <immintrin.h>
 
 #include "amx.h"
+#include "epilogue_avx512.h"
 #include "transpose_avx512.h"
 #endif
 
@@ -155,20 +156,14 @@ TRANSFUSE_VNNI void row_epilogue(const __m512i sums[kPanelVectors], const Epilog
     return;
   }
   const __m512 row_scale = _mm512_set1_ps(p.x_scale[i]);
-  float staged[kPanelCols];
+  __m512 values[kPanelVectors];
   for (int c = 0; c < kPanelVectors; ++c) {
     const __m512 sum = _mm512_cvtepi32_ps(sums[c]);
-    const __m512 value =
+    values[c] =
         _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(sum, row_scale), e.w_scale[c]), e.bias[c]);
-    if (p.dtype == DType::f32)
-      _mm512_mask_storeu_ps(static_cast<float*>(p.out) + i * p.n + e.j0 + 16 * c, e.store[c],
-                            value);
-    else
-      _mm512_storeu_ps(staged + 16 * c, value);
   }
-  if (p.dtype != DType::f32)
-    store_row(staged, p.dtype, static_cast<char*>(p.out) + (i * p.n + e.j0) * dtype_size(p.dtype),
-              std::min(kPanelCols, p.n - e.j0));
+  store_vectors<kPanelVectors>(values, e.store, p.dtype,
+                static_cast<char*>(p.out) + (i * p.n + e.j0) * dtype_size(p.dtype));
 }
 
 // The bias in fp32 for the epilogue (empty without one, or for raw sums into p.acc).
