@@ -115,6 +115,11 @@ const float* fp32_rows(const void* base, const int64_t* strides, const Attention
 float mask_value(const AttentionParams& p, const char* address) {
   switch (p.mask_dtype) {
     case DType::f32: return *reinterpret_cast<const float*>(address);
+    case DType::bf16: {  // the top half of an fp32
+      uint16_t bits;
+      std::memcpy(&bits, address, sizeof(bits));
+      return float_from_bits(uint32_t(bits) << 16);
+    }
     default: {
       float value;
       load_row(address, p.mask_dtype, &value, 1);
@@ -200,6 +205,10 @@ void finish_scores(const AttentionParams& p, const TileSpan& t, float* s, int64_
     if (p.mask_kind == MaskKind::boolean) {
       for (int64_t c = lo; c < hi; ++c)
         if (!mask_row[c * step]) row[c] = -kInf;
+    } else if (step == mask_size) {  // a contiguous row of the mask: converted in one call
+      float values[std::max(kKeyTile, kQueryTile)];  // a tile row: cols <= either
+      load_row(mask_row + lo * step, p.mask_dtype, values, hi - lo);
+      for (int64_t c = lo; c < hi; ++c) row[c] += values[c - lo];
     } else {
       for (int64_t c = lo; c < hi; ++c) row[c] += mask_value(p, mask_row + c * step);
     }
