@@ -161,6 +161,23 @@ def test_half_precision_bias_grad(backend, device, dtype):
     check_against_reference(inputs, backend, dtype, mask_grad=True)
 
 
+# The CPU forward's bf16 products (csrc/cpu/attention_bf16.cpp, on CPUs with AVX512_BF16; the fp32
+# tiles elsewhere): head dims odd (33), of one pair chunk (16), of 2 and 4 vector blocks (96, 256);
+# key tiles with an odd count (129 = 128 + 1, 7); query tiles past whole 6-row blocks (71, 40, 5
+# rows, at least the 4 below which dot products run); GQA; causal, window, softcap, additive mask.
+BF16_PRODUCT_CASES = [((1, 4, 2, 71, 129, 33), "padding", dict(causal=True)),
+                      ((2, 2, 2, 5, 7, 16), "none", {}),
+                      ((1, 2, 1, 40, 200, 96), "none", dict(window=9, softcap=2.0)),
+                      ((1, 2, 2, 20, 150, 256), "additive", {})]
+
+
+@pytest.mark.parametrize("shape,mask_kind,options", BF16_PRODUCT_CASES,
+                         ids=[shape_id(case[0]) for case in BF16_PRODUCT_CASES])
+def test_cpu_bf16_products(shape, mask_kind, options):
+    inputs = make_inputs(shape, torch.bfloat16, "cpu", mask_kind)
+    check_against_reference(inputs, "cpu", torch.bfloat16, **options)
+
+
 @pytest.mark.parametrize("option", [dict(window=9), dict(window=9, causal=True),
                                     dict(softcap=2.0), dict(softcap=2.0, causal=True),
                                     dict(scale=0.3), dict(scale=1.0)],

@@ -15,6 +15,8 @@
 //   lse[i]  = log(sum_j exp(s[i,j]))  (natural log, fp32; +inf on a row with no visible key)
 // The kernels compute this one key tile at a time with the online softmax (running max m and
 // running sum l, rescaling the partial output when m grows), so no seq_q x seq_kv tensor exists.
+// The CUDA kernels (fp16 / bf16 inputs) and the CPU's bf16 products (cpu/attention_bf16.h) round
+// p_drop to the inputs' dtype for the product with v (l sums the fp32 p), as FlashAttention does.
 //
 // Backward, with P recomputed from s and lse (P = exp(s - lse)), dO the output gradient and
 // delta[i] = <dO[i], out[i]>:

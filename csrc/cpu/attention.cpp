@@ -16,7 +16,9 @@
 // K and V transposed where a product needs them so); every product is one register-blocked
 // micro-kernel, C (+)= A B with A, B, C row-major and fp32 accumulation, written with GCC vector
 // types and compiled three times, for AVX-512 (16 lanes), AVX2 (8) and baseline (4), the best
-// chosen at run time. exp is a vectorized polynomial (relative error ~2e-7 on [-87, 0]).
+// chosen at run time. exp is a vectorized polynomial (relative error ~2e-7 on [-87, 0]). Forward
+// tiles of bf16 inputs (of kFewRows query rows or more) take the bf16 products of
+// attention_bf16.h instead, on CPUs with AVX512_BF16: Q K^T and P V on vdpbf16ps from bf16 pairs.
 #include "attention.h"
 
 #include <algorithm>
@@ -33,6 +35,7 @@
 #include <omp.h>
 #endif
 
+#include "attention_bf16.h"
 #include "convert.h"
 #include "threads.h"
 
@@ -95,6 +98,23 @@ void load_rows(const void* base, const int64_t* strides, const AttentionParams& 
     if (scale != 1.f)
       for (int64_t d = 0; d < p.head_dim; ++d) out[d] *= scale;
     std::fill(out + p.head_dim, out + ld, 0.f);
+  }
+}
+
+// Row `row` of bf16 q, k or v for (b, h).
+const uint16_t* bf16_row(const void* base, const int64_t* strides, const AttentionParams& p,
+                         int64_t b, int64_t h, int64_t row) {
+  return reinterpret_cast<const uint16_t*>(row_address(base, p.dtype, strides, b, h, row));
+}
+
+// dst[r * ld + d] = bf16 src row (row0 + r)[d] for d < head_dim, zero up to ld (even): the rows as
+// ld / 2 pairs each.
+void copy_bf16_rows(const void* base, const int64_t* strides, const AttentionParams& p, int64_t b,
+                    int64_t h, int64_t row0, int64_t rows, uint32_t* dst, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    char* out = reinterpret_cast<char*>(dst + r * ld / 2);
+    std::memcpy(out, bf16_row(base, strides, p, b, h, row0 + r), p.head_dim * sizeof(uint16_t));
+    std::memset(out + p.head_dim * sizeof(uint16_t), 0, (ld - p.head_dim) * sizeof(uint16_t));
   }
 }
 
@@ -469,21 +489,28 @@ TRANSFUSE_INLINE void dot_products(int64_t m, int64_t n, int64_t depth, const fl
 // An fp32 tile of Scratch: zero-filled for the backward passes; for the forward, whose code writes
 // every element of a tile before it reads it, left uninitialized (zero-filling the tiles, 0.25 MB
 // a thread at head_dim 32, cost a decoding step's attention call more than its work).
+template <class T = float>
 class Tile {
  public:
-  Tile(int64_t size, bool zeroed) : values_(zeroed ? new float[size]() : new float[size]) {}
-  float* data() { return values_.get(); }
-  float* begin() { return values_.get(); }
+  Tile(int64_t size, bool zeroed) : values_(zeroed ? new T[size]() : new T[size]) {}
+  T* data() { return values_.get(); }
+  T* begin() { return values_.get(); }
 
  private:
-  std::unique_ptr<float[]> values_;
+  std::unique_ptr<T[]> values_;
 };
+
+// The bf16 products (attention_bf16.h) take the forward's tiles of at least kFewRows query rows
+// when the inputs are bf16 and the CPU has the instructions.
+bool bf16_products(const AttentionParams& p) {
+  return p.dtype == DType::bf16 && has_attention_bf16();
+}
 
 // Per-thread fp32 tiles, sized for the largest tiles of either pass; the backward's own tiles are
 // empty in the forward.
 struct Scratch {
   Scratch(const AttentionParams& p, bool backward)
-      : dim(padded(p.head_dim)),
+      : dim(padded(p.head_dim)), pairs(!backward && bf16_products(p)),
         q(kQueryTile * dim, backward), dout(backward ? kQueryTile * dim : 0, backward),
         keys(kKeyTile * dim, backward), keys_t(dim * kKeyTile, backward),
         values(kKeyTile * dim, backward), values_t(backward ? dim * kKeyTile : 0, backward),
@@ -492,10 +519,16 @@ struct Scratch {
         dp(backward ? kQueryTile * kKeyTile : 0, backward),
         dropped(backward ? kQueryTile * kKeyTile : 0, backward),
         softcap_grad(kQueryTile * kKeyTile, backward), acc(kQueryTile * dim, backward),
-        acc2(backward ? kQueryTile * dim : 0, backward), rows(4 * kQueryTile, backward) {}
+        acc2(backward ? kQueryTile * dim : 0, backward), rows(4 * kQueryTile, backward),
+        q_pairs(pairs ? kQueryTile * dim / 2 : 0, false),
+        key_pairs(pairs ? dim / 2 * kKeyTile : 0, false),
+        value_pairs(pairs ? kKeyTile / 2 * dim : 0, false),
+        probability_pairs(pairs ? kQueryTile * kKeyTile / 2 : 0, false) {}
   int64_t dim;  // padded head_dim
-  Tile q, dout, keys, keys_t, values, values_t, q_t, dout_t, s, dp, dropped, softcap_grad, acc,
+  bool pairs;   // the forward's bf16 products
+  Tile<> q, dout, keys, keys_t, values, values_t, q_t, dout_t, s, dp, dropped, softcap_grad, acc,
       acc2, rows;
+  Tile<uint32_t> q_pairs, key_pairs, value_pairs, probability_pairs;  // bf16 pairs
 };
 
 // One forward unit: query rows [q0, q0 + rows) of (b, h) against keys [k_begin, k_end), positions
@@ -512,7 +545,13 @@ TRANSFUSE_INLINE void forward_unit(const AttentionParams& p, const ForwardUnit& 
   const int64_t dim = s.dim, kv_head = u.h / (p.heads_q / p.heads_kv);
   float* running_max = s.rows.data();
   float* running_sum = running_max + kQueryTile;
-  load_rows(p.q, p.q_strides, p, u.b, u.h, u.seq.q_start + u.q0, u.rows, p.scale, s.q.data(), dim);
+  const bool pairs = kLanes<V> == 16 && s.pairs && u.rows >= kFewRows;
+  if (pairs)
+    copy_bf16_rows(p.q, p.q_strides, p, u.b, u.h, u.seq.q_start + u.q0, u.rows, s.q_pairs.data(),
+                   dim);
+  else
+    load_rows(p.q, p.q_strides, p, u.b, u.h, u.seq.q_start + u.q0, u.rows, p.scale, s.q.data(),
+              dim);
   std::fill(s.acc.begin(), s.acc.begin() + u.rows * dim, 0.f);
   std::fill(running_max, running_max + u.rows, -kInf);
   std::fill(running_sum, running_sum + u.rows, 0.f);
@@ -524,17 +563,25 @@ TRANSFUSE_INLINE void forward_unit(const AttentionParams& p, const ForwardUnit& 
     const int64_t keys = std::min(kKeyTile, k_hi - k0), width = padded(keys);
     const TileSpan span{u.b, u.h, u.q0, u.rows, k0, keys, false, u.seq};
     const int64_t key_row = u.seq.kv_start + k0;
-    int64_t k_ld, v_ld;
-    const float* k_rows = fp32_rows(p.k, p.k_strides, p, u.b, kv_head, key_row, keys,
-                                    s.keys.data(), &k_ld);
-    const float* v_rows = fp32_rows(p.v, p.v_strides, p, u.b, kv_head, key_row, keys,
-                                    s.values.data(), &v_ld);
-    if (u.rows < kFewRows) {
-      dot_products<V>(u.rows, keys, dim, s.q.data(), k_rows, k_ld, s.s.data(), kKeyTile);
+    int64_t v_ld = 0;
+    const float* v_rows = nullptr;  // fp32, or packed later as pairs
+    if (pairs) {
+      pack_key_pairs(bf16_row(p.k, p.k_strides, p, u.b, kv_head, key_row), p.k_strides[2], keys,
+                     p.head_dim, dim / 2, s.key_pairs.data(), width);
+      product_pairs(u.rows, width, dim / 2, s.q_pairs.data(), dim / 2, s.key_pairs.data(), width,
+                    s.s.data(), kKeyTile, false, p.scale);
     } else {
-      transpose_rows<V>(k_rows, keys, k_ld, p.head_dim, s.keys_t.data(), kKeyTile);
-      product<V>(u.rows, width, p.head_dim, s.q.data(), dim, s.keys_t.data(), kKeyTile,
-                 s.s.data(), kKeyTile, false);
+      int64_t k_ld;
+      const float* k_rows = fp32_rows(p.k, p.k_strides, p, u.b, kv_head, key_row, keys,
+                                      s.keys.data(), &k_ld);
+      v_rows = fp32_rows(p.v, p.v_strides, p, u.b, kv_head, key_row, keys, s.values.data(), &v_ld);
+      if (u.rows < kFewRows) {
+        dot_products<V>(u.rows, keys, dim, s.q.data(), k_rows, k_ld, s.s.data(), kKeyTile);
+      } else {
+        transpose_rows<V>(k_rows, keys, k_ld, p.head_dim, s.keys_t.data(), kKeyTile);
+        product<V>(u.rows, width, p.head_dim, s.q.data(), dim, s.keys_t.data(), kKeyTile,
+                   s.s.data(), kKeyTile, false);
+      }
     }
     finish_scores(p, span, s.s.data(), kKeyTile, width, s.softcap_grad.data());
     for (int64_t r = 0; r < u.rows; ++r) {
@@ -550,7 +597,16 @@ TRANSFUSE_INLINE void forward_unit(const AttentionParams& p, const ForwardUnit& 
       running_max[r] = new_max;
     }
     if (p.dropout_p > 0) drop_tile(p, span, s.s.data(), kKeyTile);
-    product<V>(u.rows, dim, keys, s.s.data(), kKeyTile, v_rows, v_ld, s.acc.data(), dim, true);
+    if (pairs) {
+      probability_pairs(s.s.data(), kKeyTile, u.rows, width, s.probability_pairs.data(),
+                        kKeyTile / 2);
+      pack_value_pairs(bf16_row(p.v, p.v_strides, p, u.b, kv_head, key_row), p.v_strides[2], keys,
+                       p.head_dim, s.value_pairs.data(), dim);
+      product_pairs(u.rows, dim, (keys + 1) / 2, s.probability_pairs.data(), kKeyTile / 2,
+                    s.value_pairs.data(), dim, s.acc.data(), dim, true, 1.f);
+    } else {
+      product<V>(u.rows, dim, keys, s.s.data(), kKeyTile, v_rows, v_ld, s.acc.data(), dim, true);
+    }
   }
 
   for (int64_t r = 0; r < u.rows; ++r) {

@@ -13,11 +13,14 @@
 
 namespace transfuse::cpu {
 
-#define TRANSFUSE_STORE_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+// Inlined into each caller (AVX-512 F and BW at least): as plain inline functions of a header they
+// were called through the library's PLT.
+#define TRANSFUSE_EPILOGUE_AVX512 \
+  inline __attribute__((always_inline, target("avx512f,avx512bw")))
 
 // bf16 bits of fp32 lanes: (bits + 0x7fff + bit 16) >> 16, or the top half with the quiet bit set
 // for a NaN (convert.cpp's float_to_bf16, 16 lanes at a time).
-TRANSFUSE_STORE_AVX512 inline __m512i bf16_bits(__m512 value) {
+TRANSFUSE_EPILOGUE_AVX512 __m512i bf16_bits(__m512 value) {
   const __m512i bits = _mm512_castps_si512(value);
   const __m512i top = _mm512_srli_epi32(bits, 16);
   const __m512i bias = _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
@@ -30,7 +33,7 @@ TRANSFUSE_STORE_AVX512 inline __m512i bf16_bits(__m512 value) {
 
 // dst[16 c + l] = dtype(values[c][l]) for the lanes l of inside[c], c < count.
 template <int count>
-TRANSFUSE_STORE_AVX512 inline void store_vectors(const __m512* values, const __mmask16* inside,
+TRANSFUSE_EPILOGUE_AVX512 void store_vectors(const __m512* values, const __mmask16* inside,
                                                  DType dtype, void* dst) {
   for (int c = 0; c < count; ++c) switch (dtype) {
       case DType::f32:
@@ -41,9 +44,9 @@ TRANSFUSE_STORE_AVX512 inline void store_vectors(const __m512* values, const __m
                                           bf16_bits(values[c]));
         break;
       case DType::f16:
-        _mm256_mask_storeu_epi16(static_cast<uint16_t*>(dst) + 16 * c, inside[c],
-                                 _mm512_cvtps_ph(values[c], _MM_FROUND_TO_NEAREST_INT |
-                                                                _MM_FROUND_NO_EXC));
+        _mm512_mask_storeu_epi16(static_cast<uint16_t*>(dst) + 16 * c, inside[c],
+                                 _mm512_castsi256_si512(_mm512_cvtps_ph(
+                                     values[c], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
         break;
     }
 }
@@ -51,7 +54,7 @@ TRANSFUSE_STORE_AVX512 inline void store_vectors(const __m512* values, const __m
 // values[c] = gelu(values[c]) for the first `cols` of the row's elements (activation.h's gelu_row;
 // the lanes past them zero).
 template <int count>
-TRANSFUSE_STORE_AVX512 inline void gelu_vectors(__m512* values, const __mmask16* inside,
+TRANSFUSE_EPILOGUE_AVX512 void gelu_vectors(__m512* values, const __mmask16* inside,
                                                 int64_t cols, GeluApproximation approximate) {
   float staged[16 * count], activated[16 * count];
   for (int c = 0; c < count; ++c) _mm512_storeu_ps(staged + 16 * c, values[c]);
