@@ -1,11 +1,16 @@
 """transfuse.smooth (SmoothQuant) and quantize(smooth_alpha=...): the model's function is
-unchanged by the smoothing itself, and w8a8 with smoothing beats w8a8 without on outliers."""
+unchanged by the smoothing itself, w8a8 with smoothing beats w8a8 without on outliers, and it is
+on by default where calibration inputs are given."""
+import importlib
+
 import pytest
 import torch
 from torch import nn
 
 import transfuse
 from transfuse.smooth import find_groups, smooth
+
+quantize_module = importlib.import_module("transfuse.quantize")
 
 transformers = pytest.importorskip("transformers")
 from hf_models import build, make_batch  # noqa: E402
@@ -54,15 +59,33 @@ def test_smoothing_lowers_w8a8_error_on_outlier_channels():
     batch = make_batch("llama")
     reference_logits = all_outputs(outlier_model(), batch)[0]
     errors = {}
-    for alpha in (None, 0.5):
+    for alpha in (None, 0.5, "auto"):
         model = transfuse.quantize(outlier_model(), "w8a8", smooth_alpha=alpha, calibration=batch)
         errors[alpha] = (all_outputs(model, batch)[0] - reference_logits).abs().max().item()
     assert errors[0.5] < errors[None], errors
+    assert errors["auto"] == errors[0.5]  # the default with calibration inputs
+
+
+def test_smoothing_by_default_only_for_w8a8_with_calibration(monkeypatch):
+    """smooth_alpha "auto": SmoothQuant at alpha 0.5 for w8a8 given calibration inputs; not
+    without them, nor for weight-only w8a16 (whose activations stay float)."""
+    calls = []
+    monkeypatch.setattr(quantize_module, "smooth", lambda model, alpha, batches: calls.append(alpha))
+    batch = make_batch("llama")
+    for mode, calibration, expected in (("w8a8", batch, [0.5]), ("w8a8", None, []),
+                                        ("w8a16", batch, []), ("w8a16", None, [])):
+        calls.clear()
+        transfuse.quantize(build("llama"), mode, calibration=calibration)
+        assert calls == expected, (mode, calibration is None)
+    calls.clear()
+    transfuse.quantize(build("llama"), "w8a16", smooth_alpha=0.3, calibration=batch)
+    assert calls == [0.3]
 
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(smooth_alpha=1.5, calibration=torch.zeros(1, 2, dtype=torch.long)), "smooth_alpha"),
     (dict(smooth_alpha=0.5), "calibration"),
+    (dict(smooth_alpha="on", calibration=torch.zeros(1, 2, dtype=torch.long)), "smooth_alpha"),
 ])
 def test_bad_smoothing_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

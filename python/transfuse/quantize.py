@@ -17,6 +17,9 @@ from .ops.int8 import MODES
 from .smooth import smooth
 
 DEFAULT_SKIP = ("lm_head", "classifier", "score")
+# SmoothQuant's migration strength where calibration inputs are given: the paper's balance point
+# "for most models" (Xiao et al., 2023, section 4.2).
+DEFAULT_SMOOTH_ALPHA = 0.5
 
 
 def check_arguments(mode, skip):
@@ -70,22 +73,27 @@ def replacements(model, mode, skip, backend, *, tied=False):
     return swaps
 
 
-def quantize(model, mode="w8a8", *, skip=DEFAULT_SKIP, smooth_alpha=None, calibration=None,
+def quantize(model, mode="w8a8", *, skip=DEFAULT_SKIP, smooth_alpha="auto", calibration=None,
              backend=None):
     """Replace the model's linear layers by Int8Linear in `mode` ("w8a8" or "w8a16"), in place;
     returns the model. `skip`: module names (any part of the qualified name) left in float.
 
-    smooth_alpha in [0, 1] applies SmoothQuant first (transfuse.smooth), with `calibration` the
-    sample inputs to measure activations on: a tensor of input ids, a dict of model keyword
-    arguments, or a list of either.
+    `calibration`, a few sample inputs (a tensor of input ids, a dict of model keyword arguments,
+    or a list of either), turns on SmoothQuant (transfuse.smooth) before a w8a8 swap: with
+    smooth_alpha "auto" (the default) at alpha 0.5 where `calibration` is given and the mode is
+    w8a8, else not; a number in [0, 1] applies it at that alpha in either mode (it then needs
+    `calibration`); None never does. It smooths only where the fold leaves the model's function
+    unchanged (a norm feeding linear layers alone: pre-norm blocks).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_arguments(mode, skip)
+    if smooth_alpha == "auto":
+        smooth_alpha = DEFAULT_SMOOTH_ALPHA if calibration is not None and mode == "w8a8" else None
     if smooth_alpha is not None:
         if isinstance(smooth_alpha, bool) or not isinstance(smooth_alpha, (int, float)) or not (
                 0.0 <= smooth_alpha <= 1.0):
-            raise ValueError(f"smooth_alpha must be None or a number in [0, 1], got "
+            raise ValueError(f"smooth_alpha must be 'auto', None or a number in [0, 1], got "
                              f"{smooth_alpha!r}")
         if calibration is None:
             raise ValueError("smooth_alpha needs calibration= sample inputs")
