@@ -17,9 +17,10 @@ from helpers import cpu_backends
 pytestmark = pytest.mark.usefixtures("poison_allocations")
 
 # (rows, n, k): every remainder of the 6-row tiles, blocks of 32 rows (AMX) with tails,
-# 64-column panels with tails, k tails and several 256-column k blocks, leading dimensions
+# 64-column panels with tails, k tails and several of the fp32 GEMM's 1536-column k blocks,
+# leading dimensions
 SHAPES = [((16,), 64, 256), ((17,), 65, 17), ((2, 9), 130, 513), ((19,), 1, 300), ((20,), 3, 5),
-          ((3, 7), 129, 1024), ((23,), 200, 64), ((2, 33), 70, 100), ((96,), 64, 32)]
+          ((3, 7), 129, 3100), ((23,), 200, 64), ((2, 33), 70, 100), ((96,), 64, 32)]
 
 
 def kernel_calls(monkeypatch, own_gemm=True):
@@ -116,7 +117,7 @@ def test_cpu_gemm_weights_kept_packed_follow_their_weights(dtype, monkeypatch):
     module = transfuse.backends.extension()[0]
     if not (module.cpu_gemm if dtype == torch.float32 else module.cpu_gemm_bf16):
         pytest.skip("needs AVX-512 (fp32) or AVX512_BF16 (bf16)")
-    n, k = 130, 600
+    n, k = 130, 1700
     x = torch.randn(40, k).to(dtype)  # beyond the GEMV's rows: the GEMM
 
     def check(w):

@@ -32,7 +32,7 @@ namespace {
 constexpr int64_t kTileRows = 6;
 constexpr int64_t kPanelVectors = 4;
 constexpr int64_t kPanelCols = 16 * kPanelVectors;
-constexpr int64_t kDepth = 256;                 // k columns per block: a 64 KB panel block
+constexpr int64_t kDepth = 1536;  // k columns per block: a 384 KB panel block, in L2 (1 MB+)
 constexpr int64_t kMinWorkPerThread = 1 << 18;  // multiply-adds (threads.h)
 
 // Row j's 16 weights from column k0 as fp32 (int8 widened exactly), zeros past `len`.
