@@ -93,6 +93,25 @@ def test_rms_norm_residual(backend, device, cols, dtype, casting_mode, offset):
                                 casting_mode=casting_mode)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("cols", [17, 1000])
+def test_cpu_residual_sum_rounds_as_torch(dtype, cols):
+    """The residual output h = x + r of a 16-bit norm is torch's fp32 sum rounded to the dtype
+    bit for bit (the CPU's row conversions, convert.cpp, on every path the CPU has): ties to even,
+    subnormals, inf and NaN included; rows of 17 and 1000 leave vector tails."""
+    x, r, w, b = make_inputs(8, cols, dtype, "cpu")
+    tiny = torch.finfo(dtype).smallest_normal
+    x[0] = x[0] * tiny  # subnormal sums
+    r[0] = r[0] * tiny
+    x[1, :3] = torch.tensor([float("inf"), float("nan"), -float("inf")])
+    r[2] = x[2]  # exact doublings
+    with torch.no_grad():
+        _, h = transfuse.ops.layer_norm(x, w, b, residual=r, backend="cpu")
+    expected = (x.float() + r.float()).to(dtype)
+    assert torch.equal(h.isnan(), expected.isnan())
+    assert torch.equal(h[~h.isnan()], expected[~expected.isnan()])
+
+
 @pytest.mark.parametrize("backend,device", backend_params())
 @pytest.mark.parametrize("weight,bias", [(False, False), (True, False), (False, True),
                                          (True, True)])

@@ -1,6 +1,7 @@
 // The end of the CPU GEMMs' epilogues (gemm.cpp, gemm_bf16.cpp, int8_vnni.cpp) on a row of fp32
 // AVX-512 vectors: GELU, and the store in the output dtype straight from the registers, with the
-// same rounding as convert.cpp's rows (to nearest even; a NaN quieted for bf16; F16C's for fp16).
+// rounding of convert.cpp's rows (to nearest even; a NaN quieted for bf16; F16C's for fp16), whose
+// AVX-512 bf16 rows (and norm.cpp's bf16 residual add) use bf16_bits and store_bf16 too.
 // Include only where TRANSFUSE_X86_MULTIVERSION is set.
 #pragma once
 
@@ -31,6 +32,12 @@ TRANSFUSE_EPILOGUE_AVX512 __m512i bf16_bits(__m512 value) {
   return _mm512_mask_or_epi32(rounded, nan, top, _mm512_set1_epi32(0x0040));
 }
 
+// dst[l] = the low 16 bits of bits[l] for the lanes l of inside: narrowed in a register, then
+// stored (vpmovdw straight to memory ran at a fraction of this rate on Zen 4).
+TRANSFUSE_EPILOGUE_AVX512 void store_bf16(uint16_t* dst, __mmask16 inside, __m512i bits) {
+  _mm512_mask_storeu_epi16(dst, inside, _mm512_castsi256_si512(_mm512_cvtepi32_epi16(bits)));
+}
+
 // dst[16 c + l] = dtype(values[c][l]) for the lanes l of inside[c], c < count.
 template <int count>
 TRANSFUSE_EPILOGUE_AVX512 void store_vectors(const __m512* values, const __mmask16* inside,
@@ -40,8 +47,7 @@ TRANSFUSE_EPILOGUE_AVX512 void store_vectors(const __m512* values, const __mmask
         _mm512_mask_storeu_ps(static_cast<float*>(dst) + 16 * c, inside[c], values[c]);
         break;
       case DType::bf16:
-        _mm512_mask_cvtepi32_storeu_epi16(static_cast<uint16_t*>(dst) + 16 * c, inside[c],
-                                          bf16_bits(values[c]));
+        store_bf16(static_cast<uint16_t*>(dst) + 16 * c, inside[c], bf16_bits(values[c]));
         break;
       case DType::f16:
         _mm512_mask_storeu_epi16(static_cast<uint16_t*>(dst) + 16 * c, inside[c],
