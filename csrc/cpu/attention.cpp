@@ -92,6 +92,9 @@ char* row_address(void* base, DType dtype, const int64_t* strides, int64_t b, in
 // dst[r * ld + d] = scale * float(src row (row0 + r))[d] for d < head_dim; zero up to ld.
 void load_rows(const void* base, const int64_t* strides, const AttentionParams& p, int64_t b,
                int64_t h, int64_t row0, int64_t rows, float scale, float* dst, int64_t ld) {
+  if (scale == 1.f && ld == p.head_dim && strides[2] == p.head_dim)  // one block: one call
+    return load_row(row_address(base, p.dtype, strides, b, h, row0), p.dtype, dst,
+                    rows * p.head_dim);
   for (int64_t r = 0; r < rows; ++r) {
     float* out = dst + r * ld;
     load_row(row_address(base, p.dtype, strides, b, h, row0 + r), p.dtype, out, p.head_dim);
