@@ -97,8 +97,9 @@ def test_rms_norm_residual(backend, device, cols, dtype, casting_mode, offset):
 @pytest.mark.parametrize("cols", [17, 1000])
 def test_cpu_residual_sum_rounds_as_torch(dtype, cols):
     """The residual output h = x + r of a 16-bit norm is torch's fp32 sum rounded to the dtype
-    bit for bit (the CPU's row conversions, convert.cpp, on every path the CPU has): ties to even,
-    subnormals, inf and NaN included; rows of 17 and 1000 leave vector tails."""
+    bit for bit (bf16: norm.cpp's one-pass add on AVX-512; fp16 and other CPUs: convert.cpp's
+    rows): ties to even, subnormals, inf and NaN included; rows of 17 and 1000 leave vector
+    tails."""
     x, r, w, b = make_inputs(8, cols, dtype, "cpu")
     tiny = torch.finfo(dtype).smallest_normal
     x[0] = x[0] * tiny  # subnormal sums
