@@ -12,7 +12,7 @@
 #ifdef TRANSFUSE_X86_MULTIVERSION
 #include <immintrin.h>
 
-#include "epilogue_avx512.h"  // bf16_bits, store_bf16
+#include "bf16_avx512.h"
 #endif
 
 namespace transfuse::cpu {
@@ -171,14 +171,13 @@ bool cpu_has_f16c() {
 #define TRANSFUSE_BF16_ROWS __attribute__((target("avx512f,avx512bw,avx512vl")))
 
 TRANSFUSE_BF16_ROWS void bf16_row_to_float_avx512(const uint16_t* src, float* dst, int64_t n) {
-  auto widened = [](__m256i halves) TRANSFUSE_BF16_ROWS {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16));
-  };
   int64_t j = 0;
   for (; j + 16 <= n; j += 16)
-    _mm512_storeu_ps(dst + j, widened(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + j))));
+    _mm512_storeu_ps(dst + j,
+                     float_of_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + j))));
   const __mmask16 tail = __mmask16((1u << (n - j)) - 1);
-  if (tail) _mm512_mask_storeu_ps(dst + j, tail, widened(_mm256_maskz_loadu_epi16(tail, src + j)));
+  if (tail)
+    _mm512_mask_storeu_ps(dst + j, tail, float_of_bf16(_mm256_maskz_loadu_epi16(tail, src + j)));
 }
 
 TRANSFUSE_BF16_ROWS void float_row_to_bf16_avx512(const float* src, uint16_t* dst, int64_t n) {
@@ -191,39 +190,33 @@ TRANSFUSE_BF16_ROWS void float_row_to_bf16_avx512(const float* src, uint16_t* ds
 }
 
 TRANSFUSE_BF16_ROWS void round_row_to_bf16_avx512(float* values, int64_t n) {
-  auto rounded = [](__m512 v) TRANSFUSE_BF16_ROWS {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits(v), 16));
-  };
   int64_t j = 0;
-  for (; j + 16 <= n; j += 16) _mm512_storeu_ps(values + j, rounded(_mm512_loadu_ps(values + j)));
+  for (; j + 16 <= n; j += 16)
+    _mm512_storeu_ps(values + j, float_of_bf16_bits(bf16_bits(_mm512_loadu_ps(values + j))));
   const __mmask16 tail = __mmask16((1u << (n - j)) - 1);
-  if (tail) _mm512_mask_storeu_ps(values + j, tail, rounded(_mm512_maskz_loadu_ps(tail, values + j)));
-}
-
-bool cpu_has_bf16_rows() {
-  static const bool has = vector_isa() == VectorIsa::avx512 && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl");
-  return has;
+  if (tail)
+    _mm512_mask_storeu_ps(values + j, tail,
+                          float_of_bf16_bits(bf16_bits(_mm512_maskz_loadu_ps(tail, values + j))));
 }
 #endif
 
 void bf16_row_to_float(const uint16_t* src, float* dst, int64_t n) {
 #ifdef TRANSFUSE_X86_MULTIVERSION
-  if (cpu_has_bf16_rows()) return bf16_row_to_float_avx512(src, dst, n);
+  if (has_avx512bw_vl()) return bf16_row_to_float_avx512(src, dst, n);
 #endif
   bf16_row_to_float_portable(src, dst, n);
 }
 
 void float_row_to_bf16(const float* src, uint16_t* dst, int64_t n) {
 #ifdef TRANSFUSE_X86_MULTIVERSION
-  if (cpu_has_bf16_rows()) return float_row_to_bf16_avx512(src, dst, n);
+  if (has_avx512bw_vl()) return float_row_to_bf16_avx512(src, dst, n);
 #endif
   float_row_to_bf16_portable(src, dst, n);
 }
 
 void round_row_to_bf16(float* values, int64_t n) {
 #ifdef TRANSFUSE_X86_MULTIVERSION
-  if (cpu_has_bf16_rows()) return round_row_to_bf16_avx512(values, n);
+  if (has_avx512bw_vl()) return round_row_to_bf16_avx512(values, n);
 #endif
   round_row_to_bf16_portable(values, n);
 }

@@ -1,7 +1,7 @@
 // The end of the CPU GEMMs' epilogues (gemm.cpp, gemm_bf16.cpp, int8_vnni.cpp) on a row of fp32
 // AVX-512 vectors: GELU, and the store in the output dtype straight from the registers, with the
-// rounding of convert.cpp's rows (to nearest even; a NaN quieted for bf16; F16C's for fp16), whose
-// AVX-512 bf16 rows (and norm.cpp's bf16 residual add) use bf16_bits and store_bf16 too.
+// rounding of convert.cpp's rows (to nearest even; a NaN quieted for bf16, bf16_avx512.h; F16C's
+// for fp16).
 // Include only where TRANSFUSE_X86_MULTIVERSION is set.
 #pragma once
 
@@ -11,32 +11,11 @@
 
 #include "../common/norm.h"  // DType
 #include "activation.h"
+#include "bf16_avx512.h"
 
 namespace transfuse::cpu {
 
-// Inlined into each caller (AVX-512 F and BW at least): as plain inline functions of a header they
-// were called through the library's PLT.
-#define TRANSFUSE_EPILOGUE_AVX512 \
-  inline __attribute__((always_inline, target("avx512f,avx512bw")))
-
-// bf16 bits of fp32 lanes: (bits + 0x7fff + bit 16) >> 16, or the top half with the quiet bit set
-// for a NaN (convert.cpp's float_to_bf16, 16 lanes at a time).
-TRANSFUSE_EPILOGUE_AVX512 __m512i bf16_bits(__m512 value) {
-  const __m512i bits = _mm512_castps_si512(value);
-  const __m512i top = _mm512_srli_epi32(bits, 16);
-  const __m512i bias = _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
-                                        _mm512_and_si512(top, _mm512_set1_epi32(1)));
-  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, bias), 16);
-  const __mmask16 nan = _mm512_cmpgt_epu32_mask(
-      _mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
-  return _mm512_mask_or_epi32(rounded, nan, top, _mm512_set1_epi32(0x0040));
-}
-
-// dst[l] = the low 16 bits of bits[l] for the lanes l of inside: narrowed in a register, then
-// stored (vpmovdw straight to memory ran at a fraction of this rate on Zen 4).
-TRANSFUSE_EPILOGUE_AVX512 void store_bf16(uint16_t* dst, __mmask16 inside, __m512i bits) {
-  _mm512_mask_storeu_epi16(dst, inside, _mm512_castsi256_si512(_mm512_cvtepi32_epi16(bits)));
-}
+#define TRANSFUSE_EPILOGUE_AVX512 TRANSFUSE_BF16_AVX512  // inlined, as bf16_avx512.h's
 
 // dst[16 c + l] = dtype(values[c][l]) for the lanes l of inside[c], c < count.
 template <int count>

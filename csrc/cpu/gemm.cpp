@@ -233,9 +233,7 @@ bool pack_weight_fp32(const float* w, int64_t n, int64_t k, void* packed, int nu
 
 bool has_gemm() {
 #ifdef TRANSFUSE_X86_MULTIVERSION
-  static const bool has = vector_isa() == VectorIsa::avx512 && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl");
-  return has;
+  return has_avx512bw_vl();
 #else
   return false;
 #endif

@@ -18,6 +18,8 @@
 
 #ifdef TRANSFUSE_X86_MULTIVERSION
 #include <immintrin.h>
+
+#include "bf16_avx512.h"
 #endif
 
 namespace transfuse::cpu {
@@ -36,8 +38,7 @@ TRANSFUSE_AVX512BW inline __m512 load_weights(const float* from, __mmask16 mask)
   return _mm512_maskz_loadu_ps(mask, from);
 }
 TRANSFUSE_AVX512BW inline __m512 load_weights(const uint16_t* from, __mmask16 mask) {
-  return _mm512_castsi512_ps(
-      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, from)), 16));
+  return float_of_bf16(_mm256_maskz_loadu_epi16(mask, from));
 }
 
 // sums[r][c] = sum_kk x[r * k + kk] * float(w[c][kk]) for R rows of x and kTileCols weight rows.

@@ -34,6 +34,13 @@ inline VectorIsa vector_isa() {
   return isa;
 }
 
+// vector_isa() is AVX-512 and the CPU has its byte / word (BW) and 128 / 256-bit (VL) forms.
+inline bool has_avx512bw_vl() {
+  static const bool has = vector_isa() == VectorIsa::avx512 && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl");
+  return has;
+}
+
 }  // namespace transfuse::cpu
 #else
 #define TRANSFUSE_MULTIVERSION

@@ -35,7 +35,7 @@
 #ifdef TRANSFUSE_X86_MULTIVERSION
 #include <immintrin.h>
 
-#include "epilogue_avx512.h"
+#include "bf16_avx512.h"
 #endif
 
 namespace transfuse::cpu {
@@ -195,18 +195,14 @@ void add_row_in_place(float* __restrict total, const float* __restrict addend, i
 #ifdef TRANSFUSE_X86_MULTIVERSION
 #define TRANSFUSE_ADD_BF16 __attribute__((target("avx512f,avx512bw,avx512vl")))
 
-TRANSFUSE_ADD_BF16 inline __m512 widened_bf16(__m256i halves) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16));
-}
-
 TRANSFUSE_ADD_BF16 void add_bf16_rows(const uint16_t* x, const uint16_t* residual, float* h,
                                       uint16_t* h_out, int64_t n) {
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 inside = n - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - j)) - 1);
     const __m512i bits =
-        bf16_bits(_mm512_add_ps(widened_bf16(_mm256_maskz_loadu_epi16(inside, x + j)),
-                                widened_bf16(_mm256_maskz_loadu_epi16(inside, residual + j))));
-    const __m512 rounded = _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
+        bf16_bits(_mm512_add_ps(float_of_bf16(_mm256_maskz_loadu_epi16(inside, x + j)),
+                                float_of_bf16(_mm256_maskz_loadu_epi16(inside, residual + j))));
+    const __m512 rounded = float_of_bf16_bits(bits);
     if (inside == 0xffff) {  // unmasked stores: masked ones are slow on Zen 4
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(h_out + j), _mm512_cvtepi32_epi16(bits));
       _mm512_storeu_ps(h + j, rounded);
@@ -216,15 +212,8 @@ TRANSFUSE_ADD_BF16 void add_bf16_rows(const uint16_t* x, const uint16_t* residua
     }
   }
 }
-
-bool has_add_bf16_rows() {
-  static const bool has = vector_isa() == VectorIsa::avx512 && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl");
-  return has;
-}
 #else
 void add_bf16_rows(const uint16_t*, const uint16_t*, float*, uint16_t*, int64_t) {}
-bool has_add_bf16_rows() { return false; }
 #endif
 
 // sum(h)
@@ -597,7 +586,7 @@ void norm_forward(const NormForwardParams& p) {
 
   // bf16 x + residual in one pass (AVX-512): the four passes of the other 16-bit rows took an
   // add + LayerNorm of 4096 x 1024 to 0.65x eager's
-  const bool one_pass_bf16_sum = p.x_dtype == DType::bf16 && !streaming && has_add_bf16_rows();
+  const bool one_pass_bf16_sum = p.x_dtype == DType::bf16 && !streaming && has_avx512bw_vl();
   in_team(row_threads(p.num_threads, rows, cols), [&] {
     // Per-thread scratch rows, only those this dtype combination needs.
     std::vector<float> h_scratch(x_is_f32 && (!has_residual || !streaming) ? 0 : cols);
