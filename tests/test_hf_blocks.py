@@ -66,8 +66,9 @@ def test_blocks_equal_the_unpatched_model_with_one_gemm_for_qkv(model_type, line
     patched = transfuse.patch(copy.deepcopy(model))
     rules = {name: rule for name, rule in transfuse.patched_modules(patched).items()
              if "<block" in name}
-    assert sorted(set(rules.values())) == ["block rule 'bias_gelu'", "block rule 'linear'",
-                                           "block rule 'projections'", "block rule 'residual_norm'"]
+    assert sorted(set(rules.values())) == ["block rule 'bias_gelu'", "block rule 'encoder_layer'",
+                                           "block rule 'linear'", "block rule 'projections'",
+                                           "block rule 'residual_norm'"]
     linear_calls[0] = 0
     torch.testing.assert_close(real_tokens(patched, ids, mask), expected, rtol=1e-5, atol=1e-5)
     layers = model.config.num_hidden_layers
@@ -108,9 +109,11 @@ def test_intermediate_gelu_runs_bias_gelu_where_it_is_f_gelu(hidden_act, monkeyp
 def test_the_float_gemms_of_the_rules_run_transfuse_linear_on_the_cpu(joined, monkeypatch):
     """On CPU tensors the rules' GEMMs go through transfuse.ops.linear (thresholds lowered so that
     a tiny model's GEMMs take transfuse's kernel where the CPU has it), equal to the unpatched
-    model per sequence."""
+    model per sequence. (The layers' modules: the fused layer, which calls the same kernels from
+    C++, is tested below.)"""
     if not joined:
         monkeypatch.setattr(blocks, "JOINED_GEMM_DEVICES", ("cuda",))
+    monkeypatch.setattr(blocks, "_fused_layer_arguments", lambda *args: None)
     linear_module = importlib.import_module("transfuse.ops.linear")
     monkeypatch.setattr(linear_module, "MIN_ROWS", 1)
     monkeypatch.setattr(linear_module, "MIN_WORK", 0)
@@ -499,3 +502,115 @@ def test_decoder_attention_and_mlp_fall_back_to_the_class_forward():
     assert angle.grad is not None and angle.grad.abs().sum() > 0
     transfuse.unpatch(patched)
     assert "forward" not in attention.__dict__ and "forward" not in mlp.__dict__
+
+
+# ------------------------------------------------------------------------------------------------
+# encoder_layer: the whole layer in one transfuse._C.encoder_layer call
+# ------------------------------------------------------------------------------------------------
+
+def fused_layer_runs(dtype, int8):
+    """Whether this CPU runs the fused layer: int8 always (the cpu backend's int8 kernels), float
+    where transfuse's own GEMMs take the rules' calls (AVX-512; bf16 with AVX512_BF16)."""
+    module = transfuse.backends.extension()[0]
+    if int8:
+        return True
+    return bool(module.cpu_gemm and not module.cpu_amx
+                and (dtype != torch.bfloat16 or module.cpu_gemm_bf16))
+
+
+@pytest.fixture
+def fused_layer_calls(monkeypatch):
+    """The calls of transfuse._C.encoder_layer; the tiny models' GEMMs taken by transfuse's own
+    kernels (thresholds lowered) and the Q / K / V projections one by one, as on the CPU."""
+    linear_module = importlib.import_module("transfuse.ops.linear")
+    monkeypatch.setattr(linear_module, "MIN_ROWS", 1)
+    monkeypatch.setattr(linear_module, "MIN_WORK", 0)
+    monkeypatch.setattr(blocks, "JOINED_GEMM_DEVICES", ("cuda",))
+    monkeypatch.setattr(blocks, "JOINED_INT8_DEVICES", ("cuda",))
+    module = transfuse.backends.extension()[0]
+    calls = []
+    original = module.encoder_layer
+    monkeypatch.setattr(module, "encoder_layer", lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls
+
+
+def module_by_module(monkeypatch, model, ids, mask):
+    """The patched model's output with the fused layer turned off (the modules' rules)."""
+    with monkeypatch.context() as m:
+        m.setattr(blocks, "_fused_layer_arguments", lambda *args: None)
+        with torch.inference_mode():
+            return model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+
+@pytest.mark.parametrize("padding", [True, False], ids=["packed", "unpadded"])
+@pytest.mark.parametrize("mode", ["fp32", "bf16", "w8a8", "w8a16"])
+@pytest.mark.parametrize("model_type", ENCODERS)
+def test_encoder_layer_in_one_call_equals_the_modules_bit_for_bit(model_type, mode, padding,
+                                                                  fused_layer_calls, monkeypatch):
+    """Over packed tokens (a padded batch) and an unmasked batch, the fused layer gives exactly
+    what the layer's modules and their rules give, and the fp32 model equals the unpatched one."""
+    model = build(model_type)
+    ids, mask = padded_batch()
+    if not padding:
+        mask = torch.ones_like(mask)
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float32
+    expected = real_tokens(model, ids, mask)
+    patched = transfuse.patch(copy.deepcopy(model).to(dtype),
+                              int8=mode if mode.startswith("w8") else None)
+    with torch.inference_mode():
+        fused = patched(input_ids=ids, attention_mask=mask).last_hidden_state
+    layers = model.config.num_hidden_layers
+    assert len(fused_layer_calls) == (layers if fused_layer_runs(dtype, mode.startswith("w8"))
+                                      else 0)
+    assert torch.equal(fused, module_by_module(monkeypatch, patched, ids, mask))
+    if mode == "fp32":
+        torch.testing.assert_close(fused[mask.bool()], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_encoder_layer_steps_aside_for_hooks_training_gradients_and_weights(fused_layer_calls):
+    """A hooked module of the layer, training (dropout), autograd and output_attentions run the
+    modules, with what the unpatched model gives."""
+    model = build("bert")
+    ids, mask = padded_batch()
+    expected = real_tokens(model, ids, mask)
+    patched = transfuse.patch(copy.deepcopy(model))
+    if not fused_layer_runs(torch.float32, False):
+        pytest.skip("transfuse's float GEMMs do not run on this CPU")
+    seen = []
+    handle = patched.encoder.layer[0].output.dense.register_forward_hook(
+        lambda *args: seen.append(1))
+    with torch.inference_mode():
+        out = patched(input_ids=ids, attention_mask=mask).last_hidden_state
+    handle.remove()
+    assert seen == [1] and len(fused_layer_calls) == model.config.num_hidden_layers - 1
+    torch.testing.assert_close(out[mask.bool()], expected, rtol=1e-5, atol=1e-5)
+
+    fused_layer_calls.clear()
+    out = patched(input_ids=ids, attention_mask=mask).last_hidden_state  # autograd records
+    out[mask.bool()].sum().backward()
+    assert fused_layer_calls == [] and patched.encoder.layer[0].output.dense.weight.grad is not None
+    torch.testing.assert_close(out[mask.bool()].detach(), expected, rtol=1e-5, atol=1e-5)
+
+    with torch.inference_mode():
+        attentions = patched(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+        reference = model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+        patched.train()
+        patched(input_ids=ids, attention_mask=mask)
+    assert fused_layer_calls == []
+    for got, want in zip(attentions, reference):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_encoder_layer_call_names_a_wrong_argument():
+    module = transfuse.backends.extension()[0]
+    x, w = torch.randn(1, 4, 8), torch.randn(8, 8)
+    arguments = dict(x=x, cu_seqlens=None, max_seqlen=0, heads=2, scale=0.5, weights=[w] * 5,
+                     weight_scales=[], biases=[torch.zeros(8)] * 6, int8_mode="",
+                     norm_weights=[torch.ones(8)] * 2, norm_biases=[torch.zeros(8)] * 2,
+                     eps=[1e-5] * 2, activation="gelu")
+    with pytest.raises(ValueError, match="weights and biases"):
+        module.encoder_layer(**arguments)
+    with pytest.raises(ValueError, match="heads"):
+        module.encoder_layer(**{**arguments, "weights": [w] * 6, "heads": 3})
+    with pytest.raises(ValueError, match="activation"):
+        module.encoder_layer(**{**arguments, "weights": [w] * 6, "activation": "relu"})

@@ -69,7 +69,7 @@ assert EXPECTED.keys() == MORE_FAMILIES.keys()
 def kernel_calls(monkeypatch):
     """Counts the calls of the transfuse attention kernels (as the attention function reaches
     them) and of the fused norm / activation ops and linear layers with an activation (as
-    transfuse.nn and the block rules reach them)."""
+    transfuse.nn and the block rules reach them, or the fused encoder layer runs them)."""
     seen = Counter()
 
     def spy(owner, name):
@@ -90,6 +90,15 @@ def kernel_calls(monkeypatch):
             seen["linear+gelu"] += 1
         return linear(*args, **kwargs)
     monkeypatch.setattr(transfuse.ops, "linear", linear_gelu)
+    module = transfuse.backends.extension()[0]
+    encoder_layer = module.encoder_layer
+
+    def fused_layer(x, cu_seqlens, *args, **kwargs):  # the kernels of one BERT-style layer
+        seen["attention" if cu_seqlens is None else "varlen_attention"] += 1
+        seen["layer_norm"] += 2
+        seen["bias_gelu" if args[6] else "linear+gelu"] += 1  # int8_mode
+        return encoder_layer(x, cu_seqlens, *args, **kwargs)
+    monkeypatch.setattr(module, "encoder_layer", fused_layer)
     return seen
 
 

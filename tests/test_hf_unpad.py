@@ -46,7 +46,8 @@ def prepared(model_type):
 
 @pytest.fixture
 def varlen_calls(monkeypatch):
-    """Counts the packed attention calls the transfuse attention makes."""
+    """The packed attention calls the transfuse attention makes (and a BERT-style layer run in
+    one call, hf/blocks.py's encoder_layer rule): their packed token counts."""
     seen = []
     original = hf_attention.varlen_attention
 
@@ -54,6 +55,14 @@ def varlen_calls(monkeypatch):
         seen.append(q.shape[0])
         return original(q, *args, **kwargs)
     monkeypatch.setattr(hf_attention, "varlen_attention", spy)
+    module = transfuse.backends.extension()[0]
+    encoder_layer = module.encoder_layer
+
+    def fused_layer(x, cu_seqlens, *args, **kwargs):
+        if cu_seqlens is not None:
+            seen.append(x.shape[1])
+        return encoder_layer(x, cu_seqlens, *args, **kwargs)
+    monkeypatch.setattr(module, "encoder_layer", fused_layer)
     return seen
 
 

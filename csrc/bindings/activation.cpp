@@ -14,6 +14,7 @@
 
 #include "dtype.h"
 #include "python_functions.h"
+#include "tensor_functions.h"
 
 #include "../common/activation.h"
 #include "../cpu/activation.h"
@@ -59,6 +60,8 @@ GeluApproximation to_approximation(std::string_view approximate) {
 
 const void* data_or_null(const OptTensor& t) { return t ? t->data_ptr() : nullptr; }
 
+}  // namespace
+
 Tensor bias_gelu_forward(const Tensor& x, const OptTensor& bias, c10::string_view approximate) {
   check_matrix(x, "x", x);
   check_bias(bias, x);
@@ -83,6 +86,8 @@ Tensor bias_gelu_forward(const Tensor& x, const OptTensor& bias, c10::string_vie
   }
   return y;
 }
+
+namespace {
 
 Tensor bias_gelu_backward(const Tensor& dy, const Tensor& x, const OptTensor& bias,
                           c10::string_view approximate) {

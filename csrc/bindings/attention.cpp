@@ -13,6 +13,7 @@
 
 #include "dtype.h"
 #include "python_functions.h"
+#include "tensor_functions.h"
 
 #include "../cpu/attention.h"
 
@@ -198,6 +199,8 @@ std::tuple<Tensor, Tensor> run_forward(AttentionParams& p, const Tensor& q) {
   return {out, lse};
 }
 
+}  // namespace
+
 std::tuple<Tensor, Tensor> attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
                                              const OptTensor& mask, bool causal, double scale,
                                              int64_t window, double softcap, double dropout_p,
@@ -216,6 +219,8 @@ std::tuple<Tensor, Tensor> varlen_attention_forward(
                                      seed, &packing);
   return run_forward(p, q);
 }
+
+namespace {
 
 // The CPU backward of p.forward (filled but for out and lse) in either layout: dq, dk, dv
 // contiguous in q's shape and k's, dbias [batch, heads_q, seq_q, seq_kv] fp32 (local positions)

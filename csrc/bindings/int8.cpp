@@ -20,6 +20,7 @@
 #include "dtype.h"
 #include "packed_weights.h"
 #include "python_functions.h"
+#include "tensor_functions.h"
 
 #include "../cpu/buffer.h"
 #include "../cpu/gemm.h"
@@ -301,6 +302,8 @@ Tensor w8a8_cpu(const Tensor& x, const Tensor& w, const Tensor& w_scale, const O
   return out;
 }
 
+}  // namespace
+
 // One eager int8 linear call on the CPU or CUDA backend: x [..., k] (any layout) @ (w *
 // w_scale[:, None])^T + bias (cast to x's dtype) -> [..., n] in x's dtype; w8a8 quantizes x per
 // token first. Checks every argument. Returns nothing for what it leaves to the Python op: an
@@ -346,8 +349,6 @@ std::optional<Tensor> int8_linear(const Tensor& x, const Tensor& w, const Tensor
   out_shape.back() = n;
   return out.view(out_shape);
 }
-
-}  // namespace
 
 // The kernels as functions of transfuse._C (python_functions.h).
 void add_int8_functions(PyObject* module) {

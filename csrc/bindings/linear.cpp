@@ -14,14 +14,15 @@
 #include "dtype.h"
 #include "packed_weights.h"
 #include "python_functions.h"
+#include "tensor_functions.h"
 
 #include "../cpu/gemm.h"
 
 namespace transfuse {
 namespace {
-
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
+}  // namespace
 
 // x [..., k] (any layout) @ w [n, k]^T + bias [n] -> [..., n]; None where transfuse's GEMMs do not
 // take the call (not on the CPU, dtypes other than all fp32 or all bf16, a CPU without AVX-512 /
@@ -80,8 +81,6 @@ std::optional<Tensor> linear(const Tensor& x, const Tensor& w, const OptTensor& 
   out_shape.back() = n;
   return out.view(out_shape);
 }
-
-}  // namespace
 
 void add_linear_functions(PyObject* module) {
   namespace py = pybind11;

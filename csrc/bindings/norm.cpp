@@ -11,6 +11,7 @@
 
 #include "dtype.h"
 #include "python_functions.h"
+#include "tensor_functions.h"
 
 #include "../cpu/norm.h"
 
@@ -57,6 +58,8 @@ void check_stats(const Tensor& t, const char* name, int64_t rows, const Tensor& 
 }
 
 const void* data_or_null(const OptTensor& t) { return t ? t->data_ptr() : nullptr; }
+
+}  // namespace
 
 // -> (y, x + residual or empty, mean [rows] or empty, rstd [rows] or empty); y and x + residual
 // in x's shape, rows = x.numel() / cols; the statistics only when save_stats (for a backward),
@@ -121,6 +124,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_forward(
   }
   return {y, residual_out, mean, rstd};
 }
+
+namespace {
 
 // -> (dx [= dresidual] in h's shape, dweight or empty, dbias or empty)
 std::tuple<Tensor, Tensor, Tensor> norm_backward(

@@ -39,6 +39,18 @@ something else.
                decoding step's output projections and head run transfuse's GEMV
                (csrc/cpu/gemv.cpp) rather than torch's, which read fp32 weights at 12 GB/s on
                the AMD EPYC.
+  encoder_layer  a BERT-style encoder layer without cross-attention, chunking or a cache. CPU
+               inference (no autograd) with the transfuse attention over packed tokens or an
+               unmasked batch, every module as built or as its rule left it: the whole layer in
+               one transfuse._C.encoder_layer call (csrc/bindings/encoder_layer.cpp), the same
+               kernels as the modules' rules, bit for bit, without some ten Python calls between
+               them (on all-MiniLM-L6-v2's real sentences that Python was about a tenth of a
+               batch's time). Otherwise the class's computation with its containers' Python
+               skipped (the layer's, its attention's and self-attention's forwards,
+               transformers' kwarg-renaming wrappers, apply_chunking_to_forward's signature
+               inspection): Q, K, V, the configured attention function, then the output,
+               intermediate and output layers (each its own rule) called as modules. A hooked or
+               overridden container runs the class's forward.
   bias_gelu    gelu(dense(h)) (BERT-style Intermediate, exact or tanh GELU): on CPU tensors with
                a float dense layer, one transfuse.ops.linear with the bias and GELU in its
                GEMM's epilogue; else the GEMM (float or transfuse int8) without its bias (no
@@ -66,9 +78,12 @@ import types
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _torch_module
 
-from .. import ops
+from .. import backends, ops
 from ..nn import FusedLayerNorm, FusedRMSNorm, Int8Linear
+from ..ops.linear import _own_kernel_takes
+from .attention import NAME as ATTENTION_NAME, _weights_requested
 from ..ops.activation import KERNEL_DTYPES as ACTIVATION_DTYPES
 from ..ops.rotary import KERNEL_DTYPES as ROTARY_DTYPES
 
@@ -98,6 +113,8 @@ BLOCK_RULES = {
     **{f"{family}{part}": ("residual_norm", ("dense", "dropout", "LayerNorm"))
        for family in _BERT_LIKE for part in ("SelfOutput", "Output")},
     **{f"{family}Intermediate": ("bias_gelu", ("dense", "intermediate_act_fn"))
+       for family in _BERT_LIKE},
+    **{f"{family}Layer": ("encoder_layer", ("attention", "intermediate", "output"))
        for family in _BERT_LIKE},
     **{f"{family}Attention": ("rotary_attention", ("q_proj", "k_proj", "v_proj"))
        for family in _DECODERS},
@@ -161,6 +178,37 @@ ROTATE_HALF_SOURCE = ("def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
 ROTATE_HALF_HELPER_SOURCE = ("x1 = x[..., : x.shape[-1] // 2]", "x2 = x[..., x.shape[-1] // 2 :]",
                              "return torch.cat((-x2, x1), dim=-1)")
 
+# A BERT-style layer's forward and its feed_forward_chunk; its attention container's forward and
+# the self-attention's (transformers 5.17 names the cache past_key_values, 5.24 cache).
+ENCODER_LAYER_SOURCE = (
+    "self_attention_output, _ = self.attention( hidden_states, attention_mask,",
+    "attention_output = self_attention_output",
+    "if self.is_decoder and encoder_hidden_states is not None:",
+    "layer_output = apply_chunking_to_forward( self.feed_forward_chunk, "
+    "self.chunk_size_feed_forward, self.seq_len_dim, attention_output )", "return layer_output")
+FEED_FORWARD_SOURCE = ("intermediate_output = self.intermediate(attention_output)",
+                       "layer_output = self.output(intermediate_output, attention_output)",
+                       "return layer_output")
+ATTENTION_CONTAINER_SOURCE = (
+    "attention_mask = attention_mask if not self.is_cross_attention else encoder_attention_mask",
+    "attention_output, attn_weights = self.self( hidden_states, "
+    "encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask,",
+    "attention_output = self.output(attention_output, hidden_states)",
+    "return attention_output, attn_weights")
+SELF_ATTENTION_SOURCE = (
+    "input_shape = hidden_states.shape[:-1]",
+    "hidden_shape = (*input_shape, -1, self.attention_head_size)",
+    "query_layer = self.query(hidden_states).view(*hidden_shape).transpose(1, 2)",
+    "key_layer = self.key(hidden_states).view(*hidden_shape).transpose(1, 2)",
+    "value_layer = self.value(hidden_states).view(*hidden_shape).transpose(1, 2)",
+    "attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface( "
+    "self.config._attn_implementation, eager_attention_forward )",
+    "attn_output, attn_weights = attention_interface( self, query_layer, key_layer, value_layer, "
+    "attention_mask, dropout=0.0 if not self.training else self.dropout.p, "
+    "scaling=self.scaling, **kwargs, )",
+    "attn_output = attn_output.reshape(*input_shape, -1).contiguous()",
+    "return attn_output, attn_weights")
+
 GATED_MLP_SOURCE = ("down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))",
                     "return down_proj")
 
@@ -192,6 +240,8 @@ def _expected_source(kind, names, cls):
         return (*head[:-1], f"{head[-1]} {argument} {tail[0]}".replace("  ", " "), *tail[1:])
     if kind == "bias_gelu":
         return BIAS_GELU_SOURCE
+    if kind == "encoder_layer":
+        return ENCODER_LAYER_SOURCE
     if kind == "residual_rms_norm":
         head, tail = RESIDUAL_RMS_NORM_SOURCE
         return (*head, *(f"{name}={name}," for name in _decoder_parameters(cls)), *tail)
@@ -226,6 +276,9 @@ def _forward_reads_as(cls, kind, names):
                 and _reads_as(getattr(family_module, "rotate_half", None),
                               ROTATE_HALF_HELPER_SOURCE)):
             return False
+    if kind == "encoder_layer" and not _reads_as(getattr(cls, "feed_forward_chunk", None),
+                                                 FEED_FORWARD_SOURCE):
+        return False
     return _reads_as(cls.forward, _expected_source(kind, names, cls))
 
 
@@ -623,10 +676,171 @@ def _patch_bias_gelu(module, names):
         _install(module, _bias_gelu_forward))
 
 
+# ------------------------------------------------------------------------------------------------
+# encoder_layer
+# ------------------------------------------------------------------------------------------------
+
+# The varlen kwargs that padding removal passes each layer (hf/unpad.py), and what else the
+# transfuse attention function takes and ignores there (BertModel passes position_ids down).
+PACKED_KWARGS = frozenset(("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"))
+IGNORED_KWARGS = frozenset(("position_ids",))
+
+
+def _own_hooks(module):
+    """The module's own hooks (nn.Module.__call__ would run them around its forward)."""
+    return (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+            or module._backward_pre_hooks)
+
+
+def _global_hooks():
+    return (_torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks
+            or _torch_module._global_backward_hooks or _torch_module._global_backward_pre_hooks)
+
+
+def _runs_its_class_forward(module):
+    """module(...) would be module's class forward and nothing else: no hooks of its own or
+    global ones, no forward of the instance's, no TorchScript tracing."""
+    return not (_own_hooks(module) or _global_hooks() or "forward" in module.__dict__
+                or torch._C._get_tracing_state())
+
+
+def _fused_layer_arguments(layer, inner, x):
+    """transfuse._C.encoder_layer's arguments for `layer` (weights, weight_scales, biases,
+    int8_mode, norm_weights, norm_biases, eps, activation) where its modules run what the call
+    runs on x (the rules' forwards, their GEMMs transfuse's, biases and affine norms of x's
+    dtype, every backend the cpu one), else None. (Registries read directly: nn.Module's
+    __getattr__ made these checks cost 40 us a layer.)"""
+    children = layer._modules
+    rules = (children["attention"]._modules.get("output"), children.get("intermediate"),
+             children.get("output"))
+    if _global_hooks() or not all(
+            m is not None and m.__dict__.get(FORWARD_ATTR) and not _own_hooks(m) for m in rules):
+        return None
+    approximate = _gelu_approximation(rules[1]._modules.get("intermediate_act_fn"))
+    norms = [rules[i]._modules.get("LayerNorm") for i in (0, 2)]
+    dropouts = [rules[i]._modules.get("dropout") for i in (0, 2)]
+    if approximate is None or not all(
+            type(n) is FusedLayerNorm and not _own_hooks(n) and "forward" not in n.__dict__
+            and n._parameters["weight"] is not None and n._parameters["bias"] is not None
+            for n in norms) or not all(
+            type(d) is nn.Dropout and not _own_hooks(d) and "forward" not in d.__dict__
+            and (not d.training or d.p == 0) for d in dropouts):
+        return None
+    linears = [inner._modules.get(name) for name in ("query", "key", "value")]
+    linears += [m._modules.get("dense") for m in rules]
+    int8 = type(linears[0]) is Int8Linear
+    if x.device.type in (JOINED_INT8_DEVICES if int8 else JOINED_GEMM_DEVICES):
+        return None  # (the modules would run Q, K and V as one GEMM)
+    mode = linears[0].mode if int8 else ""
+    chosen = {n.backend for n in norms}
+    chosen.update(m.__dict__.get(BACKEND_ATTR) for m in (inner, *rules))
+    weights, weight_scales, biases = [], [], []
+    for index, m in enumerate(linears):
+        forward = getattr(m.__dict__.get("forward"), "__func__", None)
+        if type(m) is Int8Linear and int8 and m.mode == mode and not _own_hooks(m) and (
+                forward in (None, _projection_forward)):
+            weight = m._buffers["weight"]
+            weight_scales.append(m._buffers["weight_scale"])
+            chosen.add(m.backend)
+        # q, k and v without a rule's forward would be torch's F.linear
+        elif type(m) is nn.Linear and not int8 and not _own_hooks(m) and (
+                forward in (_linear_forward, _projection_forward)
+                or (forward is None and index >= 3)):
+            weight = m._parameters["weight"]
+            if weight.dtype != x.dtype or not _own_kernel_takes(x, weight):
+                return None
+            chosen.add(m.__dict__.get(BACKEND_ATTR))
+        else:
+            return None
+        bias = m._parameters.get("bias")
+        if bias is None or bias.dtype != x.dtype:
+            return None
+        weights.append(weight)
+        biases.append(bias)
+    needed = ("int8", "activation") if int8 else ("linear",)
+    if any(backends.resolve(op, b, x.device) != "cpu"
+           for b in chosen for op in (*needed, "norm", "attention")):
+        return None
+    return (weights, weight_scales, biases, mode, [n._parameters["weight"] for n in norms],
+            [n._parameters["bias"] for n in norms], [float(n.eps) for n in norms],
+            "gelu" if approximate == "none" else "gelu_tanh")
+
+
+def _fused_encoder_layer(layer, inner, x, attention_mask, kwargs):
+    """The layer in one transfuse._C.encoder_layer call (CPU inference, the transfuse attention
+    over packed tokens or an unmasked batch, _fused_layer_arguments), else None."""
+    if (x.device.type != "cpu" or x.dim() != 3 or torch.is_grad_enabled()
+            or attention_mask is not None or not kwargs.keys() <= PACKED_KWARGS | IGNORED_KWARGS
+            or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")
+            or inner.config._attn_implementation != ATTENTION_NAME or inner.is_causal
+            or (inner.training and inner.dropout.p) or _weights_requested(kwargs)):
+        return None
+    cu_seqlens, longest = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
+    packed = kwargs.keys() & PACKED_KWARGS
+    if packed and not (
+            len(packed) == 4 and kwargs["cu_seq_lens_k"] is cu_seqlens and x.shape[0] == 1
+            and kwargs["max_length_k"] == longest and cu_seqlens.dtype == torch.int32):
+        return None
+    arguments = _fused_layer_arguments(layer, inner, x)
+    module = backends.extension()[0]
+    if arguments is None or module is None:
+        return None
+    return module.encoder_layer(x, cu_seqlens, int(longest or 0), inner.num_attention_heads,
+                                float(inner.scaling), *arguments)
+
+
+def _encoder_layer_forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
+                           *args, **kwargs):
+    attention_class, self_attention_class = self.__dict__[FACTS_ATTR]
+    attention = self.attention
+    inner = getattr(attention, "self", None)
+    if (args or encoder_hidden_states is not None or self.chunk_size_feed_forward
+            or kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
+            or type(attention) is not attention_class or type(inner) is not self_attention_class
+            or attention.is_cross_attention or not _runs_its_class_forward(attention)
+            or not _runs_its_class_forward(inner)):
+        return type(self).forward(self, hidden_states, attention_mask, encoder_hidden_states,
+                                  *args, **kwargs)
+    for name in ("encoder_attention_mask", "cache", "past_key_values"):  # (None) not passed on
+        kwargs.pop(name, None)
+    fused = _fused_encoder_layer(self, inner, hidden_states, attention_mask, kwargs)
+    if fused is not None:
+        return fused
+    family_module = sys.modules[self_attention_class.__module__]
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, inner.attention_head_size)
+    query = inner.query(hidden_states).view(*hidden_shape).transpose(1, 2)
+    key = inner.key(hidden_states).view(*hidden_shape).transpose(1, 2)
+    value = inner.value(hidden_states).view(*hidden_shape).transpose(1, 2)
+    attention_function = family_module.ALL_ATTENTION_FUNCTIONS.get_interface(
+        inner.config._attn_implementation, family_module.eager_attention_forward)
+    output, _ = attention_function(
+        inner, query, key, value, attention_mask,
+        dropout=0.0 if not inner.training else inner.dropout.p, scaling=inner.scaling,
+        encoder_hidden_states=None, **kwargs)  # (the container passes it on to the function)
+    attention_output = attention.output(output.reshape(*input_shape, -1).contiguous(),
+                                        hidden_states)
+    return self.output(self.intermediate(attention_output), attention_output)
+
+
+def _patch_encoder_layer(module, names):
+    """Where the layer's attention container and self-attention read as the rule expects."""
+    attention = getattr(module, "attention", None)
+    inner = getattr(attention, "self", None)
+    if not (isinstance(attention, nn.Module) and isinstance(inner, nn.Module)
+            and all(isinstance(getattr(module, name, None), nn.Module) for name in names)
+            and _reads_as(type(attention).forward, ATTENTION_CONTAINER_SOURCE)
+            and _reads_as(type(inner).forward, SELF_ATTENTION_SOURCE)):
+        return False
+    module.__dict__[FACTS_ATTR] = (type(attention), type(inner))
+    return _install(module, _encoder_layer_forward)
+
+
 _PATCHERS = {"projections": _patch_projections, "linear": _patch_linear,
              "residual_norm": _patch_residual_norm,
              "residual_rms_norm": _patch_residual_rms_norm, "bias_gelu": _patch_bias_gelu,
-             "rotary_attention": _patch_rotary_attention, "gated_mlp": _patch_gated_mlp}
+             "rotary_attention": _patch_rotary_attention, "gated_mlp": _patch_gated_mlp,
+             "encoder_layer": _patch_encoder_layer}
 
 
 def _install(module, forward):

@@ -1,0 +1,111 @@
+// Binding of a BERT-style encoder layer in one call: transfuse._C.encoder_layer. It runs what the
+// block rules run module by module on CPU tensors (python/transfuse/hf/blocks.py,
+// "encoder_layer"), through the same tensor functions (tensor_functions.h), so the result is
+// theirs bit for bit, without some ten Python calls in between (on all-MiniLM-L6-v2's real
+// sentences that Python was about a tenth of a batch's time). With x [1, T, hidden] packed tokens
+// (cu_seqlens [B + 1]) or [B, S, hidden] with no padding, and W_0..W_5 the query, key, value,
+// attention output, intermediate and output layers:
+//   q, k, v = x W_0^T + b_0, x W_1^T + b_1, x W_2^T + b_2, as [tokens, heads, head_dim]
+//   a = softmax(scale q k^T) v per sequence (no mask, not causal)
+//   h = LayerNorm_0(a W_3^T + b_3 + x)
+//   y = LayerNorm_1(gelu(h W_4^T + b_4) W_5^T + b_5 + h)
+// Float weights go through `linear` (bias and GELU in the GEMM's epilogue); int8 weights through
+// `int8_linear`, the GELU then through `bias_gelu` on the product without its bias, as the
+// bias_gelu rule runs int8 layers. Returns None where a kernel declines the call (before any
+// output is returned, so the caller can run the modules instead).
+#include <optional>
+#include <vector>
+
+#include <torch/csrc/utils/pybind.h>
+
+#include "python_functions.h"
+#include "tensor_functions.h"
+
+namespace transfuse {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+constexpr size_t kLayers = 6;  // query, key, value, attention output, intermediate, output
+
+OptTensor encoder_layer(const Tensor& x, const OptTensor& cu_seqlens, int64_t max_seqlen,
+                        int64_t heads, double scale, const std::vector<Tensor>& weights,
+                        const std::vector<Tensor>& weight_scales,
+                        const std::vector<Tensor>& biases, c10::string_view int8_mode,
+                        const std::vector<Tensor>& norm_weights,
+                        const std::vector<Tensor>& norm_biases, const std::vector<double>& eps,
+                        c10::string_view activation) {
+  const bool int8 = !int8_mode.empty();
+  TORCH_CHECK_VALUE(weights.size() == kLayers && biases.size() == kLayers,
+                    "weights and biases must hold the 6 layers' (query, key, value, attention "
+                    "output, intermediate, output)");
+  TORCH_CHECK_VALUE(weight_scales.size() == (int8 ? kLayers : 0),
+                    "weight_scales must hold the 6 int8 layers' scales, or nothing for float "
+                    "weights (int8_mode '')");
+  TORCH_CHECK_VALUE(norm_weights.size() == 2 && norm_biases.size() == 2 && eps.size() == 2,
+                    "norm_weights, norm_biases and eps must hold the two LayerNorms'");
+  TORCH_CHECK_VALUE(activation == "gelu" || activation == "gelu_tanh",
+                    "activation must be 'gelu' or 'gelu_tanh', got '", activation, "'");
+  TORCH_CHECK_VALUE(x.dim() == 3 && (!cu_seqlens || x.size(0) == 1),
+                    "x must be [1, tokens, hidden] with cu_seqlens, else [batch, seq, hidden]");
+  const int64_t hidden = x.size(2);
+  TORCH_CHECK_VALUE(heads > 0 && hidden % heads == 0, "heads (", heads,
+                    ") must divide the hidden size (", hidden, ")");
+  const int64_t head_dim = hidden / heads;
+
+  // in W_i^T + b_i (GELU of it for the intermediate layer); nothing where a kernel declines
+  auto project = [&](size_t i, const Tensor& in) -> OptTensor {
+    const bool gelu = i == 4;
+    if (!int8) return linear(in, weights[i], biases[i], gelu ? activation : "none");
+    if (!gelu) return int8_linear(in, weights[i], weight_scales[i], biases[i], int8_mode);
+    const OptTensor product =
+        int8_linear(in, weights[i], weight_scales[i], std::nullopt, int8_mode);
+    if (!product) return std::nullopt;
+    return bias_gelu_forward(product->view({-1, product->size(-1)}), biases[i].contiguous(),
+                             activation == "gelu" ? "none" : "tanh")
+        .view(product->sizes());
+  };
+  auto layer_norm = [&](size_t j, const Tensor& in, const Tensor& residual) {
+    return std::get<0>(norm_forward(in, norm_weights[j], norm_biases[j], residual, eps[j], 0.0,
+                                    false, at::kFloat, in.scalar_type(), false));
+  };
+
+  const OptTensor q = project(0, x), k = project(1, x), v = project(2, x);
+  if (!q || !k || !v) return std::nullopt;
+  Tensor attended;
+  if (cu_seqlens) {
+    auto by_heads = [&](const Tensor& t) { return t.view({x.size(1), heads, head_dim}); };
+    attended = std::get<0>(varlen_attention_forward(
+        by_heads(*q), by_heads(*k), by_heads(*v), *cu_seqlens, *cu_seqlens, max_seqlen,
+        max_seqlen, std::nullopt, false, scale, 0, 0.0, 0.0, 0));
+  } else {  // [B, heads, S, D] views in, the [B, S, heads, D] storage out
+    auto by_heads = [&](const Tensor& t) {
+      return t.view({x.size(0), x.size(1), heads, head_dim}).transpose(1, 2);
+    };
+    attended = std::get<0>(attention_forward(by_heads(*q), by_heads(*k), by_heads(*v),
+                                             std::nullopt, false, scale, 0, 0.0, 0.0, 0))
+                   .transpose(1, 2);
+  }
+  const OptTensor attention_out = project(3, attended.reshape(x.sizes()).contiguous());
+  if (!attention_out) return std::nullopt;
+  const Tensor h = layer_norm(0, *attention_out, x);
+  const OptTensor intermediate = project(4, h);
+  if (!intermediate) return std::nullopt;
+  const OptTensor out = project(5, *intermediate);
+  if (!out) return std::nullopt;
+  return layer_norm(1, *out, h);
+}
+
+}  // namespace
+
+void add_encoder_layer_functions(PyObject* module) {
+  namespace py = pybind11;
+  using namespace pybind11::literals;
+  auto m = py::reinterpret_borrow<py::module_>(module);
+  m.def("encoder_layer", &encoder_layer, "x"_a, "cu_seqlens"_a, "max_seqlen"_a, "heads"_a,
+        "scale"_a, "weights"_a, "weight_scales"_a, "biases"_a, "int8_mode"_a, "norm_weights"_a,
+        "norm_biases"_a, "eps"_a, "activation"_a, py::call_guard<py::gil_scoped_release>());
+}
+
+}  // namespace transfuse
