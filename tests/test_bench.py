@@ -112,6 +112,7 @@ def test_bench_command_model_rows(minilm, tmp_path, monkeypatch, capsys):
     assert out.startswith(text) and "\nmodel all-MiniLM-L6-v2" in text
     assert max(len(line) for line in text.splitlines()) <= 100
     assert "real sentences, batch 3, padding=True: 5 sentences" in text
+    assert "real sentences, batch 1, padding=True: 5 sentences" in text
     report = json.loads((folder / "bench-cpu.json").read_text())
     assert len(report["loadavg"]["start"]) == 3
     m = report["model"]
@@ -128,14 +129,18 @@ def test_bench_command_model_rows(minilm, tmp_path, monkeypatch, capsys):
                                      "transfuse patch(unpad=False)",
                                      "transfuse patch(int8=w8a8)",
                                      "transfuse bf16 patch(model)"]
-    for row in (m, real):
+    queries = m["queries"]  # the sentences one at a time: no padding
+    assert queries["batch"] == 1 and queries["sequences"] == 5
+    assert queries["padding_fraction"] == 0 and list(queries["results"]) == list(real["results"])
+    for row in (m, real, queries):
         for label, side in row["results"].items():
             assert RESULT_FIELDS <= set(side), label
             if "int8" not in label and "bf16" not in label:
                 assert side["max_abs_diff_vs_eager"] < 1e-3, label
     plotted = [label.split("\n")[0] for label, _ in bench.speedups(report)]
-    assert plotted == ["all-MiniLM-L6-v2, real sentences, padding=True "
+    assert plotted == ["all-MiniLM-L6-v2, real sentences, batch 3, padding=True "
                        f"({real['padding_fraction']:.0%} pad)"] * 6 + [
+                       "all-MiniLM-L6-v2, real sentences, batch 1, padding=True (0% pad)"] * 6 + [
                        "all-MiniLM-L6-v2, fixed 3x16"] * 6
     assert (folder / "bench-cpu.png").stat().st_size > 0
 

@@ -171,11 +171,11 @@ def test_bench_peers_without_engines_names_them_skipped(tiny, tmp_path, monkeypa
         assert text.count(f"skipped {engine}: not installed: {pip}\n") == 1
     report = json.loads((tmp_path / "bench-cpu.json").read_text())
     assert report["model"]["peers"]["versions"] == {}
-    assert text.count("fastest with emb cos >= 0.995:") == 2
+    assert text.count("fastest with emb cos >= 0.995:") == 3  # a line per row
 
 
 def test_bench_peers_rows(tiny, monkeypatch):
-    """The engines' sides follow the transfuse sides in both rows, with the accuracy beside the
+    """The engines' sides follow the transfuse sides in every row, with the accuracy beside the
     speed and the winners under each row (model_case: what the command runs for --peers, without
     the op yardsticks and the plot). The two engines that convert fastest stand for all (each
     engine's own test checks its sides)."""
@@ -189,17 +189,18 @@ def test_bench_peers_rows(tiny, monkeypatch):
                                                                             "transfuse"))]
     assert "onnxruntime fp32 optimized" in labels and "onnxruntime int8 dynamic" in labels
     assert list(model["real_sentences"]["results"])[-len(labels):] == labels
+    assert list(model["queries"]["results"])[-len(labels):] == labels
     assert not any(why.startswith("failed") for why in model["peers"]["skipped"].values())
     text = "\n".join(bench.model_lines(model)) + "\n"
     assert max(len(line) for line in text.splitlines()) <= 100
-    for row in (model, model["real_sentences"]):
+    for row in (model, model["real_sentences"], model["queries"]):
         for label in labels:
             side = row["results"][label]
             assert side["weights_MB"] > 0 and side["ms"] > 0
             assert side["min_cosine_pooled_vs_eager"] <= side["mean_cosine_pooled_vs_eager"]
             assert side["min_cosine_pooled_vs_eager"] > 0.99, label
             assert f"\n  {label:28} " in text
-    assert text.count("fastest with max|diff| <= 0.0001:") == 2
+    assert text.count("fastest with max|diff| <= 0.0001:") == 3  # a line per row
 
 
 @pytest.mark.parametrize("args, named", [

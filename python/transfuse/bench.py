@@ -620,13 +620,17 @@ def _peer_sides(model, path, tokenizer, batch, sentences, folder):
                          "skipped": peers.skipped, "notes": peers.notes}
 
 
+QUERIES = 32  # sentences of the one-at-a-time row (a search query's latency)
+
+
 def model_case(path, device, dtype, batch, seq, repeat, sentences=None, patch_fn=None,
                peers=False):
-    """all-MiniLM-L6-v2 (or the model at `path`) end to end, in two rows: the real sentences,
-    tokenized with padding=True in batches of `batch`, and one fixed-length batch (`batch` x `seq`,
-    no padding). Every transfuse side patches its own deep copy of the eager model. With `peers`,
-    the engines of bench_peers follow in both rows: converted once, before the rows, into a
-    temporary folder that lives until both rows are timed."""
+    """all-MiniLM-L6-v2 (or the model at `path`) end to end, in three rows: the real sentences,
+    tokenized with padding=True in batches of `batch`; the first QUERIES of them one at a time
+    (batch 1, as a search query is embedded); and one fixed-length batch (`batch` x `seq`, no
+    padding). Every transfuse side patches its own deep copy of the eager model. With `peers`,
+    the engines of bench_peers follow in every row: converted once, before the rows, into a
+    temporary folder that lives until the rows are timed."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel, AutoTokenizer
 
@@ -641,6 +645,8 @@ def model_case(path, device, dtype, batch, seq, repeat, sentences=None, patch_fn
                               if peers else (None, None))
         real = real_sentences_case(model, tokenizer, device, batch, repeat, patch_fn, sentences,
                                    peers=sides)
+        queries = real_sentences_case(model, tokenizer, device, 1, repeat, patch_fn,
+                                      sentences[:QUERIES], peers=sides)
         fixed = fixed_length_case(model, tokenizer, device, batch, seq, repeat, patch_fn,
                                   peers=sides)
     # the fixed-length row keeps the keys it had before the real-sentences row came
@@ -648,7 +654,8 @@ def model_case(path, device, dtype, batch, seq, repeat, sentences=None, patch_fn
             "padding_fraction": fixed["padding_fraction"],
             "tokens_per_batch": fixed["real_tokens"], "rounds": fixed["rounds"],
             "loadavg_before": fixed["loadavg_before"], "loadavg_after": fixed["loadavg_after"],
-            "results": fixed["results"], "real_sentences": real, "peers": about_peers,
+            "results": fixed["results"], "real_sentences": real, "queries": queries,
+            "peers": about_peers,
             "loadavg_start": load_start, "loadavg_end": _loadavg()}
 
 
@@ -833,7 +840,7 @@ def peer_lines(peers):
     """The peer engines: their versions and threads, what their labels cannot say, and the ones
     skipped (with the pip command that installs them, or the error)."""
     versions = ", ".join(f"{name} {version}" for name, version in peers["versions"].items())
-    lines = _wrapped(f"peers (both rows, after the transfuse sides, in the same rounds): "
+    lines = _wrapped(f"peers (every row, after the transfuse sides, in the same rounds): "
                      f"{versions or 'none'}; {peers['threads']} threads each")
     for note in peers["notes"]:
         lines += _wrapped(f"  {note}")
@@ -868,11 +875,11 @@ def model_lines(m):
     if m.get("peers"):
         lines += peer_lines(m["peers"])
     rows = []
-    if m.get("real_sentences"):
-        r = m["real_sentences"]
-        rows.append((f"real sentences, batch {r['batch']}, padding=True: {r['sequences']} "
-                     f"sentences, {r['real_tokens']} of {r['positions']} positions real, "
-                     f"padding {r['padding_fraction']:.1%}", r))
+    for r in (m.get("real_sentences"), m.get("queries")):
+        if r:
+            rows.append((f"real sentences, batch {r['batch']}, padding=True: {r['sequences']} "
+                         f"sentences, {r['real_tokens']} of {r['positions']} positions real, "
+                         f"padding {r['padding_fraction']:.1%}", r))
     rows.append((f"fixed length, batch {m['batch']} x seq {m['seq']}: padding "
                  f"{m.get('padding_fraction', 0.0):.1%}", m))
     header = (f"  {'':28} {'ms/batch':>9} {'tokens/s':>9} {'x eager':>7} {'max|diff|':>9} "
@@ -906,9 +913,9 @@ def speedups(report):
     model = report["model"]
     if model:
         name = Path(model["model"]).name
-        real = model.get("real_sentences")
-        rows = [(f"{name}, real sentences, padding=True ({real['padding_fraction']:.0%} pad)",
-                 real)] if real else []
+        rows = [(f"{name}, real sentences, batch {r['batch']}, padding=True "
+                 f"({r['padding_fraction']:.0%} pad)", r)
+                for r in (model.get("real_sentences"), model.get("queries")) if r]
         rows.append((f"{name}, fixed {model['batch']}x{model['seq']}", model))
         for title, row in rows:
             eager = row["results"]["eager"]["ms"]
