@@ -149,7 +149,10 @@ def test_an_int8_intermediate_runs_bias_gelu_on_its_product_without_bias(mode, m
 
 
 def test_the_cpu_runs_the_projections_one_by_one_by_default(monkeypatch, linear_calls):
+    """(The layers' modules, whose F.linear calls Python sees; the fused layer calls the same
+    GEMMs from C++, tested below.)"""
     monkeypatch.setattr(blocks, "JOINED_GEMM_DEVICES", ("cuda",))
+    monkeypatch.setattr(blocks, "_fused_layer_arguments", lambda *args: None)
     model = build("bert")
     ids, mask = padded_batch()
     expected = real_tokens(model, ids, mask)
@@ -508,29 +511,22 @@ def test_decoder_attention_and_mlp_fall_back_to_the_class_forward():
 # encoder_layer: the whole layer in one transfuse._C.encoder_layer call
 # ------------------------------------------------------------------------------------------------
 
-def fused_layer_runs(dtype, int8):
-    """Whether this CPU runs the fused layer: int8 always (the cpu backend's int8 kernels), float
-    where transfuse's own GEMMs take the rules' calls (AVX-512; bf16 with AVX512_BF16)."""
-    module = transfuse.backends.extension()[0]
-    if int8:
-        return True
-    return bool(module.cpu_gemm and not module.cpu_amx
-                and (dtype != torch.bfloat16 or module.cpu_gemm_bf16))
-
-
-@pytest.fixture
-def fused_layer_calls(monkeypatch):
-    """The calls of transfuse._C.encoder_layer; the tiny models' GEMMs taken by transfuse's own
-    kernels (thresholds lowered) and the Q / K / V projections one by one, as on the CPU."""
-    linear_module = importlib.import_module("transfuse.ops.linear")
-    monkeypatch.setattr(linear_module, "MIN_ROWS", 1)
-    monkeypatch.setattr(linear_module, "MIN_WORK", 0)
+@pytest.fixture(params=["own GEMMs", "torch GEMMs"])
+def fused_layer_calls(request, monkeypatch):
+    """The calls of transfuse._C.encoder_layer, with the Q / K / V projections one by one, as on
+    the CPU; the tiny models' float GEMMs transfuse's own (thresholds lowered: where the CPU has
+    them) or, at the thresholds as they are, torch's (which the fused layer then calls too)."""
+    if request.param == "own GEMMs":
+        linear_module = importlib.import_module("transfuse.ops.linear")
+        monkeypatch.setattr(linear_module, "MIN_ROWS", 1)
+        monkeypatch.setattr(linear_module, "MIN_WORK", 0)
     monkeypatch.setattr(blocks, "JOINED_GEMM_DEVICES", ("cuda",))
     monkeypatch.setattr(blocks, "JOINED_INT8_DEVICES", ("cuda",))
     module = transfuse.backends.extension()[0]
     calls = []
     original = module.encoder_layer
-    monkeypatch.setattr(module, "encoder_layer", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(module, "encoder_layer",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
     return calls
 
 
@@ -559,9 +555,7 @@ def test_encoder_layer_in_one_call_equals_the_modules_bit_for_bit(model_type, mo
                               int8=mode if mode.startswith("w8") else None)
     with torch.inference_mode():
         fused = patched(input_ids=ids, attention_mask=mask).last_hidden_state
-    layers = model.config.num_hidden_layers
-    assert len(fused_layer_calls) == (layers if fused_layer_runs(dtype, mode.startswith("w8"))
-                                      else 0)
+    assert len(fused_layer_calls) == model.config.num_hidden_layers
     assert torch.equal(fused, module_by_module(monkeypatch, patched, ids, mask))
     if mode == "fp32":
         torch.testing.assert_close(fused[mask.bool()], expected, rtol=1e-5, atol=1e-5)
@@ -574,8 +568,6 @@ def test_encoder_layer_steps_aside_for_hooks_training_gradients_and_weights(fuse
     ids, mask = padded_batch()
     expected = real_tokens(model, ids, mask)
     patched = transfuse.patch(copy.deepcopy(model))
-    if not fused_layer_runs(torch.float32, False):
-        pytest.skip("transfuse's float GEMMs do not run on this CPU")
     seen = []
     handle = patched.encoder.layer[0].output.dense.register_forward_hook(
         lambda *args: seen.append(1))
@@ -605,7 +597,8 @@ def test_encoder_layer_call_names_a_wrong_argument():
     module = transfuse.backends.extension()[0]
     x, w = torch.randn(1, 4, 8), torch.randn(8, 8)
     arguments = dict(x=x, cu_seqlens=None, max_seqlen=0, heads=2, scale=0.5, weights=[w] * 5,
-                     weight_scales=[], biases=[torch.zeros(8)] * 6, int8_mode="",
+                     weight_scales=[], biases=[torch.zeros(8)] * 6, torch_linears=[False] * 6,
+                     int8_mode="",
                      norm_weights=[torch.ones(8)] * 2, norm_biases=[torch.zeros(8)] * 2,
                      eps=[1e-5] * 2, activation="gelu")
     with pytest.raises(ValueError, match="weights and biases"):
@@ -614,3 +607,5 @@ def test_encoder_layer_call_names_a_wrong_argument():
         module.encoder_layer(**{**arguments, "weights": [w] * 6, "heads": 3})
     with pytest.raises(ValueError, match="activation"):
         module.encoder_layer(**{**arguments, "weights": [w] * 6, "activation": "relu"})
+    with pytest.raises(ValueError, match="torch_linears"):
+        module.encoder_layer(**{**arguments, "weights": [w] * 6, "torch_linears": [True]})

@@ -96,7 +96,7 @@ def kernel_calls(monkeypatch):
     def fused_layer(x, cu_seqlens, *args, **kwargs):  # the kernels of one BERT-style layer
         seen["attention" if cu_seqlens is None else "varlen_attention"] += 1
         seen["layer_norm"] += 2
-        seen["bias_gelu" if args[6] else "linear+gelu"] += 1  # int8_mode
+        seen["bias_gelu" if args[7] else "linear+gelu"] += 1  # int8_mode
         return encoder_layer(x, cu_seqlens, *args, **kwargs)
     monkeypatch.setattr(module, "encoder_layer", fused_layer)
     return seen

@@ -9,13 +9,17 @@
 //   a = softmax(scale q k^T) v per sequence (no mask, not causal)
 //   h = LayerNorm_0(a W_3^T + b_3 + x)
 //   y = LayerNorm_1(gelu(h W_4^T + b_4) W_5^T + b_5 + h)
-// Float weights go through `linear` (bias and GELU in the GEMM's epilogue); int8 weights through
+// Float weights go through `linear` (bias and GELU in the GEMM's epilogue), or where
+// torch_linears says so (the calls transfuse.ops.linear leaves to torch: too few rows for its
+// GEMMs, a CPU where torch's run faster) through torch's linear and gelu; int8 weights through
 // `int8_linear`, the GELU then through `bias_gelu` on the product without its bias, as the
 // bias_gelu rule runs int8 layers. Returns None where a kernel declines the call (before any
 // output is returned, so the caller can run the modules instead).
 #include <optional>
 #include <vector>
 
+#include <ATen/ops/gelu.h>
+#include <ATen/ops/linear.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include "python_functions.h"
@@ -32,7 +36,8 @@ constexpr size_t kLayers = 6;  // query, key, value, attention output, intermedi
 OptTensor encoder_layer(const Tensor& x, const OptTensor& cu_seqlens, int64_t max_seqlen,
                         int64_t heads, double scale, const std::vector<Tensor>& weights,
                         const std::vector<Tensor>& weight_scales,
-                        const std::vector<Tensor>& biases, c10::string_view int8_mode,
+                        const std::vector<Tensor>& biases, const std::vector<bool>& torch_linears,
+                        c10::string_view int8_mode,
                         const std::vector<Tensor>& norm_weights,
                         const std::vector<Tensor>& norm_biases, const std::vector<double>& eps,
                         c10::string_view activation) {
@@ -40,6 +45,9 @@ OptTensor encoder_layer(const Tensor& x, const OptTensor& cu_seqlens, int64_t ma
   TORCH_CHECK_VALUE(weights.size() == kLayers && biases.size() == kLayers,
                     "weights and biases must hold the 6 layers' (query, key, value, attention "
                     "output, intermediate, output)");
+  TORCH_CHECK_VALUE(torch_linears.size() == (int8 ? 0 : kLayers),
+                    "torch_linears must say for each of the 6 float layers whether torch's linear "
+                    "runs it, or nothing for int8 weights");
   TORCH_CHECK_VALUE(weight_scales.size() == (int8 ? kLayers : 0),
                     "weight_scales must hold the 6 int8 layers' scales, or nothing for float "
                     "weights (int8_mode '')");
@@ -57,6 +65,10 @@ OptTensor encoder_layer(const Tensor& x, const OptTensor& cu_seqlens, int64_t ma
   // in W_i^T + b_i (GELU of it for the intermediate layer); nothing where a kernel declines
   auto project = [&](size_t i, const Tensor& in) -> OptTensor {
     const bool gelu = i == 4;
+    if (!int8 && torch_linears[i]) {
+      const Tensor product = at::linear(in, weights[i], biases[i]);
+      return gelu ? at::gelu(product, activation == "gelu" ? "none" : "tanh") : product;
+    }
     if (!int8) return linear(in, weights[i], biases[i], gelu ? activation : "none");
     if (!gelu) return int8_linear(in, weights[i], weight_scales[i], biases[i], int8_mode);
     const OptTensor product =
@@ -104,7 +116,8 @@ void add_encoder_layer_functions(PyObject* module) {
   using namespace pybind11::literals;
   auto m = py::reinterpret_borrow<py::module_>(module);
   m.def("encoder_layer", &encoder_layer, "x"_a, "cu_seqlens"_a, "max_seqlen"_a, "heads"_a,
-        "scale"_a, "weights"_a, "weight_scales"_a, "biases"_a, "int8_mode"_a, "norm_weights"_a,
+        "scale"_a, "weights"_a, "weight_scales"_a, "biases"_a, "torch_linears"_a, "int8_mode"_a,
+        "norm_weights"_a,
         "norm_biases"_a, "eps"_a, "activation"_a, py::call_guard<py::gil_scoped_release>());
 }
 

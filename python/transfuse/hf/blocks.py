@@ -43,7 +43,8 @@ something else.
                inference (no autograd) with the transfuse attention over packed tokens or an
                unmasked batch, every module as built or as its rule left it: the whole layer in
                one transfuse._C.encoder_layer call (csrc/bindings/encoder_layer.cpp), the same
-               kernels as the modules' rules, bit for bit, without some ten Python calls between
+               kernels as the modules' rules (torch's GEMM where transfuse.ops.linear leaves a
+               call to it), bit for bit, without some ten Python calls between
                them (on all-MiniLM-L6-v2's real sentences that Python was about a tenth of a
                batch's time). Otherwise the class's computation with its containers' Python
                skipped (the layer's, its attention's and self-attention's forwards,
@@ -706,10 +707,11 @@ def _runs_its_class_forward(module):
 
 def _fused_layer_arguments(layer, inner, x):
     """transfuse._C.encoder_layer's arguments for `layer` (weights, weight_scales, biases,
-    int8_mode, norm_weights, norm_biases, eps, activation) where its modules run what the call
-    runs on x (the rules' forwards, their GEMMs transfuse's, biases and affine norms of x's
-    dtype, every backend the cpu one), else None. (Registries read directly: nn.Module's
-    __getattr__ made these checks cost 40 us a layer.)"""
+    torch_linears, int8_mode, norm_weights, norm_biases, eps, activation) where its modules run
+    what the call runs on x (the rules' forwards through transfuse.ops.linear or int8_linear,
+    biases and affine norms of x's dtype, every backend the cpu one), else None. torch_linears:
+    the float layers that transfuse.ops.linear leaves to torch's F.linear (and F.gelu) on x.
+    (Registries read directly: nn.Module's __getattr__ made these checks cost 40 us a layer.)"""
     children = layer._modules
     rules = (children["attention"]._modules.get("output"), children.get("intermediate"),
              children.get("output"))
@@ -734,7 +736,7 @@ def _fused_layer_arguments(layer, inner, x):
     mode = linears[0].mode if int8 else ""
     chosen = {n.backend for n in norms}
     chosen.update(m.__dict__.get(BACKEND_ATTR) for m in (inner, *rules))
-    weights, weight_scales, biases = [], [], []
+    weights, weight_scales, biases, torch_linears = [], [], [], []
     for index, m in enumerate(linears):
         forward = getattr(m.__dict__.get("forward"), "__func__", None)
         if type(m) is Int8Linear and int8 and m.mode == mode and not _own_hooks(m) and (
@@ -747,8 +749,9 @@ def _fused_layer_arguments(layer, inner, x):
                 forward in (_linear_forward, _projection_forward)
                 or (forward is None and index >= 3)):
             weight = m._parameters["weight"]
-            if weight.dtype != x.dtype or not _own_kernel_takes(x, weight):
+            if weight.dtype != x.dtype:
                 return None
+            torch_linears.append(not _own_kernel_takes(x, weight))
             chosen.add(m.__dict__.get(BACKEND_ATTR))
         else:
             return None
@@ -761,7 +764,8 @@ def _fused_layer_arguments(layer, inner, x):
     if any(backends.resolve(op, b, x.device) != "cpu"
            for b in chosen for op in (*needed, "norm", "attention")):
         return None
-    return (weights, weight_scales, biases, mode, [n._parameters["weight"] for n in norms],
+    return (weights, weight_scales, biases, torch_linears, mode,
+            [n._parameters["weight"] for n in norms],
             [n._parameters["bias"] for n in norms], [float(n.eps) for n in norms],
             "gelu" if approximate == "none" else "gelu_tanh")
 
