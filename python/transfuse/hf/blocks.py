@@ -785,9 +785,9 @@ def _fused_encoder_layer(layer, inner, x, attention_mask, kwargs):
             len(packed) == 4 and kwargs["cu_seq_lens_k"] is cu_seqlens and x.shape[0] == 1
             and kwargs["max_length_k"] == longest and cu_seqlens.dtype == torch.int32):
         return None
-    arguments = _fused_layer_arguments(layer, inner, x)
     module = backends.extension()[0]
-    if arguments is None or module is None:
+    arguments = None if module is None else _fused_layer_arguments(layer, inner, x)
+    if arguments is None:
         return None
     return module.encoder_layer(x, cu_seqlens, int(longest or 0), inner.num_attention_heads,
                                 float(inner.scaling), *arguments)
