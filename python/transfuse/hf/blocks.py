@@ -684,7 +684,7 @@ def _patch_bias_gelu(module, names):
 # The varlen kwargs that padding removal passes each layer (hf/unpad.py), and what else the
 # transfuse attention function takes and ignores there (BertModel passes position_ids down).
 PACKED_KWARGS = frozenset(("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"))
-IGNORED_KWARGS = frozenset(("position_ids",))
+FUSED_LAYER_KWARGS = PACKED_KWARGS | {"position_ids"}
 
 
 def _own_hooks(module):
@@ -711,11 +711,12 @@ def _fused_layer_arguments(layer, inner, x):
     what the call runs on x (the rules' forwards through transfuse.ops.linear or int8_linear,
     biases and affine norms of x's dtype, every backend the cpu one), else None. torch_linears:
     the float layers that transfuse.ops.linear leaves to torch's F.linear (and F.gelu) on x.
-    (Registries read directly: nn.Module's __getattr__ made these checks cost 40 us a layer.)"""
+    (Registries read directly: nn.Module's __getattr__ made these checks cost 40 us a layer.
+    Global hooks: checked by its caller, _encoder_layer_forward.)"""
     children = layer._modules
     rules = (children["attention"]._modules.get("output"), children.get("intermediate"),
              children.get("output"))
-    if _global_hooks() or not all(
+    if not all(
             m is not None and m.__dict__.get(FORWARD_ATTR) and not _own_hooks(m) for m in rules):
         return None
     approximate = _gelu_approximation(rules[1]._modules.get("intermediate_act_fn"))
@@ -774,7 +775,7 @@ def _fused_encoder_layer(layer, inner, x, attention_mask, kwargs):
     """The layer in one transfuse._C.encoder_layer call (CPU inference, the transfuse attention
     over packed tokens or an unmasked batch, _fused_layer_arguments), else None."""
     if (x.device.type != "cpu" or x.dim() != 3 or torch.is_grad_enabled()
-            or attention_mask is not None or not kwargs.keys() <= PACKED_KWARGS | IGNORED_KWARGS
+            or attention_mask is not None or not kwargs.keys() <= FUSED_LAYER_KWARGS
             or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")
             or inner.config._attn_implementation != ATTENTION_NAME or inner.is_causal
             or (inner.training and inner.dropout.p) or _weights_requested(kwargs)):
