@@ -67,8 +67,8 @@ def test_blocks_equal_the_unpatched_model_with_one_gemm_for_qkv(model_type, line
     rules = {name: rule for name, rule in transfuse.patched_modules(patched).items()
              if "<block" in name}
     assert sorted(set(rules.values())) == ["block rule 'bias_gelu'", "block rule 'encoder_layer'",
-                                           "block rule 'linear'", "block rule 'projections'",
-                                           "block rule 'residual_norm'"]
+                                           "block rule 'encoder_stack'", "block rule 'linear'",
+                                           "block rule 'projections'", "block rule 'residual_norm'"]
     linear_calls[0] = 0
     torch.testing.assert_close(real_tokens(patched, ids, mask), expected, rtol=1e-5, atol=1e-5)
     layers = model.config.num_hidden_layers
@@ -279,8 +279,9 @@ def test_threads_sharing_a_patched_model_get_their_own_results():
 
 def test_blocks_false_leaves_the_block_modules_alone():
     patched = transfuse.patch(build("bert"), blocks=False)
+    assert not any(blocks.FORWARD_ATTR in m.__dict__ for m in patched.encoder.modules())
     assert not any("forward" in m.__dict__ for m in patched.encoder.modules()
-                   if type(m).__name__ in blocks.BLOCK_RULES)
+                   if type(m).__name__ in blocks.BLOCK_RULES and m is not patched.encoder)
 
 
 DECODERS = ["llama", "mistral", "qwen2", "gemma"]
@@ -591,6 +592,65 @@ def test_encoder_layer_steps_aside_for_hooks_training_gradients_and_weights(fuse
     assert fused_layer_calls == []
     for got, want in zip(attentions, reference):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def fused_stacks(monkeypatch):
+    """What the encoder_stack rule's check returned, call by call (None: the class's forward)."""
+    seen = []
+    original = blocks._fused_layers
+    monkeypatch.setattr(blocks, "_fused_layers",
+                        lambda *args: seen.append(original(*args)) or seen[-1])
+    return seen
+
+
+@pytest.mark.parametrize("padding", [True, False], ids=["packed", "unpadded"])
+@pytest.mark.parametrize("mode", ["fp32", "w8a8"])
+def test_encoder_stack_runs_the_fused_layers_without_their_modules(mode, padding, fused_stacks,
+                                                                   fused_layer_calls, monkeypatch):
+    """The stack (inside padding removal, or on an unmasked batch) makes every layer's fused
+    call itself, with what the layers' own rules give bit for bit; a layer with a hook of its own
+    makes it run the class's forward, where each layer still fuses and the hook runs."""
+    model = build("bert")
+    ids, mask = padded_batch()
+    if not padding:
+        mask = torch.ones_like(mask)
+    patched = transfuse.patch(copy.deepcopy(model), int8=mode if mode != "fp32" else None)
+    layers = model.config.num_hidden_layers
+    with torch.inference_mode():
+        fused = patched(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert [len(arguments) for arguments in fused_stacks] == [layers]
+    assert len(fused_layer_calls) == layers
+    with monkeypatch.context() as m:  # each layer's rule on its own
+        m.setattr(blocks, "_fused_layers", lambda *args: None)
+        with torch.inference_mode():
+            one_by_one = patched(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert len(fused_layer_calls) == 2 * layers
+    assert torch.equal(fused, one_by_one)
+
+    fused_stacks.clear()
+    seen = []
+    patched.encoder.layer[1].register_forward_hook(lambda *args: seen.append(1))
+    with torch.inference_mode():
+        hooked = patched(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert fused_stacks == [None] and seen == [1] and len(fused_layer_calls) == 3 * layers
+    assert torch.equal(hooked, fused)
+
+
+def test_encoder_stack_sits_inside_padding_removal_in_copies_and_until_unpatched():
+    from transfuse.hf import unpad
+    patched = transfuse.patch(build("bert"))
+    copied = copy.deepcopy(patched)
+    for model in (patched, copied):
+        encoder = model.encoder
+        assert encoder.forward.__func__ is unpad._stack_forward and encoder.forward.__self__ is encoder
+        inner = encoder.__dict__[unpad.INNER_ATTR]
+        assert inner.__func__ is blocks._encoder_stack_forward and inner.__self__ is encoder
+    transfuse.unpatch(copied)
+    assert not {"forward", unpad.INNER_ATTR} & copied.encoder.__dict__.keys()
+    transfuse.patch(patched)  # twice: unchanged
+    assert patched.encoder.forward.__func__ is unpad._stack_forward
+    assert patched.encoder.__dict__[unpad.INNER_ATTR].__func__ is blocks._encoder_stack_forward
 
 
 def test_encoder_layer_call_names_a_wrong_argument():

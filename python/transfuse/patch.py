@@ -145,8 +145,6 @@ def _patch_model(model, attention, norm, int8, int8_heads, backend, unpad, block
     left = Counter()
     if attention:
         left += _patch_attention(model)
-        if unpad:
-            hf_unpad.patch_unpad(model, unpad)
     if int8 is not None:
         _patch_int8(model, int8, backend, int8_heads)
     if norm:
@@ -155,6 +153,8 @@ def _patch_model(model, attention, norm, int8, int8_heads, backend, unpad, block
         _, unfit = hf_blocks.patch_blocks(model, backend)
         left += Counter({(cls, "its forward is not the one the block rule was written for"): 1
                          for cls in unfit})
+    if attention and unpad:  # after the block rules: a stack's rule runs inside padding removal
+        hf_unpad.patch_unpad(model, unpad)
     if backend is not None:
         for module in model.modules():
             if hasattr(module, ORIGINAL_ATTR) and hasattr(module, "backend"):

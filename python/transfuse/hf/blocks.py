@@ -52,6 +52,10 @@ something else.
                inspection): Q, K, V, the configured attention function, then the output,
                intermediate and output layers (each its own rule) called as modules. A hooked or
                overridden container runs the class's forward.
+  encoder_stack  a BERT-style encoder: where every layer would run its encoder_layer rule's one
+               call (the checks above, each layer's rule installed and unhooked), the calls one
+               after another, without the module calls, kwargs and output objects between them;
+               else the class's forward. Inside padding removal (hf/unpad.py) where it applies.
   bias_gelu    gelu(dense(h)) (BERT-style Intermediate, exact or tanh GELU): on CPU tensors with
                a float dense layer, one transfuse.ops.linear with the bias and GELU in its
                GEMM's epilogue; else the GEMM (float or transfuse int8) without its bias (no
@@ -117,6 +121,7 @@ BLOCK_RULES = {
        for family in _BERT_LIKE},
     **{f"{family}Layer": ("encoder_layer", ("attention", "intermediate", "output"))
        for family in _BERT_LIKE},
+    **{f"{family}Encoder": ("encoder_stack", ("layer",)) for family in _BERT_LIKE},
     **{f"{family}Attention": ("rotary_attention", ("q_proj", "k_proj", "v_proj"))
        for family in _DECODERS},
     **{f"{family}MLP": ("gated_mlp", ("gate_proj", "up_proj")) for family in _DECODERS},
@@ -210,6 +215,15 @@ SELF_ATTENTION_SOURCE = (
     "attn_output = attn_output.reshape(*input_shape, -1).contiguous()",
     "return attn_output, attn_weights")
 
+# A BERT-style encoder's forward: each layer called in turn, then the output (whose cache is the
+# one given, only where use_cache).
+STACK_OUTPUT_CLASS = "BaseModelOutputWithPastAndCrossAttentions"
+ENCODER_STACK_SOURCE = (
+    "for i, layer_module in enumerate(self.layer): hidden_states = layer_module( hidden_states, "
+    "attention_mask, encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,",
+    "**kwargs, )", f"return {STACK_OUTPUT_CLASS}( last_hidden_state=hidden_states,",
+    "if use_cache else None, )")
+
 GATED_MLP_SOURCE = ("down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))",
                     "return down_proj")
 
@@ -243,6 +257,8 @@ def _expected_source(kind, names, cls):
         return BIAS_GELU_SOURCE
     if kind == "encoder_layer":
         return ENCODER_LAYER_SOURCE
+    if kind == "encoder_stack":
+        return ENCODER_STACK_SOURCE
     if kind == "residual_rms_norm":
         head, tail = RESIDUAL_RMS_NORM_SOURCE
         return (*head, *(f"{name}={name}," for name in _decoder_parameters(cls)), *tail)
@@ -698,13 +714,6 @@ def _global_hooks():
             or _torch_module._global_backward_hooks or _torch_module._global_backward_pre_hooks)
 
 
-def _runs_its_class_forward(module):
-    """module(...) would be module's class forward and nothing else: no hooks of its own or
-    global ones, no forward of the instance's, no TorchScript tracing."""
-    return not (_own_hooks(module) or _global_hooks() or "forward" in module.__dict__
-                or torch._C._get_tracing_state())
-
-
 def _fused_layer_arguments(layer, inner, x):
     """transfuse._C.encoder_layer's arguments for `layer` (weights, weight_scales, biases,
     torch_linears, int8_mode, norm_weights, norm_biases, eps, activation) where its modules run
@@ -712,7 +721,7 @@ def _fused_layer_arguments(layer, inner, x):
     biases and affine norms of x's dtype, every backend the cpu one), else None. torch_linears:
     the float layers that transfuse.ops.linear leaves to torch's F.linear (and F.gelu) on x.
     (Registries read directly: nn.Module's __getattr__ made these checks cost 40 us a layer.
-    Global hooks: checked by its caller, _encoder_layer_forward.)"""
+    Global hooks: checked by the callers.)"""
     children = layer._modules
     rules = (children["attention"]._modules.get("output"), children.get("intermediate"),
              children.get("output"))
@@ -771,14 +780,15 @@ def _fused_layer_arguments(layer, inner, x):
             "gelu" if approximate == "none" else "gelu_tanh")
 
 
-def _fused_encoder_layer(layer, inner, x, attention_mask, kwargs):
-    """The layer in one transfuse._C.encoder_layer call (CPU inference, the transfuse attention
-    over packed tokens or an unmasked batch, _fused_layer_arguments), else None."""
+def _fused_call(x, attention_mask, kwargs):
+    """(cu_seqlens, max_seqlen) for transfuse._C.encoder_layer when this call of a layer (or of
+    the stack) can run fused: CPU inference (no autograd, autocast or compile), packed tokens or
+    an unmasked batch, no other kwargs than FUSED_LAYER_KWARGS, no attention weights asked for;
+    else None."""
     if (x.device.type != "cpu" or x.dim() != 3 or torch.is_grad_enabled()
             or attention_mask is not None or not kwargs.keys() <= FUSED_LAYER_KWARGS
             or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")
-            or inner.config._attn_implementation != ATTENTION_NAME or inner.is_causal
-            or (inner.training and inner.dropout.p) or _weights_requested(kwargs)):
+            or _weights_requested(kwargs)):
         return None
     cu_seqlens, longest = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
     packed = kwargs.keys() & PACKED_KWARGS
@@ -786,32 +796,51 @@ def _fused_encoder_layer(layer, inner, x, attention_mask, kwargs):
             len(packed) == 4 and kwargs["cu_seq_lens_k"] is cu_seqlens and x.shape[0] == 1
             and kwargs["max_length_k"] == longest and cu_seqlens.dtype == torch.int32):
         return None
-    module = backends.extension()[0]
-    arguments = None if module is None else _fused_layer_arguments(layer, inner, x)
+    return cu_seqlens, int(longest or 0)
+
+
+def _self_attention(layer):
+    """The layer's self-attention module when its containers run what the rule reads (the
+    classes it was patched with, no cross-attention, chunking, hooks or own forwards), else
+    None. (Global hooks: checked by the caller.)"""
+    attention_class, self_attention_class = layer.__dict__[FACTS_ATTR]
+    attention = layer._modules.get("attention")
+    inner = attention._modules.get("self") if type(attention) is attention_class else None
+    if (type(inner) is not self_attention_class or layer.chunk_size_feed_forward
+            or attention.is_cross_attention or _own_hooks(attention) or _own_hooks(inner)
+            or "forward" in attention.__dict__ or "forward" in inner.__dict__):
+        return None
+    return inner
+
+
+def _fused_layer(layer, inner, x):
+    """transfuse._C.encoder_layer's arguments after x, cu_seqlens and max_seqlen for `layer`
+    (inner: its self-attention) on x, or None where its modules would run otherwise."""
+    if (inner.config._attn_implementation != ATTENTION_NAME or inner.is_causal
+            or (inner.training and inner.dropout.p)):
+        return None
+    arguments = _fused_layer_arguments(layer, inner, x)
     if arguments is None:
         return None
-    return module.encoder_layer(x, cu_seqlens, int(longest or 0), inner.num_attention_heads,
-                                float(inner.scaling), *arguments)
+    return (inner.num_attention_heads, float(inner.scaling), *arguments)
 
 
 def _encoder_layer_forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
                            *args, **kwargs):
-    attention_class, self_attention_class = self.__dict__[FACTS_ATTR]
-    attention = self.attention
-    inner = getattr(attention, "self", None)
-    if (args or encoder_hidden_states is not None or self.chunk_size_feed_forward
+    inner = _self_attention(self)
+    if (inner is None or args or encoder_hidden_states is not None
             or kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
-            or type(attention) is not attention_class or type(inner) is not self_attention_class
-            or attention.is_cross_attention or not _runs_its_class_forward(attention)
-            or not _runs_its_class_forward(inner)):
+            or _global_hooks() or torch._C._get_tracing_state()):
         return type(self).forward(self, hidden_states, attention_mask, encoder_hidden_states,
                                   *args, **kwargs)
     for name in ("encoder_attention_mask", "cache", "past_key_values"):  # (None) not passed on
         kwargs.pop(name, None)
-    fused = _fused_encoder_layer(self, inner, hidden_states, attention_mask, kwargs)
-    if fused is not None:
-        return fused
-    family_module = sys.modules[self_attention_class.__module__]
+    call = _fused_call(hidden_states, attention_mask, kwargs)
+    module = None if call is None else backends.extension()[0]
+    arguments = None if module is None else _fused_layer(self, inner, hidden_states)
+    if arguments is not None:
+        return module.encoder_layer(hidden_states, *call, *arguments)
+    family_module = sys.modules[type(inner).__module__]
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, inner.attention_head_size)
     query = inner.query(hidden_states).view(*hidden_shape).transpose(1, 2)
@@ -823,9 +852,61 @@ def _encoder_layer_forward(self, hidden_states, attention_mask=None, encoder_hid
         inner, query, key, value, attention_mask,
         dropout=0.0 if not inner.training else inner.dropout.p, scaling=inner.scaling,
         encoder_hidden_states=None, **kwargs)  # (the container passes it on to the function)
+    attention = self._modules["attention"]
     attention_output = attention.output(output.reshape(*input_shape, -1).contiguous(),
                                         hidden_states)
     return self.output(self.intermediate(attention_output), attention_output)
+
+
+# kwargs a BERT-style stack takes and passes on that are harmless as None (use_cache: its output
+# holds the cache when asked, and none is given)
+STACK_NONE_KWARGS = ("encoder_attention_mask", "cache", "past_key_values")
+
+
+def _encoder_stack_forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
+                           *args, **kwargs):
+    """Every layer fused (_fused_call, _fused_layers): their transfuse._C.encoder_layer calls one
+    after another, without the module calls between them; else the class's forward (each layer
+    deciding for itself)."""
+    rest = {name: value for name, value in kwargs.items()
+            if name != "use_cache" and not (name in STACK_NONE_KWARGS and value is None)}
+    layers = self._modules.get("layer")
+    fused = None
+    if not (args or encoder_hidden_states is not None or type(layers) is not nn.ModuleList
+            or _global_hooks() or torch._C._get_tracing_state()):
+        call = _fused_call(hidden_states, attention_mask, rest)
+        module = None if call is None else backends.extension()[0]
+        fused = None if module is None else _fused_layers(layers, hidden_states)
+    if fused is None:
+        return type(self).forward(self, hidden_states, attention_mask, encoder_hidden_states,
+                                  *args, **kwargs)
+    for arguments in fused:
+        hidden_states = module.encoder_layer(hidden_states, *call, *arguments)
+    return self.__dict__[FACTS_ATTR](last_hidden_state=hidden_states)
+
+
+def _fused_layers(layers, x):
+    """For each layer (its encoder_layer rule installed, no hooks of its own, fitting on x):
+    transfuse._C.encoder_layer's arguments after x, cu_seqlens and max_seqlen; else None."""
+    fused = []
+    for layer in layers._modules.values():
+        forward = getattr(layer.__dict__.get("forward"), "__func__", None)
+        inner = (_self_attention(layer)
+                 if forward is _encoder_layer_forward and not _own_hooks(layer) else None)
+        arguments = None if inner is None else _fused_layer(layer, inner, x)
+        if arguments is None:
+            return None
+        fused.append(arguments)
+    return fused
+
+
+def _patch_encoder_stack(module, names):
+    """Where the family's module names the output class the forward returns."""
+    output_class = getattr(sys.modules[type(module).__module__], STACK_OUTPUT_CLASS, None)
+    if output_class is None or not isinstance(module._modules.get("layer"), nn.ModuleList):
+        return False
+    module.__dict__[FACTS_ATTR] = output_class
+    return _install(module, _encoder_stack_forward)
 
 
 def _patch_encoder_layer(module, names):
@@ -845,7 +926,7 @@ _PATCHERS = {"projections": _patch_projections, "linear": _patch_linear,
              "residual_norm": _patch_residual_norm,
              "residual_rms_norm": _patch_residual_rms_norm, "bias_gelu": _patch_bias_gelu,
              "rotary_attention": _patch_rotary_attention, "gated_mlp": _patch_gated_mlp,
-             "encoder_layer": _patch_encoder_layer}
+             "encoder_layer": _patch_encoder_layer, "encoder_stack": _patch_encoder_stack}
 
 
 def _install(module, forward):

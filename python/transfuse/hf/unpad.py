@@ -43,6 +43,7 @@ import torch
 from .attention import NAME as ATTENTION_NAME
 
 FORWARD_ATTR = "_transfuse_unpad_forward"
+INNER_ATTR = "_transfuse_unpad_inner"  # a stack's own forward, found at patch time (a block rule's)
 
 # base model class name -> (way in, attribute of the token-wise stack for "stack", decoder with a
 # KV cache)
@@ -150,17 +151,18 @@ def _replace_last_hidden_state(output, packing):
 
 
 # The two forwards below become bound methods of the patched modules (types.MethodType, so that a
-# deep copy of the model rebinds them to the copies); they call the class's own forward.
+# deep copy of the model rebinds them to the copies); they call the class's own forward (a
+# stack: the block rule's forward it had when patched, where it had one).
 
 def _stack_forward(self, hidden_states=None, attention_mask=None, *args, **kwargs):
-    original = type(self).forward
+    original = self.__dict__.get(INNER_ATTR) or functools.partial(type(self).forward, self)
     if hidden_states is None:  # a stack whose first argument is named inputs_embeds (CLIP's)
         hidden_states = kwargs.pop("inputs_embeds")
     valid = None if _off_under_compile(self) else _padding_mask.get()
     if valid is None or args or tuple(valid.shape) != tuple(hidden_states.shape[:2]):
-        return original(self, hidden_states, attention_mask, *args, **kwargs)
+        return original(hidden_states, attention_mask, *args, **kwargs)
     packing = Packing(valid)
-    output = original(self, packing.pack(hidden_states), None, **kwargs, **packing.kwargs)
+    output = original(packing.pack(hidden_states), None, **kwargs, **packing.kwargs)
     return _replace_last_hidden_state(output, packing)
 
 
@@ -260,6 +262,8 @@ def patch_unpad(model, mode=True):
         if kind == "stack":
             targets.append((getattr(module, stack_name), _stack_forward))
         for target, forward in targets:
+            if target is not module and "forward" in target.__dict__:  # runs inside
+                target.__dict__[INNER_ATTR] = target.__dict__["forward"]
             target.forward = types.MethodType(forward, target)
             target.__dict__[FORWARD_ATTR] = mode
         done.append(name or type(module).__name__)
@@ -270,3 +274,5 @@ def unpatch_unpad(model):
     for module in model.modules():
         if module.__dict__.pop(FORWARD_ATTR, None):
             module.__dict__.pop("forward", None)
+            if INNER_ATTR in module.__dict__:
+                module.forward = module.__dict__.pop(INNER_ATTR)
