@@ -278,8 +278,8 @@ void transpose_rows(const float* rows_data, int64_t rows, int64_t rows_ld, int64
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-// The same on AVX-512, in 16 x 16 blocks through registers (ld a multiple of 16: kKeyTile,
-// kQueryTile). Element by element, this loop took 16% of MiniLM's attention (head_dim 32).
+// The same on AVX-512, in 16 x 16 blocks through registers (ld a multiple of 16: a padded tile
+// width). Element by element, this loop took 16% of MiniLM's attention (head_dim 32).
 template <>
 __attribute__((target("avx512f"))) void transpose_rows<Floats16>(
     const float* rows_data, int64_t rows, int64_t rows_ld, int64_t head_dim, float* dst,
@@ -470,6 +470,9 @@ TRANSFUSE_INLINE void product(int64_t m, int64_t n, int64_t depth, const float* 
   int64_t j = 0;
   for (; j + wide <= n; j += wide)
     product_columns<V, Blocking<V>::vectors>(m, depth, a, lda, b + j, ldb, c + j, ldc, accumulate);
+  if constexpr (Blocking<V>::vectors > 2)  // (head_dim 32, 32 keys: a broadcast per 2 vectors)
+    for (; j + 2 * lanes <= n; j += 2 * lanes)
+      product_columns<V, 2>(m, depth, a, lda, b + j, ldb, c + j, ldc, accumulate);
   for (; j < n; j += lanes)
     product_columns<V, 1>(m, depth, a, lda, b + j, ldb, c + j, ldc, accumulate);
 }
@@ -581,8 +584,8 @@ TRANSFUSE_INLINE void forward_unit(const AttentionParams& p, const ForwardUnit& 
       if (u.rows < kFewRows) {
         dot_products<V>(u.rows, keys, dim, s.q.data(), k_rows, k_ld, s.s.data(), kKeyTile);
       } else {
-        transpose_rows<V>(k_rows, keys, k_ld, p.head_dim, s.keys_t.data(), kKeyTile);
-        product<V>(u.rows, width, p.head_dim, s.q.data(), dim, s.keys_t.data(), kKeyTile,
+        transpose_rows<V>(k_rows, keys, k_ld, p.head_dim, s.keys_t.data(), width);
+        product<V>(u.rows, width, p.head_dim, s.q.data(), dim, s.keys_t.data(), width,
                    s.s.data(), kKeyTile, false);
       }
     }
@@ -678,9 +681,9 @@ TRANSFUSE_INLINE void key_unit(const AttentionBackwardParams& bp, const RowStats
       const TileSpan span{u.b, h, q0, queries, u.k0, u.keys, true, u.seq};
       const int64_t query_row = u.seq.q_start + q0;
       load_rows(p.q, p.q_strides, p, u.b, h, query_row, queries, p.scale, s.q.data(), dim);
-      transpose_rows<V>(s.q.data(), queries, dim, p.head_dim, s.q_t.data(), kQueryTile);
+      transpose_rows<V>(s.q.data(), queries, dim, p.head_dim, s.q_t.data(), width);
       load_rows(bp.dout, bp.dout_strides, p, u.b, h, query_row, queries, 1.f, s.dout.data(), dim);
-      transpose_rows<V>(s.dout.data(), queries, dim, p.head_dim, s.dout_t.data(), kQueryTile);
+      transpose_rows<V>(s.dout.data(), queries, dim, p.head_dim, s.dout_t.data(), width);
       std::fill(lse_row, lse_row + width, kInf);
       std::fill(delta_row, delta_row + width, 0.f);
       std::memcpy(lse_row, p.lse + row0 + q0, queries * sizeof(float));
@@ -688,8 +691,8 @@ TRANSFUSE_INLINE void key_unit(const AttentionBackwardParams& bp, const RowStats
       if (stats.norm) std::memcpy(norm_row, stats.norm + row0 + q0, queries * sizeof(float));
 
       // S^T = K (scale Q)^T, P^T = exp(S^T - lse), dP^T = V dO^T.
-      product<V>(u.keys, width, p.head_dim, s.keys.data(), dim, s.q_t.data(), kQueryTile,
-                 s.s.data(), kQueryTile, false);
+      product<V>(u.keys, width, p.head_dim, s.keys.data(), dim, s.q_t.data(), width, s.s.data(),
+                 kQueryTile, false);
       finish_scores(p, span, s.s.data(), kQueryTile, width, s.softcap_grad.data());
       for (int64_t c = 0; c < u.keys; ++c) {
         float* p_row = s.s.data() + c * kQueryTile;
@@ -697,7 +700,7 @@ TRANSFUSE_INLINE void key_unit(const AttentionBackwardParams& bp, const RowStats
         if (stats.norm)
           for (int64_t r = 0; r < queries; ++r) p_row[r] *= norm_row[r];
       }
-      product<V>(u.keys, width, p.head_dim, s.values.data(), dim, s.dout_t.data(), kQueryTile,
+      product<V>(u.keys, width, p.head_dim, s.values.data(), dim, s.dout_t.data(), width,
                  s.dp.data(), kQueryTile, false);
       const float* p_used = s.s.data();
       if (p.dropout_p > 0) {
@@ -750,14 +753,14 @@ TRANSFUSE_INLINE void query_unit(const AttentionBackwardParams& bp, const RowSta
     const TileSpan span{u.b, u.h, u.q0, u.rows, k0, keys, false, u.seq};
     const int64_t key_row = u.seq.kv_start + k0;
     load_rows(p.k, p.k_strides, p, u.b, kv_head, key_row, keys, p.scale, s.keys.data(), dim);
-    transpose_rows<V>(s.keys.data(), keys, dim, p.head_dim, s.keys_t.data(), kKeyTile);
+    transpose_rows<V>(s.keys.data(), keys, dim, p.head_dim, s.keys_t.data(), width);
     load_rows(p.v, p.v_strides, p, u.b, kv_head, key_row, keys, 1.f, s.values.data(), dim);
-    transpose_rows<V>(s.values.data(), keys, dim, p.head_dim, s.values_t.data(), kKeyTile);
+    transpose_rows<V>(s.values.data(), keys, dim, p.head_dim, s.values_t.data(), width);
     // S = Q (scale K)^T (the same products as the forward's), P = exp(S - lse), dP = dO V^T.
-    product<V>(u.rows, width, p.head_dim, s.q.data(), dim, s.keys_t.data(), kKeyTile, s.s.data(),
+    product<V>(u.rows, width, p.head_dim, s.q.data(), dim, s.keys_t.data(), width, s.s.data(),
                kKeyTile, false);
     finish_scores(p, span, s.s.data(), kKeyTile, width, s.softcap_grad.data());
-    product<V>(u.rows, width, p.head_dim, s.dout.data(), dim, s.values_t.data(), kKeyTile,
+    product<V>(u.rows, width, p.head_dim, s.dout.data(), dim, s.values_t.data(), width,
                s.dp.data(), kKeyTile, false);
     if (p.dropout_p > 0) drop_tile(p, span, s.dp.data(), kKeyTile);
     for (int64_t r = 0; r < u.rows; ++r) {
