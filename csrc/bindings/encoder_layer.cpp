@@ -13,7 +13,8 @@
 // torch_linears says so (the calls transfuse.ops.linear leaves to torch: too few rows for its
 // GEMMs, a CPU where torch's run faster) through torch's linear and gelu; int8 weights through
 // `int8_linear`, the GELU then through `bias_gelu` on the product without its bias, as the
-// bias_gelu rule runs int8 layers. Returns None where a kernel declines the call (before any
+// bias_gelu rule runs int8 layers; Q, K and V through `int8_linears` (w8a8: x quantized once, the
+// same values as three calls). Returns None where a kernel declines the call (before any
 // output is returned, so the caller can run the modules instead).
 #include <optional>
 #include <vector>
@@ -83,7 +84,15 @@ OptTensor encoder_layer(const Tensor& x, const OptTensor& cu_seqlens, int64_t ma
                                     false, at::kFloat, in.scalar_type(), false));
   };
 
-  const OptTensor q = project(0, x), k = project(1, x), v = project(2, x);
+  OptTensor q, k, v;
+  if (int8) {  // x quantized once for the three (w8a8)
+    const auto qkv = int8_linears(x, {weights[0], weights[1], weights[2]},
+                                  {weight_scales[0], weight_scales[1], weight_scales[2]},
+                                  {biases[0], biases[1], biases[2]}, int8_mode);
+    q = qkv[0], k = qkv[1], v = qkv[2];
+  } else {
+    q = project(0, x), k = project(1, x), v = project(2, x);
+  }
   if (!q || !k || !v) return std::nullopt;
   Tensor attended;
   if (cu_seqlens) {

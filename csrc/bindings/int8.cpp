@@ -267,39 +267,49 @@ Tensor w8a16_cpu(const Tensor& x, const Tensor& w, const Tensor& w_scale, const 
   return cpu::gemm(g) ? out : w8a16_by_blocks(x, w, w_scale, bias);
 }
 
-// w8a8 of x [m, k] on the CPU, its quantized rows in buffers of the call (tensors cost their
-// allocation: a third of a one-token call).
-Tensor w8a8_cpu(const Tensor& x, const Tensor& w, const Tensor& w_scale, const OptTensor& bias) {
-  Tensor out;
-  Int8LinearParams p = linear_params(w, w_scale, bias, x.scalar_type(), x, out);
-  const auto x_q = cpu::uninitialized<int8_t>(p.m * p.k);
-  const auto x_scale = cpu::uninitialized<float>(p.m);
+// w8a8 of x [m, k] by each weight on the CPU, x's quantized rows in buffers of the call (tensors
+// cost their allocation: a third of a one-token call), shared by the products (one team for their
+// panels where the CPU has AVX512-VNNI).
+std::vector<Tensor> w8a8_cpu(const Tensor& x, const std::vector<Tensor>& ws,
+                             const std::vector<Tensor>& w_scales,
+                             const std::vector<OptTensor>& biases) {
+  const int64_t m = x.size(0), k = x.size(1);
+  const auto x_q = cpu::uninitialized<int8_t>(m * k);
+  const auto x_scale = cpu::uninitialized<float>(m);
   QuantizeParams q;
   q.x = x.data_ptr();
   q.q = x_q.get();
   q.scale = x_scale.get();
-  q.rows = p.m;
-  q.cols = p.k;
-  q.dtype = p.dtype;
-  q.num_threads = p.num_threads;
+  q.rows = m;
+  q.cols = k;
+  q.dtype = to_dtype(x.scalar_type(), "x");
+  q.num_threads = at::get_num_threads();
   cpu::quantize_per_token(q);
-  p.x_q = x_q.get();
-  p.x_scale = x_scale.get();
-  const std::optional<Tensor> packed =
-      cpu::int8_vnni_packs(p.m, p.k)
-          ? packed_weights().of(w, cpu::packed_weight_bytes(p.n, p.k),
-                                [](const Tensor& w, Tensor& out) {
-                                  return cpu::pack_weight_vnni(w.data_ptr<int8_t>(), w.size(0),
-                                                               w.size(1), out.data_ptr<int8_t>(),
-                                                               at::get_num_threads());
-                                })
-          : std::nullopt;
-  if (packed) p.w_packed = packed->data_ptr<int8_t>();
-  if (cpu::int8_linear_vnni(p)) return out;
-  Tensor acc = int_mm(at::from_blob(x_q.get(), {p.m, p.k}, x.options().dtype(at::kChar)), w);
-  p.acc = acc.data_ptr<int32_t>();
-  cpu::dequantize_accumulators(p);
-  return out;
+  std::vector<Tensor> outs(ws.size());
+  std::vector<OptTensor> packs(ws.size());  // alive until the products are done
+  std::vector<Int8LinearParams> ps;
+  for (size_t i = 0; i < ws.size(); ++i) {
+    Int8LinearParams p = linear_params(ws[i], w_scales[i], biases[i], x.scalar_type(), x, outs[i]);
+    p.x_q = x_q.get();
+    p.x_scale = x_scale.get();
+    if (cpu::int8_vnni_packs(m, k))
+      packs[i] = packed_weights().of(ws[i], cpu::packed_weight_bytes(p.n, k),
+                                     [](const Tensor& w, Tensor& out) {
+                                       return cpu::pack_weight_vnni(
+                                           w.data_ptr<int8_t>(), w.size(0), w.size(1),
+                                           out.data_ptr<int8_t>(), at::get_num_threads());
+                                     });
+    if (packs[i]) p.w_packed = packs[i]->data_ptr<int8_t>();
+    ps.push_back(p);
+  }
+  if (cpu::int8_linears_vnni(ps.data(), int64_t(ps.size()))) return outs;
+  const Tensor x_q_tensor = at::from_blob(x_q.get(), {m, k}, x.options().dtype(at::kChar));
+  for (size_t i = 0; i < ws.size(); ++i) {
+    Tensor acc = int_mm(x_q_tensor, ws[i]);
+    ps[i].acc = acc.data_ptr<int32_t>();
+    cpu::dequantize_accumulators(ps[i]);
+  }
+  return outs;
 }
 
 }  // namespace
@@ -311,43 +321,67 @@ Tensor w8a8_cpu(const Tensor& x, const Tensor& w, const Tensor& w_scale, const O
 // (Triton).
 std::optional<Tensor> int8_linear(const Tensor& x, const Tensor& w, const Tensor& w_scale,
                                   const OptTensor& bias, c10::string_view mode) {
+  return int8_linears(x, {w}, {w_scale}, {bias}, mode)[0];
+}
+
+// int8_linear of one x by each weight: on the CPU in w8a8, x quantized once for all of them.
+std::vector<OptTensor> int8_linears(const Tensor& x, const std::vector<Tensor>& ws,
+                                    const std::vector<Tensor>& w_scales,
+                                    const std::vector<OptTensor>& biases,
+                                    c10::string_view mode) {
   const bool w8a8 = mode == "w8a8";
   TORCH_CHECK_VALUE(w8a8 || mode == "w8a16", "mode must be one of ('w8a8', 'w8a16'), got '",
                     mode, "'");
+  TORCH_CHECK_VALUE(ws.size() == w_scales.size() && ws.size() == biases.size(),
+                    "each weight needs its scales and bias (or None)");
   TORCH_CHECK_VALUE(x.dim() >= 1, "x must have at least one dimension");
   to_dtype(x.scalar_type(), "x");
-  TORCH_CHECK_TYPE(w.dim() == 2 && w.scalar_type() == at::kChar,
-                   "w_int8 must be a 2-D int8 tensor [out_features, in_features]");
-  const int64_t k = x.size(-1), n = w.size(0);
-  TORCH_CHECK_VALUE(w.size(1) == k, "x's last dimension (", k,
-                    ") must equal w_int8's in_features (", w.size(1), ")");
-  TORCH_CHECK_VALUE(k <= kMaxK, "in_features ", k, " exceeds ", kMaxK,
-                    ": the int32 accumulator could overflow");
-  TORCH_CHECK_VALUE(w.device() == x.device(), "w_int8 is on ", w.device(), " but x is on ",
-                    x.device());
-  const int64_t m = x.numel() / std::max<int64_t>(k, 1);
-  if (m == 0 || k == 0 || n == 0) return std::nullopt;
-  if (!w8a8 && x.is_cuda() && m > kGemvMaxRows) return std::nullopt;
-  TORCH_CHECK_TYPE(!bias || at::isFloatingType(bias->scalar_type()),
-                   "bias must be a float tensor or None");
-  OptTensor bias_x;
-  if (bias) bias_x = bias->to(x.scalar_type());  // its shape and device: checked below
+  const int64_t k = x.size(-1), m = x.numel() / std::max<int64_t>(k, 1);
+  std::vector<OptTensor> outs(ws.size());
+  std::vector<size_t> taken;  // the calls with a product to compute here
+  std::vector<Tensor> w_cs, w_scale_cs;
+  std::vector<OptTensor> bias_xs;
+  for (size_t i = 0; i < ws.size(); ++i) {
+    const Tensor& w = ws[i];
+    TORCH_CHECK_TYPE(w.dim() == 2 && w.scalar_type() == at::kChar,
+                     "w_int8 must be a 2-D int8 tensor [out_features, in_features]");
+    TORCH_CHECK_VALUE(w.size(1) == k, "x's last dimension (", k,
+                      ") must equal w_int8's in_features (", w.size(1), ")");
+    TORCH_CHECK_VALUE(k <= kMaxK, "in_features ", k, " exceeds ", kMaxK,
+                      ": the int32 accumulator could overflow");
+    TORCH_CHECK_VALUE(w.device() == x.device(), "w_int8 is on ", w.device(), " but x is on ",
+                      x.device());
+    if (m == 0 || k == 0 || w.size(0) == 0) continue;
+    if (!w8a8 && x.is_cuda() && m > kGemvMaxRows) continue;
+    const OptTensor& bias = biases[i];
+    TORCH_CHECK_TYPE(!bias || at::isFloatingType(bias->scalar_type()),
+                     "bias must be a float tensor or None");
+    taken.push_back(i);
+    w_cs.push_back(w.contiguous());
+    w_scale_cs.push_back(w_scales[i].contiguous());
+    bias_xs.push_back(bias ? OptTensor(bias->to(x.scalar_type())) : std::nullopt);  // its
+  }                                                     // shape and device: checked below
+  if (taken.empty()) return outs;
   const Tensor x2 = x.reshape({m, k}).contiguous();
-  const Tensor w_c = w.contiguous(), w_scale_c = w_scale.contiguous();
-  Tensor out;
-  if (w8a8 && !x.is_cuda()) {
-    out = w8a8_cpu(x2, w_c, w_scale_c, bias_x);
-  } else if (w8a8) {
-    const auto [x_q, x_scale] = quantize_per_token(x2);
-    out = int8_linear_w8a8(x_q, x_scale, w_c, w_scale_c, bias_x, x.scalar_type());
-  } else if (!x.is_cuda() && (cpu::has_gemm() ? m > kCpuGemvMaxRows : m > kGemvMaxRows)) {
-    out = w8a16_cpu(x2, w_c, w_scale_c, bias_x);
-  } else {
-    out = int8_linear_w8a16(x2, w_c, w_scale_c, bias_x);
+  std::vector<Tensor> results;
+  if (w8a8 && !x.is_cuda()) results = w8a8_cpu(x2, w_cs, w_scale_cs, bias_xs);
+  for (size_t j = 0; j < taken.size() && !(w8a8 && !x.is_cuda()); ++j) {
+    if (w8a8) {
+      const auto [x_q, x_scale] = quantize_per_token(x2);
+      results.push_back(
+          int8_linear_w8a8(x_q, x_scale, w_cs[j], w_scale_cs[j], bias_xs[j], x.scalar_type()));
+    } else if (!x.is_cuda() && (cpu::has_gemm() ? m > kCpuGemvMaxRows : m > kGemvMaxRows)) {
+      results.push_back(w8a16_cpu(x2, w_cs[j], w_scale_cs[j], bias_xs[j]));
+    } else {
+      results.push_back(int8_linear_w8a16(x2, w_cs[j], w_scale_cs[j], bias_xs[j]));
+    }
   }
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = n;
-  return out.view(out_shape);
+  for (size_t j = 0; j < taken.size(); ++j) {
+    out_shape.back() = w_cs[j].size(0);
+    outs[taken[j]] = results[j].view(out_shape);
+  }
+  return outs;
 }
 
 // The kernels as functions of transfuse._C (python_functions.h).

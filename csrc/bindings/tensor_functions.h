@@ -4,6 +4,7 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/string_view.h>
@@ -21,6 +22,10 @@ std::optional<at::Tensor> int8_linear(const at::Tensor& x, const at::Tensor& w,
                                       const at::Tensor& w_scale,
                                       const std::optional<at::Tensor>& bias,
                                       c10::string_view mode);
+// The same for several weights of one x (on the CPU in w8a8: x quantized once for all).
+std::vector<std::optional<at::Tensor>> int8_linears(
+    const at::Tensor& x, const std::vector<at::Tensor>& ws, const std::vector<at::Tensor>& w_scales,
+    const std::vector<std::optional<at::Tensor>>& biases, c10::string_view mode);
 
 // attention.cpp: (out, lse), padded [B, H, S, D] and packed [T, H, D] (FlashAttention's varlen).
 std::tuple<at::Tensor, at::Tensor> attention_forward(

@@ -32,6 +32,9 @@ bool int8_gemv(const Int8LinearParams& p);
 // p.x_scale, p.w, p.w_scale and p.bias, exact in int32. Returns false, writing nothing, on a CPU
 // without AVX512-VNNI (or with TRANSFUSE_CPU_ISA below avx512).
 bool int8_linear_vnni(const Int8LinearParams& p);
+// The same for `count` calls on one x (the same m, k, x_q and x_scale; Q, K and V): x's rows
+// offset once and the calls' panels shared by one team.
+bool int8_linears_vnni(const Int8LinearParams* ps, int64_t count);
 
 // The VNNI GEMM's packed panels of a weight w [n, k], kept between calls (p.w_packed): their bytes;
 // whether a call of m rows of x would read them if packed before (rather than run the GEMV or

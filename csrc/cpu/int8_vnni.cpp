@@ -391,6 +391,47 @@ TRANSFUSE_VNNI void pack_all_panels(const int8_t* w, int64_t n, int64_t k, int8_
   });
 }
 
+// The panel products of `count` calls on the same x (m, k, x_q and x_scale; u its offset rows):
+// one team takes every panel of every call.
+TRANSFUSE_VNNI void panel_products(const Int8LinearParams* ps, int64_t count, const uint8_t* u) {
+  const int64_t m = ps[0].m, k = ps[0].k, groups = (k + 3) / 4, stride = groups * 4;
+  const int64_t bytes = panel_bytes(k);
+  std::vector<std::vector<float>> biases(count);
+  std::vector<int64_t> first_panel(count + 1, 0);  // of call c, in the panels of all calls
+  bool all_packed = true;
+  int64_t work = 0;
+  for (int64_t c = 0; c < count; ++c) {
+    biases[c] = fp32_bias(ps[c]);
+    first_panel[c + 1] = first_panel[c] + (ps[c].n + kPanelCols - 1) / kPanelCols;
+    all_packed = all_packed && ps[c].w_packed;
+    work += m * ps[c].n * k;
+  }
+  const int64_t panels = first_panel[count];
+  in_team(threads_for(ps[0].num_threads, panels, work, kMinWorkPerThread),
+          [&]() TRANSFUSE_VNNI {
+    const auto own = uninitialized<int8_t>(all_packed ? 0 : bytes);  // this thread's panel
+#pragma omp for schedule(static)
+    for (int64_t index = 0; index < panels; ++index) {
+      int64_t c = 0;
+      while (index >= first_panel[c + 1]) ++c;
+      const Int8LinearParams& p = ps[c];
+      const int64_t panel_index = index - first_panel[c];
+      const Epilogue e = panel_epilogue(p, panel_index * kPanelCols, biases[c]);
+      const int8_t* panel = own.get();
+      __m512i offset[kPanelVectors];
+      if (p.w_packed) {
+        panel = p.w_packed + panel_index * (bytes + kOffsetBytes);
+        for (int v = 0; v < kPanelVectors; ++v)
+          offset[v] = _mm512_loadu_si512(panel + bytes + 64 * v);
+      } else {
+        pack_panel(p.w, p.n, p.k, e.j0, own.get(), offset);
+      }
+      for (int64_t i0 = 0; i0 < m; i0 += kTileRows)
+        run_tile(std::min(kTileRows, m - i0), u + i0 * stride, groups, panel, offset, e, i0);
+    }
+  });
+}
+
 TRANSFUSE_VNNI void int8_linear_avx512_vnni(const Int8LinearParams& p) {
   if (p.m > kAmxGemvTokens && has_amx()) {
     int8_linear_amx(p);
@@ -415,38 +456,35 @@ TRANSFUSE_VNNI void int8_linear_avx512_vnni(const Int8LinearParams& p) {
     if (!p.acc) dequantize_accumulators(q);
     return;
   }
-  const std::vector<float> bias = fp32_bias(p);
-  const int64_t panels = (p.n + kPanelCols - 1) / kPanelCols;
-  const int64_t bytes = panel_bytes(p.k);
-  in_team(threads_for(p.num_threads, panels, p.m * p.n * p.k, kMinWorkPerThread),
-          [&]() TRANSFUSE_VNNI {
-    const auto own = uninitialized<int8_t>(p.w_packed ? 0 : bytes);  // this thread's panel
-#pragma omp for schedule(static)
-    for (int64_t panel_index = 0; panel_index < panels; ++panel_index) {
-      const Epilogue e = panel_epilogue(p, panel_index * kPanelCols, bias);
-      const int8_t* panel = own.get();
-      __m512i offset[kPanelVectors];
-      if (p.w_packed) {
-        panel = p.w_packed + panel_index * (bytes + kOffsetBytes);
-        for (int c = 0; c < kPanelVectors; ++c)
-          offset[c] = _mm512_loadu_si512(panel + bytes + 64 * c);
-      } else {
-        pack_panel(p.w, p.n, p.k, e.j0, own.get(), offset);
-      }
-      for (int64_t i0 = 0; i0 < p.m; i0 += kTileRows)
-        run_tile(std::min(kTileRows, p.m - i0), u.get() + i0 * stride, groups, panel, offset, e,
-                 i0);
-    }
-  });
+  panel_products(&p, 1, u.get());
+}
+
+// Several calls on one x: its offset rows once and one team for all the panels, where each call
+// would run on panels; else call by call.
+TRANSFUSE_VNNI void int8_linears_avx512_vnni(const Int8LinearParams* ps, int64_t count) {
+  const Int8LinearParams& p = ps[0];
+  bool panels = count > 1 && !(p.m > kAmxGemvTokens && has_amx());
+  for (int64_t c = 0; c < count; ++c)
+    panels = panels && !runs_gemv(p.m, p.k, ps[c].w_packed != nullptr);
+  if (!panels) {
+    for (int64_t c = 0; c < count; ++c) int8_linear_avx512_vnni(ps[c]);
+    return;
+  }
+  const int64_t stride = (p.k + 3) / 4 * 4;
+  const auto u = uninitialized<uint8_t>(p.m * stride);
+  offset_rows(p.x_q, p.m, p.k, stride, u.get());
+  panel_products(ps, count, u.get());
 }
 
 }  // namespace
 #endif
 
-bool int8_linear_vnni(const Int8LinearParams& p) {
+bool int8_linear_vnni(const Int8LinearParams& p) { return int8_linears_vnni(&p, 1); }
+
+bool int8_linears_vnni(const Int8LinearParams* ps, int64_t count) {
 #ifdef TRANSFUSE_X86_MULTIVERSION
   if (!has_vnni()) return false;
-  int8_linear_avx512_vnni(p);
+  int8_linears_avx512_vnni(ps, count);
   return true;
 #else
   return false;
