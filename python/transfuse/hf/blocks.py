@@ -715,37 +715,45 @@ def _global_hooks():
 
 
 def _fused_layer_arguments(layer, inner, x):
-    """transfuse._C.encoder_layer's arguments for `layer` (weights, weight_scales, biases,
-    torch_linears, int8_mode, norm_weights, norm_biases, eps, activation) where its modules run
+    """transfuse._C.encoder_layer's arguments after x, cu_seqlens and max_seqlen for `layer`
+    (inner: its self-attention, not causal, without attention dropout) where its modules run
     what the call runs on x (the rules' forwards through transfuse.ops.linear or int8_linear,
-    biases and affine norms of x's dtype, every backend the cpu one), else None. torch_linears:
-    the float layers that transfuse.ops.linear leaves to torch's F.linear (and F.gelu) on x.
-    (Registries read directly: nn.Module's __getattr__ made these checks cost 40 us a layer.
-    Global hooks: checked by the callers.)"""
+    biases and affine norms of x's dtype, every backend the cpu one), else None: heads, scale,
+    weights, weight_scales, biases, torch_linears, int8_mode, norm_weights, norm_biases, eps,
+    activation. torch_linears: the float layers that transfuse.ops.linear leaves to torch's
+    F.linear (and F.gelu) on x. (Registries read directly, loops without generators: these
+    checks run for every layer of every call. The configured attention implementation (a
+    config's attributes cost microseconds) and global hooks: checked by the callers.)"""
+    if inner.is_causal or (inner.training and inner.dropout.p):
+        return None
     children = layer._modules
     rules = (children["attention"]._modules.get("output"), children.get("intermediate"),
              children.get("output"))
-    if not all(
-            m is not None and m.__dict__.get(FORWARD_ATTR) and not _own_hooks(m) for m in rules):
-        return None
+    for m in rules:
+        if m is None or not m.__dict__.get(FORWARD_ATTR) or _own_hooks(m):
+            return None
     approximate = _gelu_approximation(rules[1]._modules.get("intermediate_act_fn"))
-    norms = [rules[i]._modules.get("LayerNorm") for i in (0, 2)]
-    dropouts = [rules[i]._modules.get("dropout") for i in (0, 2)]
-    if approximate is None or not all(
-            type(n) is FusedLayerNorm and not _own_hooks(n) and "forward" not in n.__dict__
-            and n._parameters["weight"] is not None and n._parameters["bias"] is not None
-            for n in norms) or not all(
-            type(d) is nn.Dropout and not _own_hooks(d) and "forward" not in d.__dict__
-            and (not d.training or d.p == 0) for d in dropouts):
+    if approximate is None:
         return None
+    norms = (rules[0]._modules.get("LayerNorm"), rules[2]._modules.get("LayerNorm"))
+    for n in norms:
+        if (type(n) is not FusedLayerNorm or _own_hooks(n) or "forward" in n.__dict__
+                or n._parameters["weight"] is None or n._parameters["bias"] is None):
+            return None
+    for d in (rules[0]._modules.get("dropout"), rules[2]._modules.get("dropout")):
+        if (type(d) is not nn.Dropout or _own_hooks(d) or "forward" in d.__dict__
+                or (d.training and d.p != 0)):
+            return None
     linears = [inner._modules.get(name) for name in ("query", "key", "value")]
     linears += [m._modules.get("dense") for m in rules]
     int8 = type(linears[0]) is Int8Linear
-    if x.device.type in (JOINED_INT8_DEVICES if int8 else JOINED_GEMM_DEVICES):
+    device, dtype = x.device, x.dtype
+    if device.type in (JOINED_INT8_DEVICES if int8 else JOINED_GEMM_DEVICES):
         return None  # (the modules would run Q, K and V as one GEMM)
     mode = linears[0].mode if int8 else ""
-    chosen = {n.backend for n in norms}
-    chosen.update(m.__dict__.get(BACKEND_ATTR) for m in (inner, *rules))
+    chosen = {norms[0].backend, norms[1].backend, inner.__dict__.get(BACKEND_ATTR)}
+    for m in rules:
+        chosen.add(m.__dict__.get(BACKEND_ATTR))
     weights, weight_scales, biases, torch_linears = [], [], [], []
     for index, m in enumerate(linears):
         forward = getattr(m.__dict__.get("forward"), "__func__", None)
@@ -759,22 +767,23 @@ def _fused_layer_arguments(layer, inner, x):
                 forward in (_linear_forward, _projection_forward)
                 or (forward is None and index >= 3)):
             weight = m._parameters["weight"]
-            if weight.dtype != x.dtype:
+            if weight.dtype != dtype:
                 return None
             torch_linears.append(not _own_kernel_takes(x, weight))
             chosen.add(m.__dict__.get(BACKEND_ATTR))
         else:
             return None
         bias = m._parameters.get("bias")
-        if bias is None or bias.dtype != x.dtype:
+        if bias is None or bias.dtype != dtype:
             return None
         weights.append(weight)
         biases.append(bias)
-    needed = ("int8", "activation") if int8 else ("linear",)
-    if any(backends.resolve(op, b, x.device) != "cpu"
-           for b in chosen for op in (*needed, "norm", "attention")):
-        return None
-    return (weights, weight_scales, biases, torch_linears, mode,
+    for backend in chosen:
+        for op in (("int8", "activation") if int8 else ("linear",)) + ("norm", "attention"):
+            if backends.resolve(op, backend, device) != "cpu":
+                return None
+    return (inner.num_attention_heads, float(inner.scaling),
+            weights, weight_scales, biases, torch_linears, mode,
             [n._parameters["weight"] for n in norms],
             [n._parameters["bias"] for n in norms], [float(n.eps) for n in norms],
             "gelu" if approximate == "none" else "gelu_tanh")
@@ -813,18 +822,6 @@ def _self_attention(layer):
     return inner
 
 
-def _fused_layer(layer, inner, x):
-    """transfuse._C.encoder_layer's arguments after x, cu_seqlens and max_seqlen for `layer`
-    (inner: its self-attention) on x, or None where its modules would run otherwise."""
-    if (inner.config._attn_implementation != ATTENTION_NAME or inner.is_causal
-            or (inner.training and inner.dropout.p)):
-        return None
-    arguments = _fused_layer_arguments(layer, inner, x)
-    if arguments is None:
-        return None
-    return (inner.num_attention_heads, float(inner.scaling), *arguments)
-
-
 def _encoder_layer_forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
                            *args, **kwargs):
     inner = _self_attention(self)
@@ -837,7 +834,9 @@ def _encoder_layer_forward(self, hidden_states, attention_mask=None, encoder_hid
         kwargs.pop(name, None)
     call = _fused_call(hidden_states, attention_mask, kwargs)
     module = None if call is None else backends.extension()[0]
-    arguments = None if module is None else _fused_layer(self, inner, hidden_states)
+    arguments = None
+    if module is not None and inner.config._attn_implementation == ATTENTION_NAME:
+        arguments = _fused_layer_arguments(self, inner, hidden_states)
     if arguments is not None:
         return module.encoder_layer(hidden_states, *call, *arguments)
     family_module = sys.modules[type(inner).__module__]
@@ -888,12 +887,18 @@ def _encoder_stack_forward(self, hidden_states, attention_mask=None, encoder_hid
 def _fused_layers(layers, x):
     """For each layer (its encoder_layer rule installed, no hooks of its own, fitting on x):
     transfuse._C.encoder_layer's arguments after x, cu_seqlens and max_seqlen; else None."""
-    fused = []
+    fused, config = [], None  # config: the last one seen to name the transfuse attention
     for layer in layers._modules.values():
         forward = getattr(layer.__dict__.get("forward"), "__func__", None)
         inner = (_self_attention(layer)
                  if forward is _encoder_layer_forward and not _own_hooks(layer) else None)
-        arguments = None if inner is None else _fused_layer(layer, inner, x)
+        if inner is None:
+            return None
+        if inner.config is not config:
+            if inner.config._attn_implementation != ATTENTION_NAME:
+                return None
+            config = inner.config
+        arguments = _fused_layer_arguments(layer, inner, x)
         if arguments is None:
             return None
         fused.append(arguments)
