@@ -66,9 +66,11 @@ def test_blocks_equal_the_unpatched_model_with_one_gemm_for_qkv(model_type, line
     patched = transfuse.patch(copy.deepcopy(model))
     rules = {name: rule for name, rule in transfuse.patched_modules(patched).items()
              if "<block" in name}
-    assert sorted(set(rules.values())) == ["block rule 'bias_gelu'", "block rule 'encoder_layer'",
-                                           "block rule 'encoder_stack'", "block rule 'linear'",
-                                           "block rule 'projections'", "block rule 'residual_norm'"]
+    expected_rules = ["bias_gelu", "encoder_layer", "encoder_stack", "linear", "projections",
+                      "residual_norm"]
+    if model_type == "bert":  # (RoBERTa's embeddings read otherwise)
+        expected_rules.insert(1, "embeddings")
+    assert sorted(set(rules.values())) == [f"block rule '{rule}'" for rule in expected_rules]
     linear_calls[0] = 0
     torch.testing.assert_close(real_tokens(patched, ids, mask), expected, rtol=1e-5, atol=1e-5)
     layers = model.config.num_hidden_layers
@@ -651,6 +653,70 @@ def test_encoder_stack_sits_inside_padding_removal_in_copies_and_until_unpatched
     transfuse.patch(patched)  # twice: unchanged
     assert patched.encoder.forward.__func__ is unpad._stack_forward
     assert patched.encoder.__dict__[unpad.INNER_ATTR].__func__ is blocks._encoder_stack_forward
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("model_type", ["bert", "electra"])
+def test_embeddings_in_one_call_equal_the_modules_bit_for_bit(model_type, dtype, monkeypatch):
+    """Given ids and token types (positions given or not, after a cache or not), one
+    embeddings_forward call gives exactly what the modules give; elsewhere the class's forward
+    runs: no token types, input embeddings, autograd, a hooked table, dropout in training."""
+    from hf_models import build_more
+    model = build_more(model_type).to(dtype) if model_type == "electra" else build(
+        model_type).to(dtype)
+    patched = transfuse.patch(copy.deepcopy(model))
+    embeddings = patched.embeddings
+    assert embeddings.__dict__[blocks.FORWARD_ATTR] == "embeddings"
+    module = transfuse.backends.extension()[0]
+    calls = []
+    original = module.embeddings_forward
+    monkeypatch.setattr(module, "embeddings_forward",
+                        lambda *a: calls.append(1) or original(*a))
+    ids, mask = padded_batch()
+    types = (torch.arange(ids.numel()).reshape(ids.shape) % 2)
+    positions = torch.arange(ids.shape[1]).flip(0).unsqueeze(0)
+    length = "cache_length" if "cache_length" in str(
+        blocks.inspect.signature(type(embeddings).forward)) else "past_key_values_length"
+    with torch.inference_mode():
+        for kwargs in (dict(token_type_ids=types), dict(token_type_ids=types,
+                                                        position_ids=positions),
+                       {"token_type_ids": types, length: 3}):
+            expected = type(embeddings).forward(embeddings, input_ids=ids, **kwargs)
+            assert torch.equal(embeddings(input_ids=ids, **kwargs), expected)
+        assert len(calls) == 3
+        expected = type(embeddings).forward(embeddings, input_ids=ids)
+        assert torch.equal(embeddings(input_ids=ids), expected) and len(calls) == 3
+        inputs_embeds = embeddings.word_embeddings(ids)
+        embeddings(inputs_embeds=inputs_embeds, token_type_ids=types)
+        assert len(calls) == 3
+    embeddings(input_ids=ids, token_type_ids=types).float().sum().backward()
+    assert embeddings.word_embeddings.weight.grad is not None and len(calls) == 3
+    wide = copy.deepcopy(embeddings).double()  # (the norm kernels' dtypes: not float64)
+    with torch.inference_mode():
+        assert torch.equal(wide(input_ids=ids, token_type_ids=types),
+                           type(wide).forward(wide, input_ids=ids, token_type_ids=types))
+    assert len(calls) == 3
+    seen = []
+    handle = embeddings.position_embeddings.register_forward_hook(lambda *a: seen.append(1))
+    with torch.inference_mode():
+        embeddings(input_ids=ids, token_type_ids=types)
+    handle.remove()
+    embeddings.train()
+    with torch.inference_mode():
+        embeddings(input_ids=ids, token_type_ids=types)
+    assert seen == [1] and len(calls) == 3
+
+
+def test_embeddings_call_names_a_wrong_argument():
+    module = transfuse.backends.extension()[0]
+    ids, table = torch.zeros(1, 3, dtype=torch.long), torch.randn(10, 8)
+    arguments = [ids, ids, ids, table, table, table, torch.ones(8), torch.zeros(8), 1e-5]
+    with pytest.raises(TypeError, match="token_type_ids"):
+        module.embeddings_forward(ids, ids.float(), *arguments[2:])
+    with pytest.raises(ValueError, match="position must be a 2-D table"):
+        module.embeddings_forward(*arguments[:5], torch.randn(10, 4), *arguments[6:])
+    with pytest.raises(TypeError, match="token_type must be"):
+        module.embeddings_forward(*arguments[:4], table.double(), *arguments[5:])
 
 
 def test_encoder_layer_call_names_a_wrong_argument():

@@ -56,6 +56,11 @@ something else.
                call (the checks above, each layer's rule installed and unhooked), the calls one
                after another, without the module calls, kwargs and output objects between them;
                else the class's forward. Inside padding removal (hf/unpad.py) where it applies.
+  embeddings   BERT's (and ELECTRA's) embeddings on given token ids and token types, CPU
+               inference: LayerNorm(word[ids] + token_type[types] + position[positions]) in one
+               transfuse._C.embeddings_forward call (csrc/bindings/embeddings.cpp), the
+               module's operations in its order (bit for bit), without its six module calls;
+               else the class's forward.
   bias_gelu    gelu(dense(h)) (BERT-style Intermediate, exact or tanh GELU): on CPU tensors with
                a float dense layer, one transfuse.ops.linear with the bias and GELU in its
                GEMM's epilogue; else the GEMM (float or transfuse int8) without its bias (no
@@ -90,6 +95,7 @@ from ..nn import FusedLayerNorm, FusedRMSNorm, Int8Linear
 from ..ops.linear import _own_kernel_takes
 from .attention import NAME as ATTENTION_NAME, _weights_requested
 from ..ops.activation import KERNEL_DTYPES as ACTIVATION_DTYPES
+from ..ops.norm import KERNEL_DTYPES as NORM_DTYPES
 from ..ops.rotary import KERNEL_DTYPES as ROTARY_DTYPES
 
 FORWARD_ATTR = "_transfuse_block_forward"
@@ -122,6 +128,10 @@ BLOCK_RULES = {
     **{f"{family}Layer": ("encoder_layer", ("attention", "intermediate", "output"))
        for family in _BERT_LIKE},
     **{f"{family}Encoder": ("encoder_stack", ("layer",)) for family in _BERT_LIKE},
+    # (RoBERTa's embeddings number positions from the ids: another forward)
+    **{f"{family}Embeddings": ("embeddings", ("word_embeddings", "token_type_embeddings",
+                                              "position_embeddings", "LayerNorm", "dropout"))
+       for family in ("Bert", "Electra")},
     **{f"{family}Attention": ("rotary_attention", ("q_proj", "k_proj", "v_proj"))
        for family in _DECODERS},
     **{f"{family}MLP": ("gated_mlp", ("gate_proj", "up_proj")) for family in _DECODERS},
@@ -224,6 +234,19 @@ ENCODER_STACK_SOURCE = (
     "**kwargs, )", f"return {STACK_OUTPUT_CLASS}( last_hidden_state=hidden_states,",
     "if use_cache else None, )")
 
+# BERT's embeddings (transformers 5.17 names the cache's length past_key_values_length, 5.24
+# cache_length).
+EMBEDDINGS_SOURCE = (
+    "if position_ids is None: position_ids = self.position_ids[:,",
+    "if token_type_ids is None:",
+    "if inputs_embeds is None: inputs_embeds = self.word_embeddings(input_ids)",
+    "token_type_embeddings = self.token_type_embeddings(token_type_ids)",
+    "embeddings = inputs_embeds + token_type_embeddings",
+    "position_embeddings = self.position_embeddings(position_ids)",
+    "embeddings = embeddings + position_embeddings", "embeddings = self.LayerNorm(embeddings)",
+    "embeddings = self.dropout(embeddings)", "return embeddings")
+CACHE_LENGTH_NAMES = frozenset(("cache_length", "past_key_values_length"))
+
 GATED_MLP_SOURCE = ("down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))",
                     "return down_proj")
 
@@ -259,6 +282,8 @@ def _expected_source(kind, names, cls):
         return ENCODER_LAYER_SOURCE
     if kind == "encoder_stack":
         return ENCODER_STACK_SOURCE
+    if kind == "embeddings":
+        return EMBEDDINGS_SOURCE
     if kind == "residual_rms_norm":
         head, tail = RESIDUAL_RMS_NORM_SOURCE
         return (*head, *(f"{name}={name}," for name in _decoder_parameters(cls)), *tail)
@@ -914,6 +939,68 @@ def _patch_encoder_stack(module, names):
     return _install(module, _encoder_stack_forward)
 
 
+# ------------------------------------------------------------------------------------------------
+# embeddings
+# ------------------------------------------------------------------------------------------------
+
+def _plain_embedding(module, dtype):
+    """An nn.Embedding of that class, unhooked, running the class's forward (a lookup: no max_norm
+    renormalizing the table in place) on a table of `dtype`."""
+    return (type(module) is nn.Embedding and not _own_hooks(module)
+            and "forward" not in module.__dict__ and module.max_norm is None
+            and module._parameters["weight"].dtype == dtype)
+
+
+def _fused_embeddings_arguments(embeddings, input_ids):
+    """transfuse._C.embeddings_forward's tables and norm for `embeddings` on CPU ids in
+    inference (no autograd, autocast or compile), where its modules compute what the call does
+    (tables of a dtype the norm kernels take), else None."""
+    children = embeddings._modules
+    word, norm, dropout = (children.get("word_embeddings"), children.get("LayerNorm"),
+                           children.get("dropout"))
+    if (input_ids.device.type != "cpu" or torch.is_grad_enabled() or _global_hooks()
+            or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")
+            or torch._C._get_tracing_state() or type(word) is not nn.Embedding):
+        return None
+    dtype = word._parameters["weight"].dtype
+    if dtype not in NORM_DTYPES:
+        return None
+    tables = (word, children.get("token_type_embeddings"), children.get("position_embeddings"))
+    for table in tables:
+        if not _plain_embedding(table, dtype):
+            return None
+    if (type(norm) is not FusedLayerNorm or _own_hooks(norm) or "forward" in norm.__dict__
+            or norm._parameters["weight"] is None or norm._parameters["bias"] is None
+            or backends.resolve("norm", norm.backend, input_ids.device) != "cpu"
+            or type(dropout) is not nn.Dropout or _own_hooks(dropout)
+            or "forward" in dropout.__dict__ or (dropout.training and dropout.p != 0)):
+        return None
+    return (*(t._parameters["weight"] for t in tables), norm._parameters["weight"],
+            norm._parameters["bias"], float(norm.eps))
+
+
+def _embeddings_forward(self, input_ids=None, token_type_ids=None, position_ids=None,
+                        inputs_embeds=None, *args, **kwargs):
+    module = None
+    if (input_ids is not None and token_type_ids is not None and inputs_embeds is None
+            and not args and len(kwargs) <= 1 and kwargs.keys() <= CACHE_LENGTH_NAMES
+            and input_ids.dim() == 2
+            and (position_ids is not None or "position_ids" in self._buffers)):
+        arguments = _fused_embeddings_arguments(self, input_ids)
+        module = None if arguments is None else backends.extension()[0]
+    if module is None:
+        return type(self).forward(self, input_ids, token_type_ids, position_ids, inputs_embeds,
+                                  *args, **kwargs)
+    if position_ids is None:  # as the class's forward: the positions after the cache's
+        start = next(iter(kwargs.values()), 0)
+        position_ids = self._buffers["position_ids"][:, start:start + input_ids.shape[1]]
+    return module.embeddings_forward(input_ids, token_type_ids, position_ids, *arguments)
+
+
+def _patch_embeddings(module, names):
+    return _install(module, _embeddings_forward)
+
+
 def _patch_encoder_layer(module, names):
     """Where the layer's attention container and self-attention read as the rule expects."""
     attention = getattr(module, "attention", None)
@@ -931,7 +1018,8 @@ _PATCHERS = {"projections": _patch_projections, "linear": _patch_linear,
              "residual_norm": _patch_residual_norm,
              "residual_rms_norm": _patch_residual_rms_norm, "bias_gelu": _patch_bias_gelu,
              "rotary_attention": _patch_rotary_attention, "gated_mlp": _patch_gated_mlp,
-             "encoder_layer": _patch_encoder_layer, "encoder_stack": _patch_encoder_stack}
+             "encoder_layer": _patch_encoder_layer, "encoder_stack": _patch_encoder_stack,
+             "embeddings": _patch_embeddings}
 
 
 def _install(module, forward):
