@@ -324,7 +324,8 @@ std::optional<Tensor> int8_linear(const Tensor& x, const Tensor& w, const Tensor
   return int8_linears(x, {w}, {w_scale}, {bias}, mode)[0];
 }
 
-// int8_linear of one x by each weight: on the CPU in w8a8, x quantized once for all of them.
+// int8_linear of one x by each weight (Q, K and V): in w8a8 x quantized once for all of them,
+// on the CPU their products in one team.
 std::vector<OptTensor> int8_linears(const Tensor& x, const std::vector<Tensor>& ws,
                                     const std::vector<Tensor>& w_scales,
                                     const std::vector<OptTensor>& biases,
@@ -359,22 +360,25 @@ std::vector<OptTensor> int8_linears(const Tensor& x, const std::vector<Tensor>& 
     taken.push_back(i);
     w_cs.push_back(w.contiguous());
     w_scale_cs.push_back(w_scales[i].contiguous());
-    bias_xs.push_back(bias ? OptTensor(bias->to(x.scalar_type())) : std::nullopt);  // its
-  }                                                     // shape and device: checked below
+    // the bias's shape and device: checked below
+    bias_xs.push_back(bias ? OptTensor(bias->to(x.scalar_type())) : std::nullopt);
+  }
   if (taken.empty()) return outs;
   const Tensor x2 = x.reshape({m, k}).contiguous();
   std::vector<Tensor> results;
-  if (w8a8 && !x.is_cuda()) results = w8a8_cpu(x2, w_cs, w_scale_cs, bias_xs);
-  for (size_t j = 0; j < taken.size() && !(w8a8 && !x.is_cuda()); ++j) {
-    if (w8a8) {
-      const auto [x_q, x_scale] = quantize_per_token(x2);
+  if (w8a8 && !x.is_cuda()) {
+    results = w8a8_cpu(x2, w_cs, w_scale_cs, bias_xs);
+  } else if (w8a8) {
+    const auto [x_q, x_scale] = quantize_per_token(x2);
+    for (size_t j = 0; j < taken.size(); ++j)
       results.push_back(
           int8_linear_w8a8(x_q, x_scale, w_cs[j], w_scale_cs[j], bias_xs[j], x.scalar_type()));
-    } else if (!x.is_cuda() && (cpu::has_gemm() ? m > kCpuGemvMaxRows : m > kGemvMaxRows)) {
-      results.push_back(w8a16_cpu(x2, w_cs[j], w_scale_cs[j], bias_xs[j]));
-    } else {
-      results.push_back(int8_linear_w8a16(x2, w_cs[j], w_scale_cs[j], bias_xs[j]));
-    }
+  } else {
+    const bool cpu_gemm =
+        !x.is_cuda() && (cpu::has_gemm() ? m > kCpuGemvMaxRows : m > kGemvMaxRows);
+    for (size_t j = 0; j < taken.size(); ++j)
+      results.push_back(cpu_gemm ? w8a16_cpu(x2, w_cs[j], w_scale_cs[j], bias_xs[j])
+                                 : int8_linear_w8a16(x2, w_cs[j], w_scale_cs[j], bias_xs[j]));
   }
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   for (size_t j = 0; j < taken.size(); ++j) {
