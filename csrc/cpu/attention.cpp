@@ -97,9 +97,15 @@ void load_rows(const void* base, const int64_t* strides, const AttentionParams& 
                     rows * p.head_dim);
   for (int64_t r = 0; r < rows; ++r) {
     float* out = dst + r * ld;
-    load_row(row_address(base, p.dtype, strides, b, h, row0 + r), p.dtype, out, p.head_dim);
-    if (scale != 1.f)
-      for (int64_t d = 0; d < p.head_dim; ++d) out[d] *= scale;
+    const char* row = row_address(base, p.dtype, strides, b, h, row0 + r);
+    if (p.dtype == DType::f32) {  // one pass, not a copy and then the scaling
+      const float* in = reinterpret_cast<const float*>(row);
+      for (int64_t d = 0; d < p.head_dim; ++d) out[d] = in[d] * scale;
+    } else {
+      load_row(row, p.dtype, out, p.head_dim);
+      if (scale != 1.f)
+        for (int64_t d = 0; d < p.head_dim; ++d) out[d] *= scale;
+    }
     std::fill(out + p.head_dim, out + ld, 0.f);
   }
 }
