@@ -639,6 +639,21 @@ def test_encoder_stack_runs_the_fused_layers_without_their_modules(mode, padding
     assert torch.equal(hooked, fused)
 
 
+def test_encoder_stack_keeps_the_hidden_states_that_transformers_records(fused_stacks):
+    """output_hidden_states=True (transformers records each layer's output): every layer's
+    hidden state is there, as the unpatched model gives it."""
+    model = build("bert")
+    patched = transfuse.patch(copy.deepcopy(model))
+    ids, _ = padded_batch()
+    with torch.inference_mode():
+        expected = model(input_ids=ids, output_hidden_states=True).hidden_states
+        actual = patched(input_ids=ids, output_hidden_states=True).hidden_states
+    assert len(actual) == len(expected) == model.config.num_hidden_layers + 1
+    for got, want in zip(actual, expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert all(arguments is None for arguments in fused_stacks)
+
+
 def test_encoder_stack_sits_inside_padding_removal_in_copies_and_until_unpatched():
     from transfuse.hf import unpad
     patched = transfuse.patch(build("bert"))
