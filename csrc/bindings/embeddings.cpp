@@ -3,7 +3,7 @@
 // (python/transfuse/hf/blocks.py, "embeddings"), with the same operations in the same order, so
 // the result is the module's bit for bit, without its half dozen Python module calls:
 //   e = (word[input_ids] + token_type[token_type_ids]) + position[position_ids]
-//   y = LayerNorm(e) (norm_forward, as the norm rules' FusedLayerNorm runs it)
+//   y = LayerNorm(e) (layer_norm_forward, as the norm rules' FusedLayerNorm runs it)
 // Ids of any integer dtype; position_ids broadcast over the batch as the module's add does.
 #include <optional>
 
@@ -44,8 +44,7 @@ Tensor embeddings_forward(const Tensor& input_ids, const Tensor& token_type_ids,
   Tensor sum = at::embedding(word, input_ids);
   sum.add_(at::embedding(token_type, token_type_ids));
   sum.add_(at::embedding(position, position_ids));  // (any broadcast that sum's shape takes)
-  return std::get<0>(norm_forward(sum, norm_weight, norm_bias, std::nullopt, eps, 0.0, false,
-                                  at::kFloat, sum.scalar_type(), false));
+  return layer_norm_forward(sum, norm_weight, norm_bias, std::nullopt, eps);
 }
 
 }  // namespace

@@ -80,8 +80,7 @@ OptTensor encoder_layer(const Tensor& x, const OptTensor& cu_seqlens, int64_t ma
         .view(product->sizes());
   };
   auto layer_norm = [&](size_t j, const Tensor& in, const Tensor& residual) {
-    return std::get<0>(norm_forward(in, norm_weights[j], norm_biases[j], residual, eps[j], 0.0,
-                                    false, at::kFloat, in.scalar_type(), false));
+    return layer_norm_forward(in, norm_weights[j], norm_biases[j], residual, eps[j]);
   };
 
   OptTensor q, k, v;

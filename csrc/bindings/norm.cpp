@@ -125,6 +125,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_forward(
   return {y, residual_out, mean, rstd};
 }
 
+Tensor layer_norm_forward(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                          const std::optional<Tensor>& residual, double eps) {
+  return std::get<0>(norm_forward(x, weight, bias, residual, eps, 0.0, false, at::kFloat,
+                                  x.scalar_type(), false));
+}
+
 namespace {
 
 // -> (dx [= dresidual] in h's shape, dweight or empty, dbias or empty)

@@ -44,6 +44,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_forward(
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual, double eps,
     double weight_offset, bool rms, at::ScalarType normalized_dtype, at::ScalarType out_dtype,
     bool save_stats);
+// norm.cpp: y of a LayerNorm of x (+ residual) as transfuse.ops.layer_norm (the norm rules'
+// FusedLayerNorm) runs it: statistics in fp32, y in x's dtype, no statistics kept.
+at::Tensor layer_norm_forward(const at::Tensor& x, const at::Tensor& weight,
+                              const at::Tensor& bias, const std::optional<at::Tensor>& residual,
+                              double eps);
 
 // activation.cpp: gelu(x + bias) over a contiguous [rows, cols] x.
 at::Tensor bias_gelu_forward(const at::Tensor& x, const std::optional<at::Tensor>& bias,

@@ -892,12 +892,12 @@ def _encoder_stack_forward(self, hidden_states, attention_mask=None, encoder_hid
     """Every layer fused (_fused_call, _fused_layers): their transfuse._C.encoder_layer calls one
     after another, without the module calls between them; else the class's forward (each layer
     deciding for itself)."""
-    rest = {name: value for name, value in kwargs.items()
-            if name != "use_cache" and not (name in STACK_NONE_KWARGS and value is None)}
     layers = self._modules.get("layer")
     fused = None
     if not (args or encoder_hidden_states is not None or type(layers) is not nn.ModuleList
             or _global_hooks() or torch._C._get_tracing_state()):
+        rest = {name: value for name, value in kwargs.items()
+                if name != "use_cache" and not (name in STACK_NONE_KWARGS and value is None)}
         call = _fused_call(hidden_states, attention_mask, rest)
         module = None if call is None else backends.extension()[0]
         fused = None if module is None else _fused_layers(layers, hidden_states)
