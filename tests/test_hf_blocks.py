@@ -36,7 +36,8 @@ def padded_batch(seed=1):
 
 @pytest.fixture
 def linear_calls(monkeypatch):
-    """How many times F.linear runs (the GEMMs of a forward)."""
+    """How many GEMMs a forward runs from Python: F.linear's, and transfuse._C.linear's that took
+    the call (transfuse.ops.linear on the CPU: the GEMMs, or the GEMV where it takes one row)."""
     count = [0]
     original = F.linear
 
@@ -44,13 +45,16 @@ def linear_calls(monkeypatch):
         count[0] += 1
         return original(*args, **kwargs)
     monkeypatch.setattr(F, "linear", counting)
+    module = transfuse.backends.extension()[0]
+    if module is not None:
+        own = module.linear
+
+        def counting_own(*args):
+            out = own(*args)
+            count[0] += out is not None
+            return out
+        monkeypatch.setattr(module, "linear", counting_own)
     return count
-
-
-def pooler_f_linear():
-    """F.linear calls of the pooler of a patched BERT on padded_batch (the linear rule): its 3
-    rows run transfuse's GEMV where the CPU has AVX-512."""
-    return 0 if transfuse.backends.extension()[0].cpu_gemm else 1
 
 
 def real_tokens(model, ids, mask):
@@ -75,7 +79,7 @@ def test_blocks_equal_the_unpatched_model_with_one_gemm_for_qkv(model_type, line
     torch.testing.assert_close(real_tokens(patched, ids, mask), expected, rtol=1e-5, atol=1e-5)
     layers = model.config.num_hidden_layers
     # per layer QKV, attention output, intermediate, output (unpatched: 6); then the pooler
-    assert linear_calls[0] == 4 * layers + pooler_f_linear()
+    assert linear_calls[0] == 4 * layers + 1
     self_attention = patched.encoder.layer[0].attention.self
     storages = {m.weight.untyped_storage().data_ptr()
                 for m in (self_attention.query, self_attention.key, self_attention.value)}
@@ -117,7 +121,6 @@ def test_the_float_gemms_of_the_rules_run_transfuse_linear_on_the_cpu(joined, mo
         monkeypatch.setattr(blocks, "JOINED_GEMM_DEVICES", ("cuda",))
     monkeypatch.setattr(blocks, "_fused_layer_arguments", lambda *args: None)
     linear_module = importlib.import_module("transfuse.ops.linear")
-    monkeypatch.setattr(linear_module, "MIN_ROWS", 1)
     monkeypatch.setattr(linear_module, "MIN_WORK", 0)
     calls = []
     original = transfuse.ops.linear
@@ -161,7 +164,7 @@ def test_the_cpu_runs_the_projections_one_by_one_by_default(monkeypatch, linear_
     patched = transfuse.patch(copy.deepcopy(model))
     linear_calls[0] = 0
     torch.testing.assert_close(real_tokens(patched, ids, mask), expected, rtol=1e-5, atol=1e-5)
-    assert linear_calls[0] == 6 * model.config.num_hidden_layers + pooler_f_linear()
+    assert linear_calls[0] == 6 * model.config.num_hidden_layers + 1  # and the pooler
 
 
 def test_unpatch_restores_the_class_forwards_and_separate_storages():
@@ -521,7 +524,6 @@ def fused_layer_calls(request, monkeypatch):
     them) or, at the thresholds as they are, torch's (which the fused layer then calls too)."""
     if request.param == "own GEMMs":
         linear_module = importlib.import_module("transfuse.ops.linear")
-        monkeypatch.setattr(linear_module, "MIN_ROWS", 1)
         monkeypatch.setattr(linear_module, "MIN_WORK", 0)
     monkeypatch.setattr(blocks, "JOINED_GEMM_DEVICES", ("cuda",))
     monkeypatch.setattr(blocks, "JOINED_INT8_DEVICES", ("cuda",))

@@ -56,11 +56,15 @@ def within_fp32_accumulation(out, x, w, bias):
     assert torch.isfinite(out).all() and ((out.double() - exact).abs() <= bound).all()
 
 
-def linear_within_fp32_accumulation(shape, with_bias, dtype):
+def linear_within_fp32_accumulation(shape, with_bias, dtype, inference_weight=False):
     """transfuse.ops.linear on the cpu backend of fresh inputs of shape (lead, n, k): the output's
-    shape, dtype and values (within_fp32_accumulation)."""
+    shape, dtype and values (within_fp32_accumulation). inference_weight: w an inference tensor
+    (whose packed panels the GEMMs do not keep)."""
     lead, n, k = shape
     x, w = torch.randn(*lead, k).to(dtype), torch.randn(n, k).to(dtype)
+    if inference_weight:
+        with torch.inference_mode():
+            w = w.clone()
     bias = torch.randn(n).to(dtype) if with_bias else None
     with torch.no_grad():
         out = transfuse.ops.linear(x, w, bias, backend="cpu")
@@ -105,20 +109,21 @@ def test_cpu_gemm_bf16_rounds_its_fp32_results_as_torch(monkeypatch):
     assert torch.equal(out[finite], expected[finite])
 
 
+@pytest.mark.parametrize("rows", [40, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_cpu_gemm_weights_kept_packed_follow_their_weights(dtype, monkeypatch):
+def test_cpu_gemm_weights_kept_packed_follow_their_weights(dtype, rows, monkeypatch):
     """The GEMMs keep a weight's packed panels between calls (bindings/packed_weights.h): every
     call is within fp32 accumulation of the weight as it is then: repeated, after the weight is
     written in place, for new weights allocated where freed ones were, for views of one storage,
-    and for an inference tensor and a transposed weight (packed per call); k spans several of the
-    fp32 GEMM's k blocks."""
+    and for an inference tensor and a transposed weight (packed per call; at 3 rows the
+    transposed view is torch's); k spans several of the fp32 GEMM's k blocks."""
     monkeypatch.setattr(linear_module, "MIN_WORK", 0)
     calls = kernel_calls(monkeypatch)
     module = transfuse.backends.extension()[0]
     if not (module.cpu_gemm if dtype == torch.float32 else module.cpu_gemm_bf16):
         pytest.skip("needs AVX-512 (fp32) or AVX512_BF16 (bf16)")
     n, k = 130, 1700
-    x = torch.randn(40, k).to(dtype)  # beyond the GEMV's rows: the GEMM
+    x = torch.randn(rows, k).to(dtype)
 
     def check(w):
         with torch.no_grad():
@@ -142,21 +147,30 @@ def test_cpu_gemm_weights_kept_packed_follow_their_weights(dtype, monkeypatch):
     check(torch.randn(k, n).to(dtype).T)
     with torch.inference_mode():
         check(w.clone())
-    assert calls[0] == 12  # every call ran the GEMM
+    assert calls[0] == (12 if rows > linear_module.FEW_ROWS else 11)  # transfuse's GEMMs
 
 
+def few_rows_kernel_built(rows, dtype):
+    """Whether transfuse's GEMV (one row; bf16 up to 8 rows without AVX512_BF16) or GEMMs (from 2
+    rows) run on this CPU for a call of `rows` <= FEW_ROWS rows."""
+    module = transfuse.backends.extension()[0]
+    return bool(module.cpu_gemm) and (dtype == torch.float32 or rows <= 8
+                                      or bool(module.cpu_gemm_bf16))
+
+
+@pytest.mark.parametrize("inference_weight", [False, True], ids=["kept", "inference"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("shape", FEW_ROWS, ids=str)
-def test_cpu_gemv_within_fp32_accumulation_of_float64(shape, with_bias, dtype, monkeypatch):
-    """Up to GEMV_MAX_ROWS rows (15 fp32, 8 bf16) transfuse's GEMV takes the call on any CPU with
-    AVX-512 (own_gemm_faster aside: the GEMMs' measure), whatever the product's size."""
+def test_cpu_few_rows_within_fp32_accumulation_of_float64(shape, with_bias, dtype,
+                                                          inference_weight, monkeypatch):
+    """Up to FEW_ROWS (15) rows transfuse's kernels take every call on any CPU with AVX-512
+    (own_gemm_faster aside: the larger GEMMs' measure), whatever the product's size: one row the
+    GEMV, from 2 rows the GEMMs, their panels kept or (an inference tensor's) packed per call."""
     calls = kernel_calls(monkeypatch, own_gemm=False)
     monkeypatch.setattr(linear_module, "own_gemm_faster", lambda: False)
-    linear_within_fp32_accumulation(shape, with_bias, dtype)
-    rows = math.prod(shape[0])
-    assert calls[0] == int(bool(transfuse.backends.extension()[0].cpu_gemm)
-                           and rows <= linear_module.GEMV_MAX_ROWS[dtype])
+    linear_within_fp32_accumulation(shape, with_bias, dtype, inference_weight)
+    assert calls[0] == int(few_rows_kernel_built(math.prod(shape[0]), dtype))
 
 
 @pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
@@ -170,12 +184,14 @@ def test_gelu_epilogue_within_its_error_of_float64(dtype, activation, monkeypatc
     module = transfuse.backends.extension()[0]
     gemm = module.cpu_gemm if dtype == torch.float32 else module.cpu_gemm_bf16
     expected_calls = 0
-    for lead, n, k in [((17,), 65, 17), ((2, 9), 130, 513), ((23,), 200, 64), ((3,), 37, 40)]:
+    for lead, n, k in [((17,), 65, 17), ((2, 9), 130, 513), ((23,), 200, 64), ((3,), 37, 40),
+                       ((1,), 37, 40)]:
         x, w, b = (torch.randn(*lead, k) * 0.3).to(dtype), torch.randn(n, k).to(dtype), \
             torch.randn(n).to(dtype)
         with torch.no_grad():
             out = transfuse.ops.linear(x, w, b, activation=activation, backend="cpu")
-        kernel = module.cpu_gemm if x.numel() // k <= 8 else gemm  # the GEMV needs AVX-512 alone
+        rows = x.numel() // k
+        kernel = gemm if rows > linear_module.FEW_ROWS else few_rows_kernel_built(rows, dtype)
         expected_calls += bool(kernel)
         z = reference.linear(x.double(), w.double(), b.double())
         exact = reference.linear(x.double(), w.double(), b.double(), activation)
@@ -204,11 +220,12 @@ def test_cpus_with_amx_keep_torchs_gemm(monkeypatch):
 
 @pytest.mark.parametrize("backend", ["reference"] + cpu_backends())
 def test_calls_it_does_not_take_are_f_linear(backend, monkeypatch):
-    """Between the GEMV's rows and the GEMMs' (or below their work), fp16, a transposed weight
-    view at the GEMV's rows, autograd and the other backends: torch's F.linear (the reference computes in float64), gradients included."""
+    """Beyond FEW_ROWS below the GEMMs' work, fp16, a transposed weight view up to FEW_ROWS,
+    autograd and the other backends: torch's F.linear (the reference computes in float64),
+    gradients included."""
     calls = kernel_calls(monkeypatch)
     w, bias = torch.randn(96, 80), torch.randn(96)
-    for x, weight in ((torch.randn(16, 80), w), (torch.randn(12, 80).bfloat16(), w.bfloat16()),
+    for x, weight in ((torch.randn(16, 80), w), (torch.randn(20, 80).bfloat16(), w.bfloat16()),
                       (torch.randn(3, 80).half(), w.half()), (torch.randn(3, 80), w.T.contiguous().T)):
         out = transfuse.ops.linear(x, weight, bias.to(x.dtype), backend=backend)
         expected = (reference.linear if backend == "reference" else F.linear)(

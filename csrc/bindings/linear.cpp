@@ -1,8 +1,11 @@
 // Binding of the linear: transfuse._C.linear(x, w, bias, activation) = act(x @ w^T + bias), act
-// "none", "gelu" or "gelu_tanh". On the CPU with AVX-512: up to cpu::kGemvMaxRows rows of fp32 or
-// bf16, cpu::gemv (weights as stored); more, fp32: cpu::gemm; bf16 with AVX512_BF16:
-// cpu::gemm_bf16 (both with the weights packed into L2-sized panels, kept between calls:
-// packed_weights.h). Any other call is left to torch (at::linear): the binding returns None.
+// "none", "gelu" or "gelu_tanh". On the CPU with AVX-512, fp32 or bf16: one row (decoding),
+// cpu::gemv (weights as stored); from 2 rows the GEMMs (fp32: cpu::gemm; bf16 with AVX512_BF16:
+// cpu::gemm_bf16) with the weights packed into L2-sized panels, kept between calls where
+// packed_weights.h keeps them, else packed per call; bf16 without AVX512_BF16, cpu::gemv up to
+// cpu::kGemvMaxRows rows. The kernel depends on the shapes, dtypes and CPU only (not on whether
+// the panels are kept), so a call's bits do too. Any other call is left to torch (at::linear):
+// the binding returns None.
 // python/transfuse/ops/linear.py validates user input first; these checks guard the kernel.
 #include <optional>
 #include <vector>
@@ -44,10 +47,11 @@ std::optional<Tensor> linear(const Tensor& x, const Tensor& w, const OptTensor& 
   const bool cpu = x.device().is_cpu() && w.device().is_cpu() && (!bias || bias->device().is_cpu());
   const bool bf16 = dtype == at::kBFloat16;
   const int64_t m = x.numel() / std::max<int64_t>(k, 1);
-  const bool few_rows = m <= cpu::kGemvMaxRows;
   if (!same_dtype || !cpu || (dtype != at::kFloat && !bf16) || m == 0 || n == 0 || k == 0 ||
-      !(bf16 && !few_rows ? cpu::has_gemm_bf16() : cpu::has_gemm()))
+      !cpu::has_gemm())
     return std::nullopt;
+  const bool gemv = m == 1 || (bf16 && !cpu::has_gemm_bf16());
+  if (gemv && m > cpu::kGemvMaxRows) return std::nullopt;
   const Tensor x2 = x.reshape({m, k}).contiguous(), w_c = w.contiguous();
   const OptTensor bias_f = bias ? OptTensor(bias->to(at::kFloat).contiguous()) : std::nullopt;
   Tensor out = at::empty({m, n}, x.options());
@@ -64,7 +68,7 @@ std::optional<Tensor> linear(const Tensor& x, const Tensor& w, const OptTensor& 
   p.approximate = activation == "gelu_tanh" ? GeluApproximation::tanh : GeluApproximation::none;
   p.num_threads = at::get_num_threads();
   std::optional<Tensor> packed;
-  if (!few_rows && w.is_contiguous()) {  // (a copy of w would not outlive the call)
+  if (!gemv && w.is_contiguous()) {  // (a copy of w would not outlive the call)
     packed = packed_weights().of(
         w, bf16 ? cpu::packed_weight_bytes_bf16(n, k) : cpu::packed_weight_bytes_fp32(n, k),
         [bf16](const Tensor& w, Tensor& out) {
@@ -76,7 +80,7 @@ std::optional<Tensor> linear(const Tensor& x, const Tensor& w, const OptTensor& 
         });
     if (packed) p.w_packed = packed->data_ptr();
   }
-  if (!(few_rows ? cpu::gemv(p) : bf16 ? cpu::gemm_bf16(p) : cpu::gemm(p))) return std::nullopt;
+  if (!(gemv ? cpu::gemv(p) : bf16 ? cpu::gemm_bf16(p) : cpu::gemm(p))) return std::nullopt;
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = n;
   return out.view(out_shape);

@@ -4,15 +4,20 @@
 On the cpu backend, when autograd records nothing, fp32 and bf16 calls on a CPU with AVX-512 run
 transfuse's kernels (under torch.compile inside the custom op transfuse::linear, which Inductor
 leaves alone):
-- up to GEMV_MAX_ROWS rows (decoding), the GEMV (csrc/cpu/gemv.cpp): the weights read once, as
-  stored, each thread streaming its own rows; bf16 widened exactly, fp32 FMAs. On the AMD EPYC
-  (2 threads, SmolLM-135M's shapes) 1.4-2.9x torch's F.linear at one row, whose fp32 GEMV read
-  12 GB/s there;
-- at least MIN_ROWS rows and MIN_WORK multiply-adds, on a CPU where they run faster than torch's
+- up to FEW_ROWS rows, every call: one row (decoding) the GEMV (csrc/cpu/gemv.cpp): the weights
+  read once, as stored, each thread streaming its own rows; bf16 widened exactly, fp32 FMAs. On
+  the AMD EPYC (2 threads, SmolLM-135M's shapes) 1.4-2.9x torch's F.linear at one row, whose
+  fp32 GEMV read 12 GB/s there. From 2 rows the GEMMs below (on all-MiniLM-L6-v2's shapes at
+  2-15 rows 1.2-2.6x faster than the GEMV, weights hot or cold; 8 of the bench's 32 one-sentence
+  queries have 9-15 tokens, in bf16 torch's GEMM's before); bf16 on a CPU without AVX512_BF16:
+  the GEMV up to 8 rows (past them torch's GEMM overtook it);
+- more rows and at least MIN_WORK multiply-adds, on a CPU where they run faster than torch's
   (own_gemm_faster): the GEMMs, fp32 on AVX-512 (csrc/cpu/gemm.cpp), bf16 on AVX512_BF16
   (csrc/cpu/gemm_bf16.cpp: fp32 sums of exact products; subnormal bf16 inputs count as zero):
   the weight packed into L2-sized panels (kept between calls while the weight is unchanged:
-  csrc/bindings/packed_weights.h), 6 x 64 register tiles.
+  csrc/bindings/packed_weights.h; an inference tensor's packed per call), 6 x 64 register tiles.
+Which kernel runs depends on the shapes, dtypes and CPU only, so the same call gives the same
+bits whether or not its weight's panels are kept.
 Both take the bias and GELU (in fp32, as transfuse.ops.bias_gelu computes it) in the epilogue and
 round once to x's dtype. Every other call is torch's own F.linear (and F.gelu) (oneDNN on the CPU,
 cuBLAS on CUDA: transfuse has no GPU GEMM of its own), which also gives the gradients. The
@@ -29,11 +34,11 @@ from torch import Tensor
 from .. import backends, reference
 from . import _backend, _library
 
-# Rows up to which the GEMV runs (measured on the AMD EPYC: in bf16 torch's AVX512_BF16 GEMM
-# overtakes it past 8 rows; in fp32 torch's ran 2-3.7x slower up to 15 rows).
-GEMV_MAX_ROWS = {torch.float32: 15, torch.bfloat16: 8}
-MIN_ROWS = 16        # the GEMMs from this many rows: fewer, packing would cost more than it saves
-MIN_WORK = 1 << 20   # multiply-adds; smaller products: torch's, at its smaller per-call cost
+FEW_ROWS = 15            # up to this many rows transfuse's GEMV or GEMMs take every call
+GEMV_MAX_ROWS_BF16 = 8   # bf16 rows the GEMV takes without AVX512_BF16 (past them torch's is faster)
+MIN_WORK = 1 << 20       # beyond FEW_ROWS, multiply-adds; smaller products: torch's, at its smaller
+                         # per-call cost
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
 ACTIVATIONS = (None, "gelu", "gelu_tanh")  # gelu: F.gelu's exact (erf) form; gelu_tanh: its tanh
@@ -93,13 +98,16 @@ def _check_arguments(x, weight, bias, activation, backend):
 
 def _own_kernel_takes(x, weight):
     """Whether transfuse's GEMV or GEMMs run the call (the extension may still decline it: a CPU
-    without AVX-512). The GEMV reads the weight as stored: a transposed view (which the binding
-    would copy, doubling the bytes read) is torch's."""
-    if x.dtype not in GEMV_MAX_ROWS:
+    without AVX-512). Up to FEW_ROWS rows the GEMV reads the weight as stored, and the GEMMs keep
+    only a contiguous weight's panels: a transposed view (which the binding would copy) is
+    torch's there."""
+    if x.dtype not in KERNEL_DTYPES:
         return False
     rows = x.numel() // max(x.shape[-1], 1)
-    return (rows <= GEMV_MAX_ROWS[x.dtype] and weight.is_contiguous() and gemv_built()) or (
-        rows >= MIN_ROWS and rows * weight.numel() >= MIN_WORK and own_gemm_faster())
+    if rows <= FEW_ROWS:
+        return weight.is_contiguous() and gemv_built() and (
+            x.dtype == torch.float32 or rows <= GEMV_MAX_ROWS_BF16 or gemm_bf16_built())
+    return rows * weight.numel() >= MIN_WORK and own_gemm_faster()
 
 
 @torch.compiler.assume_constant_result  # under torch.compile: called once, not traced
@@ -111,11 +119,19 @@ def gemv_built() -> bool:
 
 
 @torch.compiler.assume_constant_result  # under torch.compile: called once, not traced
+def gemm_bf16_built() -> bool:
+    """Whether transfuse's bf16 GEMM runs on this CPU (AVX512_BF16, `transfuse info`:
+    cpu_gemm_bf16)."""
+    module = backends.extension()[0]
+    return module is not None and bool(module.cpu_gemm_bf16)
+
+
+@torch.compiler.assume_constant_result  # under torch.compile: called once, not traced
 def own_gemm_faster() -> bool:
     """Whether transfuse's CPU GEMMs beat torch's on this CPU, as measured (README, "The linear
     op"): on AVX-512 CPUs without AMX (AMD EPYC, Zen 4) by 1.05-1.21x in fp32, 1.10-1.30x in bf16.
     On an Intel Xeon with AMX, torch's GEMMs ran faster (fp32 1.2-1.45x; bf16 on the AMX tiles
-    far faster than AVX512_BF16), so there every call of MIN_ROWS rows or more is torch's. (The
+    far faster than AVX512_BF16), so there every call of more than FEW_ROWS rows is torch's. (The
     GEMV is not measured there yet; it runs wherever AVX-512 does.)"""
     module = backends.extension()[0]
     return module is not None and not module.cpu_amx

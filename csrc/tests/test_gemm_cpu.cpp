@@ -1,0 +1,127 @@
+// Torch-free unit test of the CPU GEMV (cpu/gemv.cpp) and GEMMs (cpu/gemm.cpp, gemm_bf16.cpp) on
+// few rows, against a double-precision reference written out here: every row count from 1 to
+// kGemvMaxRows, fp32 and bf16, with and without bias and GELU, n and k tails, 1 and 2 threads,
+// the GEMMs' weights packed per call and packed before. The GEMV's multi-row tiles run in
+// transfuse.ops.linear only for bf16 on a CPU without AVX512_BF16, so they are checked here.
+// Every output buffer is filled with NaN before the kernel runs, so an element the kernel forgets
+// to write fails. Exits 77 (skipped) on a CPU without AVX-512.
+//
+//   g++ -std=c++17 -O3 -fopenmp -I csrc csrc/tests/test_gemm_cpu.cpp csrc/cpu/*.cpp -o test_gemm_cpu
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "cpu/gemm.h"
+
+using transfuse::DType;
+using transfuse::GemmParams;
+using transfuse::GeluApproximation;
+
+namespace {
+
+// A bf16 value's bits: the upper half of a float's (the test's inputs are made bf16-exact first).
+uint16_t bf16_bits_of(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, 4);
+  return uint16_t(bits >> 16);
+}
+
+float float_of_bf16(uint16_t bits) {
+  const uint32_t widened = uint32_t(bits) << 16;
+  float value;
+  std::memcpy(&value, &widened, 4);
+  return value;
+}
+
+double gelu(double z) { return 0.5 * z * (1.0 + std::erf(z / std::sqrt(2.0))); }
+
+enum class Kernel { gemv, gemm, gemm_packed_before };
+
+// One call of `kernel` on fresh inputs; returns the number of elements outside the bound: fp32
+// accumulation over k terms (through GELU, slope <= 1.13), GELU's own error, one rounding.
+int check(Kernel kernel, DType dtype, int64_t m, int64_t n, int64_t k, bool bias, bool act,
+          int threads, std::mt19937& rng) {
+  std::normal_distribution<float> normal;
+  const bool bf16 = dtype == DType::bf16;
+  std::vector<float> x(m * k), w(n * k), b(n);
+  for (float& v : x) v = bf16 ? float_of_bf16(bf16_bits_of(normal(rng))) : normal(rng);
+  for (float& v : w) v = bf16 ? float_of_bf16(bf16_bits_of(normal(rng))) : normal(rng);
+  for (float& v : b) v = normal(rng);
+  std::vector<uint16_t> x16(m * k), w16(n * k), out16(m * n, 0x7FC0);  // out: NaN
+  for (size_t i = 0; i < x.size(); ++i) x16[i] = bf16_bits_of(x[i]);
+  for (size_t i = 0; i < w.size(); ++i) w16[i] = bf16_bits_of(w[i]);
+  std::vector<float> out(m * n, std::numeric_limits<float>::quiet_NaN());
+
+  GemmParams p;
+  p.x = bf16 ? static_cast<const void*>(x16.data()) : x.data();
+  p.w = bf16 ? static_cast<const void*>(w16.data()) : w.data();
+  p.bias = bias ? b.data() : nullptr;
+  p.out = bf16 ? static_cast<void*>(out16.data()) : out.data();
+  p.m = m, p.n = n, p.k = k, p.dtype = dtype, p.gelu = act, p.num_threads = threads;
+  std::vector<char> packed;
+  if (kernel == Kernel::gemm_packed_before) {
+    using namespace transfuse::cpu;
+    packed.resize(bf16 ? packed_weight_bytes_bf16(n, k) : packed_weight_bytes_fp32(n, k));
+    const bool ok = bf16 ? pack_weight_bf16(w16.data(), n, k, packed.data(), threads)
+                         : pack_weight_fp32(w.data(), n, k, packed.data(), threads);
+    if (!ok) return 1;
+    p.w_packed = packed.data();
+  }
+  const bool ran = kernel == Kernel::gemv ? transfuse::cpu::gemv(p)
+                   : bf16                 ? transfuse::cpu::gemm_bf16(p)
+                                          : transfuse::cpu::gemm(p);
+  if (!ran) return 1;
+
+  const double eps32 = std::ldexp(1.0, -24), eps_out = bf16 ? std::ldexp(1.0, -8) : eps32;
+  int bad = 0;
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      double z = bias ? b[j] : 0.0, magnitude = bias ? std::fabs(b[j]) : 0.0;
+      for (int64_t t = 0; t < k; ++t) {
+        z += double(x[i * k + t]) * w[j * k + t];
+        magnitude += std::fabs(double(x[i * k + t]) * w[j * k + t]);
+      }
+      const double expected = act ? gelu(z) : z;
+      const double got = bf16 ? float_of_bf16(out16[i * n + j]) : out[i * n + j];
+      const double bound = 1.2 * 2 * (k + 1) * eps32 * magnitude + 3e-7 * std::fmax(1.0, std::fabs(z)) +
+                           std::fabs(expected) * eps_out + 1e-30;
+      if (!(std::fabs(got - expected) <= bound)) ++bad;  // NaN fails too
+    }
+  return bad;
+}
+
+}  // namespace
+
+int main() {
+  if (!transfuse::cpu::has_gemm()) {
+    std::printf("skipped: no AVX-512\n");
+    return 77;
+  }
+  std::mt19937 rng(2026);
+  const int64_t shapes[][2] = {{1, 1}, {17, 300}, {33, 16}, {64, 17}, {130, 513}, {70, 1600}};
+  int failures = 0, cases = 0;
+  for (Kernel kernel : {Kernel::gemv, Kernel::gemm, Kernel::gemm_packed_before})
+    for (DType dtype : {DType::f32, DType::bf16}) {
+      if (kernel != Kernel::gemv && dtype == DType::bf16 && !transfuse::cpu::has_gemm_bf16())
+        continue;
+      for (int64_t m = 1; m <= transfuse::cpu::kGemvMaxRows; ++m)
+        for (const auto& shape : shapes) {
+          const bool bias = (m + shape[0]) % 2 == 0, act = (m + shape[1]) % 3 == 0;
+          const int threads = 1 + int(m % 2);
+          const int bad = check(kernel, dtype, m, shape[0], shape[1], bias, act, threads, rng);
+          ++cases;
+          if (bad) {
+            ++failures;
+            std::printf("FAIL kernel %d dtype %s m %lld n %lld k %lld bias %d gelu %d: %d bad\n",
+                        int(kernel), dtype == DType::bf16 ? "bf16" : "fp32", (long long)m,
+                        (long long)shape[0], (long long)shape[1], bias, act, bad);
+          }
+        }
+    }
+  std::printf("%d of %d cases passed\n", cases - failures, cases);
+  return failures ? 1 : 0;
+}
