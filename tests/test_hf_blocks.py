@@ -752,3 +752,110 @@ def test_encoder_layer_call_names_a_wrong_argument():
         module.encoder_layer(**{**arguments, "weights": [w] * 6, "activation": "relu"})
     with pytest.raises(ValueError, match="torch_linears"):
         module.encoder_layer(**{**arguments, "weights": [w] * 6, "torch_linears": [True]})
+
+
+# ------------------------------------------------------------------------------------------------
+# DistilBERT's block and stack: the encoder_layer and encoder_stack rules under its names
+# ------------------------------------------------------------------------------------------------
+
+def distilbert_module_by_module(monkeypatch, model, ids, mask):
+    """The patched DistilBERT's output with its blocks' fused calls turned off (its modules)."""
+    with monkeypatch.context() as m:
+        m.setattr(blocks, "_distilbert_layer_arguments", lambda *args: None)
+        with torch.inference_mode():
+            return model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+
+@pytest.mark.parametrize("padding", [True, False], ids=["packed", "unpadded"])
+@pytest.mark.parametrize("mode", ["fp32", "bf16", "w8a8"])
+def test_distilbert_blocks_run_one_call_each_from_the_stack(mode, padding, fused_stacks,
+                                                            fused_layer_calls, monkeypatch):
+    """DistilBERT's stack makes every block's transfuse._C.encoder_layer call itself, over packed
+    tokens (a padded batch) or an unmasked batch: what its modules give, up to the GELU (on
+    transfuse's GEMMs the call takes it into the epilogue, in fp32 and rounded once, where the
+    modules run torch's after the GEMM: bf16 then differs by an ulp of the output, w8a8 by an
+    int8 rounding of the output layer's input that the GELU's last bits may flip), and in fp32
+    what the unpatched model gives."""
+    model = build("distilbert")
+    ids, mask = padded_batch()
+    if not padding:
+        mask = torch.ones_like(mask)
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float32
+    expected = real_tokens(model, ids, mask)
+    patched = transfuse.patch(copy.deepcopy(model).to(dtype),
+                              int8="w8a8" if mode == "w8a8" else None)
+    rules = transfuse.patched_modules(patched)
+    layers = model.config.n_layers
+    assert rules["transformer<block>"] == "block rule 'encoder_stack'"
+    assert [rules[f"transformer.layer.{i}<block>"] for i in range(layers)] == [
+        "block rule 'encoder_layer'"] * layers
+    with torch.inference_mode():
+        fused = patched(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert [len(arguments) for arguments in fused_stacks] == [layers]
+    assert len(fused_layer_calls) == layers
+    modules = distilbert_module_by_module(monkeypatch, patched, ids, mask)
+    assert len(fused_layer_calls) == layers  # (the modules: no fused call)
+    tolerance = {"fp32": 1e-5, "bf16": 1.6e-2, "w8a8": 1e-3}[mode]
+    torch.testing.assert_close(fused, modules, rtol=tolerance, atol=tolerance)
+    if mode == "fp32":
+        torch.testing.assert_close(fused[mask.bool()], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_distilbert_blocks_step_aside_for_hooks_training_and_gradients(fused_layer_calls):
+    """A hooked linear of one block sends the stack to the class's forward (that block runs its
+    modules, the hook runs, the other blocks still fuse); autograd and training run the modules:
+    what the unpatched model gives, gradients included."""
+    model = build("distilbert")
+    ids, mask = padded_batch()
+    expected = real_tokens(model, ids, mask)
+    patched = transfuse.patch(copy.deepcopy(model))
+    seen = []
+    handle = patched.transformer.layer[0].ffn.lin2.register_forward_hook(
+        lambda *args: seen.append(1))
+    with torch.inference_mode():
+        out = patched(input_ids=ids, attention_mask=mask).last_hidden_state
+    handle.remove()
+    assert seen == [1] and len(fused_layer_calls) == model.config.n_layers - 1
+    torch.testing.assert_close(out[mask.bool()], expected, rtol=1e-5, atol=1e-5)
+
+    fused_layer_calls.clear()
+    out = patched(input_ids=ids, attention_mask=mask).last_hidden_state  # autograd records
+    out[mask.bool()].sum().backward()
+    assert fused_layer_calls == [] and patched.transformer.layer[0].ffn.lin1.weight.grad is not None
+    torch.testing.assert_close(out[mask.bool()].detach(), expected, rtol=1e-5, atol=1e-5)
+    patched.train()
+    with torch.inference_mode():
+        patched(input_ids=ids, attention_mask=mask)
+    assert fused_layer_calls == []
+
+
+def test_distilbert_rules_leave_a_block_that_reads_otherwise_alone(monkeypatch):
+    monkeypatch.setattr(blocks, "DISTILBERT_FFN_CHUNK_SOURCE", ("x = self.something_else(",))
+    patched = transfuse.patch(build("distilbert"))
+    rules = transfuse.patched_modules(patched)
+    assert "transformer.layer.0<block>" not in rules
+    assert "forward" not in patched.transformer.layer[0].__dict__
+
+
+def test_a_class_named_like_distilberts_elsewhere_is_not_a_distilbert_block():
+    """A user's own Transformer / TransformerBlock classes are neither patched nor warned of."""
+    class TransformerBlock(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.attention(x)
+
+    class Transformer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.ModuleList([TransformerBlock()])
+
+        def forward(self, x):
+            return self.layer[0](x)
+
+    model = Transformer()
+    done, unexpected = blocks.patch_blocks(model)
+    assert set(done) == {"layer.0.attention"} and unexpected == []
+    assert "forward" not in model.__dict__ and "forward" not in model.layer[0].__dict__

@@ -52,10 +52,14 @@ something else.
                inspection): Q, K, V, the configured attention function, then the output,
                intermediate and output layers (each its own rule) called as modules. A hooked or
                overridden container runs the class's forward.
-  encoder_stack  a BERT-style encoder: where every layer would run its encoder_layer rule's one
-               call (the checks above, each layer's rule installed and unhooked), the calls one
-               after another, without the module calls, kwargs and output objects between them;
-               else the class's forward. Inside padding removal (hf/unpad.py) where it applies.
+               DistilBERT's block (TransformerBlock: the same computation, its linears under
+               the linear rule, an unchunked feed-forward) takes the same call, else its
+               class's forward.
+  encoder_stack  a BERT-style encoder (and DistilBERT's Transformer): where every layer would run
+               its encoder_layer rule's one call (the checks above, each layer's rule installed
+               and unhooked), the calls one after another, without the module calls, kwargs and
+               output objects between them; else the class's forward. Inside padding removal
+               (hf/unpad.py) where it applies.
   embeddings   BERT's (and ELECTRA's) embeddings on given token ids and token types, CPU
                inference: LayerNorm(word[ids] + token_type[types] + position[positions]) in one
                transfuse._C.embeddings_forward call (csrc/bindings/embeddings.cpp), the
@@ -128,6 +132,10 @@ BLOCK_RULES = {
     **{f"{family}Layer": ("encoder_layer", ("attention", "intermediate", "output"))
        for family in _BERT_LIKE},
     **{f"{family}Encoder": ("encoder_stack", ("layer",)) for family in _BERT_LIKE},
+    # DistilBERT's block and stack: the same computation under other names (DISTILBERT_*)
+    "TransformerBlock": ("encoder_layer", ("attention", "sa_layer_norm", "ffn",
+                                           "output_layer_norm")),
+    "Transformer": ("encoder_stack", ("layer",)),
     # (RoBERTa's embeddings number positions from the ids: another forward)
     **{f"{family}Embeddings": ("embeddings", ("word_embeddings", "token_type_embeddings",
                                               "position_embeddings", "LayerNorm", "dropout"))
@@ -234,6 +242,30 @@ ENCODER_STACK_SOURCE = (
     "**kwargs, )", f"return {STACK_OUTPUT_CLASS}( last_hidden_state=hidden_states,",
     "if use_cache else None, )")
 
+# DistilBERT's block (TransformerBlock), its self-attention, feed-forward and stack (Transformer):
+# a BERT layer's computation, Q / K / V / output named q_lin, k_lin, v_lin, out_lin, the norms
+# sa_layer_norm and output_layer_norm, the intermediate and output layers ffn.lin1 and ffn.lin2.
+DISTILBERT_LAYER_SOURCE = (
+    "attention_output, _ = self.attention( hidden_states, attention_mask=attention_mask, "
+    "**kwargs, )", "attention_output = self.sa_layer_norm(attention_output + hidden_states)",
+    "ffn_output = self.ffn(attention_output)",
+    "ffn_output = self.output_layer_norm(ffn_output + attention_output)", "return ffn_output")
+DISTILBERT_ATTENTION_SOURCE = (
+    "query_layer = self.q_lin(hidden_states).view(*hidden_shape).transpose(1, 2)",
+    "key_layer = self.k_lin(hidden_states).view(*hidden_shape).transpose(1, 2)",
+    "value_layer = self.v_lin(hidden_states).view(*hidden_shape).transpose(1, 2)",
+    *SELF_ATTENTION_SOURCE[5:8], "attn_output = self.out_lin(attn_output)",
+    "return attn_output, attn_weights")
+DISTILBERT_FFN_SOURCE = (
+    "return apply_chunking_to_forward(self.ff_chunk, self.chunk_size_feed_forward, "
+    "self.seq_len_dim, input)",)
+DISTILBERT_FFN_CHUNK_SOURCE = ("x = self.lin1(input)", "x = self.activation(x)",
+                               "x = self.lin2(x)", "x = self.dropout(x)", "return x")
+DISTILBERT_STACK_SOURCE = (
+    "for layer_module in self.layer: hidden_states = layer_module( hidden_states, "
+    "attention_mask, **kwargs, )", "return BaseModelOutput(last_hidden_state=hidden_states)")
+DISTILBERT_CLASSES = ("TransformerBlock", "Transformer")
+
 # BERT's embeddings (transformers 5.17 names the cache's length past_key_values_length, 5.24
 # cache_length).
 EMBEDDINGS_SOURCE = (
@@ -262,6 +294,11 @@ def _decoder_parameters(cls):
     return {p.name: p.default for p in parameters if p.kind is p.POSITIONAL_OR_KEYWORD}
 
 
+def _distilbert(cls):
+    """Whether the class is DistilBERT's block or stack (names a user's model may use too)."""
+    return cls.__name__ in DISTILBERT_CLASSES and cls.__module__.endswith(".modeling_distilbert")
+
+
 def _family(cls):
     """The family of a BLOCK_RULES class name: its prefix among _DECODERS, else ''."""
     return next((f for f in _DECODERS if cls.__name__.startswith(f)), "")
@@ -279,9 +316,9 @@ def _expected_source(kind, names, cls):
     if kind == "bias_gelu":
         return BIAS_GELU_SOURCE
     if kind == "encoder_layer":
-        return ENCODER_LAYER_SOURCE
+        return DISTILBERT_LAYER_SOURCE if _distilbert(cls) else ENCODER_LAYER_SOURCE
     if kind == "encoder_stack":
-        return ENCODER_STACK_SOURCE
+        return DISTILBERT_STACK_SOURCE if _distilbert(cls) else ENCODER_STACK_SOURCE
     if kind == "embeddings":
         return EMBEDDINGS_SOURCE
     if kind == "residual_rms_norm":
@@ -318,8 +355,8 @@ def _forward_reads_as(cls, kind, names):
                 and _reads_as(getattr(family_module, "rotate_half", None),
                               ROTATE_HALF_HELPER_SOURCE)):
             return False
-    if kind == "encoder_layer" and not _reads_as(getattr(cls, "feed_forward_chunk", None),
-                                                 FEED_FORWARD_SOURCE):
+    if kind == "encoder_layer" and not _distilbert(cls) and not _reads_as(
+            getattr(cls, "feed_forward_chunk", None), FEED_FORWARD_SOURCE):
         return False
     return _reads_as(cls.forward, _expected_source(kind, names, cls))
 
@@ -740,44 +777,76 @@ def _global_hooks():
 
 
 def _fused_layer_arguments(layer, inner, x):
-    """transfuse._C.encoder_layer's arguments after x, cu_seqlens and max_seqlen for `layer`
-    (inner: its self-attention, not causal, without attention dropout) where its modules run
-    what the call runs on x (the rules' forwards through transfuse.ops.linear or int8_linear,
-    biases and affine norms of x's dtype, every backend the cpu one), else None: heads, scale,
-    weights, weight_scales, biases, torch_linears, int8_mode, norm_weights, norm_biases, eps,
-    activation. torch_linears: the float layers that transfuse.ops.linear leaves to torch's
-    F.linear (and F.gelu) on x. (Registries read directly, loops without generators: these
-    checks run for every layer of every call. The configured attention implementation (a
-    config's attributes cost microseconds) and global hooks: checked by the callers.)"""
-    if inner.is_causal or (inner.training and inner.dropout.p):
-        return None
+    """transfuse._C.encoder_layer's arguments after x, cu_seqlens and max_seqlen for the BERT-style
+    `layer` (inner: its self-attention) where its modules run what the call runs on x (the rules'
+    forwards through transfuse.ops.linear or int8_linear, biases and affine norms of x's dtype,
+    every backend the cpu one), else None (_layer_call_arguments). (Registries read directly,
+    loops without generators: these checks run for every layer of every call. The configured
+    attention implementation (a config's attributes cost microseconds) and global hooks: checked
+    by the callers.)"""
     children = layer._modules
     rules = (children["attention"]._modules.get("output"), children.get("intermediate"),
              children.get("output"))
     for m in rules:
         if m is None or not m.__dict__.get(FORWARD_ATTR) or _own_hooks(m):
             return None
-    approximate = _gelu_approximation(rules[1]._modules.get("intermediate_act_fn"))
+    linears = [inner._modules.get(name) for name in ("query", "key", "value")]
+    linears += [m._modules.get("dense") for m in rules]
+    # q, k and v without a rule's forward would be torch's F.linear; the dense layers' rules
+    # call them
+    return _layer_call_arguments(
+        inner, inner.num_attention_heads, x, linears,
+        (rules[0]._modules.get("LayerNorm"), rules[2]._modules.get("LayerNorm")),
+        (rules[0]._modules.get("dropout"), rules[2]._modules.get("dropout")),
+        rules[1]._modules.get("intermediate_act_fn"), rules,
+        ((_linear_forward, _projection_forward),) * 3 + ((None, _linear_forward,
+                                                          _projection_forward),) * 3)
+
+
+def _distilbert_layer_arguments(layer, inner, x):
+    """As _fused_layer_arguments, for DistilBERT's block (inner: its self-attention): its six
+    nn.Linear layers each with the linear rule's forward (or transfuse Int8Linear layers)."""
+    children = layer._modules
+    ffn = children["ffn"]._modules
+    linears = [inner._modules.get(name) for name in ("q_lin", "k_lin", "v_lin", "out_lin")]
+    linears += [ffn.get("lin1"), ffn.get("lin2")]
+    return _layer_call_arguments(
+        inner, inner.n_heads, x, linears,
+        (children.get("sa_layer_norm"), children.get("output_layer_norm")),
+        (ffn.get("dropout"),), ffn.get("activation"), (layer,), ((_linear_forward,),) * 6)
+
+
+def _layer_call_arguments(inner, heads, x, linears, norms, dropouts, activation, holders,
+                          forwards):
+    """transfuse._C.encoder_layer's arguments after x, cu_seqlens and max_seqlen for a layer of
+    self-attention `inner` of `heads` heads (not causal, without attention dropout), the six `linears` (query,
+    key, value, attention output, intermediate, output), the two `norms` (FusedLayerNorm),
+    `dropouts` (nn.Dropout, inactive) and `activation` (transformers' exact or tanh GELU):
+    heads, scale, weights, weight_scales, biases, torch_linears, int8_mode, norm_weights,
+    norm_biases, eps, activation; else None. forwards[i]: the instance forwards (the rules',
+    None for the class's) under which float linear i computes what the call does. holders: the
+    modules whose rules chose a backend besides the linears and norms. torch_linears: the float
+    layers that transfuse.ops.linear leaves to torch's F.linear (and F.gelu) on x."""
+    if inner.is_causal or (inner.training and inner.dropout.p):
+        return None
+    approximate = _gelu_approximation(activation)
     if approximate is None:
         return None
-    norms = (rules[0]._modules.get("LayerNorm"), rules[2]._modules.get("LayerNorm"))
     for n in norms:
         if (type(n) is not FusedLayerNorm or _own_hooks(n) or "forward" in n.__dict__
                 or n._parameters["weight"] is None or n._parameters["bias"] is None):
             return None
-    for d in (rules[0]._modules.get("dropout"), rules[2]._modules.get("dropout")):
+    for d in dropouts:
         if (type(d) is not nn.Dropout or _own_hooks(d) or "forward" in d.__dict__
                 or (d.training and d.p != 0)):
             return None
-    linears = [inner._modules.get(name) for name in ("query", "key", "value")]
-    linears += [m._modules.get("dense") for m in rules]
     int8 = type(linears[0]) is Int8Linear
     device, dtype = x.device, x.dtype
     if device.type in (JOINED_INT8_DEVICES if int8 else JOINED_GEMM_DEVICES):
         return None  # (the modules would run Q, K and V as one GEMM)
     mode = linears[0].mode if int8 else ""
     chosen = {norms[0].backend, norms[1].backend, inner.__dict__.get(BACKEND_ATTR)}
-    for m in rules:
+    for m in holders:
         chosen.add(m.__dict__.get(BACKEND_ATTR))
     weights, weight_scales, biases, torch_linears = [], [], [], []
     for index, m in enumerate(linears):
@@ -787,10 +856,8 @@ def _fused_layer_arguments(layer, inner, x):
             weight = m._buffers["weight"]
             weight_scales.append(m._buffers["weight_scale"])
             chosen.add(m.backend)
-        # q, k and v without a rule's forward would be torch's F.linear
-        elif type(m) is nn.Linear and not int8 and not _own_hooks(m) and (
-                forward in (_linear_forward, _projection_forward)
-                or (forward is None and index >= 3)):
+        elif (type(m) is nn.Linear and not int8 and not _own_hooks(m)
+              and forward in forwards[index]):
             weight = m._parameters["weight"]
             if weight.dtype != dtype:
                 return None
@@ -807,8 +874,7 @@ def _fused_layer_arguments(layer, inner, x):
         for op in (("int8", "activation") if int8 else ("linear",)) + ("norm", "attention"):
             if backends.resolve(op, backend, device) != "cpu":
                 return None
-    return (inner.num_attention_heads, float(inner.scaling),
-            weights, weight_scales, biases, torch_linears, mode,
+    return (heads, float(inner.scaling), weights, weight_scales, biases, torch_linears, mode,
             [n._parameters["weight"] for n in norms],
             [n._parameters["bias"] for n in norms], [float(n.eps) for n in norms],
             "gelu" if approximate == "none" else "gelu_tanh")
@@ -882,6 +948,33 @@ def _encoder_layer_forward(self, hidden_states, attention_mask=None, encoder_hid
     return self.output(self.intermediate(attention_output), attention_output)
 
 
+def _distilbert_attention(layer):
+    """DistilBERT's block's self-attention when its modules run what the rule reads (the classes
+    it was patched with, no chunking, hooks or own forwards), else None. (Global hooks: checked by
+    the caller.)"""
+    attention_class, ffn_class = layer.__dict__[FACTS_ATTR]
+    inner, ffn = layer._modules.get("attention"), layer._modules.get("ffn")
+    if (type(inner) is not attention_class or type(ffn) is not ffn_class
+            or ffn.chunk_size_feed_forward or _own_hooks(inner) or _own_hooks(ffn)
+            or "forward" in inner.__dict__ or "forward" in ffn.__dict__):
+        return None
+    return inner
+
+
+def _distilbert_layer_forward(self, hidden_states, attention_mask=None, **kwargs):
+    """DistilBERT's block in one transfuse._C.encoder_layer call where it fits (as BERT's layer:
+    _fused_call, _distilbert_layer_arguments), else the class's forward."""
+    inner = _distilbert_attention(self)
+    if inner is not None and not (_global_hooks() or torch._C._get_tracing_state()):
+        call = _fused_call(hidden_states, attention_mask, kwargs)
+        module = None if call is None else backends.extension()[0]
+        if module is not None and inner.config._attn_implementation == ATTENTION_NAME:
+            arguments = _distilbert_layer_arguments(self, inner, hidden_states)
+            if arguments is not None:
+                return module.encoder_layer(hidden_states, *call, *arguments)
+    return type(self).forward(self, hidden_states, attention_mask, **kwargs)
+
+
 # kwargs a BERT-style stack takes and passes on that are harmless as None (use_cache: its output
 # holds the cache when asked, and none is given)
 STACK_NONE_KWARGS = ("encoder_attention_mask", "cache", "past_key_values")
@@ -889,21 +982,39 @@ STACK_NONE_KWARGS = ("encoder_attention_mask", "cache", "past_key_values")
 
 def _encoder_stack_forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
                            *args, **kwargs):
-    """Every layer fused (_fused_call, _fused_layers): their transfuse._C.encoder_layer calls one
-    after another, without the module calls between them; else the class's forward (each layer
-    deciding for itself)."""
-    layers = self._modules.get("layer")
-    fused = None
-    if not (args or encoder_hidden_states is not None or type(layers) is not nn.ModuleList
-            or _global_hooks() or torch._C._get_tracing_state()):
-        rest = {name: value for name, value in kwargs.items()
-                if name != "use_cache" and not (name in STACK_NONE_KWARGS and value is None)}
-        call = _fused_call(hidden_states, attention_mask, rest)
-        module = None if call is None else backends.extension()[0]
-        fused = None if module is None else _fused_layers(layers, hidden_states)
-    if fused is None:
+    """Every layer fused (_stack_fused); else the class's forward (each layer deciding for
+    itself)."""
+    out = None
+    if not (args or encoder_hidden_states is not None):
+        out = _stack_fused(self, hidden_states, attention_mask, kwargs)
+    if out is None:
         return type(self).forward(self, hidden_states, attention_mask, encoder_hidden_states,
                                   *args, **kwargs)
+    return out
+
+
+def _distilbert_stack_forward(self, hidden_states, attention_mask=None, **kwargs):
+    """DistilBERT's stack: as _encoder_stack_forward."""
+    out = _stack_fused(self, hidden_states, attention_mask, kwargs)
+    if out is None:
+        return type(self).forward(self, hidden_states, attention_mask, **kwargs)
+    return out
+
+
+def _stack_fused(self, hidden_states, attention_mask, kwargs):
+    """The stack's output where every layer would run fused (_fused_call, _fused_layers): their
+    transfuse._C.encoder_layer calls one after another, without the module calls between them;
+    else None."""
+    layers = self._modules.get("layer")
+    if type(layers) is not nn.ModuleList or _global_hooks() or torch._C._get_tracing_state():
+        return None
+    rest = {name: value for name, value in kwargs.items()
+            if name != "use_cache" and not (name in STACK_NONE_KWARGS and value is None)}
+    call = _fused_call(hidden_states, attention_mask, rest)
+    module = None if call is None else backends.extension()[0]
+    fused = None if module is None else _fused_layers(layers, hidden_states)
+    if fused is None:
+        return None
     for arguments in fused:
         hidden_states = module.encoder_layer(hidden_states, *call, *arguments)
     return self.__dict__[FACTS_ATTR](last_hidden_state=hidden_states)
@@ -915,15 +1026,20 @@ def _fused_layers(layers, x):
     fused, config = [], None  # config: the last one seen to name the transfuse attention
     for layer in layers._modules.values():
         forward = getattr(layer.__dict__.get("forward"), "__func__", None)
-        inner = (_self_attention(layer)
-                 if forward is _encoder_layer_forward and not _own_hooks(layer) else None)
+        if forward is _encoder_layer_forward:
+            attention, layer_arguments = _self_attention, _fused_layer_arguments
+        elif forward is _distilbert_layer_forward:
+            attention, layer_arguments = _distilbert_attention, _distilbert_layer_arguments
+        else:
+            return None
+        inner = None if _own_hooks(layer) else attention(layer)
         if inner is None:
             return None
         if inner.config is not config:
             if inner.config._attn_implementation != ATTENTION_NAME:
                 return None
             config = inner.config
-        arguments = _fused_layer_arguments(layer, inner, x)
+        arguments = layer_arguments(layer, inner, x)
         if arguments is None:
             return None
         fused.append(arguments)
@@ -932,11 +1048,13 @@ def _fused_layers(layers, x):
 
 def _patch_encoder_stack(module, names):
     """Where the family's module names the output class the forward returns."""
-    output_class = getattr(sys.modules[type(module).__module__], STACK_OUTPUT_CLASS, None)
+    distilbert = _distilbert(type(module))
+    output_class = getattr(sys.modules[type(module).__module__],
+                           "BaseModelOutput" if distilbert else STACK_OUTPUT_CLASS, None)
     if output_class is None or not isinstance(module._modules.get("layer"), nn.ModuleList):
         return False
     module.__dict__[FACTS_ATTR] = output_class
-    return _install(module, _encoder_stack_forward)
+    return _install(module, _distilbert_stack_forward if distilbert else _encoder_stack_forward)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1003,6 +1121,8 @@ def _patch_embeddings(module, names):
 
 def _patch_encoder_layer(module, names):
     """Where the layer's attention container and self-attention read as the rule expects."""
+    if _distilbert(type(module)):
+        return _patch_distilbert_layer(module)
     attention = getattr(module, "attention", None)
     inner = getattr(attention, "self", None)
     if not (isinstance(attention, nn.Module) and isinstance(inner, nn.Module)
@@ -1012,6 +1132,18 @@ def _patch_encoder_layer(module, names):
         return False
     module.__dict__[FACTS_ATTR] = (type(attention), type(inner))
     return _install(module, _encoder_layer_forward)
+
+
+def _patch_distilbert_layer(module):
+    """Where its self-attention and feed-forward read as the rule expects."""
+    attention, ffn = getattr(module, "attention", None), getattr(module, "ffn", None)
+    if not (isinstance(attention, nn.Module) and isinstance(ffn, nn.Module)
+            and _reads_as(type(attention).forward, DISTILBERT_ATTENTION_SOURCE)
+            and _reads_as(type(ffn).forward, DISTILBERT_FFN_SOURCE)
+            and _reads_as(getattr(type(ffn), "ff_chunk", None), DISTILBERT_FFN_CHUNK_SOURCE)):
+        return False
+    module.__dict__[FACTS_ATTR] = (type(attention), type(ffn))
+    return _install(module, _distilbert_layer_forward)
 
 
 _PATCHERS = {"projections": _patch_projections, "linear": _patch_linear,
@@ -1038,7 +1170,8 @@ def patch_blocks(model, backend=None):
     taken = set()  # ids of the modules a rule of their parent uses (named_modules: parents first)
     for name, module in model.named_modules():
         rule = BLOCK_RULES.get(type(module).__name__)
-        if rule is None or (rule[0] == "linear" and id(module) in taken):
+        if rule is None or (rule[0] == "linear" and id(module) in taken) or (
+                type(module).__name__ in DISTILBERT_CLASSES and not _distilbert(type(module))):
             continue
         kind, names = rule
         if FORWARD_ATTR in module.__dict__:  # patched before
