@@ -116,7 +116,8 @@ def test_cpu_gemm_weights_kept_packed_follow_their_weights(dtype, rows, monkeypa
     call is within fp32 accumulation of the weight as it is then: repeated, after the weight is
     written in place, for new weights allocated where freed ones were, for views of one storage,
     and for an inference tensor and a transposed weight (packed per call; at 3 rows the
-    transposed view is torch's); k spans several of the fp32 GEMM's k blocks."""
+    inference tensor's runs the GEMV, the transposed view torch's); k spans several of the fp32
+    GEMM's k blocks."""
     monkeypatch.setattr(linear_module, "MIN_WORK", 0)
     calls = kernel_calls(monkeypatch)
     module = transfuse.backends.extension()[0]
@@ -150,12 +151,13 @@ def test_cpu_gemm_weights_kept_packed_follow_their_weights(dtype, rows, monkeypa
     assert calls[0] == (12 if rows > linear_module.FEW_ROWS else 11)  # transfuse's GEMMs
 
 
-def few_rows_kernel_built(rows, dtype):
-    """Whether transfuse's GEMV (one row; bf16 up to 8 rows without AVX512_BF16) or GEMMs (from 2
-    rows) run on this CPU for a call of `rows` <= FEW_ROWS rows."""
+def few_rows_kernel_built(rows, dtype, kept=True):
+    """Whether transfuse's GEMV (one row; up to 8 bf16 rows of an inference tensor's weight, kept
+    False, or without AVX512_BF16) or GEMMs (from 2 rows) run on this CPU for a call of `rows`
+    <= FEW_ROWS rows."""
     module = transfuse.backends.extension()[0]
     return bool(module.cpu_gemm) and (dtype == torch.float32 or rows <= 8
-                                      or bool(module.cpu_gemm_bf16))
+                                      or (kept and bool(module.cpu_gemm_bf16)))
 
 
 @pytest.mark.parametrize("inference_weight", [False, True], ids=["kept", "inference"])
@@ -166,11 +168,13 @@ def test_cpu_few_rows_within_fp32_accumulation_of_float64(shape, with_bias, dtyp
                                                           inference_weight, monkeypatch):
     """Up to FEW_ROWS (15) rows transfuse's kernels take every call on any CPU with AVX-512
     (own_gemm_faster aside: the larger GEMMs' measure), whatever the product's size: one row the
-    GEMV, from 2 rows the GEMMs, their panels kept or (an inference tensor's) packed per call."""
+    GEMV, from 2 rows the GEMMs on their kept panels; an inference tensor's weight (never kept)
+    the GEMV, up to 8 rows in bf16 (more: torch's)."""
     calls = kernel_calls(monkeypatch, own_gemm=False)
     monkeypatch.setattr(linear_module, "own_gemm_faster", lambda: False)
     linear_within_fp32_accumulation(shape, with_bias, dtype, inference_weight)
-    assert calls[0] == int(few_rows_kernel_built(math.prod(shape[0]), dtype))
+    rows = math.prod(shape[0])
+    assert calls[0] == int(few_rows_kernel_built(rows, dtype, kept=not inference_weight))
 
 
 @pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
@@ -220,12 +224,15 @@ def test_cpus_with_amx_keep_torchs_gemm(monkeypatch):
 
 @pytest.mark.parametrize("backend", ["reference"] + cpu_backends())
 def test_calls_it_does_not_take_are_f_linear(backend, monkeypatch):
-    """Beyond FEW_ROWS below the GEMMs' work, fp16, a transposed weight view up to FEW_ROWS,
-    autograd and the other backends: torch's F.linear (the reference computes in float64),
-    gradients included."""
+    """Beyond FEW_ROWS below the GEMMs' work, 9-15 bf16 rows of an inference tensor's weight,
+    fp16, a transposed weight view up to FEW_ROWS, autograd and the other backends: torch's
+    F.linear (the reference computes in float64), gradients included."""
     calls = kernel_calls(monkeypatch)
     w, bias = torch.randn(96, 80), torch.randn(96)
+    with torch.inference_mode():
+        w16_inference = w.bfloat16()
     for x, weight in ((torch.randn(16, 80), w), (torch.randn(20, 80).bfloat16(), w.bfloat16()),
+                      (torch.randn(12, 80).bfloat16(), w16_inference),
                       (torch.randn(3, 80).half(), w.half()), (torch.randn(3, 80), w.T.contiguous().T)):
         out = transfuse.ops.linear(x, weight, bias.to(x.dtype), backend=backend)
         expected = (reference.linear if backend == "reference" else F.linear)(

@@ -2,10 +2,11 @@
 // "none", "gelu" or "gelu_tanh". On the CPU with AVX-512, fp32 or bf16: one row (decoding),
 // cpu::gemv (weights as stored); from 2 rows the GEMMs (fp32: cpu::gemm; bf16 with AVX512_BF16:
 // cpu::gemm_bf16) with the weights packed into L2-sized panels, kept between calls where
-// packed_weights.h keeps them, else packed per call; bf16 without AVX512_BF16, cpu::gemv up to
-// cpu::kGemvMaxRows rows. The kernel depends on the shapes, dtypes and CPU only (not on whether
-// the panels are kept), so a call's bits do too. Any other call is left to torch (at::linear):
-// the binding returns None.
+// packed_weights.h keeps them, else packed per call; up to cpu::kGemvMaxRows rows of a weight
+// whose panels are never kept (an inference tensor: packing per call would cost more than the
+// GEMV) or of bf16 without AVX512_BF16, cpu::gemv. The kernel depends on the shapes, dtypes,
+// the weight's kind and the CPU, not on the cache's state, so a call's bits do too. Any other
+// call is left to torch (at::linear): the binding returns None.
 // python/transfuse/ops/linear.py validates user input first; these checks guard the kernel.
 #include <optional>
 #include <vector>
@@ -50,7 +51,8 @@ std::optional<Tensor> linear(const Tensor& x, const Tensor& w, const OptTensor& 
   if (!same_dtype || !cpu || (dtype != at::kFloat && !bf16) || m == 0 || n == 0 || k == 0 ||
       !cpu::has_gemm())
     return std::nullopt;
-  const bool gemv = m == 1 || (bf16 && !cpu::has_gemm_bf16());
+  const bool gemv = m == 1 || (m <= cpu::kGemvMaxRows && !packed_weights().may_keep(w)) ||
+                    (bf16 && !cpu::has_gemm_bf16());
   if (gemv && m > cpu::kGemvMaxRows) return std::nullopt;
   const Tensor x2 = x.reshape({m, k}).contiguous(), w_c = w.contiguous();
   const OptTensor bias_f = bias ? OptTensor(bias->to(at::kFloat).contiguous()) : std::nullopt;

@@ -24,8 +24,7 @@ class PackedWeights {
   // it could not), or nothing (not kept: then packed per call).
   template <class Pack>
   std::optional<at::Tensor> of(const at::Tensor& w, int64_t bytes, Pack pack) {
-    // (no counter: an inference tensor, or a tensor whose .data was swapped across inference mode)
-    if (!w.unsafeGetTensorImpl()->version_counter().enabled()) return std::nullopt;
+    if (!may_keep(w)) return std::nullopt;
     const c10::StorageImpl* storage = w.storage().unsafeGetStorageImpl();
     const int64_t version = w._version();
     std::lock_guard<std::mutex> lock(mutex_);
@@ -52,6 +51,12 @@ class PackedWeights {
                         w.scalar_type(), version, packed});
     held_ += bytes;
     return packed;
+  }
+
+  // Whether w's panels may be kept: not without a version counter to tell its writes (an
+  // inference tensor, or a tensor whose .data was swapped across inference mode).
+  static bool may_keep(const at::Tensor& w) {
+    return w.unsafeGetTensorImpl()->version_counter().enabled();
   }
 
  private:

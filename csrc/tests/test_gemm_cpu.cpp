@@ -1,8 +1,8 @@
 // Torch-free unit test of the CPU GEMV (cpu/gemv.cpp) and GEMMs (cpu/gemm.cpp, gemm_bf16.cpp) on
 // few rows, against a double-precision reference written out here: every row count from 1 to
 // kGemvMaxRows, fp32 and bf16, with and without bias and GELU, n and k tails, 1 and 2 threads,
-// the GEMMs' weights packed per call and packed before. The GEMV's multi-row tiles run in
-// transfuse.ops.linear only for bf16 on a CPU without AVX512_BF16, so they are checked here.
+// the GEMMs' weights packed per call and packed before. (transfuse.ops.linear runs the GEMV's
+// multi-row tiles only for inference tensors' weights and for bf16 without AVX512_BF16.)
 // Every output buffer is filled with NaN before the kernel runs, so an element the kernel forgets
 // to write fails. Exits 77 (skipped) on a CPU without AVX-512.
 //

@@ -7,17 +7,19 @@ leaves alone):
 - up to FEW_ROWS rows, every call: one row (decoding) the GEMV (csrc/cpu/gemv.cpp): the weights
   read once, as stored, each thread streaming its own rows; bf16 widened exactly, fp32 FMAs. On
   the AMD EPYC (2 threads, SmolLM-135M's shapes) 1.4-2.9x torch's F.linear at one row, whose
-  fp32 GEMV read 12 GB/s there. From 2 rows the GEMMs below (on all-MiniLM-L6-v2's shapes at
-  2-15 rows 1.2-2.6x faster than the GEMV, weights hot or cold; 8 of the bench's 32 one-sentence
-  queries have 9-15 tokens, in bf16 torch's GEMM's before); bf16 on a CPU without AVX512_BF16:
-  the GEMV up to 8 rows (past them torch's GEMM overtook it);
+  fp32 GEMV read 12 GB/s there. From 2 rows the GEMMs below on their kept panels (on
+  all-MiniLM-L6-v2's shapes at 2-15 rows 1.2-2.6x faster than the GEMV, weights hot or cold; 8
+  of the bench's 32 one-sentence queries have 9-15 tokens, in bf16 torch's GEMM's before). An
+  inference tensor's panels are never kept (packing per call ran up to 2.3x slower than the
+  GEMV there), nor is bf16 GEMM'd without AVX512_BF16: there the GEMV, up to 8 bf16 rows (past
+  them torch's GEMM overtook it);
 - more rows and at least MIN_WORK multiply-adds, on a CPU where they run faster than torch's
   (own_gemm_faster): the GEMMs, fp32 on AVX-512 (csrc/cpu/gemm.cpp), bf16 on AVX512_BF16
   (csrc/cpu/gemm_bf16.cpp: fp32 sums of exact products; subnormal bf16 inputs count as zero):
   the weight packed into L2-sized panels (kept between calls while the weight is unchanged:
   csrc/bindings/packed_weights.h; an inference tensor's packed per call), 6 x 64 register tiles.
-Which kernel runs depends on the shapes, dtypes and CPU only, so the same call gives the same
-bits whether or not its weight's panels are kept.
+Which kernel runs depends on the shapes, dtypes, whether the weight is an inference tensor, and
+the CPU, not on the panel cache's state, so the same call always gives the same bits.
 Both take the bias and GELU (in fp32, as transfuse.ops.bias_gelu computes it) in the epilogue and
 round once to x's dtype. Every other call is torch's own F.linear (and F.gelu) (oneDNN on the CPU,
 cuBLAS on CUDA: transfuse has no GPU GEMM of its own), which also gives the gradients. The
@@ -106,8 +108,16 @@ def _own_kernel_takes(x, weight):
     rows = x.numel() // max(x.shape[-1], 1)
     if rows <= FEW_ROWS:
         return weight.is_contiguous() and gemv_built() and (
-            x.dtype == torch.float32 or rows <= GEMV_MAX_ROWS_BF16 or gemm_bf16_built())
+            x.dtype == torch.float32 or rows <= GEMV_MAX_ROWS_BF16
+            or (gemm_bf16_built() and _panels_kept(weight)))
     return rows * weight.numel() >= MIN_WORK and own_gemm_faster()
+
+
+def _panels_kept(weight):
+    """Whether the GEMMs keep the weight's packed panels: not an inference tensor's (no version
+    counter tells its writes). Under torch.compile, which cannot trace is_inference(), assumed
+    (compiled inference runs under no_grad; the binding then runs the GEMV for the call)."""
+    return torch.compiler.is_compiling() or not weight.is_inference()
 
 
 @torch.compiler.assume_constant_result  # under torch.compile: called once, not traced
