@@ -535,12 +535,26 @@ def fused_layer_calls(request, monkeypatch):
     return calls
 
 
-def module_by_module(monkeypatch, model, ids, mask):
-    """The patched model's output with the fused layer turned off (the modules' rules)."""
+def module_by_module(monkeypatch, model, ids, mask, arguments="_fused_layer_arguments"):
+    """The patched model's output with the fused layer turned off (the modules' rules;
+    arguments: the layer kind's check, DistilBERT's _distilbert_layer_arguments)."""
     with monkeypatch.context() as m:
-        m.setattr(blocks, "_fused_layer_arguments", lambda *args: None)
+        m.setattr(blocks, arguments, lambda *args: None)
         with torch.inference_mode():
             return model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+
+def patched_copy(model_type, mode, padding):
+    """(unpatched model, ids, mask, the unpatched real tokens' states, a patched copy in mode:
+    fp32, bf16 or an int8 mode); the mask all ones without padding."""
+    model = build(model_type)
+    ids, mask = padded_batch()
+    if not padding:
+        mask = torch.ones_like(mask)
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float32
+    patched = transfuse.patch(copy.deepcopy(model).to(dtype),
+                              int8=mode if mode.startswith("w8") else None)
+    return model, ids, mask, real_tokens(model, ids, mask), patched
 
 
 @pytest.mark.parametrize("padding", [True, False], ids=["packed", "unpadded"])
@@ -550,14 +564,7 @@ def test_encoder_layer_in_one_call_equals_the_modules_bit_for_bit(model_type, mo
                                                                   fused_layer_calls, monkeypatch):
     """Over packed tokens (a padded batch) and an unmasked batch, the fused layer gives exactly
     what the layer's modules and their rules give, and the fp32 model equals the unpatched one."""
-    model = build(model_type)
-    ids, mask = padded_batch()
-    if not padding:
-        mask = torch.ones_like(mask)
-    dtype = torch.bfloat16 if mode == "bf16" else torch.float32
-    expected = real_tokens(model, ids, mask)
-    patched = transfuse.patch(copy.deepcopy(model).to(dtype),
-                              int8=mode if mode.startswith("w8") else None)
+    model, ids, mask, expected, patched = patched_copy(model_type, mode, padding)
     with torch.inference_mode():
         fused = patched(input_ids=ids, attention_mask=mask).last_hidden_state
     assert len(fused_layer_calls) == model.config.num_hidden_layers
@@ -566,16 +573,21 @@ def test_encoder_layer_in_one_call_equals_the_modules_bit_for_bit(model_type, mo
         torch.testing.assert_close(fused[mask.bool()], expected, rtol=1e-5, atol=1e-5)
 
 
-def test_encoder_layer_steps_aside_for_hooks_training_gradients_and_weights(fused_layer_calls):
-    """A hooked module of the layer, training (dropout), autograd and output_attentions run the
-    modules, with what the unpatched model gives."""
-    model = build("bert")
+@pytest.mark.parametrize("model_type", ["bert", "distilbert"])
+def test_encoder_layer_steps_aside_for_hooks_training_gradients_and_weights(model_type,
+                                                                           fused_layer_calls):
+    """A hooked linear of one layer (that layer runs its modules and the hook, the others still
+    fuse), training (dropout), autograd and output_attentions run the modules, with what the
+    unpatched model gives."""
+    model = build(model_type)
     ids, mask = padded_batch()
     expected = real_tokens(model, ids, mask)
     patched = transfuse.patch(copy.deepcopy(model))
+    bert = model_type == "bert"
+    first = (patched.encoder if bert else patched.transformer).layer[0]
+    hooked = first.output.dense if bert else first.ffn.lin2
     seen = []
-    handle = patched.encoder.layer[0].output.dense.register_forward_hook(
-        lambda *args: seen.append(1))
+    handle = hooked.register_forward_hook(lambda *args: seen.append(1))
     with torch.inference_mode():
         out = patched(input_ids=ids, attention_mask=mask).last_hidden_state
     handle.remove()
@@ -585,15 +597,18 @@ def test_encoder_layer_steps_aside_for_hooks_training_gradients_and_weights(fuse
     fused_layer_calls.clear()
     out = patched(input_ids=ids, attention_mask=mask).last_hidden_state  # autograd records
     out[mask.bool()].sum().backward()
-    assert fused_layer_calls == [] and patched.encoder.layer[0].output.dense.weight.grad is not None
+    assert fused_layer_calls == [] and hooked.weight.grad is not None
     torch.testing.assert_close(out[mask.bool()].detach(), expected, rtol=1e-5, atol=1e-5)
 
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")  # (SDPA records no attention weights)
     with torch.inference_mode():
         attentions = patched(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
-        reference = model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+        reference = eager(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
         patched.train()
         patched(input_ids=ids, attention_mask=mask)
     assert fused_layer_calls == []
+    assert len(attentions) == len(reference) == model.config.num_hidden_layers
     for got, want in zip(attentions, reference):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -758,14 +773,6 @@ def test_encoder_layer_call_names_a_wrong_argument():
 # DistilBERT's block and stack: the encoder_layer and encoder_stack rules under its names
 # ------------------------------------------------------------------------------------------------
 
-def distilbert_module_by_module(monkeypatch, model, ids, mask):
-    """The patched DistilBERT's output with its blocks' fused calls turned off (its modules)."""
-    with monkeypatch.context() as m:
-        m.setattr(blocks, "_distilbert_layer_arguments", lambda *args: None)
-        with torch.inference_mode():
-            return model(input_ids=ids, attention_mask=mask).last_hidden_state
-
-
 @pytest.mark.parametrize("padding", [True, False], ids=["packed", "unpadded"])
 @pytest.mark.parametrize("mode", ["fp32", "bf16", "w8a8"])
 def test_distilbert_blocks_run_one_call_each_from_the_stack(mode, padding, fused_stacks,
@@ -776,14 +783,7 @@ def test_distilbert_blocks_run_one_call_each_from_the_stack(mode, padding, fused
     modules run torch's after the GEMM: bf16 then differs by an ulp of the output, w8a8 by an
     int8 rounding of the output layer's input that the GELU's last bits may flip), and in fp32
     what the unpatched model gives."""
-    model = build("distilbert")
-    ids, mask = padded_batch()
-    if not padding:
-        mask = torch.ones_like(mask)
-    dtype = torch.bfloat16 if mode == "bf16" else torch.float32
-    expected = real_tokens(model, ids, mask)
-    patched = transfuse.patch(copy.deepcopy(model).to(dtype),
-                              int8="w8a8" if mode == "w8a8" else None)
+    model, ids, mask, expected, patched = patched_copy("distilbert", mode, padding)
     rules = transfuse.patched_modules(patched)
     layers = model.config.n_layers
     assert rules["transformer<block>"] == "block rule 'encoder_stack'"
@@ -793,40 +793,12 @@ def test_distilbert_blocks_run_one_call_each_from_the_stack(mode, padding, fused
         fused = patched(input_ids=ids, attention_mask=mask).last_hidden_state
     assert [len(arguments) for arguments in fused_stacks] == [layers]
     assert len(fused_layer_calls) == layers
-    modules = distilbert_module_by_module(monkeypatch, patched, ids, mask)
+    modules = module_by_module(monkeypatch, patched, ids, mask, "_distilbert_layer_arguments")
     assert len(fused_layer_calls) == layers  # (the modules: no fused call)
     tolerance = {"fp32": 1e-5, "bf16": 1.6e-2, "w8a8": 1e-3}[mode]
     torch.testing.assert_close(fused, modules, rtol=tolerance, atol=tolerance)
     if mode == "fp32":
         torch.testing.assert_close(fused[mask.bool()], expected, rtol=1e-5, atol=1e-5)
-
-
-def test_distilbert_blocks_step_aside_for_hooks_training_and_gradients(fused_layer_calls):
-    """A hooked linear of one block sends the stack to the class's forward (that block runs its
-    modules, the hook runs, the other blocks still fuse); autograd and training run the modules:
-    what the unpatched model gives, gradients included."""
-    model = build("distilbert")
-    ids, mask = padded_batch()
-    expected = real_tokens(model, ids, mask)
-    patched = transfuse.patch(copy.deepcopy(model))
-    seen = []
-    handle = patched.transformer.layer[0].ffn.lin2.register_forward_hook(
-        lambda *args: seen.append(1))
-    with torch.inference_mode():
-        out = patched(input_ids=ids, attention_mask=mask).last_hidden_state
-    handle.remove()
-    assert seen == [1] and len(fused_layer_calls) == model.config.n_layers - 1
-    torch.testing.assert_close(out[mask.bool()], expected, rtol=1e-5, atol=1e-5)
-
-    fused_layer_calls.clear()
-    out = patched(input_ids=ids, attention_mask=mask).last_hidden_state  # autograd records
-    out[mask.bool()].sum().backward()
-    assert fused_layer_calls == [] and patched.transformer.layer[0].ffn.lin1.weight.grad is not None
-    torch.testing.assert_close(out[mask.bool()].detach(), expected, rtol=1e-5, atol=1e-5)
-    patched.train()
-    with torch.inference_mode():
-        patched(input_ids=ids, attention_mask=mask)
-    assert fused_layer_calls == []
 
 
 def test_distilbert_rules_leave_a_block_that_reads_otherwise_alone(monkeypatch):

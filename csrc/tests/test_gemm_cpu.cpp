@@ -6,7 +6,8 @@
 // Every output buffer is filled with NaN before the kernel runs, so an element the kernel forgets
 // to write fails. Exits 77 (skipped) on a CPU without AVX-512.
 //
-//   g++ -std=c++17 -O3 -fopenmp -I csrc csrc/tests/test_gemm_cpu.cpp csrc/cpu/*.cpp -o test_gemm_cpu
+//   g++ -std=c++17 -O3 -fopenmp -I csrc csrc/tests/test_gemm_cpu.cpp csrc/cpu/*.cpp \
+//       -o test_gemm_cpu
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -87,8 +88,9 @@ int check(Kernel kernel, DType dtype, int64_t m, int64_t n, int64_t k, bool bias
       }
       const double expected = act ? gelu(z) : z;
       const double got = bf16 ? float_of_bf16(out16[i * n + j]) : out[i * n + j];
-      const double bound = 1.2 * 2 * (k + 1) * eps32 * magnitude + 3e-7 * std::fmax(1.0, std::fabs(z)) +
-                           std::fabs(expected) * eps_out + 1e-30;
+      const double bound = 1.2 * 2 * (k + 1) * eps32 * magnitude +
+                           3e-7 * std::fmax(1.0, std::fabs(z)) + std::fabs(expected) * eps_out +
+                           1e-30;
       if (!(std::fabs(got - expected) <= bound)) ++bad;  // NaN fails too
     }
   return bad;

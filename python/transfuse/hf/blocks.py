@@ -819,11 +819,11 @@ def _distilbert_layer_arguments(layer, inner, x):
 def _layer_call_arguments(inner, heads, x, linears, norms, dropouts, activation, holders,
                           forwards):
     """transfuse._C.encoder_layer's arguments after x, cu_seqlens and max_seqlen for a layer of
-    self-attention `inner` of `heads` heads (not causal, without attention dropout), the six `linears` (query,
-    key, value, attention output, intermediate, output), the two `norms` (FusedLayerNorm),
-    `dropouts` (nn.Dropout, inactive) and `activation` (transformers' exact or tanh GELU):
-    heads, scale, weights, weight_scales, biases, torch_linears, int8_mode, norm_weights,
-    norm_biases, eps, activation; else None. forwards[i]: the instance forwards (the rules',
+    self-attention `inner` of `heads` heads (not causal, without attention dropout), the six
+    `linears` (query, key, value, attention output, intermediate, output), the two `norms`
+    (FusedLayerNorm), `dropouts` (nn.Dropout, inactive) and `activation` (transformers' exact or
+    tanh GELU): heads, scale, weights, weight_scales, biases, torch_linears, int8_mode,
+    norm_weights, norm_biases, eps, activation; else None. forwards[i]: the instance forwards (the rules',
     None for the class's) under which float linear i computes what the call does. holders: the
     modules whose rules chose a backend besides the linears and norms. torch_linears: the float
     layers that transfuse.ops.linear leaves to torch's F.linear (and F.gelu) on x."""

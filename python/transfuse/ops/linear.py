@@ -37,7 +37,7 @@ from .. import backends, reference
 from . import _backend, _library
 
 FEW_ROWS = 15            # up to this many rows transfuse's GEMV or GEMMs take every call
-GEMV_MAX_ROWS_BF16 = 8   # bf16 rows the GEMV takes without AVX512_BF16 (past them torch's is faster)
+GEMV_MAX_ROWS_BF16 = 8   # bf16 rows the GEMV takes where the GEMMs do not (more: torch's, faster)
 MIN_WORK = 1 << 20       # beyond FEW_ROWS, multiply-adds; smaller products: torch's, at its smaller
                          # per-call cost
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
