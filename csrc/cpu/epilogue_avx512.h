@@ -36,15 +36,18 @@ TRANSFUSE_EPILOGUE_AVX512 void store_vectors(const __m512* values, const __mmask
     }
 }
 
-// values[c] = gelu(values[c]) for the first `cols` of the row's elements (activation.h's gelu_row;
-// the lanes past them zero).
-template <int count>
-TRANSFUSE_EPILOGUE_AVX512 void gelu_vectors(__m512* values, const __mmask16* inside,
-                                                int64_t cols, GeluApproximation approximate) {
-  float staged[16 * count], activated[16 * count];
-  for (int c = 0; c < count; ++c) _mm512_storeu_ps(staged + 16 * c, values[c]);
-  gelu_row(staged, activated, cols, approximate);
-  for (int c = 0; c < count; ++c) values[c] = _mm512_maskz_loadu_ps(inside[c], activated + 16 * c);
+// values[r][c] = gelu(values[r][c]) for rows r < `rows` (activation.h's gelu_row, in one call
+// for the tile: per row, the call and its loop's ends cost as much as the GELU of 64 values).
+template <int rows_max, int count>
+TRANSFUSE_EPILOGUE_AVX512 void gelu_tile(__m512 (&values)[rows_max][count], int64_t rows,
+                                         GeluApproximation approximate) {
+  float staged[rows_max * 16 * count], activated[rows_max * 16 * count];
+  for (int64_t r = 0; r < rows; ++r)
+    for (int c = 0; c < count; ++c) _mm512_storeu_ps(staged + (r * count + c) * 16, values[r][c]);
+  gelu_row(staged, activated, rows * 16 * count, approximate);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int c = 0; c < count; ++c)
+      values[r][c] = _mm512_loadu_ps(activated + (r * count + c) * 16);
 }
 
 }  // namespace transfuse::cpu

@@ -129,21 +129,20 @@ TRANSFUSE_AVX512BW __attribute__((noinline)) void tile_product(
 TRANSFUSE_AVX512BW void tile_store(const __m512 sums[kTileRows][kPanelVectors], int64_t rows,
                                    bool last, const TileTarget& t, int64_t i0) {
   const GemmParams& p = *t.p;
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t i = i0 + r;
-    if (!last) {
+  if (!last) {
+    for (int64_t r = 0; r < rows; ++r)
       for (int c = 0; c < kPanelVectors; ++c)
-        _mm512_mask_storeu_ps(t.partial + i * p.n + t.j0 + 16 * c, t.store[c], sums[r][c]);
-      continue;
-    }
-    __m512 values[kPanelVectors];
-    for (int c = 0; c < kPanelVectors; ++c)
-      values[c] = _mm512_add_ps(_mm512_mul_ps(sums[r][c], t.w_scale[c]), t.bias[c]);
-    if (p.gelu)
-      gelu_vectors<kPanelVectors>(values, t.store, std::min(kPanelCols, p.n - t.j0), p.approximate);
-    store_vectors<kPanelVectors>(values, t.store, p.dtype,
-                  static_cast<char*>(p.out) + (i * p.n + t.j0) * dtype_size(p.dtype));
+        _mm512_mask_storeu_ps(t.partial + (i0 + r) * p.n + t.j0 + 16 * c, t.store[c], sums[r][c]);
+    return;
   }
+  __m512 values[kTileRows][kPanelVectors];
+  for (int64_t r = 0; r < rows; ++r)
+    for (int c = 0; c < kPanelVectors; ++c)
+      values[r][c] = _mm512_add_ps(_mm512_mul_ps(sums[r][c], t.w_scale[c]), t.bias[c]);
+  if (p.gelu) gelu_tile(values, rows, p.approximate);
+  for (int64_t r = 0; r < rows; ++r)
+    store_vectors<kPanelVectors>(values[r], t.store, p.dtype,
+                  static_cast<char*>(p.out) + ((i0 + r) * p.n + t.j0) * dtype_size(p.dtype));
 }
 
 TRANSFUSE_AVX512BW void run_tile(int64_t rows, const float* x, const float* panel, int64_t depth,

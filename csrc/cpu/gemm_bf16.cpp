@@ -120,14 +120,14 @@ TRANSFUSE_BF16 void tile_store(const __m512 sums[kTileRows][kPanelVectors], int6
     bias[c] = p.bias ? _mm512_maskz_loadu_ps(inside[c], p.bias + j0 + 16 * c)
                      : _mm512_setzero_ps();
   }
-  for (int64_t r = 0; r < rows; ++r) {
-    __m512 values[kPanelVectors];
+  __m512 values[kTileRows][kPanelVectors];
+  for (int64_t r = 0; r < rows; ++r)
     for (int c = 0; c < kPanelVectors; ++c)
-      values[c] = _mm512_add_ps(_mm512_mul_ps(sums[r][c], w_scale[c]), bias[c]);
-    if (p.gelu) gelu_vectors<kPanelVectors>(values, inside, cols, p.approximate);
-    store_vectors<kPanelVectors>(values, inside, p.dtype,
+      values[r][c] = _mm512_add_ps(_mm512_mul_ps(sums[r][c], w_scale[c]), bias[c]);
+  if (p.gelu) gelu_tile(values, rows, p.approximate);
+  for (int64_t r = 0; r < rows; ++r)
+    store_vectors<kPanelVectors>(values[r], inside, p.dtype,
                   static_cast<char*>(p.out) + ((i0 + r) * p.n + j0) * dtype_size(p.dtype));
-  }
 }
 
 TRANSFUSE_BF16 void run_tile(int64_t rows, const uint16_t* x, int64_t stride, int64_t pairs,
