@@ -51,7 +51,7 @@ std::optional<Tensor> linear(const Tensor& x, const Tensor& w, const OptTensor& 
   if (!same_dtype || !cpu || (dtype != at::kFloat && !bf16) || m == 0 || n == 0 || k == 0 ||
       !cpu::has_gemm())
     return std::nullopt;
-  const bool gemv = m == 1 || (m <= cpu::kGemvMaxRows && !packed_weights().may_keep(w)) ||
+  const bool gemv = m == 1 || (m <= cpu::kGemvMaxRows && !PackedWeights::may_keep(w)) ||
                     (bf16 && !cpu::has_gemm_bf16());
   if (gemv && m > cpu::kGemvMaxRows) return std::nullopt;
   const Tensor x2 = x.reshape({m, k}).contiguous(), w_c = w.contiguous();

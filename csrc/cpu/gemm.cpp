@@ -135,14 +135,8 @@ TRANSFUSE_AVX512BW void tile_store(const __m512 sums[kTileRows][kPanelVectors], 
         _mm512_mask_storeu_ps(t.partial + (i0 + r) * p.n + t.j0 + 16 * c, t.store[c], sums[r][c]);
     return;
   }
-  __m512 values[kTileRows][kPanelVectors];
-  for (int64_t r = 0; r < rows; ++r)
-    for (int c = 0; c < kPanelVectors; ++c)
-      values[r][c] = _mm512_add_ps(_mm512_mul_ps(sums[r][c], t.w_scale[c]), t.bias[c]);
-  if (p.gelu) gelu_tile(values, rows, p.approximate);
-  for (int64_t r = 0; r < rows; ++r)
-    store_vectors<kPanelVectors>(values[r], t.store, p.dtype,
-                  static_cast<char*>(p.out) + ((i0 + r) * p.n + t.j0) * dtype_size(p.dtype));
+  store_tile<kTileRows>(sums, rows, t.w_scale, t.bias, t.store, p.gelu, p.approximate, p.dtype,
+                        static_cast<char*>(p.out) + (i0 * p.n + t.j0) * dtype_size(p.dtype), p.n);
 }
 
 TRANSFUSE_AVX512BW void run_tile(int64_t rows, const float* x, const float* panel, int64_t depth,

@@ -120,14 +120,8 @@ TRANSFUSE_BF16 void tile_store(const __m512 sums[kTileRows][kPanelVectors], int6
     bias[c] = p.bias ? _mm512_maskz_loadu_ps(inside[c], p.bias + j0 + 16 * c)
                      : _mm512_setzero_ps();
   }
-  __m512 values[kTileRows][kPanelVectors];
-  for (int64_t r = 0; r < rows; ++r)
-    for (int c = 0; c < kPanelVectors; ++c)
-      values[r][c] = _mm512_add_ps(_mm512_mul_ps(sums[r][c], w_scale[c]), bias[c]);
-  if (p.gelu) gelu_tile(values, rows, p.approximate);
-  for (int64_t r = 0; r < rows; ++r)
-    store_vectors<kPanelVectors>(values[r], inside, p.dtype,
-                  static_cast<char*>(p.out) + ((i0 + r) * p.n + j0) * dtype_size(p.dtype));
+  store_tile<kTileRows>(sums, rows, w_scale, bias, inside, p.gelu, p.approximate, p.dtype,
+                        static_cast<char*>(p.out) + (i0 * p.n + j0) * dtype_size(p.dtype), p.n);
 }
 
 TRANSFUSE_BF16 void run_tile(int64_t rows, const uint16_t* x, int64_t stride, int64_t pairs,
