@@ -15,6 +15,7 @@ from torch import nn
 from . import backends
 from .hf import attention as hf_attention
 from .hf import blocks as hf_blocks
+from .hf import encoder_model as hf_encoder_model
 from .hf import unpad as hf_unpad
 from .hf.norm import NORM_RULES
 from .hf.quantizer import attach_config, detach_config
@@ -155,6 +156,8 @@ def _patch_model(model, attention, norm, int8, int8_heads, backend, unpad, block
                          for cls in unfit})
     if attention and unpad:  # after the block rules: a stack's rule runs inside padding removal
         hf_unpad.patch_unpad(model, unpad)
+    if attention and blocks:  # last: it falls back on padding removal's forward
+        hf_encoder_model.patch_encoder_models(model)
     if backend is not None:
         for module in model.modules():
             if hasattr(module, ORIGINAL_ATTR) and hasattr(module, "backend"):
@@ -229,6 +232,7 @@ def unpatch(model):
 def _unpatch_model(model):
     if hasattr(model, ATTENTION_ATTR):
         hf_attention.set_implementation(model, model.__dict__.pop(ATTENTION_ATTR))
+    hf_encoder_model.unpatch_encoder_models(model)  # (gives padding removal its forward back)
     hf_unpad.unpatch_unpad(model)
     for parent, name, child in list(_children(model)):
         original = getattr(child, ORIGINAL_ATTR, None)
@@ -266,6 +270,8 @@ def _patched_in(model, prefix) -> dict:
         if (hf_unpad.FORWARD_ATTR in module.__dict__
                 and type(module).__name__ in hf_unpad.UNPAD_RULES):
             found[f"{name or '<model>'}<unpad>"] = "padding removal (transfuse.hf.unpad)"
+        if hf_encoder_model.FORWARD_ATTR in module.__dict__:
+            found[f"{name or '<model>'}<encoder_model>"] = "model rule (transfuse.hf.encoder_model)"
         if (hf_blocks.FORWARD_ATTR in module.__dict__
                 and type(module).__name__ in hf_blocks.BLOCK_RULES
                 and hf_blocks.PROJECTION_ATTR not in module.__dict__):  # (listed as its parent)
