@@ -658,7 +658,8 @@ def test_encoder_stack_runs_the_fused_layers_without_their_modules(mode, padding
     assert torch.equal(hooked, fused)
 
 
-def test_encoder_stack_keeps_the_hidden_states_that_transformers_records(fused_stacks):
+def test_encoder_stack_keeps_the_hidden_states_that_transformers_records(fused_stacks,
+                                                                         fused_layer_calls):
     """output_hidden_states=True (transformers records each layer's output): every layer's
     hidden state is there, as the unpatched model gives it."""
     model = build("bert")
@@ -671,6 +672,21 @@ def test_encoder_stack_keeps_the_hidden_states_that_transformers_records(fused_s
     for got, want in zip(actual, expected):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert all(arguments is None for arguments in fused_stacks)
+
+    # transformers leaves its capturing hooks on the layers: inert while nothing records, so
+    # the next plain call fuses again (it ran the modules for good before)
+    assert any(layer._forward_hooks for layer in patched.encoder.layer)
+    fused_stacks.clear()
+    with torch.inference_mode():
+        plain = patched(input_ids=ids).last_hidden_state
+    assert fused_stacks and all(arguments is not None for arguments in fused_stacks)
+    torch.testing.assert_close(plain, expected[-1], rtol=1e-5, atol=1e-5)
+    seen = []
+    patched.encoder.layer[0].register_forward_hook(lambda *args: seen.append(1))
+    fused_stacks.clear()
+    with torch.inference_mode():
+        patched(input_ids=ids)
+    assert seen == [1] and all(arguments is None for arguments in fused_stacks)
 
 
 def test_encoder_stack_sits_inside_padding_removal_in_copies_and_until_unpatched():

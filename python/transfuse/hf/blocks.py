@@ -98,6 +98,7 @@ from .. import backends, ops
 from ..nn import FusedLayerNorm, FusedRMSNorm, Int8Linear
 from ..ops.linear import _own_kernel_takes
 from .attention import NAME as ATTENTION_NAME, _weights_requested
+from .unpad import _outputs_recorded
 from ..ops.activation import KERNEL_DTYPES as ACTIVATION_DTYPES
 from ..ops.norm import KERNEL_DTYPES as NORM_DTYPES
 from ..ops.rotary import KERNEL_DTYPES as ROTARY_DTYPES
@@ -766,9 +767,23 @@ FUSED_LAYER_KWARGS = PACKED_KWARGS | {"position_ids"}
 
 
 def _own_hooks(module):
-    """The module's own hooks (nn.Module.__call__ would run them around its forward)."""
-    return (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-            or module._backward_pre_hooks)
+    """The module's own hooks (nn.Module.__call__ would run them around its forward), but for
+    transformers' output-capturing hooks while nothing is being recorded: one call with
+    output_hidden_states or output_attentions leaves them on the layers for good, and they return
+    at once unless a forward records (_capturing_hook)."""
+    if module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks:
+        return True
+    hooks = module._forward_hooks
+    return bool(hooks) and (torch.compiler.is_compiling()  # (which cannot read the recording)
+                            or not all(map(_capturing_hook, hooks.values()))
+                            or _outputs_recorded())
+
+
+def _capturing_hook(hook):
+    """Whether the hook is transformers' output-capturing one (utils/output_capturing.py, its
+    install_output_capuring_hook: it returns at once unless its model's forward records)."""
+    return (getattr(hook, "__module__", None) == "transformers.utils.output_capturing"
+            and getattr(hook, "__qualname__", "").endswith(".output_capturing_hook"))
 
 
 def _global_hooks():
