@@ -55,13 +55,16 @@ def replaced_forward(monkeypatch, model, inputs, **kwargs):
 @pytest.mark.parametrize("token_types", [True, False], ids=["token types", "none given"])
 @pytest.mark.parametrize("padding", [True, False], ids=["padded", "unpadded"])
 @pytest.mark.parametrize("mode", ["fp32", "bf16", "w8a8"])
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
 def test_the_rule_computes_what_the_replaced_forward_computes_bit_for_bit(
-        mode, padding, token_types, lean_runs, monkeypatch):
-    model = build("bert")
+        model_type, mode, padding, token_types, lean_runs, monkeypatch):
+    """(RoBERTa numbers positions from the ids: pad ids inside the real tokens shift them.)"""
+    model = build(model_type)
     dtype = torch.bfloat16 if mode == "bf16" else torch.float32
     patched = transfuse.patch(copy.deepcopy(model).to(dtype),
                               int8=mode if mode.startswith("w8") else None)
     inputs = batch(padding, token_types)
+    inputs["input_ids"][0, 3] = model.config.pad_token_id
     with torch.inference_mode():
         out = patched(**inputs)
         expected = model(**inputs)
@@ -139,12 +142,14 @@ def test_hooks_recorded_outputs_and_other_arguments_run_the_replaced_forward(lea
         positioned = patched(**inputs, position_ids=torch.arange(11).expand(3, 11))
     assert lean_runs() == [False] * 4
     assert len(states) == len(attentions) + 1 == model.config.num_hidden_layers + 1
-    for flag in ("output_hidden_states", "output_attentions"):  # asked for by the config
-        setattr(patched.config, flag, True)
-        with torch.inference_mode():
-            assert len(patched(**inputs)[flag.removeprefix("output_")]) >= 2
-        setattr(patched.config, flag, False)
-        assert lean_runs() == [False]
+    patched.config.output_hidden_states = True  # asked for by the config (transformers refuses
+    with torch.inference_mode():                # output_attentions there with this attention)
+        assert len(patched(**inputs).hidden_states) == model.config.num_hidden_layers + 1
+    patched.config.output_hidden_states = False
+    assert lean_runs() == [False]
+    with torch.inference_mode():  # (transformers' capturing hooks, left on the layers: inert)
+        check(patched(**inputs), expected)
+    assert lean_runs() == [True]
     check(embedded, expected)
     check(positioned, expected)
 
@@ -185,3 +190,34 @@ def test_a_bert_model_whose_forward_reads_otherwise_is_left_alone():
     model = Tweaked(build("bert").config).eval()
     transfuse.patch(model)
     assert encoder_model.FORWARD_ATTR not in model.__dict__
+
+
+def test_embeddings_of_another_class_run_the_replaced_forward(lean_runs):
+    """RoBERTa's embeddings (no rule of their own: the rule read their class at patch time)
+    swapped for a class that computes otherwise: its forward runs."""
+    patched = transfuse.patch(build("roberta"))
+    inputs = batch(padding=True)
+    original = type(patched.embeddings)
+
+    class Doubled(original):
+        def forward(self, *args, **kwargs):
+            return original.forward(self, *args, **kwargs) * 2
+
+    with torch.inference_mode():
+        before = patched(**inputs).last_hidden_state
+        patched.embeddings.__class__ = Doubled
+        after = patched(**inputs).last_hidden_state
+    assert lean_runs() == [True, False]
+    assert not torch.allclose(before, after)
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "xlm_roberta", "camembert"])
+def test_the_rule_reads_the_forwards_of_each_family_it_names(family):
+    """(The CI leg on the GPU machine's transformers reads that version's.)"""
+    import importlib
+    module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    prefix = {"bert": "Bert", "roberta": "Roberta", "xlm_roberta": "XLMRoberta",
+              "camembert": "Camembert"}[family]
+    model_class = getattr(module, f"{prefix}Model")
+    assert model_class.__name__ in encoder_model.MODEL_RULES
+    assert encoder_model._reads_as_expected(model_class, getattr(module, f"{prefix}Embeddings"))

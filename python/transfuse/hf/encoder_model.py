@@ -1,4 +1,4 @@
-"""The encoder_model rule: a BERT model's forward as transfuse calls alone, without transformers'.
+"""The encoder_model rule: a BERT-style model's forward as transfuse calls, without transformers'.
 
 For one sentence (all-MiniLM-L6-v2, a dozen tokens) the six layers' fused calls took about 60%
 of a patched forward; the rest was Python around them: transformers' decorators (kwarg
@@ -8,7 +8,7 @@ calls and their output objects, padding removal's wrapper. Where the call is pla
 rule), the rule's forward runs
 
   ids, token types, positions   (packed: the real tokens alone, when the mask has pad positions)
-  -> transfuse._C.embeddings_forward          (the embeddings rule's call)
+  -> transfuse._C.embeddings_forward          (the embeddings' computation in one call)
   -> transfuse._C.encoder_layer, layer by layer (the encoder_stack rule's calls)
   -> scattered back to [B, S, hidden], zeros at pad positions (as padding removal does)
   -> the pooler module, and the class's output object
@@ -17,8 +17,11 @@ which is what the modules' rules compute, bit for bit (each kernel works token b
 attention, which sees the same packed sequences). Anywhere else the forward it replaced runs:
 padding removal's (hf/unpad.py), else the class's.
 
-MODEL_RULES: class name -> the child modules the forward uses. Only BERT: RoBERTa's and
-ELECTRA's embeddings number or project otherwise, and DistilBERT's take no token types.
+MODEL_RULES: class name -> where the rule finds the positions: "buffer" (BERT: the embeddings'
+position_ids buffer, their forward the embeddings rule's, hf/blocks.py) or "from_ids" (RoBERTa,
+XLM-R, CamemBERT: numbered from the ids by the embeddings' own create_position_ids_from_input_ids,
+their class's forward read at patch time as EMBEDDINGS_FROM_IDS_SOURCE). ELECTRA's model projects
+its embeddings and DistilBERT's take no token types: not this rule.
 """
 from __future__ import annotations
 
@@ -35,9 +38,11 @@ from .attention import NAME as ATTENTION_NAME
 
 FORWARD_ATTR = "_transfuse_model_forward"
 INNER_ATTR = "_transfuse_model_inner"  # the forward the rule replaced (padding removal's)
-OUTPUT_ATTR = "_transfuse_model_output"  # the output class, from the model's own module
+FACTS_ATTR = "_transfuse_model_facts"  # (positions kind, output class, embeddings class)
 
-MODEL_RULES = {"BertModel": ("embeddings", "encoder", "pooler")}
+MODEL_RULES = {"BertModel": "buffer",
+               **{f"{family}Model": "from_ids"
+                  for family in ("Roberta", "XLMRoberta", "Camembert")}}
 OUTPUT_CLASS = "BaseModelOutputWithPoolingAndCrossAttentions"
 # What the class's forward must read (normalized, in order: blocks._reads_as) for the rule to
 # replace it; transformers 5.17's and 5.24's read so.
@@ -49,6 +54,18 @@ MODEL_SOURCE = (
     "sequence_output = encoder_outputs.last_hidden_state",
     "pooled_output = self.pooler(sequence_output) if self.pooler is not None else None",
     f"return {OUTPUT_CLASS}( last_hidden_state=sequence_output, pooler_output=pooled_output,")
+# What a "from_ids" family's embeddings forward must read (transformers 5.17's and 5.24's do): the
+# computation of transfuse._C.embeddings_forward, in its order, on positions from the ids.
+EMBEDDINGS_FROM_IDS_SOURCE = (
+    "if position_ids is None: if input_ids is not None:",
+    "position_ids = self.create_position_ids_from_input_ids(", "input_ids, self.padding_idx,",
+    "if token_type_ids is None:", "buffered_token_type_ids = torch.gather(",
+    "if inputs_embeds is None: inputs_embeds = self.word_embeddings(input_ids)",
+    "token_type_embeddings = self.token_type_embeddings(token_type_ids)",
+    "embeddings = inputs_embeds + token_type_embeddings",
+    "position_embeddings = self.position_embeddings(position_ids)",
+    "embeddings = embeddings + position_embeddings", "embeddings = self.LayerNorm(embeddings)",
+    "embeddings = self.dropout(embeddings)", "return embeddings")
 ARGUMENT_NAMES = ("input_ids", "attention_mask", "token_type_ids")  # the leading positionals
 # arguments the class's forward runs as the rule does while they are None or False (a cache
 # and use_cache: the class drops them unless the config is a decoder's, which the rule is not)
@@ -63,7 +80,8 @@ def _replaced(self):
 
 def _encoder_model_forward(self, *args, **kwargs):
     """The rule's calls where _lean_forward takes the call, else the forward it replaced."""
-    if len(args) <= len(ARGUMENT_NAMES) and not kwargs.keys() & ARGUMENT_NAMES[:len(args)]:
+    if (len(args) <= len(ARGUMENT_NAMES) and not kwargs.keys() & ARGUMENT_NAMES[:len(args)]
+            and not torch.compiler.is_compiling()):
         out = _lean_forward(self, {**dict(zip(ARGUMENT_NAMES, args)), **kwargs})
         if out is not None:
             return out
@@ -94,19 +112,25 @@ def _lean_forward(self, arguments):
         return None
     children = self._modules
     embeddings, encoder = children["embeddings"], children["encoder"]
+    kind, output_class, embeddings_class = self.__dict__[FACTS_ATTR]
+    forward = getattr(embeddings.__dict__.get("forward"), "__func__", None)
     if (blocks._own_hooks(embeddings) or blocks._own_hooks(encoder)
-            or getattr(embeddings.__dict__.get("forward"), "__func__", None)
-            is not blocks._embeddings_forward or not _runs_stack_rule(encoder)
-            or config._attn_implementation != ATTENTION_NAME):
+            or not (forward is blocks._embeddings_forward if kind == "buffer" else
+                    type(embeddings) is embeddings_class and "forward" not in embeddings.__dict__)
+            or not _runs_stack_rule(encoder) or config._attn_implementation != ATTENTION_NAME):
         return None
     table_arguments = blocks._fused_embeddings_arguments(embeddings, ids)  # (CPU inference)
-    positions = embeddings._buffers.get("position_ids")
     layers = encoder._modules.get("layer")
-    shape = ids.shape
-    if (table_arguments is None or positions is None or positions.shape[-1] < shape[1]
-            or type(layers) is not nn.ModuleList):
+    if table_arguments is None or type(layers) is not nn.ModuleList:
         return None
-    positions = positions[:, :shape[1]]
+    shape = ids.shape
+    if kind == "buffer":
+        positions = embeddings._buffers.get("position_ids")
+        if positions is None or positions.shape[-1] < shape[1]:
+            return None
+        positions = positions[:, :shape[1]]
+    else:  # (no cache: it starts at 0)
+        positions = embeddings.create_position_ids_from_input_ids(ids, embeddings.padding_idx, 0)
     if token_types is None:  # (as BertEmbeddings: its buffer, zeros, at the positions)
         buffer = embeddings._buffers.get("token_type_ids")
         if buffer is None:
@@ -137,14 +161,17 @@ def _lean_forward(self, arguments):
     if packing is not None:
         x = packing.unpack(x)
     pooler = children.get("pooler")
-    output = self.__dict__[OUTPUT_ATTR](last_hidden_state=x,
-                                        pooler_output=None if pooler is None else pooler(x))
+    output = output_class(last_hidden_state=x, pooler_output=None if pooler is None else pooler(x))
     return output if return_dict else output.to_tuple()
 
 
 @functools.lru_cache(maxsize=None)
-def _reads_as_expected(cls):
-    return blocks._reads_as(cls.forward, MODEL_SOURCE)
+def _reads_as_expected(cls, embeddings_class):
+    """The model's forward (and for a "from_ids" family its embeddings') reads as the rule
+    expects."""
+    return blocks._reads_as(cls.forward, MODEL_SOURCE) and (
+        MODEL_RULES[cls.__name__] == "buffer"
+        or blocks._reads_as(embeddings_class.forward, EMBEDDINGS_FROM_IDS_SOURCE))
 
 
 def patch_encoder_models(model):
@@ -153,15 +180,17 @@ def patch_encoder_models(model):
     back on); returns their names."""
     done = []
     for name, module in model.named_modules():
-        names = MODEL_RULES.get(type(module).__name__)
+        kind = MODEL_RULES.get(type(module).__name__)
         output_class = getattr(sys.modules[type(module).__module__], OUTPUT_CLASS, None)
-        if (names is None or FORWARD_ATTR in module.__dict__ or output_class is None
-                or not all(isinstance(module._modules.get(n), nn.Module) for n in names[:2])
-                or not _reads_as_expected(type(module))):
+        children = module._modules
+        if (kind is None or FORWARD_ATTR in module.__dict__ or output_class is None
+                or not isinstance(children.get("embeddings"), nn.Module)
+                or not isinstance(children.get("encoder"), nn.Module)
+                or not _reads_as_expected(type(module), type(children["embeddings"]))):
             continue
         if "forward" in module.__dict__:
             module.__dict__[INNER_ATTR] = module.__dict__["forward"]
-        module.__dict__[OUTPUT_ATTR] = output_class
+        module.__dict__[FACTS_ATTR] = (kind, output_class, type(children["embeddings"]))
         module.forward = types.MethodType(_encoder_model_forward, module)
         module.__dict__[FORWARD_ATTR] = True
         done.append(name or type(module).__name__)
@@ -173,6 +202,6 @@ def unpatch_encoder_models(model):
     for module in model.modules():
         if module.__dict__.pop(FORWARD_ATTR, None):
             module.__dict__.pop("forward", None)
-            module.__dict__.pop(OUTPUT_ATTR, None)
+            module.__dict__.pop(FACTS_ATTR, None)
             if INNER_ATTR in module.__dict__:
                 module.forward = module.__dict__.pop(INNER_ATTR)
