@@ -29,7 +29,12 @@ def sentences():
     return list(SENTENCES[:24])  # lengths 5 to 60 words: padded batches with much padding
 
 
-def test_sentence_transformer_encode_equals_unpatched(sentence_model):
+def test_sentence_transformer_encode_equals_unpatched(sentence_model, monkeypatch):
+    from transfuse.hf import encoder_model
+    lean = []  # per model call: whether the model's rule ran its calls (transfuse.hf.encoder_model)
+    original = encoder_model._lean_forward
+    monkeypatch.setattr(encoder_model, "_lean_forward",
+                        lambda *args: lean.append(original(*args)) or lean[-1])
     texts = sentences()
     with torch.no_grad():
         expected = sentence_model.encode(texts, batch_size=8, convert_to_tensor=True)
@@ -46,6 +51,7 @@ def test_sentence_transformer_encode_equals_unpatched(sentence_model):
         try:
             actual = sentence_model.encode(texts, batch_size=8, convert_to_tensor=True)
             assert_close_scaled(actual, expected, name="embeddings")
+            assert len(lean) == 3 and all(out is not None for out in lean)
 
             transfuse.patch(sentence_model, int8="w8a8")
             int8 = sentence_model.encode(texts, batch_size=8, convert_to_tensor=True)
