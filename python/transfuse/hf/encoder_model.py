@@ -55,17 +55,13 @@ MODEL_SOURCE = (
     "pooled_output = self.pooler(sequence_output) if self.pooler is not None else None",
     f"return {OUTPUT_CLASS}( last_hidden_state=sequence_output, pooler_output=pooled_output,")
 # What a "from_ids" family's embeddings forward must read (transformers 5.17's and 5.24's do): the
-# computation of transfuse._C.embeddings_forward, in its order, on positions from the ids.
+# computation of transfuse._C.embeddings_forward, in its order (as BERT's, whose rule reads
+# blocks.EMBEDDINGS_SOURCE), on positions from the ids.
 EMBEDDINGS_FROM_IDS_SOURCE = (
     "if position_ids is None: if input_ids is not None:",
     "position_ids = self.create_position_ids_from_input_ids(", "input_ids, self.padding_idx,",
     "if token_type_ids is None:", "buffered_token_type_ids = torch.gather(",
-    "if inputs_embeds is None: inputs_embeds = self.word_embeddings(input_ids)",
-    "token_type_embeddings = self.token_type_embeddings(token_type_ids)",
-    "embeddings = inputs_embeds + token_type_embeddings",
-    "position_embeddings = self.position_embeddings(position_ids)",
-    "embeddings = embeddings + position_embeddings", "embeddings = self.LayerNorm(embeddings)",
-    "embeddings = self.dropout(embeddings)", "return embeddings")
+    *blocks.EMBEDDINGS_SOURCE[2:])
 ARGUMENT_NAMES = ("input_ids", "attention_mask", "token_type_ids")  # the leading positionals
 # arguments the class's forward runs as the rule does while they are None or False (a cache
 # and use_cache: the class drops them unless the config is a decoder's, which the rule is not)
