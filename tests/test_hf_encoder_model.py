@@ -179,6 +179,18 @@ def test_the_rule_wraps_padding_removal_in_copies_and_until_unpatched():
     assert not any(key.endswith("<encoder_model>") for key in transfuse.patched_modules(copied))
 
 
+def test_a_model_with_a_forward_of_its_own_is_left_alone():
+    model = build("bert")
+    calls = []
+    model.forward = lambda *args, **kwargs: calls.append(1) or type(model).forward(
+        model, *args, **kwargs)
+    transfuse.patch(model)
+    assert encoder_model.FORWARD_ATTR not in model.__dict__
+    with torch.inference_mode():
+        model(**batch(padding=True))
+    assert calls == [1]
+
+
 def test_a_bert_model_whose_forward_reads_otherwise_is_left_alone():
     from transformers import BertModel
 
