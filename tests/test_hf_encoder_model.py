@@ -1,4 +1,4 @@
-"""The encoder_model rule (transfuse.hf.encoder_model): a patched BERT model's forward as
+"""The encoder_model rule (transfuse.hf.encoder_model): a patched BERT-style model's forward as
 transfuse's calls alone computes what the forward it replaced computes, bit for bit, and steps
 aside wherever that forward would do something else."""
 import copy
@@ -44,12 +44,12 @@ def batch(padding, token_types=True, seed=1):
     return inputs
 
 
-def replaced_forward(monkeypatch, model, inputs, **kwargs):
+def replaced_forward(monkeypatch, model, inputs):
     """The patched model's output with the rule's calls off (padding removal's forward)."""
     with monkeypatch.context() as m:
         m.setattr(encoder_model, "_lean_forward", lambda *args: None)
         with torch.inference_mode():
-            return model(**inputs, **kwargs)
+            return model(**inputs)
 
 
 @pytest.mark.parametrize("token_types", [True, False], ids=["token types", "none given"])
@@ -154,7 +154,7 @@ def test_hooks_recorded_outputs_and_other_arguments_run_the_replaced_forward(lea
     check(positioned, expected)
 
 
-def test_a_padded_batch_without_padding_removal_runs_the_masked_forward(lean_runs, monkeypatch):
+def test_a_padded_batch_without_padding_removal_runs_the_masked_forward(lean_runs):
     patched = transfuse.patch(build("bert"), unpad=False)
     with torch.inference_mode():
         patched(**batch(padding=True))
