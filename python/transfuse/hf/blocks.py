@@ -838,10 +838,10 @@ def _layer_call_arguments(inner, heads, x, linears, norms, dropouts, activation,
     `linears` (query, key, value, attention output, intermediate, output), the two `norms`
     (FusedLayerNorm), `dropouts` (nn.Dropout, inactive) and `activation` (transformers' exact or
     tanh GELU): heads, scale, weights, weight_scales, biases, torch_linears, int8_mode,
-    norm_weights, norm_biases, eps, activation; else None. forwards[i]: the instance forwards (the rules',
-    None for the class's) under which float linear i computes what the call does. holders: the
-    modules whose rules chose a backend besides the linears and norms. torch_linears: the float
-    layers that transfuse.ops.linear leaves to torch's F.linear (and F.gelu) on x."""
+    norm_weights, norm_biases, eps, activation; else None. forwards[i]: the instance forwards
+    (the rules', None for the class's) under which float linear i computes what the call does.
+    holders: the modules whose rules chose a backend besides the linears and norms. torch_linears:
+    the float layers that transfuse.ops.linear leaves to torch's F.linear (and F.gelu) on x."""
     if inner.is_causal or (inner.training and inner.dropout.p):
         return None
     approximate = _gelu_approximation(activation)
@@ -1017,22 +1017,27 @@ def _distilbert_stack_forward(self, hidden_states, attention_mask=None, **kwargs
 
 
 def _stack_fused(self, hidden_states, attention_mask, kwargs):
-    """The stack's output where every layer would run fused (_fused_call, _fused_layers): their
-    transfuse._C.encoder_layer calls one after another, without the module calls between them;
-    else None."""
-    layers = self._modules.get("layer")
-    if type(layers) is not nn.ModuleList or _global_hooks() or torch._C._get_tracing_state():
-        return None
+    """The stack's output where every layer would run fused (_layers_fused), else None."""
     rest = {name: value for name, value in kwargs.items()
             if name != "use_cache" and not (name in STACK_NONE_KWARGS and value is None)}
-    call = _fused_call(hidden_states, attention_mask, rest)
+    out = _layers_fused(self._modules.get("layer"), hidden_states, attention_mask, rest)
+    return None if out is None else self.__dict__[FACTS_ATTR](last_hidden_state=out)
+
+
+def _layers_fused(layers, x, attention_mask, kwargs):
+    """x through the ModuleList `layers` where every layer would run fused (_fused_call,
+    _fused_layers): their transfuse._C.encoder_layer calls one after another, without the module
+    calls between them; else None."""
+    if type(layers) is not nn.ModuleList or _global_hooks() or torch._C._get_tracing_state():
+        return None
+    call = _fused_call(x, attention_mask, kwargs)
     module = None if call is None else backends.extension()[0]
-    fused = None if module is None else _fused_layers(layers, hidden_states)
+    fused = None if module is None else _fused_layers(layers, x)
     if fused is None:
         return None
     for arguments in fused:
-        hidden_states = module.encoder_layer(hidden_states, *call, *arguments)
-    return self.__dict__[FACTS_ATTR](last_hidden_state=hidden_states)
+        x = module.encoder_layer(x, *call, *arguments)
+    return x
 
 
 def _fused_layers(layers, x):

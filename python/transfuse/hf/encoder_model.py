@@ -116,8 +116,7 @@ def _lean_forward(self, arguments):
             or not _runs_stack_rule(encoder) or config._attn_implementation != ATTENTION_NAME):
         return None
     table_arguments = blocks._fused_embeddings_arguments(embeddings, ids)  # (CPU inference)
-    layers = encoder._modules.get("layer")
-    if table_arguments is None or type(layers) is not nn.ModuleList:
+    if table_arguments is None:
         return None
     shape = ids.shape
     if kind == "buffer":
@@ -146,14 +145,11 @@ def _lean_forward(self, arguments):
             packing = unpad.Packing(valid)
             ids, token_types = packing.pack(ids), packing.pack(token_types)
             positions = packing.pack(positions.expand(shape))
-    module = backends.extension()[0]
-    x = module.embeddings_forward(ids, token_types, positions, *table_arguments)
-    call = blocks._fused_call(x, None, packing.kwargs if packing else {})
-    fused = None if call is None else blocks._fused_layers(layers, x)
-    if fused is None:
+    x = backends.extension()[0].embeddings_forward(ids, token_types, positions, *table_arguments)
+    x = blocks._layers_fused(encoder._modules.get("layer"), x, None,
+                             packing.kwargs if packing else {})
+    if x is None:
         return None
-    for layer_arguments in fused:
-        x = module.encoder_layer(x, *call, *layer_arguments)
     if packing is not None:
         x = packing.unpack(x)
     pooler = children.get("pooler")
