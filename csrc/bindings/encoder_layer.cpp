@@ -6,7 +6,9 @@
 // (cu_seqlens [B + 1]) or [B, S, hidden] with no padding, and W_0..W_5 the query, key, value,
 // attention output, intermediate and output layers:
 //   q, k, v = x W_0^T + b_0, x W_1^T + b_1, x W_2^T + b_2, as [tokens, heads, head_dim]
-//   a = softmax(scale q k^T) v per sequence (no mask, not causal)
+//   a = softmax(scale q k^T + bias) v per sequence (not causal; bias, when given, additive,
+//       [heads, L, L] or [1, heads, L, L] read at positions local to each sequence: MPNet's
+//       relative position bias, L the longest sequence; none: no mask)
 //   h = LayerNorm_0(a W_3^T + b_3 + x)
 //   y = LayerNorm_1(gelu(h W_4^T + b_4) W_5^T + b_5 + h)
 // Float weights go through `linear` (bias and GELU in the GEMM's epilogue), or where
@@ -41,7 +43,7 @@ OptTensor encoder_layer(const Tensor& x, const OptTensor& cu_seqlens, int64_t ma
                         c10::string_view int8_mode,
                         const std::vector<Tensor>& norm_weights,
                         const std::vector<Tensor>& norm_biases, const std::vector<double>& eps,
-                        c10::string_view activation) {
+                        c10::string_view activation, const OptTensor& bias) {
   const bool int8 = !int8_mode.empty();
   TORCH_CHECK_VALUE(weights.size() == kLayers && biases.size() == kLayers,
                     "weights and biases must hold the 6 layers' (query, key, value, attention "
@@ -62,6 +64,15 @@ OptTensor encoder_layer(const Tensor& x, const OptTensor& cu_seqlens, int64_t ma
   TORCH_CHECK_VALUE(heads > 0 && hidden % heads == 0, "heads (", heads,
                     ") must divide the hidden size (", hidden, ")");
   const int64_t head_dim = hidden / heads;
+  const int64_t sequences = cu_seqlens ? cu_seqlens->numel() - 1 : x.size(0);
+  const int64_t longest = cu_seqlens ? max_seqlen : x.size(1);
+  TORCH_CHECK_VALUE(!bias || ((bias->dim() == 3 || (bias->dim() == 4 && bias->size(0) == 1)) &&
+                              bias->size(-3) == heads && bias->size(-2) == longest &&
+                              bias->size(-1) == longest),
+                    "bias must be [heads, L, L] or [1, heads, L, L] with L = ", longest,
+                    " (the longest sequence)");
+  const OptTensor mask =
+      bias ? OptTensor(bias->expand({sequences, heads, longest, longest})) : std::nullopt;
 
   // in W_i^T + b_i (GELU of it for the intermediate layer); nothing where a kernel declines
   auto project = [&](size_t i, const Tensor& in) -> OptTensor {
@@ -98,13 +109,13 @@ OptTensor encoder_layer(const Tensor& x, const OptTensor& cu_seqlens, int64_t ma
     auto by_heads = [&](const Tensor& t) { return t.view({x.size(1), heads, head_dim}); };
     attended = std::get<0>(varlen_attention_forward(
         by_heads(*q), by_heads(*k), by_heads(*v), *cu_seqlens, *cu_seqlens, max_seqlen,
-        max_seqlen, std::nullopt, false, scale, 0, 0.0, 0.0, 0));
+        max_seqlen, mask, false, scale, 0, 0.0, 0.0, 0));
   } else {  // [B, heads, S, D] views in, the [B, S, heads, D] storage out
     auto by_heads = [&](const Tensor& t) {
       return t.view({x.size(0), x.size(1), heads, head_dim}).transpose(1, 2);
     };
-    attended = std::get<0>(attention_forward(by_heads(*q), by_heads(*k), by_heads(*v),
-                                             std::nullopt, false, scale, 0, 0.0, 0.0, 0))
+    attended = std::get<0>(attention_forward(by_heads(*q), by_heads(*k), by_heads(*v), mask,
+                                             false, scale, 0, 0.0, 0.0, 0))
                    .transpose(1, 2);
   }
   const OptTensor attention_out = project(3, attended.reshape(x.sizes()).contiguous());
@@ -126,7 +137,7 @@ void add_encoder_layer_functions(PyObject* module) {
   m.def("encoder_layer", &encoder_layer, "x"_a, "cu_seqlens"_a, "max_seqlen"_a, "heads"_a,
         "scale"_a, "weights"_a, "weight_scales"_a, "biases"_a, "torch_linears"_a, "int8_mode"_a,
         "norm_weights"_a,
-        "norm_biases"_a, "eps"_a, "activation"_a, py::call_guard<py::gil_scoped_release>());
+        "norm_biases"_a, "eps"_a, "activation"_a, "bias"_a = py::none(), py::call_guard<py::gil_scoped_release>());
 }
 
 }  // namespace transfuse

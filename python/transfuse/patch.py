@@ -151,9 +151,13 @@ def _patch_model(model, attention, norm, int8, int8_heads, backend, unpad, block
     if norm:
         left += _patch_norms(model, backend)
     if blocks:
-        _, unfit = hf_blocks.patch_blocks(model, backend)
+        _, unfit = hf_blocks.patch_blocks(model, backend, attention)
         left += Counter({(cls, "its forward is not the one the block rule was written for"): 1
                          for cls in unfit})
+        # attention outside transformers' interface that a block rule runs through transfuse's
+        ruled = {type(m).__name__ for m in model.modules()
+                 if m.__dict__.get(hf_blocks.FORWARD_ATTR) == "relative_bias_attention"}
+        left = Counter({key: n for key, n in left.items() if key[0] not in ruled})
     if attention and unpad:  # after the block rules: a stack's rule runs inside padding removal
         hf_unpad.patch_unpad(model, unpad)
     if attention and blocks:  # last: it falls back on padding removal's forward

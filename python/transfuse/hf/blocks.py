@@ -60,6 +60,17 @@ something else.
                and unhooked), the calls one after another, without the module calls, kwargs and
                output objects between them; else the class's forward. Inside padding removal
                (hf/unpad.py) where it applies.
+  relative_bias  MPNet's encoder (all-mpnet-base-v2), whose attention adds a relative position
+               bias and computes itself outside transformers' attention interface, under
+               containers that pass no kwargs down: its self-attention through
+               transfuse.ops.attention (mask: the bias plus the padding mask; packed tokens:
+               varlen_attention), its container with the residual add inside the fused norm,
+               its layer as encoder_layer's (one call, given the bias), its stack computing the
+               bias once for one row of the longest sequence (not [B, heads, S, S]; packed
+               sequences read it at their own positions) and running the layers fused where they
+               all fit. Padding removal (hf/unpad.py) packs its padded batches while every layer
+               carries these rules (PACKED_STACK_ATTR). Recorded outputs (attention weights,
+               hidden states) run the classes' forwards.
   embeddings   BERT's (and ELECTRA's) embeddings on given token ids and token types, CPU
                inference: LayerNorm(word[ids] + token_type[types] + position[positions]) in one
                transfuse._C.embeddings_forward call (csrc/bindings/embeddings.cpp), the
@@ -97,8 +108,8 @@ from torch.nn.modules import module as _torch_module
 from .. import backends, ops
 from ..nn import FusedLayerNorm, FusedRMSNorm, Int8Linear
 from ..ops.linear import _own_kernel_takes
-from .attention import NAME as ATTENTION_NAME, _weights_requested
-from .unpad import _outputs_recorded
+from .attention import NAME as ATTENTION_NAME, _combined_mask, _weights_requested
+from .unpad import PACKED_STACK_ATTR, _outputs_recorded
 from ..ops.activation import KERNEL_DTYPES as ACTIVATION_DTYPES
 from ..ops.norm import KERNEL_DTYPES as NORM_DTYPES
 from ..ops.rotary import KERNEL_DTYPES as ROTARY_DTYPES
@@ -128,8 +139,14 @@ BLOCK_RULES = {
        for family in _BERT_LIKE},
     **{f"{family}{part}": ("residual_norm", ("dense", "dropout", "LayerNorm"))
        for family in _BERT_LIKE for part in ("SelfOutput", "Output")},
+    "MPNetOutput": ("residual_norm", ("dense", "dropout", "LayerNorm")),
+    # MPNet: BERT's layer with a relative position bias in its attention (RELATIVE_BIAS_*)
+    "MPNetSelfAttention": ("relative_bias_attention", ()),  # (q, k, v, o: the linear rule's)
+    "MPNetAttention": ("relative_bias_container", ("attn", "LayerNorm", "dropout")),
+    "MPNetLayer": ("relative_bias_layer", ("attention", "intermediate", "output")),
+    "MPNetEncoder": ("relative_bias_stack", ("layer",)),
     **{f"{family}Intermediate": ("bias_gelu", ("dense", "intermediate_act_fn"))
-       for family in _BERT_LIKE},
+       for family in (*_BERT_LIKE, "MPNet")},
     **{f"{family}Layer": ("encoder_layer", ("attention", "intermediate", "output"))
        for family in _BERT_LIKE},
     **{f"{family}Encoder": ("encoder_stack", ("layer",)) for family in _BERT_LIKE},
@@ -322,6 +339,8 @@ def _expected_source(kind, names, cls):
         return DISTILBERT_STACK_SOURCE if _distilbert(cls) else ENCODER_STACK_SOURCE
     if kind == "embeddings":
         return EMBEDDINGS_SOURCE
+    if kind in RELATIVE_BIAS_KINDS:
+        return RELATIVE_BIAS_KINDS[kind]
     if kind == "residual_rms_norm":
         head, tail = RESIDUAL_RMS_NORM_SOURCE
         return (*head, *(f"{name}={name}," for name in _decoder_parameters(cls)), *tail)
@@ -358,6 +377,9 @@ def _forward_reads_as(cls, kind, names):
             return False
     if kind == "encoder_layer" and not _distilbert(cls) and not _reads_as(
             getattr(cls, "feed_forward_chunk", None), FEED_FORWARD_SOURCE):
+        return False
+    if kind == "relative_bias_stack" and not _reads_as(
+            getattr(cls, "compute_position_bias", None), POSITION_BIAS_SOURCE):
         return False
     return _reads_as(cls.forward, _expected_source(kind, names, cls))
 
@@ -810,7 +832,7 @@ def _fused_layer_arguments(layer, inner, x):
     # q, k and v without a rule's forward would be torch's F.linear; the dense layers' rules
     # call them
     return _layer_call_arguments(
-        inner, inner.num_attention_heads, x, linears,
+        inner, inner.num_attention_heads, inner.scaling, x, linears,
         (rules[0]._modules.get("LayerNorm"), rules[2]._modules.get("LayerNorm")),
         (rules[0]._modules.get("dropout"), rules[2]._modules.get("dropout")),
         rules[1]._modules.get("intermediate_act_fn"), rules,
@@ -826,15 +848,16 @@ def _distilbert_layer_arguments(layer, inner, x):
     linears = [inner._modules.get(name) for name in ("q_lin", "k_lin", "v_lin", "out_lin")]
     linears += [ffn.get("lin1"), ffn.get("lin2")]
     return _layer_call_arguments(
-        inner, inner.n_heads, x, linears,
+        inner, inner.n_heads, inner.scaling, x, linears,
         (children.get("sa_layer_norm"), children.get("output_layer_norm")),
         (ffn.get("dropout"),), ffn.get("activation"), (layer,), ((_linear_forward,),) * 6)
 
 
-def _layer_call_arguments(inner, heads, x, linears, norms, dropouts, activation, holders,
+def _layer_call_arguments(inner, heads, scale, x, linears, norms, dropouts, activation, holders,
                           forwards):
     """transfuse._C.encoder_layer's arguments after x, cu_seqlens and max_seqlen for a layer of
-    self-attention `inner` of `heads` heads (not causal, without attention dropout), the six
+    self-attention `inner` of `heads` heads scaling its scores by `scale` (not causal, without
+    attention dropout), the six
     `linears` (query, key, value, attention output, intermediate, output), the two `norms`
     (FusedLayerNorm), `dropouts` (nn.Dropout, inactive) and `activation` (transformers' exact or
     tanh GELU): heads, scale, weights, weight_scales, biases, torch_linears, int8_mode,
@@ -842,7 +865,7 @@ def _layer_call_arguments(inner, heads, x, linears, norms, dropouts, activation,
     (the rules', None for the class's) under which float linear i computes what the call does.
     holders: the modules whose rules chose a backend besides the linears and norms. torch_linears:
     the float layers that transfuse.ops.linear leaves to torch's F.linear (and F.gelu) on x."""
-    if inner.is_causal or (inner.training and inner.dropout.p):
+    if getattr(inner, "is_causal", False) or (inner.training and inner.dropout.p):
         return None
     approximate = _gelu_approximation(activation)
     if approximate is None:
@@ -889,7 +912,7 @@ def _layer_call_arguments(inner, heads, x, linears, norms, dropouts, activation,
         for op in (("int8", "activation") if int8 else ("linear",)) + ("norm", "attention"):
             if backends.resolve(op, backend, device) != "cpu":
                 return None
-    return (heads, float(inner.scaling), weights, weight_scales, biases, torch_linears, mode,
+    return (heads, float(scale), weights, weight_scales, biases, torch_linears, mode,
             [n._parameters["weight"] for n in norms],
             [n._parameters["bias"] for n in norms], [float(n.eps) for n in norms],
             "gelu" if approximate == "none" else "gelu_tanh")
@@ -1024,10 +1047,10 @@ def _stack_fused(self, hidden_states, attention_mask, kwargs):
     return None if out is None else self.__dict__[FACTS_ATTR](last_hidden_state=out)
 
 
-def _layers_fused(layers, x, attention_mask, kwargs):
+def _layers_fused(layers, x, attention_mask, kwargs, bias=None):
     """x through the ModuleList `layers` where every layer would run fused (_fused_call,
-    _fused_layers): their transfuse._C.encoder_layer calls one after another, without the module
-    calls between them; else None."""
+    _fused_layers): their transfuse._C.encoder_layer calls one after another (each adding the
+    attention `bias`, MPNet's), without the module calls between them; else None."""
     if type(layers) is not nn.ModuleList or _global_hooks() or torch._C._get_tracing_state():
         return None
     call = _fused_call(x, attention_mask, kwargs)
@@ -1036,7 +1059,7 @@ def _layers_fused(layers, x, attention_mask, kwargs):
     if fused is None:
         return None
     for arguments in fused:
-        x = module.encoder_layer(x, *call, *arguments)
+        x = module.encoder_layer(x, *call, *arguments, bias)
     return x
 
 
@@ -1050,6 +1073,12 @@ def _fused_layers(layers, x):
             attention, layer_arguments = _self_attention, _fused_layer_arguments
         elif forward is _distilbert_layer_forward:
             attention, layer_arguments = _distilbert_attention, _distilbert_layer_arguments
+        elif forward is _relative_bias_layer_forward:  # (its attention is the rule's own)
+            arguments = None if _own_hooks(layer) else _relative_bias_layer_arguments(layer, x)
+            if arguments is None:
+                return None
+            fused.append(arguments)
+            continue
         else:
             return None
         inner = None if _own_hooks(layer) else attention(layer)
@@ -1075,6 +1104,211 @@ def _patch_encoder_stack(module, names):
         return False
     module.__dict__[FACTS_ATTR] = output_class
     return _install(module, _distilbert_stack_forward if distilbert else _encoder_stack_forward)
+
+
+# ------------------------------------------------------------------------------------------------
+# relative_bias (MPNet)
+# ------------------------------------------------------------------------------------------------
+
+# MPNet's encoder adds a relative position bias (per head, by the bucket of j - i) to every
+# layer's attention scores: it computes a [B, heads, S, S] tensor once per call, and its
+# self-attention computes softmax(q k^T / sqrt(d) + bias + mask) v in eager torch, outside
+# transformers' attention interface, under containers that pass no kwargs down. The four rules
+# below (self-attention, its container, layer, stack) run that through transfuse's attention, pass
+# padding removal's kwargs down, and compute the bias once for one row of the longest sequence
+# ([1, heads, L, L], broadcast over the batch; packed sequences read it at their own positions,
+# the bias being the same for every start).
+RELATIVE_BIAS_ATTENTION_SOURCE = (
+    "input_shape = hidden_states.shape[:-1]",
+    "hidden_shape = (*input_shape, -1, self.attention_head_size)",
+    "q = self.q(hidden_states).view(hidden_shape).transpose(1, 2)",
+    "k = self.k(hidden_states).view(hidden_shape).transpose(1, 2)",
+    "v = self.v(hidden_states).view(hidden_shape).transpose(1, 2)",
+    "attention_scores = torch.matmul(q, k.transpose(-1, -2))",
+    "attention_scores = attention_scores / math.sqrt(self.attention_head_size)",
+    "if position_bias is not None: attention_scores += position_bias",
+    "if attention_mask is not None: attention_scores = attention_scores + attention_mask",
+    "attention_probs = nn.functional.softmax(attention_scores, dim=-1)",
+    "attention_probs = self.dropout(attention_probs)", "c = torch.matmul(attention_probs, v)",
+    "o = self.o(c)", "outputs = (o, attention_probs) if output_attentions else (o,)",
+    "return outputs")
+RELATIVE_BIAS_CONTAINER_SOURCE = (
+    "self_outputs = self.attn( hidden_states, attention_mask, position_bias, "
+    "output_attentions=output_attentions, )",
+    "attention_output = self.LayerNorm(self.dropout(self_outputs[0]) + hidden_states)",
+    "outputs = (attention_output,) + self_outputs[1:]", "return outputs")
+RELATIVE_BIAS_LAYER_SOURCE = (
+    "self_attention_outputs = self.attention( hidden_states, attention_mask, "
+    "position_bias=position_bias, output_attentions=output_attentions, )",
+    "attention_output = self_attention_outputs[0]", "outputs = self_attention_outputs[1:]",
+    *FEED_FORWARD_SOURCE[:2], "outputs = (layer_output,) + outputs", "return outputs")
+RELATIVE_BIAS_STACK_SOURCE = (
+    "position_bias = self.compute_position_bias(hidden_states)",
+    "for i, layer_module in enumerate(self.layer):",
+    "layer_outputs = layer_module( hidden_states, attention_mask, position_bias, "
+    "output_attentions=output_attentions, **kwargs, )", "hidden_states = layer_outputs[0]",
+    "return BaseModelOutput( last_hidden_state=hidden_states,")
+# compute_position_bias(x): from x only its batch size, length and device
+POSITION_BIAS_SOURCE = ("bsz, qlen, klen = x.size(0), x.size(1), x.size(1)",
+                        "relative_position = memory_position - context_position",
+                        "values = values.expand((bsz, -1, qlen, klen)).contiguous()",
+                        "return values")
+RELATIVE_BIAS_KINDS = {"relative_bias_attention": RELATIVE_BIAS_ATTENTION_SOURCE,
+                       "relative_bias_container": RELATIVE_BIAS_CONTAINER_SOURCE,
+                       "relative_bias_layer": RELATIVE_BIAS_LAYER_SOURCE,
+                       "relative_bias_stack": RELATIVE_BIAS_STACK_SOURCE}
+
+
+def _rule_forward(module):
+    """The rule's forward function installed on the module, or None."""
+    return getattr(module.__dict__.get("forward"), "__func__", None)
+
+
+def _relative_bias_attention_forward(self, hidden_states, attention_mask=None, position_bias=None,
+                                     output_attentions=False, **kwargs):
+    """transfuse.ops.attention with mask = position_bias + attention_mask (packed tokens, with
+    padding removal's kwargs: varlen_attention, the bias read at each sequence's positions); the
+    class's forward where the attention weights are asked for."""
+    packed = kwargs.get("cu_seq_lens_q")
+    if output_attentions:
+        if packed is not None:
+            raise ValueError("output_attentions=True cannot return the weights of packed tokens")
+        return type(self).forward(self, hidden_states, attention_mask, position_bias, True)
+    shape = hidden_states.shape[:-1]
+    q, k, v = (self._modules[name](hidden_states).view(*shape, -1, self.attention_head_size)
+               for name in ("q", "k", "v"))
+    scale, backend = 1 / math.sqrt(self.attention_head_size), self.__dict__.get(BACKEND_ATTR)
+    dropout = self.dropout.p if self.training else 0.0
+    if packed is not None:
+        attended = ops.varlen_attention(
+            q[0], k[0], v[0], packed, kwargs["cu_seq_lens_k"], kwargs["max_length_q"],
+            kwargs["max_length_k"], mask=position_bias, scale=scale, dropout_p=dropout,
+            backend=backend, check_offsets=False)
+    else:
+        attended = ops.attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            mask=_combined_mask(attention_mask, position_bias), scale=scale, dropout_p=dropout,
+            backend=backend).transpose(1, 2)
+    return (self._modules["o"](attended.reshape(*shape, -1)),)
+
+
+def _relative_bias_container_forward(self, hidden_states, attention_mask=None,
+                                     position_bias=None, output_attentions=False, **kwargs):
+    """The class's computation, kwargs passed to the self-attention, the residual add inside a
+    fused norm's pass."""
+    outputs = self.attn(hidden_states, attention_mask, position_bias,
+                        output_attentions=output_attentions, **kwargs)
+    attended, norm = self.dropout(outputs[0]), self.LayerNorm
+    if isinstance(norm, FusedLayerNorm) and attended.dtype == hidden_states.dtype:
+        return (norm(attended, residual=hidden_states)[0],) + outputs[1:]
+    return (norm(attended + hidden_states),) + outputs[1:]
+
+
+def _relative_bias_layer_forward(self, hidden_states, attention_mask=None, position_bias=None,
+                                 output_attentions=False, **kwargs):
+    """One transfuse._C.encoder_layer call where it fits (_fused_call, a bias of one row,
+    _relative_bias_layer_arguments); else the class's computation, kwargs passed down."""
+    if not (output_attentions or position_bias is None or position_bias.shape[0] != 1
+            or _global_hooks() or torch._C._get_tracing_state()):
+        call = _fused_call(hidden_states, attention_mask, kwargs)
+        module = None if call is None else backends.extension()[0]
+        arguments = None if module is None else _relative_bias_layer_arguments(self, hidden_states)
+        if arguments is not None:
+            return (module.encoder_layer(hidden_states, *call, *arguments, position_bias),)
+    outputs = self.attention(hidden_states, attention_mask, position_bias=position_bias,
+                             output_attentions=output_attentions, **kwargs)
+    attention_output = outputs[0]
+    return (self.output(self.intermediate(attention_output), attention_output),) + outputs[1:]
+
+
+def _relative_bias_layer_arguments(layer, x):
+    """As _fused_layer_arguments, for an MPNet layer whose attention containers run their rules
+    (the classes it was patched with, no hooks)."""
+    attention_class, inner_class = layer.__dict__[FACTS_ATTR]
+    children = layer._modules
+    attention = children.get("attention")
+    inner = attention._modules.get("attn") if type(attention) is attention_class else None
+    if (type(inner) is not inner_class or _own_hooks(attention) or _own_hooks(inner)
+            or _rule_forward(attention) is not _relative_bias_container_forward
+            or _rule_forward(inner) is not _relative_bias_attention_forward):
+        return None
+    rules = (children.get("intermediate"), children.get("output"))
+    for m in rules:
+        if m is None or not m.__dict__.get(FORWARD_ATTR) or _own_hooks(m):
+            return None
+    linears = [inner._modules.get(name) for name in ("q", "k", "v", "o")]
+    linears += [m._modules.get("dense") for m in rules]
+    return _layer_call_arguments(
+        inner, inner.num_attention_heads, 1 / math.sqrt(inner.attention_head_size), x, linears,
+        (attention._modules.get("LayerNorm"), rules[1]._modules.get("LayerNorm")),
+        (attention._modules.get("dropout"), rules[1]._modules.get("dropout")),
+        rules[0]._modules.get("intermediate_act_fn"), (attention, *rules),
+        ((_linear_forward,),) * 4 + ((None, _linear_forward),) * 2)
+
+
+def _relative_bias_stack_forward(self, hidden_states, attention_mask=None, output_attentions=False,
+                                 output_hidden_states=False, return_dict=False, **kwargs):
+    """The bias for one row of the longest sequence, then the layers (all fused where they fit,
+    _layers_fused); the class's forward where outputs are recorded or the batch is empty."""
+    packed = kwargs.get("cu_seq_lens_q") is not None
+    if output_attentions or output_hidden_states or not hidden_states.shape[0]:
+        if packed:
+            raise ValueError("per-layer outputs of packed tokens cannot be returned")
+        return type(self).forward(self, hidden_states, attention_mask, output_attentions,
+                                  output_hidden_states, return_dict, **kwargs)
+    longest = kwargs["max_length_q"] if packed else hidden_states.shape[1]
+    position_bias = self.compute_position_bias(hidden_states[:1, :longest])
+    out = _layers_fused(self._modules.get("layer"), hidden_states, attention_mask, kwargs,
+                        position_bias)
+    if out is None:
+        out = hidden_states
+        for layer in self.layer:
+            out = layer(out, attention_mask, position_bias, output_attentions=False, **kwargs)[0]
+    if not (return_dict or packed):  # (padding removal reads a model output)
+        return (out,)
+    return self.__dict__[FACTS_ATTR](last_hidden_state=out)
+
+
+def _relative_bias_takes_packed(stack):
+    """Whether padding removal may hand the MPNet stack packed tokens: its rule, and each layer's
+    rules at every level, pass the kwargs down to the transfuse attention."""
+    layers = stack._modules.get("layer")
+    if stack.__dict__.get(FORWARD_ATTR) != "relative_bias_stack" or type(layers) is not nn.ModuleList:
+        return False
+    for layer in layers._modules.values():
+        attention = layer._modules.get("attention")
+        inner = None if attention is None else attention._modules.get("attn")
+        if (_rule_forward(layer) is not _relative_bias_layer_forward
+                or _rule_forward(attention) is not _relative_bias_container_forward
+                or _rule_forward(inner) is not _relative_bias_attention_forward):
+            return False
+    return True
+
+
+def _patch_relative_bias(module, names):
+    """The self-attention and its container as they are; the layer where its containers have the
+    classes the rule reads; the stack where its family names the output class."""
+    kind = BLOCK_RULES[type(module).__name__][0]
+    if not all(isinstance(getattr(module, name, None), nn.Module) for name in names):
+        return False
+    if kind == "relative_bias_layer":
+        inner = getattr(module.attention, "attn", None)
+        if not (isinstance(inner, nn.Module) and _forward_reads_as(
+                type(module.attention), "relative_bias_container", ("attn",)) and _forward_reads_as(
+                type(inner), "relative_bias_attention", ())):
+            return False
+        module.__dict__[FACTS_ATTR] = (type(module.attention), type(inner))
+    elif kind == "relative_bias_stack":
+        output_class = getattr(sys.modules[type(module).__module__], "BaseModelOutput", None)
+        if output_class is None or not isinstance(module.layer, nn.ModuleList):
+            return False
+        module.__dict__[FACTS_ATTR] = output_class
+        module.__dict__[PACKED_STACK_ATTR] = _relative_bias_takes_packed
+    forward = {"relative_bias_attention": _relative_bias_attention_forward,
+               "relative_bias_container": _relative_bias_container_forward,
+               "relative_bias_layer": _relative_bias_layer_forward,
+               "relative_bias_stack": _relative_bias_stack_forward}[kind]
+    return _install(module, forward)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1171,7 +1405,8 @@ _PATCHERS = {"projections": _patch_projections, "linear": _patch_linear,
              "residual_rms_norm": _patch_residual_rms_norm, "bias_gelu": _patch_bias_gelu,
              "rotary_attention": _patch_rotary_attention, "gated_mlp": _patch_gated_mlp,
              "encoder_layer": _patch_encoder_layer, "encoder_stack": _patch_encoder_stack,
-             "embeddings": _patch_embeddings}
+             "embeddings": _patch_embeddings,
+             **dict.fromkeys(RELATIVE_BIAS_KINDS, _patch_relative_bias)}
 
 
 def _install(module, forward):
@@ -1180,18 +1415,20 @@ def _install(module, forward):
     return True
 
 
-def patch_blocks(model, backend=None):
+def patch_blocks(model, backend=None, attention=True):
     """Install the block rules on every module of `model` they fit (the ops they call run on
     `backend`; FORWARD_ATTR names the rule that was installed); returns
     ({qualified name: rule} for what was installed, sorted names of the classes of BLOCK_RULES
     left alone because their forward reads otherwise). Instances whose modules do not fit (int8
-    or hooked layers, an overridden forward) stay as they are."""
+    or hooked layers, an overridden forward) stay as they are. attention=False leaves out MPNet's
+    rules (RELATIVE_BIAS_KINDS), which run the transfuse attention."""
     done, unexpected = {}, set()
     taken = set()  # ids of the modules a rule of their parent uses (named_modules: parents first)
     for name, module in model.named_modules():
         rule = BLOCK_RULES.get(type(module).__name__)
         if rule is None or (rule[0] == "linear" and id(module) in taken) or (
-                type(module).__name__ in DISTILBERT_CLASSES and not _distilbert(type(module))):
+                type(module).__name__ in DISTILBERT_CLASSES and not _distilbert(type(module))) or (
+                rule[0] in RELATIVE_BIAS_KINDS and not attention):
             continue
         kind, names = rule
         if FORWARD_ATTR in module.__dict__:  # patched before
@@ -1218,6 +1455,7 @@ def unpatch_blocks(model):
             module.__dict__.pop("forward", None)
             module.__dict__.pop(BACKEND_ATTR, None)
             module.__dict__.pop(FACTS_ATTR, None)
+            module.__dict__.pop(PACKED_STACK_ATTR, None)
             if module.__dict__.pop(PROJECTION_ATTR, None) is not None:
                 for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
                     with torch.inference_mode() if t.is_inference() else torch.no_grad():

@@ -21,7 +21,9 @@ Two ways in, by family (UNPAD_RULES, keyed by the base model's class name):
            numbers them); its final output is scattered back. For families whose embeddings are
            token-wise and whose positions come from position_ids only (rotary or learned
            absolute).
-Only calls that run the "transfuse" attention (it reads the padding-free kwargs) are unpadded.
+Only calls that run the "transfuse" attention (it reads the padding-free kwargs) are unpadded
+(MPNet's: through its block rules, hf/blocks.py, which compute its relative position bias for the
+longest sequence rather than for all T packed tokens).
 A call keeps the padded path when there is nothing to skip (no mask, or no zero in it), when the
 mask is not 2D, when a KV cache holds tokens already or is not a plain DynamicCache (a decoder's
 prefill into an empty DynamicCache runs packed; the cache is then rewritten to the padded
@@ -44,6 +46,10 @@ from .attention import NAME as ATTENTION_NAME
 
 FORWARD_ATTR = "_transfuse_unpad_forward"
 INNER_ATTR = "_transfuse_unpad_inner"  # a stack's own forward, found at patch time (a block rule's)
+# On a stack whose block rule takes packed tokens whatever the config's attention implementation
+# (MPNet's, whose attention is outside transformers' interface): a function of the stack saying
+# whether it does now, which padding removal asks instead of reading the config.
+PACKED_STACK_ATTR = "_transfuse_packed_stack"
 
 # base model class name -> (way in, attribute of the token-wise stack for "stack", decoder with a
 # KV cache)
@@ -53,6 +59,7 @@ UNPAD_RULES = {
     "DistilBertModel": ("stack", "transformer", False),
     "ElectraModel": ("stack", "encoder", False),
     "AlbertModel": ("stack", "encoder", False),
+    "MPNetModel": ("stack", "encoder", False),
     # CLIP text: its encoder is causal through the is_causal=True its model passes down
     "CLIPTextModel": ("stack", "encoder", False),
     "ModernBertModel": ("model", None, False),
@@ -168,7 +175,7 @@ def _stack_forward(self, hidden_states=None, attention_mask=None, *args, **kwarg
 
 def _base_forward(self, *args, **kwargs):
     original = functools.partial(type(self).forward, self)
-    kind, _, decoder = UNPAD_RULES[type(self).__name__]
+    kind, stack_name, decoder = UNPAD_RULES[type(self).__name__]
     names = ("input_ids", "attention_mask")  # the leading positional arguments of every rule's
     if len(args) > len(names):               # model; more of them: passed through untouched
         return original(*args, **kwargs)
@@ -176,8 +183,7 @@ def _base_forward(self, *args, **kwargs):
     # a cache is read before the mask: decoding steps (a cache holding tokens) leave at once
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     valid = None
-    if (getattr(self.config, "_attn_implementation", None) == ATTENTION_NAME
-            and not _off_under_compile(self)
+    if (_runs_packed_attention(self, kind, stack_name) and not _off_under_compile(self)
             and (cache is None or (decoder and _fresh_dynamic_cache(cache)))):
         valid = _skippable_padding(kwargs.get("attention_mask"), kwargs, self.config)
     if valid is not None and decoder:
@@ -192,6 +198,16 @@ def _base_forward(self, *args, **kwargs):
             _padding_mask.reset(token)
     return _packed_model_call(original, valid, kwargs,
                               type(self).__name__ in POSITIONS_FROM_MASK)
+
+
+def _runs_packed_attention(model, kind, stack_name):
+    """Whether the model's attention reads padding removal's kwargs: the transfuse attention
+    configured, or (PACKED_STACK_ATTR) the stack's rule says so."""
+    stack = getattr(model, stack_name) if kind == "stack" else None
+    takes_packed = None if stack is None else stack.__dict__.get(PACKED_STACK_ATTR)
+    if takes_packed is not None:
+        return takes_packed(stack)
+    return getattr(model.config, "_attn_implementation", None) == ATTENTION_NAME
 
 
 def _with_cache(module, valid, kwargs):
