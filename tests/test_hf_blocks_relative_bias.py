@@ -226,3 +226,27 @@ def test_a_class_whose_forward_reads_otherwise_is_left_alone(monkeypatch):
         assert not blocks._relative_bias_takes_packed(patched.encoder)
     finally:
         blocks._forward_reads_as.cache_clear()
+
+
+@pytest.mark.parametrize("side", ["right", "left", "mixed"])
+def test_every_packed_sequence_gets_what_it_gets_alone(side, fused_layer_calls):
+    """Right, left and mixed padding, a sequence of one token, one without padding: each real
+    token as in the unpatched padded batch and as its sequence alone (MPNet numbers positions
+    from the non-pad ids, and the relative bias does not see where a sequence starts)."""
+    lengths = (12, 1, 7, 10, 3)
+    model = build()
+    patched = transfuse.patch(copy.deepcopy(model))
+    ids = torch.randint(3, 99, (len(lengths), 12), generator=torch.Generator().manual_seed(3))
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        left = side == "left" or (side == "mixed" and row % 2 == 0)
+        mask[row, slice(12 - n, 12) if left else slice(0, n)] = 1
+    ids[mask == 0] = 1
+    real = mask.bool()
+    out = last_hidden_state(patched, ids, mask)
+    assert len(fused_layer_calls) == LAYERS
+    torch.testing.assert_close(out[real], last_hidden_state(model, ids, mask)[real],
+                               rtol=1e-5, atol=1e-5)
+    for row in range(len(lengths)):
+        alone = last_hidden_state(model, ids[row:row + 1, real[row]], mask[row:row + 1, real[row]])
+        torch.testing.assert_close(out[row, real[row]], alone[0], rtol=1e-5, atol=1e-5)
