@@ -238,18 +238,27 @@ def test_cpu_gemms_over_every_tile_remainder(backend, dtype):
         assert ((out.double() - exact).abs() <= bound).all(), (m, n, k)
 
 
-def test_cpu_w8a8_weights_kept_packed_follow_their_weights():
-    """The CPU GEMM keeps a weight's packed panels between calls (bindings/packed_weights.h): every
-    call equals the float64 epilogue of the weight as it is then: repeated, after the weight is
-    written in place, for new weights allocated where freed ones were, for views of one storage,
-    and for an inference tensor (packed per call, or for few rows the GEMV)."""
-    m, n, k = 40, 130, 300  # beyond the GEMV's tokens (int8_vnni.cpp): the packed panels
+def test_cpu_weights_kept_packed_follow_their_weights():
+    """The CPU GEMMs keep a weight's packed panels between calls (bindings/packed_weights.h; for
+    w8a8 the VNNI GEMM's, for w8a16 of bf16 x the bf16 GEMM's, two packings of one weight): every
+    call, the modes alternating, equals the float64 reference of the weight as it is then:
+    repeated, after the weight is written in place, for new weights allocated where freed ones
+    were, for views of one storage, and for an inference tensor (packed per call, or for few rows
+    the GEMV)."""
+    m, n, k = 40, 130, 300  # beyond the GEMVs' tokens: the packed panels
 
     def check(w, w_scale, x):
         out = transfuse.ops.int8_linear(x, w, w_scale, None, "w8a8", backend="cpu")
         x_q, x_scale = reference.quantize_per_token(x)
         assert_epilogue_close(out, reference.int8_matmul(x_q, w).double()
                               * x_scale.double()[:, None] * w_scale.double(), None)
+        x16 = (x / 100).bfloat16()
+        out = transfuse.ops.int8_linear(x16, w, w_scale, None, "w8a16", backend="cpu")
+        exact = reference.int8_linear(x16.double(), w, w_scale, None, "w8a16")
+        magnitude = (x16.double().abs() @ w.double().abs().T) * w_scale.double()
+        bound = (4 * k * torch.finfo(torch.float32).eps * magnitude
+                 + 2 * exact.abs() * torch.finfo(torch.bfloat16).eps)
+        assert ((out.double() - exact).abs() <= bound).all()
 
     x = activations(m, k, torch.float32, "cpu")
     w, w_scale = quantized_weight(n, k, "cpu")

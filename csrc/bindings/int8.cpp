@@ -213,6 +213,10 @@ constexpr int64_t kGemvMaxRows = 16;  // w8a16 rows up to this go to the GEMV ke
 // 4096, 2 threads: 32 rows 5.9 ms against the GEMM's 7.2, 48 rows 7.7 against 9.3, 64 level;
 // both near the fp32 FMA peak from 16 rows)
 constexpr int64_t kCpuGemvMaxRows = 48;
+// and for bf16 x on a CPU with AVX512_BF16, up to kBf16GemvMaxRows (all-mpnet-base-v2's
+// shapes, 2 threads, AMD EPYC: at 8 rows GEMV and bf16 GEMM level, at 12 the GEMM 1.0-1.5x
+// faster, at 23 1.5-1.8x)
+constexpr int64_t kBf16GemvMaxRows = 8;
 constexpr int64_t kMaxK = 133000;  // k * 127 * 127 below 2^31: exact int32 sums (= Python MAX_K)
 constexpr int64_t kDequantBlockElements = 1 << 23;  // CPU w8a16 beyond the GEMV: weights
                                                    // dequantized at once (32 MB of fp32)
@@ -245,12 +249,22 @@ Tensor w8a16_by_blocks(const Tensor& x, const Tensor& w, const Tensor& w_scale,
   return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
 }
 
-// CPU w8a16 for more rows than the GEMV takes: cpu::gemm dequantizing the weights as it packs
-// them (AVX-512), else w8a16_by_blocks.
+constexpr int kInt8PairsLayout = 1;  // an int8 weight's packing for the bf16 GEMM (the VNNI
+                                     // GEMM's is layout 0)
+
+// Whether CPU w8a16 of x takes the bf16 GEMM: bf16 x on a CPU with AVX512_BF16.
+bool w8a16_bf16_gemm(const Tensor& x) {
+  return x.scalar_type() == at::kBFloat16 && cpu::has_gemm_bf16();
+}
+
+// CPU w8a16 for more rows than the GEMV takes: cpu::gemm_bf16 for bf16 x where it runs, else
+// cpu::gemm on x in fp32, each widening the int8 weights as it packs them (AVX-512), else
+// w8a16_by_blocks.
 Tensor w8a16_cpu(const Tensor& x, const Tensor& w, const Tensor& w_scale, const OptTensor& bias) {
   Tensor out;
   const Int8LinearParams p = linear_params(w, w_scale, bias, x.scalar_type(), x, out);
-  const Tensor xf = x.to(at::kFloat);
+  const bool bf16 = w8a16_bf16_gemm(x);
+  const Tensor xf = bf16 ? x : x.to(at::kFloat);
   const OptTensor bias_f = bias ? OptTensor(bias->to(at::kFloat)) : std::nullopt;
   GemmParams g;
   g.x = xf.data_ptr();
@@ -264,7 +278,18 @@ Tensor w8a16_cpu(const Tensor& x, const Tensor& w, const Tensor& w_scale, const 
   g.k = p.k;
   g.dtype = p.dtype;
   g.num_threads = p.num_threads;
-  return cpu::gemm(g) ? out : w8a16_by_blocks(x, w, w_scale, bias);
+  std::optional<Tensor> packed;
+  if (bf16 && w.is_contiguous()) {
+    packed = packed_weights().of(
+        w, cpu::packed_weight_bytes_int8_pairs(p.n, p.k),
+        [](const Tensor& w, Tensor& out) {
+          return cpu::pack_weight_int8_pairs(w.data_ptr<int8_t>(), w.size(0), w.size(1),
+                                             out.data_ptr(), at::get_num_threads());
+        },
+        kInt8PairsLayout);
+    if (packed) g.w_packed = packed->data_ptr();
+  }
+  return (bf16 ? cpu::gemm_bf16(g) : cpu::gemm(g)) ? out : w8a16_by_blocks(x, w, w_scale, bias);
 }
 
 // w8a8 of x [m, k] by each weight on the CPU, x's quantized rows in buffers of the call (tensors
@@ -374,8 +399,9 @@ std::vector<OptTensor> int8_linears(const Tensor& x, const std::vector<Tensor>& 
       results.push_back(
           int8_linear_w8a8(x_q, x_scale, w_cs[j], w_scale_cs[j], bias_xs[j], x.scalar_type()));
   } else {
-    const bool cpu_gemm =
-        !x.is_cuda() && (cpu::has_gemm() ? m > kCpuGemvMaxRows : m > kGemvMaxRows);
+    const bool cpu_gemm = !x.is_cuda() && (w8a16_bf16_gemm(x) ? m > kBf16GemvMaxRows
+                                           : cpu::has_gemm() ? m > kCpuGemvMaxRows
+                                                             : m > kGemvMaxRows);
     for (size_t j = 0; j < taken.size(); ++j)
       results.push_back(cpu_gemm ? w8a16_cpu(x2, w_cs[j], w_scale_cs[j], bias_xs[j])
                                  : int8_linear_w8a16(x2, w_cs[j], w_scale_cs[j], bias_xs[j]));

@@ -21,9 +21,10 @@ namespace transfuse {
 class PackedWeights {
  public:
   // The packed panels of w (contiguous, CPU) as `bytes` bytes that pack(w, out) fills (false:
-  // it could not), or nothing (not kept: then packed per call).
+  // it could not), or nothing (not kept: then packed per call). `layout` tells apart the packings
+  // of one weight for different GEMMs (an int8 weight's for VNNI and for the bf16 GEMM).
   template <class Pack>
-  std::optional<at::Tensor> of(const at::Tensor& w, int64_t bytes, Pack pack) {
+  std::optional<at::Tensor> of(const at::Tensor& w, int64_t bytes, Pack pack, int layout = 0) {
     if (!may_keep(w)) return std::nullopt;
     const c10::StorageImpl* storage = w.storage().unsafeGetStorageImpl();
     const int64_t version = w._version();
@@ -36,7 +37,7 @@ class PackedWeights {
         continue;
       }
       if (alive.get() == storage && it->data == w.data_ptr() && it->shape == w.sizes() &&
-          it->dtype == w.scalar_type()) {
+          it->dtype == w.scalar_type() && it->layout == layout) {
         if (it->version == version) return it->packed;
         held_ -= it->packed.numel();  // written in place since: packed again below
         entries_.erase(it);
@@ -48,7 +49,7 @@ class PackedWeights {
     at::Tensor packed = at::empty({bytes}, w.options().dtype(at::kChar));
     if (!pack(w, packed)) return std::nullopt;
     entries_.push_back({w.storage().getWeakStorageImpl(), w.data_ptr(), w.sizes().vec(),
-                        w.scalar_type(), version, packed});
+                        w.scalar_type(), layout, version, packed});
     held_ += bytes;
     return packed;
   }
@@ -66,6 +67,7 @@ class PackedWeights {
     const void* data;
     std::vector<int64_t> shape;
     at::ScalarType dtype;
+    int layout;
     int64_t version;
     at::Tensor packed;
   };

@@ -17,8 +17,8 @@ namespace transfuse {
 
 struct GemmParams {
   const void* x = nullptr;         // [m, k], fp32 (gemm) or bf16 (gemm_bf16)
-  const void* w = nullptr;         // [n, k], int8 if w_int8 else fp32 (gemm); bf16 (gemm_bf16)
-  const void* w_packed = nullptr;  // fp32 or bf16 w's panels packed before (cpu/gemm.h), or null
+  const void* w = nullptr;         // [n, k], int8 if w_int8, else fp32 (gemm) or bf16 (gemm_bf16)
+  const void* w_packed = nullptr;  // w's panels packed before (cpu/gemm.h), or null
   bool w_int8 = false;
   const float* w_scale = nullptr;  // [n] or null
   const float* bias = nullptr;     // [n] or null

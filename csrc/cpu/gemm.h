@@ -24,10 +24,17 @@ bool pack_weight_fp32(const float* w, int64_t n, int64_t k, void* packed, int nu
 bool gemm_bf16(const GemmParams& p);
 bool has_gemm_bf16();
 
-// gemm_bf16's packed panels of a weight w [n, k], kept between calls (p.w_packed): their bytes;
-// the packing (false, writing nothing, where gemm_bf16 would not run).
+// gemm_bf16's packed panels of a bf16 weight w [n, k], kept between calls (p.w_packed): their
+// bytes; the packing (false, writing nothing, where gemm_bf16 would not run).
 int64_t packed_weight_bytes_bf16(int64_t n, int64_t k);
 bool pack_weight_bf16(const uint16_t* w, int64_t n, int64_t k, void* packed, int num_threads);
+
+// An int8 weight's panels for gemm_bf16 (w8a16 of bf16 x), kept packed as int8 (p.w_packed with
+// p.w_int8; widened to bf16 per call): their bytes; the packing (false, writing nothing, where
+// gemm_bf16 would not run).
+int64_t packed_weight_bytes_int8_pairs(int64_t n, int64_t k);
+bool pack_weight_int8_pairs(const int8_t* w, int64_t n, int64_t k, void* packed,
+                            int num_threads);
 
 // A few rows of x (decoding; gemv.cpp): fp32 or bf16 x and w (not int8), weights read as stored.
 // Runs p and returns true for p.m <= kGemvMaxRows on a CPU where has_gemm(); else false, writing

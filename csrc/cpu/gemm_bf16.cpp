@@ -6,7 +6,9 @@
 // vector: a 16 x 16 transpose of 32-bit pairs) into a buffer that stays in L2, and runs every
 // 6-row tile of x over it: 24 fp32 accumulators (6 rows x 64 columns), per pair of k 4 vector
 // loads of the panel, 6 broadcasts of a pair of x and 24 vdpbf16ps. An odd k gets a zero column.
-// The panels may also come packed before (p.w_packed, as pack_weight_bf16 lays them out).
+// The panels may also come packed before (p.w_packed, as pack_weight_bf16 lays them out). Int8
+// weights (w8a16 of bf16 x) are widened to bf16 as they are packed (exact: at most 8 significant
+// bits), their per-row scales applied in the epilogue, so they are read from memory as int8.
 #include <algorithm>
 #include <cstring>
 #include <vector>
@@ -43,9 +45,26 @@ TRANSFUSE_BF16 inline __m512 dot_add(__m512 acc, __m512i a, __m512i b) {
   return acc;
 }
 
+// 32 int8 as 32 bf16: int8 -> fp32 (exact) -> bf16 (vcvtne2ps2bh; exact: 8 significant bits).
+TRANSFUSE_BF16 inline __m512i bf16_of_int8(__m256i bytes) {
+  const __m512 low = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(bytes)));
+  const __m512 high =
+      _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(bytes, 1)));
+  return __m512i(_mm512_cvtne2ps_pbh(high, low));
+}
+
+// Row j's 32 weights from column k0 as bf16, zeros past the mask.
+TRANSFUSE_BF16 inline __m512i load_bf16(const uint16_t* row, __mmask32 mask) {
+  return _mm512_maskz_loadu_epi16(mask, row);
+}
+TRANSFUSE_BF16 inline __m512i load_bf16(const int8_t* row, __mmask32 mask) {
+  return bf16_of_int8(_mm512_castsi512_si256(_mm512_maskz_loadu_epi8(__mmask64(mask), row)));
+}
+
 // Packs weight rows [j0, j0 + 64) (zeros past n; an odd k padded with a zero column) as
-// panel[g][c][l] = the pair w[j0 + 16 c + l][2 g, 2 g + 1] (32 bits).
-TRANSFUSE_BF16 void pack_panel(const uint16_t* w, int64_t n, int64_t k, int64_t j0,
+// panel[g][c][l] = the pair w[j0 + 16 c + l][2 g, 2 g + 1] (32 bits) as bf16.
+template <typename Weight>
+TRANSFUSE_BF16 void pack_panel(const Weight* w, int64_t n, int64_t k, int64_t j0,
                                uint32_t* panel) {
   for (int64_t c = 0; c < kPanelVectors; ++c)
     for (int64_t k0 = 0; k0 < k; k0 += 32) {
@@ -53,7 +72,7 @@ TRANSFUSE_BF16 void pack_panel(const uint16_t* w, int64_t n, int64_t k, int64_t 
       __m512i rows[16], columns[16];
       for (int64_t l = 0; l < 16; ++l) {
         const int64_t j = j0 + 16 * c + l;
-        rows[l] = j < n ? _mm512_maskz_loadu_epi16(mask, w + j * k + k0) : _mm512_setzero_si512();
+        rows[l] = j < n ? load_bf16(w + j * k + k0, mask) : _mm512_setzero_si512();
       }
       transpose16(rows, columns);
       const int64_t pairs = std::min<int64_t>(16, (k - k0 + 1) / 2);
@@ -65,6 +84,26 @@ TRANSFUSE_BF16 void pack_panel(const uint16_t* w, int64_t n, int64_t k, int64_t 
 // 32-bit words of one packed panel: whole 16-pair chunks (pack_panel writes all 16 pairs of its
 // last chunk).
 int64_t panel_words(int64_t k) { return ((k + 1) / 2 + 15) / 16 * 16 * kPanelCols; }
+
+// An int8 weight's panels kept packed (pack_weight_int8_pairs): the bf16 panels' layout with each
+// bf16 an int8 (half the bytes), widened into a bf16 panel per call (widen_panel): a linear pass,
+// where packing from the weight transposes.
+TRANSFUSE_BF16 void narrow_panel(const uint32_t* panel, int64_t words, int8_t* out) {
+  for (int64_t i = 0; i < 2 * words; i += 16) {  // 16 bf16: to fp32, to int32, to int8 (exact)
+    const __m256i halves = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+        reinterpret_cast<const uint16_t*>(panel) + i));
+    const __m512 floats = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
+                     _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(floats)));
+  }
+}
+
+TRANSFUSE_BF16 void widen_panel(const int8_t* packed, int64_t words, uint32_t* panel) {
+  for (int64_t i = 0; i < 2 * words; i += 32)
+    _mm512_storeu_si512(reinterpret_cast<uint16_t*>(panel) + i,
+                        bf16_of_int8(_mm256_loadu_si256(
+                            reinterpret_cast<const __m256i*>(packed + i))));
+}
 
 #define TRANSFUSE_BF16_ROW_DECLARE(r) \
   __m512 acc##r##0 = zero, acc##r##1 = zero, acc##r##2 = zero, acc##r##3 = zero;
@@ -151,7 +190,9 @@ TRANSFUSE_BF16 void gemm_bf16_avx512(const GemmParams& p) {
     x = padded.data();
   }
   const int64_t panels = (p.n + kPanelCols - 1) / kPanelCols, words = panel_words(p.k);
-  const auto* packed = static_cast<const uint32_t*>(p.w_packed);
+  // bf16 panels kept packed, or an int8 weight's (pack_weight_int8_pairs)
+  const auto* packed = p.w_int8 ? nullptr : static_cast<const uint32_t*>(p.w_packed);
+  const auto* packed_int8 = p.w_int8 ? static_cast<const int8_t*>(p.w_packed) : nullptr;
   in_team(threads_for(p.num_threads, panels, p.m * p.n * p.k, kMinWorkPerThread),
           [&]() TRANSFUSE_BF16 {
     const auto own = uninitialized<uint32_t>(packed ? 0 : words);  // this thread's panel
@@ -159,7 +200,12 @@ TRANSFUSE_BF16 void gemm_bf16_avx512(const GemmParams& p) {
     for (int64_t panel_index = 0; panel_index < panels; ++panel_index) {
       const int64_t j0 = panel_index * kPanelCols;
       const uint32_t* panel = packed ? packed + panel_index * words : own.get();
-      if (!packed) pack_panel(static_cast<const uint16_t*>(p.w), p.n, p.k, j0, own.get());
+      if (packed_int8)
+        widen_panel(packed_int8 + panel_index * 2 * words, words, own.get());
+      else if (p.w_int8)
+        pack_panel(static_cast<const int8_t*>(p.w), p.n, p.k, j0, own.get());
+      else if (!packed)
+        pack_panel(static_cast<const uint16_t*>(p.w), p.n, p.k, j0, own.get());
       for (int64_t i0 = 0; i0 < p.m; i0 += kTileRows)
         run_tile(std::min(kTileRows, p.m - i0), x + i0 * stride, stride, pairs, panel, p, i0, j0);
     }
@@ -173,6 +219,19 @@ TRANSFUSE_BF16 void pack_all_panels(const uint16_t* w, int64_t n, int64_t k, uin
 #pragma omp for schedule(static)
     for (int64_t panel = 0; panel < panels; ++panel)
       pack_panel(w, n, k, panel * kPanelCols, packed + panel * words);
+  });
+}
+
+TRANSFUSE_BF16 void pack_all_int8_pairs(const int8_t* w, int64_t n, int64_t k, int8_t* packed,
+                                        int num_threads) {
+  const int64_t panels = (n + kPanelCols - 1) / kPanelCols, words = panel_words(k);
+  in_team(threads_for(num_threads, panels, n * k, kMinWorkPerThread), [&]() TRANSFUSE_BF16 {
+    const auto panel = uninitialized<uint32_t>(words);
+#pragma omp for schedule(static)
+    for (int64_t index = 0; index < panels; ++index) {
+      pack_panel(w, n, k, index * kPanelCols, panel.get());
+      narrow_panel(panel.get(), words, packed + index * 2 * words);
+    }
   });
 }
 
@@ -202,6 +261,21 @@ bool pack_weight_bf16(const uint16_t* w, int64_t n, int64_t k, void* packed, int
 #ifdef TRANSFUSE_X86_MULTIVERSION
   if (!has_gemm_bf16()) return false;
   pack_all_panels(w, n, k, static_cast<uint32_t*>(packed), num_threads);
+  return true;
+#else
+  return false;
+#endif
+}
+
+int64_t packed_weight_bytes_int8_pairs(int64_t n, int64_t k) {
+  return packed_weight_bytes_bf16(n, k) / 2;
+}
+
+bool pack_weight_int8_pairs(const int8_t* w, int64_t n, int64_t k, void* packed,
+                            int num_threads) {
+#ifdef TRANSFUSE_X86_MULTIVERSION
+  if (!has_gemm_bf16()) return false;
+  pack_all_int8_pairs(w, n, k, static_cast<int8_t*>(packed), num_threads);
   return true;
 #else
   return false;
