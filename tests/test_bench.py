@@ -86,10 +86,11 @@ def test_real_sentences_row(minilm):
 
     row = bench.real_sentences_case(model, tokenizer, torch.device("cpu"), 4, 1,
                                     patch_with_garbage_at_pads, sentences=SENTENCES[:6])
-    assert calls == [True, True, False, True, True]
+    assert calls == [True, True, False, True, True, True]
     assert list(row["results"]) == ["eager", "sdpa", "transfuse patch(model)",
                                     "transfuse patch(blocks=False)", "transfuse patch(unpad=False)",
-                                    "transfuse patch(int8=w8a8)", "transfuse bf16 patch(model)"]
+                                    "transfuse patch(int8=w8a8)", "transfuse bf16 patch(model)",
+                                    "transfuse bf16 int8=w8a16"]
     assert row["batch_shapes"][1][0] == 2 and 0 < row["padding_fraction"] < 1
     assert row["real_tokens"] < row["positions"]
     for label, side in row["results"].items():
@@ -120,7 +121,8 @@ def test_bench_command_model_rows(minilm, tmp_path, monkeypatch, capsys):
     assert m["tokens_per_batch"] == 48 and len(m["loadavg_before"]) == 3
     assert list(m["results"]) == ["eager", "sdpa", "transfuse (norms)",
                                   "transfuse (norms+attention)", "transfuse (+ block rules)",
-                                  "transfuse (+ int8 w8a8)", "transfuse bf16 patch(model)"]
+                                  "transfuse (+ int8 w8a8)", "transfuse bf16 patch(model)",
+                                  "transfuse bf16 int8=w8a16"]
     real = m["real_sentences"]
     assert real["sequences"] == 5 and real["batch_shapes"][1][0] == 2
     assert real["padding_fraction"] > 0 and len(real["loadavg_after"]) == 3
@@ -128,7 +130,8 @@ def test_bench_command_model_rows(minilm, tmp_path, monkeypatch, capsys):
                                      "transfuse patch(blocks=False)",
                                      "transfuse patch(unpad=False)",
                                      "transfuse patch(int8=w8a8)",
-                                     "transfuse bf16 patch(model)"]
+                                     "transfuse bf16 patch(model)",
+                                     "transfuse bf16 int8=w8a16"]
     queries = m["queries"]  # the sentences one at a time: no padding
     assert queries["batch"] == 1 and queries["sequences"] == 5
     assert queries["padding_fraction"] == 0 and list(queries["results"]) == list(real["results"])
@@ -139,9 +142,9 @@ def test_bench_command_model_rows(minilm, tmp_path, monkeypatch, capsys):
                 assert side["max_abs_diff_vs_eager"] < 1e-3, label
     plotted = [label.split("\n")[0] for label, _ in bench.speedups(report)]
     assert plotted == ["all-MiniLM-L6-v2, real sentences, batch 3, padding=True "
-                       f"({real['padding_fraction']:.0%} pad)"] * 6 + [
-                       "all-MiniLM-L6-v2, real sentences, batch 1, padding=True (0% pad)"] * 6 + [
-                       "all-MiniLM-L6-v2, fixed 3x16"] * 6
+                       f"({real['padding_fraction']:.0%} pad)"] * 7 + [
+                       "all-MiniLM-L6-v2, real sentences, batch 1, padding=True (0% pad)"] * 7 + [
+                       "all-MiniLM-L6-v2, fixed 3x16"] * 7
     assert (folder / "bench-cpu.png").stat().st_size > 0
 
 

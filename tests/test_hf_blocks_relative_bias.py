@@ -81,7 +81,8 @@ def test_patch_runs_mpnet_attention_through_its_rules_without_a_warning():
     rules = transfuse.patched_modules(model)
     assert rules["<model><unpad>"].startswith("padding removal")
     assert rules["encoder<block>"] == "block rule 'relative_bias_stack'"
-    for kind, name in [("layer", ""), ("container", ".attention"), ("attention", ".attention.attn")]:
+    for kind, name in [("layer", ""), ("container", ".attention"),
+                       ("attention", ".attention.attn")]:
         assert rules[f"encoder.layer.1{name}<block>"] == f"block rule 'relative_bias_{kind}'"
     assert rules["encoder.layer.0.intermediate<block>"] == "block rule 'bias_gelu'"
     assert rules["encoder.layer.0.output<block>"] == "block rule 'residual_norm'"

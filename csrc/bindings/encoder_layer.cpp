@@ -137,7 +137,8 @@ void add_encoder_layer_functions(PyObject* module) {
   m.def("encoder_layer", &encoder_layer, "x"_a, "cu_seqlens"_a, "max_seqlen"_a, "heads"_a,
         "scale"_a, "weights"_a, "weight_scales"_a, "biases"_a, "torch_linears"_a, "int8_mode"_a,
         "norm_weights"_a,
-        "norm_biases"_a, "eps"_a, "activation"_a, "bias"_a = py::none(), py::call_guard<py::gil_scoped_release>());
+        "norm_biases"_a, "eps"_a, "activation"_a, "bias"_a = py::none(),
+        py::call_guard<py::gil_scoped_release>());
 }
 
 }  // namespace transfuse

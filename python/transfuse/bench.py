@@ -562,19 +562,22 @@ def _variant(model, configure):
 
 
 def _bf16_side(model, patch_fn):
-    """An fp32 model's bf16 copy, patched (what OpenVINO's bf16 hint does to the fp32 model): its
-    speed and its accuracy against fp32 eager in the same rounds. On a CPU, fast where it has
-    AVX512_BF16 or AMX (torch's bf16 GEMM, transfuse's bf16 norms and attention)."""
+    """An fp32 model's bf16 copy, patched (what OpenVINO's bf16 hint does to the fp32 model), and
+    patched with int8 weights (w8a16: what OpenVINO's int8 weights run under its default bf16
+    hint): their speed and accuracy against fp32 eager in the same rounds. On a CPU, fast where
+    it has AVX512_BF16 or AMX (transfuse's bf16 GEMMs, norms and attention)."""
     if next(model.parameters()).dtype != torch.float32:
         return {}
     return {"transfuse bf16 patch(model)": _variant(
-        model, lambda m: patch_fn(m.to(torch.bfloat16)))}
+                model, lambda m: patch_fn(m.to(torch.bfloat16))),
+            "transfuse bf16 int8=w8a16": _variant(
+                model, lambda m: patch_fn(m.to(torch.bfloat16), int8="w8a16"))}
 
 
 def fixed_length_case(model, tokenizer, device, batch, seq, repeat, patch_fn, peers=None):
     """One batch of `batch` x `seq` tokens, no padding: eager, SDPA and transfuse step by step,
-    patch(model) of a bf16 copy (fp32 models), then the `peers` sides (label -> side,
-    bench_peers) where given."""
+    of a bf16 copy patch(model) and int8="w8a16" (fp32 models), then the `peers` sides (label ->
+    side, bench_peers) where given."""
     inputs = fixed_length_inputs(tokenizer, batch, seq).to(device)
     sides = {
         "eager": model,
@@ -593,8 +596,8 @@ def real_sentences_case(model, tokenizer, device, batch, repeat, patch_fn, sente
                         peers=None):
     """The real sentences in batches of `batch`, padding=True: eager, SDPA, transfuse.patch(model),
     patch(model, blocks=False) (block rules off), patch(model, unpad=False) (padding removal
-    off), patch(model, int8="w8a8") and patch(model) of a bf16 copy (fp32 models), then the
-    `peers` sides (label -> side, bench_peers) where given."""
+    off), patch(model, int8="w8a8") and of a bf16 copy patch(model) and int8="w8a16" (fp32
+    models), then the `peers` sides (label -> side, bench_peers) where given."""
     sentences = BENCH_SENTENCES if sentences is None else sentences
     batches = [inputs.to(device) for inputs in sentence_batches(tokenizer, sentences, batch)]
     sides = {"eager": model,

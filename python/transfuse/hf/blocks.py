@@ -1273,7 +1273,8 @@ def _relative_bias_takes_packed(stack):
     """Whether padding removal may hand the MPNet stack packed tokens: its rule, and each layer's
     rules at every level, pass the kwargs down to the transfuse attention."""
     layers = stack._modules.get("layer")
-    if stack.__dict__.get(FORWARD_ATTR) != "relative_bias_stack" or type(layers) is not nn.ModuleList:
+    if (stack.__dict__.get(FORWARD_ATTR) != "relative_bias_stack"
+            or type(layers) is not nn.ModuleList):
         return False
     for layer in layers._modules.values():
         attention = layer._modules.get("attention")
@@ -1292,12 +1293,13 @@ def _patch_relative_bias(module, names):
     if not all(isinstance(getattr(module, name, None), nn.Module) for name in names):
         return False
     if kind == "relative_bias_layer":
-        inner = getattr(module.attention, "attn", None)
-        if not (isinstance(inner, nn.Module) and _forward_reads_as(
-                type(module.attention), "relative_bias_container", ("attn",)) and _forward_reads_as(
-                type(inner), "relative_bias_attention", ())):
+        container = module.attention
+        inner = getattr(container, "attn", None)
+        if not (isinstance(inner, nn.Module)
+                and _forward_reads_as(type(container), "relative_bias_container", ())
+                and _forward_reads_as(type(inner), "relative_bias_attention", ())):
             return False
-        module.__dict__[FACTS_ATTR] = (type(module.attention), type(inner))
+        module.__dict__[FACTS_ATTR] = (type(container), type(inner))
     elif kind == "relative_bias_stack":
         output_class = getattr(sys.modules[type(module).__module__], "BaseModelOutput", None)
         if output_class is None or not isinstance(module.layer, nn.ModuleList):
