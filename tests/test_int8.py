@@ -1,5 +1,8 @@
 """transfuse.ops.quantize_per_token / int8_matmul / int8_linear: every backend against
 reference.py (integers exactly, dequantized outputs within 1e-6 of a float64 epilogue)."""
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -397,3 +400,26 @@ def test_eager_call_takes_any_layout_and_casts_bias(backend, mode, rows):
     with_grad = transfuse.ops.int8_linear(x.clone().requires_grad_(), w, w_scale, bias, mode,
                                           backend=backend)
     torch.testing.assert_close(with_grad.detach(), out, rtol=0, atol=0)
+
+
+def test_a_packed_weights_cache_of_zero_bytes_packs_per_call():
+    """TRANSFUSE_PACKED_WEIGHTS_MB=0 (read once per process): nothing kept, every GEMM call packs
+    its panels itself, with the same values as the kept ones."""
+    script = """
+import torch, transfuse
+torch.manual_seed(0)
+w = torch.randint(-127, 128, (130, 300), dtype=torch.int8)
+s = torch.rand(130) / 100
+for dtype, mode in ((torch.float32, "w8a8"), (torch.bfloat16, "w8a16")):
+    x = torch.randn(40, 300).to(dtype)
+    print(transfuse.ops.int8_linear(x, w, s, None, mode, backend="cpu").float().sum().item())
+wf = torch.randn(130, 300)
+print(transfuse.ops.linear(torch.randn(40, 300), wf, None, backend="cpu").sum().item())
+"""
+    runs = []
+    for megabytes in ("0", "2048"):
+        env = dict(os.environ, TRANSFUSE_PACKED_WEIGHTS_MB=megabytes)
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                              text=True, check=True)
+        runs.append(done.stdout.split())
+    assert len(runs[0]) == 3 and runs[0] == runs[1]

@@ -4,10 +4,14 @@
 // 5% of its bf16 forward on real sentences). An entry serves a weight while the weight's storage
 // lives, at the same address, unmodified: its version counter as it was (a write in place bumps
 // it; tensors without one, inference tensors, are not served). Weights are taken in the order
-// they come, until kPackedBytes are held in all; entries go when their storage is freed.
+// they come, until capacity() bytes are held in all (2 GiB, or TRANSFUSE_PACKED_WEIGHTS_MB; it
+// was 256 MB, which all-mpnet-base-v2's fp32 panels, 340 MB, overran: its last layers' weights
+// packed per call); entries go when their storage is freed.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <list>
 #include <mutex>
 #include <optional>
@@ -45,7 +49,7 @@ class PackedWeights {
       }
       ++it;
     }
-    if (held_ + bytes > kPackedBytes) return std::nullopt;
+    if (held_ + bytes > capacity()) return std::nullopt;
     at::Tensor packed = at::empty({bytes}, w.options().dtype(at::kChar));
     if (!pack(w, packed)) return std::nullopt;
     entries_.push_back({w.storage().getWeakStorageImpl(), w.data_ptr(), w.sizes().vec(),
@@ -61,7 +65,14 @@ class PackedWeights {
   }
 
  private:
-  static constexpr int64_t kPackedBytes = int64_t(256) << 20;
+  static int64_t capacity() {
+    static const int64_t bytes = [] {
+      const char* megabytes = std::getenv("TRANSFUSE_PACKED_WEIGHTS_MB");
+      return (megabytes && *megabytes ? std::max<int64_t>(0, std::atoll(megabytes)) : 2048)
+             << 20;
+    }();
+    return bytes;
+  }
   struct Entry {
     c10::weak_intrusive_ptr<c10::StorageImpl> storage;
     const void* data;
