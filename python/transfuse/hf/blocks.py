@@ -396,6 +396,11 @@ def _plain_linear(module):
         or module._backward_pre_hooks or _own_forward(module))
 
 
+def _rule_forward(module):
+    """The function of the forward installed on the instance (a rule's), or None."""
+    return getattr(module.__dict__.get("forward"), "__func__", None)
+
+
 def _own_forward(module):
     """Whether the instance has a forward of its own that is not a rule's linear forward."""
     forward = module.__dict__.get("forward")
@@ -888,7 +893,7 @@ def _layer_call_arguments(inner, heads, scale, x, linears, norms, dropouts, acti
         chosen.add(m.__dict__.get(BACKEND_ATTR))
     weights, weight_scales, biases, torch_linears = [], [], [], []
     for index, m in enumerate(linears):
-        forward = getattr(m.__dict__.get("forward"), "__func__", None)
+        forward = _rule_forward(m)
         if type(m) is Int8Linear and int8 and m.mode == mode and not _own_hooks(m) and (
                 forward in (None, _projection_forward)):
             weight = m._buffers["weight"]
@@ -1068,7 +1073,7 @@ def _fused_layers(layers, x):
     transfuse._C.encoder_layer's arguments after x, cu_seqlens and max_seqlen; else None."""
     fused, config = [], None  # config: the last one seen to name the transfuse attention
     for layer in layers._modules.values():
-        forward = getattr(layer.__dict__.get("forward"), "__func__", None)
+        forward = _rule_forward(layer)
         if forward is _encoder_layer_forward:
             attention, layer_arguments = _self_attention, _fused_layer_arguments
         elif forward is _distilbert_layer_forward:
@@ -1157,11 +1162,6 @@ RELATIVE_BIAS_KINDS = {"relative_bias_attention": RELATIVE_BIAS_ATTENTION_SOURCE
                        "relative_bias_container": RELATIVE_BIAS_CONTAINER_SOURCE,
                        "relative_bias_layer": RELATIVE_BIAS_LAYER_SOURCE,
                        "relative_bias_stack": RELATIVE_BIAS_STACK_SOURCE}
-
-
-def _rule_forward(module):
-    """The rule's forward function installed on the module, or None."""
-    return getattr(module.__dict__.get("forward"), "__func__", None)
 
 
 def _relative_bias_attention_forward(self, hidden_states, attention_mask=None, position_bias=None,

@@ -109,7 +109,7 @@ def _lean_forward(self, arguments):
     children = self._modules
     embeddings, encoder = children["embeddings"], children["encoder"]
     kind, output_class, embeddings_class = self.__dict__[FACTS_ATTR]
-    forward = getattr(embeddings.__dict__.get("forward"), "__func__", None)
+    forward = blocks._rule_forward(embeddings)
     if (blocks._own_hooks(embeddings) or blocks._own_hooks(encoder)
             or not (forward is blocks._embeddings_forward if kind == "buffer" else
                     type(embeddings) is embeddings_class and "forward" not in embeddings.__dict__)
@@ -175,9 +175,9 @@ def patch_encoder_models(model):
         kind = MODEL_RULES.get(type(module).__name__)
         output_class = getattr(sys.modules[type(module).__module__], OUTPUT_CLASS, None)
         children = module._modules
-        own = module.__dict__.get("forward")
         if (kind is None or FORWARD_ATTR in module.__dict__ or output_class is None
-                or (own is not None and getattr(own, "__func__", None) is not unpad._base_forward)
+                or ("forward" in module.__dict__
+                    and blocks._rule_forward(module) is not unpad._base_forward)
                 or not isinstance(children.get("embeddings"), nn.Module)
                 or not isinstance(children.get("encoder"), nn.Module)
                 or not _reads_as_expected(type(module), type(children["embeddings"]))):
