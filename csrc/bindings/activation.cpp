@@ -139,6 +139,8 @@ int64_t row_stride(const Tensor& t, const char* name, const Tensor& like) {
   return stride < 0 ? t.size(-1) : stride;
 }
 
+}  // namespace
+
 // y = silu(gate) * up over gate, up [..., cols] (row_stride), y contiguous of their shape
 Tensor silu_mul_forward(const Tensor& gate, const Tensor& up) {
   SiluMulForwardParams p;
@@ -163,6 +165,8 @@ Tensor silu_mul_forward(const Tensor& gate, const Tensor& up) {
   }
   return y;
 }
+
+namespace {
 
 std::tuple<Tensor, Tensor> silu_mul_backward(const Tensor& dy, const Tensor& gate,
                                              const Tensor& up) {

@@ -33,6 +33,7 @@ PyMODINIT_FUNC PyInit__C() {
     transfuse::add_linear_functions(module);
     transfuse::add_rotary_functions(module);
     transfuse::add_encoder_layer_functions(module);
+    transfuse::add_decoder_layer_functions(module);
     transfuse::add_embeddings_functions(module);
   }
   return module;

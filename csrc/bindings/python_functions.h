@@ -14,6 +14,7 @@ void add_activation_functions(PyObject* module);
 void add_linear_functions(PyObject* module);
 void add_rotary_functions(PyObject* module);
 void add_encoder_layer_functions(PyObject* module);
+void add_decoder_layer_functions(PyObject* module);
 void add_embeddings_functions(PyObject* module);
 
 }  // namespace transfuse

@@ -10,6 +10,7 @@
 
 #include "dtype.h"
 #include "python_functions.h"
+#include "tensor_functions.h"
 
 #include "../common/rotary.h"
 #include "../cpu/rotary.h"
@@ -46,6 +47,8 @@ void check_angles(const Tensor& t, const char* name, const Tensor& q) {
   TORCH_CHECK_VALUE(t.device() == q.device(), name, " must be on ", q.device());
   TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), name, " must have q's dtype");
 }
+
+}  // namespace
 
 std::tuple<Tensor, Tensor> rotary(const Tensor& q, const Tensor& k, const Tensor& cos,
                                   const Tensor& sin, bool inverse) {
@@ -92,8 +95,6 @@ std::tuple<Tensor, Tensor> rotary(const Tensor& q, const Tensor& k, const Tensor
   }
   return {q_out, k_out};
 }
-
-}  // namespace
 
 // The kernel as a function of transfuse._C (python_functions.h).
 void add_rotary_functions(PyObject* module) {

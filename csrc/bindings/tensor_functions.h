@@ -1,5 +1,5 @@
 // The tensor functions behind some of transfuse._C's Python functions, for bindings that compose
-// them (encoder_layer.cpp). Each checks its arguments, as when Python calls it.
+// them (encoder_layer.cpp, decoder_layer.cpp). Each checks its arguments, as when Python calls it.
 #pragma once
 
 #include <optional>
@@ -50,8 +50,14 @@ at::Tensor layer_norm_forward(const at::Tensor& x, const at::Tensor& weight,
                               const at::Tensor& bias, const std::optional<at::Tensor>& residual,
                               double eps);
 
-// activation.cpp: gelu(x + bias) over a contiguous [rows, cols] x.
+// activation.cpp: gelu(x + bias) over a contiguous [rows, cols] x; silu(gate) * up.
 at::Tensor bias_gelu_forward(const at::Tensor& x, const std::optional<at::Tensor>& bias,
                              c10::string_view approximate);
+at::Tensor silu_mul_forward(const at::Tensor& gate, const at::Tensor& up);
+
+// rotary.cpp: (q, k) rotated (rotate half) by cos and sin, new contiguous tensors.
+std::tuple<at::Tensor, at::Tensor> rotary(const at::Tensor& q, const at::Tensor& k,
+                                          const at::Tensor& cos, const at::Tensor& sin,
+                                          bool inverse);
 
 }  // namespace transfuse

@@ -111,7 +111,8 @@ from ..ops.linear import _own_kernel_takes
 from .attention import NAME as ATTENTION_NAME, _combined_mask, _weights_requested
 from .unpad import PACKED_STACK_ATTR, _outputs_recorded
 from ..ops.activation import KERNEL_DTYPES as ACTIVATION_DTYPES
-from ..ops.norm import KERNEL_DTYPES as NORM_DTYPES
+from ..ops.attention import MAX_HEAD_DIM, _broadcast_mask
+from ..ops.norm import KERNEL_DTYPES as NORM_DTYPES, _rms_norm_dtypes
 from ..ops.rotary import KERNEL_DTYPES as ROTARY_DTYPES
 
 FORWARD_ATTR = "_transfuse_block_forward"
@@ -600,6 +601,10 @@ def _residual_rms_norm_forward(self, hidden_states, *args, **kwargs):
     if not isinstance(norm, FusedRMSNorm) or args or (
             "past_key_values" in kwargs and "past_key_values" not in parameters):
         return type(self).forward(self, hidden_states, *args, **kwargs)
+    call = {**parameters, **kwargs}
+    fused = _decoder_layer_fused(self, hidden_states, call)
+    if fused is not None:
+        return fused
     residual = hidden_states
     hidden_states, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states),
                                       **{**parameters, **kwargs})
@@ -609,6 +614,132 @@ def _residual_rms_norm_forward(self, hidden_states, *args, **kwargs):
         residual = residual + hidden_states
         hidden_states = norm(residual)
     return residual + self.mlp(hidden_states)
+
+
+# The decoder layer in two transfuse._C calls around its cache's update (decoder_layer.cpp), on
+# CPU tensors in inference where every module runs what the calls run.
+# The keyword arguments a layer's attention passes on (to the attention function, which ignores
+# them, and to a 5.24 cache's update): what transformers' decoder stacks pass.
+DECODER_IDLE_KWARGS = frozenset(("position_ids", "use_cache", "cache_position"))
+PLAIN_TENSORS = (torch.Tensor, nn.Parameter)  # (not a subclass such as tensor parallel's DTensor)
+
+
+def _decoder_layer_fused(layer, x, call):
+    """The layer's output from transfuse._C.decoder_layer_qkv, the cache's update and
+    decoder_layer_out where its modules would compute just that (_decoder_layer_arguments), else
+    None (nothing done)."""
+    attention = layer._modules.get("self_attn")
+    if (type(x) is not torch.Tensor or x.device.type != "cpu" or x.dim() != 3 or not x.numel()
+            or torch.is_grad_enabled() or torch.compiler.is_compiling()
+            or torch.is_autocast_enabled("cpu") or torch._C._get_tracing_state()
+            or _global_hooks() or _rule_forward(attention) is not _rotary_attention_forward):
+        return None
+    module_name, cache_name, update_takes_kwargs, family = attention.__dict__[FACTS_ATTR]
+    rest = dict(call)
+    position_embeddings, mask, cache = (rest.pop(name, None) for name in (
+        "position_embeddings", "attention_mask", cache_name))
+    if (not rest.keys() <= DECODER_IDLE_KWARGS or _weights_requested(rest)
+            or type(position_embeddings) is not tuple or len(position_embeddings) != 2):
+        return None
+    arguments = _decoder_layer_arguments(layer, attention, x, *position_embeddings)
+    if arguments is None:
+        return None
+    qkv_arguments, out_arguments = arguments
+    module = backends.extension()[0]
+    q, k, v = module.decoder_layer_qkv(x, *qkv_arguments, *position_embeddings)
+    if cache is not None:
+        k, v = cache.update(k, v, attention.layer_idx,
+                            **({"kwargs": rest} if update_takes_kwargs else {}))
+    # as the transfuse attention function (hf/attention.py) takes the call
+    seq_q, seq_kv = q.shape[2], k.shape[2]
+    causal = mask is None and seq_q > 1 and bool(getattr(attention, "is_causal", True))
+    if causal and seq_kv > seq_q:
+        k, v = k[:, :, :seq_q], v[:, :, :seq_q]
+    family_arguments = (ROTARY_ATTENTION_ARGUMENTS[family][1](attention)
+                        if family in ROTARY_ATTENTION_ARGUMENTS else {})
+    window = int(family_arguments.get("sliding_window") or 0) if mask is None else 0
+    mask = _broadcast_mask(mask, q, k, None)
+    return module.decoder_layer_out(x, q, k, v, mask, causal, attention.scaling, window, 0.0,
+                                    *out_arguments)
+
+
+def _decoder_layer_arguments(layer, attention, x, cos, sin):
+    """(decoder_layer_qkv's arguments after x and before cos and sin, decoder_layer_out's after
+    softcap) for the layer (attention: its self-attention) on x, where its modules run what the
+    calls run: the rules' forwards, FusedRMSNorm norms, one kind of linear layer (float of x's
+    dtype, or int8 in one mode), SiLU, x's dtype in every kernel, the cpu backend for each op;
+    else None."""
+    children = layer._modules
+    mlp = children.get("mlp")
+    norms = (children.get("input_layernorm"), children.get("post_attention_layernorm"))
+    dtype = x.dtype
+    head_dim = attention.head_dim
+    if (layer.training or attention.training or _own_hooks(layer) or _own_hooks(attention)
+            or _rule_forward(mlp) is not _gated_mlp_forward or _own_hooks(mlp)
+            or not _is_silu(mlp.act_fn) or dtype not in ACTIVATION_DTYPES
+            or dtype not in ROTARY_DTYPES or head_dim % 2 or head_dim > MAX_HEAD_DIM
+            or attention.config._attn_implementation != ATTENTION_NAME):
+        return None
+    batch, seq = x.shape[:2]
+    for angles in (cos, sin):
+        if (type(angles) is not torch.Tensor or angles.dtype != dtype or angles.dim() != 3
+                or angles.shape[0] not in (1, batch) or angles.shape[1:] != (seq, head_dim)
+                or angles.stride(-1) != 1 or angles.requires_grad):
+            return None
+    norm_arguments = []
+    chosen = {attention.__dict__.get(BACKEND_ATTR), mlp.__dict__.get(BACKEND_ATTR)}
+    for n in norms:
+        if (type(n) is not FusedRMSNorm or _own_hooks(n) or "forward" in n.__dict__
+                or type(n.weight) not in PLAIN_TENSORS or n.weight.dtype != dtype):
+            return None
+        normalized_dtype, out_dtype = _rms_norm_dtypes(dtype, dtype, n.casting_mode)
+        if out_dtype != dtype:
+            return None
+        chosen.add(n.backend)
+        norm_arguments.append((n.weight, float(n.offset), float(n.eps), normalized_dtype,
+                               out_dtype))
+    linears = [attention._modules.get(name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    linears += [mlp._modules.get(name) for name in ("gate_proj", "up_proj", "down_proj")]
+    int8 = type(linears[0]) is Int8Linear
+    if x.device.type in (JOINED_INT8_DEVICES if int8 else JOINED_GEMM_DEVICES):
+        return None  # (the modules would run Q, K and V, and gate and up, as one GEMM each)
+    mode = linears[0].mode if int8 else ""
+    weights, weight_scales, biases, torch_linears = [], [], [], []
+    for m in linears:
+        forward = _rule_forward(m)
+        if type(m) is Int8Linear and int8 and m.mode == mode and not _own_hooks(m) and (
+                forward in (None, _projection_forward)):
+            weights.append(m._buffers["weight"])
+            weight_scales.append(m._buffers["weight_scale"])
+            chosen.add(m.backend)
+        elif type(m) is nn.Linear and not int8 and not _own_hooks(m) and (
+                forward in (None, _linear_forward, _projection_forward)):
+            weight = m._parameters["weight"]
+            if weight.dtype != dtype:
+                return None
+            weights.append(weight)
+            # the class's forward is F.linear; the rules' go through transfuse.ops.linear
+            torch_linears.append(forward is None or not _own_kernel_takes(x, weight))
+            if forward is not None:  # (a projection's: its parent's backend)
+                holder = (m.__dict__[PROJECTION_ATTR][0].parent
+                          if forward is _projection_forward else m)
+                chosen.add(holder.__dict__.get(BACKEND_ATTR))
+        else:
+            return None
+        bias = m._parameters.get("bias")
+        if type(weights[-1]) not in PLAIN_TENSORS or bias is not None and (
+                type(bias) not in PLAIN_TENSORS or bias.dtype != dtype):
+            return None  # (a sharded DTensor's: the modules)
+        biases.append(bias)
+    for backend in chosen:
+        for op in (("int8",) if int8 else ("linear",)) + ("norm", "attention", "rotary",
+                                                          "activation"):
+            if backends.resolve(op, backend, x.device) != "cpu":
+                return None
+    return ((*norm_arguments[0], head_dim, weights[:3], weight_scales[:3], biases[:3],
+             torch_linears[:3], mode),
+            (weights[3:], weight_scales[3:], biases[3:], torch_linears[3:], mode,
+             *norm_arguments[1]))
 
 
 def _patch_residual_rms_norm(module, names):

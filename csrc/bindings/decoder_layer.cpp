@@ -1,0 +1,136 @@
+// Binding of a Llama-style decoder layer in two calls around its KV cache's update (which stays
+// the cache object's, in Python): transfuse._C.decoder_layer_qkv and decoder_layer_out. They run
+// what the block rules run module by module on CPU tensors (python/transfuse/hf/blocks.py,
+// "residual_rms_norm", "rotary_attention", "gated_mlp"), through the same tensor functions
+// (tensor_functions.h), so the result is theirs bit for bit without some twenty Python calls per
+// layer (a decoding step of a 30-layer model makes about 600). With x [B, S, hidden] and W_0..W_6
+// the query, key, value, output, gate, up and down layers:
+//   decoder_layer_qkv:  h = RMSNorm_0(x)
+//                       q, k, v = h W_0^T (+ b_0), h W_1^T (+ b_1), h W_2^T (+ b_2),
+//                                 as [B, heads, S, head_dim]; q, k rotated by cos and sin
+//   (the cache appends k and v: K, V)
+//   decoder_layer_out:  a = softmax(scale q K^T + mask) V (causal, window, softcap as given)
+//                       g, r = RMSNorm_1(a W_3^T + x), a W_3^T + x
+//                       y = r + (silu(g W_4^T) * g W_5^T) W_6^T
+// Float weights go through `linear` (torch's linear where torch_linears says so, or where
+// `linear` declines the call, as transfuse.ops.linear does), int8 weights through `int8_linear`.
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include <ATen/ops/add.h>
+#include <ATen/ops/linear.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include "python_functions.h"
+#include "tensor_functions.h"
+
+namespace transfuse {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+// The linear layers of one call and how they run: float (torch_linears) or int8 (weight_scales).
+struct Linears {
+  const std::vector<Tensor>& weights;
+  const std::vector<Tensor>& weight_scales;
+  const std::vector<OptTensor>& biases;
+  const std::vector<bool>& torch_linears;
+  c10::string_view int8_mode;
+
+  void check(size_t count, const char* names) const {
+    const bool int8 = !int8_mode.empty();
+    TORCH_CHECK_VALUE(weights.size() == count && biases.size() == count, "weights and biases "
+                      "must hold the ", count, " layers' (", names, ")");
+    TORCH_CHECK_VALUE(torch_linears.size() == (int8 ? 0 : count), "torch_linears must say for "
+                      "each float layer whether torch's linear runs it, or nothing for int8");
+    TORCH_CHECK_VALUE(weight_scales.size() == (int8 ? count : 0), "weight_scales must hold the "
+                      "int8 layers' scales, or nothing for float weights (int8_mode '')");
+  }
+
+  // in W_i^T + b_i
+  Tensor operator()(size_t i, const Tensor& in) const {
+    if (!int8_mode.empty()) {
+      const OptTensor out = int8_linear(in, weights[i], weight_scales[i], biases[i], int8_mode);
+      TORCH_CHECK_VALUE(out, "an int8 layer of the decoder layer has an empty product");
+      return *out;
+    }
+    if (!torch_linears[i]) {
+      if (OptTensor out = linear(in, weights[i], biases[i], "none")) return *out;
+    }
+    return at::linear(in, weights[i], biases[i]);
+  }
+};
+
+Tensor rms_norm(const Tensor& x, const Tensor& weight, const OptTensor& residual, double offset,
+                double eps, at::ScalarType normalized_dtype, at::ScalarType out_dtype,
+                Tensor* sum = nullptr) {
+  auto [y, x_plus_residual, mean, rstd] = norm_forward(x, weight, std::nullopt, residual, eps,
+                                                       offset, true, normalized_dtype, out_dtype,
+                                                       false);
+  if (sum) *sum = x_plus_residual;
+  return y;
+}
+
+std::tuple<Tensor, Tensor, Tensor> decoder_layer_qkv(
+    const Tensor& x, const Tensor& norm_weight, double norm_offset, double eps,
+    at::ScalarType normalized_dtype, at::ScalarType out_dtype, int64_t head_dim,
+    const std::vector<Tensor>& weights, const std::vector<Tensor>& weight_scales,
+    const std::vector<OptTensor>& biases, const std::vector<bool>& torch_linears,
+    c10::string_view int8_mode, const Tensor& cos, const Tensor& sin) {
+  const Linears linears{weights, weight_scales, biases, torch_linears, int8_mode};
+  linears.check(3, "query, key, value");
+  TORCH_CHECK_VALUE(x.dim() == 3, "x must be [batch, seq, hidden]");
+  TORCH_CHECK_VALUE(head_dim > 0, "head_dim must be positive");
+  const Tensor h = rms_norm(x, norm_weight, std::nullopt, norm_offset, eps, normalized_dtype,
+                            out_dtype);
+  auto by_heads = [&](const Tensor& t) {
+    return t.view({x.size(0), x.size(1), -1, head_dim}).transpose(1, 2);
+  };
+  const Tensor q = by_heads(linears(0, h)), k = by_heads(linears(1, h));
+  const Tensor v = by_heads(linears(2, h));
+  auto [q_rotated, k_rotated] = rotary(q, k, cos, sin, false);
+  return {q_rotated, k_rotated, v};
+}
+
+Tensor decoder_layer_out(const Tensor& x, const Tensor& q, const Tensor& k, const Tensor& v,
+                         const OptTensor& mask, bool causal, double scale, int64_t window,
+                         double softcap, const std::vector<Tensor>& weights,
+                         const std::vector<Tensor>& weight_scales,
+                         const std::vector<OptTensor>& biases,
+                         const std::vector<bool>& torch_linears, c10::string_view int8_mode,
+                         const Tensor& norm_weight, double norm_offset, double eps,
+                         at::ScalarType normalized_dtype, at::ScalarType out_dtype) {
+  const Linears linears{weights, weight_scales, biases, torch_linears, int8_mode};
+  linears.check(4, "attention output, gate, up, down");
+  TORCH_CHECK_VALUE(x.dim() == 3, "x must be [batch, seq, hidden]");
+  // [B, heads, S, D] whose storage is [B, S, heads, D]: the module's transpose(1, 2).contiguous()
+  const Tensor attended = std::get<0>(
+      attention_forward(q, k, v, mask, causal, scale, window, softcap, 0.0, 0));
+  const Tensor rows = attended.transpose(1, 2).contiguous().view({x.size(0), x.size(1), -1});
+  Tensor residual;
+  const Tensor g = rms_norm(linears(0, rows), norm_weight, x, norm_offset, eps, normalized_dtype,
+                            out_dtype, &residual);
+  const Tensor gated = silu_mul_forward(linears(1, g), linears(2, g));
+  return at::add(residual, linears(3, gated));
+}
+
+}  // namespace
+
+void add_decoder_layer_functions(PyObject* module) {
+  namespace py = pybind11;
+  using namespace pybind11::literals;
+  auto m = py::reinterpret_borrow<py::module_>(module);
+  const py::call_guard<py::gil_scoped_release> release_gil;
+  m.def("decoder_layer_qkv", &decoder_layer_qkv, "x"_a, "norm_weight"_a, "norm_offset"_a,
+        "eps"_a, "normalized_dtype"_a, "out_dtype"_a, "head_dim"_a, "weights"_a,
+        "weight_scales"_a, "biases"_a, "torch_linears"_a, "int8_mode"_a, "cos"_a, "sin"_a,
+        release_gil);
+  m.def("decoder_layer_out", &decoder_layer_out, "x"_a, "q"_a, "k"_a, "v"_a, "mask"_a,
+        "causal"_a, "scale"_a, "window"_a, "softcap"_a, "weights"_a, "weight_scales"_a,
+        "biases"_a, "torch_linears"_a, "int8_mode"_a, "norm_weight"_a, "norm_offset"_a, "eps"_a,
+        "normalized_dtype"_a, "out_dtype"_a, release_gil);
+}
+
+}  // namespace transfuse

@@ -1,0 +1,187 @@
+"""The decoder layer in two transfuse._C calls around its cache's update (blocks._decoder_layer_fused,
+csrc/bindings/decoder_layer.cpp): on CPU tensors in inference, each Llama, Mistral and Qwen2 layer
+whose modules carry the rules computes what the rules compute module by module, bit for bit, at
+prefill and at every decoding step, and leaves the call to them wherever they would compute
+something else."""
+import contextlib
+import copy
+import importlib
+
+import pytest
+import torch
+
+import transfuse
+from transfuse.hf import blocks
+
+from hf_models import build
+
+pytestmark = pytest.mark.skipif(transfuse.backends.extension()[0] is None,
+                                reason="transfuse._C not built")
+
+DECODERS = ["llama", "mistral", "qwen2"]  # (Mistral: sliding_window 4; Qwen2: q, k, v biases)
+SIDES = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, None),
+         "w8a8": (torch.float32, "w8a8"), "bf16 w8a16": (torch.bfloat16, "w8a16")}
+
+
+@pytest.fixture(params=["own GEMMs", "torch GEMMs"])
+def fused(request, monkeypatch):
+    """How many layer calls the two transfuse._C calls took; the tiny models' float GEMMs
+    transfuse's own (thresholds lowered) or, at the thresholds as they are, torch's at prefill
+    (which the fused calls then make too)."""
+    if request.param == "own GEMMs":
+        monkeypatch.setattr(importlib.import_module("transfuse.ops.linear"), "MIN_WORK", 0)
+    count = [0]
+    original = blocks._decoder_layer_fused
+
+    def counting(*args):
+        out = original(*args)
+        count[0] += out is not None
+        return out
+    monkeypatch.setattr(blocks, "_decoder_layer_fused", counting)
+    return count
+
+
+@contextlib.contextmanager
+def module_by_module():
+    """The rules' modules, not the fused calls."""
+    original = blocks._decoder_layer_fused
+    blocks._decoder_layer_fused = lambda *args: None
+    try:
+        yield
+    finally:
+        blocks._decoder_layer_fused = original
+
+
+def decoder(model_type, seed=0):
+    """A tiny random causal LM whose attention is far from uniform (its projections scaled up)
+    and whose biases (Qwen2's q, k, v) are not zero, so that a dropped mask or bias shows in the
+    logits."""
+    model = build(model_type, seed)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                projection.weight.mul_(8)
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_(0, 0.5)
+    return model
+
+
+def generated(model, prompt, **kwargs):
+    """Greedy tokens and each step's logits."""
+    with torch.no_grad():
+        out = model.generate(**prompt, max_new_tokens=6, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=0, **kwargs)
+    return out.sequences, torch.stack(out.logits)
+
+
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("model_type", DECODERS)
+def test_fused_layers_equal_the_modules_bit_for_bit(model_type, side, fused):
+    """Prefill and every decoding step of greedy generation: the fused calls ran for every layer,
+    and the tokens and each step's logits are those of the same patched model run module by
+    module (in fp32: also the unpatched model's tokens, its logits within 1e-5)."""
+    dtype, int8 = SIDES[side]
+    model = decoder(model_type).to(dtype)
+    patched = transfuse.patch(copy.deepcopy(model), int8=int8)
+    layers = model.config.num_hidden_layers
+    prompt = {"input_ids": torch.randint(3, 99, (2, 5), generator=torch.Generator().manual_seed(1))}
+    with torch.no_grad():
+        logits = patched(**prompt).logits
+    assert fused[0] == layers
+    with module_by_module(), torch.no_grad():
+        assert torch.equal(patched(**prompt).logits, logits)
+    fused[0] = 0
+    tokens, step_logits = generated(patched, prompt)
+    assert fused[0] == layers * 6  # (the prefill and five steps; Mistral's past its window of 4)
+    with module_by_module():
+        expected_tokens, expected_logits = generated(patched, prompt)
+    assert torch.equal(tokens, expected_tokens)
+    assert torch.equal(step_logits, expected_logits)
+    if side == "fp32":
+        unpatched_tokens, unpatched_logits = generated(model, prompt)
+        assert torch.equal(tokens, unpatched_tokens)
+        torch.testing.assert_close(step_logits, unpatched_logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", DECODERS)
+def test_fused_steps_of_a_padded_batch_read_its_mask(model_type, fused):
+    """A left-padded batch: padding removal packs the prefill (the modules run it; Mistral's
+    sliding-window cache keeps it padded, fused with the mask), then each decoding step runs fused
+    with transformers' mask; tokens and logits equal the module path's and the unpatched model's
+    (within 1e-5). A mask the fused call dropped would change them."""
+    model = decoder(model_type)
+    patched = transfuse.patch(copy.deepcopy(model))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, :4] = 0
+    prompt = {"input_ids": torch.randint(3, 99, (2, 7), generator=torch.Generator().manual_seed(2))
+              * mask, "attention_mask": mask}
+    tokens, logits = generated(patched, prompt)
+    assert fused[0] == model.config.num_hidden_layers * (6 if model_type == "mistral" else 5)
+    with module_by_module():
+        expected_tokens, expected_logits = generated(patched, prompt)
+    assert torch.equal(tokens, expected_tokens) and torch.equal(logits, expected_logits)
+    unpatched_tokens, unpatched_logits = generated(model, prompt)
+    assert torch.equal(tokens, unpatched_tokens)
+    torch.testing.assert_close(logits, unpatched_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_layers_update_a_static_cache_through_its_own_update(fused):
+    """The cache is updated by its own update(): a static cache too (the attention then drops its
+    unwritten slots at prefill, as the transfuse attention function does)."""
+    model = decoder("llama")
+    patched = transfuse.patch(copy.deepcopy(model))
+    prompt = {"input_ids": torch.randint(3, 99, (1, 5), generator=torch.Generator().manual_seed(3))}
+    tokens, logits = generated(patched, prompt, cache_implementation="static")
+    assert fused[0] == model.config.num_hidden_layers * 6
+    with module_by_module():
+        expected_tokens, expected_logits = generated(patched, prompt, cache_implementation="static")
+    assert torch.equal(tokens, expected_tokens) and torch.equal(logits, expected_logits)
+
+
+def hook_on_down_proj(model):
+    calls = []
+    model.model.layers[0].mlp.down_proj.register_forward_hook(lambda *args: calls.append(1))
+    return calls
+
+
+def swap_act_fn(model):
+    model.model.layers[0].mlp.act_fn = torch.nn.GELU()
+
+
+def reference_norm(model):
+    model.model.layers[0].post_attention_layernorm.backend = "reference"
+
+
+@pytest.mark.parametrize("change", [hook_on_down_proj, swap_act_fn, reference_norm])
+def test_a_layer_the_fused_calls_do_not_fit_runs_its_modules(change, fused):
+    """A hook on one of its linear layers (which then runs), a swapped activation, a norm on
+    another backend: that layer runs module by module, the others fused; the logits equal the
+    unpatched model's given the same change."""
+    model = decoder("llama")
+    patched = transfuse.patch(copy.deepcopy(model))
+    hooked = [change(m) for m in (model, patched)][1]
+    ids = torch.randint(3, 99, (1, 6), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(patched(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    assert fused[0] == model.config.num_hidden_layers - 1
+    assert hooked is None or hooked == [1]
+
+
+def test_recorded_outputs_autograd_and_autocast_run_the_modules(fused):
+    """Attention weights asked for, autograd and autocast: the module path (none fused), with
+    the unpatched model's outputs and gradients."""
+    model = decoder("llama")
+    patched = transfuse.patch(copy.deepcopy(model))
+    ids = torch.randint(3, 99, (1, 6), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        out = patched(ids, output_attentions=True)
+        assert len(out.attentions) == model.config.num_hidden_layers
+        torch.testing.assert_close(out.logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            patched(ids)
+    for m in (model, patched):
+        m(ids).logits.square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), patched.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert fused[0] == 0
