@@ -24,7 +24,10 @@ something else.
   residual_rms_norm  a pre-norm decoder layer (Llama, Mistral, Qwen2, Gemma): h + attn(...) and
                post_attention_layernorm of it in one pass of the fused RMSNorm (a FusedRMSNorm,
                from the norm rules), which returns the normed sum and the sum, the MLP's
-               residual.
+               residual. On CPU tensors in inference, where its attention and MLP carry their
+               rules (SiLU: Llama, Mistral, Qwen2), the whole layer in two transfuse._C calls
+               around the cache's own update (csrc/bindings/decoder_layer.cpp): the kernels the
+               rules run, bit for bit, without their twenty-odd Python calls.
   rotary_attention  a decoder's attention (Llama, Mistral, Qwen2, Gemma): its Q, K and V as
                projections (above), then transformers' apply_rotary_pos_emb (about ten torch ops)
                replaced by one transfuse.ops.rotary call over q and k, which also lays them out
@@ -606,8 +609,7 @@ def _residual_rms_norm_forward(self, hidden_states, *args, **kwargs):
     if fused is not None:
         return fused
     residual = hidden_states
-    hidden_states, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states),
-                                      **{**parameters, **kwargs})
+    hidden_states, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **call)
     if hidden_states.dtype == residual.dtype:
         hidden_states, residual = norm(hidden_states, residual)
     else:  # autocast: the sum promotes, as the class's add does
