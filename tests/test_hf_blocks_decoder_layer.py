@@ -106,10 +106,11 @@ def test_fused_layers_equal_the_modules_bit_for_bit(model_type, side, fused):
 
 @pytest.mark.parametrize("model_type", DECODERS)
 def test_fused_steps_of_a_padded_batch_read_its_mask(model_type, fused):
-    """A left-padded batch: padding removal packs the prefill (the modules run it; Mistral's
-    sliding-window cache keeps it padded, fused with the mask), then each decoding step runs fused
-    with transformers' mask; tokens and logits equal the module path's and the unpatched model's
-    (within 1e-5). A mask the fused call dropped would change them."""
+    """A left-padded batch: the prefill runs fused on the tokens padding removal packed (per
+    sequence: varlen attention; Mistral's sliding-window cache keeps it padded, with the mask),
+    then each decoding step with transformers' mask; tokens and logits equal the module path's
+    and the unpatched model's (within 1e-5). A mask or sequence bounds the fused call dropped
+    would change them."""
     model = decoder(model_type)
     patched = transfuse.patch(copy.deepcopy(model))
     mask = torch.ones(2, 7, dtype=torch.long)
@@ -117,13 +118,34 @@ def test_fused_steps_of_a_padded_batch_read_its_mask(model_type, fused):
     prompt = {"input_ids": torch.randint(3, 99, (2, 7), generator=torch.Generator().manual_seed(2))
               * mask, "attention_mask": mask}
     tokens, logits = generated(patched, prompt)
-    assert fused[0] == model.config.num_hidden_layers * (6 if model_type == "mistral" else 5)
+    assert fused[0] == model.config.num_hidden_layers * 6
     with module_by_module():
         expected_tokens, expected_logits = generated(patched, prompt)
     assert torch.equal(tokens, expected_tokens) and torch.equal(logits, expected_logits)
     unpatched_tokens, unpatched_logits = generated(model, prompt)
     assert torch.equal(tokens, unpatched_tokens)
     torch.testing.assert_close(logits, unpatched_logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", DECODERS)
+def test_fused_layers_run_the_packed_tokens_of_a_padded_batch(model_type, fused):
+    """A padded batch without a cache: padding removal packs it and every layer runs fused over
+    the packed tokens (causal per sequence; Mistral's window of 4 inside sequences of 7); each
+    sequence's logits equal the module path's bit for bit and the unpatched model's within 1e-5."""
+    model = decoder(model_type)
+    patched = transfuse.patch(copy.deepcopy(model))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    mask[2, 1:] = 0
+    ids = torch.randint(3, 99, (3, 7), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        logits = patched(ids, attention_mask=mask, use_cache=False).logits[mask.bool()]
+        assert fused[0] == model.config.num_hidden_layers
+        with module_by_module():
+            expected = patched(ids, attention_mask=mask, use_cache=False).logits[mask.bool()]
+        unpatched = model(ids, attention_mask=mask, use_cache=False).logits[mask.bool()]
+    assert torch.equal(logits, expected)
+    torch.testing.assert_close(logits, unpatched, rtol=1e-5, atol=1e-5)
 
 
 def test_fused_layers_update_a_static_cache_through_its_own_update(fused):

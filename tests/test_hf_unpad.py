@@ -46,8 +46,9 @@ def prepared(model_type):
 
 @pytest.fixture
 def varlen_calls(monkeypatch):
-    """The packed attention calls the transfuse attention makes (and a BERT-style layer run in
-    one call, hf/blocks.py's encoder_layer rule): their packed token counts."""
+    """The packed attention calls the transfuse attention makes (and a BERT-style layer or a
+    decoder layer's attention run by one transfuse._C call, hf/blocks.py's encoder_layer and
+    residual_rms_norm rules): their packed token counts."""
     seen = []
     original = hf_attention.varlen_attention
 
@@ -63,6 +64,13 @@ def varlen_calls(monkeypatch):
             seen.append(x.shape[1])
         return encoder_layer(x, cu_seqlens, *args, **kwargs)
     monkeypatch.setattr(module, "encoder_layer", fused_layer)
+    decoder_layer_out = module.decoder_layer_out
+
+    def fused_decoder_layer(x, q, k, v, mask, cu_seqlens_q, *args):
+        if cu_seqlens_q is not None:
+            seen.append(x.shape[1])
+        return decoder_layer_out(x, q, k, v, mask, cu_seqlens_q, *args)
+    monkeypatch.setattr(module, "decoder_layer_out", fused_decoder_layer)
     return seen
 
 

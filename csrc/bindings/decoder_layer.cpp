@@ -9,7 +9,8 @@
 //                       q, k, v = h W_0^T (+ b_0), h W_1^T (+ b_1), h W_2^T (+ b_2),
 //                                 as [B, heads, S, head_dim]; q, k rotated by cos and sin
 //   (the cache appends k and v: K, V)
-//   decoder_layer_out:  a = softmax(scale q K^T + mask) V (causal, window, softcap as given)
+//   decoder_layer_out:  a = softmax(scale q K^T + mask) V (causal, window, softcap as given;
+//                           packed tokens, B = 1 with cu_seqlens: per sequence, no mask)
 //                       g, r = RMSNorm_1(a W_3^T + x), a W_3^T + x
 //                       y = r + (silu(g W_4^T) * g W_5^T) W_6^T
 // Float weights go through `linear` (torch's linear where torch_linears says so, or where
@@ -95,7 +96,9 @@ std::tuple<Tensor, Tensor, Tensor> decoder_layer_qkv(
 }
 
 Tensor decoder_layer_out(const Tensor& x, const Tensor& q, const Tensor& k, const Tensor& v,
-                         const OptTensor& mask, bool causal, double scale, int64_t window,
+                         const OptTensor& mask, const OptTensor& cu_seqlens_q,
+                         const OptTensor& cu_seqlens_k, int64_t max_seqlen_q,
+                         int64_t max_seqlen_k, bool causal, double scale, int64_t window,
                          double softcap, const std::vector<Tensor>& weights,
                          const std::vector<Tensor>& weight_scales,
                          const std::vector<OptTensor>& biases,
@@ -105,10 +108,23 @@ Tensor decoder_layer_out(const Tensor& x, const Tensor& q, const Tensor& k, cons
   const Linears linears{weights, weight_scales, biases, torch_linears, int8_mode};
   linears.check(4, "attention output, gate, up, down");
   TORCH_CHECK_VALUE(x.dim() == 3, "x must be [batch, seq, hidden]");
-  // [B, heads, S, D] whose storage is [B, S, heads, D]: the module's transpose(1, 2).contiguous()
-  const Tensor attended = std::get<0>(
-      attention_forward(q, k, v, mask, causal, scale, window, softcap, 0.0, 0));
-  const Tensor rows = attended.transpose(1, 2).contiguous().view({x.size(0), x.size(1), -1});
+  TORCH_CHECK_VALUE(!cu_seqlens_q == !cu_seqlens_k && (!cu_seqlens_q || x.size(0) == 1),
+                    "cu_seqlens_q and cu_seqlens_k go together, with x [1, tokens, hidden]");
+  Tensor rows;
+  if (cu_seqlens_q) {  // [1, heads, T, D] as [T, heads, D] views in, [T, heads, D] out
+    auto by_tokens = [](const Tensor& t) { return t.select(0, 0).transpose(0, 1); };
+    rows = std::get<0>(varlen_attention_forward(by_tokens(q), by_tokens(k), by_tokens(v),
+                                                *cu_seqlens_q, *cu_seqlens_k, max_seqlen_q,
+                                                max_seqlen_k, std::nullopt, causal, scale,
+                                                window, softcap, 0.0, 0))
+               .reshape({1, x.size(1), -1})
+               .contiguous();
+  } else {  // [B, heads, S, D] whose storage is [B, S, heads, D]: the module's transpose
+    rows = std::get<0>(attention_forward(q, k, v, mask, causal, scale, window, softcap, 0.0, 0))
+               .transpose(1, 2)
+               .contiguous()
+               .view({x.size(0), x.size(1), -1});
+  }
   Tensor residual;
   const Tensor g = rms_norm(linears(0, rows), norm_weight, x, norm_offset, eps, normalized_dtype,
                             out_dtype, &residual);
@@ -128,7 +144,7 @@ void add_decoder_layer_functions(PyObject* module) {
         "weight_scales"_a, "biases"_a, "torch_linears"_a, "int8_mode"_a, "cos"_a, "sin"_a,
         release_gil);
   m.def("decoder_layer_out", &decoder_layer_out, "x"_a, "q"_a, "k"_a, "v"_a, "mask"_a,
-        "causal"_a, "scale"_a, "window"_a, "softcap"_a, "weights"_a, "weight_scales"_a,
+        "cu_seqlens_q"_a, "cu_seqlens_k"_a, "max_seqlen_q"_a, "max_seqlen_k"_a, "causal"_a, "scale"_a, "window"_a, "softcap"_a, "weights"_a, "weight_scales"_a,
         "biases"_a, "torch_linears"_a, "int8_mode"_a, "norm_weight"_a, "norm_offset"_a, "eps"_a,
         "normalized_dtype"_a, "out_dtype"_a, release_gil);
 }

@@ -26,8 +26,9 @@ something else.
                from the norm rules), which returns the normed sum and the sum, the MLP's
                residual. On CPU tensors in inference, where its attention and MLP carry their
                rules (SiLU: Llama, Mistral, Qwen2), the whole layer in two transfuse._C calls
-               around the cache's own update (csrc/bindings/decoder_layer.cpp): the kernels the
-               rules run, bit for bit, without their twenty-odd Python calls.
+               around the cache's own update (csrc/bindings/decoder_layer.cpp), padded or over
+               the tokens padding removal packed: the kernels the rules run, bit for bit,
+               without their twenty-odd Python calls.
   rotary_attention  a decoder's attention (Llama, Mistral, Qwen2, Gemma): its Q, K and V as
                projections (above), then transformers' apply_rotary_pos_emb (about ten torch ops)
                replaced by one transfuse.ops.rotary call over q and k, which also lays them out
@@ -640,8 +641,11 @@ def _decoder_layer_fused(layer, x, call):
     rest = dict(call)
     position_embeddings, mask, cache = (rest.pop(name, None) for name in (
         "position_embeddings", "attention_mask", cache_name))
-    if (not rest.keys() <= DECODER_IDLE_KWARGS or _weights_requested(rest)
-            or type(position_embeddings) is not tuple or len(position_embeddings) != 2):
+    packed = rest.keys() & PACKED_KWARGS  # (padding removal's prefill)
+    if (not rest.keys() <= DECODER_IDLE_KWARGS | packed or _weights_requested(rest)
+            or type(position_embeddings) is not tuple or len(position_embeddings) != 2
+            or packed and (len(packed) != 4 or x.shape[0] != 1
+                           or any(rest[name] is None for name in packed))):
         return None
     arguments = _decoder_layer_arguments(layer, attention, x, *position_embeddings)
     if arguments is None:
@@ -653,16 +657,22 @@ def _decoder_layer_fused(layer, x, call):
         k, v = cache.update(k, v, attention.layer_idx,
                             **({"kwargs": rest} if update_takes_kwargs else {}))
     # as the transfuse attention function (hf/attention.py) takes the call
+    window = (ROTARY_ATTENTION_ARGUMENTS[family][1](attention) if family in
+              ROTARY_ATTENTION_ARGUMENTS else {}).get("sliding_window") or 0
+    is_causal = bool(getattr(attention, "is_causal", True))
+    if packed:  # per sequence, the mask not read
+        layout = (rest["cu_seq_lens_q"].to(torch.int32), rest["cu_seq_lens_k"].to(torch.int32),
+                  int(rest["max_length_q"]), int(rest["max_length_k"]))
+        return module.decoder_layer_out(x, q, k, v, None, *layout, is_causal, attention.scaling,
+                                        int(window), 0.0, *out_arguments)
     seq_q, seq_kv = q.shape[2], k.shape[2]
-    causal = mask is None and seq_q > 1 and bool(getattr(attention, "is_causal", True))
+    causal = mask is None and seq_q > 1 and is_causal
     if causal and seq_kv > seq_q:
         k, v = k[:, :, :seq_q], v[:, :, :seq_q]
-    family_arguments = (ROTARY_ATTENTION_ARGUMENTS[family][1](attention)
-                        if family in ROTARY_ATTENTION_ARGUMENTS else {})
-    window = int(family_arguments.get("sliding_window") or 0) if mask is None else 0
+    window = int(window) if mask is None else 0
     mask = _broadcast_mask(mask, q, k, None)
-    return module.decoder_layer_out(x, q, k, v, mask, causal, attention.scaling, window, 0.0,
-                                    *out_arguments)
+    return module.decoder_layer_out(x, q, k, v, mask, None, None, 0, 0, causal, attention.scaling,
+                                    window, 0.0, *out_arguments)
 
 
 def _decoder_layer_arguments(layer, attention, x, cos, sin):
