@@ -49,13 +49,16 @@ def test_one_call_twice_then_unpatch(model_type, int8):
 
 @pytest.fixture
 def attention_calls(monkeypatch):
-    """Counts the kernel calls the transfuse attention makes (padded and packed)."""
+    """Counts the kernel calls the transfuse attention makes (padded and packed, and those of a
+    decoder layer run by transfuse._C.decoder_layer_out: hf/blocks.py's residual_rms_norm)."""
     seen = []
-    for name in ("attention", "varlen_attention"):
-        def spy(*args, _original=getattr(hf_attention, name), **kwargs):
-            seen.append(name)
+    module = transfuse.backends.extension()[0]
+    spied = [(hf_attention, "attention"), (hf_attention, "varlen_attention")]
+    for owner, name in spied + ([(module, "decoder_layer_out")] if module else []):
+        def spy(*args, _original=getattr(owner, name), _name=name, **kwargs):
+            seen.append(_name)
             return _original(*args, **kwargs)
-        monkeypatch.setattr(hf_attention, name, spy)
+        monkeypatch.setattr(owner, name, spy)
     return seen
 
 
