@@ -112,7 +112,8 @@ from torch.nn.modules import module as _torch_module
 from .. import backends, ops
 from ..nn import FusedLayerNorm, FusedRMSNorm, Int8Linear
 from ..ops.linear import _own_kernel_takes
-from .attention import NAME as ATTENTION_NAME, _combined_mask, _weights_requested
+from .attention import (NAME as ATTENTION_NAME, _causal, _combined_mask,
+                        _weights_requested)
 from .unpad import PACKED_STACK_ATTR, _outputs_recorded
 from ..ops.activation import KERNEL_DTYPES as ACTIVATION_DTYPES
 from ..ops.attention import MAX_HEAD_DIM, _broadcast_mask
@@ -657,16 +658,15 @@ def _decoder_layer_fused(layer, x, call):
         k, v = cache.update(k, v, attention.layer_idx,
                             **({"kwargs": rest} if update_takes_kwargs else {}))
     # as the transfuse attention function (hf/attention.py) takes the call
-    window = (ROTARY_ATTENTION_ARGUMENTS[family][1](attention) if family in
-              ROTARY_ATTENTION_ARGUMENTS else {}).get("sliding_window") or 0
-    is_causal = bool(getattr(attention, "is_causal", True))
+    window = _family_attention_arguments(attention, family).get("sliding_window") or 0
     if packed:  # per sequence, the mask not read
         layout = (rest["cu_seq_lens_q"].to(torch.int32), rest["cu_seq_lens_k"].to(torch.int32),
                   int(rest["max_length_q"]), int(rest["max_length_k"]))
-        return module.decoder_layer_out(x, q, k, v, None, *layout, is_causal, attention.scaling,
-                                        int(window), 0.0, *out_arguments)
+        return module.decoder_layer_out(x, q, k, v, None, *layout,
+                                        bool(getattr(attention, "is_causal", True)),
+                                        attention.scaling, int(window), 0.0, *out_arguments)
     seq_q, seq_kv = q.shape[2], k.shape[2]
-    causal = mask is None and seq_q > 1 and is_causal
+    causal = _causal(attention, q, mask, None)
     if causal and seq_kv > seq_q:
         k, v = k[:, :, :seq_q], v[:, :, :seq_q]
     window = int(window) if mask is None else 0
@@ -786,6 +786,13 @@ def _rotate(q, k, cos, sin, family_module, backend):
     return family_module.apply_rotary_pos_emb(q, k, cos, sin)
 
 
+def _family_attention_arguments(module, family):
+    """What the family's attention passes its attention function besides the common arguments
+    (ROTARY_ATTENTION_ARGUMENTS: Mistral's and Qwen2's sliding_window)."""
+    arguments = ROTARY_ATTENTION_ARGUMENTS.get(family)
+    return arguments[1](module) if arguments else {}
+
+
 def _rotary_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None,
                               *args, **kwargs):
     module_name, cache_name, update_takes_kwargs, family = self.__dict__[FACTS_ATTR]
@@ -811,8 +818,7 @@ def _rotary_attention_forward(self, hidden_states, position_embeddings=None, att
     output, weights = attention(
         self, query, key, value, attention_mask,
         dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling,
-        **(ROTARY_ATTENTION_ARGUMENTS[family][1](self) if family in ROTARY_ATTENTION_ARGUMENTS
-           else {}), **kwargs)
+        **_family_attention_arguments(self, family), **kwargs)
     return self.o_proj(output.reshape(*input_shape, -1).contiguous()), weights
 
 
