@@ -1,9 +1,12 @@
-"""Greedy decoding of a SmolLM-135M-shaped Llama on the CPU: ms per generated token of eager
-PyTorch, transfuse.patch(model) and patch(model, int8=..., int8_heads=...), with the floor beside
-each (the bytes of the weights one token reads over the measured copy bandwidth).
+"""Greedy decoding of a SmolLM-135M-shaped Llama (or a Qwen3-0.6B-shaped Qwen3) on the CPU: ms
+per generated token of eager PyTorch, transfuse.patch(model) and patch(model, int8=...,
+int8_heads=...), with the floor beside each (the bytes of the weights one token reads over the
+measured copy bandwidth).
 
 The weights are random (the shapes are SmolLM-135M's: 30 layers, hidden 576, 9 query and 3
-key/value heads, MLP 1536, vocabulary 49152, the head tied to the embedding), so the tokens mean
+key/value heads, MLP 1536, vocabulary 49152, the head tied to the embedding; or, --model
+qwen3-0.6b, Qwen3-0.6B's: 28 layers, hidden 1024, 16 query and 8 key/value heads of 128, head
+norms on the query and key, MLP 3072, vocabulary 151936, the head tied), so the tokens mean
 nothing; the table says how many of each side's tokens equal eager's. "bf16 copy": the model
 cast to bfloat16, eager and patched. "+ head": int8_heads=True,
 the tied head (a third of the int8 model's bytes) in int8 too. A token's time is
@@ -12,7 +15,8 @@ The sides take turns (A B A B ...), median of the rounds. With --compile, also e
 and w8a16 + head with a static cache and the forward compiled by generate() (Inductor; the
 warm-up compiles both lengths).
 
-    python benchmarks/decode_cpu.py [--new-tokens 32] [--rounds 5] [--compile] [--out F.json]
+    python benchmarks/decode_cpu.py [--model smollm-135m|qwen3-0.6b] [--new-tokens 32]
+                                    [--rounds 5] [--compile] [--out F.json]
 """
 from __future__ import annotations
 
@@ -32,6 +36,13 @@ from transfuse.bench import copy_bandwidth_gbps
 SMOLLM_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                    num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
                    max_position_embeddings=2048, tie_word_embeddings=True)
+# (Qwen/Qwen3-0.6B's config.json)
+QWEN3_0_6B = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                  max_position_embeddings=40960, rms_norm_eps=1e-6, tie_word_embeddings=True)
+# --model: (transformers model type, config, what the table calls it)
+MODELS = {"smollm-135m": ("llama", SMOLLM_135M, "SmolLM-135M-shaped Llama"),
+          "qwen3-0.6b": ("qwen3", QWEN3_0_6B, "Qwen3-0.6B-shaped Qwen3")}
 SIDES = {"eager": None, "transfuse patch(model)": {}, "transfuse int8=w8a16": {"int8": "w8a16"},
          "transfuse int8=w8a8": {"int8": "w8a8"},
          "transfuse w8a16 + head": {"int8": "w8a16", "int8_heads": True},
@@ -72,6 +83,7 @@ def generate(model, prompt, new_tokens, compiled=False):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=MODELS, default="smollm-135m")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompt", type=int, default=8, help="prompt tokens")
     parser.add_argument("--rounds", type=int, default=5)
@@ -80,10 +92,11 @@ def main(argv=None):
     parser.add_argument("--out", help="JSON file for the figures")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")  # generation-config notes
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    model_type, config, name = MODELS[args.model]
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**SMOLLM_135M)).eval()
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config)).eval()
     models = {label: model if kwargs is None else transfuse.patch(copy.deepcopy(model), **kwargs)
               for label, kwargs in SIDES.items()}
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
@@ -92,7 +105,7 @@ def main(argv=None):
     sides = {label: (m, False) for label, m in models.items()}  # label -> (model, compiled)
     if args.compile:
         sides.update({f"{label}, compiled": (models[label], True) for label in COMPILED})
-    prompt = torch.randint(0, SMOLLM_135M["vocab_size"], (1, args.prompt))
+    prompt = torch.randint(0, config["vocab_size"], (1, args.prompt))
     tokens = {}
     for label, (m, compiled) in sides.items():  # (the warm-up: compiles both lengths)
         generate(m, prompt, 1, compiled)
@@ -117,7 +130,7 @@ def main(argv=None):
                           "floor_ms": floor,
                           "tokens_equal_to_eager": int((tokens[label] == tokens["eager"]).sum())}
     eager = results["eager"]["ms_per_token"]
-    print(f"SmolLM-135M-shaped Llama (random weights), greedy, prompt {args.prompt}, "
+    print(f"{name} (random weights), greedy, prompt {args.prompt}, "
           f"{args.new_tokens} new tokens, {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}; copy bandwidth {bandwidth:.1f} GB/s; load {load_before} before, "
           f"{load_after} after")
@@ -129,7 +142,7 @@ def main(argv=None):
               f"{r['tokens_equal_to_eager']:5d} of {args.new_tokens + 1}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"config": SMOLLM_135M, "prompt": args.prompt,
+            json.dump({"model": name, "config": config, "prompt": args.prompt,
                        "new_tokens": args.new_tokens, "threads": torch.get_num_threads(),
                        "torch": torch.__version__, "copy_bandwidth_GBps": bandwidth,
                        "loadavg_before": load_before, "loadavg_after": load_after,

@@ -39,7 +39,10 @@ HEADS = {"base": AutoModel, "causal": AutoModelForCausalLM, "seq2seq": AutoModel
 
 
 def build(model_type, seed=0, attn_implementation=None):
-    """A tiny random model of the family, fp32, eval mode, with norm weights that are not 1 / 0."""
+    """A tiny random model of the family, fp32, eval mode, with norm weights that are not 1 / 0
+    (a MORE_FAMILIES family's from build_more)."""
+    if model_type not in FAMILIES and attn_implementation is None:
+        return build_more(model_type, seed)
     head, overrides, _ = FAMILIES[model_type]
     config = AutoConfig.for_model(model_type, vocab_size=VOCAB, **overrides)
     torch.manual_seed(seed)

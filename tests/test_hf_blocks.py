@@ -296,7 +296,7 @@ def test_blocks_false_leaves_the_block_modules_alone():
                    if type(m).__name__ in blocks.BLOCK_RULES and m is not patched.encoder)
 
 
-DECODERS = ["llama", "mistral", "qwen2", "gemma"]
+DECODERS = ["llama", "mistral", "qwen2", "qwen3", "gemma"]
 
 
 def logits_of_real_tokens(model, ids, mask):

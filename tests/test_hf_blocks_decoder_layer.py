@@ -1,8 +1,8 @@
 """The decoder layer in two transfuse._C calls around its cache's update (blocks._decoder_layer_fused,
-csrc/bindings/decoder_layer.cpp): on CPU tensors in inference, each Llama, Mistral and Qwen2 layer
-whose modules carry the rules computes what the rules compute module by module, bit for bit, at
-prefill and at every decoding step, and leaves the call to them wherever they would compute
-something else."""
+csrc/bindings/decoder_layer.cpp): on CPU tensors in inference, each Llama, Mistral, Qwen2 and
+Qwen3 layer whose modules carry the rules computes what the rules compute module by module, bit
+for bit, at prefill and at every decoding step, and leaves the call to them wherever they would
+compute something else."""
 import contextlib
 import copy
 import importlib
@@ -18,7 +18,8 @@ from hf_models import build
 pytestmark = pytest.mark.skipif(transfuse.backends.extension()[0] is None,
                                 reason="transfuse._C not built")
 
-DECODERS = ["llama", "mistral", "qwen2"]  # (Mistral: sliding_window 4; Qwen2: q, k, v biases)
+# (Mistral: sliding_window 4; Qwen2: q, k, v biases; Qwen3: head norms of the query and key)
+DECODERS = ["llama", "mistral", "qwen2", "qwen3"]
 SIDES = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, None),
          "w8a8": (torch.float32, "w8a8"), "bf16 w8a16": (torch.bfloat16, "w8a16")}
 
@@ -175,12 +176,20 @@ def reference_norm(model):
     model.model.layers[0].post_attention_layernorm.backend = "reference"
 
 
-@pytest.mark.parametrize("change", [hook_on_down_proj, swap_act_fn, reference_norm])
-def test_a_layer_the_fused_calls_do_not_fit_runs_its_modules(change, fused):
-    """A hook on one of its linear layers (which then runs), a swapped activation, a norm on
-    another backend: that layer runs module by module, the others fused; the logits equal the
-    unpatched model's given the same change."""
-    model = decoder("llama")
+def hook_on_k_norm(model):
+    calls = []
+    model.model.layers[0].self_attn.k_norm.register_forward_hook(lambda *args: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("model_type, change", [
+    ("llama", hook_on_down_proj), ("llama", swap_act_fn), ("llama", reference_norm),
+    ("qwen3", hook_on_k_norm)])
+def test_a_layer_the_fused_calls_do_not_fit_runs_its_modules(model_type, change, fused):
+    """A hook on one of its linear layers or head norms (which then runs), a swapped activation,
+    a norm on another backend: that layer runs module by module, the others fused; the logits
+    equal the unpatched model's given the same change."""
+    model = decoder(model_type)
     patched = transfuse.patch(copy.deepcopy(model))
     hooked = [change(m) for m in (model, patched)][1]
     ids = torch.randint(3, 99, (1, 6), generator=torch.Generator().manual_seed(4))

@@ -99,6 +99,18 @@ def kernel_calls(monkeypatch):
         seen["bias_gelu" if args[7] else "linear+gelu"] += 1  # int8_mode
         return encoder_layer(x, cu_seqlens, *args, **kwargs)
     monkeypatch.setattr(module, "encoder_layer", fused_layer)
+    decoder_layer_qkv, decoder_layer_out = module.decoder_layer_qkv, module.decoder_layer_out
+
+    def fused_qkv(x, *args):  # a decoder layer's input norm and head norms (args[11])
+        seen["rms_norm"] += 1 + len(args[11])
+        return decoder_layer_qkv(x, *args)
+
+    def fused_out(x, q, k, v, mask, cu_seqlens_q, *args):  # its attention and second norm
+        seen["attention" if cu_seqlens_q is None else "varlen_attention"] += 1
+        seen["rms_norm"] += 1
+        return decoder_layer_out(x, q, k, v, mask, cu_seqlens_q, *args)
+    monkeypatch.setattr(module, "decoder_layer_qkv", fused_qkv)
+    monkeypatch.setattr(module, "decoder_layer_out", fused_out)
     return seen
 
 

@@ -7,7 +7,10 @@
 // the query, key, value, output, gate, up and down layers:
 //   decoder_layer_qkv:  h = RMSNorm_0(x)
 //                       q, k, v = h W_0^T (+ b_0), h W_1^T (+ b_1), h W_2^T (+ b_2),
-//                                 as [B, heads, S, head_dim]; q, k rotated by cos and sin
+//                                 as [B, heads, S, head_dim]
+//                       q, k = RMSNorm_q(q), RMSNorm_k(k) over head_dim (Qwen3's head norms,
+//                              where head_norm_weights holds their weights)
+//                       q, k rotated by cos and sin
 //   (the cache appends k and v: K, V)
 //   decoder_layer_out:  a = softmax(scale q K^T + mask) V (causal, window, softcap as given;
 //                           packed tokens, B = 1 with cu_seqlens: per sequence, no mask)
@@ -79,18 +82,27 @@ std::tuple<Tensor, Tensor, Tensor> decoder_layer_qkv(
     at::ScalarType normalized_dtype, at::ScalarType out_dtype, int64_t head_dim,
     const std::vector<Tensor>& weights, const std::vector<Tensor>& weight_scales,
     const std::vector<OptTensor>& biases, const std::vector<bool>& torch_linears,
-    c10::string_view int8_mode, const Tensor& cos, const Tensor& sin) {
+    c10::string_view int8_mode, const std::vector<Tensor>& head_norm_weights,
+    double head_norm_offset, double head_norm_eps, const Tensor& cos, const Tensor& sin) {
   const Linears linears{weights, weight_scales, biases, torch_linears, int8_mode};
   linears.check(3, "query, key, value");
   TORCH_CHECK_VALUE(x.dim() == 3, "x must be [batch, seq, hidden]");
   TORCH_CHECK_VALUE(head_dim > 0, "head_dim must be positive");
+  TORCH_CHECK_VALUE(head_norm_weights.empty() || head_norm_weights.size() == 2,
+                    "head_norm_weights must hold the query's and the key's head norm, or none");
   const Tensor h = rms_norm(x, norm_weight, std::nullopt, norm_offset, eps, normalized_dtype,
                             out_dtype);
-  auto by_heads = [&](const Tensor& t) {
-    return t.view({x.size(0), x.size(1), -1, head_dim}).transpose(1, 2);
+  // [B, S, heads * head_dim] -> [B, heads, S, head_dim], through head norm i where there is one
+  auto by_heads = [&](const Tensor& t, size_t i) {
+    Tensor heads = t.view({x.size(0), x.size(1), -1, head_dim});
+    if (i < head_norm_weights.size()) {
+      heads = rms_norm(heads, head_norm_weights[i], std::nullopt, head_norm_offset,
+                       head_norm_eps, normalized_dtype, out_dtype);
+    }
+    return heads.transpose(1, 2);
   };
-  const Tensor q = by_heads(linears(0, h)), k = by_heads(linears(1, h));
-  const Tensor v = by_heads(linears(2, h));
+  const Tensor q = by_heads(linears(0, h), 0), k = by_heads(linears(1, h), 1);
+  const Tensor v = by_heads(linears(2, h), 2);
   auto [q_rotated, k_rotated] = rotary(q, k, cos, sin, false);
   return {q_rotated, k_rotated, v};
 }
@@ -141,7 +153,8 @@ void add_decoder_layer_functions(PyObject* module) {
   const py::call_guard<py::gil_scoped_release> release_gil;
   m.def("decoder_layer_qkv", &decoder_layer_qkv, "x"_a, "norm_weight"_a, "norm_offset"_a,
         "eps"_a, "normalized_dtype"_a, "out_dtype"_a, "head_dim"_a, "weights"_a,
-        "weight_scales"_a, "biases"_a, "torch_linears"_a, "int8_mode"_a, "cos"_a, "sin"_a,
+        "weight_scales"_a, "biases"_a, "torch_linears"_a, "int8_mode"_a, "head_norm_weights"_a, "head_norm_offset"_a,
+        "head_norm_eps"_a, "cos"_a, "sin"_a,
         release_gil);
   m.def("decoder_layer_out", &decoder_layer_out, "x"_a, "q"_a, "k"_a, "v"_a, "mask"_a,
         "cu_seqlens_q"_a, "cu_seqlens_k"_a, "max_seqlen_q"_a, "max_seqlen_k"_a, "causal"_a, "scale"_a, "window"_a, "softcap"_a, "weights"_a, "weight_scales"_a,

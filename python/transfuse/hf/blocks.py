@@ -21,23 +21,24 @@ something else.
   residual_norm  LayerNorm(dropout(dense(h)) + input) (BERT-style SelfOutput / Output): the
                residual add runs inside the fused norm's pass (a FusedLayerNorm, from the norm
                rules) instead of a separate one.
-  residual_rms_norm  a pre-norm decoder layer (Llama, Mistral, Qwen2, Gemma): h + attn(...) and
-               post_attention_layernorm of it in one pass of the fused RMSNorm (a FusedRMSNorm,
-               from the norm rules), which returns the normed sum and the sum, the MLP's
-               residual. On CPU tensors in inference, where its attention and MLP carry their
-               rules (SiLU: Llama, Mistral, Qwen2), the whole layer in two transfuse._C calls
-               around the cache's own update (csrc/bindings/decoder_layer.cpp), padded or over
-               the tokens padding removal packed: the kernels the rules run, bit for bit,
-               without their twenty-odd Python calls.
-  rotary_attention  a decoder's attention (Llama, Mistral, Qwen2, Gemma): its Q, K and V as
-               projections (above), then transformers' apply_rotary_pos_emb (about ten torch ops)
-               replaced by one transfuse.ops.rotary call over q and k, which also lays them out
-               contiguously for the attention; the rest as the class's forward (cache update,
-               the configured attention function, o_proj).
-  gated_mlp    act_fn(gate_proj(x)) * up_proj(x) with act_fn SiLU (Llama, Mistral, Qwen2): gate
-               and up as projections, their product through transfuse.ops.silu_mul (one pass
-               instead of two; on CUDA it reads the two halves of the joint GEMM's output in
-               place). Another act_fn (Gemma's GELU): the projections alone.
+  residual_rms_norm  a pre-norm decoder layer (Llama, Mistral, Qwen2, Qwen3, Gemma): h +
+               attn(...) and post_attention_layernorm of it in one pass of the fused RMSNorm (a
+               FusedRMSNorm, from the norm rules), which returns the normed sum and the sum, the
+               MLP's residual. On CPU tensors in inference, where its attention and MLP carry
+               their rules (SiLU: Llama, Mistral, Qwen2, Qwen3), the whole layer in two
+               transfuse._C calls around the cache's own update (csrc/bindings/decoder_layer.cpp),
+               padded or over the tokens padding removal packed: the kernels the rules run, bit
+               for bit, without their twenty-odd Python calls.
+  rotary_attention  a decoder's attention (Llama, Mistral, Qwen2, Qwen3, Gemma): its Q, K and V
+               as projections (above; Qwen3's query and key then through its head norms), then
+               transformers' apply_rotary_pos_emb (about ten torch ops) replaced by one
+               transfuse.ops.rotary call over q and k, which also lays them out contiguously for
+               the attention; the rest as the class's forward (cache update, the configured
+               attention function, o_proj).
+  gated_mlp    act_fn(gate_proj(x)) * up_proj(x) with act_fn SiLU (Llama, Mistral, Qwen2,
+               Qwen3): gate and up as projections, their product through transfuse.ops.silu_mul
+               (one pass instead of two; on CUDA it reads the two halves of the joint GEMM's
+               output in place). Another act_fn (Gemma's GELU): the projections alone.
   linear       any other torch.nn.Linear (that class only, unhooked, not used by its parent's
                rule): its forward through transfuse.ops.linear, so that on CPU tensors a
                decoding step's output projections and head run transfuse's GEMV
@@ -137,7 +138,7 @@ JOINED_GEMM_DEVICES = ("cuda",)
 JOINED_INT8_DEVICES = ("cuda",)
 
 _BERT_LIKE = ("Bert", "Roberta", "XLMRoberta", "Electra", "Camembert")
-_DECODERS = ("Llama", "Mistral", "Qwen2", "Gemma")
+_DECODERS = ("Llama", "Mistral", "Qwen2", "Qwen3", "Gemma")
 
 # class name -> (rule, the attributes it uses)
 BLOCK_RULES = {
@@ -214,9 +215,15 @@ ROTARY_ATTENTION_SOURCE = (
 ROTARY_ATTENTION_ARGUMENTS = {
     "Mistral": ('sliding_window=getattr(self.config, "sliding_window", None),',
                 lambda module: {"sliding_window": getattr(module.config, "sliding_window", None)}),
-    "Qwen2": ("sliding_window=self.sliding_window,",
-              lambda module: {"sliding_window": module.sliding_window}),
+    **dict.fromkeys(("Qwen2", "Qwen3"), ("sliding_window=self.sliding_window,",
+                                         lambda module: {"sliding_window": module.sliding_window})),
 }
+# Qwen3's attention normalizes each head's query and key (an RMSNorm over head_dim, the modules
+# q_norm and k_norm) before the rotary embedding: its first two lines instead of Llama's
+HEAD_NORM_FAMILIES = ("Qwen3",)
+HEAD_NORM_SOURCE = (
+    "query_states = self.q_norm(self.q_proj(hidden_states).view(hidden_shape)).transpose(1, 2)",
+    "key_states = self.k_norm(self.k_proj(hidden_states).view(hidden_shape)).transpose(1, 2)")
 # transformers' rotate-half rotary embedding (the family module's apply_rotary_pos_emb and
 # rotate_half), which transfuse.ops.rotary computes
 ROTATE_HALF_SOURCE = ("def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):",
@@ -335,6 +342,8 @@ def _expected_source(kind, names, cls):
         return GATED_MLP_SOURCE
     if kind == "rotary_attention":
         head, tail = ROTARY_ATTENTION_SOURCE
+        if _family(cls) in HEAD_NORM_FAMILIES:
+            head = (*HEAD_NORM_SOURCE, *head[2:])
         argument = ROTARY_ATTENTION_ARGUMENTS.get(_family(cls), ("",))[0]
         return (*head[:-1], f"{head[-1]} {argument} {tail[0]}".replace("  ", " "), *tail[1:])
     if kind == "bias_gelu":
@@ -638,7 +647,7 @@ def _decoder_layer_fused(layer, x, call):
             or torch.is_autocast_enabled("cpu") or torch._C._get_tracing_state()
             or _global_hooks() or _rule_forward(attention) is not _rotary_attention_forward):
         return None
-    module_name, cache_name, update_takes_kwargs, family = attention.__dict__[FACTS_ATTR]
+    _, cache_name, update_takes_kwargs, family, head_norms = attention.__dict__[FACTS_ATTR]
     rest = dict(call)
     position_embeddings, mask, cache = (rest.pop(name, None) for name in (
         "position_embeddings", "attention_mask", cache_name))
@@ -648,7 +657,7 @@ def _decoder_layer_fused(layer, x, call):
             or packed and (len(packed) != 4 or x.shape[0] != 1
                            or any(rest[name] is None for name in packed))):
         return None
-    arguments = _decoder_layer_arguments(layer, attention, x, *position_embeddings)
+    arguments = _decoder_layer_arguments(layer, attention, head_norms, x, *position_embeddings)
     if arguments is None:
         return None
     qkv_arguments, out_arguments = arguments
@@ -675,15 +684,17 @@ def _decoder_layer_fused(layer, x, call):
                                     window, 0.0, *out_arguments)
 
 
-def _decoder_layer_arguments(layer, attention, x, cos, sin):
+def _decoder_layer_arguments(layer, attention, head_norms, x, cos, sin):
     """(decoder_layer_qkv's arguments after x and before cos and sin, decoder_layer_out's after
-    softcap) for the layer (attention: its self-attention) on x, where its modules run what the
-    calls run: the rules' forwards, FusedRMSNorm norms, one kind of linear layer (float of x's
-    dtype, or int8 in one mode), SiLU, x's dtype in every kernel, the cpu backend for each op;
-    else None."""
+    softcap) for the layer (attention: its self-attention, with head norms or not) on x, where
+    its modules run what the calls run: the rules' forwards, FusedRMSNorm norms, one kind of
+    linear layer (float of x's dtype, or int8 in one mode), SiLU, x's dtype in every kernel, the
+    cpu backend for each op; else None."""
     children = layer._modules
     mlp = children.get("mlp")
     norms = (children.get("input_layernorm"), children.get("post_attention_layernorm"))
+    if head_norms:
+        norms += (attention._modules.get("q_norm"), attention._modules.get("k_norm"))
     dtype = x.dtype
     head_dim = attention.head_dim
     if (layer.training or attention.training or _own_hooks(layer) or _own_hooks(attention)
@@ -748,8 +759,14 @@ def _decoder_layer_arguments(layer, attention, x, cos, sin):
                                                           "activation"):
             if backends.resolve(op, backend, x.device) != "cpu":
                 return None
+    head_norm_arguments = ([], 0.0, 0.0)  # (the head norms' weights, offset and eps)
+    if head_norms:
+        q_norm, k_norm = norm_arguments[2:]
+        if q_norm[1:] != k_norm[1:] or q_norm[3:] != norm_arguments[0][3:]:
+            return None  # (the call takes one offset and eps, and the input norm's dtypes)
+        head_norm_arguments = ([q_norm[0], k_norm[0]], *q_norm[1:3])
     return ((*norm_arguments[0], head_dim, weights[:3], weight_scales[:3], biases[:3],
-             torch_linears[:3], mode),
+             torch_linears[:3], mode, *head_norm_arguments),
             (weights[3:], weight_scales[3:], biases[3:], torch_linears[3:], mode,
              *norm_arguments[1]))
 
@@ -768,10 +785,13 @@ def _patch_residual_rms_norm(module, names):
 
 def _attention_facts(cls):
     """(the name of the family's module, the name of the cache parameter, whether cache.update
-    takes the call's kwargs, the family's name), read from the class at patch time."""
+    takes the call's kwargs, the family's name, whether its query and key go through head
+    norms), read from the class at patch time."""
     parameters = inspect.signature(cls.forward).parameters
+    family = _family(cls)
     return (cls.__module__, "cache" if "cache" in parameters else "past_key_values",
-            _reads_as(cls.forward, ("self.layer_idx, kwargs=kwargs)",)), _family(cls))
+            _reads_as(cls.forward, ("self.layer_idx, kwargs=kwargs)",)), family,
+            family in HEAD_NORM_FAMILIES)
 
 
 def _rotate(q, k, cos, sin, family_module, backend):
@@ -795,7 +815,7 @@ def _family_attention_arguments(module, family):
 
 def _rotary_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None,
                               *args, **kwargs):
-    module_name, cache_name, update_takes_kwargs, family = self.__dict__[FACTS_ATTR]
+    module_name, cache_name, update_takes_kwargs, family, head_norms = self.__dict__[FACTS_ATTR]
     family_module = sys.modules[module_name]
     # positional arguments past the mask, or 5.24's deprecated name of its cache: the class's
     if args or position_embeddings is None or (cache_name != "past_key_values"
@@ -805,8 +825,11 @@ def _rotary_attention_forward(self, hidden_states, position_embeddings=None, att
     cache = kwargs.pop(cache_name, None)
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
-    query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-    key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    query = self.q_proj(hidden_states).view(hidden_shape)
+    key = self.k_proj(hidden_states).view(hidden_shape)
+    if head_norms:
+        query, key = self.q_norm(query), self.k_norm(key)
+    query, key = query.transpose(1, 2), key.transpose(1, 2)
     value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
     query, key = _rotate(query, key, *position_embeddings, family_module,
                          self.__dict__.get(BACKEND_ATTR))
