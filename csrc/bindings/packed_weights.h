@@ -4,9 +4,11 @@
 // 5% of its bf16 forward on real sentences). An entry serves a weight while the weight's storage
 // lives, at the same address, unmodified: its version counter as it was (a write in place bumps
 // it; tensors without one, inference tensors, are not served). Weights are taken in the order
-// they come, until capacity() bytes are held in all (2 GiB, or TRANSFUSE_PACKED_WEIGHTS_MB; it
-// was 256 MB, which all-mpnet-base-v2's fp32 panels, 340 MB, overran: its last layers' weights
-// packed per call); entries go when their storage is freed.
+// they come, until capacity() bytes are held in all (a quarter of the physical memory, at least
+// 2 GiB, or TRANSFUSE_PACKED_WEIGHTS_MB; it was 256 MB, which all-mpnet-base-v2's fp32 panels,
+// 340 MB, overran, then 2 GiB, which a process holding a Qwen3-0.6B-shaped model in fp32 and in
+// bf16 overran: the later one's weights packed per call, its sentences one at a time 1.45x
+// slower); entries go when their storage is freed.
 #pragma once
 
 #include <algorithm>
@@ -16,6 +18,8 @@
 #include <mutex>
 #include <optional>
 #include <vector>
+
+#include <unistd.h>
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -68,8 +72,9 @@ class PackedWeights {
   static int64_t capacity() {
     static const int64_t bytes = [] {
       const char* megabytes = std::getenv("TRANSFUSE_PACKED_WEIGHTS_MB");
-      return (megabytes && *megabytes ? std::max<int64_t>(0, std::atoll(megabytes)) : 2048)
-             << 20;
+      if (megabytes && *megabytes) return std::max<int64_t>(0, std::atoll(megabytes)) << 20;
+      const int64_t physical = int64_t(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGE_SIZE);
+      return std::max<int64_t>(int64_t(2048) << 20, physical / 4);
     }();
     return bytes;
   }
