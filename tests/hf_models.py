@@ -61,7 +61,7 @@ def make_batch(model_type, seed=1):
     batch = {"input_ids": torch.randint(3, VOCAB - 1, (2, 9), generator=g),
              "attention_mask": torch.ones(2, 9, dtype=torch.long)}
     batch["attention_mask"][1, 6:] = 0
-    if FAMILIES[model_type][0] == "seq2seq":
+    if (FAMILIES.get(model_type) or MORE_FAMILIES[model_type])[0] == "seq2seq":
         batch["decoder_input_ids"] = torch.randint(3, VOCAB - 1, (2, 5), generator=g)
     return batch
 

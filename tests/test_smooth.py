@@ -15,7 +15,7 @@ quantize_module = importlib.import_module("transfuse.quantize")
 transformers = pytest.importorskip("transformers")
 from hf_models import build, make_batch  # noqa: E402
 
-PRE_NORM = ["llama", "mistral", "qwen2", "gemma", "t5", "modernbert"]
+PRE_NORM = ["llama", "mistral", "qwen2", "qwen3", "gemma", "t5", "modernbert"]
 LEFT_ALONE = ["bert", "gpt2", "bart"]  # post-norm residuals, Conv1D, a tied lm_head
 
 
