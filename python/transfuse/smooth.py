@@ -1,9 +1,9 @@
 """SmoothQuant (Xiao et al., 2023): move activation outliers into the weights before w8a8.
 
 For a norm whose output goes only into linear layers (the pre-norm blocks of Llama, Mistral,
-Qwen2, Qwen3, Gemma: input_layernorm -> q/k/v, post_attention_layernorm -> gate/up), with amax_x[j] the
-largest |activation| of channel j over the calibration inputs and amax_w[j] the largest |weight|
-of input column j over those linears:
+Qwen2, Qwen3, Gemma: input_layernorm -> q/k/v, post_attention_layernorm -> gate/up), with
+amax_x[j] the largest |activation| of channel j over the calibration inputs and amax_w[j] the
+largest |weight| of input column j over those linears:
     s[j] = amax_x[j]^alpha / amax_w[j]^(1 - alpha)
     norm:    (offset + weight) / s  (and bias / s)      linears: W[:, j] * s[j]
 so the model computes the same function (up to rounding) while the activations the linears see
