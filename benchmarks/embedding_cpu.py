@@ -161,7 +161,8 @@ def main(argv=None):
     padded = sum(b["input_ids"].numel() for b in batches)
     eager = statistics.median(times["eager"])
     print(f"Qwen3-Embedding-0.6B-shaped Qwen3Model (random weights), {len(lengths)} real "
-          f"sentences in left-padded batches of {args.batch} ({real} tokens of {padded} positions), "
+          f"sentences in left-padded batches of {args.batch} ({real} tokens of {padded} "
+          f"positions), "
           f"last-token embeddings, {threads} threads, torch {torch.__version__}; load "
           f"{load_before} before, {load_after} after")
     print(f"  {'':36} {'sentences/s':>11} {'x eager':>8} {'min cosine':>11}")
@@ -174,7 +175,8 @@ def main(argv=None):
               f"{cosines[label]:11.5f}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"config": QWEN3_0_6B, "batch": args.batch, "threads": threads, "torch": torch.__version__,
+            json.dump({"config": QWEN3_0_6B, "batch": args.batch, "threads": threads,
+                       "torch": torch.__version__,
                        "real_tokens": real, "padded_positions": padded,
                        "loadavg_before": load_before, "loadavg_after": load_after,
                        "results": results}, f, indent=2)

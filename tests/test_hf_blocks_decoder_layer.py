@@ -1,8 +1,8 @@
-"""The decoder layer in two transfuse._C calls around its cache's update (blocks._decoder_layer_fused,
-csrc/bindings/decoder_layer.cpp): on CPU tensors in inference, each Llama, Mistral, Qwen2 and
-Qwen3 layer whose modules carry the rules computes what the rules compute module by module, bit
-for bit, at prefill and at every decoding step, and leaves the call to them wherever they would
-compute something else."""
+"""The decoder layer in two transfuse._C calls around its cache's update
+(blocks._decoder_layer_fused, csrc/bindings/decoder_layer.cpp): on CPU tensors in inference, each
+Llama, Mistral, Qwen2 and Qwen3 layer whose modules carry the rules computes what the rules
+compute module by module, bit for bit, at prefill and at every decoding step, and leaves the call
+to them wherever they would compute something else."""
 import contextlib
 import copy
 import importlib

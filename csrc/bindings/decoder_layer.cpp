@@ -153,12 +153,12 @@ void add_decoder_layer_functions(PyObject* module) {
   const py::call_guard<py::gil_scoped_release> release_gil;
   m.def("decoder_layer_qkv", &decoder_layer_qkv, "x"_a, "norm_weight"_a, "norm_offset"_a,
         "eps"_a, "normalized_dtype"_a, "out_dtype"_a, "head_dim"_a, "weights"_a,
-        "weight_scales"_a, "biases"_a, "torch_linears"_a, "int8_mode"_a, "head_norm_weights"_a, "head_norm_offset"_a,
-        "head_norm_eps"_a, "cos"_a, "sin"_a,
-        release_gil);
+        "weight_scales"_a, "biases"_a, "torch_linears"_a, "int8_mode"_a, "head_norm_weights"_a,
+        "head_norm_offset"_a, "head_norm_eps"_a, "cos"_a, "sin"_a, release_gil);
   m.def("decoder_layer_out", &decoder_layer_out, "x"_a, "q"_a, "k"_a, "v"_a, "mask"_a,
-        "cu_seqlens_q"_a, "cu_seqlens_k"_a, "max_seqlen_q"_a, "max_seqlen_k"_a, "causal"_a, "scale"_a, "window"_a, "softcap"_a, "weights"_a, "weight_scales"_a,
-        "biases"_a, "torch_linears"_a, "int8_mode"_a, "norm_weight"_a, "norm_offset"_a, "eps"_a,
+        "cu_seqlens_q"_a, "cu_seqlens_k"_a, "max_seqlen_q"_a, "max_seqlen_k"_a, "causal"_a,
+        "scale"_a, "window"_a, "softcap"_a, "weights"_a, "weight_scales"_a, "biases"_a,
+        "torch_linears"_a, "int8_mode"_a, "norm_weight"_a, "norm_offset"_a, "eps"_a,
         "normalized_dtype"_a, "out_dtype"_a, release_gil);
 }
 
