@@ -297,7 +297,6 @@ def test_blocks_false_leaves_the_block_modules_alone():
 
 
 DECODERS = ["llama", "mistral", "qwen2", "qwen3", "gemma"]
-GELU_MLPS = {"gemma", "gemma3_text"}  # (their MLPs keep the projections rule alone)
 
 
 def logits_of_real_tokens(model, ids, mask):
@@ -458,12 +457,11 @@ def test_the_cpu_runs_int8_siblings_one_by_one_by_default(monkeypatch,
     assert len(calls) == 7 * patched.config.num_hidden_layers  # q k v o, gate up down
 
 
-@pytest.mark.parametrize("model_type", DECODERS + ["gemma3_text"])
+@pytest.mark.parametrize("model_type", DECODERS)
 def test_decoder_attention_rotates_q_and_k_in_one_call_and_mlps_gate_with_silu_mul(
         model_type, monkeypatch):
-    """rotary_attention: per layer and forward one transfuse.ops.rotary over q and k (Qwen3's and
-    Gemma 3's after their head norms); gated_mlp: one transfuse.ops.silu_mul where act_fn is SiLU
-    (Gemma's and Gemma 3's GELU keep the projections rule);
+    """rotary_attention: per layer and forward one transfuse.ops.rotary over q and k; gated_mlp:
+    one transfuse.ops.silu_mul where act_fn is SiLU (Gemma's GELU keeps the projections rule);
     per sequence of a padded batch and token for token in greedy generation (the cache filled
     through the rule) equal to the unpatched model; in bf16 within twice eager bf16's error to
     the fp32 model."""
@@ -472,7 +470,7 @@ def test_decoder_attention_rotates_q_and_k_in_one_call_and_mlps_gate_with_silu_m
     layers = model.config.num_hidden_layers
     rules = sorted(rule for name, rule in transfuse.patched_modules(patched).items()
                    if ".self_attn<" in name or ".mlp<" in name)
-    mlp_rule = "projections" if model_type in GELU_MLPS else "gated_mlp"
+    mlp_rule = "projections" if model_type == "gemma" else "gated_mlp"
     assert rules == sorted([f"block rule '{mlp_rule}'", "block rule 'rotary_attention'"] * layers)
     calls = []
     for op in ("rotary", "silu_mul"):
@@ -483,7 +481,7 @@ def test_decoder_attention_rotates_q_and_k_in_one_call_and_mlps_gate_with_silu_m
     torch.testing.assert_close(logits_of_real_tokens(patched, ids, mask),
                                logits_of_real_tokens(model, ids, mask), rtol=1e-5, atol=1e-5)
     assert calls.count("rotary") == layers
-    assert calls.count("silu_mul") == (0 if model_type in GELU_MLPS else layers)
+    assert calls.count("silu_mul") == (0 if model_type == "gemma" else layers)
     with torch.no_grad():
         prompt = ids[:2, :5]
         assert torch.equal(patched.generate(prompt, max_new_tokens=6, do_sample=False),

@@ -29,17 +29,16 @@ something else.
                transfuse._C calls around the cache's own update (csrc/bindings/decoder_layer.cpp),
                padded or over the tokens padding removal packed: the kernels the rules run, bit
                for bit, without their twenty-odd Python calls.
-  rotary_attention  a decoder's attention (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 3): its Q,
-               K and V as projections (above; Qwen3's and Gemma 3's query and key then through
-               their head norms), then transformers' apply_rotary_pos_emb (about ten torch ops)
-               replaced by one transfuse.ops.rotary call over q and k, which also lays them out
-               contiguously for the attention; the rest as the class's forward (cache update,
-               the configured attention function, o_proj).
+  rotary_attention  a decoder's attention (Llama, Mistral, Qwen2, Qwen3, Gemma): its Q, K and V
+               as projections (above; Qwen3's query and key then through its head norms), then
+               transformers' apply_rotary_pos_emb (about ten torch ops) replaced by one
+               transfuse.ops.rotary call over q and k, which also lays them out contiguously for
+               the attention; the rest as the class's forward (cache update, the configured
+               attention function, o_proj).
   gated_mlp    act_fn(gate_proj(x)) * up_proj(x) with act_fn SiLU (Llama, Mistral, Qwen2,
                Qwen3): gate and up as projections, their product through transfuse.ops.silu_mul
                (one pass instead of two; on CUDA it reads the two halves of the joint GEMM's
-               output in place). Another act_fn (Gemma's and Gemma 3's GELU): the projections
-               alone.
+               output in place). Another act_fn (Gemma's GELU): the projections alone.
   linear       any other torch.nn.Linear (that class only, unhooked, not used by its parent's
                rule): its forward through transfuse.ops.linear, so that on CPU tensors a
                decoding step's output projections and head run transfuse's GEMV
@@ -139,9 +138,7 @@ JOINED_GEMM_DEVICES = ("cuda",)
 JOINED_INT8_DEVICES = ("cuda",)
 
 _BERT_LIKE = ("Bert", "Roberta", "XLMRoberta", "Electra", "Camembert")
-_DECODERS = ("Llama", "Mistral", "Qwen2", "Qwen3", "Gemma3", "Gemma")  # (Gemma3 first: _family)
-# Gemma 3's layer norms its attention's and MLP's outputs too (four norms): not residual_rms_norm
-_PRE_NORM_DECODERS = tuple(family for family in _DECODERS if family != "Gemma3")
+_DECODERS = ("Llama", "Mistral", "Qwen2", "Qwen3", "Gemma")
 
 # class name -> (rule, the attributes it uses)
 BLOCK_RULES = {
@@ -173,7 +170,7 @@ BLOCK_RULES = {
     **{f"{family}MLP": ("gated_mlp", ("gate_proj", "up_proj")) for family in _DECODERS},
     **{f"{family}DecoderLayer": ("residual_rms_norm",
                                  ("input_layernorm", "self_attn", "post_attention_layernorm",
-                                  "mlp")) for family in _PRE_NORM_DECODERS},
+                                  "mlp")) for family in _DECODERS},
     "Linear": ("linear", ()),  # torch.nn.Linear itself (_patch_linear checks the class)
 }
 
@@ -218,24 +215,15 @@ ROTARY_ATTENTION_SOURCE = (
 ROTARY_ATTENTION_ARGUMENTS = {
     "Mistral": ('sliding_window=getattr(self.config, "sliding_window", None),',
                 lambda module: {"sliding_window": getattr(module.config, "sliding_window", None)}),
-    **dict.fromkeys(("Qwen2", "Qwen3", "Gemma3"), (
-        "sliding_window=self.sliding_window,",
-        lambda module: {"sliding_window": module.sliding_window})),
+    **dict.fromkeys(("Qwen2", "Qwen3"), ("sliding_window=self.sliding_window,",
+                                         lambda module: {"sliding_window": module.sliding_window})),
 }
-# Qwen3's and Gemma 3's attention normalize each head's query and key (an RMSNorm over head_dim,
-# the modules q_norm and k_norm) before the rotary embedding: their lines in place of Llama's
-# query, key and value lines (Gemma 3 also writes its dropout the other way round)
-HEAD_NORM_SOURCES = {
-    "Qwen3": ("query_states = self.q_norm(self.q_proj(hidden_states).view(hidden_shape))"
-              ".transpose(1, 2)",
-              "key_states = self.k_norm(self.k_proj(hidden_states).view(hidden_shape))"
-              ".transpose(1, 2)", ROTARY_ATTENTION_SOURCE[0][2]),
-    "Gemma3": (*ROTARY_ATTENTION_SOURCE[0][:3], "query_states = self.q_norm(query_states)",
-               "key_states = self.k_norm(key_states)"),
-}
-HEAD_NORM_FAMILIES = tuple(HEAD_NORM_SOURCES)
-DROPOUT_SOURCES = {"Gemma3": ("dropout=0.0 if not self.training else self.attention_dropout",
-                              "dropout=self.attention_dropout if self.training else 0.0")}
+# Qwen3's attention normalizes each head's query and key (an RMSNorm over head_dim, the modules
+# q_norm and k_norm) before the rotary embedding: its first two lines instead of Llama's
+HEAD_NORM_FAMILIES = ("Qwen3",)
+HEAD_NORM_SOURCE = (
+    "query_states = self.q_norm(self.q_proj(hidden_states).view(hidden_shape)).transpose(1, 2)",
+    "key_states = self.k_norm(self.k_proj(hidden_states).view(hidden_shape)).transpose(1, 2)")
 # transformers' rotate-half rotary embedding (the family module's apply_rotary_pos_emb and
 # rotate_half), which transfuse.ops.rotary computes
 ROTATE_HALF_SOURCE = ("def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):",
@@ -354,10 +342,9 @@ def _expected_source(kind, names, cls):
         return GATED_MLP_SOURCE
     if kind == "rotary_attention":
         head, tail = ROTARY_ATTENTION_SOURCE
-        family = _family(cls)
-        call = head[-1].replace(*DROPOUT_SOURCES[family]) if family in DROPOUT_SOURCES else head[-1]
-        head = (*HEAD_NORM_SOURCES.get(family, head[:3]), *head[3:-1], call)
-        argument = ROTARY_ATTENTION_ARGUMENTS.get(family, ("",))[0]
+        if _family(cls) in HEAD_NORM_FAMILIES:
+            head = (*HEAD_NORM_SOURCE, *head[2:])
+        argument = ROTARY_ATTENTION_ARGUMENTS.get(_family(cls), ("",))[0]
         return (*head[:-1], f"{head[-1]} {argument} {tail[0]}".replace("  ", " "), *tail[1:])
     if kind == "bias_gelu":
         return BIAS_GELU_SOURCE
