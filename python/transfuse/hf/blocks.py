@@ -342,9 +342,10 @@ def _expected_source(kind, names, cls):
         return GATED_MLP_SOURCE
     if kind == "rotary_attention":
         head, tail = ROTARY_ATTENTION_SOURCE
-        if _family(cls) in HEAD_NORM_FAMILIES:
+        family = _family(cls)
+        if family in HEAD_NORM_FAMILIES:
             head = (*HEAD_NORM_SOURCE, *head[2:])
-        argument = ROTARY_ATTENTION_ARGUMENTS.get(_family(cls), ("",))[0]
+        argument = ROTARY_ATTENTION_ARGUMENTS.get(family, ("",))[0]
         return (*head[:-1], f"{head[-1]} {argument} {tail[0]}".replace("  ", " "), *tail[1:])
     if kind == "bias_gelu":
         return BIAS_GELU_SOURCE
@@ -808,7 +809,7 @@ def _rotate(q, k, cos, sin, family_module, backend):
 
 def _family_attention_arguments(module, family):
     """What the family's attention passes its attention function besides the common arguments
-    (ROTARY_ATTENTION_ARGUMENTS: Mistral's and Qwen2's sliding_window)."""
+    (ROTARY_ATTENTION_ARGUMENTS: Mistral's, Qwen2's and Qwen3's sliding_window)."""
     arguments = ROTARY_ATTENTION_ARGUMENTS.get(family)
     return arguments[1](module) if arguments else {}
 
