@@ -144,18 +144,17 @@ def test_the_float_gemms_of_the_rules_run_transfuse_linear_on_the_cpu(joined, mo
 
 
 @pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
-def test_an_int8_intermediate_runs_its_gelu_in_the_int8_linear(mode, monkeypatch):
+def test_an_int8_intermediate_runs_bias_gelu_on_its_product_without_bias(mode, monkeypatch):
     model = transfuse.patch(build("bert"), int8=mode)
     intermediate = model.encoder.layer[0].intermediate
     assert isinstance(intermediate.dense, transfuse.nn.Int8Linear)
     calls = []
-    original = transfuse.ops.int8_linear
-    monkeypatch.setattr(transfuse.ops, "int8_linear",
-                        lambda *a, **k: calls.append((a[3] is not None, k)) or original(*a, **k))
-    monkeypatch.setattr(transfuse.ops, "bias_gelu", None)  # (not called)
+    original = transfuse.ops.bias_gelu
+    monkeypatch.setattr(transfuse.ops, "bias_gelu",
+                        lambda *a, **k: calls.append(a[2]) or original(*a, **k))
     h = torch.randn(2, 5, model.config.hidden_size)
     out = intermediate(h)
-    assert calls == [(True, {"activation": "gelu", "backend": intermediate.dense.backend})]
+    assert calls == ["none"]
     # the class's forward: the int8 layer with its bias, then F.gelu
     torch.testing.assert_close(out, type(intermediate).forward(intermediate, h), rtol=1e-5,
                                atol=1e-6)

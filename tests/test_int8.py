@@ -216,75 +216,6 @@ def test_w8a16_matches_float64(backend, device, shape, dtype, with_bias):
     assert torch.isfinite(out).all() and (err <= bound).all(), f"max error {err.max():.3g}"
 
 
-# (m, n, k) of the GELU epilogue: the CPU's w8a8 GEMV (m <= k / 128) and 6-row tiles with a
-# remainder, its w8a16 GEMV (m <= 48) and GEMM; the one shape also run on a GPU
-GELU_SHAPES = [(17, 130, 100), (3, 70, 700), (23, 1536, 384), (60, 65, 300)]
-
-
-@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
-@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("backend,device", backend_params())
-def test_gelu_activation_matches_float64(backend, device, dtype, mode, activation):
-    """act(x W^T + b) for act GELU (erf or tanh form): the float64 reference within the
-    epilogue's error (w8a8: 1e-6 relative; w8a16: the fp32 accumulation's) and, but on the cpu
-    backend (its epilogues' GELU), a rounding of z (the unfused paths' GELU takes the rounded
-    output) times |gelu'| <= 1.13, plus the GELU's
-    own (3e-7 of max(1, |z|), activation.cpp) and a rounding of the result; on the cpu backend
-    in fp32 the same bits as the product with its bias then transfuse's bias_gelu pass (the
-    epilogue's GELU is that kernel's)."""
-    for m, n, k in GELU_SHAPES:
-        if device != "cpu" and (m, n, k) != GELU_SHAPES[0]:
-            continue
-        x = activations(m, k, dtype, device) / (1 if mode == "w8a8" else 100)
-        w, w_scale = quantized_weight(n, k, device)
-        bias = torch.randn(n).to(dtype).to(device)
-        out = transfuse.ops.int8_linear(x, w, w_scale, bias, mode, activation=activation,
-                                        backend=backend)
-        assert out.shape == (m, n) and out.dtype == dtype
-        exact = reference.int8_linear(x.double() if mode == "w8a16" else x, w, w_scale,
-                                      bias.double() if mode == "w8a16" else bias, mode,
-                                      activation).double()
-        if mode == "w8a8":
-            x_q, x_scale = reference.quantize_per_token(x)
-            z_magnitude = (reference.int8_matmul(x_q, w).double().abs()
-                           * x_scale.double()[:, None] * w_scale.double())
-            z_error = 1e-6 * (z_magnitude + bias.double().abs())
-        else:
-            z_magnitude = (x.double().abs() @ w.double().abs().T) * w_scale.double()
-            z_error = 4 * k * torch.finfo(torch.float32).eps * z_magnitude
-        z_bound = z_magnitude + bias.double().abs()
-        z_rounding = 0 if backend == "cpu" else z_bound * torch.finfo(dtype).eps  # (unfused)
-        bound = (1.13 * (z_error + z_rounding) + 3e-7 * z_bound.clamp(min=1)
-                 + 2 * exact.abs() * torch.finfo(dtype).eps + subnormal_spacing(dtype))
-        err = (out.double() - exact).abs()
-        assert torch.isfinite(out).all() and (err <= bound).all(), (
-            (m, n, k), f"max error {err.max():.3g}")
-        if backend == "cpu" and dtype == torch.float32:
-            product = transfuse.ops.int8_linear(x, w, w_scale, bias, mode, backend="cpu")
-            assert torch.equal(out, transfuse.ops.bias_gelu(
-                product, None, "tanh" if activation == "gelu_tanh" else "none", backend="cpu"))
-
-
-@pytest.mark.parametrize("backend,device", backend_params())
-def test_gelu_activation_gradients(backend, device):
-    """With autograd: the product, then transfuse.ops.bias_gelu's backward (dx through gelu')."""
-    w, w_scale = quantized_weight(24, 40, device)
-    x = torch.randn(2, 3, 40, device=device, requires_grad=True)
-    bias = torch.randn(24, device=device, requires_grad=True)
-    out = transfuse.ops.int8_linear(x, w, w_scale, bias, "w8a16", activation="gelu",
-                                    backend=backend)
-    dy = torch.randn(2, 3, 24, device=device)
-    out.backward(dy)
-    x64, bias64 = x.detach().double().requires_grad_(), bias.detach().double().requires_grad_()
-    exact = torch.nn.functional.gelu(
-        x64 @ (w.double() * w_scale.double()[:, None]).T + bias64)
-    exact.backward(dy.double())
-    torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(bias.grad.double(), bias64.grad, rtol=1e-4, atol=1e-5)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_cpu_gemms_over_every_tile_remainder(backend, dtype):
@@ -412,7 +343,6 @@ def _linear_args(**changes):
     (dict(w_scale=torch.ones(6, dtype=torch.float16)), TypeError, "w_scale must be"),
     (dict(bias=torch.ones(7)), ValueError, "bias must have shape"),
     (dict(mode="w4a16"), ValueError, "mode must be one of"),
-    (dict(activation="relu"), ValueError, "activation must be one of"),
     (dict(backend=3), TypeError, "backend must be a str"),
 ])
 def test_bad_input_names_the_argument(changes, error, match):

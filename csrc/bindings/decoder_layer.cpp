@@ -56,8 +56,7 @@ struct Linears {
   // in W_i^T + b_i
   Tensor operator()(size_t i, const Tensor& in) const {
     if (!int8_mode.empty()) {
-      const OptTensor out =
-          int8_linear(in, weights[i], weight_scales[i], biases[i], int8_mode, "none");
+      const OptTensor out = int8_linear(in, weights[i], weight_scales[i], biases[i], int8_mode);
       TORCH_CHECK_VALUE(out, "an int8 layer of the decoder layer has an empty product");
       return *out;
     }

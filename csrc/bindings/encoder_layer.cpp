@@ -14,8 +14,9 @@
 // Float weights go through `linear` (bias and GELU in the GEMM's epilogue), or where
 // torch_linears says so (the calls transfuse.ops.linear leaves to torch: too few rows for its
 // GEMMs, a CPU where torch's run faster) through torch's linear and gelu; int8 weights through
-// `int8_linear` (the GELU in its epilogue too, as the bias_gelu rule runs int8 layers); Q, K and
-// V through `int8_linears` (w8a8: x quantized once, the same values as three calls). Returns None where a kernel declines the call (before any
+// `int8_linear`, the GELU then through `bias_gelu` on the product without its bias, as the
+// bias_gelu rule runs int8 layers; Q, K and V through `int8_linears` (w8a8: x quantized once, the
+// same values as three calls). Returns None where a kernel declines the call (before any
 // output is returned, so the caller can run the modules instead).
 #include <optional>
 #include <vector>
@@ -81,8 +82,13 @@ OptTensor encoder_layer(const Tensor& x, const OptTensor& cu_seqlens, int64_t ma
       return gelu ? at::gelu(product, activation == "gelu" ? "none" : "tanh") : product;
     }
     if (!int8) return linear(in, weights[i], biases[i], gelu ? activation : "none");
-    return int8_linear(in, weights[i], weight_scales[i], biases[i], int8_mode,
-                       gelu ? activation : "none");
+    if (!gelu) return int8_linear(in, weights[i], weight_scales[i], biases[i], int8_mode);
+    const OptTensor product =
+        int8_linear(in, weights[i], weight_scales[i], std::nullopt, int8_mode);
+    if (!product) return std::nullopt;
+    return bias_gelu_forward(product->view({-1, product->size(-1)}), biases[i].contiguous(),
+                             activation == "gelu" ? "none" : "tanh")
+        .view(product->sizes());
   };
   auto layer_norm = [&](size_t j, const Tensor& in, const Tensor& residual) {
     return layer_norm_forward(in, norm_weights[j], norm_biases[j], residual, eps[j]);
@@ -92,7 +98,7 @@ OptTensor encoder_layer(const Tensor& x, const OptTensor& cu_seqlens, int64_t ma
   if (int8) {  // x quantized once for the three (w8a8)
     const auto qkv = int8_linears(x, {weights[0], weights[1], weights[2]},
                                   {weight_scales[0], weight_scales[1], weight_scales[2]},
-                                  {biases[0], biases[1], biases[2]}, int8_mode, "none");
+                                  {biases[0], biases[1], biases[2]}, int8_mode);
     q = qkv[0], k = qkv[1], v = qkv[2];
   } else {
     q = project(0, x), k = project(1, x), v = project(2, x);

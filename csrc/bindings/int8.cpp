@@ -192,9 +192,8 @@ Tensor int8_linear_w8a8(const Tensor& x_q, const Tensor& x_scale, const Tensor& 
   return out;
 }
 
-// w8a16 on the GEMV kernels; act on the CPU only (int8_linears adds it on CUDA).
-Tensor w8a16_gemv(const Tensor& x, const Tensor& w, const Tensor& w_scale, const OptTensor& bias,
-                  const Activation& act) {
+Tensor int8_linear_w8a16(const Tensor& x, const Tensor& w, const Tensor& w_scale,
+                         const OptTensor& bias) {
   TORCH_CHECK_VALUE(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D tensor");
   Tensor out;
   Int8LinearParams p = linear_params(w, w_scale, bias, x.scalar_type(), x, out);
@@ -204,16 +203,9 @@ Tensor w8a16_gemv(const Tensor& x, const Tensor& w, const Tensor& w_scale, const
     launch_linear_cuda(p, x);
 #endif
   } else {
-    p.gelu = act.gelu;
-    p.approximate = act.approximate;
     cpu::int8_linear_w8a16(p);
   }
   return out;
-}
-
-Tensor int8_linear_w8a16(const Tensor& x, const Tensor& w, const Tensor& w_scale,
-                         const OptTensor& bias) {
-  return w8a16_gemv(x, w, w_scale, bias, {});
 }
 
 constexpr int64_t kGemvMaxRows = 16;  // w8a16 rows up to this go to the GEMV kernels (decoding)
@@ -234,7 +226,7 @@ constexpr int64_t kDequantBlockElements = 1 << 23;  // CPU w8a16 beyond the GEMV
 // unless the weight has more than kDequantBlockElements), in x's dtype. The scale folded into the
 // weight rounds each w * s once in fp32: within the fp32 accumulation's error of (x @ w^T) * s.
 Tensor w8a16_by_blocks(const Tensor& x, const Tensor& w, const Tensor& w_scale,
-                       const OptTensor& bias, const Activation& act) {
+                       const OptTensor& bias) {
   const int64_t n = w.size(0), k = w.size(1);
   const Tensor xf = x.to(at::kFloat);
   const OptTensor bias_f = bias ? OptTensor(bias->to(at::kFloat)) : std::nullopt;
@@ -254,9 +246,6 @@ Tensor w8a16_by_blocks(const Tensor& x, const Tensor& w, const Tensor& w_scale,
       out.narrow(1, n0, rows).copy_(part);
     }
   }
-  if (act.gelu)
-    out = bias_gelu_forward(out, std::nullopt,
-                            act.approximate == GeluApproximation::tanh ? "tanh" : "none");
   return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
 }
 
@@ -271,8 +260,7 @@ bool w8a16_bf16_gemm(const Tensor& x) {
 // CPU w8a16 for more rows than the GEMV takes: cpu::gemm_bf16 for bf16 x where it runs, else
 // cpu::gemm on x in fp32, each widening the int8 weights as it packs them (AVX-512), else
 // w8a16_by_blocks.
-Tensor w8a16_cpu(const Tensor& x, const Tensor& w, const Tensor& w_scale, const OptTensor& bias,
-                 const Activation& act) {
+Tensor w8a16_cpu(const Tensor& x, const Tensor& w, const Tensor& w_scale, const OptTensor& bias) {
   Tensor out;
   const Int8LinearParams p = linear_params(w, w_scale, bias, x.scalar_type(), x, out);
   const bool bf16 = w8a16_bf16_gemm(x);
@@ -289,8 +277,6 @@ Tensor w8a16_cpu(const Tensor& x, const Tensor& w, const Tensor& w_scale, const 
   g.n = p.n;
   g.k = p.k;
   g.dtype = p.dtype;
-  g.gelu = act.gelu;
-  g.approximate = act.approximate;
   g.num_threads = p.num_threads;
   std::optional<Tensor> packed;
   if (bf16 && w.is_contiguous()) {
@@ -303,8 +289,7 @@ Tensor w8a16_cpu(const Tensor& x, const Tensor& w, const Tensor& w_scale, const 
         kInt8PairsLayout);
     if (packed) g.w_packed = packed->data_ptr();
   }
-  return (bf16 ? cpu::gemm_bf16(g) : cpu::gemm(g)) ? out
-                                                    : w8a16_by_blocks(x, w, w_scale, bias, act);
+  return (bf16 ? cpu::gemm_bf16(g) : cpu::gemm(g)) ? out : w8a16_by_blocks(x, w, w_scale, bias);
 }
 
 // w8a8 of x [m, k] by each weight on the CPU, x's quantized rows in buffers of the call (tensors
@@ -312,7 +297,7 @@ Tensor w8a16_cpu(const Tensor& x, const Tensor& w, const Tensor& w_scale, const 
 // panels where the CPU has AVX512-VNNI).
 std::vector<Tensor> w8a8_cpu(const Tensor& x, const std::vector<Tensor>& ws,
                              const std::vector<Tensor>& w_scales,
-                             const std::vector<OptTensor>& biases, const Activation& act) {
+                             const std::vector<OptTensor>& biases) {
   const int64_t m = x.size(0), k = x.size(1);
   const auto x_q = cpu::uninitialized<int8_t>(m * k);
   const auto x_scale = cpu::uninitialized<float>(m);
@@ -332,8 +317,6 @@ std::vector<Tensor> w8a8_cpu(const Tensor& x, const std::vector<Tensor>& ws,
     Int8LinearParams p = linear_params(ws[i], w_scales[i], biases[i], x.scalar_type(), x, outs[i]);
     p.x_q = x_q.get();
     p.x_scale = x_scale.get();
-    p.gelu = act.gelu;
-    p.approximate = act.approximate;
     if (cpu::int8_vnni_packs(m, k))
       packs[i] = packed_weights().of(ws[i], cpu::packed_weight_bytes(p.n, k),
                                      [](const Tensor& w, Tensor& out) {
@@ -356,16 +339,14 @@ std::vector<Tensor> w8a8_cpu(const Tensor& x, const std::vector<Tensor>& ws,
 
 }  // namespace
 
-// One eager int8 linear call on the CPU or CUDA backend: act(x [..., k] (any layout) @ (w *
-// w_scale[:, None])^T + bias (cast to x's dtype)) -> [..., n] in x's dtype; w8a8 quantizes x per
-// token first; act "none", "gelu" or "gelu_tanh": on the CPU in the epilogue, before the one
-// rounding to x's dtype; on CUDA a pass over the rounded output (transfuse.ops.bias_gelu's).
-// Checks every argument. Returns nothing for what it leaves to the Python op: an empty product
-// (the reference's zeros + bias) and, on CUDA, w8a16 beyond kGemvMaxRows rows (Triton).
+// One eager int8 linear call on the CPU or CUDA backend: x [..., k] (any layout) @ (w *
+// w_scale[:, None])^T + bias (cast to x's dtype) -> [..., n] in x's dtype; w8a8 quantizes x per
+// token first. Checks every argument. Returns nothing for what it leaves to the Python op: an
+// empty product (the reference's zeros + bias) and, on CUDA, w8a16 beyond kGemvMaxRows rows
+// (Triton).
 std::optional<Tensor> int8_linear(const Tensor& x, const Tensor& w, const Tensor& w_scale,
-                                  const OptTensor& bias, c10::string_view mode,
-                                  c10::string_view activation) {
-  return int8_linears(x, {w}, {w_scale}, {bias}, mode, activation)[0];
+                                  const OptTensor& bias, c10::string_view mode) {
+  return int8_linears(x, {w}, {w_scale}, {bias}, mode)[0];
 }
 
 // int8_linear of one x by each weight (Q, K and V): in w8a8 x quantized once for all of them,
@@ -373,11 +354,10 @@ std::optional<Tensor> int8_linear(const Tensor& x, const Tensor& w, const Tensor
 std::vector<OptTensor> int8_linears(const Tensor& x, const std::vector<Tensor>& ws,
                                     const std::vector<Tensor>& w_scales,
                                     const std::vector<OptTensor>& biases,
-                                    c10::string_view mode, c10::string_view activation) {
+                                    c10::string_view mode) {
   const bool w8a8 = mode == "w8a8";
   TORCH_CHECK_VALUE(w8a8 || mode == "w8a16", "mode must be one of ('w8a8', 'w8a16'), got '",
                     mode, "'");
-  const Activation act = to_activation(activation);
   TORCH_CHECK_VALUE(ws.size() == w_scales.size() && ws.size() == biases.size(),
                     "each weight needs its scales and bias (or None)");
   TORCH_CHECK_VALUE(x.dim() >= 1, "x must have at least one dimension");
@@ -412,7 +392,7 @@ std::vector<OptTensor> int8_linears(const Tensor& x, const std::vector<Tensor>& 
   const Tensor x2 = x.reshape({m, k}).contiguous();
   std::vector<Tensor> results;
   if (w8a8 && !x.is_cuda()) {
-    results = w8a8_cpu(x2, w_cs, w_scale_cs, bias_xs, act);
+    results = w8a8_cpu(x2, w_cs, w_scale_cs, bias_xs);
   } else if (w8a8) {
     const auto [x_q, x_scale] = quantize_per_token(x2);
     for (size_t j = 0; j < taken.size(); ++j)
@@ -423,13 +403,9 @@ std::vector<OptTensor> int8_linears(const Tensor& x, const std::vector<Tensor>& 
                                            : cpu::has_gemm() ? m > kCpuGemvMaxRows
                                                              : m > kGemvMaxRows);
     for (size_t j = 0; j < taken.size(); ++j)
-      results.push_back(cpu_gemm ? w8a16_cpu(x2, w_cs[j], w_scale_cs[j], bias_xs[j], act)
-                                 : w8a16_gemv(x2, w_cs[j], w_scale_cs[j], bias_xs[j], act));
+      results.push_back(cpu_gemm ? w8a16_cpu(x2, w_cs[j], w_scale_cs[j], bias_xs[j])
+                                 : int8_linear_w8a16(x2, w_cs[j], w_scale_cs[j], bias_xs[j]));
   }
-  if (act.gelu && x.is_cuda())
-    for (Tensor& result : results)
-      result = bias_gelu_forward(result, std::nullopt,
-                                 act.approximate == GeluApproximation::tanh ? "tanh" : "none");
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   for (size_t j = 0; j < taken.size(); ++j) {
     out_shape.back() = w_cs[j].size(0);
@@ -444,8 +420,7 @@ void add_int8_functions(PyObject* module) {
   using namespace pybind11::literals;
   auto m = py::reinterpret_borrow<py::module_>(module);
   const py::call_guard<py::gil_scoped_release> release_gil;
-  m.def("int8_linear", &int8_linear, "x"_a, "w"_a, "w_scale"_a, "bias"_a, "mode"_a,
-        "activation"_a = "none", release_gil);
+  m.def("int8_linear", &int8_linear, "x"_a, "w"_a, "w_scale"_a, "bias"_a, "mode"_a, release_gil);
   m.def("quantize_per_token", &quantize_per_token, "x"_a, release_gil);
   m.def("int8_matmul", &int8_matmul, "a"_a, "b"_a, release_gil);
   m.def("int8_linear_w8a8", &int8_linear_w8a8, "x_q"_a, "x_scale"_a, "w"_a, "w_scale"_a, "bias"_a,

@@ -33,7 +33,9 @@ using OptTensor = std::optional<Tensor>;
 // AVX512_BF16, an empty product).
 std::optional<Tensor> linear(const Tensor& x, const Tensor& w, const OptTensor& bias,
                              c10::string_view activation) {
-  const Activation act = to_activation(activation);
+  TORCH_CHECK_VALUE(activation == "none" || activation == "gelu" || activation == "gelu_tanh",
+                    "activation must be one of (None, 'gelu', 'gelu_tanh'), got '", activation,
+                    "'");
   TORCH_CHECK_VALUE(x.dim() >= 1, "x must have at least one dimension");
   TORCH_CHECK_VALUE(w.dim() == 2, "weight must be 2-D [out_features, in_features]");
   const int64_t k = x.size(-1), n = w.size(0);
@@ -64,8 +66,8 @@ std::optional<Tensor> linear(const Tensor& x, const Tensor& w, const OptTensor& 
   p.n = n;
   p.k = k;
   p.dtype = bf16 ? DType::bf16 : DType::f32;
-  p.gelu = act.gelu;
-  p.approximate = act.approximate;
+  p.gelu = activation != "none";
+  p.approximate = activation == "gelu_tanh" ? GeluApproximation::tanh : GeluApproximation::none;
   p.num_threads = at::get_num_threads();
   std::optional<Tensor> packed;
   if (!gemv && w.is_contiguous()) {  // (a copy of w would not outlive the call)

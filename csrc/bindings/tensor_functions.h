@@ -16,17 +16,16 @@ std::optional<at::Tensor> linear(const at::Tensor& x, const at::Tensor& w,
                                  const std::optional<at::Tensor>& bias,
                                  c10::string_view activation);
 
-// int8.cpp: act(x @ (w * w_scale[:, None])^T + bias) in x's dtype (w8a8 or w8a16; act "none",
-// "gelu" or "gelu_tanh"), or nothing where the Python op computes it.
+// int8.cpp: x @ (w * w_scale[:, None])^T + bias in x's dtype (w8a8 or w8a16), or nothing where
+// the Python op computes it.
 std::optional<at::Tensor> int8_linear(const at::Tensor& x, const at::Tensor& w,
                                       const at::Tensor& w_scale,
                                       const std::optional<at::Tensor>& bias,
-                                      c10::string_view mode, c10::string_view activation);
+                                      c10::string_view mode);
 // The same for several weights of one x (on the CPU in w8a8: x quantized once for all).
 std::vector<std::optional<at::Tensor>> int8_linears(
     const at::Tensor& x, const std::vector<at::Tensor>& ws, const std::vector<at::Tensor>& w_scales,
-    const std::vector<std::optional<at::Tensor>>& biases, c10::string_view mode,
-    c10::string_view activation);
+    const std::vector<std::optional<at::Tensor>>& biases, c10::string_view mode);
 
 // attention.cpp: (out, lse), padded [B, H, S, D] and packed [T, H, D] (FlashAttention's varlen).
 std::tuple<at::Tensor, at::Tensor> attention_forward(

@@ -11,19 +11,17 @@
 // w8a8 linear, x_q [m, k] int8 with per-row scales s_x, w [n, k] int8 with per-output-channel
 // scales s_w (symmetric, as quantized above along k):
 //   acc[i, j] = sum_k x_q[i, k] * w[j, k]        (int32, exact)
-//   out[i, j] = round_out(act(float(acc[i, j]) * s_x[i] * s_w[j] + bias[j]))   (fp32 epilogue)
+//   out[i, j] = round_out(float(acc[i, j]) * s_x[i] * s_w[j] + bias[j])   (fp32 epilogue)
 //
 // w8a16 (weight-only) linear, x [m, k] of dtype:
-//   out[i, j] = round_out(act((sum_k float(x[i, k]) * float(w[j, k])) * s_w[j] + bias[j]))
+//   out[i, j] = round_out((sum_k float(x[i, k]) * float(w[j, k])) * s_w[j] + bias[j])
 //
-// round_out: conversion of the fp32 value to out_dtype (round to nearest even). act: none, or
-// GELU as common/activation.h states it, in fp32 (BERT's intermediate layer in one call).
+// round_out: conversion of the fp32 value to out_dtype (round to nearest even).
 #pragma once
 
 #include <cstdint>
 
-#include "activation.h"  // GeluApproximation
-#include "norm.h"        // DType, dtype_size
+#include "norm.h"  // DType, dtype_size
 
 namespace transfuse {
 
@@ -54,8 +52,6 @@ struct Int8LinearParams {
   int64_t n = 0;
   int64_t k = 0;
   DType dtype = DType::f32;       // of x (w8a16), bias and out
-  bool gelu = false;              // act = GELU (approximate) rather than none (not with acc)
-  GeluApproximation approximate = GeluApproximation::none;
   int num_threads = 1;            // CPU only: OpenMP threads to use
 };
 

@@ -9,7 +9,6 @@
 #include <limits>
 #include <vector>
 
-#include "activation.h"
 #include "convert.h"
 #include "multiversion.h"
 #include "threads.h"
@@ -315,14 +314,13 @@ void dequantize_accumulators(const Int8LinearParams& p) {
     load_row(p.bias, p.dtype, bias.data(), p.n);
   }
   in_team(threads_for(p.num_threads, p.m, p.m * p.n, kMinWorkPerThread), [&] {
-    std::vector<float> row(p.n), activated(p.gelu ? p.n : 0);
+    std::vector<float> row(p.n);
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < p.m; ++i) {
       dequantize_row(p.acc + i * p.n, p.x_scale[i], p.w_scale, p.bias ? bias.data() : nullptr,
                      p.n, row.data());
-      if (p.gelu) gelu_row(row.data(), activated.data(), p.n, p.approximate);
-      store_row(p.gelu ? activated.data() : row.data(), p.dtype,
-                static_cast<char*>(p.out) + i * p.n * dtype_size(p.dtype), p.n);
+      store_row(row.data(), p.dtype, static_cast<char*>(p.out) + i * p.n * dtype_size(p.dtype),
+                p.n);
     }
   });
 }
@@ -361,10 +359,8 @@ void int8_linear_w8a16(const Int8LinearParams& p) {
       }
     }
   });
-  std::vector<float> activated(p.gelu ? p.m * p.n : 0);
-  if (p.gelu) gelu_row(out.data(), activated.data(), p.m * p.n, p.approximate);
   for (int64_t i = 0; i < p.m; ++i)
-    store_row((p.gelu ? activated.data() : out.data()) + i * p.n, p.dtype,
+    store_row(out.data() + i * p.n, p.dtype,
               static_cast<char*>(p.out) + i * p.n * dtype_size(p.dtype), p.n);
 }
 

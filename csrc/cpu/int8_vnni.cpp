@@ -147,26 +147,23 @@ TRANSFUSE_VNNI __attribute__((noinline)) void tile_product(
   TRANSFUSE_TILE_ROW_SAVE(3) TRANSFUSE_TILE_ROW_SAVE(4) TRANSFUSE_TILE_ROW_SAVE(5)
 }
 
-// The epilogue of a tile's rows r < rows (row i0 + r of the output): raw int32 sums into p.acc,
-// or out = act(float(acc) * s_x * s_w + bias) in p.dtype (epilogue_avx512.h's store_tile).
-TRANSFUSE_VNNI void tile_epilogue(const __m512i (*sums)[kPanelVectors], int64_t rows,
-                                  const Epilogue& e, int64_t i0) {
+// One row's epilogue: raw int32 sums into p.acc, or out = float(acc) * s_x * s_w + bias in p.dtype.
+TRANSFUSE_VNNI void row_epilogue(const __m512i sums[kPanelVectors], const Epilogue& e, int64_t i) {
   const Int8LinearParams& p = *e.p;
   if (p.acc) {
-    for (int64_t r = 0; r < rows; ++r)
-      for (int c = 0; c < kPanelVectors; ++c)
-        _mm512_mask_storeu_epi32(p.acc + (i0 + r) * p.n + e.j0 + 16 * c, e.store[c], sums[r][c]);
+    for (int c = 0; c < kPanelVectors; ++c)
+      _mm512_mask_storeu_epi32(p.acc + i * p.n + e.j0 + 16 * c, e.store[c], sums[c]);
     return;
   }
-  __m512 scaled[kTileRows][kPanelVectors];
-  for (int64_t r = 0; r < rows; ++r) {
-    const __m512 row_scale = _mm512_set1_ps(p.x_scale[i0 + r]);
-    for (int c = 0; c < kPanelVectors; ++c)
-      scaled[r][c] = _mm512_mul_ps(_mm512_cvtepi32_ps(sums[r][c]), row_scale);
+  const __m512 row_scale = _mm512_set1_ps(p.x_scale[i]);
+  __m512 values[kPanelVectors];
+  for (int c = 0; c < kPanelVectors; ++c) {
+    const __m512 sum = _mm512_cvtepi32_ps(sums[c]);
+    values[c] =
+        _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(sum, row_scale), e.w_scale[c]), e.bias[c]);
   }
-  store_tile<kTileRows, kPanelVectors>(
-      scaled, rows, e.w_scale, e.bias, e.store, p.gelu, p.approximate, p.dtype,
-      static_cast<char*>(p.out) + (i0 * p.n + e.j0) * dtype_size(p.dtype), p.n);
+  store_vectors<kPanelVectors>(values, e.store, p.dtype,
+                static_cast<char*>(p.out) + (i * p.n + e.j0) * dtype_size(p.dtype));
 }
 
 // The bias in fp32 for the epilogue (empty without one, or for raw sums into p.acc).
@@ -203,7 +200,7 @@ TRANSFUSE_VNNI void run_tile(int64_t rows, const uint8_t* u, int64_t groups, con
     case 5: tile_product<5>(u, groups, panel, offset, sums); break;
     default: tile_product<6>(u, groups, panel, offset, sums); break;
   }
-  tile_epilogue(sums, rows, e, i0);
+  for (int64_t r = 0; r < rows; ++r) row_epilogue(sums[r], e, i0 + r);
 }
 
 // sums_t[r][t] = acc[t0 + t, j0 + r] for a panel of 64 weight rows (w_rows, stride bytes apart)
@@ -267,13 +264,10 @@ TRANSFUSE_VNNI void int8_linear_amx(const Int8LinearParams& p) {
         amx_block(w_rows, stride, xt.get() + t0, m_pad, k_pad, sums_t);
         transpose_block(reinterpret_cast<uint32_t(*)[kAmxTokens]>(sums_t),
                         reinterpret_cast<uint32_t(*)[kAmxPanelRows]>(sums));
-        for (int64_t t = 0; t < std::min(kAmxTokens, p.m - t0); t += kTileRows) {
-          __m512i rows[kTileRows][kPanelVectors];
-          const int64_t count = std::min({kTileRows, kAmxTokens - t, p.m - t0 - t});
-          for (int64_t r = 0; r < count; ++r)
-            for (int c = 0; c < kPanelVectors; ++c)
-              rows[r][c] = _mm512_load_si512(&sums[t + r][16 * c]);
-          tile_epilogue(rows, count, e, t0 + t);
+        for (int64_t t = 0; t < std::min(kAmxTokens, p.m - t0); ++t) {
+          __m512i row[kPanelVectors];
+          for (int c = 0; c < kPanelVectors; ++c) row[c] = _mm512_load_si512(&sums[t][16 * c]);
+          row_epilogue(row, e, t0 + t);
         }
       }
     }

@@ -225,9 +225,8 @@ def int8_matmul(a, b):
         torch.zeros(a.shape[0], b.shape[0], dtype=torch.int32, device=a.device))
 
 
-def int8_linear(x, w_int8, w_scale, bias=None, mode="w8a8", activation=None):
-    """act(x [..., k] times the dequantized weight (w_int8 [n, k] * w_scale [n]) transposed, +
-    bias), act as linear's.
+def int8_linear(x, w_int8, w_scale, bias=None, mode="w8a8"):
+    """x [..., k] times the dequantized weight (w_int8 [n, k] * w_scale [n]) transposed, + bias.
 
     w8a8: x is quantized per token first (in fp32, as the kernels do), then acc * s_x * s_w + bias.
     w8a16: (x @ w_int8^T) * s_w + bias with x as it is. Computed in float64 (the kernels' fp32
@@ -242,7 +241,7 @@ def int8_linear(x, w_int8, w_scale, bias=None, mode="w8a8", activation=None):
     out = out * w_scale.to(wide)
     if bias is not None:
         out = out + bias.to(wide)
-    return _activate(out, activation).to(x.dtype).reshape(*x.shape[:-1], w_int8.shape[0])
+    return out.to(x.dtype).reshape(*x.shape[:-1], w_int8.shape[0])
 
 
 def linear(x, weight, bias=None, activation=None):
@@ -251,15 +250,10 @@ def linear(x, weight, bias=None, activation=None):
     out = x.double() @ weight.double().T
     if bias is not None:
         out = out + bias.double()
-    return _activate(out, activation).to(x.dtype)
-
-
-def _activate(out, activation):
-    """out, or F.gelu of it for activation "gelu" / "gelu_tanh" (approximate "none" / "tanh")."""
-    if activation is None:
-        return out
-    return torch.nn.functional.gelu(out, approximate="tanh" if activation == "gelu_tanh"
-                                    else "none")
+    if activation is not None:
+        out = torch.nn.functional.gelu(out, approximate="tanh" if activation == "gelu_tanh"
+                                       else "none")
+    return out.to(x.dtype)
 
 
 def bias_gelu(x, bias=None, approximate="none"):

@@ -83,9 +83,8 @@ something else.
                else the class's forward.
   bias_gelu    gelu(dense(h)) (BERT-style Intermediate, exact or tanh GELU): on CPU tensors with
                a float dense layer, one transfuse.ops.linear with the bias and GELU in its
-               GEMM's epilogue; a transfuse int8 layer, one transfuse.ops.int8_linear with
-               the GELU (in its epilogue on the cpu backend); else the float GEMM without its
-               bias (no copy of the bias into the output first), then one pass of
+               GEMM's epilogue; else the GEMM (float or transfuse int8) without its bias (no
+               copy of the bias into the output first), then one pass of
                transfuse.ops.bias_gelu.
 
 On CPU tensors the rules' float GEMMs (the projections run one by one, the dense layers before a
@@ -910,28 +909,31 @@ def _gelu_approximation(act):
     return None
 
 
+def _product_without_bias(dense, x, backend):
+    """dense(x) without its bias, for an nn.Linear or a transfuse Int8Linear left as built; None
+    for anything else."""
+    if _plain_linear(dense):
+        return _linear(x, dense.weight, None, backend)
+    if type(dense) is Int8Linear and not (dense._forward_hooks or dense._forward_pre_hooks):
+        return ops.int8_linear(x, dense.weight, dense.weight_scale, None, dense.mode,
+                               backend=dense.backend)
+    return None
+
+
 def _bias_gelu_forward(self, hidden_states):
     fused = _cpu_linear_gelu(self, hidden_states)
     if fused is not None:
         return fused
     dense = self.dense
     approximate = _gelu_approximation(self.intermediate_act_fn)
-    if (approximate is None or getattr(dense, "bias", None) is None
+    product = None
+    if not (approximate is None or getattr(dense, "bias", None) is None
             or _own_forward(dense) or torch.is_autocast_enabled(hidden_states.device.type)
             or dense.bias.dtype != hidden_states.dtype):
+        product = _product_without_bias(dense, hidden_states, self.__dict__.get(BACKEND_ATTR))
+    if product is None:
         return type(self).forward(self, hidden_states)
-    backend = self.__dict__.get(BACKEND_ATTR)
-    if _plain_linear(dense):  # (the GEMM without its bias: no copy of it into the output first)
-        product = _linear(hidden_states, dense.weight, None, backend)
-        return ops.bias_gelu(product, dense.bias, approximate, backend=backend)
-    if type(dense) is Int8Linear and not (dense._forward_hooks or dense._forward_pre_hooks):
-        return ops.int8_linear(hidden_states, dense.weight, dense.weight_scale, dense.bias,
-                               dense.mode, activation=_GELU_ACTIVATIONS[approximate],
-                               backend=dense.backend)
-    return type(self).forward(self, hidden_states)
-
-
-_GELU_ACTIVATIONS = {"none": "gelu", "tanh": "gelu_tanh"}  # F.gelu's approximate -> ops'
+    return ops.bias_gelu(product, dense.bias, approximate, backend=self.__dict__.get(BACKEND_ATTR))
 
 
 def _cpu_linear_gelu(self, hidden_states):
@@ -945,7 +947,7 @@ def _cpu_linear_gelu(self, hidden_states):
             or (dense.bias is not None and dense.bias.dtype != hidden_states.dtype)):
         return None
     return ops.linear(hidden_states, dense.weight, dense.bias,
-                      activation=_GELU_ACTIVATIONS[approximate],
+                      activation="gelu" if approximate == "none" else "gelu_tanh",
                       backend=self.__dict__.get(BACKEND_ATTR))
 
 
@@ -1091,7 +1093,7 @@ def _layer_call_arguments(inner, heads, scale, x, linears, norms, dropouts, acti
     return (heads, float(scale), weights, weight_scales, biases, torch_linears, mode,
             [n._parameters["weight"] for n in norms],
             [n._parameters["bias"] for n in norms], [float(n.eps) for n in norms],
-            _GELU_ACTIVATIONS[approximate])
+            "gelu" if approximate == "none" else "gelu_tanh")
 
 
 def _fused_call(x, attention_mask, kwargs):

@@ -30,10 +30,8 @@ from torch import Tensor
 
 from .. import backends, reference
 from . import _backend, _library
-from .activation import bias_gelu
 
 MODES = ("w8a8", "w8a16")
-ACTIVATIONS = (None, "gelu", "gelu_tanh")  # as transfuse.ops.linear's
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FLOAT_DTYPES = KERNEL_DTYPES + (torch.float64,)
 MAX_K = 133_000  # k * 127 * 127 must stay below 2^31 for an exact int32 accumulator (= C++ kMaxK)
@@ -171,11 +169,6 @@ def _check_weight(x, w_int8, w_scale, bias, mode):
                          "frozen (int8_linear gives no gradient for them)")
 
 
-def _check_activation(activation):
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-
-
 def _check_backend(backend):
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"backend must be a str or None, got {backend!r}")
@@ -234,18 +227,15 @@ def int8_matmul(a, b, *, backend=None):
     return _kernel(name, "int8_matmul")(a.contiguous(), b.contiguous())
 
 
-def int8_linear(x, w_int8, w_scale, bias=None, mode="w8a8", *, activation=None, backend=None):
-    """act(x @ (w_int8 * w_scale[:, None])^T + bias), in x's dtype; x [..., k], w_int8 [n, k].
+def int8_linear(x, w_int8, w_scale, bias=None, mode="w8a8", *, backend=None):
+    """x @ (w_int8 * w_scale[:, None])^T + bias, in x's dtype; x [..., k], w_int8 [n, k].
 
     w8a8: x is quantized per token on the fly; int8 x int8 -> int32, then the fp32 epilogue
     acc * s_x * s_w + bias. w8a16: weight-only; x stays in its dtype and the int8 weight is
-    converted inside the kernel (for memory-bound decoding). act: None, or "gelu" / "gelu_tanh"
-    (F.gelu's erf / tanh form, as transfuse.ops.linear): on the cpu backend without autograd in
-    the epilogue, before its one rounding to x's dtype (BERT's intermediate layer in one call);
-    elsewhere transfuse.ops.bias_gelu over the output. Differentiable with respect to x and
-    bias (the weight and w_scale are frozen: a w_scale requiring grad raises ValueError). A row
-    of x holding NaN or inf gives NaN outputs in w8a8 (its scale is NaN); k = 0 gives bias (or
-    zeros), as F.linear.
+    converted inside the kernel (for memory-bound decoding). Differentiable with respect to x
+    and bias (the weight and w_scale are frozen: a w_scale requiring grad raises ValueError).
+    A row of x holding NaN or inf gives NaN outputs in w8a8 (its scale is NaN); k = 0 gives
+    bias (or zeros), as F.linear.
     """
     name = _backend_for(x, backend)
     if (name == "cpu" or name == "cuda") and not torch.compiler.is_compiling():
@@ -255,19 +245,16 @@ def int8_linear(x, w_int8, w_scale, bias=None, mode="w8a8", *, activation=None, 
                     bias is not None and bias.requires_grad))):
                 if mode == "w8a8" and name == "cpu":
                     _warn_if_no_int8_dot()
-                out = _kernel(name, "int8_linear")(x, w_int8, w_scale, bias, mode,
-                                                   activation or "none")
+                out = _kernel(name, "int8_linear")(x, w_int8, w_scale, bias, mode)
                 if out is not None:
                     return out
                 name = "triton"  # what it leaves (see _linear_forward): not asked of C++ again
         except Exception:
             _check_float("x", x)  # words the error as the other backends do
             _check_weight(x, w_int8, w_scale, bias, mode)
-            _check_activation(activation)
             raise
     _check_float("x", x)
     _check_weight(x, w_int8, w_scale, bias, mode)
-    _check_activation(activation)
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
     x2 = _rows(x).contiguous()
@@ -278,8 +265,5 @@ def int8_linear(x, w_int8, w_scale, bias=None, mode="w8a8", *, activation=None, 
         out = _EagerInt8Linear.apply(*args)
     else:
         out = _linear_forward(*args)
-    out = out if x.dim() == 2 else out.view(*x.shape[:-1], w_int8.shape[0])
-    if activation is None:
-        return out
-    return bias_gelu(out, None, "tanh" if activation == "gelu_tanh" else "none", backend=backend)
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], w_int8.shape[0])
 
