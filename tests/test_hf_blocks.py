@@ -521,6 +521,52 @@ def test_decoder_attention_and_mlp_fall_back_to_the_class_forward():
     assert "forward" not in attention.__dict__ and "forward" not in mlp.__dict__
 
 
+def test_modernbert_attention_rotates_q_and_k_in_one_call(monkeypatch):
+    """joint_rotary_attention: per layer and forward one transfuse.ops.rotary over q and k, the
+    model equal to the unpatched one per real token of a padded batch (local and global layers,
+    padding removal packing the tokens); in bf16 the same values as the modules with
+    apply_rotary_pos_emb (both fp32 math rounded once); angles that require a gradient run the
+    class's code, which gives them one; training gradients equal the unpatched model's."""
+    model = build("modernbert")
+    patched = transfuse.patch(copy.deepcopy(model))
+    layers = model.config.num_hidden_layers
+    rules = [rule for name, rule in transfuse.patched_modules(patched).items()
+             if name.endswith(".attn<block>")]
+    assert rules == ["block rule 'joint_rotary_attention'"] * layers
+    calls = []
+    original = transfuse.ops.rotary
+    monkeypatch.setattr(transfuse.ops, "rotary",
+                        lambda *a, **k: calls.append(a[0].shape) or original(*a, **k))
+    ids, mask = padded_batch()
+    torch.testing.assert_close(real_tokens(patched, ids, mask), real_tokens(model, ids, mask),
+                               rtol=1e-5, atol=1e-5)
+    assert len(calls) == layers
+    bf16 = transfuse.patch(copy.deepcopy(model).to(torch.bfloat16))
+    rule_off = copy.deepcopy(bf16)
+    for module in rule_off.modules():
+        if module.__dict__.get(blocks.FORWARD_ATTR) == "joint_rotary_attention":
+            del module.forward
+    assert torch.equal(real_tokens(bf16, ids, mask), real_tokens(rule_off, ids, mask))
+
+    attention = patched.layers[1].attn  # (a local layer)
+    h = torch.randn(2, 5, model.config.hidden_size)
+    cos, sin = model.rotary_emb(h, torch.arange(5).expand(2, 5), "sliding_attention")
+    with torch.no_grad():
+        expected = type(attention).forward(attention, h, (cos, sin), None)[0]
+        assert torch.equal(attention(h, (cos, sin), None)[0], expected)
+    angle = cos.clone().requires_grad_(True)
+    torch.testing.assert_close(attention(h, (angle, sin), None)[0], expected, rtol=1e-5,
+                               atol=1e-6)  # (torch's GEMMs record the graph)
+    attention(h, (angle, sin), None)[0].sum().backward()
+    assert angle.grad is not None and angle.grad.abs().sum() > 0
+
+    patched.zero_grad()
+    for m in (model.train(), patched.train()):  # (the config's dropouts are 0)
+        m(input_ids=ids, attention_mask=mask).last_hidden_state[mask.bool()].square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), patched.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
 # ------------------------------------------------------------------------------------------------
 # encoder_layer: the whole layer in one transfuse._C.encoder_layer call
 # ------------------------------------------------------------------------------------------------

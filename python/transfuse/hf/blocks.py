@@ -35,6 +35,10 @@ something else.
                transfuse.ops.rotary call over q and k, which also lays them out contiguously for
                the attention; the rest as the class's forward (cache update, the configured
                attention function, o_proj).
+  joint_rotary_attention  ModernBERT's attention (one Wqkv GEMM for q, k and v): its
+               apply_rotary_pos_emb, which upcasts q and k to fp32 (about fourteen torch ops),
+               replaced by one transfuse.ops.rotary call over q and k (fp32 math rounded once:
+               the same values in fp32 and bf16); the rest as the class's forward.
   gated_mlp    act_fn(gate_proj(x)) * up_proj(x) with act_fn SiLU (Llama, Mistral, Qwen2,
                Qwen3): gate and up as projections, their product through transfuse.ops.silu_mul
                (one pass instead of two; on CUDA it reads the two halves of the joint GEMM's
@@ -168,6 +172,7 @@ BLOCK_RULES = {
     **{f"{family}Attention": ("rotary_attention", ("q_proj", "k_proj", "v_proj"))
        for family in _DECODERS},
     **{f"{family}MLP": ("gated_mlp", ("gate_proj", "up_proj")) for family in _DECODERS},
+    "ModernBertAttention": ("joint_rotary_attention", ()),  # (Wqkv, Wo: the linear rule's)
     **{f"{family}DecoderLayer": ("residual_rms_norm",
                                  ("input_layernorm", "self_attn", "post_attention_layernorm",
                                   "mlp")) for family in _DECODERS},
@@ -232,6 +237,29 @@ ROTATE_HALF_SOURCE = ("def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
                       "k_embed = (k * cos) + (rotate_half(k) * sin)", "return q_embed, k_embed")
 ROTATE_HALF_HELPER_SOURCE = ("x1 = x[..., : x.shape[-1] // 2]", "x2 = x[..., x.shape[-1] // 2 :]",
                              "return torch.cat((-x2, x1), dim=-1)")
+# ModernBERT's attention (transformers 5.17 to 5.24) and its rotary embedding, computed in fp32
+JOINT_ROTARY_ATTENTION_SOURCE = (
+    "input_shape = hidden_states.shape[:-1]", "qkv = self.Wqkv(hidden_states)",
+    "qkv = qkv.view(*input_shape, 3, -1, self.head_dim)",
+    "query_states, key_states, value_states = qkv.unbind(dim=-3)",
+    "query_states = query_states.transpose(1, 2)", "key_states = key_states.transpose(1, 2)",
+    "value_states = value_states.transpose(1, 2)", "cos, sin = position_embeddings",
+    "query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin, "
+    "unsqueeze_dim=1)",
+    "attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface( "
+    "self.config._attn_implementation, eager_attention_forward )",
+    "attn_output, attn_weights = attention_interface( self, query_states, key_states, "
+    "value_states, attention_mask, dropout=self.attention_dropout if self.training else 0.0, "
+    "scaling=self.head_dim**-0.5, sliding_window=self.sliding_window, "
+    "deterministic=self.deterministic_flash_attn, **kwargs, )",
+    "attn_output = attn_output.reshape(*input_shape, -1).contiguous()",
+    "attn_output = self.out_drop(self.Wo(attn_output))", "return attn_output, attn_weights")
+UPCAST_ROTATE_HALF_SOURCE = (
+    "def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):", "original_dtype = q.dtype",
+    "cos = cos.unsqueeze(unsqueeze_dim)", "sin = sin.unsqueeze(unsqueeze_dim)",
+    "q_embed = (q.float() * cos) + (rotate_half(q.float()) * sin)",
+    "k_embed = (k.float() * cos) + (rotate_half(k.float()) * sin)",
+    "return q_embed.to(original_dtype), k_embed.to(original_dtype)")
 
 # A BERT-style layer's forward and its feed_forward_chunk; its attention container's forward and
 # the self-attention's (transformers 5.17 names the cache past_key_values, 5.24 cache).
@@ -347,6 +375,8 @@ def _expected_source(kind, names, cls):
             head = (*HEAD_NORM_SOURCE, *head[2:])
         argument = ROTARY_ATTENTION_ARGUMENTS.get(family, ("",))[0]
         return (*head[:-1], f"{head[-1]} {argument} {tail[0]}".replace("  ", " "), *tail[1:])
+    if kind == "joint_rotary_attention":
+        return JOINT_ROTARY_ATTENTION_SOURCE
     if kind == "bias_gelu":
         return BIAS_GELU_SOURCE
     if kind == "encoder_layer":
@@ -385,9 +415,11 @@ def _reads_as(function, lines):
 
 @functools.lru_cache(maxsize=None)
 def _forward_reads_as(cls, kind, names):
-    if kind == "rotary_attention":  # the module's rotary embedding is the rotate-half one
+    if kind in ("rotary_attention", "joint_rotary_attention"):  # the rotate-half embedding
         family_module = sys.modules[cls.__module__]
-        if not (_reads_as(getattr(family_module, "apply_rotary_pos_emb", None), ROTATE_HALF_SOURCE)
+        if not (_reads_as(getattr(family_module, "apply_rotary_pos_emb", None),
+                          ROTATE_HALF_SOURCE if kind == "rotary_attention"
+                          else UPCAST_ROTATE_HALF_SOURCE)
                 and _reads_as(getattr(family_module, "rotate_half", None),
                               ROTATE_HALF_HELPER_SOURCE)):
             return False
@@ -851,6 +883,30 @@ def _patch_rotary_attention(module, names):
     _patch_projections(module, names)
     module.__dict__[FACTS_ATTR] = _attention_facts(type(module))
     return _install(module, _rotary_attention_forward)
+
+
+def _joint_rotary_attention_forward(self, hidden_states, position_embeddings=None,
+                                    attention_mask=None, **kwargs):
+    family_module = sys.modules[type(self).__module__]
+    if position_embeddings is None:  # (what the class does with it)
+        return type(self).forward(self, hidden_states, position_embeddings, attention_mask,
+                                  **kwargs)
+    input_shape = hidden_states.shape[:-1]
+    qkv = self.Wqkv(hidden_states).view(*input_shape, 3, -1, self.head_dim)
+    query, key, value = (t.transpose(1, 2) for t in qkv.unbind(dim=-3))
+    query, key = _rotate(query, key, *position_embeddings, family_module,
+                         self.__dict__.get(BACKEND_ATTR))
+    attention = family_module.ALL_ATTENTION_FUNCTIONS.get_interface(
+        self.config._attn_implementation, family_module.eager_attention_forward)
+    output, weights = attention(
+        self, query, key, value, attention_mask,
+        dropout=self.attention_dropout if self.training else 0.0, scaling=self.head_dim**-0.5,
+        sliding_window=self.sliding_window, deterministic=self.deterministic_flash_attn, **kwargs)
+    return self.out_drop(self.Wo(output.reshape(*input_shape, -1).contiguous())), weights
+
+
+def _patch_joint_rotary_attention(module, names):
+    return _install(module, _joint_rotary_attention_forward)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1579,6 +1635,7 @@ _PATCHERS = {"projections": _patch_projections, "linear": _patch_linear,
              "residual_norm": _patch_residual_norm,
              "residual_rms_norm": _patch_residual_rms_norm, "bias_gelu": _patch_bias_gelu,
              "rotary_attention": _patch_rotary_attention, "gated_mlp": _patch_gated_mlp,
+             "joint_rotary_attention": _patch_joint_rotary_attention,
              "encoder_layer": _patch_encoder_layer, "encoder_stack": _patch_encoder_stack,
              "embeddings": _patch_embeddings,
              **dict.fromkeys(RELATIVE_BIAS_KINDS, _patch_relative_bias)}
