@@ -112,8 +112,9 @@ class _LastHiddenState(torch.nn.Module):
 
 
 def openvino_models(model, batch, folder, int8_folder):
-    """(fp32, int8-weight) OpenVINO models: IR folders, or with folder "torch" the model converted
-    here (traced on `batch`) and its weights compressed by nncf (int8, per channel)."""
+    """(fp32, int8-weight) OpenVINO models: the IR folders as given (or None), or with folder
+    "torch" the model converted here (traced on `batch`) and its weights compressed by nncf
+    (int8, per channel)."""
     if folder != "torch":
         return folder, int8_folder
     if model.config.model_type != "modernbert":  # (Qwen3's traced with its cache fails)
@@ -185,8 +186,7 @@ def main(argv=None):
     lengths = sentence_lengths()
     vocab = config["vocab_size"]
     batches = padded_batches(lengths, args.batch, side, vocab)
-    ov_fp32, ov_int8 = (openvino_models(model, batches[0], args.openvino, args.openvino_int8)
-                        if args.openvino else (None, None))
+    ov_fp32, ov_int8 = openvino_models(model, batches[0], args.openvino, args.openvino_int8)
     sides = {"eager": torch_side(model, pooling),
              "transfuse patch(model)": torch_side(transfuse.patch(copy.deepcopy(model)), pooling),
              "transfuse int8=w8a8": torch_side(transfuse.patch(copy.deepcopy(model),

@@ -562,7 +562,8 @@ def test_modernbert_attention_rotates_q_and_k_in_one_call(monkeypatch):
 
     patched.zero_grad()
     for m in (model.train(), patched.train()):  # (the config's dropouts are 0)
-        m(input_ids=ids, attention_mask=mask).last_hidden_state[mask.bool()].square().sum().backward()
+        out = m(input_ids=ids, attention_mask=mask).last_hidden_state
+        out[mask.bool()].square().sum().backward()
     for (name, p), q in zip(model.named_parameters(), patched.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
 
