@@ -374,10 +374,12 @@ def kernels_stage(out: Out, dry: bool):
     b = torch.randn(C, device=dev, dtype=bf16)
     ok &= elementwise("bias_gelu", (x, b), lambda x, b: F.gelu(x + b),
                       2 * x.numel() * x.element_size())
-    # SiLU(gate) * up over the halves of a joint gate-up GEMM's output (a SwiGLU MLP)
+    # act(gate) * up over the halves of a joint gate-up GEMM's output (SwiGLU, GeGLU MLPs)
     gate_up = torch.randn(R, 2 * C, device=dev, dtype=bf16)
     gate, up = gate_up[:, :C], gate_up[:, C:]
     ok &= elementwise("silu_mul", (gate, up), lambda gate, up: F.silu(gate) * up,
+                      3 * gate.numel() * gate.element_size())
+    ok &= elementwise("gelu_mul", (gate, up), lambda gate, up: F.gelu(gate) * up,  # GeGLU
                       3 * gate.numel() * gate.element_size())
     # rotary embedding of a prefill's q and k (8B-model shape: 32 query and 8 key heads of 128)
     B, S, HQ, HK, D = (2, 5, 4, 2, 16) if dry else (4, 2048, 32, 8, 128)

@@ -1,7 +1,8 @@
-"""Triton kernels of the bias + GELU epilogue and of SiLU(gate) * up, forward and backward.
+"""Triton kernels of the bias + GELU epilogue and of act(gate) * up (SiLU or GELU), forward and
+backward.
 
 The math, including where values are rounded, is that of csrc/common/activation.h: z = x + bias
-rounded to x's dtype (as eager's add), GELU in fp32, the result rounded once; silu(g) * u and its
+rounded to x's dtype (as eager's add), GELU in fp32, the result rounded once; act(g) * u and its
 gradients in fp32, each rounded once. Elementwise: each program handles one
 [BLOCK_ROWS, BLOCK_COLS] tile of the [rows, cols] inputs (tiles numbered row block by row block),
 loading the tile's bias columns once.
@@ -10,17 +11,18 @@ Launchers (called by transfuse.ops.activation with 2-D [rows, cols] tensors):
     bias_gelu_forward(x, bias, approximate) -> y           (x contiguous)
     bias_gelu_backward(dy, x, bias, approximate) -> dx (= dz; dbias, the sum of dz over rows,
                                                         is the caller's torch sum)
-    silu_mul_forward(gate, up) -> y                        (gate and up: rows contiguous, any
-    silu_mul_backward(dy, gate, up) -> (dgate, dup)         row strides, e.g. the two halves of
+    gated_mul_forward(gate, up, activation) -> y           (act: "silu", "gelu" or "gelu_tanh";
+    gated_mul_backward(dy, gate, up, activation)            gate and up: rows contiguous, any
+        -> (dgate, dup)                                     row strides, e.g. the two halves of
                                                             a [rows, 2 * cols] tensor; dy and
                                                             the outputs contiguous)
 
-On GPU every call takes the same tile shape, and has_bias / use_tanh and the row strides are
-run-time arguments (one uniform branch per program), so one variant is compiled per kernel, dtype
-and direction (plus the JIT's divisibility-by-16 specializations of the integer arguments). Under
-TRITON_INTERPRET=1 (CPU tensors) tiles span whole rows, to keep the programs few. bf16 rounding
-goes through kernels/norm.py's helpers (the interpreter truncates fp32 -> bf16; they round to
-nearest even first).
+On GPU every call takes the same tile shape, and has_bias / use_tanh (gated_mul: use_gelu /
+use_tanh) and the row strides are run-time arguments (one uniform branch per program), so one
+variant is compiled per kernel, dtype and direction (plus the JIT's divisibility-by-16
+specializations of the integer arguments). Under TRITON_INTERPRET=1 (CPU tensors) tiles span whole
+rows, to keep the programs few. bf16 rounding goes through kernels/norm.py's helpers (the
+interpreter truncates fp32 -> bf16; they round to nearest even first).
 """
 from __future__ import annotations
 
@@ -167,10 +169,31 @@ def _tile_ids(pid, n_rows, n_cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.cons
     return row_ids[:, None], col_ids[None, :], mask
 
 
-# y = round(silu(g) * u), silu(g) = g * s, s = sigmoid(g) = 1 / (1 + exp(-g)) (exp(-g) = inf for
-# g << 0 gives s = 0, the limit), for one [BLOCK_ROWS, BLOCK_COLS] tile; g = gate, u = up.
+# act(g) and act'(g) of act(gate) * up: GELU (exact or tanh, as _gelu) where use_gelu, else SiLU,
+# silu(g) = g * s, silu'(g) = s * (1 + g * (1 - s)), s = sigmoid(g) = 1 / (1 + exp(-g)) (exp(-g) =
+# inf for g << 0 gives s = 0 and s * (1 + g) = 0: the limits, no overflow).
 @triton.jit
-def _silu_mul_forward_kernel(
+def _activate(g, use_gelu, use_tanh):
+    if use_gelu:
+        a = _gelu(g, use_tanh)
+    else:
+        a = g / (1.0 + tl.exp(-g))
+    return a
+
+
+@triton.jit
+def _activate_grad(g, use_gelu, use_tanh):
+    if use_gelu:
+        d = _gelu_grad(g, use_tanh)
+    else:
+        s = 1.0 / (1.0 + tl.exp(-g))
+        d = s * (1.0 + g * (1.0 - s))
+    return d
+
+
+# y = round(act(g) * u) for one [BLOCK_ROWS, BLOCK_COLS] tile; g = gate, u = up.
+@triton.jit
+def _gated_mul_forward_kernel(
     gate_ptr,         # [rows, cols] gate, dtype, rows gate_row_stride elements apart
     up_ptr,           # [rows, cols] up, dtype, rows up_row_stride elements apart
     y_ptr,            # [rows, cols] output, dtype, contiguous
@@ -178,6 +201,8 @@ def _silu_mul_forward_kernel(
     n_cols,
     gate_row_stride,
     up_row_stride,
+    use_gelu,         # act: GELU (else SiLU); run-time, one uniform branch
+    use_tanh,         # GELU's tanh approximation
     DTYPE: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_COLS: tl.constexpr,
@@ -185,16 +210,13 @@ def _silu_mul_forward_kernel(
     rows, cols, mask = _tile_ids(tl.program_id(0), n_rows, n_cols, BLOCK_ROWS, BLOCK_COLS)
     g = tl.load(gate_ptr + (rows * gate_row_stride + cols), mask=mask, other=0.0).to(tl.float32)
     u = tl.load(up_ptr + (rows * up_row_stride + cols), mask=mask, other=0.0).to(tl.float32)
-    s = 1.0 / (1.0 + tl.exp(-g))
-    tl.store(y_ptr + (rows * n_cols + cols), _convert(g * s * u, DTYPE), mask=mask)
+    y = _activate(g, use_gelu, use_tanh) * u
+    tl.store(y_ptr + (rows * n_cols + cols), _convert(y, DTYPE), mask=mask)
 
 
-# With s = sigmoid(g), for one [BLOCK_ROWS, BLOCK_COLS] tile:
-#   dup   = round(dy * silu(g)) = round(dy * g * s)
-#   dgate = round(dy * u * silu'(g)),  silu'(g) = s * (1 + g * (1 - s))
-#   (g << 0: s = 0, and s * (1 + g) = 0, no overflow)
+# dup = round(dy * act(g)), dgate = round(dy * u * act'(g)) for one [BLOCK_ROWS, BLOCK_COLS] tile.
 @triton.jit
-def _silu_mul_backward_kernel(
+def _gated_mul_backward_kernel(
     dy_ptr,           # [rows, cols] gradient of y, dtype, contiguous
     gate_ptr,         # [rows, cols] gate, dtype, rows gate_row_stride elements apart
     up_ptr,           # [rows, cols] up, dtype, rows up_row_stride elements apart
@@ -204,6 +226,8 @@ def _silu_mul_backward_kernel(
     n_cols,
     gate_row_stride,
     up_row_stride,
+    use_gelu,
+    use_tanh,
     DTYPE: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_COLS: tl.constexpr,
@@ -213,10 +237,9 @@ def _silu_mul_backward_kernel(
     g = tl.load(gate_ptr + (rows * gate_row_stride + cols), mask=mask, other=0.0).to(tl.float32)
     u = tl.load(up_ptr + (rows * up_row_stride + cols), mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    s = 1.0 / (1.0 + tl.exp(-g))
-    tl.store(dup_ptr + offsets, _convert(dy * (g * s), DTYPE), mask=mask)
-    tl.store(dgate_ptr + offsets, _convert(dy * u * (s * (1.0 + g * (1.0 - s))), DTYPE),
-             mask=mask)
+    tl.store(dup_ptr + offsets, _convert(dy * _activate(g, use_gelu, use_tanh), DTYPE), mask=mask)
+    tl.store(dgate_ptr + offsets,
+             _convert(dy * u * _activate_grad(g, use_gelu, use_tanh), DTYPE), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -280,18 +303,23 @@ def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(1) == 1 or t.shape[1] <= 1 else t.contiguous()
 
 
-def _silu_mul_check(gate, up, dy=None):
+GATED_ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+
+
+def _gated_mul_check(gate, up, activation, dy=None):
+    if activation not in GATED_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {GATED_ACTIVATIONS}, got {activation!r}")
     tensors = (gate, up) if dy is None else (gate, up, dy)
     if any(t.dim() != 2 for t in tensors) or any(t.shape != gate.shape for t in tensors):
-        raise ValueError("silu_mul takes 2-D gate, up (and dy) of one shape, got "
+        raise ValueError("gated_mul takes 2-D gate, up (and dy) of one shape, got "
                          + ", ".join(str(tuple(t.shape)) for t in tensors))
     if any(t.dtype != gate.dtype for t in tensors):
-        raise TypeError("silu_mul takes gate, up (and dy) of one dtype, got "
+        raise TypeError("gated_mul takes gate, up (and dy) of one dtype, got "
                         + ", ".join(str(t.dtype) for t in tensors))
     return _dtype_code(gate.dtype)
 
 
-def _silu_mul_launch(kernel, gate, up, pointers):
+def _gated_mul_launch(kernel, gate, up, activation, pointers):
     rows, cols = gate.shape
     if rows == 0 or cols == 0:
         return
@@ -300,26 +328,28 @@ def _silu_mul_launch(kernel, gate, up, pointers):
     with _on_device(gate):
         # a row stride is unused when there is one row: that of a contiguous tensor then
         kernel[grid](*pointers, rows, cols, gate.stride(0) if rows > 1 else cols,
-                     up.stride(0) if rows > 1 else cols, DTYPE=_dtype_code(gate.dtype),
+                     up.stride(0) if rows > 1 else cols, activation != "silu",
+                     activation == "gelu_tanh", DTYPE=_dtype_code(gate.dtype),
                      BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=num_warps)
 
 
-def silu_mul_forward(gate, up):
-    """silu(gate) * up of gate, up [rows, cols] (rows contiguous, any row strides) -> y
-    (contiguous [rows, cols], their dtype)."""
-    _silu_mul_check(gate, up)
+def gated_mul_forward(gate, up, activation: str):
+    """act(gate) * up of gate, up [rows, cols] (rows contiguous, any row strides), act "silu",
+    "gelu" or "gelu_tanh" -> y (contiguous [rows, cols], their dtype)."""
+    _gated_mul_check(gate, up, activation)
     gate, up = _rows_contiguous(gate), _rows_contiguous(up)
     y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    _silu_mul_launch(_silu_mul_forward_kernel, gate, up, (gate, up, y))
+    _gated_mul_launch(_gated_mul_forward_kernel, gate, up, activation, (gate, up, y))
     return y
 
 
-def silu_mul_backward(dy, gate, up):
-    """Gradients of silu_mul_forward for dy [rows, cols] -> (dgate, dup) (contiguous
+def gated_mul_backward(dy, gate, up, activation: str):
+    """Gradients of gated_mul_forward for dy [rows, cols] -> (dgate, dup) (contiguous
     [rows, cols], the dtype of gate and up)."""
-    _silu_mul_check(gate, up, dy)
+    _gated_mul_check(gate, up, activation, dy)
     gate, up, dy = _rows_contiguous(gate), _rows_contiguous(up), dy.contiguous()
     dgate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     dup = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    _silu_mul_launch(_silu_mul_backward_kernel, gate, up, (dy, gate, up, dgate, dup))
+    _gated_mul_launch(_gated_mul_backward_kernel, gate, up, activation,
+                      (dy, gate, up, dgate, dup))
     return dgate, dup

@@ -1,5 +1,5 @@
-"""transfuse.ops.bias_gelu and silu_mul: every backend against reference.py in float64 (and eager
-F.gelu, F.silu)."""
+"""transfuse.ops.bias_gelu, silu_mul and gelu_mul: every backend against reference.py in float64
+(and eager F.gelu, F.silu)."""
 import warnings
 
 import pytest
@@ -229,32 +229,43 @@ def test_reference_is_eager():
 
 
 # ------------------------------------------------------------------------------------------------
-# silu_mul
+# silu_mul and gelu_mul: act(gate) * up
 # ------------------------------------------------------------------------------------------------
 
+# activation -> the public op computing act(gate) * up, and eager's act
+GATED = {
+    "silu": (lambda gate, up, backend: transfuse.ops.silu_mul(gate, up, backend=backend), F.silu),
+    "gelu": (lambda gate, up, backend: transfuse.ops.gelu_mul(gate, up, backend=backend), F.gelu),
+    "gelu_tanh": (lambda gate, up, backend: transfuse.ops.gelu_mul(gate, up, "tanh",
+                                                                   backend=backend),
+                  lambda g: F.gelu(g, approximate="tanh")),
+}
+
+
 def make_gate_up(rows, cols, dtype, device, *, joint):
-    """gate and up [rows, cols] reaching SiLU's tails (|gate| up to about 15); joint: the two
-    halves of one [rows, 2 cols] tensor (rows 2 cols apart), as a joint gate-up GEMM gives."""
+    """gate and up [rows, cols] reaching the activations' tails (|gate| up to about 15); joint:
+    the two halves of one [rows, 2 cols] tensor (rows 2 cols apart), as a joint gate-up GEMM
+    gives."""
     if joint:
         both = (torch.randn(rows, 2 * cols) * 3).to(dtype).to(device)
         return both[:, :cols], both[:, cols:]
     return tuple((torch.randn(rows, cols) * 3).to(dtype).to(device) for _ in range(2))
 
 
-def run_silu_mul(gate, up, backend):
-    """silu_mul with autograd on copies: (y, [dgate, dup]) for a random projection of y."""
+def run_gated(gate, up, backend, activation):
+    """act(gate) * up with autograd on copies: (y, [dgate, dup]) for a random projection of y."""
     leaves = [t.detach().clone().requires_grad_(True) for t in (gate, up)]
-    y = transfuse.ops.silu_mul(*leaves, backend=backend)
+    y = GATED[activation][0](*leaves, backend)
     torch.manual_seed(1)
     (y.double() * torch.randn(y.shape, dtype=torch.float64).to(y.device)).sum().backward()
     return y, [t.grad for t in leaves]
 
 
-def check_silu_mul(gate, up, backend):
+def check_gated(gate, up, backend, activation):
     dtype = gate.dtype
-    y, grads = run_silu_mul(gate, up, backend)
-    exact, exact_grads = run_silu_mul(gate.double(), up.double(), "reference")
-    plain, plain_grads = run_silu_mul(gate, up, "reference")
+    y, grads = run_gated(gate, up, backend, activation)
+    exact, exact_grads = run_gated(gate.double(), up.double(), "reference", activation)
+    plain, plain_grads = run_gated(gate, up, "reference", activation)
     fp32 = dtype == torch.float32
     assert y.dtype == dtype and y.shape == gate.shape and y.is_contiguous()
     for name, out, ref, eager in zip(["y", "dgate", "dup"], [y] + grads, [exact] + exact_grads,
@@ -270,30 +281,38 @@ def check_silu_mul(gate, up, backend):
 @pytest.mark.parametrize("backend,device", backend_params())
 @pytest.mark.parametrize("cols", HIDDEN)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_silu_mul_matches_reference(backend, device, cols, dtype):
+@pytest.mark.parametrize("activation", list(GATED))
+def test_gated_mul_matches_reference(backend, device, cols, dtype, activation):
     for i, rows in enumerate(ROWS):  # separate tensors and the halves of one in turn
-        check_silu_mul(*make_gate_up(rows, cols, dtype, device, joint=i % 2 == 1), backend)
+        check_gated(*make_gate_up(rows, cols, dtype, device, joint=i % 2 == 1), backend,
+                    activation)
 
 
 @pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("activation", list(GATED))
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's exp(inf), -inf * 0
-def test_silu_mul_layouts_and_tails(backend, device):
+def test_gated_mul_layouts_and_tails(backend, device, activation):
     # leading dimensions, a transposed gate (copied to contiguous rows), the halves of a 3-D joint
     both = torch.randn(2, 5, 2 * 48, device=device)
-    check_silu_mul(both[..., :48], both[..., 48:], backend)
-    check_silu_mul(torch.randn(48, 6, device=device).t(), torch.randn(6, 48, device=device),
-                   backend)
-    # saturated tails and special values: silu(g) = g far right, -0 far left, as eager's
-    g = torch.tensor([1e3, 88.0, 100.0, -1e3, -200.0, 0.0, float("inf"), -float("inf"),
+    check_gated(both[..., :48], both[..., 48:], backend, activation)
+    check_gated(torch.randn(48, 6, device=device).t(), torch.randn(6, 48, device=device),
+                backend, activation)
+    # saturated tails and special values: act(g) = g far right, (-)0 far left, as eager's
+    g = torch.tensor([1e3, 88.0, 100.0, -1e3, -200.0, -12.0, 0.0, float("inf"), -float("inf"),
                       float("nan")], device=device)
-    y = transfuse.ops.silu_mul(g, torch.ones_like(g), backend=backend)
-    torch.testing.assert_close(y, F.silu(g.double()).float(), equal_nan=True)
+    op, eager = GATED[activation]
+    y = op(g, torch.ones_like(g), backend)
+    torch.testing.assert_close(y, eager(g.double()).float(), equal_nan=True)
 
 
 @pytest.mark.parametrize("backend", ["auto", "reference"] + cpu_backends())
-def test_silu_mul_bad_input_names_the_argument(backend):
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+def test_gated_mul_bad_input_names_the_argument(backend, activation):
     g, u = torch.randn(4, 8), torch.randn(4, 8)
-    call = transfuse.ops.silu_mul
+    op = GATED[activation][0]
+
+    def call(gate, up, backend):
+        return op(gate, up, backend)
     cases = [
         (lambda: call(g.int(), u, backend=backend), TypeError, "gate"),
         (lambda: call([1.0], u, backend=backend), TypeError, "gate"),
@@ -307,16 +326,24 @@ def test_silu_mul_bad_input_names_the_argument(backend):
     ]
     if backend != "reference":
         cases.append((lambda: call(g.double(), u.double(), backend=backend), TypeError, "gate"))
+    if activation == "gelu":
+        cases += [(lambda: transfuse.ops.gelu_mul(g, u, "erf", backend=backend), ValueError,
+                   "approximate"),
+                  (lambda: transfuse.ops.gelu_mul(g, u, None, backend=backend), TypeError,
+                   "approximate")]
     for fn, error, name in cases:
         with pytest.raises(error, match=rf"\b{name}\b"):
             fn()
 
 
-def test_silu_mul_torch_compile_fullgraph():
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_gated_mul_torch_compile_fullgraph(activation):
     """Traced without a graph break, the same outputs and gradients as eager mode."""
+    op = GATED[activation][0]
+
     def mlp(x, w):
         gate, up = (x @ w.t()).chunk(2, dim=-1)
-        return transfuse.ops.silu_mul(gate, up) * 2
+        return op(gate, up, None) * 2
 
     def outputs_and_grads(fn):
         generator = torch.Generator().manual_seed(0)

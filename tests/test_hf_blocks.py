@@ -1,7 +1,6 @@
 """Block rules (transfuse.hf.blocks): fused Q/K/V projections and residual-fused LayerNorms equal
 the unpatched model, keep its parameters and state dict, and step aside when they do not fit."""
 import copy
-import functools
 import importlib
 import threading
 
@@ -458,10 +457,10 @@ def test_the_cpu_runs_int8_siblings_one_by_one_by_default(monkeypatch,
 
 
 @pytest.mark.parametrize("model_type", DECODERS)
-def test_decoder_attention_rotates_q_and_k_in_one_call_and_mlps_gate_with_silu_mul(
+def test_decoder_attention_rotates_q_and_k_in_one_call_and_mlps_gate_in_one_call(
         model_type, monkeypatch):
     """rotary_attention: per layer and forward one transfuse.ops.rotary over q and k; gated_mlp:
-    one transfuse.ops.silu_mul where act_fn is SiLU (Gemma's GELU keeps the projections rule);
+    one gated_mul (silu_mul; gelu_mul's tanh form for Gemma's GELU);
     per sequence of a padded batch and token for token in greedy generation (the cache filled
     through the rule) equal to the unpatched model; in bf16 within twice eager bf16's error to
     the fp32 model."""
@@ -470,18 +469,18 @@ def test_decoder_attention_rotates_q_and_k_in_one_call_and_mlps_gate_with_silu_m
     layers = model.config.num_hidden_layers
     rules = sorted(rule for name, rule in transfuse.patched_modules(patched).items()
                    if ".self_attn<" in name or ".mlp<" in name)
-    mlp_rule = "projections" if model_type == "gemma" else "gated_mlp"
-    assert rules == sorted([f"block rule '{mlp_rule}'", "block rule 'rotary_attention'"] * layers)
+    assert rules == sorted(["block rule 'gated_mlp'", "block rule 'rotary_attention'"] * layers)
     calls = []
-    for op in ("rotary", "silu_mul"):
-        original = getattr(transfuse.ops, op)
-        monkeypatch.setattr(transfuse.ops, op, functools.partial(
-            lambda original, op, *a, **k: calls.append(op) or original(*a, **k), original, op))
+    original_rotary, original_gated_mul = transfuse.ops.rotary, blocks.gated_mul
+    monkeypatch.setattr(transfuse.ops, "rotary",
+                        lambda *a, **k: calls.append("rotary") or original_rotary(*a, **k))
+    monkeypatch.setattr(blocks, "gated_mul",
+                        lambda *a, **k: calls.append(a[2]) or original_gated_mul(*a, **k))
     ids, mask = padded_batch()
     torch.testing.assert_close(logits_of_real_tokens(patched, ids, mask),
                                logits_of_real_tokens(model, ids, mask), rtol=1e-5, atol=1e-5)
     assert calls.count("rotary") == layers
-    assert calls.count("silu_mul") == (0 if model_type == "gemma" else layers)
+    assert calls.count("gelu_tanh" if model_type == "gemma" else "silu") == layers
     with torch.no_grad():
         prompt = ids[:2, :5]
         assert torch.equal(patched.generate(prompt, max_new_tokens=6, do_sample=False),
@@ -559,6 +558,56 @@ def test_modernbert_attention_rotates_q_and_k_in_one_call(monkeypatch):
                                atol=1e-6)  # (torch's GEMMs record the graph)
     attention(h, (angle, sin), None)[0].sum().backward()
     assert angle.grad is not None and angle.grad.abs().sum() > 0
+
+    patched.zero_grad()
+    for m in (model.train(), patched.train()):  # (the config's dropouts are 0)
+        out = m(input_ids=ids, attention_mask=mask).last_hidden_state
+        out[mask.bool()].square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), patched.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_modernbert_mlp_gates_with_one_gelu_mul(monkeypatch):
+    """joint_gated_mlp: per layer one gated_mul (exact GELU) over the halves of Wi's output, the
+    model equal to the unpatched one per real token of a padded batch; in bf16 within twice eager
+    bf16's error to the fp32 model (the product rounded once, not twice); an active dropout draws
+    what the class's forward draws; a swapped act runs the class's forward; training gradients
+    equal the unpatched model's."""
+    model = build("modernbert")
+    patched = transfuse.patch(copy.deepcopy(model))
+    layers = model.config.num_hidden_layers
+    rules = [rule for name, rule in transfuse.patched_modules(patched).items()
+             if name.endswith(".mlp<block>")]
+    assert rules == ["block rule 'joint_gated_mlp'"] * layers
+    calls = []
+    original = blocks.gated_mul
+    monkeypatch.setattr(blocks, "gated_mul",
+                        lambda *a, **k: calls.append((a[2], a[0].stride())) or original(*a, **k))
+    ids, mask = padded_batch()
+    expected = real_tokens(model, ids, mask)
+    torch.testing.assert_close(real_tokens(patched, ids, mask), expected, rtol=1e-5, atol=1e-5)
+    intermediate = model.config.intermediate_size
+    assert [c[0] for c in calls] == ["gelu"] * layers
+    assert all(c[1][-2] == 2 * intermediate for c in calls)  # (the halves read in place)
+    errors = [(real_tokens(m, ids, mask).double() - expected.double()).abs().max().item()
+              for m in (transfuse.patch(copy.deepcopy(model).to(torch.bfloat16)),
+                        copy.deepcopy(model).to(torch.bfloat16))]
+    assert errors[0] <= 2 * errors[1] + 1e-3, errors
+
+    mlp = patched.layers[0].mlp
+    h = torch.randn(2, 5, model.config.hidden_size)
+    mlp.drop.p = 0.5
+    mlp.train()
+    torch.manual_seed(3)
+    dropped = mlp(h)
+    torch.manual_seed(3)
+    torch.testing.assert_close(dropped, type(mlp).forward(mlp, h), rtol=1e-5, atol=1e-6)
+    mlp.drop.p = 0.0
+    mlp.act = torch.nn.Tanh()
+    calls.clear()
+    torch.testing.assert_close(mlp(h), type(mlp).forward(mlp, h), rtol=0, atol=0)
+    assert not calls
+    mlp.act = copy.deepcopy(model.layers[0].mlp.act)
 
     patched.zero_grad()
     for m in (model.train(), patched.train()):  # (the config's dropouts are 0)

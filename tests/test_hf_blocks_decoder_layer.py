@@ -1,6 +1,6 @@
 """The decoder layer in two transfuse._C calls around its cache's update
 (blocks._decoder_layer_fused, csrc/bindings/decoder_layer.cpp): on CPU tensors in inference, each
-Llama, Mistral, Qwen2 and Qwen3 layer whose modules carry the rules computes what the rules
+Llama, Mistral, Qwen2, Qwen3 and Gemma layer whose modules carry the rules computes what the rules
 compute module by module, bit for bit, at prefill and at every decoding step, and leaves the call
 to them wherever they would compute something else."""
 import contextlib
@@ -18,8 +18,9 @@ from hf_models import build
 pytestmark = pytest.mark.skipif(transfuse.backends.extension()[0] is None,
                                 reason="transfuse._C not built")
 
-# (Mistral: sliding_window 4; Qwen2: q, k, v biases; Qwen3: head norms of the query and key)
-DECODERS = ["llama", "mistral", "qwen2", "qwen3"]
+# (Mistral: sliding_window 4; Qwen2: q, k, v biases; Qwen3: head norms of the query and key;
+# Gemma: GELU (tanh) in its MLP, RMSNorm weights offset by 1)
+DECODERS = ["llama", "mistral", "qwen2", "qwen3", "gemma"]
 SIDES = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, None),
          "w8a8": (torch.float32, "w8a8"), "bf16 w8a16": (torch.bfloat16, "w8a16")}
 

@@ -52,6 +52,7 @@ def test_the_gpu_tests_launch_a_bounded_number_of_variants():
 # one delta build per dtype, the attention gpu runs limited to the parameters that build
 # something new, see tests/test_attention.py)
 # 400 before issue 10; 245 after the norm and int8 cuts, 175 after attention's; 187 with
-# silu_mul (6: a dtype and direction each) and rotary (6: two head-dim buckets, three dtypes),
+# silu_mul (6: a dtype and direction each; gelu_mul since shares them, its activation a run-time
+# argument) and rotary (6: two head-dim buckets, three dtypes),
 # about 20 s more of JIT compiles on the GPU machine
 MAX_GPU_TEST_VARIANTS = 190

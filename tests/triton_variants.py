@@ -180,17 +180,18 @@ def _bias_gelu(rows, cols, dtype, *, bias=True, approximate="none", backward=Tru
         tactivation.bias_gelu_backward(cuda(rows, cols, dtype=dtype), x, b, approximate)
 
 
-def _silu_mul(rows, cols, dtype, *, joint=True, backward=True):
-    """transfuse.ops.silu_mul on the triton backend (forward and, with backward, dgate and dup);
-    joint: gate and up the two halves of one [rows, 2 * cols] tensor (one gate-up GEMM)."""
+def _gated_mul(rows, cols, dtype, *, joint=True, backward=True, activation="silu"):
+    """transfuse.ops.silu_mul / gelu_mul on the triton backend (forward and, with backward, dgate
+    and dup); joint: gate and up the two halves of one [rows, 2 * cols] tensor (one gate-up
+    GEMM)."""
     if joint:  # (views of fake CUDA tensors need CUDA: strided tensors of the views' layout)
         gate, up = (torch.empty_strided((rows, cols), (2 * cols, 1), dtype=dtype, device="cuda")
                     for _ in range(2))
     else:
         gate, up = cuda(rows, cols, dtype=dtype), cuda(rows, cols, dtype=dtype)
-    tactivation.silu_mul_forward(gate, up)
+    tactivation.gated_mul_forward(gate, up, activation)
     if backward:
-        tactivation.silu_mul_backward(cuda(rows, cols, dtype=dtype), gate, up)
+        tactivation.gated_mul_backward(cuda(rows, cols, dtype=dtype), gate, up, activation)
 
 
 def _rotary(batch, q_heads, k_heads, seq, head_dim, dtype, *, shared_cos=True, backward=True):
@@ -297,8 +298,9 @@ def _activation_test_rows():
             for approximate in APPROXIMATIONS:
                 for i, rows in enumerate(ROWS):
                     _bias_gelu(rows, cols, dtype, bias=i % 2 == 0, approximate=approximate)
-            for i, rows in enumerate(ROWS):  # silu_mul: likewise one variant per dtype and way
-                _silu_mul(rows, cols, dtype, joint=i % 2 == 1)
+            for i, rows in enumerate(ROWS):  # gated_mul: likewise one variant per dtype and way
+                for activation in ("silu", "gelu", "gelu_tanh"):
+                    _gated_mul(rows, cols, dtype, joint=i % 2 == 1, activation=activation)
 
 
 def _rotary_test_rows():
@@ -379,7 +381,7 @@ def _bench_rows():
     for rms in (False, True):
         _norm(4096, 4096, _BF16, rms=rms, backward=False)
     _bias_gelu(8192, 4096, _BF16, backward=False)
-    _silu_mul(8192, 4096, _BF16, backward=False)
+    _gated_mul(8192, 4096, _BF16, backward=False)
     _rotary(4, 32, 8, 2048, 128, _BF16, shared_cos=False, backward=False)
     _int8(4096, 4096, 4096, _BF16, "w8a8", bias=False)
     _int8(1, 4096, 4096, _BF16, "w8a16", bias=False)

@@ -1,6 +1,6 @@
 // Binding of the activation kernels: tensor checks, allocation, and the functions
-// transfuse._C.bias_gelu_forward / bias_gelu_backward and silu_mul_forward / silu_mul_backward
-// (CPU or CUDA, from the tensors' device).
+// transfuse._C.bias_gelu_forward / bias_gelu_backward and gated_mul_forward / gated_mul_backward
+// (act(gate) * up; CPU or CUDA, from the tensors' device).
 // The Python op transfuse::bias_gelu (python/transfuse/ops/activation.py) validates user input
 // first; these checks guard the kernels against anything that slips past it. dbias (the sum of
 // dx over rows) is left to the caller's torch sum.
@@ -57,6 +57,18 @@ GeluApproximation to_approximation(std::string_view approximate) {
                     approximate, "'");
   return GeluApproximation::tanh;
 }
+
+}  // namespace
+
+GatedActivation to_gated_activation(std::string_view activation) {
+  if (activation == "silu") return GatedActivation::silu;
+  if (activation == "gelu") return GatedActivation::gelu;
+  TORCH_CHECK_VALUE(activation == "gelu_tanh",
+                    "activation must be 'silu', 'gelu' or 'gelu_tanh', got '", activation, "'");
+  return GatedActivation::gelu_tanh;
+}
+
+namespace {
 
 const void* data_or_null(const OptTensor& t) { return t ? t->data_ptr() : nullptr; }
 
@@ -141,9 +153,10 @@ int64_t row_stride(const Tensor& t, const char* name, const Tensor& like) {
 
 }  // namespace
 
-// y = silu(gate) * up over gate, up [..., cols] (row_stride), y contiguous of their shape
-Tensor silu_mul_forward(const Tensor& gate, const Tensor& up) {
-  SiluMulForwardParams p;
+// y = act(gate) * up over gate, up [..., cols] (row_stride), y contiguous of their shape
+Tensor gated_mul_forward(const Tensor& gate, const Tensor& up, GatedActivation activation) {
+  GatedMulForwardParams p;
+  p.activation = activation;
   p.gate_row_stride = row_stride(gate, "gate", gate);
   p.up_row_stride = row_stride(up, "up", gate);
   p.dtype = to_dtype(gate.scalar_type(), "gate");
@@ -156,21 +169,27 @@ Tensor silu_mul_forward(const Tensor& gate, const Tensor& up) {
   if (gate.is_cuda()) {
 #ifdef TRANSFUSE_WITH_CUDA
     const c10::cuda::CUDAGuard guard(gate.device());
-    cuda::silu_mul_forward_launch(p, c10::cuda::getCurrentCUDAStream());
+    cuda::gated_mul_forward_launch(p, c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 #endif
   } else {
     p.num_threads = at::get_num_threads();
-    cpu::silu_mul_forward(p);
+    cpu::gated_mul_forward(p);
   }
   return y;
 }
 
 namespace {
 
-std::tuple<Tensor, Tensor> silu_mul_backward(const Tensor& dy, const Tensor& gate,
-                                             const Tensor& up) {
-  SiluMulBackwardParams p;
+Tensor gated_mul_forward_named(const Tensor& gate, const Tensor& up,
+                               c10::string_view activation) {
+  return gated_mul_forward(gate, up, to_gated_activation(activation));
+}
+
+std::tuple<Tensor, Tensor> gated_mul_backward(const Tensor& dy, const Tensor& gate,
+                                              const Tensor& up, c10::string_view activation) {
+  GatedMulBackwardParams p;
+  p.activation = to_gated_activation(activation);
   p.gate_row_stride = row_stride(gate, "gate", gate);
   p.up_row_stride = row_stride(up, "up", gate);
   TORCH_CHECK_VALUE(dy.is_contiguous(), "dy must be contiguous");
@@ -188,12 +207,12 @@ std::tuple<Tensor, Tensor> silu_mul_backward(const Tensor& dy, const Tensor& gat
   if (gate.is_cuda()) {
 #ifdef TRANSFUSE_WITH_CUDA
     const c10::cuda::CUDAGuard guard(gate.device());
-    cuda::silu_mul_backward_launch(p, c10::cuda::getCurrentCUDAStream());
+    cuda::gated_mul_backward_launch(p, c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 #endif
   } else {
     p.num_threads = at::get_num_threads();
-    cpu::silu_mul_backward(p);
+    cpu::gated_mul_backward(p);
   }
   return {dgate, dup};
 }
@@ -209,8 +228,10 @@ void add_activation_functions(PyObject* module) {
   m.def("bias_gelu_forward", &bias_gelu_forward, "x"_a, "bias"_a, "approximate"_a, release_gil);
   m.def("bias_gelu_backward", &bias_gelu_backward, "dy"_a, "x"_a, "bias"_a, "approximate"_a,
         release_gil);
-  m.def("silu_mul_forward", &silu_mul_forward, "gate"_a, "up"_a, release_gil);
-  m.def("silu_mul_backward", &silu_mul_backward, "dy"_a, "gate"_a, "up"_a, release_gil);
+  m.def("gated_mul_forward", &gated_mul_forward_named, "gate"_a, "up"_a, "activation"_a,
+        release_gil);
+  m.def("gated_mul_backward", &gated_mul_backward, "dy"_a, "gate"_a, "up"_a, "activation"_a,
+        release_gil);
 }
 
 }  // namespace transfuse

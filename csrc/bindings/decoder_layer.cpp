@@ -15,7 +15,8 @@
 //   decoder_layer_out:  a = softmax(scale q K^T + mask) V (causal, window, softcap as given;
 //                           packed tokens, B = 1 with cu_seqlens: per sequence, no mask)
 //                       g, r = RMSNorm_1(a W_3^T + x), a W_3^T + x
-//                       y = r + (silu(g W_4^T) * g W_5^T) W_6^T
+//                       y = r + (act(g W_4^T) * g W_5^T) W_6^T  (act: SiLU, or Gemma's tanh
+//                           GELU, as mlp_activation names it)
 // Float weights go through `linear` (torch's linear where torch_linears says so, or where
 // `linear` declines the call, as transfuse.ops.linear does), int8 weights through `int8_linear`.
 #include <optional>
@@ -116,9 +117,11 @@ Tensor decoder_layer_out(const Tensor& x, const Tensor& q, const Tensor& k, cons
                          const std::vector<OptTensor>& biases,
                          const std::vector<bool>& torch_linears, c10::string_view int8_mode,
                          const Tensor& norm_weight, double norm_offset, double eps,
-                         at::ScalarType normalized_dtype, at::ScalarType out_dtype) {
+                         at::ScalarType normalized_dtype, at::ScalarType out_dtype,
+                         c10::string_view mlp_activation) {
   const Linears linears{weights, weight_scales, biases, torch_linears, int8_mode};
   linears.check(4, "attention output, gate, up, down");
+  const GatedActivation activation = to_gated_activation(mlp_activation);
   TORCH_CHECK_VALUE(x.dim() == 3, "x must be [batch, seq, hidden]");
   TORCH_CHECK_VALUE(!cu_seqlens_q == !cu_seqlens_k && (!cu_seqlens_q || x.size(0) == 1),
                     "cu_seqlens_q and cu_seqlens_k go together, with x [1, tokens, hidden]");
@@ -140,7 +143,7 @@ Tensor decoder_layer_out(const Tensor& x, const Tensor& q, const Tensor& k, cons
   Tensor residual;
   const Tensor g = rms_norm(linears(0, rows), norm_weight, x, norm_offset, eps, normalized_dtype,
                             out_dtype, &residual);
-  const Tensor gated = silu_mul_forward(linears(1, g), linears(2, g));
+  const Tensor gated = gated_mul_forward(linears(1, g), linears(2, g), activation);
   return at::add(residual, linears(3, gated));
 }
 
@@ -159,7 +162,7 @@ void add_decoder_layer_functions(PyObject* module) {
         "cu_seqlens_q"_a, "cu_seqlens_k"_a, "max_seqlen_q"_a, "max_seqlen_k"_a, "causal"_a,
         "scale"_a, "window"_a, "softcap"_a, "weights"_a, "weight_scales"_a, "biases"_a,
         "torch_linears"_a, "int8_mode"_a, "norm_weight"_a, "norm_offset"_a, "eps"_a,
-        "normalized_dtype"_a, "out_dtype"_a, release_gil);
+        "normalized_dtype"_a, "out_dtype"_a, "mlp_activation"_a, release_gil);
 }
 
 }  // namespace transfuse

@@ -3,11 +3,14 @@
 #pragma once
 
 #include <optional>
+#include <string_view>
 #include <tuple>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/string_view.h>
+
+#include "../common/activation.h"
 
 namespace transfuse {
 
@@ -50,10 +53,13 @@ at::Tensor layer_norm_forward(const at::Tensor& x, const at::Tensor& weight,
                               const at::Tensor& bias, const std::optional<at::Tensor>& residual,
                               double eps);
 
-// activation.cpp: gelu(x + bias) over a contiguous [rows, cols] x; silu(gate) * up.
+// activation.cpp: gelu(x + bias) over a contiguous [rows, cols] x; act(gate) * up, act named
+// "silu", "gelu" or "gelu_tanh" (a ValueError otherwise).
 at::Tensor bias_gelu_forward(const at::Tensor& x, const std::optional<at::Tensor>& bias,
                              c10::string_view approximate);
-at::Tensor silu_mul_forward(const at::Tensor& gate, const at::Tensor& up);
+GatedActivation to_gated_activation(std::string_view activation);
+at::Tensor gated_mul_forward(const at::Tensor& gate, const at::Tensor& up,
+                             GatedActivation activation);
 
 // rotary.cpp: (q, k) rotated (rotate half) by cos and sin, new contiguous tensors.
 std::tuple<at::Tensor, at::Tensor> rotary(const at::Tensor& q, const at::Tensor& k,

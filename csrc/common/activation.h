@@ -1,5 +1,6 @@
 // Parameters of the activation kernels: the bias + GELU epilogue (what BERT's intermediate layer
-// computes after its GEMM) and SiLU(gate) * up (a gated, SwiGLU MLP: Llama, Mistral, Qwen2).
+// computes after its GEMM) and act(gate) * up (a gated MLP: SwiGLU in Llama, Mistral, Qwen2;
+// GeGLU in ModernBERT, exact GELU, and Gemma, tanh GELU).
 // Shared by the CPU kernels, the CUDA kernels and the bindings; knows nothing of torch.
 //
 // Forward, elementwise over a contiguous [rows, cols] x, bias [cols] optional:
@@ -18,12 +19,14 @@
 //   sigmoid(2u) = (v <= 0 ? 1 : m) / (1 + m),  sigmoid(2u) * (1 - sigmoid(2u)) = m / (1 + m)^2
 //   0.25 * (1 - tanh(u)^2) = sigmoid(2u) * (1 - sigmoid(2u))
 //
-// SiLU(gate) * up, elementwise over [rows, cols] gate and up (each row contiguous, rows
+// act(gate) * up, elementwise over [rows, cols] gate and up (each row contiguous, rows
 // gate_row_stride / up_row_stride elements apart: they may be the two halves of one joint
-// gate-up GEMM's output), in fp32, rounded once to the dtype:
-//   y = silu(g) * u,  silu(g) = g * sigmoid(g),  sigmoid(g) = 1 / (1 + exp(-g))
-// Backward, with s = sigmoid(g):
-//   dup = round(dy * silu(g)),  dgate = round(dy * u * s * (1 + g * (1 - s)))
+// gate-up GEMM's output), in fp32, rounded once to the dtype (eager rounds act(gate) first, then
+// the product: within an ulp of this):
+//   y = act(g) * u,  silu(g) = g * sigmoid(g),  sigmoid(g) = 1 / (1 + exp(-g)),  gelu as above
+// Backward:
+//   dup = round(dy * act(g)),  dgate = round(dy * u * act'(g)),
+//   silu'(g) = s * (1 + g * (1 - s)) with s = sigmoid(g),  gelu' as above
 #pragma once
 
 #include <cstdint>
@@ -33,6 +36,9 @@
 namespace transfuse {
 
 enum class GeluApproximation : int32_t { none = 0, tanh = 1 };
+
+// act of act(gate) * up: SiLU, GELU (erf) or GELU's tanh approximation.
+enum class GatedActivation : int32_t { silu = 0, gelu = 1, gelu_tanh = 2 };
 
 // sqrt(2 / pi) and the cubic coefficient of the tanh approximation (F.gelu's constants).
 constexpr float kGeluTanhScale = 0.7978845608028654f;
@@ -61,7 +67,7 @@ struct BiasGeluBackwardParams {
   int num_threads = 1;         // CPU only
 };
 
-struct SiluMulForwardParams {
+struct GatedMulForwardParams {
   const void* gate = nullptr;   // [rows, cols], dtype, rows gate_row_stride elements apart
   const void* up = nullptr;     // [rows, cols], dtype, rows up_row_stride elements apart
   void* y = nullptr;            // [rows, cols], dtype, contiguous
@@ -69,11 +75,12 @@ struct SiluMulForwardParams {
   int64_t cols = 0;
   int64_t gate_row_stride = 0;
   int64_t up_row_stride = 0;
+  GatedActivation activation = GatedActivation::silu;
   DType dtype = DType::f32;
   int num_threads = 1;          // CPU only
 };
 
-struct SiluMulBackwardParams {
+struct GatedMulBackwardParams {
   const void* dy = nullptr;     // [rows, cols], dtype, contiguous: gradient of y
   const void* gate = nullptr;   // as in the forward
   const void* up = nullptr;
@@ -83,6 +90,7 @@ struct SiluMulBackwardParams {
   int64_t cols = 0;
   int64_t gate_row_stride = 0;
   int64_t up_row_stride = 0;
+  GatedActivation activation = GatedActivation::silu;
   DType dtype = DType::f32;
   int num_threads = 1;          // CPU only
 };

@@ -1,5 +1,5 @@
-// CPU kernels of the bias + GELU epilogue and of SiLU(gate) * up. The math is stated in
-// common/activation.h.
+// CPU kernels of the bias + GELU epilogue and of act(gate) * up (SiLU or GELU). The math is
+// stated in common/activation.h.
 //
 // Layout of the work: the [rows, cols] elements are cut into tiles of at most kTileCols columns
 // of one row; OpenMP threads take contiguous runs of tiles (static schedule), so each thread
@@ -221,22 +221,98 @@ inline float sigmoid(float g, const Clamps& c) {
   return 1.f / (1.f + exp2_clamped(std::min(std::max(y2, c.exp2_min), c.exp2_max)));
 }
 
-// y = silu(g) * u
+// The activations of act(gate) * up: value act(g) and derivative act'(g).
+struct Silu {
+  static float value(float g, const Clamps& c) { return g * sigmoid(g, c); }
+  // silu'(g) = s (1 + g (1 - s)), s = sigmoid(g)
+  static float grad(float g, const Clamps& c) {
+    const float s = sigmoid(g, c);
+    return s * (1.f + g * (1.f - s));
+  }
+};
+struct GeluErf {
+  static float value(float g, const Clamps& c) { return gelu_erf(g, c); }
+  static float grad(float g, const Clamps& c) { return gelu_erf_grad(g, c); }
+};
+struct GeluTanh {
+  static float value(float g, const Clamps& c) { return gelu_tanh(g, c); }
+  static float grad(float g, const Clamps& c) { return gelu_tanh_grad(g, c); }
+};
+
+// y = act(g) * u (inlined into each multiversioned row kernel below, where it vectorizes)
+template <class Act>
+inline void gated_mul_loop(const float* __restrict g, const float* __restrict u,
+                           float* __restrict y, int64_t n, const Clamps& c) {
+  for (int64_t j = 0; j < n; ++j) y[j] = Act::value(g[j], c) * u[j];
+}
+
+// dup = dy act(g), dgate = dy u act'(g)
+template <class Act>
+inline void gated_mul_grad_loop(const float* __restrict dy, const float* __restrict g,
+                                const float* __restrict u, float* __restrict dg,
+                                float* __restrict du, int64_t n, const Clamps& c) {
+  for (int64_t j = 0; j < n; ++j) {
+    du[j] = dy[j] * Act::value(g[j], c);
+    dg[j] = (dy[j] * u[j]) * Act::grad(g[j], c);
+  }
+}
+
+using GatedMulRow = void (*)(const float*, const float*, float*, int64_t, Clamps);
+using GatedMulGradRow = void (*)(const float*, const float*, const float*, float*, float*,
+                                 int64_t, Clamps);
+
 TRANSFUSE_MULTIVERSION
 void silu_mul_row(const float* __restrict g, const float* __restrict u, float* __restrict y,
                   int64_t n, Clamps c) {
-  for (int64_t j = 0; j < n; ++j) y[j] = (g[j] * sigmoid(g[j], c)) * u[j];
+  gated_mul_loop<Silu>(g, u, y, n, c);
 }
 
-// dup = dy silu(g), dgate = dy u s (1 + g (1 - s)), s = sigmoid(g)
+TRANSFUSE_MULTIVERSION
+void gelu_mul_row(const float* __restrict g, const float* __restrict u, float* __restrict y,
+                  int64_t n, Clamps c) {
+  gated_mul_loop<GeluErf>(g, u, y, n, c);
+}
+
+TRANSFUSE_MULTIVERSION
+void gelu_tanh_mul_row(const float* __restrict g, const float* __restrict u, float* __restrict y,
+                       int64_t n, Clamps c) {
+  gated_mul_loop<GeluTanh>(g, u, y, n, c);
+}
+
 TRANSFUSE_MULTIVERSION
 void silu_mul_grad_row(const float* __restrict dy, const float* __restrict g,
                        const float* __restrict u, float* __restrict dg, float* __restrict du,
                        int64_t n, Clamps c) {
-  for (int64_t j = 0; j < n; ++j) {
-    const float s = sigmoid(g[j], c);
-    du[j] = dy[j] * (g[j] * s);
-    dg[j] = (dy[j] * u[j]) * (s * (1.f + g[j] * (1.f - s)));
+  gated_mul_grad_loop<Silu>(dy, g, u, dg, du, n, c);
+}
+
+TRANSFUSE_MULTIVERSION
+void gelu_mul_grad_row(const float* __restrict dy, const float* __restrict g,
+                       const float* __restrict u, float* __restrict dg, float* __restrict du,
+                       int64_t n, Clamps c) {
+  gated_mul_grad_loop<GeluErf>(dy, g, u, dg, du, n, c);
+}
+
+TRANSFUSE_MULTIVERSION
+void gelu_tanh_mul_grad_row(const float* __restrict dy, const float* __restrict g,
+                            const float* __restrict u, float* __restrict dg, float* __restrict du,
+                            int64_t n, Clamps c) {
+  gated_mul_grad_loop<GeluTanh>(dy, g, u, dg, du, n, c);
+}
+
+GatedMulRow gated_mul_row(GatedActivation activation) {
+  switch (activation) {
+    case GatedActivation::gelu: return gelu_mul_row;
+    case GatedActivation::gelu_tanh: return gelu_tanh_mul_row;
+    default: return silu_mul_row;
+  }
+}
+
+GatedMulGradRow gated_mul_grad_row(GatedActivation activation) {
+  switch (activation) {
+    case GatedActivation::gelu: return gelu_mul_grad_row;
+    case GatedActivation::gelu_tanh: return gelu_tanh_mul_grad_row;
+    default: return silu_mul_grad_row;
   }
 }
 
@@ -384,10 +460,11 @@ void bias_gelu_backward(const BiasGeluBackwardParams& p) {
   });
 }
 
-// y = round(silu(gate) * up); tiles of one row, whose gate and up rows lie row_stride apart.
-void silu_mul_forward(const SiluMulForwardParams& p) {
+// y = round(act(gate) * up); tiles of one row, whose gate and up rows lie row_stride apart.
+void gated_mul_forward(const GatedMulForwardParams& p) {
   const Tiling tiling = tiling_for(p.num_threads, p.rows, p.cols);
   if (tiling.tiles == 0) return;
+  const GatedMulRow row_kernel = gated_mul_row(p.activation);
   in_team(tiling.threads, [&] {
     alignas(64) float g[kTileCols];
     alignas(64) float u[kTileCols];
@@ -399,22 +476,23 @@ void silu_mul_forward(const SiluMulForwardParams& p) {
       const void* gate = element_address(p.gate, p.dtype, row * p.gate_row_stride + col);
       const void* up = element_address(p.up, p.dtype, row * p.up_row_stride + col);
       if (p.dtype == DType::f32) {
-        silu_mul_row(static_cast<const float*>(gate), static_cast<const float*>(up),
+        row_kernel(static_cast<const float*>(gate), static_cast<const float*>(up),
                      static_cast<float*>(p.y) + at, n, kClamps);
         continue;
       }
       load_row(gate, p.dtype, g, n);
       load_row(up, p.dtype, u, n);
-      silu_mul_row(g, u, y, n, kClamps);
+      row_kernel(g, u, y, n, kClamps);
       store_row(y, p.dtype, element_address(p.y, p.dtype, at), n);
     }
   });
 }
 
-// dgate = round(dy up s (1 + gate (1 - s))), dup = round(dy silu(gate)), s = sigmoid(gate)
-void silu_mul_backward(const SiluMulBackwardParams& p) {
+// dgate = round(dy up act'(gate)), dup = round(dy act(gate))
+void gated_mul_backward(const GatedMulBackwardParams& p) {
   const Tiling tiling = tiling_for(p.num_threads, p.rows, p.cols);
   if (tiling.tiles == 0) return;
+  const GatedMulGradRow grad_kernel = gated_mul_grad_row(p.activation);
   in_team(tiling.threads, [&] {
     alignas(64) float dy[kTileCols];
     alignas(64) float g[kTileCols];
@@ -428,7 +506,7 @@ void silu_mul_backward(const SiluMulBackwardParams& p) {
       const void* gate = element_address(p.gate, p.dtype, row * p.gate_row_stride + col);
       const void* up = element_address(p.up, p.dtype, row * p.up_row_stride + col);
       if (p.dtype == DType::f32) {
-        silu_mul_grad_row(static_cast<const float*>(p.dy) + at, static_cast<const float*>(gate),
+        grad_kernel(static_cast<const float*>(p.dy) + at, static_cast<const float*>(gate),
                           static_cast<const float*>(up), static_cast<float*>(p.dgate) + at,
                           static_cast<float*>(p.dup) + at, n, kClamps);
         continue;
@@ -436,7 +514,7 @@ void silu_mul_backward(const SiluMulBackwardParams& p) {
       load_row(element_address(p.dy, p.dtype, at), p.dtype, dy, n);
       load_row(gate, p.dtype, g, n);
       load_row(up, p.dtype, u, n);
-      silu_mul_grad_row(dy, g, u, dg, du, n, kClamps);
+      grad_kernel(dy, g, u, dg, du, n, kClamps);
       store_row(dg, p.dtype, element_address(p.dgate, p.dtype, at), n);
       store_row(du, p.dtype, element_address(p.dup, p.dtype, at), n);
     }

@@ -1,4 +1,4 @@
-// CPU kernels of the bias + GELU epilogue and of SiLU(gate) * up: OpenMP over rows (tiles of
+// CPU kernels of the bias + GELU epilogue and of act(gate) * up: OpenMP over rows (tiles of
 // rows), vectorized loops. The math is stated in common/activation.h.
 #pragma once
 
@@ -12,11 +12,11 @@ void bias_gelu_forward(const BiasGeluForwardParams& p);
 // dx = dy * gelu'(x + bias)  (dbias, the sum of dx over rows, is the caller's)
 void bias_gelu_backward(const BiasGeluBackwardParams& p);
 
-// y = silu(gate) * up
-void silu_mul_forward(const SiluMulForwardParams& p);
+// y = act(gate) * up
+void gated_mul_forward(const GatedMulForwardParams& p);
 
-// dgate, dup of y = silu(gate) * up
-void silu_mul_backward(const SiluMulBackwardParams& p);
+// dgate, dup of y = act(gate) * up
+void gated_mul_backward(const GatedMulBackwardParams& p);
 
 // y[0, n) = gelu(z[0, n)) in fp32 (z and y distinct): the GEMMs' GELU epilogue.
 void gelu_row(const float* z, float* y, int64_t n, GeluApproximation approximate);

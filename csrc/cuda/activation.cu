@@ -1,4 +1,4 @@
-// CUDA kernels of the bias + GELU epilogue and of SiLU(gate) * up. The math is stated in
+// CUDA kernels of the bias + GELU epilogue and of act(gate) * up (SiLU or GELU). The math is stated in
 // common/activation.h.
 //
 // How the work is laid out. Elementwise and memory-bound: every element of x (and dy; gate and
@@ -68,6 +68,21 @@ __device__ __forceinline__ float gelu_grad(float z, bool use_tanh) {
 
 // sigmoid(g) = 1 / (1 + exp(-g)): 0 for g << 0 (exp overflows to inf), 1 for g >> 0.
 __device__ __forceinline__ float sigmoid(float g) { return 1.f / (1.f + expf(-g)); }
+
+// act(g) of act(gate) * up (`activation` is uniform across the grid: no divergence).
+__device__ __forceinline__ float activate(float g, GatedActivation activation) {
+  if (activation == GatedActivation::silu) return g * sigmoid(g);
+  return gelu(g, activation == GatedActivation::gelu_tanh);
+}
+
+// act'(g); silu'(g) = s (1 + g (1 - s)), s = sigmoid(g)
+__device__ __forceinline__ float activate_grad(float g, GatedActivation activation) {
+  if (activation == GatedActivation::silu) {
+    const float s = sigmoid(g);
+    return s * (1.f + g * (1.f - s));
+  }
+  return gelu_grad(g, activation == GatedActivation::gelu_tanh);
+}
 
 // z = round_T(x + bias) for the kVec elements at x_at (bias: this thread's columns, or none).
 template <typename T, int kVec>
@@ -144,10 +159,10 @@ __global__ void __launch_bounds__(256) bias_gelu_backward_kernel(const BiasGeluB
   }
 }
 
-// y[row, col..col+kVec) = round_T(silu(g) * u), g = gate[row, col..], u = up[row, col..] (rows
+// y[row, col..col+kVec) = round_T(act(g) * u), g = gate[row, col..], u = up[row, col..] (rows
 // gate_row_stride / up_row_stride elements apart; y contiguous), rows grid-stride.
 template <typename T, int kVec>
-__global__ void __launch_bounds__(256) silu_mul_forward_kernel(const SiluMulForwardParams p) {
+__global__ void __launch_bounds__(256) gated_mul_forward_kernel(const GatedMulForwardParams p) {
   const int64_t col = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * kVec;
   if (col >= p.cols) return;
   const T* gate = static_cast<const T*>(p.gate);
@@ -160,15 +175,15 @@ __global__ void __launch_bounds__(256) silu_mul_forward_kernel(const SiluMulForw
     load_floats<T, kVec>(gate + row * p.gate_row_stride + col, g);
     load_floats<T, kVec>(up + row * p.up_row_stride + col, u);
 #pragma unroll
-    for (int i = 0; i < kVec; ++i) g[i] = (g[i] * sigmoid(g[i])) * u[i];
+    for (int i = 0; i < kVec; ++i) g[i] = activate(g[i], p.activation) * u[i];
     store_floats<T, kVec>(y + row * p.cols + col, g);
   }
 }
 
-// With s = sigmoid(g): dup = round_T(dy * g s), dgate = round_T(dy * u * s (1 + g (1 - s))),
-// dy, dgate and dup contiguous, gate and up as in the forward; rows grid-stride.
+// dup = round_T(dy * act(g)), dgate = round_T(dy * u * act'(g)), dy, dgate and dup contiguous,
+// gate and up as in the forward; rows grid-stride.
 template <typename T, int kVec>
-__global__ void __launch_bounds__(256) silu_mul_backward_kernel(const SiluMulBackwardParams p) {
+__global__ void __launch_bounds__(256) gated_mul_backward_kernel(const GatedMulBackwardParams p) {
   const int64_t col = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * kVec;
   if (col >= p.cols) return;
   const T* dy = static_cast<const T*>(p.dy);
@@ -187,9 +202,8 @@ __global__ void __launch_bounds__(256) silu_mul_backward_kernel(const SiluMulBac
     load_floats<T, kVec>(up + row * p.up_row_stride + col, u);
 #pragma unroll
     for (int i = 0; i < kVec; ++i) {
-      const float s = sigmoid(g[i]);
-      const float dgate_i = (d[i] * u[i]) * (s * (1.f + g[i] * (1.f - s)));
-      u[i] = d[i] * (g[i] * s);  // dup
+      const float dgate_i = (d[i] * u[i]) * activate_grad(g[i], p.activation);
+      u[i] = d[i] * activate(g[i], p.activation);  // dup
       g[i] = dgate_i;
     }
     store_floats<T, kVec>(dgate + at, g);
@@ -273,7 +287,7 @@ void bias_gelu_backward_launch(const BiasGeluBackwardParams& p, cudaStream_t str
   });
 }
 
-void silu_mul_forward_launch(const SiluMulForwardParams& p, cudaStream_t stream) {
+void gated_mul_forward_launch(const GatedMulForwardParams& p, cudaStream_t stream) {
   if (p.rows <= 0 || p.cols <= 0) return;
   const Plan plan = plan_for(p.rows, p.cols, p.dtype, {p.gate, p.up, p.y},
                              {p.gate_row_stride, p.up_row_stride});
@@ -281,14 +295,14 @@ void silu_mul_forward_launch(const SiluMulForwardParams& p, cudaStream_t stream)
     using T = typename decltype(tag)::type;
     constexpr int kVec = 16 / static_cast<int>(sizeof(T));
     if (plan.vectorized) {
-      silu_mul_forward_kernel<T, kVec><<<plan.grid, plan.block, 0, stream>>>(p);
+      gated_mul_forward_kernel<T, kVec><<<plan.grid, plan.block, 0, stream>>>(p);
     } else {
-      silu_mul_forward_kernel<T, 1><<<plan.grid, plan.block, 0, stream>>>(p);
+      gated_mul_forward_kernel<T, 1><<<plan.grid, plan.block, 0, stream>>>(p);
     }
   });
 }
 
-void silu_mul_backward_launch(const SiluMulBackwardParams& p, cudaStream_t stream) {
+void gated_mul_backward_launch(const GatedMulBackwardParams& p, cudaStream_t stream) {
   if (p.rows <= 0 || p.cols <= 0) return;
   const Plan plan = plan_for(p.rows, p.cols, p.dtype, {p.dy, p.gate, p.up, p.dgate, p.dup},
                              {p.gate_row_stride, p.up_row_stride});
@@ -296,9 +310,9 @@ void silu_mul_backward_launch(const SiluMulBackwardParams& p, cudaStream_t strea
     using T = typename decltype(tag)::type;
     constexpr int kVec = 16 / static_cast<int>(sizeof(T));
     if (plan.vectorized) {
-      silu_mul_backward_kernel<T, kVec><<<plan.grid, plan.block, 0, stream>>>(p);
+      gated_mul_backward_kernel<T, kVec><<<plan.grid, plan.block, 0, stream>>>(p);
     } else {
-      silu_mul_backward_kernel<T, 1><<<plan.grid, plan.block, 0, stream>>>(p);
+      gated_mul_backward_kernel<T, 1><<<plan.grid, plan.block, 0, stream>>>(p);
     }
   });
 }

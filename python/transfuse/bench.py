@@ -217,6 +217,13 @@ def activation_cases(device, dtype):
                                                                                   backend=k)
         cases.append(Case("silu*up fwd", f"{rows}x{cols}", str(dtype).replace("torch.", ""),
                           3 * gate.numel() * gate.element_size(), impls))
+    # ModernBERT-base's GeGLU: exact GELU of one half of Wi's output times the other
+    gate, up = torch.randn(1024, 2 * 1152, device=device, dtype=dtype).chunk(2, dim=-1)
+    impls = {"eager": lambda: F.gelu(gate) * up}
+    for k in _kernel_backends(device):
+        impls[f"transfuse-{k}"] = lambda k=k: ops.gelu_mul(gate, up, backend=k)
+    cases.append(Case("gelu*up fwd", "1024x1152", str(dtype).replace("torch.", ""),
+                      3 * gate.numel() * gate.element_size(), impls))
     return cases
 
 

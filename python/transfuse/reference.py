@@ -4,6 +4,7 @@ stands for; called with float64 inputs it computes everything in float64.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -265,10 +266,28 @@ def bias_gelu(x, bias=None, approximate="none"):
     return torch.nn.functional.gelu(z.to(acc), approximate=approximate).to(z.dtype)
 
 
+_GATED_ACTIVATIONS = {
+    "silu": torch.nn.functional.silu,
+    "gelu": torch.nn.functional.gelu,
+    "gelu_tanh": functools.partial(torch.nn.functional.gelu, approximate="tanh"),
+}
+
+
+def gated_mul(gate, up, activation):
+    """act(gate) * up in fp32 (or wider), rounded once to the inputs' dtype; act "silu", "gelu" or
+    "gelu_tanh"."""
+    acc = _accumulate_dtype(gate.dtype)
+    return (_GATED_ACTIVATIONS[activation](gate.to(acc)) * up.to(acc)).to(gate.dtype)
+
+
 def silu_mul(gate, up):
     """F.silu(gate) * up in fp32 (or wider), rounded once to the inputs' dtype."""
-    acc = _accumulate_dtype(gate.dtype)
-    return (torch.nn.functional.silu(gate.to(acc)) * up.to(acc)).to(gate.dtype)
+    return gated_mul(gate, up, "silu")
+
+
+def gelu_mul(gate, up, approximate="none"):
+    """F.gelu(gate, approximate=approximate) * up in fp32 (or wider), rounded once."""
+    return gated_mul(gate, up, "gelu" if approximate == "none" else "gelu_tanh")
 
 
 def rotary(q, k, cos, sin):

@@ -25,7 +25,7 @@ something else.
                attn(...) and post_attention_layernorm of it in one pass of the fused RMSNorm (a
                FusedRMSNorm, from the norm rules), which returns the normed sum and the sum, the
                MLP's residual. On CPU tensors in inference, where its attention and MLP carry
-               their rules (SiLU: Llama, Mistral, Qwen2, Qwen3), the whole layer in two
+               their rules (Llama, Mistral, Qwen2, Qwen3, Gemma), the whole layer in two
                transfuse._C calls around the cache's own update (csrc/bindings/decoder_layer.cpp),
                padded or over the tokens padding removal packed: the kernels the rules run, bit
                for bit, without their twenty-odd Python calls.
@@ -40,9 +40,13 @@ something else.
                replaced by one transfuse.ops.rotary call over q and k (fp32 math rounded once:
                the same values in fp32 and bf16); the rest as the class's forward.
   gated_mlp    act_fn(gate_proj(x)) * up_proj(x) with act_fn SiLU (Llama, Mistral, Qwen2,
-               Qwen3): gate and up as projections, their product through transfuse.ops.silu_mul
-               (one pass instead of two; on CUDA it reads the two halves of the joint GEMM's
-               output in place). Another act_fn (Gemma's GELU): the projections alone.
+               Qwen3) or GELU (Gemma 1-3's tanh form): gate and up as projections, their product
+               through transfuse.ops.silu_mul / gelu_mul (one pass instead of two; on CUDA it
+               reads the two halves of the joint GEMM's output in place). Another act_fn: the
+               projections alone.
+  joint_gated_mlp  ModernBERT's MLP, act(input) * gate over the two halves of one Wi GEMM's
+               output: the product through one transfuse.ops.gelu_mul (silu_mul), reading the
+               halves in place; Wi, its dropout and Wo as the class's forward calls them.
   linear       any other torch.nn.Linear (that class only, unhooked, not used by its parent's
                rule): its forward through transfuse.ops.linear, so that on CPU tensors a
                decoding step's output projections and head run transfuse's GEMV
@@ -120,7 +124,7 @@ from ..ops.linear import _own_kernel_takes
 from .attention import (NAME as ATTENTION_NAME, _causal, _combined_mask,
                         _weights_requested)
 from .unpad import PACKED_STACK_ATTR, _outputs_recorded
-from ..ops.activation import KERNEL_DTYPES as ACTIVATION_DTYPES
+from ..ops.activation import KERNEL_DTYPES as ACTIVATION_DTYPES, gated_mul
 from ..ops.attention import MAX_HEAD_DIM, _broadcast_mask
 from ..ops.norm import KERNEL_DTYPES as NORM_DTYPES, _rms_norm_dtypes
 from ..ops.rotary import KERNEL_DTYPES as ROTARY_DTYPES
@@ -130,6 +134,7 @@ PROJECTION_ATTR = "_transfuse_projection"
 BACKEND_ATTR = "_transfuse_block_backend"
 FACTS_ATTR = "_transfuse_block_facts"  # what a rule read from the module's class at patch time
 SILU_CLASSES = {nn.SiLU}
+GELU_ACTIVATIONS = {"none": "gelu", "tanh": "gelu_tanh"}  # F.gelu's approximate -> gated_mul's
 
 # Devices whose tensors run fused projections as one GEMM. Not the CPU: on all-MiniLM-L6-v2
 # (2 threads, AVX2, fp32, real sentences, batch 8) the joint Q/K/V GEMM measured 0.97x the three
@@ -171,8 +176,10 @@ BLOCK_RULES = {
        for family in ("Bert", "Electra")},
     **{f"{family}Attention": ("rotary_attention", ("q_proj", "k_proj", "v_proj"))
        for family in _DECODERS},
-    **{f"{family}MLP": ("gated_mlp", ("gate_proj", "up_proj")) for family in _DECODERS},
+    **{f"{family}MLP": ("gated_mlp", ("gate_proj", "up_proj"))
+       for family in (*_DECODERS, "Gemma2", "Gemma3")},
     "ModernBertAttention": ("joint_rotary_attention", ()),  # (Wqkv, Wo: the linear rule's)
+    "ModernBertMLP": ("joint_gated_mlp", ()),  # (Wi, Wo: the linear rule's)
     **{f"{family}DecoderLayer": ("residual_rms_norm",
                                  ("input_layernorm", "self_attn", "post_attention_layernorm",
                                   "mlp")) for family in _DECODERS},
@@ -340,6 +347,8 @@ CACHE_LENGTH_NAMES = frozenset(("cache_length", "past_key_values_length"))
 
 GATED_MLP_SOURCE = ("down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))",
                     "return down_proj")
+JOINT_GATED_MLP_SOURCE = ("input, gate = self.Wi(hidden_states).chunk(2, dim=-1)",
+                          "return self.Wo(self.drop(self.act(input) * gate))")
 
 BIAS_GELU_SOURCE = ("hidden_states = self.dense(hidden_states)",
                     "hidden_states = self.intermediate_act_fn(hidden_states)",
@@ -368,6 +377,8 @@ def _expected_source(kind, names, cls):
         return RESIDUAL_NORM_SOURCE
     if kind == "gated_mlp":
         return GATED_MLP_SOURCE
+    if kind == "joint_gated_mlp":
+        return JOINT_GATED_MLP_SOURCE
     if kind == "rotary_attention":
         head, tail = ROTARY_ATTENTION_SOURCE
         family = _family(cls)
@@ -721,8 +732,8 @@ def _decoder_layer_arguments(layer, attention, head_norms, x, cos, sin):
     """(decoder_layer_qkv's arguments after x and before cos and sin, decoder_layer_out's after
     softcap) for the layer (attention: its self-attention, with head norms or not) on x, where
     its modules run what the calls run: the rules' forwards, FusedRMSNorm norms, one kind of
-    linear layer (float of x's dtype, or int8 in one mode), SiLU, x's dtype in every kernel, the
-    cpu backend for each op; else None."""
+    linear layer (float of x's dtype, or int8 in one mode), SiLU or GELU, x's dtype in every
+    kernel, the cpu backend for each op; else None."""
     children = layer._modules
     mlp = children.get("mlp")
     norms = (children.get("input_layernorm"), children.get("post_attention_layernorm"))
@@ -732,7 +743,7 @@ def _decoder_layer_arguments(layer, attention, head_norms, x, cos, sin):
     head_dim = attention.head_dim
     if (layer.training or attention.training or _own_hooks(layer) or _own_hooks(attention)
             or _rule_forward(mlp) is not _gated_mlp_forward or _own_hooks(mlp)
-            or not _is_silu(mlp.act_fn) or dtype not in ACTIVATION_DTYPES
+            or _gated_activation(mlp.act_fn) is None or dtype not in ACTIVATION_DTYPES
             or dtype not in ROTARY_DTYPES or head_dim % 2 or head_dim > MAX_HEAD_DIM
             or attention.config._attn_implementation != ATTENTION_NAME):
         return None
@@ -801,7 +812,7 @@ def _decoder_layer_arguments(layer, attention, head_norms, x, cos, sin):
     return ((*norm_arguments[0], head_dim, weights[:3], weight_scales[:3], biases[:3],
              torch_linears[:3], mode, *head_norm_arguments),
             (weights[3:], weight_scales[3:], biases[3:], torch_linears[3:], mode,
-             *norm_arguments[1]))
+             *norm_arguments[1], _gated_activation(mlp.act_fn)))
 
 
 def _patch_residual_rms_norm(module, names):
@@ -929,23 +940,57 @@ def _is_silu(act):
     return type(act) in SILU_CLASSES
 
 
+def _gated_activation(act):
+    """The name transfuse.ops.activation.gated_mul takes for act ("silu", "gelu", "gelu_tanh"):
+    a SiLU or transformers GELU module, unhooked, running its class's forward; else None."""
+    if _is_silu(act):
+        return "silu"
+    approximate = _gelu_approximation(act)
+    return None if approximate is None else GELU_ACTIVATIONS[approximate]
+
+
+def _known_activation(act):
+    """Whether the gated rules take act (_gated_activation), once transformers' SiLU class is
+    known (_silu_class)."""
+    if isinstance(act, nn.Module):
+        _silu_class(type(act))
+    return _gated_activation(act) is not None
+
+
 def _gated_mlp_forward(self, x):
-    if not _is_silu(self.act_fn):  # swapped since
+    activation = _gated_activation(self.act_fn)
+    if activation is None:  # swapped since
         return type(self).forward(self, x)
     gate, up = self.gate_proj(x), self.up_proj(x)
     if gate.dtype not in ACTIVATION_DTYPES or up.dtype != gate.dtype:
         return self.down_proj(self.act_fn(gate) * up)
-    return self.down_proj(ops.silu_mul(gate, up, backend=self.__dict__.get(BACKEND_ATTR)))
+    return self.down_proj(gated_mul(gate, up, activation,
+                                    backend=self.__dict__.get(BACKEND_ATTR)))
 
 
 def _patch_gated_mlp(module, names):
-    """The projections of gate and up where they fit; the forward where act_fn is SiLU."""
+    """The projections of gate and up where they fit; the forward where act_fn is SiLU or GELU."""
     joined = _patch_projections(module, names)
-    act = getattr(module, "act_fn", None)
-    if isinstance(act, nn.Module) and _silu_class(type(act)) and _is_silu(act) and isinstance(
+    if _known_activation(getattr(module, "act_fn", None)) and isinstance(
             getattr(module, "down_proj", None), nn.Module):
         return _install(module, _gated_mlp_forward) and "gated_mlp"
     return joined and "projections"
+
+
+def _joint_gated_mlp_forward(self, hidden_states):
+    activation = _gated_activation(self.act)
+    if activation is None:  # swapped since
+        return type(self).forward(self, hidden_states)
+    input, gate = self.Wi(hidden_states).chunk(2, dim=-1)
+    if input.dtype not in ACTIVATION_DTYPES:
+        return self.Wo(self.drop(self.act(input) * gate))
+    return self.Wo(self.drop(gated_mul(input, gate, activation,
+                                       backend=self.__dict__.get(BACKEND_ATTR))))
+
+
+def _patch_joint_gated_mlp(module, names):
+    return _known_activation(getattr(module, "act", None)) and _install(
+        module, _joint_gated_mlp_forward)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1636,6 +1681,7 @@ _PATCHERS = {"projections": _patch_projections, "linear": _patch_linear,
              "residual_rms_norm": _patch_residual_rms_norm, "bias_gelu": _patch_bias_gelu,
              "rotary_attention": _patch_rotary_attention, "gated_mlp": _patch_gated_mlp,
              "joint_rotary_attention": _patch_joint_rotary_attention,
+             "joint_gated_mlp": _patch_joint_gated_mlp,
              "encoder_layer": _patch_encoder_layer, "encoder_stack": _patch_encoder_stack,
              "embeddings": _patch_embeddings,
              **dict.fromkeys(RELATIVE_BIAS_KINDS, _patch_relative_bias)}

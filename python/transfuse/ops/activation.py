@@ -1,7 +1,8 @@
 """Activations: bias + GELU, the epilogue of a linear layer (BERT's intermediate layer after its
-GEMM), and SiLU(gate) * up, the gate of a SwiGLU MLP (Llama, Mistral, Qwen2).
+GEMM), and act(gate) * up, the gate of a gated MLP: silu_mul (SwiGLU: Llama, Mistral, Qwen2) and
+gelu_mul (GeGLU: ModernBERT, Gemma), one op "gated_mul" with the activation as an argument.
 
-Flow: bias_gelu (and silu_mul alike) validates its inputs and picks a backend (op family
+Flow: bias_gelu (and silu_mul / gelu_mul alike) validates its inputs and picks a backend (op family
 "activation"). Under torch.compile it calls the custom op `transfuse::bias_gelu` (fake impl for
 tracing, autograd through `transfuse::bias_gelu_backward`); in eager mode it runs the same
 kernels without the custom op's dispatch, through `_EagerBiasGelu` (same context and backward)
@@ -9,7 +10,7 @@ when autograd needs a graph. The `reference` backend is plain PyTorch, different
 
 Backward: dz = dy * gelu'(z) with z recomputed from x and bias (the kernels'); dx = dz, and
 dbias = dz summed over the leading dimensions (a torch sum, as eager's broadcast add gives).
-silu_mul's: dgate = dy * up * silu'(gate), dup = dy * silu(gate) (the kernels').
+gated_mul's: dgate = dy * up * act'(gate), dup = dy * act(gate) (the kernels').
 """
 from __future__ import annotations
 
@@ -189,80 +190,84 @@ def _backend_for(x, backend, op="bias_gelu", argument="x"):
 
 
 # ------------------------------------------------------------------------------------------------
-# silu_mul
+# silu_mul and gelu_mul: act(gate) * up
 # ------------------------------------------------------------------------------------------------
 
-def _run_silu_mul(gate, up, backend):
+GATED_ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+
+
+def _run_gated_mul(gate, up, activation, backend):
     """The kernel over gate and up as they lie (rows evenly apart, each contiguous: a joint
     GEMM's halves in place); other layouts are copied to contiguous rows first."""
-    kernel = _kernel(backend, "forward", "silu_mul")
+    kernel = _kernel(backend, "forward", "gated_mul")
     if backend == "triton":  # (its launchers take [rows, cols])
-        return kernel(_rows(gate), _rows(up)).view(gate.shape)
+        return kernel(_rows(gate), _rows(up), activation).view(gate.shape)
     try:
-        return kernel(gate, up)
+        return kernel(gate, up, activation)
     except (ValueError, TypeError):
-        _check_silu_mul(gate, up, KERNEL_DTYPES)  # a bad input: its error, named in Python
-        return kernel(gate.contiguous(), up.contiguous())
+        _check_gated_mul(gate, up, KERNEL_DTYPES)  # a bad input: its error, named in Python
+        return kernel(gate.contiguous(), up.contiguous(), activation)
 
 
-def _run_silu_mul_backward(dy, gate, up, backend):
-    dgate, dup = _kernel(backend, "backward", "silu_mul")(_matrix(dy), _rows(gate), _rows(up))
+def _run_gated_mul_backward(dy, gate, up, activation, backend):
+    dgate, dup = _kernel(backend, "backward", "gated_mul")(_matrix(dy), _rows(gate), _rows(up),
+                                                           activation)
     return dgate.view(gate.shape), dup.view(gate.shape)
 
 
-@_library.op("silu_mul")
-def _silu_mul(gate: Tensor, up: Tensor, backend: str) -> Tensor:
-    """-> silu(gate) * up, a new contiguous tensor of gate's shape and dtype"""
-    return _run_silu_mul(gate, up, backend)
+@_library.op("gated_mul")
+def _gated_mul_op(gate: Tensor, up: Tensor, activation: str, backend: str) -> Tensor:
+    """-> act(gate) * up, a new contiguous tensor of gate's shape and dtype"""
+    return _run_gated_mul(gate, up, activation, backend)
 
 
-@_silu_mul.register_fake
-def _(gate, up, backend):
+@_gated_mul_op.register_fake
+def _(gate, up, activation, backend):
     return gate.new_empty(gate.shape)
 
 
-@_library.op("silu_mul_backward")
-def _silu_mul_backward(dy: Tensor, gate: Tensor, up: Tensor,
-                       backend: str) -> Tuple[Tensor, Tensor]:
+@_library.op("gated_mul_backward")
+def _gated_mul_backward(dy: Tensor, gate: Tensor, up: Tensor, activation: str,
+                        backend: str) -> Tuple[Tensor, Tensor]:
     """-> (dgate, dup) of gate's shape"""
-    return _run_silu_mul_backward(dy, gate, up, backend)
+    return _run_gated_mul_backward(dy, gate, up, activation, backend)
 
 
-@_silu_mul_backward.register_fake
-def _(dy, gate, up, backend):
+@_gated_mul_backward.register_fake
+def _(dy, gate, up, activation, backend):
     return gate.new_empty(gate.shape), gate.new_empty(gate.shape)
 
 
-def _silu_mul_setup_context(ctx, inputs, output):
-    gate, up, backend = inputs
+def _gated_mul_setup_context(ctx, inputs, output):
+    gate, up, activation, backend = inputs
     ctx.save_for_backward(gate, up)
-    ctx.backend = backend
+    ctx.attrs = (activation, backend)
 
 
-def _silu_mul_backward_with(run_backward):
+def _gated_mul_backward_with(run_backward):
     def backward(ctx, dy):
         gate, up = ctx.saved_tensors
-        return (*run_backward(dy, gate, up, ctx.backend), None)
+        return (*run_backward(dy, gate, up, *ctx.attrs), None, None)
     return backward
 
 
-_silu_mul.register_autograd(_silu_mul_backward_with(_silu_mul_backward),
-                            setup_context=_silu_mul_setup_context)
+_gated_mul_op.register_autograd(_gated_mul_backward_with(_gated_mul_backward),
+                             setup_context=_gated_mul_setup_context)
 
 
-class _EagerSiluMul(torch.autograd.Function):
+class _EagerGatedMul(torch.autograd.Function):
     """The custom op's forward, context and backward without its dispatch (eager mode)."""
 
     @staticmethod
     def forward(ctx, *inputs):
-        output = _run_silu_mul(*inputs)
-        _silu_mul_setup_context(ctx, inputs, output)
+        output = _run_gated_mul(*inputs)
+        _gated_mul_setup_context(ctx, inputs, output)
         return output
 
-    backward = staticmethod(_silu_mul_backward_with(_run_silu_mul_backward))
+    backward = staticmethod(_gated_mul_backward_with(_run_gated_mul_backward))
 
 
-def _check_silu_mul(gate, up, dtypes):
+def _check_gated_mul(gate, up, dtypes):
     if gate.dtype not in dtypes:
         raise TypeError(f"gate must have a floating dtype in {dtypes}, got {gate.dtype}")
     if up.dtype != gate.dtype:
@@ -272,6 +277,26 @@ def _check_silu_mul(gate, up, dtypes):
     if up.shape != gate.shape or gate.dim() == 0:
         raise ValueError(f"gate and up must have one shape of at least one dimension, got "
                          f"{tuple(gate.shape)} and {tuple(up.shape)}")
+
+
+def gated_mul(gate, up, activation, *, backend=None):
+    """act(gate) * up with act named by `activation` ("silu", "gelu" or "gelu_tanh"): silu_mul
+    and gelu_mul, for callers that hold the name (the block rules)."""
+    if activation not in GATED_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {GATED_ACTIVATIONS}, got {activation!r}")
+    op = "silu_mul" if activation == "silu" else "gelu_mul"
+    name = _backend_for(gate, backend, op, "gate")
+    if not isinstance(up, Tensor):
+        raise TypeError(f"up must be a torch.Tensor, got {type(up).__name__}")
+    if name == "reference" or name == "triton" or torch.compiler.is_compiling():
+        _check_gated_mul(gate, up, _dtypes_for(name))
+    if name == "reference":
+        return reference.gated_mul(gate, up, activation)
+    if torch.compiler.is_compiling():
+        return _gated_mul_op(gate, up, activation, name)
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return _EagerGatedMul.apply(gate, up, activation, name)
+    return _run_gated_mul(gate, up, activation, name)
 
 
 def silu_mul(gate, up, *, backend=None):
@@ -286,15 +311,14 @@ def silu_mul(gate, up, *, backend=None):
     The cpu and cuda kernels' bindings validate their inputs in C++; the Python checks run before
     the Triton kernels, under torch.compile and after a failure, so that errors read alike.
     """
-    name = _backend_for(gate, backend, "silu_mul", "gate")
-    if not isinstance(up, Tensor):
-        raise TypeError(f"up must be a torch.Tensor, got {type(up).__name__}")
-    if name == "reference" or name == "triton" or torch.compiler.is_compiling():
-        _check_silu_mul(gate, up, _dtypes_for(name))
-    if name == "reference":
-        return reference.silu_mul(gate, up)
-    if torch.compiler.is_compiling():
-        return _silu_mul(gate, up, name)
-    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
-        return _EagerSiluMul.apply(gate, up, name)
-    return _run_silu_mul(gate, up, name)
+    return gated_mul(gate, up, "silu", backend=backend)
+
+
+def gelu_mul(gate, up, approximate="none", *, backend=None):
+    """F.gelu(gate, approximate=approximate) * up: a GeGLU MLP's gate (ModernBERT's
+    act(input) * gate with exact GELU; Gemma's act_fn(gate_proj(x)) * up_proj(x) with "tanh"),
+    in one pass. gate and up as silu_mul's; GELU in fp32, the product rounded once."""
+    if not isinstance(approximate, str) or approximate not in APPROXIMATIONS:
+        raise (TypeError if not isinstance(approximate, str) else ValueError)(
+            f"approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
+    return gated_mul(gate, up, "gelu" if approximate == "none" else "gelu_tanh", backend=backend)
