@@ -50,15 +50,15 @@ EXPECTED = {
     "gpt_neox": (2, 5, dict(varlen_attention=2, layer_norm=5)),
     "opt": (2, 5, dict(varlen_attention=2, layer_norm=5)),
     "qwen3": (2, 9, dict(varlen_attention=2, rms_norm=9)),  # + q_norm, k_norm per layer
-    "gemma2": (2, 9, dict(attention=2, rms_norm=9)),  # 4 norms per layer
-    "gemma3_text": (2, 13, dict(attention=2, rms_norm=13)),  # 4 + q_norm, k_norm per layer
+    # 4 norms per layer (Gemma 3: + q_norm, k_norm); packed into a cache of sliding-window layers
+    "gemma2": (2, 9, dict(varlen_attention=2, rms_norm=9)),
+    "gemma3_text": (2, 13, dict(varlen_attention=2, rms_norm=13)),
     "bloom": (2, 6, dict(layer_norm=6)),  # + word_embeddings_layernorm
     "falcon": (2, 3, dict(layer_norm=3)),  # one norm per parallel block
 }
 # families with a padding-removal rule (transfuse.hf.unpad.UNPAD_RULES)
 UNPADDED = ["albert", "electra", "clip_text_model", "phi", "gpt_neox", "opt", "qwen3", "gemma2",
             "gemma3_text"]
-SLIDING_CACHE = {"gemma2", "gemma3_text"}  # generate() prefills padded
 OWN_ATTENTION = {"bloom": "BloomAttention", "falcon": "FalconAttention"}
 GENERATING = [m for m, (kind, _, _) in MORE_FAMILIES.items()
               if kind in ("causal", "seq2seq", "speech")]
@@ -376,7 +376,7 @@ def test_greedy_generate_same_tokens(model_type, kernel_calls):
         assert steps["decoder"] == actual.shape[1] - inputs["input_ids"].shape[1] > 1
         layers = config.num_hidden_layers
         expected_calls = {"attention": layers * steps["decoder"]}
-        if model_type in UNPADDED and model_type not in SLIDING_CACHE:  # the prefill packed
+        if model_type in UNPADDED:  # the prefill packed (Gemma's sliding-window layers too)
             expected_calls = {"varlen_attention": layers,
                               "attention": layers * (steps["decoder"] - 1)}
     else:  # the encoder once, then each step's self- and cross-attention

@@ -13,7 +13,7 @@ import transfuse
 from transfuse.hf import attention as hf_attention
 
 transformers = pytest.importorskip("transformers")
-from hf_models import FAMILIES, VOCAB, assert_close_scaled, build  # noqa: E402
+from hf_models import FAMILIES, MORE_FAMILIES, VOCAB, assert_close_scaled, build  # noqa: E402
 
 UNPADDED = ["bert", "distilbert", "roberta", "modernbert", "gpt2", "llama", "mistral", "qwen2",
             "gemma"]
@@ -102,7 +102,8 @@ def test_each_real_token_equals_the_unpatched_model(model_type, side, varlen_cal
 def test_greedy_generate_with_left_padding_prefills_packed(model_type, varlen_calls):
     """generate(): the prefill runs packed into a DynamicCache that is then laid out padded for
     the decoding steps; the tokens equal the unpatched model's. Mistral's sliding-window cache
-    keeps the padded path."""
+    (window 4, shorter than the prompts) too: its layers keep the last positions, as from a
+    padded prefill."""
     model = build(model_type)
     patched = transfuse.patch(copy.deepcopy(model))
     ids, mask = padded_batch("left")
@@ -111,7 +112,7 @@ def test_greedy_generate_with_left_padding_prefills_packed(model_type, varlen_ca
     assert torch.equal(patched.generate(ids, **kwargs), expected)
     layers = model.config.num_hidden_layers
     packed_prefill = [sum(LENGTHS)] * layers
-    assert varlen_calls == ([] if model_type == "mistral" else packed_prefill)
+    assert varlen_calls == packed_prefill
 
 
 @pytest.mark.parametrize("model_type", ["bert", "llama", "modernbert"])
@@ -184,10 +185,12 @@ def test_calls_that_cannot_be_unpadded_keep_the_padded_path(call, varlen_calls):
                    for h in actual.hidden_states)
 
 
-def test_a_packed_prefill_hands_back_the_padded_cache(varlen_calls):
-    """use_cache=True: the cache after a packed prefill holds the unpatched model's keys and
-    values at every real token; the next step (a cache holding tokens) runs padded."""
-    model, patched = prepared("llama")
+@pytest.mark.parametrize("model_type", ["llama", "mistral"])
+def test_a_packed_prefill_hands_back_the_padded_cache(model_type, varlen_calls):
+    """use_cache=True: the cache the model creates, after a packed prefill, holds the unpatched
+    model's keys and values at every real token (Mistral's: sliding-window layers holding the
+    last positions, window 4); the next step (a cache holding tokens) runs padded."""
+    model, patched = prepared(model_type)
     ids, mask = padded_batch("left")
     mask_after_step = torch.cat([mask, mask[:, -1:]], 1)
     real = mask_after_step.bool()
@@ -202,12 +205,39 @@ def test_a_packed_prefill_hands_back_the_padded_cache(varlen_calls):
             caches.append(cache)
             steps.append(step.last_hidden_state)
     assert varlen_calls == [sum(LENGTHS)] * model.config.num_hidden_layers
+    assert len(caches[1].layers) == len(caches[0].layers)
     for expected, actual in zip(caches[0].layers, caches[1].layers):
+        assert type(actual) is type(expected)
+        assert actual.get_seq_length() == expected.get_seq_length()
         for name in ("keys", "values"):
             e, a = (getattr(layer, name).transpose(1, 2) for layer in (expected, actual))
-            assert a.shape == e.shape
-            assert_close_scaled(a[real], e[real], name=name)
+            assert a.shape == e.shape and (model_type == "llama") == (a.shape[1] == real.shape[1])
+            kept = real[:, -a.shape[1]:]
+            assert_close_scaled(a[kept], e[kept], name=name)
     assert_close_scaled(steps[1], steps[0], name="the step after the prefill")
+
+
+def test_a_bidirectional_gemma3_runs_packed_with_the_cache_it_creates(varlen_calls):
+    """EmbeddingGemma's use (Gemma3TextModel with use_bidirectional_attention, called on a padded
+    batch with the config's use_cache): the batch runs packed, each real token equal to the
+    unpatched model's, and the cache the model creates (sliding-window and full layers) is
+    handed back as the padded call fills it."""
+    overrides = dict(MORE_FAMILIES["gemma3_text"][1], use_bidirectional_attention=True)
+    config = transformers.AutoConfig.for_model("gemma3_text", vocab_size=VOCAB, **overrides)
+    torch.manual_seed(0)
+    model = transformers.AutoModel.from_config(config).eval()
+    patched = transfuse.patch(copy.deepcopy(model))
+    ids, mask = padded_batch("right")
+    with torch.no_grad():
+        expected, actual = (m(input_ids=ids, attention_mask=mask) for m in (model, patched))
+    real = mask.bool()
+    assert_close_scaled(actual.last_hidden_state[real], expected.last_hidden_state[real])
+    assert varlen_calls == [sum(LENGTHS)] * config.num_hidden_layers
+    caches = [next(v for k, v in out.items() if k in ("cache", "past_key_values"))
+              for out in (expected, actual)]
+    assert [type(layer) for layer in caches[1].layers] == [type(layer)
+                                                           for layer in caches[0].layers]
+    assert caches[1].get_seq_length() == caches[0].get_seq_length() == ids.shape[1]
 
 
 def test_a_deep_copy_of_a_patched_model_runs_its_own_weights():

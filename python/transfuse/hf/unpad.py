@@ -25,9 +25,10 @@ Only calls that run the "transfuse" attention (it reads the padding-free kwargs)
 (MPNet's: through its block rules, hf/blocks.py, which compute its relative position bias for the
 longest sequence rather than for all T packed tokens).
 A call keeps the padded path when there is nothing to skip (no mask, or no zero in it), when the
-mask is not 2D, when a KV cache holds tokens already or is not a plain DynamicCache (a decoder's
-prefill into an empty DynamicCache runs packed; the cache is then rewritten to the padded
-[B, heads, S, D] layout that the decoding steps use), when outputs are being recorded
+mask is not 2D, when a KV cache holds tokens already or is not a DynamicCache (a decoder's
+prefill into an empty DynamicCache, of plain or sliding-window layers, runs packed into a cache of
+its own; the given one is then filled through its update in the padded [B, heads, S, D] layout
+that the decoding steps use), when outputs are being recorded
 (output_hidden_states / output_attentions would be packed), when encoder_hidden_states are given
 (cross-attention), and under torch.compile (the packed size is data-dependent) unless patched
 with unpad="always": then torch.compile breaks the graph where the batch is packed and unpacked
@@ -100,12 +101,13 @@ def _cache_argument(model_class):
 
 
 def _fresh_dynamic_cache(cache):
-    """True for an empty DynamicCache of plain layers: one that a packed prefill can fill and
-    then hand over in the padded [B, heads, S, D] layout (sliding-window, static, quantized or
-    offloaded caches keep the padded path)."""
-    from transformers.cache_utils import DynamicCache, DynamicLayer
-    return (type(cache) is DynamicCache and cache.get_seq_length() == 0
-            and all(type(layer) is DynamicLayer for layer in cache.layers))
+    """True for an empty DynamicCache of plain or sliding-window layers: one that a packed
+    prefill can fill (_fill_cache; static, quantized or offloaded caches keep the padded path)."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+    return (type(cache) is DynamicCache and not getattr(cache, "offloading", False)
+            and all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer)
+                    and not layer.is_initialized and not getattr(layer, "record_past", False)
+                    for layer in cache.layers))
 
 
 def _off_under_compile(module):
@@ -231,13 +233,14 @@ def _with_cache(module, valid, kwargs):
     return valid
 
 
-def _pad_cache(cache, packing):
-    """Each layer's packed keys / values [1, heads, T, D] -> [B, heads, S, D], zeros at pads (which
-    the padding mask hides from every later step)."""
-    for layer in cache.layers:
-        for attribute in ("keys", "values"):
-            packed = getattr(layer, attribute).transpose(1, 2)  # [1, T, heads, D]
-            setattr(layer, attribute, packing.unpack(packed).transpose(1, 2))
+def _fill_cache(cache, packed_cache, packing):
+    """Each layer's packed keys / values [1, heads, T, D] -> [B, heads, S, D], zeros at pads
+    (which the padding mask hides from every later step), given to `cache` through its own
+    update, as the padded prefill would (a sliding-window layer keeps its last positions)."""
+    for layer_idx, layer in enumerate(packed_cache.layers):
+        keys, values = (packing.unpack(getattr(layer, name).transpose(1, 2)).transpose(1, 2)
+                        for name in ("keys", "values"))
+        cache.update(keys, values, layer_idx)
 
 
 def _packed_model_call(original, valid, kwargs, positions_from_mask=False):
@@ -258,10 +261,17 @@ def _packed_model_call(original, valid, kwargs, positions_from_mask=False):
     kwargs.pop("attention_mask")
     if kwargs.get("cache_position") is not None:  # the packed call's own cache slots
         kwargs["cache_position"] = torch.arange(len(packing.index), device=valid.device)
+    cache_name = "cache" if kwargs.get("cache") is not None else "past_key_values"
+    cache = kwargs.get(cache_name)
+    if cache is not None:  # the packed call fills a cache of plain layers (its own layout)
+        from transformers.cache_utils import DynamicCache
+        kwargs[cache_name] = packed_cache = DynamicCache()
     output = original(attention_mask=None, **inputs, **kwargs, **packing.kwargs)
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if cache is not None:
-        _pad_cache(cache, packing)
+        _fill_cache(cache, packed_cache, packing)
+        for name, value in list(output.items()):  # (the output's own name of its cache)
+            if value is packed_cache:
+                output[name] = cache
     return _replace_last_hidden_state(output, packing)
 
 
