@@ -1,6 +1,8 @@
 """Sentence embeddings on the CPU from an embedding model of a named shape (--model): a
-Qwen3-Embedding-0.6B-shaped Qwen3Model (last token, left padding) or a ModernBERT-base-shaped
-ModernBertModel (mean over the real tokens, right padding): sentences per second of eager
+Qwen3-Embedding-0.6B-shaped Qwen3Model (last token, left padding), a ModernBERT-base-shaped
+ModernBertModel or an EmbeddingGemma-300m-shaped Gemma3TextModel (mean over the real tokens, right
+padding; the transformer alone, without its sentence-transformers dense layers): sentences per
+second of eager
 PyTorch, transfuse.patch(model) (fp32, w8a8, a bf16 copy, bf16 w8a16) and OpenVINO (fp32, the
 bf16 hint, int8 weights, int8 post-training quantization), with each side's worst cosine to eager
 fp32 (on random weights: what it says of a real model's accuracy is little).
@@ -9,12 +11,15 @@ The inputs are `transfuse bench`'s 64 real sentences (transfuse.bench_sentences)
 (--batch), padded as the model's users pad them. The weights are random (Qwen3-0.6B's shapes: 28
 layers, hidden 1024, 16 query and 8 key/value heads of 128, MLP 3072; ModernBERT-base's: 22
 layers, hidden 768, 12 heads, GeGLU MLP 1152, local attention over 128 tokens in two layers of
-three) and no tokenizer of theirs is at hand offline: the token ids are random, each sentence as
+three; EmbeddingGemma-300m's: 24 layers, hidden 768, 3 query heads and 1 key/value head of 256,
+GeGLU MLP 1152 (tanh GELU), bidirectional, 512-token windows in five layers of six) and no
+tokenizer of theirs is at hand offline: the token ids are random, each sentence as
 long as all-MiniLM-L6-v2's WordPiece tokenizer makes it (with its [CLS] and [SEP]; a BPE
 tokenizer gives English about as many tokens). The sides take turns (A B A B ...), median of the
 rounds.
 
-    python benchmarks/embedding_cpu.py [--model qwen3-embedding-0.6b | modernbert-base]
+    python benchmarks/embedding_cpu.py [--model qwen3-embedding-0.6b | modernbert-base |
+                                        embeddinggemma-300m]
         [--rounds 3] [--batch 8] [--save-model DIR] [--openvino DIR|torch]
         [--openvino-int8 DIR] [--out F.json]
 
@@ -26,6 +31,10 @@ torch 2.13) and exports Qwen3 but not ModernBERT:
     OVModelForFeatureExtraction.from_pretrained(DIR, export=True).save_pretrained(OV_DIR)
     ... quantization_config=OVWeightQuantizationConfig(bits=8) ... (OV_INT8_DIR)
 The PTQ side is nncf.quantize of the fp32 IR here, calibrated on the first 16 sentences.
+EmbeddingGemma has no OpenVINO side: openvino.convert_model of the traced Gemma3TextModel fails
+(2026.4: "unordered_map::at"), through torch.export it converts but computes other values (0.08
+off without padding on a tiny model, NaN with it), and optimum-intel 2.2 refuses transformers
+above 5.0 for its export.
 """
 from __future__ import annotations
 
@@ -48,11 +57,21 @@ from decode_cpu import QWEN3_0_6B
 MODERNBERT_BASE = dict(hidden_size=768, num_hidden_layers=22, num_attention_heads=12,
                        intermediate_size=1152, vocab_size=50368, global_attn_every_n_layers=3,
                        local_attention=128, hidden_activation="gelu")
+# google/embeddinggemma-300m's config.json: a bidirectional Gemma 3 (5 of 6 layers attend within
+# 512 tokens), its config's use_cache true (so a call creates a cache, as sentence-transformers'
+# does)
+EMBEDDINGGEMMA_300M = dict(hidden_size=768, num_hidden_layers=24, num_attention_heads=3,
+                           num_key_value_heads=1, head_dim=256, intermediate_size=1152,
+                           vocab_size=262144, sliding_window=512, query_pre_attn_scalar=256,
+                           use_bidirectional_attention=True, max_position_embeddings=2048,
+                           pad_token_id=0)
 # --model: (transformers model type, config, padding side, pooling, what the output calls it)
 MODELS = {"qwen3-embedding-0.6b": ("qwen3", QWEN3_0_6B, "left", "last",
                                    "Qwen3-Embedding-0.6B-shaped Qwen3Model"),
           "modernbert-base": ("modernbert", MODERNBERT_BASE, "right", "mean",
-                              "ModernBERT-base-shaped ModernBertModel")}
+                              "ModernBERT-base-shaped ModernBertModel"),
+          "embeddinggemma-300m": ("gemma3_text", EMBEDDINGGEMMA_300M, "right", "mean",
+                                  "EmbeddingGemma-300m-shaped Gemma3TextModel")}
 
 
 def sentence_lengths():
@@ -117,9 +136,10 @@ def openvino_models(model, batch, folder, int8_folder):
     (int8, per channel)."""
     if folder != "torch":
         return folder, int8_folder
-    if model.config.model_type != "modernbert":  # (Qwen3's traced with its cache fails)
+    if model.config.model_type != "modernbert":
         raise SystemExit("--openvino torch converts ModernBERT only; for Qwen3 pass the IR "
-                         "folders optimum-intel exports")
+                         "folders optimum-intel exports (EmbeddingGemma: none, see the module's "
+                         "docstring)")
     import nncf
     import openvino
     with torch.no_grad():

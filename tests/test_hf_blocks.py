@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import transfuse
 from transfuse.hf import blocks
 
-from hf_models import build
+from hf_models import assert_close_scaled, build, build_more
 
 ENCODERS = ["bert", "roberta"]
 
@@ -390,6 +390,47 @@ def test_the_other_linear_layers_run_transfuse_linear(monkeypatch):
                                        atol=0.02)
     transfuse.unpatch(patched)
     assert not any("forward" in m.__dict__ for m in patched.modules())
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text"])
+def test_sandwich_layers_add_the_attention_residual_inside_the_pre_mlp_norm(model_type,
+                                                                           monkeypatch):
+    """sandwich_rms_norm (Gemma 2 / 3, norms after the attention and the MLP too): per layer the
+    pre-feedforward norm takes the attention's residual in its pass, the attention rotates q and
+    k in one call (Gemma 3: after its head norms), the MLP gates with one gated_mul (tanh GELU);
+    module by module and as the layer call, equal to the unpatched model per sequence of a padded
+    batch and token for token in greedy generation; training gradients equal."""
+    model = build_more(model_type)
+    patched = transfuse.patch(copy.deepcopy(model))
+    layers = model.config.num_hidden_layers
+    rules = sorted(rule for name, rule in transfuse.patched_modules(patched).items()
+                   if name.endswith((".self_attn<block>", ".mlp<block>"))
+                   or name.endswith(tuple(f".{i}<block>" for i in range(layers))))
+    assert rules == sorted(["block rule 'gated_mlp'", "block rule 'rotary_attention'",
+                            "block rule 'sandwich_rms_norm'"] * layers)
+    ids, mask = padded_batch()
+    expected = logits_of_real_tokens(model, ids, mask)
+    with_residual, activations = [], []
+    original_norm, original_gated_mul = transfuse.ops.rms_norm, blocks.gated_mul
+    with monkeypatch.context() as m:
+        m.setattr(blocks, "_decoder_layer_fused", lambda *args: None)
+        m.setattr(transfuse.ops, "rms_norm", lambda x, w, eps, residual=None, *a, **k: (
+            with_residual.append(residual is not None) or original_norm(x, w, eps, residual, *a,
+                                                                        **k)))
+        m.setattr(blocks, "gated_mul", lambda *a, **k: activations.append(a[2])
+                  or original_gated_mul(*a, **k))
+        assert_close_scaled(logits_of_real_tokens(patched, ids, mask), expected)
+    assert sum(with_residual) == layers and activations == ["gelu_tanh"] * layers
+    assert_close_scaled(logits_of_real_tokens(patched, ids, mask), expected)  # the layer call
+    with torch.no_grad():
+        prompt = ids[:1, :6]
+        assert torch.equal(patched.generate(prompt, max_new_tokens=6, do_sample=False),
+                           model.generate(prompt, max_new_tokens=6, do_sample=False))
+    for m in (model.train(), patched.train()):  # (the config's dropouts are 0)
+        m(input_ids=ids, attention_mask=mask).logits[mask.bool()].square().sum().backward()
+    scale = max(p.grad.abs().max().item() for p in model.parameters())  # (test_hf_families')
+    for (name, p), q in zip(model.named_parameters(), patched.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
 
 
 @pytest.mark.parametrize("model_type", ENCODERS + DECODERS)

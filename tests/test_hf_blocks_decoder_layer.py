@@ -13,14 +13,15 @@ import torch
 import transfuse
 from transfuse.hf import blocks
 
-from hf_models import build
+from hf_models import MORE_FAMILIES, assert_close_scaled, build, build_more
 
 pytestmark = pytest.mark.skipif(transfuse.backends.extension()[0] is None,
                                 reason="transfuse._C not built")
 
 # (Mistral: sliding_window 4; Qwen2: q, k, v biases; Qwen3: head norms of the query and key;
-# Gemma: GELU (tanh) in its MLP, RMSNorm weights offset by 1)
-DECODERS = ["llama", "mistral", "qwen2", "qwen3", "gemma"]
+# Gemma: GELU (tanh) in its MLP, RMSNorm weights offset by 1; Gemma 2 and 3: norms after the
+# attention and the MLP too, windows of 4, Gemma 2's attention softcap, Gemma 3's head norms)
+DECODERS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"]
 SIDES = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, None),
          "w8a8": (torch.float32, "w8a8"), "bf16 w8a16": (torch.bfloat16, "w8a16")}
 
@@ -58,7 +59,7 @@ def decoder(model_type, seed=0):
     """A tiny random causal LM whose attention is far from uniform (its projections scaled up)
     and whose biases (Qwen2's q, k, v) are not zero, so that a dropped mask or bias shows in the
     logits."""
-    model = build(model_type, seed)
+    model = (build_more if model_type in MORE_FAMILIES else build)(model_type, seed)
     with torch.no_grad():
         for layer in model.model.layers:
             for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj):
@@ -103,7 +104,7 @@ def test_fused_layers_equal_the_modules_bit_for_bit(model_type, side, fused):
     if side == "fp32":
         unpatched_tokens, unpatched_logits = generated(model, prompt)
         assert torch.equal(tokens, unpatched_tokens)
-        torch.testing.assert_close(step_logits, unpatched_logits, rtol=1e-5, atol=1e-5)
+        assert_close_scaled(step_logits, unpatched_logits)
 
 
 @pytest.mark.parametrize("model_type", DECODERS)
@@ -126,7 +127,7 @@ def test_fused_steps_of_a_padded_batch_read_its_mask(model_type, fused):
     assert torch.equal(tokens, expected_tokens) and torch.equal(logits, expected_logits)
     unpatched_tokens, unpatched_logits = generated(model, prompt)
     assert torch.equal(tokens, unpatched_tokens)
-    torch.testing.assert_close(logits, unpatched_logits, rtol=1e-5, atol=1e-5)
+    assert_close_scaled(logits, unpatched_logits)
 
 
 @pytest.mark.parametrize("model_type", DECODERS)
@@ -147,7 +148,7 @@ def test_fused_layers_run_the_packed_tokens_of_a_padded_batch(model_type, fused)
             expected = patched(ids, attention_mask=mask, use_cache=False).logits[mask.bool()]
         unpatched = model(ids, attention_mask=mask, use_cache=False).logits[mask.bool()]
     assert torch.equal(logits, expected)
-    torch.testing.assert_close(logits, unpatched, rtol=1e-5, atol=1e-5)
+    assert_close_scaled(logits, unpatched)
 
 
 def test_fused_layers_update_a_static_cache_through_its_own_update(fused):
@@ -195,7 +196,7 @@ def test_a_layer_the_fused_calls_do_not_fit_runs_its_modules(model_type, change,
     hooked = [change(m) for m in (model, patched)][1]
     ids = torch.randint(3, 99, (1, 6), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        torch.testing.assert_close(patched(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+        assert_close_scaled(patched(ids).logits, model(ids).logits)
     assert fused[0] == model.config.num_hidden_layers - 1
     assert hooked is None or hooked == [1]
 
@@ -209,7 +210,7 @@ def test_recorded_outputs_autograd_and_autocast_run_the_modules(fused):
     with torch.no_grad():
         out = patched(ids, output_attentions=True)
         assert len(out.attentions) == model.config.num_hidden_layers
-        torch.testing.assert_close(out.logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+        assert_close_scaled(out.logits, model(ids).logits)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             patched(ids)
     for m in (model, patched):

@@ -105,9 +105,9 @@ def kernel_calls(monkeypatch):
         seen["rms_norm"] += 1 + len(args[11])
         return decoder_layer_qkv(x, *args)
 
-    def fused_out(x, q, k, v, mask, cu_seqlens_q, *args):  # its attention and second norm
-        seen["attention" if cu_seqlens_q is None else "varlen_attention"] += 1
-        seen["rms_norm"] += 1
+    def fused_out(x, q, k, v, mask, cu_seqlens_q, *args):  # its attention and second norm (and
+        seen["attention" if cu_seqlens_q is None else "varlen_attention"] += 1  # Gemma 2 / 3's
+        seen["rms_norm"] += 1 + len(args[-1])  # sandwich norms, the last argument)
         return decoder_layer_out(x, q, k, v, mask, cu_seqlens_q, *args)
     monkeypatch.setattr(module, "decoder_layer_qkv", fused_qkv)
     monkeypatch.setattr(module, "decoder_layer_out", fused_out)

@@ -17,6 +17,10 @@
 //                       g, r = RMSNorm_1(a W_3^T + x), a W_3^T + x
 //                       y = r + (act(g W_4^T) * g W_5^T) W_6^T  (act: SiLU, or Gemma's tanh
 //                           GELU, as mlp_activation names it)
+//                       Gemma 2 / 3's sandwich norms (sandwich_norm_weights: RMSNorm_a, _m, with
+//                       RMSNorm_1's offset, eps and dtypes), RMSNorm_1 their pre-MLP norm:
+//                       g, r = RMSNorm_1(RMSNorm_a(a W_3^T) + x), RMSNorm_a(a W_3^T) + x
+//                       y = r + RMSNorm_m((act(g W_4^T) * g W_5^T) W_6^T)
 // Float weights go through `linear` (torch's linear where torch_linears says so, or where
 // `linear` declines the call, as transfuse.ops.linear does), int8 weights through `int8_linear`.
 #include <optional>
@@ -118,10 +122,21 @@ Tensor decoder_layer_out(const Tensor& x, const Tensor& q, const Tensor& k, cons
                          const std::vector<bool>& torch_linears, c10::string_view int8_mode,
                          const Tensor& norm_weight, double norm_offset, double eps,
                          at::ScalarType normalized_dtype, at::ScalarType out_dtype,
-                         c10::string_view mlp_activation) {
+                         c10::string_view mlp_activation,
+                         const std::vector<Tensor>& sandwich_norm_weights) {
   const Linears linears{weights, weight_scales, biases, torch_linears, int8_mode};
   linears.check(4, "attention output, gate, up, down");
   const GatedActivation activation = to_gated_activation(mlp_activation);
+  TORCH_CHECK_VALUE(sandwich_norm_weights.empty() || sandwich_norm_weights.size() == 2,
+                    "sandwich_norm_weights must hold the norms after the attention and after "
+                    "the MLP, or none");
+  // RMSNorm_i of t (Gemma 2 / 3's norms after the attention and the MLP), t itself without them
+  auto sandwich = [&](const Tensor& t, size_t i) {
+    return sandwich_norm_weights.empty()
+               ? t
+               : rms_norm(t, sandwich_norm_weights[i], std::nullopt, norm_offset, eps,
+                          normalized_dtype, out_dtype);
+  };
   TORCH_CHECK_VALUE(x.dim() == 3, "x must be [batch, seq, hidden]");
   TORCH_CHECK_VALUE(!cu_seqlens_q == !cu_seqlens_k && (!cu_seqlens_q || x.size(0) == 1),
                     "cu_seqlens_q and cu_seqlens_k go together, with x [1, tokens, hidden]");
@@ -141,10 +156,10 @@ Tensor decoder_layer_out(const Tensor& x, const Tensor& q, const Tensor& k, cons
                .view({x.size(0), x.size(1), -1});
   }
   Tensor residual;
-  const Tensor g = rms_norm(linears(0, rows), norm_weight, x, norm_offset, eps, normalized_dtype,
-                            out_dtype, &residual);
+  const Tensor g = rms_norm(sandwich(linears(0, rows), 0), norm_weight, x, norm_offset, eps,
+                            normalized_dtype, out_dtype, &residual);
   const Tensor gated = gated_mul_forward(linears(1, g), linears(2, g), activation);
-  return at::add(residual, linears(3, gated));
+  return at::add(residual, sandwich(linears(3, gated), 1));
 }
 
 }  // namespace
@@ -162,7 +177,8 @@ void add_decoder_layer_functions(PyObject* module) {
         "cu_seqlens_q"_a, "cu_seqlens_k"_a, "max_seqlen_q"_a, "max_seqlen_k"_a, "causal"_a,
         "scale"_a, "window"_a, "softcap"_a, "weights"_a, "weight_scales"_a, "biases"_a,
         "torch_linears"_a, "int8_mode"_a, "norm_weight"_a, "norm_offset"_a, "eps"_a,
-        "normalized_dtype"_a, "out_dtype"_a, "mlp_activation"_a, release_gil);
+        "normalized_dtype"_a, "out_dtype"_a, "mlp_activation"_a, "sandwich_norm_weights"_a,
+        release_gil);
 }
 
 }  // namespace transfuse

@@ -148,6 +148,8 @@ JOINED_INT8_DEVICES = ("cuda",)
 
 _BERT_LIKE = ("Bert", "Roberta", "XLMRoberta", "Electra", "Camembert")
 _DECODERS = ("Llama", "Mistral", "Qwen2", "Qwen3", "Gemma")
+# decoders whose layers norm the attention's and the MLP's outputs too (sandwich_rms_norm)
+_SANDWICH_DECODERS = ("Gemma2", "Gemma3")
 
 # class name -> (rule, the attributes it uses)
 BLOCK_RULES = {
@@ -175,14 +177,18 @@ BLOCK_RULES = {
                                               "position_embeddings", "LayerNorm", "dropout"))
        for family in ("Bert", "Electra")},
     **{f"{family}Attention": ("rotary_attention", ("q_proj", "k_proj", "v_proj"))
-       for family in _DECODERS},
+       for family in (*_DECODERS, *_SANDWICH_DECODERS)},
     **{f"{family}MLP": ("gated_mlp", ("gate_proj", "up_proj"))
-       for family in (*_DECODERS, "Gemma2", "Gemma3")},
+       for family in (*_DECODERS, *_SANDWICH_DECODERS)},
     "ModernBertAttention": ("joint_rotary_attention", ()),  # (Wqkv, Wo: the linear rule's)
     "ModernBertMLP": ("joint_gated_mlp", ()),  # (Wi, Wo: the linear rule's)
     **{f"{family}DecoderLayer": ("residual_rms_norm",
                                  ("input_layernorm", "self_attn", "post_attention_layernorm",
                                   "mlp")) for family in _DECODERS},
+    **{f"{family}DecoderLayer": ("sandwich_rms_norm",
+                                 ("input_layernorm", "self_attn", "post_attention_layernorm",
+                                  "pre_feedforward_layernorm", "mlp",
+                                  "post_feedforward_layernorm")) for family in _SANDWICH_DECODERS},
     "Linear": ("linear", ()),  # torch.nn.Linear itself (_patch_linear checks the class)
 }
 
@@ -204,6 +210,14 @@ RESIDUAL_RMS_NORM_SOURCE = (
      "hidden_states = self.post_attention_layernorm(hidden_states)",
      "hidden_states = self.mlp(hidden_states)", "hidden_states = residual + hidden_states",
      "return hidden_states"))
+# Gemma 2 / 3's: the same head, then norms of the attention's and of the MLP's outputs
+SANDWICH_RMS_NORM_TAIL = (
+    "**kwargs,", "hidden_states = self.post_attention_layernorm(hidden_states)",
+    "hidden_states = residual + hidden_states", "residual = hidden_states",
+    "hidden_states = self.pre_feedforward_layernorm(hidden_states)",
+    "hidden_states = self.mlp(hidden_states)",
+    "hidden_states = self.post_feedforward_layernorm(hidden_states)",
+    "hidden_states = residual + hidden_states", "return hidden_states")
 
 
 # A decoder attention's forward (Llama's; transformers 5.17 names the cache past_key_values and
@@ -227,15 +241,26 @@ ROTARY_ATTENTION_SOURCE = (
 ROTARY_ATTENTION_ARGUMENTS = {
     "Mistral": ('sliding_window=getattr(self.config, "sliding_window", None),',
                 lambda module: {"sliding_window": getattr(module.config, "sliding_window", None)}),
-    **dict.fromkeys(("Qwen2", "Qwen3"), ("sliding_window=self.sliding_window,",
-                                         lambda module: {"sliding_window": module.sliding_window})),
+    **dict.fromkeys(("Qwen2", "Qwen3", "Gemma3"), (
+        "sliding_window=self.sliding_window,",
+        lambda module: {"sliding_window": module.sliding_window})),
+    "Gemma2": ("sliding_window=self.sliding_window, softcap=self.attn_logit_softcapping,",
+               lambda module: {"sliding_window": module.sliding_window,
+                               "softcap": module.attn_logit_softcapping}),
 }
+# Gemma 2 / 3 write the attention's dropout the other way round
+DROPOUT_SOURCE = "dropout=0.0 if not self.training else self.attention_dropout,"
+REVERSED_DROPOUT_FAMILIES = ("Gemma2", "Gemma3")
+REVERSED_DROPOUT_SOURCE = "dropout=self.attention_dropout if self.training else 0.0,"
 # Qwen3's attention normalizes each head's query and key (an RMSNorm over head_dim, the modules
 # q_norm and k_norm) before the rotary embedding: its first two lines instead of Llama's
-HEAD_NORM_FAMILIES = ("Qwen3",)
+# (Gemma 3's: after the transpose, its next two lines; the same values, each norm over head_dim)
+HEAD_NORM_FAMILIES = ("Qwen3", "Gemma3")
 HEAD_NORM_SOURCE = (
     "query_states = self.q_norm(self.q_proj(hidden_states).view(hidden_shape)).transpose(1, 2)",
     "key_states = self.k_norm(self.k_proj(hidden_states).view(hidden_shape)).transpose(1, 2)")
+TRANSPOSED_HEAD_NORM_SOURCE = ("query_states = self.q_norm(query_states)",
+                               "key_states = self.k_norm(key_states)")
 # transformers' rotate-half rotary embedding (the family module's apply_rotary_pos_emb and
 # rotate_half), which transfuse.ops.rotary computes
 ROTATE_HALF_SOURCE = ("def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):",
@@ -368,8 +393,9 @@ def _distilbert(cls):
 
 
 def _family(cls):
-    """The family of a BLOCK_RULES class name: its prefix among _DECODERS, else ''."""
-    return next((f for f in _DECODERS if cls.__name__.startswith(f)), "")
+    """The family of a BLOCK_RULES class name: its longest prefix among the decoders, else ''."""
+    return max((f for f in (*_DECODERS, *_SANDWICH_DECODERS) if cls.__name__.startswith(f)),
+               key=len, default="")
 
 
 def _expected_source(kind, names, cls):
@@ -382,8 +408,12 @@ def _expected_source(kind, names, cls):
     if kind == "rotary_attention":
         head, tail = ROTARY_ATTENTION_SOURCE
         family = _family(cls)
-        if family in HEAD_NORM_FAMILIES:
+        if family == "Gemma3":
+            head = (*head[:3], *TRANSPOSED_HEAD_NORM_SOURCE, *head[3:])
+        elif family in HEAD_NORM_FAMILIES:
             head = (*HEAD_NORM_SOURCE, *head[2:])
+        if family in REVERSED_DROPOUT_FAMILIES:
+            head = (*head[:-1], head[-1].replace(DROPOUT_SOURCE, REVERSED_DROPOUT_SOURCE))
         argument = ROTARY_ATTENTION_ARGUMENTS.get(family, ("",))[0]
         return (*head[:-1], f"{head[-1]} {argument} {tail[0]}".replace("  ", " "), *tail[1:])
     if kind == "joint_rotary_attention":
@@ -398,8 +428,9 @@ def _expected_source(kind, names, cls):
         return EMBEDDINGS_SOURCE
     if kind in RELATIVE_BIAS_KINDS:
         return RELATIVE_BIAS_KINDS[kind]
-    if kind == "residual_rms_norm":
+    if kind in ("residual_rms_norm", "sandwich_rms_norm"):
         head, tail = RESIDUAL_RMS_NORM_SOURCE
+        tail = tail if kind == "residual_rms_norm" else SANDWICH_RMS_NORM_TAIL
         return (*head, *(f"{name}={name}," for name in _decoder_parameters(cls)), *tail)
     return tuple(f"self.{name}(" for name in names)
 
@@ -673,6 +704,28 @@ def _residual_rms_norm_forward(self, hidden_states, *args, **kwargs):
     return residual + self.mlp(hidden_states)
 
 
+def _sandwich_rms_norm_forward(self, hidden_states, *args, **kwargs):
+    norm = self.pre_feedforward_layernorm
+    parameters = (_decoder_parameters.__wrapped__ if torch.compiler.is_compiling()
+                  else _decoder_parameters)(type(self))
+    if not isinstance(norm, FusedRMSNorm) or args or (
+            "past_key_values" in kwargs and "past_key_values" not in parameters):
+        return type(self).forward(self, hidden_states, *args, **kwargs)
+    call = {**parameters, **kwargs}
+    fused = _decoder_layer_fused(self, hidden_states, call)
+    if fused is not None:
+        return fused
+    residual = hidden_states
+    hidden_states, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **call)
+    hidden_states = self.post_attention_layernorm(hidden_states)
+    if hidden_states.dtype == residual.dtype:
+        hidden_states, residual = norm(hidden_states, residual)
+    else:  # autocast: the sum promotes, as the class's add does
+        residual = residual + hidden_states
+        hidden_states = norm(residual)
+    return residual + self.post_feedforward_layernorm(self.mlp(hidden_states))
+
+
 # The decoder layer in two transfuse._C calls around its cache's update (decoder_layer.cpp), on
 # CPU tensors in inference where every module runs what the calls run.
 # The keyword arguments a layer's attention passes on (to the attention function, which ignores
@@ -711,13 +764,15 @@ def _decoder_layer_fused(layer, x, call):
         k, v = cache.update(k, v, attention.layer_idx,
                             **({"kwargs": rest} if update_takes_kwargs else {}))
     # as the transfuse attention function (hf/attention.py) takes the call
-    window = _family_attention_arguments(attention, family).get("sliding_window") or 0
+    family_arguments = _family_attention_arguments(attention, family)
+    window = family_arguments.get("sliding_window") or 0
+    softcap = float(family_arguments.get("softcap") or 0.0)
     if packed:  # per sequence, the mask not read
         layout = (rest["cu_seq_lens_q"].to(torch.int32), rest["cu_seq_lens_k"].to(torch.int32),
                   int(rest["max_length_q"]), int(rest["max_length_k"]))
         return module.decoder_layer_out(x, q, k, v, None, *layout,
                                         bool(getattr(attention, "is_causal", True)),
-                                        attention.scaling, int(window), 0.0, *out_arguments)
+                                        attention.scaling, int(window), softcap, *out_arguments)
     seq_q, seq_kv = q.shape[2], k.shape[2]
     causal = _causal(attention, q, mask, None)
     if causal and seq_kv > seq_q:
@@ -725,7 +780,7 @@ def _decoder_layer_fused(layer, x, call):
     window = int(window) if mask is None else 0
     mask = _broadcast_mask(mask, q, k, None)
     return module.decoder_layer_out(x, q, k, v, mask, None, None, 0, 0, causal, attention.scaling,
-                                    window, 0.0, *out_arguments)
+                                    window, softcap, *out_arguments)
 
 
 def _decoder_layer_arguments(layer, attention, head_norms, x, cos, sin):
@@ -736,7 +791,13 @@ def _decoder_layer_arguments(layer, attention, head_norms, x, cos, sin):
     kernel, the cpu backend for each op; else None."""
     children = layer._modules
     mlp = children.get("mlp")
-    norms = (children.get("input_layernorm"), children.get("post_attention_layernorm"))
+    sandwich = _rule_forward(layer) is _sandwich_rms_norm_forward
+    # the input norm, the residual norm (before the MLP), the sandwich norms, the head norms
+    norms = (children.get("input_layernorm"),
+             children.get("pre_feedforward_layernorm" if sandwich else "post_attention_layernorm"))
+    if sandwich:
+        norms += (children.get("post_attention_layernorm"),
+                  children.get("post_feedforward_layernorm"))
     if head_norms:
         norms += (attention._modules.get("q_norm"), attention._modules.get("k_norm"))
     dtype = x.dtype
@@ -803,16 +864,28 @@ def _decoder_layer_arguments(layer, attention, head_norms, x, cos, sin):
                                                           "activation"):
             if backends.resolve(op, backend, x.device) != "cpu":
                 return None
+    sandwich_weights = []
+    if sandwich:  # (the call gives them the residual norm's offset, eps and dtypes)
+        if any(n[1:] != norm_arguments[1][1:] for n in norm_arguments[2:4]):
+            return None
+        sandwich_weights = [n[0] for n in norm_arguments[2:4]]
     head_norm_arguments = ([], 0.0, 0.0)  # (the head norms' weights, offset and eps)
     if head_norms:
-        q_norm, k_norm = norm_arguments[2:]
+        q_norm, k_norm = norm_arguments[-2:]
         if q_norm[1:] != k_norm[1:] or q_norm[3:] != norm_arguments[0][3:]:
             return None  # (the call takes one offset and eps, and the input norm's dtypes)
         head_norm_arguments = ([q_norm[0], k_norm[0]], *q_norm[1:3])
     return ((*norm_arguments[0], head_dim, weights[:3], weight_scales[:3], biases[:3],
              torch_linears[:3], mode, *head_norm_arguments),
             (weights[3:], weight_scales[3:], biases[3:], torch_linears[3:], mode,
-             *norm_arguments[1], _gated_activation(mlp.act_fn)))
+             *norm_arguments[1], _gated_activation(mlp.act_fn), sandwich_weights))
+
+
+def _patch_sandwich_rms_norm(module, names):
+    """Only over a fused pre_feedforward_layernorm (the norm rules ran)."""
+    return all(isinstance(getattr(module, name, None), nn.Module) for name in names) and isinstance(
+        module.pre_feedforward_layernorm, FusedRMSNorm) and _install(
+        module, _sandwich_rms_norm_forward)
 
 
 def _patch_residual_rms_norm(module, names):
@@ -1679,6 +1752,7 @@ def _patch_distilbert_layer(module):
 _PATCHERS = {"projections": _patch_projections, "linear": _patch_linear,
              "residual_norm": _patch_residual_norm,
              "residual_rms_norm": _patch_residual_rms_norm, "bias_gelu": _patch_bias_gelu,
+             "sandwich_rms_norm": _patch_sandwich_rms_norm,
              "rotary_attention": _patch_rotary_attention, "gated_mlp": _patch_gated_mlp,
              "joint_rotary_attention": _patch_joint_rotary_attention,
              "joint_gated_mlp": _patch_joint_gated_mlp,
