@@ -29,12 +29,16 @@ something else.
                transfuse._C calls around the cache's own update (csrc/bindings/decoder_layer.cpp),
                padded or over the tokens padding removal packed: the kernels the rules run, bit
                for bit, without their twenty-odd Python calls.
-  rotary_attention  a decoder's attention (Llama, Mistral, Qwen2, Qwen3, Gemma): its Q, K and V
-               as projections (above; Qwen3's query and key then through its head norms), then
-               transformers' apply_rotary_pos_emb (about ten torch ops) replaced by one
-               transfuse.ops.rotary call over q and k, which also lays them out contiguously for
-               the attention; the rest as the class's forward (cache update, the configured
-               attention function, o_proj).
+  sandwich_rms_norm  Gemma 2 / 3's decoder layer, whose norms also follow the attention and the
+               MLP: the attention's residual added inside pre_feedforward_layernorm's pass; on
+               CPU tensors in inference the whole layer in residual_rms_norm's two calls, given
+               the two extra norms (and Gemma 2's attention softcap).
+  rotary_attention  a decoder's attention (Llama, Mistral, Qwen2, Qwen3, Gemma 1-3): its Q, K
+               and V as projections (above; Qwen3's and Gemma 3's query and key then through
+               their head norms), then transformers' apply_rotary_pos_emb (about ten torch
+               ops) replaced by one transfuse.ops.rotary call over q and k, which also lays them
+               out contiguously for the attention; the rest as the class's forward (cache
+               update, the configured attention function, o_proj).
   joint_rotary_attention  ModernBERT's attention (one Wqkv GEMM for q, k and v): its
                apply_rotary_pos_emb, which upcasts q and k to fp32 (about fourteen torch ops),
                replaced by one transfuse.ops.rotary call over q and k (fp32 math rounded once:
