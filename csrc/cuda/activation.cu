@@ -1,5 +1,5 @@
-// CUDA kernels of the bias + GELU epilogue and of act(gate) * up (SiLU or GELU). The math is stated in
-// common/activation.h.
+// CUDA kernels of the bias + GELU epilogue and of act(gate) * up (SiLU or GELU). The math is
+// stated in common/activation.h.
 //
 // How the work is laid out. Elementwise and memory-bound: every element of x (and dy; gate and
 // up) is read once and y (or dx; dgate and dup) written once. A thread owns one vector of kVec

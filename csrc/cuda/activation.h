@@ -1,5 +1,5 @@
-// CUDA kernels of the bias + GELU epilogue and of act(gate) * up (SiLU or GELU). The math is stated in
-// common/activation.h. Launch errors stay for the caller's cudaGetLastError.
+// CUDA kernels of the bias + GELU epilogue and of act(gate) * up (SiLU or GELU). The math is
+// stated in common/activation.h. Launch errors stay for the caller's cudaGetLastError.
 #pragma once
 
 #include <cuda_runtime.h>

@@ -686,48 +686,48 @@ def _patch_residual_norm(module, names):
 # residual_rms_norm
 # ------------------------------------------------------------------------------------------------
 
-def _residual_rms_norm_forward(self, hidden_states, *args, **kwargs):
-    norm = self.post_attention_layernorm
+def _decoder_call(layer, norm, args, kwargs):
+    """The layer's keyword arguments, defaults filled in, where its residual norm is fused; None
+    (the class's forward) for positional arguments or 5.24's deprecated name of its cache."""
     parameters = (_decoder_parameters.__wrapped__ if torch.compiler.is_compiling()  # (no
-                  else _decoder_parameters)(type(self))  # warning of Dynamo's on lru_cache)
-    # positional arguments, or 5.24's deprecated name of its cache: the class's forward
+                  else _decoder_parameters)(type(layer))  # warning of Dynamo's on lru_cache)
     if not isinstance(norm, FusedRMSNorm) or args or (
             "past_key_values" in kwargs and "past_key_values" not in parameters):
+        return None
+    return {**parameters, **kwargs}
+
+
+def _add_and_norm(norm, hidden_states, residual):
+    """(norm(residual + hidden_states), the sum): the add inside the fused norm's pass."""
+    if hidden_states.dtype == residual.dtype:
+        return norm(hidden_states, residual)
+    residual = residual + hidden_states  # autocast: the sum promotes, as the class's add does
+    return norm(residual), residual
+
+
+def _residual_rms_norm_forward(self, hidden_states, *args, **kwargs):
+    call = _decoder_call(self, self.post_attention_layernorm, args, kwargs)
+    if call is None:
         return type(self).forward(self, hidden_states, *args, **kwargs)
-    call = {**parameters, **kwargs}
     fused = _decoder_layer_fused(self, hidden_states, call)
     if fused is not None:
         return fused
-    residual = hidden_states
-    hidden_states, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **call)
-    if hidden_states.dtype == residual.dtype:
-        hidden_states, residual = norm(hidden_states, residual)
-    else:  # autocast: the sum promotes, as the class's add does
-        residual = residual + hidden_states
-        hidden_states = norm(residual)
-    return residual + self.mlp(hidden_states)
+    attended, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **call)
+    normed, residual = _add_and_norm(self.post_attention_layernorm, attended, hidden_states)
+    return residual + self.mlp(normed)
 
 
 def _sandwich_rms_norm_forward(self, hidden_states, *args, **kwargs):
-    norm = self.pre_feedforward_layernorm
-    parameters = (_decoder_parameters.__wrapped__ if torch.compiler.is_compiling()
-                  else _decoder_parameters)(type(self))
-    if not isinstance(norm, FusedRMSNorm) or args or (
-            "past_key_values" in kwargs and "past_key_values" not in parameters):
+    call = _decoder_call(self, self.pre_feedforward_layernorm, args, kwargs)
+    if call is None:
         return type(self).forward(self, hidden_states, *args, **kwargs)
-    call = {**parameters, **kwargs}
     fused = _decoder_layer_fused(self, hidden_states, call)
     if fused is not None:
         return fused
-    residual = hidden_states
-    hidden_states, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **call)
-    hidden_states = self.post_attention_layernorm(hidden_states)
-    if hidden_states.dtype == residual.dtype:
-        hidden_states, residual = norm(hidden_states, residual)
-    else:  # autocast: the sum promotes, as the class's add does
-        residual = residual + hidden_states
-        hidden_states = norm(residual)
-    return residual + self.post_feedforward_layernorm(self.mlp(hidden_states))
+    attended, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **call)
+    normed, residual = _add_and_norm(self.pre_feedforward_layernorm,
+                                     self.post_attention_layernorm(attended), hidden_states)
+    return residual + self.post_feedforward_layernorm(self.mlp(normed))
 
 
 # The decoder layer in two transfuse._C calls around its cache's update (decoder_layer.cpp), on

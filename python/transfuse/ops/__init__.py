@@ -6,5 +6,5 @@ from .linear import linear
 from .norm import layer_norm, rms_norm
 from .rotary import rotary
 
-__all__ = ["attention", "bias_gelu", "gelu_mul", "int8_linear", "int8_matmul", "layer_norm", "linear",
-           "quantize_per_token", "rms_norm", "rotary", "silu_mul", "varlen_attention"]
+__all__ = ["attention", "bias_gelu", "gelu_mul", "int8_linear", "int8_matmul", "layer_norm",
+           "linear", "quantize_per_token", "rms_norm", "rotary", "silu_mul", "varlen_attention"]

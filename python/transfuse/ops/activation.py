@@ -2,11 +2,11 @@
 GEMM), and act(gate) * up, the gate of a gated MLP: silu_mul (SwiGLU: Llama, Mistral, Qwen2) and
 gelu_mul (GeGLU: ModernBERT, Gemma), one op "gated_mul" with the activation as an argument.
 
-Flow: bias_gelu (and silu_mul / gelu_mul alike) validates its inputs and picks a backend (op family
-"activation"). Under torch.compile it calls the custom op `transfuse::bias_gelu` (fake impl for
-tracing, autograd through `transfuse::bias_gelu_backward`); in eager mode it runs the same
-kernels without the custom op's dispatch, through `_EagerBiasGelu` (same context and backward)
-when autograd needs a graph. The `reference` backend is plain PyTorch, differentiated by autograd.
+Flow: bias_gelu (silu_mul and gelu_mul alike) validates its inputs and picks a backend (op
+family "activation"). Under torch.compile it calls the custom op `transfuse::bias_gelu` (fake
+impl for tracing, autograd through `transfuse::bias_gelu_backward`); in eager mode it runs the
+same kernels without the custom op's dispatch, through `_EagerBiasGelu` (same context and
+backward) when autograd needs a graph. The `reference` backend is plain PyTorch, differentiated by autograd.
 
 Backward: dz = dy * gelu'(z) with z recomputed from x and bias (the kernels'); dx = dz, and
 dbias = dz summed over the leading dimensions (a torch sum, as eager's broadcast add gives).
@@ -252,7 +252,7 @@ def _gated_mul_backward_with(run_backward):
 
 
 _gated_mul_op.register_autograd(_gated_mul_backward_with(_gated_mul_backward),
-                             setup_context=_gated_mul_setup_context)
+                                setup_context=_gated_mul_setup_context)
 
 
 class _EagerGatedMul(torch.autograd.Function):
@@ -318,7 +318,8 @@ def gelu_mul(gate, up, approximate="none", *, backend=None):
     """F.gelu(gate, approximate=approximate) * up: a GeGLU MLP's gate (ModernBERT's
     act(input) * gate with exact GELU; Gemma's act_fn(gate_proj(x)) * up_proj(x) with "tanh"),
     in one pass. gate and up as silu_mul's; GELU in fp32, the product rounded once."""
-    if not isinstance(approximate, str) or approximate not in APPROXIMATIONS:
-        raise (TypeError if not isinstance(approximate, str) else ValueError)(
-            f"approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
+    if not isinstance(approximate, str):
+        raise TypeError(f"approximate must be a str, got {approximate!r}")
+    if approximate not in APPROXIMATIONS:
+        raise ValueError(f"approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
     return gated_mul(gate, up, "gelu" if approximate == "none" else "gelu_tanh", backend=backend)
