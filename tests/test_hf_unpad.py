@@ -11,6 +11,7 @@ import torch
 
 import transfuse
 from transfuse.hf import attention as hf_attention
+from transfuse.hf.unpad import UNPAD_RULES
 
 transformers = pytest.importorskip("transformers")
 from hf_models import FAMILIES, MORE_FAMILIES, VOCAB, assert_close_scaled, build  # noqa: E402
@@ -74,21 +75,48 @@ def varlen_calls(monkeypatch):
     return seen
 
 
+@pytest.fixture
+def built_masks(monkeypatch):
+    """The masks the "transfuse" mask function gives transformers (not None: built)."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    built, function = [], ALL_MASK_ATTENTION_FUNCTIONS[hf_attention.NAME]
+
+    def spy(*args, **kwargs):
+        mask = function(*args, **kwargs)
+        if mask is not None:
+            built.append(mask)
+        return mask
+    monkeypatch.setitem(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, hf_attention.NAME, spy)
+    return built
+
+
+def bidirectional_gemma3():
+    """EmbeddingGemma's kind of model: Gemma3TextModel with use_bidirectional_attention (sliding
+    window 4 on its first layer, full attention on its second)."""
+    overrides = dict(MORE_FAMILIES["gemma3_text"][1], use_bidirectional_attention=True)
+    config = transformers.AutoConfig.for_model("gemma3_text", vocab_size=VOCAB, **overrides)
+    torch.manual_seed(0)
+    return transformers.AutoModel.from_config(config).eval()
+
+
 def hidden(model, ids, mask, **kwargs):
     return model.base_model(input_ids=ids, attention_mask=mask, **kwargs).last_hidden_state
 
 
 @pytest.mark.parametrize("side", ["left", "right", "mixed"])
 @pytest.mark.parametrize("model_type", UNPADDED)
-def test_each_real_token_equals_the_unpatched_model(model_type, side, varlen_calls):
+def test_each_real_token_equals_the_unpatched_model(model_type, side, varlen_calls, built_masks):
     model, patched = prepared(model_type)
     ids, mask = padded_batch(side)
     real = mask.bool()
     with torch.no_grad():
         expected = hidden(model, ids, mask)
+        built_masks.clear()
         actual = hidden(patched, ids, mask)
     layers = model.config.num_hidden_layers
     assert varlen_calls == [sum(LENGTHS)] * layers, "every layer's attention runs packed"
+    if UNPAD_RULES[type(model.base_model).__name__][0] == "model":
+        assert built_masks == [], "the packed call builds no mask"
     assert_close_scaled(actual[real], expected[real], name=f"{model_type} {side}")
     assert torch.equal(actual[~real], torch.zeros_like(actual[~real])), "pad positions are zero"
     if side == "right":  # each sequence alone, unpadded, through the unpatched model
@@ -222,10 +250,8 @@ def test_a_bidirectional_gemma3_runs_packed_with_the_cache_it_creates(varlen_cal
     batch with the config's use_cache): the batch runs packed, each real token equal to the
     unpatched model's, and the cache the model creates (sliding-window and full layers) is
     handed back as the padded call fills it."""
-    overrides = dict(MORE_FAMILIES["gemma3_text"][1], use_bidirectional_attention=True)
-    config = transformers.AutoConfig.for_model("gemma3_text", vocab_size=VOCAB, **overrides)
-    torch.manual_seed(0)
-    model = transformers.AutoModel.from_config(config).eval()
+    model = bidirectional_gemma3()
+    config = model.config
     patched = transfuse.patch(copy.deepcopy(model))
     ids, mask = padded_batch("right")
     with torch.no_grad():
@@ -238,6 +264,49 @@ def test_a_bidirectional_gemma3_runs_packed_with_the_cache_it_creates(varlen_cal
     assert [type(layer) for layer in caches[1].layers] == [type(layer)
                                                            for layer in caches[0].layers]
     assert caches[1].get_seq_length() == caches[0].get_seq_length() == ids.shape[1]
+
+
+MODEL_RULES = ["modernbert", "gpt2", "llama", "mistral", "qwen2", "gemma", "opt", "qwen3", "gemma2",
+               "gemma3_text", "gemma3_bidirectional"]
+
+
+@pytest.mark.parametrize("mask", ["ones", None])
+@pytest.mark.parametrize("model_type", MODEL_RULES)
+def test_calls_without_padding_build_no_mask(model_type, mask, built_masks, varlen_calls):
+    """A batch with no padding (a mask of ones, or none) into a "model" rule's family: no mask is
+    built (each attention takes its module's causality and sliding window, here shorter than the
+    sequences: window 4 of 12 for Mistral, Gemma 2 and 3, 3 each side for ModernBERT), the
+    outputs are the unpatched model's; the cache the model creates too."""
+    model = bidirectional_gemma3() if model_type == "gemma3_bidirectional" else build(model_type)
+    patched = transfuse.patch(copy.deepcopy(model))
+    ids = padded_batch("right", [12, 12, 12])[0]
+    call = dict(input_ids=ids, attention_mask=None if mask is None else torch.ones_like(ids))
+    with torch.no_grad():
+        expected = model.base_model(**call)
+        built_masks.clear()
+        actual = patched.base_model(**call)
+    assert built_masks == [] and varlen_calls == []
+    assert_close_scaled(actual.last_hidden_state, expected.last_hidden_state, name=model_type)
+    caches = [getattr(out, "past_key_values", None) for out in (expected, actual)]
+    if caches[0] is not None:
+        for e, a in zip(caches[0].layers, caches[1].layers):
+            assert_close_scaled(a.keys, e.keys, name="keys")
+
+
+def test_a_packed_call_whose_attention_lacks_the_boundaries_raises():
+    """Inside a packed call transformers builds no mask; an attention reached without the
+    sequence boundaries (a family that drops the kwargs) would mix the sequences: it raises."""
+    model = build("llama")
+    attention = model.model.layers[0].self_attn
+    q = torch.randn(1, 4, 6, 8)
+    k = v = torch.randn(1, 2, 6, 8)
+    token = hf_attention.masks_unread.set("packed")
+    try:
+        with pytest.raises(RuntimeError, match="cu_seq_lens_q"):
+            hf_attention.attention_forward(attention, q, k, v, None)
+    finally:
+        hf_attention.masks_unread.reset(token)
+    assert hf_attention.attention_forward(attention, q, k, v, None)[0].shape == (1, 6, 4, 8)
 
 
 def test_a_deep_copy_of_a_patched_model_runs_its_own_weights():

@@ -4,7 +4,10 @@
 AttentionMaskInterface: without the mask entry transformers would build no mask for it and pass
 attention_mask=None, silently ignoring padding. The mask function is transformers' sdpa_mask: a
 bool mask (True = attend), or None where a causal or full pattern needs no mask, in which case the
-module's `is_causal` decides, exactly as for SDPA. Select it with
+module's `is_causal` decides, exactly as for SDPA. Inside a call that padding removal runs
+(hf/unpad.py) and whose masks no attention reads (`masks_unread`), transformers builds none: the
+call is packed (each attention reads the sequence boundaries) or has no padding (the module's
+causality and sliding window say what the mask would). Select it with
 `from_pretrained(..., attn_implementation="transfuse")`,
 `model.set_attn_implementation("transfuse")` or `transfuse.patch(model, attention=True)`.
 
@@ -16,6 +19,7 @@ Falcon's compute their own, and transfuse.patch leaves them (and names them in i
 """
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import sys
@@ -32,6 +36,15 @@ except ImportError:  # no transformers, or one without it: recording requests co
     _active_collector = None
 
 NAME = "transfuse"
+# "packed" or "flags" while padding removal runs a model call whose attention reads no mask (see
+# the module's docstring), else None.
+masks_unread = contextvars.ContextVar("transfuse_masks_unread", default=None)
+
+
+def _masks_unread():
+    """masks_unread's value (None while torch.compile traces: Dynamo cannot read a ContextVar,
+    and padding removal sets none then)."""
+    return None if torch.compiler.is_compiling() else masks_unread.get()
 
 
 def _causal(module, query, attention_mask, is_causal):
@@ -110,6 +123,9 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     if kwargs.get("cu_seq_lens_q") is not None and position_bias is None:
         return _packed_attention(module, query, key, value, dropout, scaling, is_causal, softcap,
                                  sliding_window, **kwargs), None
+    if _masks_unread() == "packed":  # transformers built no mask: the call would mix sequences
+        raise RuntimeError(f"transfuse: {type(module).__name__} was called on packed tokens "
+                           f"without the sequence boundaries (cu_seq_lens_q) in its kwargs")
     seq_q, seq_kv = query.shape[2], key.shape[2]
     if causal and seq_kv > seq_q:
         # An empty static cache at prefill: transformers skipped the mask because the keys past
@@ -159,8 +175,12 @@ def register():
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     except ImportError as error:  # transformers is optional
         return str(error)
+    def mask(*args, **kwargs):
+        """transformers' sdpa_mask, or None inside a call whose attention reads no mask."""
+        return None if _masks_unread() else sdpa_mask(*args, **kwargs)
+
     AttentionInterface.register(NAME, attention_forward)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+    AttentionMaskInterface.register(NAME, mask)
     return ""
 
 

@@ -126,7 +126,7 @@ from .. import backends, ops
 from ..nn import FusedLayerNorm, FusedRMSNorm, Int8Linear
 from ..ops.linear import _own_kernel_takes
 from .attention import (NAME as ATTENTION_NAME, _causal, _combined_mask,
-                        _weights_requested)
+                        _weights_requested, masks_unread)
 from .unpad import PACKED_STACK_ATTR, _outputs_recorded
 from ..ops.activation import KERNEL_DTYPES as ACTIVATION_DTYPES, gated_mul
 from ..ops.attention import MAX_HEAD_DIM, _broadcast_mask
@@ -756,7 +756,8 @@ def _decoder_layer_fused(layer, x, call):
     if (not rest.keys() <= DECODER_IDLE_KWARGS | packed or _weights_requested(rest)
             or type(position_embeddings) is not tuple or len(position_embeddings) != 2
             or packed and (len(packed) != 4 or x.shape[0] != 1
-                           or any(rest[name] is None for name in packed))):
+                           or any(rest[name] is None for name in packed))
+            or not packed and masks_unread.get() == "packed"):  # (the attention says why)
         return None
     arguments = _decoder_layer_arguments(layer, attention, head_norms, x, *position_embeddings)
     if arguments is None:

@@ -24,6 +24,10 @@ Two ways in, by family (UNPAD_RULES, keyed by the base model's class name):
 Only calls that run the "transfuse" attention (it reads the padding-free kwargs) are unpadded
 (MPNet's: through its block rules, hf/blocks.py, which compute its relative position bias for the
 longest sequence rather than for all T packed tokens).
+Packed calls build no attention mask (attention.masks_unread; each attention reads the sequence
+boundaries), nor do the calls of a "model" rule that have no padding and the default positions
+(each attention takes its module's causality and sliding window: transformers' masks would say
+the same, and EmbeddingGemma's bidirectional ones cost a fifth of a short query on a CPU).
 A call keeps the padded path when there is nothing to skip (no mask, or no zero in it), when the
 mask is not 2D, when a KV cache holds tokens already or is not a DynamicCache (a decoder's
 prefill into an empty DynamicCache, of plain or sliding-window layers, runs packed into a cache of
@@ -43,7 +47,7 @@ import types
 
 import torch
 
-from .attention import NAME as ATTENTION_NAME
+from .attention import NAME as ATTENTION_NAME, masks_unread
 
 FORWARD_ATTR = "_transfuse_unpad_forward"
 INNER_ATTR = "_transfuse_unpad_inner"  # a stack's own forward, found at patch time (a block rule's)
@@ -115,10 +119,11 @@ def _off_under_compile(module):
     return torch.compiler.is_compiling() and module.__dict__[FORWARD_ATTR] != "always"
 
 
-def _skippable_padding(attention_mask, kwargs, config):
-    """The bool [B, S] mask of real tokens when this call can run packed, else None."""
-    if (attention_mask is None or not isinstance(attention_mask, torch.Tensor)
-            or attention_mask.dim() != 2):
+def _padding(attention_mask, kwargs, config):
+    """For a call that padding removal can take: the bool [B, S] mask of its real tokens, or
+    False when it has none to skip (no mask, or no zero in it); else None."""
+    if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
+                                       or attention_mask.dim() != 2):
         return None
     if kwargs.get("encoder_hidden_states") is not None or _outputs_recorded():
         return None
@@ -127,8 +132,10 @@ def _skippable_padding(attention_mask, kwargs, config):
             return None
     if getattr(config, "is_decoder", False):  # an encoder family run as a decoder (BERT)
         return None
+    if attention_mask is None:
+        return False
     valid = attention_mask.bool()
-    return None if bool(valid.all()) else valid
+    return False if bool(valid.all()) else valid
 
 
 class Packing:
@@ -187,7 +194,13 @@ def _base_forward(self, *args, **kwargs):
     valid = None
     if (_runs_packed_attention(self, kind, stack_name) and not _off_under_compile(self)
             and (cache is None or (decoder and _fresh_dynamic_cache(cache)))):
-        valid = _skippable_padding(kwargs.get("attention_mask"), kwargs, self.config)
+        valid = _padding(kwargs.get("attention_mask"), kwargs, self.config)
+    if valid is False:
+        if kind == "model" and kwargs.get("position_ids") is None:
+            # no padding, the default positions: every attention takes its module's causality
+            # and window, which is what transformers' masks would say
+            return _without_masks("flags", original, **kwargs)
+        valid = None
     if valid is not None and decoder:
         valid = _with_cache(self, valid, kwargs)
     if valid is None:
@@ -243,6 +256,18 @@ def _fill_cache(cache, packed_cache, packing):
         cache.update(keys, values, layer_idx)
 
 
+def _without_masks(why, call, **kwargs):
+    """call(**kwargs) with transformers building no attention mask (attention.masks_unread; not
+    while torch.compile traces it: with unpad="always" the masks are built)."""
+    if torch.compiler.is_compiling():
+        return call(**kwargs)
+    token = masks_unread.set(why)
+    try:
+        return call(**kwargs)
+    finally:
+        masks_unread.reset(token)
+
+
 def _packed_model_call(original, valid, kwargs, positions_from_mask=False):
     """The base model on packed input ids (or embeddings) and the padded call's positions (the
     given ones, else arange(S) per row, or with positions_from_mask each row's real tokens
@@ -266,7 +291,8 @@ def _packed_model_call(original, valid, kwargs, positions_from_mask=False):
     if cache is not None:  # the packed call fills a cache of plain layers (its own layout)
         from transformers.cache_utils import DynamicCache
         kwargs[cache_name] = packed_cache = DynamicCache()
-    output = original(attention_mask=None, **inputs, **kwargs, **packing.kwargs)
+    output = _without_masks("packed", original, attention_mask=None, **inputs, **kwargs,
+                            **packing.kwargs)
     if cache is not None:
         _fill_cache(cache, packed_cache, packing)
         for name, value in list(output.items()):  # (the output's own name of its cache)
