@@ -13,25 +13,32 @@ the tied head (a third of the int8 model's bytes) in int8 too. A token's time is
 (generate(prompt, n + 1 new tokens) - generate(prompt, 1 new token)) / n: the prefill is taken out.
 The sides take turns (A B A B ...), median of the rounds. With --compile, also eager, the patch
 and w8a16 + head with a static cache and the forward compiled by generate() (Inductor; the
-warm-up compiles both lengths).
+warm-up compiles both lengths). With --ctranslate2, also CTranslate2's Generator (the model saved
+with a vocabulary of its own and converted by its TransformersConverter, float32 and int8; its
+CPU build has no bf16) in a process of its own, timed there the same way; its weights column is
+its model.bin.
 
     python benchmarks/decode_cpu.py [--model smollm-135m|qwen3-0.6b] [--new-tokens 32]
-                                    [--rounds 5] [--compile] [--out F.json]
+                                    [--rounds 5] [--compile] [--ctranslate2] [--out F.json]
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import statistics
+import tempfile
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
 import transfuse
 from transfuse.bench import copy_bandwidth_gbps
+from transfuse.bench_peers import Worker
 
 SMOLLM_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                    num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
@@ -73,12 +80,61 @@ def compile_config():
     return config
 
 
-def generate(model, prompt, new_tokens, compiled=False):
+def timed_generate(model, prompt, new_tokens, compiled=False):
+    """(seconds, the new token ids) of generate()'s greedy decoding."""
     static = dict(cache_implementation="static", compile_config=compile_config()) if compiled \
         else {}
+    start = time.perf_counter()
     with torch.inference_mode():
-        return model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                              do_sample=False, **static)
+        ids = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False, **static)
+    return time.perf_counter() - start, ids[0, prompt.shape[1]:]
+
+
+def save_with_vocabulary(model, folder):
+    """The model and a word-level tokenizer of its vocabulary size ("t0", "t1", ...: token i is
+    "t{i}"), which CTranslate2's converter reads its vocabulary from."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+    vocabulary = {f"t{i}": i for i in range(model.config.vocab_size)}
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocabulary, unk_token="t0")),
+        unk_token="t0", bos_token="t1", eos_token="t2")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def ctranslate2_worker(connection, folder, prompt, threads):
+    """CTranslate2's process: converts the saved model in `folder` (float32, int8), sends (label,
+    compute type, model.bin bytes) per side, then answers each (label, n): greedy generation of n
+    tokens after `prompt` (ids), as (seconds, the n ids), until the pipe closes."""
+    import ctranslate2
+    try:
+        converter = ctranslate2.converters.TransformersConverter(folder)
+        generators, about = {}, []
+        for compute in ("float32", "int8"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                converted = converter.convert(f"{folder}-{compute}", force=True,
+                                              quantization=None if compute == "float32" else compute)
+            label = f"ctranslate2 {'fp32' if compute == 'float32' else compute}"
+            generators[label] = ctranslate2.Generator(converted, device="cpu", compute_type=compute,
+                                                      intra_threads=threads, inter_threads=1)
+            about.append((label, generators[label].compute_type,
+                          (Path(converted) / "model.bin").stat().st_size))
+        connection.send(about)
+        tokens = [f"t{i}" for i in prompt]
+        while True:
+            label, n = connection.recv()
+            start = time.perf_counter()
+            result = generators[label].generate_batch(
+                [tokens], max_length=n, min_length=n, sampling_topk=1,
+                include_prompt_in_result=False)
+            connection.send((time.perf_counter() - start, result[0].sequences_ids[0]))
+    except EOFError:  # the bench dropped its end: done
+        return
+    except Exception as error:  # noqa: BLE001 -- raised again in the bench's process
+        connection.send(error)
 
 
 def main(argv=None):
@@ -89,6 +145,8 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--compile", action="store_true",
                         help=f"also {', '.join(COMPILED)} compiled, with a static cache")
+    parser.add_argument("--ctranslate2", action="store_true",
+                        help="also CTranslate2's Generator, fp32 and int8")
     parser.add_argument("--out", help="JSON file for the figures")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")  # generation-config notes
@@ -106,27 +164,35 @@ def main(argv=None):
     if args.compile:
         sides.update({f"{label}, compiled": (models[label], True) for label in COMPILED})
     prompt = torch.randint(0, config["vocab_size"], (1, args.prompt))
+    # label -> a function of n: (seconds to generate n tokens, their ids)
+    runs = {label: functools.partial(timed_generate, m, prompt, compiled=compiled)
+            for label, (m, compiled) in sides.items()}
+    weights = {label: (weight_bytes(m), bytes_per_token(m)) for label, (m, _) in sides.items()}
+    folder = tempfile.TemporaryDirectory() if args.ctranslate2 else None
+    if folder:
+        save_with_vocabulary(model, f"{folder.name}/model")
+        worker = Worker(ctranslate2_worker, f"{folder.name}/model", prompt[0].tolist(),
+                        torch.get_num_threads())
+        for label, _, file_bytes in worker.receive():
+            runs[label] = lambda n, label=label: worker.ask((label, n))
+            weights[label] = (file_bytes, file_bytes)
     tokens = {}
-    for label, (m, compiled) in sides.items():  # (the warm-up: compiles both lengths)
-        generate(m, prompt, 1, compiled)
-        tokens[label] = generate(m, prompt, args.new_tokens + 1, compiled)[0, args.prompt:]
+    for label, run in runs.items():  # (the warm-up: compiles both lengths)
+        run(1)
+        tokens[label] = torch.tensor(run(args.new_tokens + 1)[1])
     bandwidth = copy_bandwidth_gbps(torch.device("cpu"), 20)
     load_before = os.getloadavg()
-    times = {label: [] for label in sides}
+    times = {label: [] for label in runs}
     for _ in range(args.rounds):
-        for label, (m, compiled) in sides.items():
-            start = time.perf_counter()
-            generate(m, prompt, 1, compiled)
-            first = time.perf_counter()
-            generate(m, prompt, args.new_tokens + 1, compiled)
-            end = time.perf_counter()
-            times[label].append(((end - first) - (first - start)) / args.new_tokens * 1e3)
+        for label, run in runs.items():
+            first, last = run(1)[0], run(args.new_tokens + 1)[0]
+            times[label].append((last - first) / args.new_tokens * 1e3)
     load_after = os.getloadavg()
     results = {}
-    for label, (m, _) in sides.items():
+    for label in runs:
         ms = statistics.median(times[label])
-        floor = bytes_per_token(m) / bandwidth / 1e6
-        results[label] = {"ms_per_token": ms, "weight_MB": weight_bytes(m) / 2**20,
+        floor = weights[label][1] / bandwidth / 1e6
+        results[label] = {"ms_per_token": ms, "weight_MB": weights[label][0] / 2**20,
                           "floor_ms": floor,
                           "tokens_equal_to_eager": int((tokens[label] == tokens["eager"]).sum())}
     eager = results["eager"]["ms_per_token"]

@@ -265,7 +265,7 @@ def _ctranslate2_worker(connection, path, folder, threads):
         connection.send(error)
 
 
-class _Worker:
+class Worker:
     """A process running `target(connection, *args)`, asked over a pipe; it ends when this object
     goes (its end of the pipe closes)."""
 
@@ -302,7 +302,7 @@ def ctranslate2_sides(src):
     the same process measured no such effect). A timed call sends the batch and gets no output
     back: a pipe round trip on top of the engine's time (0.13-0.17 ms for 8 x 128 tokens,
     measured)."""
-    worker = _Worker(_ctranslate2_worker, src.path, str(src.folder), src.threads)
+    worker = Worker(_ctranslate2_worker, src.path, str(src.folder), src.threads)
     sides, computes = {}, []
     for label, compute, file_bytes in worker.receive():
         computes.append(compute)
