@@ -38,7 +38,7 @@ import torch
 
 import transfuse
 from transfuse.bench import copy_bandwidth_gbps
-from transfuse.bench_peers import Worker
+from transfuse.bench_peers import Worker, ctranslate2_conversions
 
 SMOLLM_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                    num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
@@ -105,23 +105,16 @@ def save_with_vocabulary(model, folder):
 
 
 def ctranslate2_worker(connection, folder, prompt, threads):
-    """CTranslate2's process: converts the saved model in `folder` (float32, int8), sends (label,
-    compute type, model.bin bytes) per side, then answers each (label, n): greedy generation of n
+    """CTranslate2's process: converts the saved model in `folder` (float32, int8; into folders
+    under it), sends (label, compute type, model.bin bytes) per side, then answers each (label, n): greedy generation of n
     tokens after `prompt` (ids), as (seconds, the n ids), until the pipe closes."""
     import ctranslate2
     try:
-        converter = ctranslate2.converters.TransformersConverter(folder)
         generators, about = {}, []
-        for compute in ("float32", "int8"):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                converted = converter.convert(f"{folder}-{compute}", force=True,
-                                              quantization=None if compute == "float32" else compute)
-            label = f"ctranslate2 {'fp32' if compute == 'float32' else compute}"
+        for label, compute, converted in ctranslate2_conversions(folder, folder):
             generators[label] = ctranslate2.Generator(converted, device="cpu", compute_type=compute,
                                                       intra_threads=threads, inter_threads=1)
-            about.append((label, generators[label].compute_type,
-                          (Path(converted) / "model.bin").stat().st_size))
+            about.append((label, compute, (Path(converted) / "model.bin").stat().st_size))
         connection.send(about)
         tokens = [f"t{i}" for i in prompt]
         while True:

@@ -232,6 +232,20 @@ def ctranslate2_forward(encoder, batch):
     return padded
 
 
+def ctranslate2_conversions(path, folder):
+    """The transformers model folder `path` through ctranslate2's TransformersConverter into
+    `folder`, as float32 and with int8 weights: (side label, compute type, converted folder)."""
+    import ctranslate2
+
+    converter = ctranslate2.converters.TransformersConverter(path)
+    for compute in ("float32", "int8"):
+        with warnings.catch_warnings():  # transformers' deprecations, as the converter loads
+            warnings.simplefilter("ignore")
+            converted = converter.convert(str(Path(folder) / f"ctranslate2-{compute}"), force=True,
+                                          quantization=None if compute == "float32" else compute)
+        yield f"ctranslate2 {'fp32' if compute == 'float32' else compute}", compute, converted
+
+
 def _ctranslate2_worker(connection, path, folder, threads):
     """CTranslate2's process: converts the model folder `path` into `folder` (float32, and int8
     weights), loads each with the matching compute type, sends (label, compute type, file bytes)
@@ -240,15 +254,8 @@ def _ctranslate2_worker(connection, path, folder, threads):
     import ctranslate2
 
     try:
-        converter = ctranslate2.converters.TransformersConverter(path)
         encoders, about = {}, []
-        for compute in ("float32", "int8"):
-            with warnings.catch_warnings():  # transformers' deprecations, as the converter loads
-                warnings.simplefilter("ignore")
-                converted = converter.convert(
-                    str(Path(folder) / f"ctranslate2-{compute}"),
-                    quantization=None if compute == "float32" else compute)
-            label = f"ctranslate2 {'fp32' if compute == 'float32' else compute}"
+        for label, compute, converted in ctranslate2_conversions(path, folder):
             encoders[label] = ctranslate2.Encoder(converted, device="cpu", compute_type=compute,
                                                   intra_threads=threads, inter_threads=1)
             about.append((label, encoders[label].compute_type,

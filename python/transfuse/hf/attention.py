@@ -175,6 +175,7 @@ def register():
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     except ImportError as error:  # transformers is optional
         return str(error)
+
     def mask(*args, **kwargs):
         """transformers' sdpa_mask, or None inside a call whose attention reads no mask."""
         return None if _masks_unread() else sdpa_mask(*args, **kwargs)
