@@ -300,13 +300,34 @@ def test_a_packed_call_whose_attention_lacks_the_boundaries_raises():
     attention = model.model.layers[0].self_attn
     q = torch.randn(1, 4, 6, 8)
     k = v = torch.randn(1, 2, 6, 8)
-    token = hf_attention.masks_unread.set("packed")
+    token = hf_attention.masks_unread.set(("packed", model.config))
     try:
         with pytest.raises(RuntimeError, match="cu_seq_lens_q"):
             hf_attention.attention_forward(attention, q, k, v, None)
     finally:
         hf_attention.masks_unread.reset(token)
     assert hf_attention.attention_forward(attention, q, k, v, None)[0].shape == (1, 6, 4, 8)
+
+
+def test_a_model_run_inside_a_mask_free_call_builds_its_own_masks():
+    """The masks are skipped for the model whose call reads none, not for another model run
+    within it: a left-padded Mistral kept on the padded path (unpad=False, so its attention needs
+    its mask), called from a hook on a layer of an unpadded Llama call, gives what it gives
+    alone."""
+    outer = transfuse.patch(build("llama"))
+    inner = transfuse.patch(build("mistral"), unpad=False)
+    ids, mask = padded_batch("left")
+    real = mask.bool()
+    seen = []
+    with torch.no_grad():
+        expected = hidden(inner, ids, mask)
+        handle = outer.model.layers[0].register_forward_hook(
+            lambda *_: seen.append(hidden(inner, ids, mask)))
+        try:
+            hidden(outer, ids, None)
+        finally:
+            handle.remove()
+    assert_close_scaled(seen[0][real], expected[real])
 
 
 def test_a_deep_copy_of_a_patched_model_runs_its_own_weights():

@@ -36,15 +36,17 @@ except ImportError:  # no transformers, or one without it: recording requests co
     _active_collector = None
 
 NAME = "transfuse"
-# "packed" or "flags" while padding removal runs a model call whose attention reads no mask (see
-# the module's docstring), else None.
+# ("packed" or "flags", the model's config) while padding removal runs a model call whose attention
+# reads no mask (see the module's docstring), else None.
 masks_unread = contextvars.ContextVar("transfuse_masks_unread", default=None)
 
 
-def _masks_unread():
-    """masks_unread's value (None while torch.compile traces: Dynamo cannot read a ContextVar,
-    and padding removal sets none then)."""
-    return None if torch.compiler.is_compiling() else masks_unread.get()
+def reads_no_mask(config):
+    """"packed" or "flags" inside such a call of the model whose config this is (not of another
+    model run within it, from a hook say), else None; None too while torch.compile traces, as
+    Dynamo cannot read a ContextVar (and padding removal sets none then)."""
+    state = None if torch.compiler.is_compiling() else masks_unread.get()
+    return state[0] if state is not None and state[1] is config else None
 
 
 def _causal(module, query, attention_mask, is_causal):
@@ -123,7 +125,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     if kwargs.get("cu_seq_lens_q") is not None and position_bias is None:
         return _packed_attention(module, query, key, value, dropout, scaling, is_causal, softcap,
                                  sliding_window, **kwargs), None
-    if _masks_unread() == "packed":  # transformers built no mask: the call would mix sequences
+    if reads_no_mask(getattr(module, "config", None)) == "packed":
+        # transformers built no mask: the call would mix the sequences
         raise RuntimeError(f"transfuse: {type(module).__name__} was called on packed tokens "
                            f"without the sequence boundaries (cu_seq_lens_q) in its kwargs")
     seq_q, seq_kv = query.shape[2], key.shape[2]
@@ -178,7 +181,7 @@ def register():
 
     def mask(*args, **kwargs):
         """transformers' sdpa_mask, or None inside a call whose attention reads no mask."""
-        return None if _masks_unread() else sdpa_mask(*args, **kwargs)
+        return None if reads_no_mask(kwargs.get("config")) else sdpa_mask(*args, **kwargs)
 
     AttentionInterface.register(NAME, attention_forward)
     AttentionMaskInterface.register(NAME, mask)

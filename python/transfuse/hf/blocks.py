@@ -126,7 +126,7 @@ from .. import backends, ops
 from ..nn import FusedLayerNorm, FusedRMSNorm, Int8Linear
 from ..ops.linear import _own_kernel_takes
 from .attention import (NAME as ATTENTION_NAME, _causal, _combined_mask,
-                        _weights_requested, masks_unread)
+                        _weights_requested, reads_no_mask)
 from .unpad import PACKED_STACK_ATTR, _outputs_recorded
 from ..ops.activation import KERNEL_DTYPES as ACTIVATION_DTYPES, gated_mul
 from ..ops.attention import MAX_HEAD_DIM, _broadcast_mask
@@ -757,7 +757,7 @@ def _decoder_layer_fused(layer, x, call):
             or type(position_embeddings) is not tuple or len(position_embeddings) != 2
             or packed and (len(packed) != 4 or x.shape[0] != 1
                            or any(rest[name] is None for name in packed))
-            or not packed and masks_unread.get() == "packed"):  # (the attention says why)
+            or not packed and reads_no_mask(attention.config) == "packed"):  # (it says why)
         return None
     arguments = _decoder_layer_arguments(layer, attention, head_norms, x, *position_embeddings)
     if arguments is None:

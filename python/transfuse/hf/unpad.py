@@ -199,7 +199,7 @@ def _base_forward(self, *args, **kwargs):
         if kind == "model" and kwargs.get("position_ids") is None:
             # no padding, the default positions: every attention takes its module's causality
             # and window, which is what transformers' masks would say
-            return _without_masks("flags", original, **kwargs)
+            return _without_masks("flags", self.config, original, **kwargs)
         valid = None
     if valid is not None and decoder:
         valid = _with_cache(self, valid, kwargs)
@@ -211,7 +211,7 @@ def _base_forward(self, *args, **kwargs):
             return original(**kwargs)
         finally:
             _padding_mask.reset(token)
-    return _packed_model_call(original, valid, kwargs,
+    return _packed_model_call(original, self.config, valid, kwargs,
                               type(self).__name__ in POSITIONS_FROM_MASK)
 
 
@@ -256,19 +256,20 @@ def _fill_cache(cache, packed_cache, packing):
         cache.update(keys, values, layer_idx)
 
 
-def _without_masks(why, call, **kwargs):
-    """call(**kwargs) with transformers building no attention mask (attention.masks_unread; not
-    while torch.compile traces it: with unpad="always" the masks are built)."""
+def _without_masks(why, config, call, **kwargs):
+    """call(**kwargs), the call of the model with this config, with transformers building none of
+    its attention masks (attention.masks_unread; not while torch.compile traces it: with
+    unpad="always" the masks are built)."""
     if torch.compiler.is_compiling():
         return call(**kwargs)
-    token = masks_unread.set(why)
+    token = masks_unread.set((why, config))
     try:
         return call(**kwargs)
     finally:
         masks_unread.reset(token)
 
 
-def _packed_model_call(original, valid, kwargs, positions_from_mask=False):
+def _packed_model_call(original, config, valid, kwargs, positions_from_mask=False):
     """The base model on packed input ids (or embeddings) and the padded call's positions (the
     given ones, else arange(S) per row, or with positions_from_mask each row's real tokens
     counted); a KV cache it fills is handed back in the padded layout."""
@@ -291,7 +292,7 @@ def _packed_model_call(original, valid, kwargs, positions_from_mask=False):
     if cache is not None:  # the packed call fills a cache of plain layers (its own layout)
         from transformers.cache_utils import DynamicCache
         kwargs[cache_name] = packed_cache = DynamicCache()
-    output = _without_masks("packed", original, attention_mask=None, **inputs, **kwargs,
+    output = _without_masks("packed", config, original, attention_mask=None, **inputs, **kwargs,
                             **packing.kwargs)
     if cache is not None:
         _fill_cache(cache, packed_cache, packing)
