@@ -106,8 +106,9 @@ def save_with_vocabulary(model, folder):
 
 def ctranslate2_worker(connection, folder, prompt, threads):
     """CTranslate2's process: converts the saved model in `folder` (float32, int8; into folders
-    under it), sends (label, compute type, model.bin bytes) per side, then answers each (label, n): greedy generation of n
-    tokens after `prompt` (ids), as (seconds, the n ids), until the pipe closes."""
+    under it), sends (label, compute type, model.bin bytes) per side, then answers each (label,
+    n): greedy generation of n tokens after `prompt` (ids), as (seconds, the n ids), until the
+    pipe closes."""
     import ctranslate2
     try:
         generators, about = {}, []
@@ -172,7 +173,7 @@ def main(argv=None):
     tokens = {}
     for label, run in runs.items():  # (the warm-up: compiles both lengths)
         run(1)
-        tokens[label] = torch.tensor(run(args.new_tokens + 1)[1])
+        tokens[label] = torch.as_tensor(run(args.new_tokens + 1)[1])  # (ids: a tensor or a list)
     bandwidth = copy_bandwidth_gbps(torch.device("cpu"), 20)
     load_before = os.getloadavg()
     times = {label: [] for label in runs}
