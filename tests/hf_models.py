@@ -134,6 +134,12 @@ MORE_FAMILIES = {
     "gpt_neox": ("causal", dict(MHA_DECODER, intermediate_size=64), "LayerNorm"),
     "opt": ("causal", dict(MHA_DECODER, ffn_dim=64, word_embed_proj_dim=32), "LayerNorm"),
     "qwen3": ("causal", dict(MORE_DECODER, head_dim=8), "Qwen3RMSNorm"),
+    # SmolLM3: layer 0 rotary and full attention, layer 1 without rotary (NoPE) and windowed
+    "smollm3": ("causal", dict(MORE_DECODER, no_rope_layer_interval=2, use_sliding_window=True,
+                               sliding_window=4, **SPECIAL_IDS), "SmolLM3RMSNorm"),
+    # Granite: each residual branch scaled, the attention's scale, embeddings and logits too
+    "granite": ("causal", dict(MORE_DECODER, residual_multiplier=0.5, attention_multiplier=0.5,
+                               embedding_multiplier=4.0, logits_scaling=2.0), "GraniteRMSNorm"),
     # transformers 5.17 builds Gemma 2 with SDPA, which drops the attention softcap (5.24 refuses
     # SDPA for it): the unpatched reference is its eager attention
     "gemma2": ("causal", dict(MORE_DECODER, head_dim=8, sliding_window=4, query_pre_attn_scalar=8,

@@ -295,7 +295,7 @@ def test_blocks_false_leaves_the_block_modules_alone():
                    if type(m).__name__ in blocks.BLOCK_RULES and m is not patched.encoder)
 
 
-DECODERS = ["llama", "mistral", "qwen2", "qwen3", "gemma"]
+DECODERS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "smollm3", "granite"]
 
 
 def logits_of_real_tokens(model, ids, mask):
@@ -500,7 +500,8 @@ def test_the_cpu_runs_int8_siblings_one_by_one_by_default(monkeypatch,
 @pytest.mark.parametrize("model_type", DECODERS)
 def test_decoder_attention_rotates_q_and_k_in_one_call_and_mlps_gate_in_one_call(
         model_type, monkeypatch):
-    """rotary_attention: per layer and forward one transfuse.ops.rotary over q and k; gated_mlp:
+    """rotary_attention: per layer and forward one transfuse.ops.rotary over q and k (none in
+    SmolLM3's NoPE layers); gated_mlp:
     one gated_mul (silu_mul; gelu_mul's tanh form for Gemma's GELU);
     per sequence of a padded batch and token for token in greedy generation (the cache filled
     through the rule) equal to the unpatched model; in bf16 within twice eager bf16's error to
@@ -520,13 +521,17 @@ def test_decoder_attention_rotates_q_and_k_in_one_call_and_mlps_gate_in_one_call
     ids, mask = padded_batch()
     torch.testing.assert_close(logits_of_real_tokens(patched, ids, mask),
                                logits_of_real_tokens(model, ids, mask), rtol=1e-5, atol=1e-5)
-    assert calls.count("rotary") == layers
+    # (SmolLM3: its layers' use_rope flags)
+    rotating = sum(getattr(model.config, "no_rope_layers", None) or [1] * layers)
+    assert 0 < rotating == sum(bool(layer.self_attn.__dict__.get("use_rope", True))
+                               for layer in model.model.layers)
+    assert calls.count("rotary") == rotating
     assert calls.count("gelu_tanh" if model_type == "gemma" else "silu") == layers
     with torch.no_grad():
         prompt = ids[:2, :5]
         assert torch.equal(patched.generate(prompt, max_new_tokens=6, do_sample=False),
                            model.generate(prompt, max_new_tokens=6, do_sample=False))
-    assert calls.count("rotary") == layers * (1 + 6)  # the prefill and each new token
+    assert calls.count("rotary") == rotating * (1 + 6)  # the prefill and each new token
     exact = logits_of_real_tokens(model, ids, mask).double()
     errors = [(logits_of_real_tokens(m, ids, mask).double() - exact).abs().max().item()
               for m in (transfuse.patch(copy.deepcopy(model).to(torch.bfloat16)),

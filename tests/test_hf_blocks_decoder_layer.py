@@ -20,8 +20,10 @@ pytestmark = pytest.mark.skipif(transfuse.backends.extension()[0] is None,
 
 # (Mistral: sliding_window 4; Qwen2: q, k, v biases; Qwen3: head norms of the query and key;
 # Gemma: GELU (tanh) in its MLP, RMSNorm weights offset by 1; Gemma 2 and 3: norms after the
-# attention and the MLP too, windows of 4, Gemma 2's attention softcap, Gemma 3's head norms)
-DECODERS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"]
+# attention and the MLP too, windows of 4, Gemma 2's attention softcap, Gemma 3's head norms;
+# SmolLM3: a layer without rotary embedding, and windowed; Granite: scaled residual branches)
+DECODERS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "smollm3",
+            "granite"]
 SIDES = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, None),
          "w8a8": (torch.float32, "w8a8"), "bf16 w8a16": (torch.bfloat16, "w8a16")}
 
@@ -218,3 +220,25 @@ def test_recorded_outputs_autograd_and_autocast_run_the_modules(fused):
     for (name, p), q in zip(model.named_parameters(), patched.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
     assert fused[0] == 0
+
+
+def test_a_smollm3_layer_rotates_as_its_use_rope_says_at_call_time(fused):
+    """SmolLM3's NoPE layers: the fused calls read use_rope at each call (flipped here on both
+    layers, the logits still the unpatched model's given the same flip), and the binding takes
+    the angles both or neither."""
+    model = decoder("smollm3")
+    patched = transfuse.patch(copy.deepcopy(model))
+    ids = torch.randint(3, 99, (1, 6), generator=torch.Generator().manual_seed(6))
+    for m in (model, patched):
+        for layer in m.model.layers:
+            layer.self_attn.use_rope = not layer.self_attn.use_rope
+    with torch.no_grad():
+        assert_close_scaled(patched(ids).logits, model(ids).logits)
+    assert fused[0] == model.config.num_hidden_layers
+    layer = patched.model.layers[0]
+    x = torch.randn(1, 3, model.config.hidden_size)
+    angles = torch.zeros(1, 3, layer.self_attn.head_dim)
+    qkv_arguments, _ = blocks._decoder_layer_arguments(layer, layer.self_attn, False, x, angles,
+                                                       angles)
+    with pytest.raises(ValueError, match="cos and sin"):
+        transfuse.backends.extension()[0].decoder_layer_qkv(x, *qkv_arguments, angles, None)

@@ -50,6 +50,8 @@ EXPECTED = {
     "gpt_neox": (2, 5, dict(varlen_attention=2, layer_norm=5)),
     "opt": (2, 5, dict(varlen_attention=2, layer_norm=5)),
     "qwen3": (2, 9, dict(varlen_attention=2, rms_norm=9)),  # + q_norm, k_norm per layer
+    "smollm3": (2, 5, dict(varlen_attention=2, rms_norm=5)),
+    "granite": (2, 5, dict(varlen_attention=2, rms_norm=5)),
     # 4 norms per layer (Gemma 3: + q_norm, k_norm); packed into a cache of sliding-window layers
     "gemma2": (2, 9, dict(varlen_attention=2, rms_norm=9)),
     "gemma3_text": (2, 13, dict(varlen_attention=2, rms_norm=13)),
@@ -57,8 +59,8 @@ EXPECTED = {
     "falcon": (2, 3, dict(layer_norm=3)),  # one norm per parallel block
 }
 # families with a padding-removal rule (transfuse.hf.unpad.UNPAD_RULES)
-UNPADDED = ["albert", "electra", "clip_text_model", "phi", "gpt_neox", "opt", "qwen3", "gemma2",
-            "gemma3_text"]
+UNPADDED = ["albert", "electra", "clip_text_model", "phi", "gpt_neox", "opt", "qwen3", "smollm3",
+            "granite", "gemma2", "gemma3_text"]
 OWN_ATTENTION = {"bloom": "BloomAttention", "falcon": "FalconAttention"}
 GENERATING = [m for m, (kind, _, _) in MORE_FAMILIES.items()
               if kind in ("causal", "seq2seq", "speech")]
@@ -107,7 +109,7 @@ def kernel_calls(monkeypatch):
 
     def fused_out(x, q, k, v, mask, cu_seqlens_q, *args):  # its attention and second norm (and
         seen["attention" if cu_seqlens_q is None else "varlen_attention"] += 1  # Gemma 2 / 3's
-        seen["rms_norm"] += 1 + len(args[-1])  # sandwich norms, the last argument)
+        seen["rms_norm"] += 1 + len(args[-2])  # sandwich norms, before the multiplier)
         return decoder_layer_out(x, q, k, v, mask, cu_seqlens_q, *args)
     monkeypatch.setattr(module, "decoder_layer_qkv", fused_qkv)
     monkeypatch.setattr(module, "decoder_layer_out", fused_out)

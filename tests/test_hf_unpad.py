@@ -267,7 +267,8 @@ def test_a_bidirectional_gemma3_runs_packed_with_the_cache_it_creates(varlen_cal
 
 
 MODEL_RULES = ["modernbert", "gpt2", "llama", "mistral", "qwen2", "gemma", "opt", "qwen3", "gemma2",
-               "gemma3_text", "gemma3_bidirectional"]
+               "gemma3_text", "gemma3_bidirectional", "smollm3",
+               "granite"]
 
 
 @pytest.mark.parametrize("mask", ["ones", None])

@@ -10,7 +10,8 @@
 //                                 as [B, heads, S, head_dim]
 //                       q, k = RMSNorm_q(q), RMSNorm_k(k) over head_dim (Qwen3's head norms,
 //                              where head_norm_weights holds their weights)
-//                       q, k rotated by cos and sin
+//                       q, k rotated by cos and sin (where given: SmolLM3's NoPE layers
+//                              take none)
 //   (the cache appends k and v: K, V)
 //   decoder_layer_out:  a = softmax(scale q K^T + mask) V (causal, window, softcap as given;
 //                           packed tokens, B = 1 with cu_seqlens: per sequence, no mask)
@@ -21,6 +22,9 @@
 //                       RMSNorm_1's offset, eps and dtypes), RMSNorm_1 their pre-MLP norm:
 //                       g, r = RMSNorm_1(RMSNorm_a(a W_3^T) + x), RMSNorm_a(a W_3^T) + x
 //                       y = r + RMSNorm_m((act(g W_4^T) * g W_5^T) W_6^T)
+//                       Granite's residual_multiplier m scales each branch before its add:
+//                       g, r = RMSNorm_1(m (a W_3^T) + x), m (a W_3^T) + x
+//                       y = r + m ((act(g W_4^T) * g W_5^T) W_6^T)
 // Float weights go through `linear` (torch's linear where torch_linears says so, or where
 // `linear` declines the call, as transfuse.ops.linear does), int8 weights through `int8_linear`.
 #include <optional>
@@ -29,6 +33,7 @@
 
 #include <ATen/ops/add.h>
 #include <ATen/ops/linear.h>
+#include <ATen/ops/mul.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include "python_functions.h"
@@ -88,13 +93,14 @@ std::tuple<Tensor, Tensor, Tensor> decoder_layer_qkv(
     const std::vector<Tensor>& weights, const std::vector<Tensor>& weight_scales,
     const std::vector<OptTensor>& biases, const std::vector<bool>& torch_linears,
     c10::string_view int8_mode, const std::vector<Tensor>& head_norm_weights,
-    double head_norm_offset, double head_norm_eps, const Tensor& cos, const Tensor& sin) {
+    double head_norm_offset, double head_norm_eps, const OptTensor& cos, const OptTensor& sin) {
   const Linears linears{weights, weight_scales, biases, torch_linears, int8_mode};
   linears.check(3, "query, key, value");
   TORCH_CHECK_VALUE(x.dim() == 3, "x must be [batch, seq, hidden]");
   TORCH_CHECK_VALUE(head_dim > 0, "head_dim must be positive");
   TORCH_CHECK_VALUE(head_norm_weights.empty() || head_norm_weights.size() == 2,
                     "head_norm_weights must hold the query's and the key's head norm, or none");
+  TORCH_CHECK_VALUE(!cos == !sin, "cos and sin go together (both given, or neither)");
   const Tensor h = rms_norm(x, norm_weight, std::nullopt, norm_offset, eps, normalized_dtype,
                             out_dtype);
   // [B, S, heads * head_dim] -> [B, heads, S, head_dim], through head norm i where there is one
@@ -108,7 +114,10 @@ std::tuple<Tensor, Tensor, Tensor> decoder_layer_qkv(
   };
   const Tensor q = by_heads(linears(0, h), 0), k = by_heads(linears(1, h), 1);
   const Tensor v = by_heads(linears(2, h), 2);
-  auto [q_rotated, k_rotated] = rotary(q, k, cos, sin, false);
+  if (!cos) {
+    return {q, k, v};
+  }
+  auto [q_rotated, k_rotated] = rotary(q, k, *cos, *sin, false);
   return {q_rotated, k_rotated, v};
 }
 
@@ -123,7 +132,8 @@ Tensor decoder_layer_out(const Tensor& x, const Tensor& q, const Tensor& k, cons
                          const Tensor& norm_weight, double norm_offset, double eps,
                          at::ScalarType normalized_dtype, at::ScalarType out_dtype,
                          c10::string_view mlp_activation,
-                         const std::vector<Tensor>& sandwich_norm_weights) {
+                         const std::vector<Tensor>& sandwich_norm_weights,
+                         std::optional<double> residual_multiplier) {
   const Linears linears{weights, weight_scales, biases, torch_linears, int8_mode};
   linears.check(4, "attention output, gate, up, down");
   const GatedActivation activation = to_gated_activation(mlp_activation);
@@ -136,6 +146,11 @@ Tensor decoder_layer_out(const Tensor& x, const Tensor& q, const Tensor& k, cons
                ? t
                : rms_norm(t, sandwich_norm_weights[i], std::nullopt, norm_offset, eps,
                           normalized_dtype, out_dtype);
+  };
+  // a branch as its residual add takes it: times the multiplier where there is one (the
+  // modules' `branch * multiplier`, rounded as theirs)
+  auto scaled = [&](const Tensor& branch) {
+    return residual_multiplier ? at::mul(branch, *residual_multiplier) : branch;
   };
   TORCH_CHECK_VALUE(x.dim() == 3, "x must be [batch, seq, hidden]");
   TORCH_CHECK_VALUE(!cu_seqlens_q == !cu_seqlens_k && (!cu_seqlens_q || x.size(0) == 1),
@@ -156,10 +171,10 @@ Tensor decoder_layer_out(const Tensor& x, const Tensor& q, const Tensor& k, cons
                .view({x.size(0), x.size(1), -1});
   }
   Tensor residual;
-  const Tensor g = rms_norm(sandwich(linears(0, rows), 0), norm_weight, x, norm_offset, eps,
-                            normalized_dtype, out_dtype, &residual);
+  const Tensor g = rms_norm(scaled(sandwich(linears(0, rows), 0)), norm_weight, x, norm_offset,
+                            eps, normalized_dtype, out_dtype, &residual);
   const Tensor gated = gated_mul_forward(linears(1, g), linears(2, g), activation);
-  return at::add(residual, sandwich(linears(3, gated), 1));
+  return at::add(residual, scaled(sandwich(linears(3, gated), 1)));
 }
 
 }  // namespace
@@ -178,7 +193,7 @@ void add_decoder_layer_functions(PyObject* module) {
         "scale"_a, "window"_a, "softcap"_a, "weights"_a, "weight_scales"_a, "biases"_a,
         "torch_linears"_a, "int8_mode"_a, "norm_weight"_a, "norm_offset"_a, "eps"_a,
         "normalized_dtype"_a, "out_dtype"_a, "mlp_activation"_a, "sandwich_norm_weights"_a,
-        release_gil);
+        "residual_multiplier"_a, release_gil);
 }
 
 }  // namespace transfuse

@@ -21,32 +21,34 @@ something else.
   residual_norm  LayerNorm(dropout(dense(h)) + input) (BERT-style SelfOutput / Output): the
                residual add runs inside the fused norm's pass (a FusedLayerNorm, from the norm
                rules) instead of a separate one.
-  residual_rms_norm  a pre-norm decoder layer (Llama, Mistral, Qwen2, Qwen3, Gemma): h +
-               attn(...) and post_attention_layernorm of it in one pass of the fused RMSNorm (a
-               FusedRMSNorm, from the norm rules), which returns the normed sum and the sum, the
-               MLP's residual. On CPU tensors in inference, where its attention and MLP carry
-               their rules (Llama, Mistral, Qwen2, Qwen3, Gemma), the whole layer in two
-               transfuse._C calls around the cache's own update (csrc/bindings/decoder_layer.cpp),
-               padded or over the tokens padding removal packed: the kernels the rules run, bit
-               for bit, without their twenty-odd Python calls.
+  residual_rms_norm  a pre-norm decoder layer (Llama, Mistral, Qwen2, Qwen3, Gemma, SmolLM3,
+               Granite): h + attn(...) and post_attention_layernorm of it in one pass of the fused
+               RMSNorm (a FusedRMSNorm, from the norm rules), which returns the normed sum and the
+               sum, the MLP's residual (Granite's branches times its residual_multiplier first). On
+               CPU tensors in inference, where its attention and MLP carry their rules (each of
+               these families), the whole layer in two transfuse._C calls around the cache's own
+               update (csrc/bindings/decoder_layer.cpp), padded or over the tokens padding removal
+               packed: the kernels the rules run, bit for bit, without their twenty-odd Python
+               calls.
   sandwich_rms_norm  Gemma 2 / 3's decoder layer, whose norms also follow the attention and the
                MLP: the attention's residual added inside pre_feedforward_layernorm's pass; on
                CPU tensors in inference the whole layer in residual_rms_norm's two calls, given
                the two extra norms (and Gemma 2's attention softcap).
-  rotary_attention  a decoder's attention (Llama, Mistral, Qwen2, Qwen3, Gemma 1-3): its Q, K
-               and V as projections (above; Qwen3's and Gemma 3's query and key then through
-               their head norms), then transformers' apply_rotary_pos_emb (about ten torch
-               ops) replaced by one transfuse.ops.rotary call over q and k, which also lays them
-               out contiguously for the attention; the rest as the class's forward (cache
-               update, the configured attention function, o_proj).
+  rotary_attention  a decoder's attention (Llama, Mistral, Qwen2, Qwen3, Gemma 1-3, SmolLM3,
+               Granite): its Q, K and V as projections (above; Qwen3's and Gemma 3's query and key
+               then through their head norms), then transformers' apply_rotary_pos_emb (about ten
+               torch ops) replaced by one transfuse.ops.rotary call over q and k, which also lays
+               them out contiguously for the attention (SmolLM3's NoPE layers, use_rope unset:
+               none, as the class); the rest as the class's forward (cache update, the configured
+               attention function, o_proj).
   joint_rotary_attention  ModernBERT's attention (one Wqkv GEMM for q, k and v): its
                apply_rotary_pos_emb, which upcasts q and k to fp32 (about fourteen torch ops),
                replaced by one transfuse.ops.rotary call over q and k (fp32 math rounded once:
                the same values in fp32 and bf16); the rest as the class's forward.
-  gated_mlp    act_fn(gate_proj(x)) * up_proj(x) with act_fn SiLU (Llama, Mistral, Qwen2,
-               Qwen3) or GELU (Gemma 1-3's tanh form): gate and up as projections, their product
-               through transfuse.ops.silu_mul / gelu_mul (one pass instead of two; on CUDA it
-               reads the two halves of the joint GEMM's output in place). Another act_fn: the
+  gated_mlp    act_fn(gate_proj(x)) * up_proj(x) with act_fn SiLU (Llama, Mistral, Qwen2, Qwen3,
+               SmolLM3, Granite) or GELU (Gemma 1-3's tanh form): gate and up as projections, their
+               product through transfuse.ops.silu_mul / gelu_mul (one pass instead of two; on CUDA
+               it reads the two halves of the joint GEMM's output in place). Another act_fn: the
                projections alone.
   joint_gated_mlp  ModernBERT's MLP, act(input) * gate over the two halves of one Wi GEMM's
                output: the product through one transfuse.ops.gelu_mul (silu_mul), reading the
@@ -151,7 +153,7 @@ JOINED_GEMM_DEVICES = ("cuda",)
 JOINED_INT8_DEVICES = ("cuda",)
 
 _BERT_LIKE = ("Bert", "Roberta", "XLMRoberta", "Electra", "Camembert")
-_DECODERS = ("Llama", "Mistral", "Qwen2", "Qwen3", "Gemma")
+_DECODERS = ("Llama", "Mistral", "Qwen2", "Qwen3", "Gemma", "SmolLM3", "Granite")
 # decoders whose layers norm the attention's and the MLP's outputs too (sandwich_rms_norm)
 _SANDWICH_DECODERS = ("Gemma2", "Gemma3")
 
@@ -214,6 +216,11 @@ RESIDUAL_RMS_NORM_SOURCE = (
      "hidden_states = self.post_attention_layernorm(hidden_states)",
      "hidden_states = self.mlp(hidden_states)", "hidden_states = residual + hidden_states",
      "return hidden_states"))
+# Granite's layers scale each branch before its residual add (its attention's scale is
+# config.attention_multiplier, its embeddings' and logits' multipliers are the model's own)
+SCALED_RESIDUAL_FAMILIES = ("Granite",)
+RESIDUAL_ADD_SOURCE = "hidden_states = residual + hidden_states"
+SCALED_RESIDUAL_ADD_SOURCE = "hidden_states = residual + hidden_states * self.residual_multiplier"
 # Gemma 2 / 3's: the same head, then norms of the attention's and of the MLP's outputs
 SANDWICH_RMS_NORM_TAIL = (
     "**kwargs,", "hidden_states = self.post_attention_layernorm(hidden_states)",
@@ -245,7 +252,7 @@ ROTARY_ATTENTION_SOURCE = (
 ROTARY_ATTENTION_ARGUMENTS = {
     "Mistral": ('sliding_window=getattr(self.config, "sliding_window", None),',
                 lambda module: {"sliding_window": getattr(module.config, "sliding_window", None)}),
-    **dict.fromkeys(("Qwen2", "Qwen3", "Gemma3"), (
+    **dict.fromkeys(("Qwen2", "Qwen3", "Gemma3", "SmolLM3"), (
         "sliding_window=self.sliding_window,",
         lambda module: {"sliding_window": module.sliding_window})),
     "Gemma2": ("sliding_window=self.sliding_window, softcap=self.attn_logit_softcapping,",
@@ -265,6 +272,10 @@ HEAD_NORM_SOURCE = (
     "key_states = self.k_norm(self.k_proj(hidden_states).view(hidden_shape)).transpose(1, 2)")
 TRANSPOSED_HEAD_NORM_SOURCE = ("query_states = self.q_norm(query_states)",
                                "key_states = self.k_norm(key_states)")
+# SmolLM3's attention rotates q and k only where its layer's use_rope is set (by default every
+# fourth layer has no position embedding: "NoPE")
+NOPE_FAMILIES = ("SmolLM3",)
+NOPE_SOURCE = "if self.use_rope:"
 # transformers' rotate-half rotary embedding (the family module's apply_rotary_pos_emb and
 # rotate_half), which transfuse.ops.rotary computes
 ROTATE_HALF_SOURCE = ("def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):",
@@ -418,6 +429,9 @@ def _expected_source(kind, names, cls):
             head = (*HEAD_NORM_SOURCE, *head[2:])
         if family in REVERSED_DROPOUT_FAMILIES:
             head = (*head[:-1], head[-1].replace(DROPOUT_SOURCE, REVERSED_DROPOUT_SOURCE))
+        if family in NOPE_FAMILIES:
+            at = head.index("cos, sin = position_embeddings")
+            head = (*head[:at], NOPE_SOURCE, *head[at:])
         argument = ROTARY_ATTENTION_ARGUMENTS.get(family, ("",))[0]
         return (*head[:-1], f"{head[-1]} {argument} {tail[0]}".replace("  ", " "), *tail[1:])
     if kind == "joint_rotary_attention":
@@ -435,6 +449,9 @@ def _expected_source(kind, names, cls):
     if kind in ("residual_rms_norm", "sandwich_rms_norm"):
         head, tail = RESIDUAL_RMS_NORM_SOURCE
         tail = tail if kind == "residual_rms_norm" else SANDWICH_RMS_NORM_TAIL
+        if _family(cls) in SCALED_RESIDUAL_FAMILIES:
+            tail = tuple(SCALED_RESIDUAL_ADD_SOURCE if line == RESIDUAL_ADD_SOURCE else line
+                         for line in tail)
         return (*head, *(f"{name}={name}," for name in _decoder_parameters(cls)), *tail)
     return tuple(f"self.{name}(" for name in names)
 
@@ -705,6 +722,16 @@ def _add_and_norm(norm, hidden_states, residual):
     return norm(residual), residual
 
 
+def _residual_multiplier(layer):
+    """What the layer scales each branch by before its residual add (Granite's
+    residual_multiplier, as a float), or None (the other families add the branch itself)."""
+    return float(layer.residual_multiplier) if layer.__dict__[FACTS_ATTR] else None
+
+
+def _scaled(branch, multiplier):
+    return branch if multiplier is None else branch * multiplier
+
+
 def _residual_rms_norm_forward(self, hidden_states, *args, **kwargs):
     call = _decoder_call(self, self.post_attention_layernorm, args, kwargs)
     if call is None:
@@ -712,9 +739,11 @@ def _residual_rms_norm_forward(self, hidden_states, *args, **kwargs):
     fused = _decoder_layer_fused(self, hidden_states, call)
     if fused is not None:
         return fused
+    multiplier = _residual_multiplier(self)
     attended, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **call)
-    normed, residual = _add_and_norm(self.post_attention_layernorm, attended, hidden_states)
-    return residual + self.mlp(normed)
+    normed, residual = _add_and_norm(self.post_attention_layernorm,
+                                     _scaled(attended, multiplier), hidden_states)
+    return residual + _scaled(self.mlp(normed), multiplier)
 
 
 def _sandwich_rms_norm_forward(self, hidden_states, *args, **kwargs):
@@ -759,12 +788,13 @@ def _decoder_layer_fused(layer, x, call):
                            or any(rest[name] is None for name in packed))
             or not packed and reads_no_mask(attention.config) == "packed"):  # (it says why)
         return None
-    arguments = _decoder_layer_arguments(layer, attention, head_norms, x, *position_embeddings)
+    angles = position_embeddings if _rotates(attention, family) else (None, None)
+    arguments = _decoder_layer_arguments(layer, attention, head_norms, x, *angles)
     if arguments is None:
         return None
     qkv_arguments, out_arguments = arguments
     module = backends.extension()[0]
-    q, k, v = module.decoder_layer_qkv(x, *qkv_arguments, *position_embeddings)
+    q, k, v = module.decoder_layer_qkv(x, *qkv_arguments, *angles)
     if cache is not None:
         k, v = cache.update(k, v, attention.layer_idx,
                             **({"kwargs": rest} if update_takes_kwargs else {}))
@@ -793,7 +823,8 @@ def _decoder_layer_arguments(layer, attention, head_norms, x, cos, sin):
     softcap) for the layer (attention: its self-attention, with head norms or not) on x, where
     its modules run what the calls run: the rules' forwards, FusedRMSNorm norms, one kind of
     linear layer (float of x's dtype, or int8 in one mode), SiLU or GELU, x's dtype in every
-    kernel, the cpu backend for each op; else None."""
+    kernel, the cpu backend for each op; else None. cos and sin: the rotary embedding's angles,
+    or None for a layer without one."""
     children = layer._modules
     mlp = children.get("mlp")
     sandwich = _rule_forward(layer) is _sandwich_rms_norm_forward
@@ -814,7 +845,7 @@ def _decoder_layer_arguments(layer, attention, head_norms, x, cos, sin):
             or attention.config._attn_implementation != ATTENTION_NAME):
         return None
     batch, seq = x.shape[:2]
-    for angles in (cos, sin):
+    for angles in (cos, sin) if cos is not None else ():
         if (type(angles) is not torch.Tensor or angles.dtype != dtype or angles.dim() != 3
                 or angles.shape[0] not in (1, batch) or angles.shape[1:] != (seq, head_dim)
                 or angles.stride(-1) != 1 or angles.requires_grad):
@@ -883,7 +914,8 @@ def _decoder_layer_arguments(layer, attention, head_norms, x, cos, sin):
     return ((*norm_arguments[0], head_dim, weights[:3], weight_scales[:3], biases[:3],
              torch_linears[:3], mode, *head_norm_arguments),
             (weights[3:], weight_scales[3:], biases[3:], torch_linears[3:], mode,
-             *norm_arguments[1], _gated_activation(mlp.act_fn), sandwich_weights))
+             *norm_arguments[1], _gated_activation(mlp.act_fn), sandwich_weights,
+             None if sandwich else _residual_multiplier(layer)))
 
 
 def _patch_sandwich_rms_norm(module, names):
@@ -895,10 +927,12 @@ def _patch_sandwich_rms_norm(module, names):
 
 def _patch_residual_rms_norm(module, names):
     """Only over a fused post_attention_layernorm (the norm rules ran; norm=False leaves the
-    layer alone)."""
-    return all(isinstance(getattr(module, name, None), nn.Module) for name in names) and isinstance(
-        module.post_attention_layernorm, FusedRMSNorm) and _install(
-        module, _residual_rms_norm_forward)
+    layer alone). Its facts: whether its family scales the residual branches."""
+    if not (all(isinstance(getattr(module, name, None), nn.Module) for name in names)
+            and isinstance(module.post_attention_layernorm, FusedRMSNorm)):
+        return False
+    module.__dict__[FACTS_ATTR] = _family(type(module)) in SCALED_RESIDUAL_FAMILIES
+    return _install(module, _residual_rms_norm_forward)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -928,6 +962,11 @@ def _rotate(q, k, cos, sin, family_module, backend):
     return family_module.apply_rotary_pos_emb(q, k, cos, sin)
 
 
+def _rotates(attention, family):
+    """Whether the attention applies its rotary embedding (not in SmolLM3's NoPE layers)."""
+    return family not in NOPE_FAMILIES or bool(attention.use_rope)
+
+
 def _family_attention_arguments(module, family):
     """What the family's attention passes its attention function besides the common arguments
     (ROTARY_ATTENTION_ARGUMENTS: Mistral's, Qwen2's and Qwen3's sliding_window)."""
@@ -953,8 +992,9 @@ def _rotary_attention_forward(self, hidden_states, position_embeddings=None, att
         query, key = self.q_norm(query), self.k_norm(key)
     query, key = query.transpose(1, 2), key.transpose(1, 2)
     value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-    query, key = _rotate(query, key, *position_embeddings, family_module,
-                         self.__dict__.get(BACKEND_ATTR))
+    if _rotates(self, family):
+        query, key = _rotate(query, key, *position_embeddings, family_module,
+                             self.__dict__.get(BACKEND_ATTR))
     if cache is not None:
         extra = {"kwargs": kwargs} if update_takes_kwargs else {}
         key, value = cache.update(key, value, self.layer_idx, **extra)

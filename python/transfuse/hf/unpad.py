@@ -72,6 +72,8 @@ UNPAD_RULES = {
     "MistralModel": ("model", None, True),
     "Qwen2Model": ("model", None, True),
     "Qwen3Model": ("model", None, True),
+    "SmolLM3Model": ("model", None, True),
+    "GraniteModel": ("model", None, True),
     "GemmaModel": ("model", None, True),
     "Gemma2Model": ("model", None, True),
     "Gemma3TextModel": ("model", None, True),
