@@ -205,3 +205,80 @@ def test_sliding_window_changes_the_result_and_matches_eager():
     with torch.no_grad():
         full = run(model, batch)
     assert (full[0] - windowed[0]).abs().max() > 1e-3
+
+
+def gpt_oss(seed=0):
+    """A tiny random GPT-OSS (attention sinks: one learned logit per head in each softmax;
+    sliding-window and full layers), its sinks far from zero so that dropping them shows."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.for_model("gpt_oss", vocab_size=VOCAB, hidden_size=32,
+                                  intermediate_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                  num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+                                  initializer_range=0.2, pad_token_id=0)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.normal_(0, 2.0)
+    return model
+
+
+def test_attention_sinks_run_the_eager_attention_with_one_warning(calls):
+    """GPT-OSS passes its sinks (s_aux), which the kernels do not compute: those calls run its
+    eager attention (one warning), so a padded batch and greedy generation equal the unpatched
+    model's; on packed sequences the call raises."""
+    model = gpt_oss()
+    patched = transfuse.patch(gpt_oss(), norm=False, blocks=False, unpad=False)
+    assert patched.config._attn_implementation == hf_attention.NAME
+    ids = torch.randint(3, VOCAB - 1, (2, 9), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    transfuse.backends._warned.discard(("attention", "sinks"))
+    with warnings.catch_warnings(record=True) as record, torch.no_grad():
+        warnings.simplefilter("always")
+        for m in (model, patched):
+            m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+        logits = [m(input_ids=ids, attention_mask=mask).logits[mask.bool()]
+                  for m in (model, patched)]
+        tokens = [m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4,
+                             do_sample=False) for m in (model, patched)]
+    messages = [str(w.message) for w in record if "sinks" in str(w.message)]
+    assert len(messages) == 1 and "s_aux" in messages[0], messages
+    assert calls == []  # (no call reached the kernels)
+    torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=0)
+    assert torch.equal(tokens[1], tokens[0])
+    layer = patched.model.layers[0].self_attn
+    q = k = v = torch.randn(1, 4, 6, 8)
+    packed = dict(cu_seq_lens_q=torch.tensor([0, 2, 6], dtype=torch.int32),
+                  cu_seq_lens_k=torch.tensor([0, 2, 6], dtype=torch.int32),
+                  max_length_q=4, max_length_k=4)
+    with pytest.raises(ValueError, match="sinks on packed sequences"):
+        hf_attention.attention_forward(layer, q, k, v, None, scaling=0.35, s_aux=layer.sinks,
+                                       **packed)
+
+
+@pytest.mark.parametrize("name", ["indices", "block_indices"])
+def test_sparse_attention_indices_raise_a_value_error(name):
+    """The keys a sparse attention selected are not computed by the kernels: a clear error
+    naming them, not a dense result."""
+    module = build("llama").model.layers[0].self_attn
+    q = k = v = torch.randn(1, 4, 5, 8)
+    with pytest.raises(ValueError, match=f"passes {name} .*attn_implementation='sdpa'"):
+        hf_attention.attention_forward(module, q, k, v, None, scaling=0.35,
+                                       **{name: torch.zeros(1, 5, 2, dtype=torch.long)})
+
+
+def test_the_eager_fallback_without_a_mask_applies_the_causal_pattern_and_window():
+    """Where no mask is given (the module's causality and window say what it would), the eager
+    fallback gets them as a mask: its output is the kernels' (reference.attention's)."""
+    module = build("llama").model.layers[0].self_attn
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, heads, 9, 8, generator=g) for heads in (4, 2, 2))  # (GQA)
+    expected = transfuse.reference.attention(q, k, v, causal=True, scale=0.35, window=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out, weights = hf_attention.attention_forward(module, q, k, v, None, scaling=0.35,
+                                                      sliding_window=3, output_attentions=True)
+    assert weights is not None
+    assert_close_scaled(out.transpose(1, 2), expected)

@@ -13,7 +13,10 @@ causality and sliding window say what the mask would). Select it with
 
 Calls that must return the attention weights (output_attentions=True) run the family's eager
 attention; the request is read from kwargs and from transformers' output-capturing context (GPT-2
-pops the flag before its attention runs). Only attention modules whose code goes through
+pops the flag before its attention runs). So do calls given attention sinks (GPT-OSS's s_aux, a
+sinks argument elsewhere: one more logit per head in each softmax), which the kernels do not
+compute, with a warning; a sparse attention's selected keys (indices, block_indices: DeepSeek
+V3.2's for implementations other than eager and SDPA) raise a ValueError. Only attention modules whose code goes through
 transformers' attention interface can run this implementation (`calls_interface`); BLOOM's and
 Falcon's compute their own, and transfuse.patch leaves them (and names them in its warning).
 """
@@ -69,6 +72,28 @@ def _combined_mask(attention_mask, position_bias):
     return position_bias + attention_mask
 
 
+# Attention arguments that change the result and that the transfuse kernels do not compute: the
+# sinks the family's eager attention applies, and the keys a sparse attention selected.
+SINK_ARGUMENTS = ("s_aux", "sinks")
+SPARSE_ARGUMENTS = ("indices", "block_indices")
+
+
+def _uncomputed(module, kwargs):
+    """The sink arguments this call passes (it then runs the eager attention); a ValueError for
+    sparse attention's selected keys."""
+    sparse = [name for name in SPARSE_ARGUMENTS if kwargs.get(name) is not None]
+    if sparse:
+        raise ValueError(f"transfuse: {type(module).__name__} passes {', '.join(sparse)} (the keys "
+                         f"its sparse attention selected), which the transfuse attention does not "
+                         f"compute; load this model with attn_implementation='sdpa' or 'eager'")
+    sinks = [name for name in SINK_ARGUMENTS if kwargs.get(name) is not None]
+    if sinks:
+        backends.warn_once(("attention", "sinks"), f"transfuse: {type(module).__name__} passes "
+                           f"attention sinks ({', '.join(sinks)}), which the transfuse kernels do "
+                           f"not compute; those calls run the model's eager attention")
+    return sinks
+
+
 def _collector():
     """The dict the running capture_outputs call collects per-layer outputs into (its keys name
     what is recorded: "attentions", "cross_attentions", ...), or None outside such a call."""
@@ -86,22 +111,27 @@ def _weights_requested(kwargs):
 
 
 def _eager_with_weights(module, query, key, value, attention_mask, causal, dropout, scaling,
-                        **kwargs):
+                        sliding_window=None, **kwargs):
     """The family's own eager attention (it returns the weights), fed the additive float mask it
-    expects: the bool mask and the causal pattern as 0 / finfo.min."""
+    expects: the bool mask, or without one the causal pattern and window the kernels would apply,
+    as 0 / finfo.min."""
     eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
     if eager is None:
         raise ValueError(f"output_attentions=True: {type(module).__name__} has no "
                          "eager_attention_forward to fall back on; use attn_implementation='eager'")
     seq_q, seq_kv = query.shape[2], key.shape[2]
-    if causal:
+    window = int(sliding_window or 0) if attention_mask is None else 0  # (as attention_forward)
+    if causal or window:
         rows = torch.arange(seq_q, device=query.device).view(-1, 1) + (seq_kv - seq_q)
-        attention_mask = torch.arange(seq_kv, device=query.device).view(1, -1) <= rows
+        cols = torch.arange(seq_kv, device=query.device).view(1, -1)
+        attention_mask = (cols <= rows) if causal else torch.ones_like(cols <= rows)
+        if window:
+            attention_mask = attention_mask & ((rows - cols).abs() < window)
     if attention_mask is not None and attention_mask.dtype == torch.bool:
         hidden = torch.tensor(torch.finfo(query.dtype).min, dtype=query.dtype, device=query.device)
         attention_mask = torch.where(attention_mask, torch.zeros_like(hidden), hidden)
     return eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                 **kwargs)
+                 sliding_window=sliding_window, **kwargs)
 
 
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
@@ -115,10 +145,15 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         # left query and key in fp32 and value in bf16)
         dtype = torch.get_autocast_dtype(query.device.type)
         query, key, value = (t.to(dtype) for t in (query, key, value))
-    if _weights_requested(kwargs):
-        backends.warn_once(("attention", "output_attentions"), "transfuse: output_attentions=True "
-                           "needs the attention weights; those calls run the model's eager "
-                           "attention")
+    sinks = _uncomputed(module, kwargs)
+    if sinks and kwargs.get("cu_seq_lens_q") is not None:
+        raise ValueError(f"transfuse: {type(module).__name__} passes attention sinks on packed "
+                         f"sequences (cu_seq_lens_q), which its eager attention cannot separate")
+    if sinks or _weights_requested(kwargs):
+        if not sinks:
+            backends.warn_once(("attention", "output_attentions"), "transfuse: "
+                               "output_attentions=True needs the attention weights; those calls "
+                               "run the model's eager attention")
         return _eager_with_weights(module, query, key, value, attention_mask, causal, dropout,
                                    scaling, position_bias=position_bias, softcap=softcap,
                                    sliding_window=sliding_window, **kwargs)
