@@ -2,6 +2,7 @@
 unpadded runs, outputs and gradients equal eager attention's, greedy generation gives the same
 tokens, and the padding mask reaches the kernel (transformers drops it without a registered mask
 function). Models are tiny and random, built from configs."""
+import copy
 import warnings
 
 import pytest
@@ -282,3 +283,54 @@ def test_the_eager_fallback_without_a_mask_applies_the_causal_pattern_and_window
                                                       sliding_window=3, output_attentions=True)
     assert weights is not None
     assert_close_scaled(out.transpose(1, 2), expected)
+
+
+@pytest.mark.parametrize("value_dim", [5, 12])
+@pytest.mark.parametrize("packed", [False, True])
+def test_values_of_another_head_dim_than_queries_and_keys(value_dim, packed):
+    """Multi-head latent attention (DeepSeek V2 / V3) gives the values another head_dim: the
+    output is reference.attention's with the values as given, padded and on packed sequences,
+    and the scale defaults to the queries' head_dim."""
+    module = build("llama").model.layers[0].self_attn
+    g = torch.Generator().manual_seed(8)
+    q, k = torch.randn(1, 4, 7, 8, generator=g), torch.randn(1, 2, 7, 8, generator=g)
+    v = torch.randn(1, 2, 7, value_dim, generator=g)
+    if packed:  # sequences of 3 and 4 tokens
+        cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+        out, _ = hf_attention.attention_forward(module, q, k, v, None, cu_seq_lens_q=cu,
+                                                cu_seq_lens_k=cu, max_length_q=4,
+                                                max_length_k=4)
+        expected = torch.cat([transfuse.reference.attention(q[:, :, a:b], k[:, :, a:b],
+                                                            v[:, :, a:b], causal=True)
+                              for a, b in ((0, 3), (3, 7))], dim=2)
+    else:
+        out, _ = hf_attention.attention_forward(module, q, k, v, None)
+        expected = transfuse.reference.attention(q, k, v, causal=True)
+    assert out.shape == (1, 7, 4, value_dim)
+    assert_close_scaled(out.transpose(1, 2), expected)
+
+
+def test_a_deepseek_v3_model_computes_what_the_unpatched_one_does():
+    """DeepSeek V3's attention (values of 8 columns, queries and keys of 12: 8 + 4 rotary):
+    a padded batch and left-padded greedy generation as unpatched."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.for_model(
+        "deepseek_v3", vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, qk_nope_head_dim=8,
+        qk_rope_head_dim=4, v_head_dim=8, kv_lora_rank=16, q_lora_rank=16, n_routed_experts=4,
+        num_experts_per_tok=2, moe_intermediate_size=16, first_k_dense_replace=1, n_group=1,
+        topk_group=1, initializer_range=0.2, pad_token_id=0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    patched = transfuse.patch(copy.deepcopy(model))
+    assert patched.config._attn_implementation == hf_attention.NAME
+    ids = torch.randint(3, VOCAB - 1, (2, 9), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        logits = [m(input_ids=ids, attention_mask=mask).logits[mask.bool()]
+                  for m in (model, patched)]
+        tokens = [m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4,
+                             do_sample=False) for m in (model, patched)]
+    assert_close_scaled(logits[1], logits[0])
+    assert torch.equal(tokens[1], tokens[0])

@@ -157,9 +157,12 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         return _eager_with_weights(module, query, key, value, attention_mask, causal, dropout,
                                    scaling, position_bias=position_bias, softcap=softcap,
                                    sliding_window=sliding_window, **kwargs)
+    value_dim = value.shape[-1]
+    if value_dim != query.shape[-1]:
+        query, key, value, scaling = _one_head_dim(query, key, value, scaling)
     if kwargs.get("cu_seq_lens_q") is not None and position_bias is None:
         return _packed_attention(module, query, key, value, dropout, scaling, is_causal, softcap,
-                                 sliding_window, **kwargs), None
+                                 sliding_window, **kwargs)[..., :value_dim], None
     if reads_no_mask(getattr(module, "config", None)) == "packed":
         # transformers built no mask: the call would mix the sequences
         raise RuntimeError(f"transfuse: {type(module).__name__} was called on packed tokens "
@@ -177,7 +180,19 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     window = int(sliding_window or 0) if attention_mask is None else 0
     out = attention(query, key, value, mask=mask, causal=causal, scale=scaling,
                     dropout_p=float(dropout or 0.0), window=window, softcap=float(softcap or 0.0))
-    return out.transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2)[..., :value_dim].contiguous(), None
+
+
+def _one_head_dim(query, key, value, scaling):
+    """Multi-head latent attention (DeepSeek V2 / V3: values of another head_dim than queries
+    and keys) for kernels that take one head_dim: the narrower side zero-padded, which adds
+    nothing to q k^T and gives output columns past the values' (dropped by the caller); the
+    scale defaults to the queries' own head_dim."""
+    width = max(query.shape[-1], value.shape[-1])
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    query, key, value = (torch.nn.functional.pad(t, (0, width - t.shape[-1]))
+                         if t.shape[-1] < width else t for t in (query, key, value))
+    return query, key, value, scaling
 
 
 def _packed_attention(module, query, key, value, dropout, scaling, is_causal, softcap,
