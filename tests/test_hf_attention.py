@@ -334,3 +334,38 @@ def test_a_deepseek_v3_model_computes_what_the_unpatched_one_does():
                              do_sample=False) for m in (model, patched)]
     assert_close_scaled(logits[1], logits[0])
     assert torch.equal(tokens[1], tokens[0])
+
+
+# Families whose transformers class does not support SDPA and whose modules rely on eager's
+# masks: PegasusX's and NLLB-MoE's decoder self-attention say is_causal=False (a skipped causal
+# mask would make them see later tokens), BigBirdPegasus's encoder adds the mask itself.
+NO_SDPA = {"pegasus_x": {}, "nllb-moe": dict(num_experts=2), "bigbird_pegasus": {}}
+
+
+@pytest.mark.parametrize("model_type", NO_SDPA)
+def test_models_without_sdpa_support_get_eager_masks(model_type):
+    """Their config classes get eager attention's masks (masks_skippable), so a padded batch and
+    greedy generation equal the unpatched models'."""
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+    config = AutoConfig.for_model(
+        model_type, vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+        decoder_ffn_dim=64, max_position_embeddings=64, init_std=0.2, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2, decoder_start_token_id=1, **NO_SDPA[model_type])
+    assert not hf_attention.masks_skippable(type(config))
+    assert hf_attention.masks_skippable(type(build("bart").config))
+    torch.manual_seed(0)
+    model = AutoModelForSeq2SeqLM.from_config(config).eval()
+    patched = transfuse.patch(copy.deepcopy(model))
+    ids = torch.randint(3, VOCAB - 1, (2, 9), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    decoder_ids = torch.randint(3, VOCAB - 1, (2, 5), generator=torch.Generator().manual_seed(7))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # (the attention modules patch leaves)
+        logits = [m(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits
+                  for m in (model, patched)]
+        tokens = [m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5,
+                             do_sample=False) for m in (model, patched)]
+    assert_close_scaled(logits[1], logits[0])
+    assert torch.equal(tokens[1], tokens[0])

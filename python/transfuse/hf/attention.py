@@ -4,10 +4,11 @@
 AttentionMaskInterface: without the mask entry transformers would build no mask for it and pass
 attention_mask=None, silently ignoring padding. The mask function is transformers' sdpa_mask: a
 bool mask (True = attend), or None where a causal or full pattern needs no mask, in which case the
-module's `is_causal` decides, exactly as for SDPA. Inside a call that padding removal runs
-(hf/unpad.py) and whose masks no attention reads (`masks_unread`), transformers builds none: the
-call is packed (each attention reads the sequence boundaries) or has no padding (the module's
-causality and sliding window say what the mask would). Select it with
+module's `is_causal` decides, exactly as for SDPA; models whose transformers class does not support
+SDPA get eager attention's additive masks instead (`masks_skippable`). Inside a call that padding
+removal runs (hf/unpad.py) and whose masks no attention reads (`masks_unread`), transformers builds
+none: the call is packed (each attention reads the sequence boundaries) or has no padding (the
+module's causality and sliding window say what the mask would). Select it with
 `from_pretrained(..., attn_implementation="transfuse")`,
 `model.set_attn_implementation("transfuse")` or `transfuse.patch(model, attention=True)`.
 
@@ -221,17 +222,40 @@ def _packed_attention(module, query, key, value, dropout, scaling, is_causal, so
     return out.unsqueeze(0)
 
 
+@functools.lru_cache(maxsize=None)
+def masks_skippable(config_class):
+    """Whether the models of this config class take SDPA's masks (bool, or None where no padding
+    needs one: the module's is_causal then decides): only where transformers' model class for
+    it supports SDPA. Elsewhere they get eager attention's (additive, always built), which
+    their own code may read too: PegasusX's and NLLB-MoE's decoder self-attention say
+    is_causal=False and rely on the mask, BigBirdPegasus's encoder computes its own attention
+    and adds the mask. A config class transformers does not map (remote code, a sub-model's)
+    gets eager's too."""
+    try:
+        import transformers
+        from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+        name = MODEL_MAPPING_NAMES.get(getattr(config_class, "model_type", None))
+        model_class = getattr(transformers, name, None) if isinstance(name, str) else None
+    except ImportError:
+        return False
+    return bool(getattr(model_class, "_supports_sdpa", False))
+
+
 def register():
     """Add "transfuse" to transformers' attention and attention-mask interfaces (idempotent)."""
     try:
         from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+        from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
     except ImportError as error:  # transformers is optional
         return str(error)
 
     def mask(*args, **kwargs):
-        """transformers' sdpa_mask, or None inside a call whose attention reads no mask."""
-        return None if reads_no_mask(kwargs.get("config")) else sdpa_mask(*args, **kwargs)
+        """transformers' sdpa_mask, or None inside a call whose attention reads no mask; for
+        models without SDPA support (masks_skippable) the mask eager attention gets."""
+        config = kwargs.get("config")
+        if reads_no_mask(config):
+            return None
+        return (sdpa_mask if masks_skippable(type(config)) else eager_mask)(*args, **kwargs)
 
     AttentionInterface.register(NAME, attention_forward)
     AttentionMaskInterface.register(NAME, mask)
