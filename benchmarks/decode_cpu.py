@@ -19,7 +19,8 @@ CPU build has no bf16) in a process of its own, timed there the same way; its we
 its model.bin.
 
     python benchmarks/decode_cpu.py [--model smollm-135m|qwen3-0.6b] [--new-tokens 32]
-                                    [--rounds 5] [--compile] [--ctranslate2] [--out F.json]
+                                    [--rounds 5] [--compile] [--ctranslate2] [--side LABEL]
+                                    [--out F.json]
 """
 from __future__ import annotations
 
@@ -54,6 +55,9 @@ SIDES = {"eager": None, "transfuse patch(model)": {}, "transfuse int8=w8a16": {"
          "transfuse int8=w8a8": {"int8": "w8a8"},
          "transfuse w8a16 + head": {"int8": "w8a16", "int8_heads": True},
          "transfuse w8a8 + head": {"int8": "w8a8", "int8_heads": True}}
+# the model cast to bfloat16, as it is and patched
+BF16_SIDES = {"eager, bf16 copy": lambda bf16: bf16,
+              "transfuse patch(bf16 copy)": lambda bf16: transfuse.patch(copy.deepcopy(bf16))}
 COMPILED = ("eager", "transfuse patch(model)", "transfuse w8a16 + head")  # --compile
 
 
@@ -141,8 +145,16 @@ def main(argv=None):
                         help=f"also {', '.join(COMPILED)} compiled, with a static cache")
     parser.add_argument("--ctranslate2", action="store_true",
                         help="also CTranslate2's Generator, fp32 and int8")
+    parser.add_argument("--side", action="append", help="a side to run besides eager, by its "
+                        "label (repeated; default: all of them): a 0.6B model in all of them "
+                        "and CTranslate2's process outgrow 24 GB")
     parser.add_argument("--out", help="JSON file for the figures")
     args = parser.parse_args(argv)
+    chosen = ["eager", *args.side] if args.side else [*SIDES, *BF16_SIDES]
+    unknown = set(chosen) - {*SIDES, *BF16_SIDES}
+    if unknown:
+        parser.error(f"--side: unknown {', '.join(sorted(unknown))}; the labels: "
+                     f"{', '.join(repr(label) for label in [*SIDES, *BF16_SIDES][1:])}")
     warnings.filterwarnings("ignore")  # generation-config notes
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -150,13 +162,15 @@ def main(argv=None):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config)).eval()
     models = {label: model if kwargs is None else transfuse.patch(copy.deepcopy(model), **kwargs)
-              for label, kwargs in SIDES.items()}
-    bf16 = copy.deepcopy(model).to(torch.bfloat16)
-    models.update({"eager, bf16 copy": bf16, "transfuse patch(bf16 copy)": transfuse.patch(
-        copy.deepcopy(bf16))})
+              for label, kwargs in SIDES.items() if label in chosen}
+    if any(label in chosen for label in BF16_SIDES):
+        bf16 = copy.deepcopy(model).to(torch.bfloat16)
+        models.update({label: side(bf16) for label, side in BF16_SIDES.items()
+                       if label in chosen})
     sides = {label: (m, False) for label, m in models.items()}  # label -> (model, compiled)
     if args.compile:
-        sides.update({f"{label}, compiled": (models[label], True) for label in COMPILED})
+        sides.update({f"{label}, compiled": (models[label], True) for label in COMPILED
+                      if label in models})
     prompt = torch.randint(0, config["vocab_size"], (1, args.prompt))
     # label -> a function of n: (seconds to generate n tokens, their ids)
     runs = {label: functools.partial(timed_generate, m, prompt, compiled=compiled)
