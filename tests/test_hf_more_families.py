@@ -1,9 +1,10 @@
 """A broad check of families outside the detailed tables (tests/test_hf_families.py,
 tests/test_hf_attention.py): each tiny random model, patched with the defaults, computes what it
-computes unpatched on a padded batch (fp32, relative 1e-4: the kernels round otherwise than
-eager), and causal and seq2seq models generate the same greedy tokens, left-padded for causal
-ones. Sweeps like this one found GPT-OSS's attention sinks dropped, DeepSeek V3's narrower values
-refused and PegasusX's, NLLB-MoE's and BigBirdPegasus's masks misread. A family this
+computes unpatched on a padded batch and on one unpadded sequence (fp32, relative 1e-4: the
+kernels round otherwise than eager), and causal and seq2seq models generate the same greedy
+tokens, left-padded for causal ones. Sweeps like this one found GPT-OSS's attention sinks
+dropped, DeepSeek V3's narrower values refused, PegasusX's, NLLB-MoE's and BigBirdPegasus's masks
+misread and Splinter's unpadded sequences attended causally. A family this
 transformers does not know is skipped."""
 import copy
 import warnings
@@ -58,7 +59,8 @@ SEQ2SEQ_FAMILIES = {
 }
 ENCODERS = {name: ENCODER for name in (
     "xlm-roberta", "deberta-v2", "ernie", "roformer", "esm", "megatron-bert", "big_bird",
-    "rembert", "nomic_bert", "eurobert", "modernbert-decoder", "data2vec-text", "markuplm")}
+    "rembert", "nomic_bert", "eurobert", "modernbert-decoder", "data2vec-text", "markuplm",
+    "splinter")}
 VISION_ENCODERS = {name: VISION for name in (
     "deit", "beit", "dinov2", "siglip_vision_model", "clip_vision_model", "dpt", "ijepa")}
 # multimodal models, text only
@@ -113,14 +115,16 @@ def test_patched_model_computes_what_the_unpatched_one_does(model_type):
         patched = transfuse.patch(copy.deepcopy(model))
     assert transfuse.patched_modules(patched)
     batch = inputs(kind)
-    with torch.no_grad():
-        outputs = [m(**batch)[0] for m in (model, patched)]
-    if "attention_mask" in batch and kind != "seq2seq":
-        real = batch["attention_mask"].bool()
-        outputs = [out[real] for out in outputs]
-    expected, actual = outputs
-    torch.testing.assert_close(actual, expected, rtol=0,
-                               atol=1e-4 * expected.abs().max().item())
+    single = {k: v[:1] for k, v in batch.items() if k != "attention_mask"}  # (no mask at all)
+    for given in (batch, single):
+        with torch.no_grad():
+            outputs = [m(**given)[0] for m in (model, patched)]
+        if "attention_mask" in given and kind != "seq2seq":
+            real = given["attention_mask"].bool()
+            outputs = [out[real] for out in outputs]
+        expected, actual = outputs
+        torch.testing.assert_close(actual, expected, rtol=0,
+                                   atol=1e-4 * expected.abs().max().item())
     if kind in ("causal", "seq2seq", "image_text"):
         prompt = {k: v for k, v in batch.items() if k != "decoder_input_ids"}
         with torch.no_grad():

@@ -17,9 +17,10 @@ attention; the request is read from kwargs and from transformers' output-capturi
 pops the flag before its attention runs). So do calls given attention sinks (GPT-OSS's s_aux, a
 sinks argument elsewhere: one more logit per head in each softmax), which the kernels do not
 compute, with a warning; a sparse attention's selected keys (indices, block_indices: DeepSeek
-V3.2's for implementations other than eager and SDPA) raise a ValueError. Only attention modules whose code goes through
-transformers' attention interface can run this implementation (`calls_interface`); BLOOM's and
-Falcon's compute their own, and transfuse.patch leaves them (and names them in its warning).
+V3.2's for implementations other than eager and SDPA) raise a ValueError. Only attention modules
+whose code goes through transformers' attention interface can run this implementation
+(`calls_interface`); BLOOM's and Falcon's compute their own, and transfuse.patch leaves them (and
+names them in its warning).
 """
 from __future__ import annotations
 
@@ -56,8 +57,15 @@ def reads_no_mask(config):
 def _causal(module, query, attention_mask, is_causal):
     """As transformers' SDPA integration decides it: the module's causality (or the call's
     is_causal) applies through the flag only when no mask is given and there is more than one
-    query row (one query row sees every key either way)."""
-    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    query row (one query row sees every key either way). For a model given eager's masks
+    (masks_skippable), no mask means every key, as eager reads it: its modules' is_causal (or
+    its absence, which SDPA takes for True) need not say anything (Splinter's encoder has none)."""
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+        config = getattr(module, "config", None)
+        if (attention_mask is None and config is not None and not reads_no_mask(config)
+                and not masks_skippable(type(config))):
+            is_causal = False
     return bool(is_causal) and attention_mask is None and query.shape[2] > 1
 
 
