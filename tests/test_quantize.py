@@ -173,6 +173,33 @@ def test_quantize_save_pretrained_from_pretrained_round_trip(model_type, tmp_pat
         assert torch.equal(run(reloaded, batch), run(model, batch))
 
 
+def test_multihead_attention_keeps_its_float_out_proj(tmp_path):
+    """torch's nn.MultiheadAttention reads out_proj.weight itself (SigLIP's pooling head): its
+    out_proj stays float, the other layers go int8, the outputs stay close, and the saved
+    checkpoint loads back the same (the save check knows the layer is left)."""
+    from transformers import AutoConfig, AutoModel
+    config = AutoConfig.for_model("siglip_vision_model", hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=1, num_attention_heads=4, image_size=16,
+                                  patch_size=4)
+    torch.manual_seed(0)
+    model = AutoModel.from_config(config).eval()
+    pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(pixel_values=pixels).pooler_output
+    quantized = transfuse.quantize(model, "w8a8")
+    head = quantized.head.attention
+    assert isinstance(head, nn.MultiheadAttention) and type(head.out_proj) is not \
+        transfuse.nn.Int8Linear
+    assert isinstance(quantized.head.mlp.fc1, transfuse.nn.Int8Linear)
+    with torch.no_grad():
+        out = quantized(pixel_values=pixels).pooler_output
+    assert torch.nn.functional.cosine_similarity(out, expected).min() > 0.99
+    quantized.save_pretrained(tmp_path)
+    reloaded = AutoModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(pixel_values=pixels).pooler_output, out)
+
+
 def test_save_refuses_layers_the_config_would_not_rebuild(tmp_path):
     """Two quantize calls in different modes: no quantization_config describes the model, so
     save_pretrained raises (naming a layer) before it writes anything."""

@@ -2,8 +2,10 @@
 
 Every nn.Linear (and transformers Conv1D, GPT-2's) is quantized per output channel, except those
 whose qualified name has a part listed in `skip` (by default the output heads: lm_head,
-classifier, score, whose precision decides the predictions) and those whose weight is tied to
-another module's (an lm_head sharing the embedding). The float weights are released; the model
+classifier, score, whose precision decides the predictions), those whose weight is tied to
+another module's (an lm_head sharing the embedding) and the out_proj of torch's
+nn.MultiheadAttention, whose forward reads its weight rather than calling it (SigLIP's pooling
+head). The float weights are released; the model
 keeps working in its dtype. A transformers model also gets `config.quantization_config` (a
 transfuse.Int8Config) and `hf_quantizer`, as from_pretrained(quantization_config=...) gives: its
 save_pretrained checkpoint loads back as this int8 model with a plain from_pretrained.
@@ -47,6 +49,12 @@ def _adapter_modules(model):
     return ids
 
 
+def weights_read_directly(model):
+    """ids of the linear layers whose parent reads their weight instead of calling them: torch's
+    nn.MultiheadAttention hands out_proj.weight to F.multi_head_attention_forward."""
+    return {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+
+
 def replacements(model, mode, skip, backend, *, tied=False):
     """(parent, attribute, original, Int8Linear) for every linear layer to quantize; a layer
     shared by two parents gets one replacement. tied: also the layers whose weight another module
@@ -55,13 +63,13 @@ def replacements(model, mode, skip, backend, *, tied=False):
     names, tied_ids = {}, tied_parameter_ids(model)
     for name, module in model.named_modules(remove_duplicate=False):
         names.setdefault(id(module), name)
-    adapters = _adapter_modules(model)
+    left = _adapter_modules(model) | weights_read_directly(model)
     made, swaps = {}, []
     for parent in list(model.modules()):
         for attribute, child in parent._modules.items():
             if child is None or isinstance(child, Int8Linear) or float_weight(child) is None:
                 continue
-            if id(child) in adapters:
+            if id(child) in left:
                 continue
             if set(names[id(child)].split(".")) & set(skip):
                 continue

@@ -64,7 +64,7 @@ from torch import nn
 
 from ..nn import Int8Linear, float_weight, tied_parameter_ids
 from ..ops import quantize_per_token
-from ..quantize import DEFAULT_SKIP, check_arguments, replacements
+from ..quantize import DEFAULT_SKIP, check_arguments, replacements, weights_read_directly
 
 NAME = "transfuse_int8"
 
@@ -335,6 +335,7 @@ def check_layers(model, config):
     none named in config.skip, and every float linear layer named in skip or tied to another
     module's weight."""
     skip, tied = set(config.skip), tied_parameter_ids(model)
+    read_directly = weights_read_directly(model)
     for name, module in model.named_modules():
         skipped = bool(set(name.split(".")) & skip)
         if isinstance(module, Int8Linear):
@@ -348,7 +349,8 @@ def check_layers(model, config):
                 continue
             raise ValueError(f"transfuse: the int8 layer {name!r} {problem}: the model's "
                              f"quantization_config {config!r} would not rebuild it on loading")
-        if float_weight(module) is not None and not skipped and id(module.weight) not in tied:
+        if (float_weight(module) is not None and not skipped and id(module.weight) not in tied
+                and id(module) not in read_directly):
             raise ValueError(f"transfuse: the float layer {name!r} is not named in skip: the "
                              f"model's quantization_config {config!r} would rebuild it as int8 "
                              "on loading")
