@@ -1,4 +1,5 @@
 """transfuse.nn.Int8Linear, transfuse.quantize and transfuse.patch(int8=...)."""
+import copy
 import json
 
 import pytest
@@ -198,6 +199,55 @@ def test_multihead_attention_keeps_its_float_out_proj(tmp_path):
     reloaded = AutoModel.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         assert torch.equal(reloaded(pixel_values=pixels).pooler_output, out)
+
+
+def test_a_linear_subclass_with_its_own_forward_stays_float(tmp_path):
+    """Llama 4's MoE router is an nn.Linear whose forward returns scores and logits: quantize,
+    patch(int8=) and Int8Config loading leave it float (an Int8Linear in its place returned one
+    tensor: 'too many values to unpack'), the other layers int8; loading gives quantize's model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.for_model("llama4_text", vocab_size=100, hidden_size=32,
+                                  intermediate_size=64, intermediate_size_mlp=64,
+                                  num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=8, num_local_experts=4,
+                                  max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(tmp_path)
+    ids = torch.randint(3, 99, (2, 7), generator=torch.Generator().manual_seed(1))
+    outputs = []
+    for quantized in (transfuse.quantize(copy.deepcopy(model), "w8a8"),
+                      transfuse.patch(copy.deepcopy(model), int8="w8a8"),
+                      AutoModelForCausalLM.from_pretrained(
+                          tmp_path, quantization_config=transfuse.Int8Config("w8a8")).eval()):
+        layer = quantized.model.layers[0]
+        assert type(layer.feed_forward.router).__name__ == "Llama4Router"
+        assert isinstance(layer.self_attn.q_proj, transfuse.nn.Int8Linear)
+        with torch.no_grad():
+            outputs.append(quantized(ids).logits)
+    assert torch.equal(outputs[2], outputs[0])  # (patch's other rules round otherwise)
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-5)
+
+
+def test_a_checkpoint_transformers_converts_quantizes_on_load(tmp_path):
+    """NomicBERT's checkpoint holds one fused Wqkv, which transformers splits into q, k and v on
+    loading: Int8Config quantizes each of them (before, only the first: 'k_proj.weight is not in
+    the checkpoint'), the same int8 model as transfuse.quantize."""
+    from transformers import AutoConfig, AutoModel
+    config = AutoConfig.for_model("nomic_bert", vocab_size=100, hidden_size=32,
+                                  intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = AutoModel.from_config(config).eval()
+    model.save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path,
+                                       quantization_config=transfuse.Int8Config("w8a8")).eval()
+    expected = transfuse.quantize(copy.deepcopy(model), "w8a8")
+    for name, tensor in expected.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    ids = torch.randint(3, 99, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids)[0], expected(ids)[0])
 
 
 def test_save_refuses_layers_the_config_would_not_rebuild(tmp_path):

@@ -1,14 +1,14 @@
 """transfuse.quantize: a model's linear layers become transfuse.nn.Int8Linear, in place.
 
 Every nn.Linear (and transformers Conv1D, GPT-2's) is quantized per output channel, except those
-whose qualified name has a part listed in `skip` (by default the output heads: lm_head,
-classifier, score, whose precision decides the predictions), those whose weight is tied to
-another module's (an lm_head sharing the embedding) and the out_proj of torch's
-nn.MultiheadAttention, whose forward reads its weight rather than calling it (SigLIP's pooling
-head). The float weights are released; the model
-keeps working in its dtype. A transformers model also gets `config.quantization_config` (a
-transfuse.Int8Config) and `hf_quantizer`, as from_pretrained(quantization_config=...) gives: its
-save_pretrained checkpoint loads back as this int8 model with a plain from_pretrained.
+whose qualified name has a part listed in `skip` (by default the output heads: lm_head, classifier,
+score, whose precision decides the predictions), those whose weight is tied to another module's (an
+lm_head sharing the embedding) and those an Int8Linear cannot stand in for (not_replaceable:
+torch's MultiheadAttention's out_proj, Linear subclasses with a forward of their own). The float
+weights are released; the model keeps working in its dtype. A transformers model also gets
+`config.quantization_config` (a transfuse.Int8Config) and `hf_quantizer`, as
+from_pretrained(quantization_config=...) gives: its save_pretrained checkpoint loads back as this
+int8 model with a plain from_pretrained.
 """
 from __future__ import annotations
 
@@ -49,10 +49,14 @@ def _adapter_modules(model):
     return ids
 
 
-def weights_read_directly(model):
-    """ids of the linear layers whose parent reads their weight instead of calling them: torch's
-    nn.MultiheadAttention hands out_proj.weight to F.multi_head_attention_forward."""
-    return {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+def not_replaceable(model):
+    """ids of the linear layers an Int8Linear cannot stand in for: torch's nn.MultiheadAttention's
+    out_proj, whose weight its parent hands to F.multi_head_attention_forward instead of calling
+    it (SigLIP's pooling head), and nn.Linear subclasses with a forward of their own (Llama 4's
+    MoE router returns scores and logits)."""
+    ids = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    return ids | {id(m) for m in model.modules()
+                  if isinstance(m, nn.Linear) and type(m).forward is not nn.Linear.forward}
 
 
 def replacements(model, mode, skip, backend, *, tied=False):
@@ -63,7 +67,7 @@ def replacements(model, mode, skip, backend, *, tied=False):
     names, tied_ids = {}, tied_parameter_ids(model)
     for name, module in model.named_modules(remove_duplicate=False):
         names.setdefault(id(module), name)
-    left = _adapter_modules(model) | weights_read_directly(model)
+    left = _adapter_modules(model) | not_replaceable(model)
     made, swaps = {}, []
     for parent in list(model.modules()):
         for attribute, child in parent._modules.items():

@@ -64,7 +64,7 @@ from torch import nn
 
 from ..nn import Int8Linear, float_weight, tied_parameter_ids
 from ..ops import quantize_per_token
-from ..quantize import DEFAULT_SKIP, check_arguments, replacements, weights_read_directly
+from ..quantize import DEFAULT_SKIP, check_arguments, not_replaceable, replacements
 
 NAME = "transfuse_int8"
 
@@ -104,23 +104,27 @@ class Int8Config(QuantizationConfigMixin or object):
 if HfQuantizer is not None:
 
     class Int8Quantize(ConversionOps):
-        """Quantize-on-load of one float `<layer>.weight` ([out, in]; [in, out] for a layer that
-        was a Conv1D) into the layer's int8 `weight` and fp32 `weight_scale`, exactly as
-        Int8Linear.from_float does."""
+        """Quantize-on-load of float `<layer>.weight` tensors ([out, in]; [in, out] for a layer
+        that was a Conv1D) into each layer's int8 `weight` and fp32 `weight_scale`, exactly as
+        Int8Linear.from_float does: every entry of the call's input (one, or several where
+        transformers split a checkpoint's fused tensor, NomicBERT's Wqkv into q, k and v)."""
 
         def __init__(self, hf_quantizer):
             self.hf_quantizer = hf_quantizer
 
         def convert(self, input_dict, model=None, full_layer_name=None, **kwargs):
-            key, value = next(iter(input_dict.items()))
-            value = value[0] if isinstance(value, (list, tuple)) else value
-            prefix = key.rpartition(".")[0]
-            layer = model.get_submodule(prefix) if prefix else model
-            if id(layer) in self.hf_quantizer.transposed:
-                value = value.T
-            weight, scale = quantize_per_token(value.detach().float(), backend="reference")
-            self.hf_quantizer.converted.add(id(layer))
-            return {key: weight, f"{prefix}.weight_scale" if prefix else "weight_scale": scale}
+            out = {}
+            for key, value in input_dict.items():
+                value = value[0] if isinstance(value, (list, tuple)) else value
+                prefix = key.rpartition(".")[0]
+                layer = model.get_submodule(prefix) if prefix else model
+                if id(layer) in self.hf_quantizer.transposed:
+                    value = value.T
+                weight, scale = quantize_per_token(value.detach().float(), backend="reference")
+                self.hf_quantizer.converted.add(id(layer))
+                out.update({key: weight,
+                            f"{prefix}.weight_scale" if prefix else "weight_scale": scale})
+            return out
 
     class Int8HfQuantizer(HfQuantizer):
         """The HfQuantizer of Int8Config (see the module docstring for the hooks it fills)."""
@@ -335,7 +339,7 @@ def check_layers(model, config):
     none named in config.skip, and every float linear layer named in skip or tied to another
     module's weight."""
     skip, tied = set(config.skip), tied_parameter_ids(model)
-    read_directly = weights_read_directly(model)
+    left_float = not_replaceable(model)
     for name, module in model.named_modules():
         skipped = bool(set(name.split(".")) & skip)
         if isinstance(module, Int8Linear):
@@ -350,7 +354,7 @@ def check_layers(model, config):
             raise ValueError(f"transfuse: the int8 layer {name!r} {problem}: the model's "
                              f"quantization_config {config!r} would not rebuild it on loading")
         if (float_weight(module) is not None and not skipped and id(module.weight) not in tied
-                and id(module) not in read_directly):
+                and id(module) not in left_float):
             raise ValueError(f"transfuse: the float layer {name!r} is not named in skip: the "
                              f"model's quantization_config {config!r} would rebuild it as int8 "
                              "on loading")
