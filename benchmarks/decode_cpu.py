@@ -150,11 +150,12 @@ def main(argv=None):
                         "and CTranslate2's process outgrow 24 GB")
     parser.add_argument("--out", help="JSON file for the figures")
     args = parser.parse_args(argv)
-    chosen = ["eager", *args.side] if args.side else [*SIDES, *BF16_SIDES]
-    unknown = set(chosen) - {*SIDES, *BF16_SIDES}
+    labels = [*SIDES, *BF16_SIDES]
+    chosen = ["eager", *args.side] if args.side else labels
+    unknown = set(chosen) - set(labels)
     if unknown:
         parser.error(f"--side: unknown {', '.join(sorted(unknown))}; the labels: "
-                     f"{', '.join(repr(label) for label in [*SIDES, *BF16_SIDES][1:])}")
+                     f"{', '.join(repr(label) for label in labels[1:])}")
     warnings.filterwarnings("ignore")  # generation-config notes
     from transformers import AutoConfig, AutoModelForCausalLM
 

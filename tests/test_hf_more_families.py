@@ -18,13 +18,9 @@ pytest.importorskip("transformers")
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM,  # noqa: E402
                           AutoModelForImageTextToText, AutoModelForSeq2SeqLM)
 
-from hf_models import VOCAB  # noqa: E402
+from hf_models import MORE_DECODER, SPECIAL_IDS as IDS, VOCAB, WIDE  # noqa: E402
 
-WIDE = dict(initializer_range=0.2)
-IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
-DECODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
-               **WIDE, **IDS)
+DECODER = dict(MORE_DECODER, **IDS)
 HEAD_8 = dict(DECODER, head_dim=8)
 MOE = dict(num_local_experts=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
 ENCODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

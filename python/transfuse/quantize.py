@@ -54,9 +54,13 @@ def not_replaceable(model):
     out_proj, whose weight its parent hands to F.multi_head_attention_forward instead of calling
     it (SigLIP's pooling head), and nn.Linear subclasses with a forward of their own (Llama 4's
     MoE router returns scores and logits)."""
-    ids = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
-    return ids | {id(m) for m in model.modules()
-                  if isinstance(m, nn.Linear) and type(m).forward is not nn.Linear.forward}
+    ids = set()
+    for m in model.modules():
+        if isinstance(m, nn.MultiheadAttention):
+            ids.add(id(m.out_proj))
+        elif isinstance(m, nn.Linear) and type(m).forward is not nn.Linear.forward:
+            ids.add(id(m))
+    return ids
 
 
 def replacements(model, mode, skip, backend, *, tied=False):

@@ -62,9 +62,8 @@ def _causal(module, query, attention_mask, is_causal):
     its absence, which SDPA takes for True) need not say anything (Splinter's encoder has none)."""
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
-        config = getattr(module, "config", None)
-        if (attention_mask is None and config is not None and not reads_no_mask(config)
-                and not masks_skippable(type(config))):
+        config = getattr(module, "config", None) if attention_mask is None else None
+        if config is not None and not reads_no_mask(config) and not masks_skippable(type(config)):
             is_causal = False
     return bool(is_causal) and attention_mask is None and query.shape[2] > 1
 
@@ -133,7 +132,7 @@ def _eager_with_weights(module, query, key, value, attention_mask, causal, dropo
     if causal or window:
         rows = torch.arange(seq_q, device=query.device).view(-1, 1) + (seq_kv - seq_q)
         cols = torch.arange(seq_kv, device=query.device).view(1, -1)
-        attention_mask = (cols <= rows) if causal else torch.ones_like(cols <= rows)
+        attention_mask = (cols <= rows) | (not causal)  # (a bool: every key)
         if window:
             attention_mask = attention_mask & ((rows - cols).abs() < window)
     if attention_mask is not None and attention_mask.dtype == torch.bool:
