@@ -38,11 +38,13 @@ EXPECTED = {
     "electra": (2, 5, dict(varlen_attention=2, layer_norm=5, **{"linear+gelu": 2})),
     "clip_text_model": (2, 5, dict(varlen_attention=2, layer_norm=5)),
     "vit": (2, 5, dict(attention=2, layer_norm=5)),
-    # encoder-decoders: 2 encoder self-attentions, then 2 x (self + cross) in the decoder
-    "mbart": (6, 14, dict(attention=6, layer_norm=14)),  # + layernorm_embedding x2
-    "pegasus": (6, 12, dict(attention=6, layer_norm=12)),
-    "m2m_100": (6, 12, dict(attention=6, layer_norm=12)),
-    "mt5": (6, 12, dict(attention=6, rms_norm=12)),
+    # encoder-decoders: 2 encoder self-attentions (packed where the encoder has a padding
+    # removal rule), then 2 x (self + cross) in the decoder
+    # mBART: + layernorm_embedding x2
+    "mbart": (6, 14, dict(varlen_attention=2, attention=4, layer_norm=14)),
+    "pegasus": (6, 12, dict(varlen_attention=2, attention=4, layer_norm=12)),
+    "m2m_100": (6, 12, dict(varlen_attention=2, attention=4, layer_norm=12)),
+    "mt5": (6, 12, dict(varlen_attention=2, attention=4, rms_norm=12)),
     "whisper": (6, 12, dict(attention=6, layer_norm=12)),
     # decoders: the forward fills a fresh DynamicCache, which a packed prefill can do; Gemma 2 / 3
     # have sliding-window cache layers, which keep the padded path (packed without a cache)
@@ -61,6 +63,7 @@ EXPECTED = {
 # families with a padding-removal rule (transfuse.hf.unpad.UNPAD_RULES)
 UNPADDED = ["albert", "electra", "clip_text_model", "phi", "gpt_neox", "opt", "qwen3", "smollm3",
             "granite", "gemma2", "gemma3_text"]
+PACKED_ENCODERS = ["mbart", "pegasus", "m2m_100", "mt5"]  # seq2seq: the encoder runs packed
 OWN_ATTENTION = {"bloom": "BloomAttention", "falcon": "FalconAttention"}
 GENERATING = [m for m, (kind, _, _) in MORE_FAMILIES.items()
               if kind in ("causal", "seq2seq", "speech")]
@@ -260,7 +263,8 @@ def test_family(model_type, kernel_calls):
                       else ("FusedRMSNorm", "rms_norm"))
     assert all(listed[n].startswith(fused) and listed[n].endswith(f"replacing {norm_class}")
                for n in norms), listed
-    assert any(n.endswith("<unpad>") for n in listed) == (model_type in UNPADDED)
+    unpadded = model_type in UNPADDED + PACKED_ENCODERS
+    assert any(n.endswith("<unpad>") for n in listed) == unpadded
 
     # (a) + (c): every sequence of the padded batch equals its run alone through the unpatched
     # model; the kernels that ran, counted
@@ -381,10 +385,13 @@ def test_greedy_generate_same_tokens(model_type, kernel_calls):
         if model_type in UNPADDED:  # the prefill packed (Gemma's sliding-window layers too)
             expected_calls = {"varlen_attention": layers,
                               "attention": layers * (steps["decoder"] - 1)}
-    else:  # the encoder once, then each step's self- and cross-attention
+    else:  # the encoder once (packed), then each step's self- and cross-attention
         layers = (getattr(config, "encoder_layers", None) or config.num_layers,
                   getattr(config, "decoder_layers", None) or config.num_decoder_layers)
         assert steps["encoder"] == 1 and steps["decoder"] > 1, steps
         expected_calls = {"attention": layers[0] + 2 * layers[1] * steps["decoder"]}
+        if model_type in PACKED_ENCODERS:
+            expected_calls = {"varlen_attention": layers[0],
+                              "attention": 2 * layers[1] * steps["decoder"]}
     attention_calls = {k: v for k, v in kernel_calls.items() if k.endswith("attention")}
     assert attention_calls == expected_calls, (attention_calls, steps)

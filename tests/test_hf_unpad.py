@@ -143,6 +143,72 @@ def test_greedy_generate_with_left_padding_prefills_packed(model_type, varlen_ca
     assert varlen_calls == packed_prefill
 
 
+# seq2seq families whose encoder runs packed ("layers" rule); their decoders keep the padded path
+ENCODERS = ["bart", "marian", "mbart", "pegasus", "m2m_100", "t5", "mt5"]
+
+
+def encoder_layers(config):
+    return getattr(config, "encoder_layers", None) or config.num_layers
+
+
+@pytest.mark.parametrize("side", ["left", "right", "mixed"])
+@pytest.mark.parametrize("model_type", ENCODERS)
+def test_a_seq2seq_encoder_runs_packed(model_type, side, varlen_calls, built_masks):
+    """The encoder's layers (and mBART's, Pegasus's final norm) run the real tokens only; its
+    output equals the unpatched one at every real token and is zero at pad positions (a tuple
+    with return_dict=False too; T5's relative position bias computed once for the longest
+    sequence); the logits of a decoder reading it through its cross-attention
+    equal the unpatched model's, and its layers build no mask."""
+    model = build(model_type)
+    patched = transfuse.patch(copy.deepcopy(model))
+    assert UNPAD_RULES[type(model.get_encoder()).__name__][0] == "layers"
+    ids, mask = padded_batch(side)
+    real = mask.bool()
+    decoder_ids = ids[:, :4]
+    with torch.no_grad():
+        expected = model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        built_masks.clear()
+        actual = patched.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert varlen_calls == [sum(LENGTHS)] * encoder_layers(model.config)
+        assert built_masks == [], "the packed encoder builds no mask"
+        as_tuple = patched.get_encoder()(input_ids=ids, attention_mask=mask, return_dict=False)
+        logits = [m(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits
+                  for m in (model, patched)]
+    assert_close_scaled(actual[real], expected[real], name=f"{model_type} {side}")
+    assert torch.equal(actual[~real], torch.zeros_like(actual[~real])), "pad positions are zero"
+    assert torch.equal(as_tuple[0], actual)
+    assert_close_scaled(logits[1], logits[0], name=f"{model_type} {side} logits")
+
+
+@pytest.mark.parametrize("model_type", ["marian", "m2m_100", "t5"])
+def test_seq2seq_generate_and_gradients_through_a_packed_encoder(model_type, varlen_calls):
+    """Greedy translation of a padded batch gives the unpatched tokens (the encoder packed once);
+    each parameter's gradient (eval mode: no dropout) is as close to the unpatched model's in
+    float64 as the unpatched model's own (within twice its error: the key biases' gradients, 0
+    in exact arithmetic, are rounding noise on both sides)."""
+    model = build(model_type)
+    if getattr(model.config, "decoder_start_token_id", None) is None:  # (T5's tiny config)
+        model.config.decoder_start_token_id = model.generation_config.decoder_start_token_id = 0
+    patched = transfuse.patch(copy.deepcopy(model))
+    ids, mask = padded_batch("mixed")
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(patched.generate(ids, **kwargs), model.generate(ids, **kwargs))
+    assert varlen_calls == [sum(LENGTHS)] * encoder_layers(model.config)
+    labels = ids[:, :5].contiguous()
+    grads = []
+    for m in (copy.deepcopy(model).double(), model, patched):
+        m(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        grads.append({n: p.grad.double() for n, p in m.named_parameters() if p.grad is not None})
+    exact, eager, actual = grads
+    assert exact.keys() == eager.keys() == actual.keys()
+    floor = 1e-3 * max(g.abs().max().item() for g in exact.values())
+    for name, reference in exact.items():
+        eager_error = (eager[name] - reference).abs().max().item()
+        error = (actual[name] - reference).abs().max().item()
+        bound = 2 * eager_error + 1e-6 * max(reference.abs().max().item(), floor)
+        assert error <= bound, f"{name}: {error:.2e} off float64 (unpatched: {eager_error:.2e})"
+
+
 @pytest.mark.parametrize("model_type", ["bert", "llama", "modernbert"])
 def test_gradients_equal_the_unpatched_model(model_type):
     model, patched = prepared(model_type)

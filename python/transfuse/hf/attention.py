@@ -168,9 +168,9 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     value_dim = value.shape[-1]
     if value_dim != query.shape[-1]:
         query, key, value, scaling = _one_head_dim(query, key, value, scaling)
-    if kwargs.get("cu_seq_lens_q") is not None and position_bias is None:
+    if kwargs.get("cu_seq_lens_q") is not None:
         return _packed_attention(module, query, key, value, dropout, scaling, is_causal, softcap,
-                                 sliding_window, **kwargs)[..., :value_dim], None
+                                 sliding_window, position_bias, **kwargs)[..., :value_dim], None
     if reads_no_mask(getattr(module, "config", None)) == "packed":
         # transformers built no mask: the call would mix the sequences
         raise RuntimeError(f"transfuse: {type(module).__name__} was called on packed tokens "
@@ -204,12 +204,14 @@ def _one_head_dim(query, key, value, scaling):
 
 
 def _packed_attention(module, query, key, value, dropout, scaling, is_causal, softcap,
-                      sliding_window, cu_seq_lens_q, cu_seq_lens_k=None, max_length_q=None,
-                      max_length_k=None, **_):
+                      sliding_window, position_bias, cu_seq_lens_q, cu_seq_lens_k=None,
+                      max_length_q=None, max_length_k=None, **_):
     """transformers' padding-free call (DataCollatorWithFlattening, or transfuse's unpadding):
     [1, H, T, D] tensors holding the sequences that cu_seq_lens_q/k delimit, -> [1, T, Hq, D].
     Any mask transformers built for the packed batch (block diagonal) is what the sequence
-    boundaries say already, so it is not read."""
+    boundaries say already, so it is not read. A T5 position bias [1, H, >= Lq, >= Lk] (a
+    function of the key's position minus the query's) is added at each sequence's own
+    positions, its first Lq x Lk block being every sequence's."""
     if query.shape[0] != 1:
         raise ValueError(f"cu_seq_lens_q is given, so the sequences must be packed into one row, "
                          f"but query has batch size {query.shape[0]}")
@@ -221,10 +223,12 @@ def _packed_attention(module, query, key, value, dropout, scaling, is_causal, so
         lengths = [given if given is not None else found
                    for given, found in zip(lengths, longest)]
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if position_bias is not None:
+        position_bias = position_bias[..., :lengths[0], :lengths[1]]
     out = varlen_attention(
         query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
         cu_seq_lens_q.to(torch.int32), cu_seq_lens_k.to(torch.int32), *lengths,
-        causal=bool(is_causal), scale=scaling, dropout_p=float(dropout or 0.0),
+        mask=position_bias, causal=bool(is_causal), scale=scaling, dropout_p=float(dropout or 0.0),
         window=int(sliding_window or 0), softcap=float(softcap or 0.0), check_offsets=False)
     return out.unsqueeze(0)
 

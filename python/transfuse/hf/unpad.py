@@ -8,7 +8,7 @@ function). The result is scattered back to [B, S, hidden]; pad positions of last
 hold zeros (as with FlashAttention-2's unpadding in transformers), where the unpatched model gives
 values nobody should read (a pad row attends to the real tokens).
 
-Two ways in, by family (UNPAD_RULES, keyed by the base model's class name):
+Three ways in, by family (UNPAD_RULES, keyed by the base model's or encoder's class name):
   "stack": the model computes its embeddings on the padded batch as usual (so positions,
            token types and their embeddings are exactly the unpatched ones); its encoder stack,
            `stack` attribute, a module called as stack(hidden [B, S, H], attention_mask, **kwargs)
@@ -21,6 +21,15 @@ Two ways in, by family (UNPAD_RULES, keyed by the base model's class name):
            numbers them); its final output is scattered back. For families whose embeddings are
            token-wise and whose positions come from position_ids only (rotary or learned
            absolute).
+  "layers": an encoder whose embeddings (and positions: from the padded shape, or numbered from
+           the ids) are computed in its own forward, followed by its `stack` attribute, a
+           ModuleList of layers each called as layer(hidden [B, S, H], attention_mask, **kwargs)
+           (BART-like encoders: BART, mBART, Marian, Pegasus, M2M100 / NLLB, Blenderbot,
+           PLBart; T5's and mT5's encoder stacks, whose first block is given the relative
+           position bias of the longest sequence, LAYER_FORWARDS). Each layer packs a padded
+           input (the first one: the embeddings), runs on the packed tokens and returns them
+           packed; norms after the layers run on the packed tokens too, and the encoder's output
+           is scattered back.
 Only calls that run the "transfuse" attention (it reads the padding-free kwargs) are unpadded
 (MPNet's: through its block rules, hf/blocks.py, which compute its relative position bias for the
 longest sequence rather than for all T packed tokens).
@@ -50,14 +59,14 @@ import torch
 from .attention import NAME as ATTENTION_NAME, masks_unread
 
 FORWARD_ATTR = "_transfuse_unpad_forward"
-INNER_ATTR = "_transfuse_unpad_inner"  # a stack's own forward, found at patch time (a block rule's)
+INNER_ATTR = "_transfuse_unpad_inner"  # a stack's or layer's own forward at patch time (a rule's)
 # On a stack whose block rule takes packed tokens whatever the config's attention implementation
 # (MPNet's, whose attention is outside transformers' interface): a function of the stack saying
 # whether it does now, which padding removal asks instead of reading the config.
 PACKED_STACK_ATTR = "_transfuse_packed_stack"
 
-# base model class name -> (way in, attribute of the token-wise stack for "stack", decoder with a
-# KV cache)
+# base model (or encoder) class name -> (way in, attribute of the token-wise stack for "stack" or
+# of the layers for "layers", decoder with a KV cache)
 UNPAD_RULES = {
     "BertModel": ("stack", "encoder", False),
     "RobertaModel": ("stack", "encoder", False),
@@ -81,6 +90,17 @@ UNPAD_RULES = {
     "PhiModel": ("model", None, True),
     "GPTNeoXModel": ("model", None, True),
     "OPTDecoder": ("model", None, True),
+    "BartEncoder": ("layers", "layers", False),
+    "MBartEncoder": ("layers", "layers", False),
+    "MarianEncoder": ("layers", "layers", False),
+    "PegasusEncoder": ("layers", "layers", False),
+    "M2M100Encoder": ("layers", "layers", False),
+    "BlenderbotEncoder": ("layers", "layers", False),
+    "BlenderbotSmallEncoder": ("layers", "layers", False),
+    "PLBartEncoder": ("layers", "layers", False),
+    # T5's stack is its encoder and its decoder; the decoder keeps the padded path
+    "T5Stack": ("layers", "block", False),
+    "MT5Stack": ("layers", "block", False),
 }
 # "model" rules whose forward, given no position_ids, numbers the real tokens of each row
 # (cumsum(attention_mask) - 1: left padding shifts nothing), not arange(S).
@@ -88,6 +108,8 @@ POSITIONS_FROM_MASK = {"OPTDecoder"}
 
 # The 2D padding mask of the running base model call, for its "stack" to read.
 _padding_mask = contextvars.ContextVar("transfuse_padding_mask", default=None)
+# The Packing of the running "layers" rule's encoder call, for its layers to read.
+_layers_packing = contextvars.ContextVar("transfuse_layers_packing", default=None)
 
 
 def _outputs_recorded():
@@ -153,6 +175,11 @@ class Packing:
         self.kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest,
                            max_length_k=longest)
 
+    def packed(self, x):
+        """Whether x [1, T, ...] holds this packing's tokens (not a padded [B, S, ...] batch:
+        T is below B * S, as some token is padding)."""
+        return tuple(x.shape[:2]) == (1, len(self.index))
+
     def pack(self, x):
         """[B, S, ...] -> [1, T, ...] (the real tokens, in order)."""
         return x.reshape(-1, *x.shape[2:]).index_select(0, self.index).unsqueeze(0)
@@ -184,6 +211,73 @@ def _stack_forward(self, hidden_states=None, attention_mask=None, *args, **kwarg
     return _replace_last_hidden_state(output, packing)
 
 
+def _packed_input(hidden_states):
+    """(the running "layers" call's Packing, hidden_states packed: as given, or from the padded
+    batch), or None outside such a call and for a call of another shape."""
+    packing = _layers_packing.get()
+    if packing is None:
+        return None
+    if packing.packed(hidden_states):
+        return packing, hidden_states
+    if tuple(hidden_states.shape[:2]) == packing.shape:
+        return packing, packing.pack(hidden_states)
+    return None
+
+
+def _layer_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
+    original = self.__dict__.get(INNER_ATTR) or functools.partial(type(self).forward, self)
+    packed = None if _off_under_compile(self) or args else _packed_input(hidden_states)
+    if packed is None:
+        return original(hidden_states, attention_mask, *args, **kwargs)
+    packing, hidden_states = packed
+    return original(hidden_states, None, **kwargs, **packing.kwargs)
+
+
+def _t5_block_forward(self, hidden_states, attention_mask=None, position_bias=None, *args,
+                      **kwargs):
+    """A T5 encoder block (T5Block, MT5Block): as _layer_forward, and the first block, which
+    the stack gives no position bias yet, gets its relative position bias for the longest packed
+    sequence, [1, heads, L, L], which each sequence reads at its own positions (the bias is a
+    function of the key's position minus the query's); the blocks after it get it from the
+    stack, as the first block returns it."""
+    original = self.__dict__.get(INNER_ATTR) or functools.partial(type(self).forward, self)
+    packed = None
+    if not (_off_under_compile(self) or any(a is not None for a in args)
+            or kwargs.get("cache") is not None):
+        packed = _packed_input(hidden_states)
+    if packed is None:
+        return original(hidden_states, attention_mask, position_bias, *args, **kwargs)
+    packing, hidden_states = packed
+    if position_bias is None:
+        attention, longest = self.layer[0].SelfAttention, packing.kwargs["max_length_q"]
+        if attention.has_relative_attention_bias:
+            position_bias = attention.compute_bias(longest, longest, device=hidden_states.device)
+        else:  # (as T5Attention's own)
+            position_bias = hidden_states.new_zeros(1, attention.n_heads, longest, longest)
+    return original(hidden_states, None, position_bias, *args, **kwargs, **packing.kwargs)
+
+
+# "layers" rules whose layers take more than the hidden states and the mask
+LAYER_FORWARDS = {"T5Stack": _t5_block_forward, "MT5Stack": _t5_block_forward}
+
+
+def _packed_layers_call(original, config, valid, kwargs):
+    """An encoder of the "layers" rule: its forward, building no mask, its layers reading the
+    packing; the output scattered back (a tuple's first entry, with return_dict=False)."""
+    packing = Packing(valid)
+    token = _layers_packing.set(packing)
+    try:
+        output = _without_masks("packed", config, original, **kwargs)
+    finally:
+        _layers_packing.reset(token)
+    states = output[0]
+    if not packing.packed(states):  # no layer ran (all dropped): padded as it came
+        return output
+    if isinstance(output, tuple):
+        return (packing.unpack(states), *output[1:])
+    return _replace_last_hidden_state(output, packing)
+
+
 def _base_forward(self, *args, **kwargs):
     original = functools.partial(type(self).forward, self)
     kind, stack_name, decoder = UNPAD_RULES[type(self).__name__]
@@ -207,6 +301,8 @@ def _base_forward(self, *args, **kwargs):
         valid = _with_cache(self, valid, kwargs)
     if valid is None:
         return original(**kwargs)
+    if kind == "layers":
+        return _packed_layers_call(original, self.config, valid, kwargs)
     if kind == "stack":
         token = _padding_mask.set(valid)
         try:
@@ -316,6 +412,9 @@ def patch_unpad(model, mode=True):
         targets = [(module, _base_forward)]
         if kind == "stack":
             targets.append((getattr(module, stack_name), _stack_forward))
+        elif kind == "layers":
+            forward = LAYER_FORWARDS.get(type(module).__name__, _layer_forward)
+            targets.extend((layer, forward) for layer in getattr(module, stack_name))
         for target, forward in targets:
             if target is not module and "forward" in target.__dict__:  # runs inside
                 target.__dict__[INNER_ATTR] = target.__dict__["forward"]
