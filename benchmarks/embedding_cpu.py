@@ -1,8 +1,8 @@
 """Sentence embeddings on the CPU from an embedding model of a named shape (--model): a
 Qwen3-Embedding-0.6B-shaped Qwen3Model (last token, left padding), a ModernBERT-base-shaped
-ModernBertModel or an EmbeddingGemma-300m-shaped Gemma3TextModel (mean over the real tokens, right
-padding; the transformer alone, without its sentence-transformers dense layers): sentences per
-second of eager
+ModernBertModel, an EmbeddingGemma-300m-shaped Gemma3TextModel or a GTR-T5-base-shaped
+T5EncoderModel (mean over the real tokens, right padding; the transformer alone, without its
+sentence-transformers dense layers): sentences per second of eager
 PyTorch, transfuse.patch(model) (fp32, w8a8, a bf16 copy, bf16 w8a16) and OpenVINO (fp32, the
 bf16 hint, int8 weights, int8 post-training quantization), with each side's worst cosine to eager
 fp32 (on random weights: what it says of a real model's accuracy is little).
@@ -12,18 +12,19 @@ The inputs are `transfuse bench`'s 64 real sentences (transfuse.bench_sentences)
 layers, hidden 1024, 16 query and 8 key/value heads of 128, MLP 3072; ModernBERT-base's: 22
 layers, hidden 768, 12 heads, GeGLU MLP 1152, local attention over 128 tokens in two layers of
 three; EmbeddingGemma-300m's: 24 layers, hidden 768, 3 query heads and 1 key/value head of 256,
-GeGLU MLP 1152 (tanh GELU), bidirectional, 512-token windows in five layers of six) and no
+GeGLU MLP 1152 (tanh GELU), bidirectional, 512-token windows in five layers of six;
+GTR-T5-base's: T5-base's encoder, 12 layers, d_model 768, 12 heads, ReLU FFN 3072) and no
 tokenizer of theirs is at hand offline: the token ids are random, each sentence as
 long as all-MiniLM-L6-v2's WordPiece tokenizer makes it (with its [CLS] and [SEP]; a BPE
 tokenizer gives English about as many tokens). The sides take turns (A B A B ...), median of the
 rounds.
 
     python benchmarks/embedding_cpu.py [--model qwen3-embedding-0.6b | modernbert-base |
-                                        embeddinggemma-300m]
+                                        embeddinggemma-300m | gtr-t5-base]
         [--rounds 3] [--batch 8] [--save-model DIR] [--openvino DIR|torch]
         [--openvino-int8 DIR] [--out F.json]
 
---save-model writes the random model (save_pretrained) and stops. OpenVINO: for ModernBERT
+--save-model writes the random model (save_pretrained) and stops. OpenVINO: for ModernBERT and T5
 `--openvino torch` converts the model in this process (openvino.convert_model, traced), its int8
 weights by nncf.compress_weights; for Qwen3 IR folders from optimum-intel, which needs
 transformers < 5.6 (a venv of its own; its torchvision removed, which fails to import beside
@@ -65,13 +66,19 @@ EMBEDDINGGEMMA_300M = dict(hidden_size=768, num_hidden_layers=24, num_attention_
                            vocab_size=262144, sliding_window=512, query_pre_attn_scalar=256,
                            use_bidirectional_attention=True, max_position_embeddings=2048,
                            pad_token_id=0)
+# sentence-transformers/gtr-t5-base's encoder (sentence-t5-base's too): T5-base's, ReLU FFN,
+# relative position buckets 32 up to distance 128
+GTR_T5_BASE = dict(d_model=768, num_layers=12, num_heads=12, d_kv=64, d_ff=3072,
+                   vocab_size=32128, feed_forward_proj="relu")
 # --model: (transformers model type, config, padding side, pooling, what the output calls it)
 MODELS = {"qwen3-embedding-0.6b": ("qwen3", QWEN3_0_6B, "left", "last",
                                    "Qwen3-Embedding-0.6B-shaped Qwen3Model"),
           "modernbert-base": ("modernbert", MODERNBERT_BASE, "right", "mean",
                               "ModernBERT-base-shaped ModernBertModel"),
           "embeddinggemma-300m": ("gemma3_text", EMBEDDINGGEMMA_300M, "right", "mean",
-                                  "EmbeddingGemma-300m-shaped Gemma3TextModel")}
+                                  "EmbeddingGemma-300m-shaped Gemma3TextModel"),
+          "gtr-t5-base": ("t5", GTR_T5_BASE, "right", "mean",
+                          "GTR-T5-base-shaped T5EncoderModel")}
 
 
 def sentence_lengths():
@@ -136,8 +143,8 @@ def openvino_models(model, batch, folder, int8_folder):
     (int8, per channel)."""
     if folder != "torch":
         return folder, int8_folder
-    if model.config.model_type != "modernbert":
-        raise SystemExit("--openvino torch converts ModernBERT only; for Qwen3 pass the IR "
+    if model.config.model_type not in ("modernbert", "t5"):
+        raise SystemExit("--openvino torch converts ModernBERT and T5 only; for Qwen3 pass the IR "
                          "folders optimum-intel exports (EmbeddingGemma: none, see the module's "
                          "docstring)")
     import nncf
@@ -193,11 +200,13 @@ def main(argv=None):
     parser.add_argument("--out", help="JSON file for the figures")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoConfig, AutoModel, T5EncoderModel
 
     model_type, config, side, pooling, name = MODELS[args.model]
     torch.manual_seed(0)
-    model = AutoModel.from_config(AutoConfig.for_model(model_type, **config)).eval()
+    model_config = AutoConfig.for_model(model_type, **config)
+    model = (T5EncoderModel(model_config) if model_type == "t5"  # (the encoder alone)
+             else AutoModel.from_config(model_config)).eval()
     if args.save_model:
         model.save_pretrained(args.save_model)
         return
