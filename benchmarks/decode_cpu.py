@@ -84,14 +84,26 @@ def compile_config():
     return config
 
 
+def fixed_length(model, new_tokens):
+    """The model's generation config for greedy decoding of `new_tokens` tokens, without an
+    end-of-sequence token (nor a forced one): generate() then gives exactly that many tokens and
+    runs no logits processor of its own (min_new_tokens would add two, which build and search
+    vocabulary-sized tensors at every step, a cost that a user generating until the end token
+    does not pay, nor CTranslate2's min_length)."""
+    config = copy.deepcopy(model.generation_config)
+    config.eos_token_id = config.forced_eos_token_id = None
+    config.max_new_tokens, config.do_sample, config.num_beams = new_tokens, False, 1
+    return config
+
+
 def timed_generate(model, prompt, new_tokens, compiled=False):
     """(seconds, the new token ids) of generate()'s greedy decoding."""
-    static = dict(cache_implementation="static", compile_config=compile_config()) if compiled \
-        else {}
+    config = fixed_length(model, new_tokens)
+    if compiled:
+        config.cache_implementation, config.compile_config = "static", compile_config()
     start = time.perf_counter()
     with torch.inference_mode():
-        ids = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             do_sample=False, **static)
+        ids = model.generate(prompt, generation_config=config)
     return time.perf_counter() - start, ids[0, prompt.shape[1]:]
 
 

@@ -10,9 +10,10 @@ are random (Helsinki-NLP/opus-mt-en-de's shapes: 6 + 6 layers, d_model 512, 8 he
 SiLU, vocabulary 58101, the head tied to the shared embedding; or NLLB-200-distilled-600M's:
 12 + 12 layers, d_model 1024, 16 heads, FFN 4096, ReLU, vocabulary 256206, tied), so the tokens
 mean nothing: each batch is translated to as many tokens as its longest sentence has (greedy,
-min = max new tokens). The sides take turns (A B A B ...), median of the rounds. CTranslate2 runs
-in a process of its own (its OpenMP runtime slows torch's in the same process), converted by
-its TransformersConverter from the saved model and a word-level vocabulary.
+no end token: decode_cpu.fixed_length). The sides take turns (A B A B ...), median of the
+rounds. CTranslate2 runs in a process of its own (its OpenMP runtime slows torch's in the same
+process), converted by its TransformersConverter from the saved model and a word-level
+vocabulary.
 
     python benchmarks/translate_cpu.py [--model opus-mt-en-de|nllb-600m] [--batch 8]
                                        [--sentences 64] [--rounds 3] [--side LABEL]
@@ -33,6 +34,7 @@ import warnings
 import torch
 
 import transfuse
+from decode_cpu import fixed_length
 from embedding_cpu import padded_batches, sentence_lengths
 from transfuse.bench_peers import Worker
 
@@ -112,8 +114,7 @@ def translate(model, batch, n):
     """(seconds, the new ids [B, n]) of generate()'s greedy translation of the batch."""
     start = time.perf_counter()
     with torch.inference_mode():
-        ids = model.generate(**batch, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                             num_beams=1)
+        ids = model.generate(**batch, generation_config=fixed_length(model, n))
     return time.perf_counter() - start, ids[:, 1:]  # (the decoder start token dropped)
 
 
