@@ -147,6 +147,17 @@ def ctranslate2_worker(connection, folder, prompt, threads):
         connection.send(error)
 
 
+def chosen_sides(parser, side, labels):
+    """"eager" and the --side labels given (all of `labels` without one); an unknown one is the
+    parser's error."""
+    chosen = ["eager", *side] if side else list(labels)
+    unknown = set(chosen) - set(labels)
+    if unknown:
+        parser.error(f"--side: unknown {', '.join(sorted(unknown))}; the labels: "
+                     f"{', '.join(repr(label) for label in labels[1:])}")
+    return chosen
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=MODELS, default="smollm-135m")
@@ -163,11 +174,7 @@ def main(argv=None):
     parser.add_argument("--out", help="JSON file for the figures")
     args = parser.parse_args(argv)
     labels = [*SIDES, *BF16_SIDES]
-    chosen = ["eager", *args.side] if args.side else labels
-    unknown = set(chosen) - set(labels)
-    if unknown:
-        parser.error(f"--side: unknown {', '.join(sorted(unknown))}; the labels: "
-                     f"{', '.join(repr(label) for label in labels[1:])}")
+    chosen = chosen_sides(parser, args.side, labels)
     warnings.filterwarnings("ignore")  # generation-config notes
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -34,7 +34,7 @@ import warnings
 import torch
 
 import transfuse
-from decode_cpu import fixed_length
+from decode_cpu import chosen_sides, fixed_length
 from embedding_cpu import padded_batches, sentence_lengths
 from transfuse.bench_peers import Worker
 
@@ -130,11 +130,7 @@ def main(argv=None):
     parser.add_argument("--out", help="JSON file for the figures")
     args = parser.parse_args(argv)
     labels = [*SIDES, *([] if args.no_ctranslate2 else CT2_SIDES)]
-    chosen = ["eager", *args.side] if args.side else labels
-    unknown = set(chosen) - set(labels)
-    if unknown:
-        parser.error(f"--side: unknown {', '.join(sorted(unknown))}; the labels: "
-                     f"{', '.join(repr(label) for label in labels[1:])}")
+    chosen = chosen_sides(parser, args.side, labels)
     warnings.filterwarnings("ignore")  # generation-config notes
     from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
