@@ -36,7 +36,7 @@ import torch
 import transfuse
 from decode_cpu import chosen_sides, fixed_length
 from embedding_cpu import padded_batches, sentence_lengths
-from transfuse.bench_peers import Worker
+from transfuse.bench_peers import Worker, ctranslate2_conversions
 
 # (Helsinki-NLP/opus-mt-en-de's and facebook/nllb-200-distilled-600M's config.json)
 OPUS_MT_EN_DE = dict(vocab_size=58101, d_model=512, encoder_layers=6, decoder_layers=6,
@@ -57,7 +57,8 @@ SIDES = {"eager": None, "transfuse patch(model)": {},
          "transfuse w8a8 + head": {"int8": "w8a8", "int8_heads": True},
          "transfuse w8a16 + head": {"int8": "w8a16", "int8_heads": True},
          "transfuse patch(bf16 copy)": "bf16"}
-CT2_SIDES = ("ctranslate2 fp32", "ctranslate2 int8")
+COMPUTES = {"ctranslate2 fp32": "float32", "ctranslate2 int8": "int8"}  # side -> compute type
+CT2_SIDES = tuple(COMPUTES)
 
 
 def save_with_vocabulary(model, folder):
@@ -85,15 +86,9 @@ def ctranslate2_worker(connection, folder, labels, sources, threads):
     translation to n tokens, as (seconds, the tokens of each sentence)."""
     import ctranslate2
     try:
-        converter = ctranslate2.converters.TransformersConverter(folder)
         translators = {}
-        for label in labels:
-            compute = "float32" if label.endswith("fp32") else "int8"
-            quantization = None if compute == "float32" else compute
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                converted = converter.convert(f"{folder}-{compute}", force=True,
-                                              quantization=quantization)
+        computes = [COMPUTES[label] for label in labels]
+        for label, compute, converted in ctranslate2_conversions(folder, folder, computes):
             translators[label] = ctranslate2.Translator(
                 converted, device="cpu", compute_type=compute, intra_threads=threads,
                 inter_threads=1)

@@ -232,13 +232,14 @@ def ctranslate2_forward(encoder, batch):
     return padded
 
 
-def ctranslate2_conversions(path, folder):
+def ctranslate2_conversions(path, folder, computes=("float32", "int8")):
     """The transformers model folder `path` through ctranslate2's TransformersConverter into
-    `folder`, as float32 and with int8 weights: (side label, compute type, converted folder)."""
+    `folder`, as float32 and with int8 weights (or the `computes` of these asked for): (side
+    label, compute type, converted folder)."""
     import ctranslate2
 
     converter = ctranslate2.converters.TransformersConverter(path)
-    for compute in ("float32", "int8"):
+    for compute in computes:
         with warnings.catch_warnings():  # transformers' deprecations, as the converter loads
             warnings.simplefilter("ignore")
             converted = converter.convert(str(Path(folder) / f"ctranslate2-{compute}"), force=True,
