@@ -1363,8 +1363,9 @@ def _encoder_layer_forward(self, hidden_states, attention_mask=None, encoder_hid
     arguments = None
     if module is not None and inner.config._attn_implementation == ATTENTION_NAME:
         arguments = _fused_layer_arguments(self, inner, hidden_states)
-    if arguments is not None:
-        return module.encoder_layer(hidden_states, *call, *arguments)
+    out = None if arguments is None else module.encoder_layer(hidden_states, *call, *arguments)
+    if out is not None:  # (None: a kernel declined the call)
+        return out
     family_module = sys.modules[type(inner).__module__]
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, inner.attention_head_size)
@@ -1405,8 +1406,10 @@ def _distilbert_layer_forward(self, hidden_states, attention_mask=None, **kwargs
         module = None if call is None else backends.extension()[0]
         if module is not None and inner.config._attn_implementation == ATTENTION_NAME:
             arguments = _distilbert_layer_arguments(self, inner, hidden_states)
-            if arguments is not None:
-                return module.encoder_layer(hidden_states, *call, *arguments)
+            out = None if arguments is None else module.encoder_layer(hidden_states, *call,
+                                                                      *arguments)
+            if out is not None:  # (None: a kernel declined the call)
+                return out
     return type(self).forward(self, hidden_states, attention_mask, **kwargs)
 
 
@@ -1457,6 +1460,8 @@ def _layers_fused(layers, x, attention_mask, kwargs, bias=None):
         return None
     for arguments in fused:
         x = module.encoder_layer(x, *call, *arguments, bias)
+        if x is None:  # a kernel declined the call: the caller runs the layers from the start
+            return None
     return x
 
 
@@ -1605,8 +1610,10 @@ def _relative_bias_layer_forward(self, hidden_states, attention_mask=None, posit
         call = _fused_call(hidden_states, attention_mask, kwargs)
         module = None if call is None else backends.extension()[0]
         arguments = None if module is None else _relative_bias_layer_arguments(self, hidden_states)
-        if arguments is not None:
-            return (module.encoder_layer(hidden_states, *call, *arguments, position_bias),)
+        out = None if arguments is None else module.encoder_layer(hidden_states, *call,
+                                                                  *arguments, position_bias)
+        if out is not None:  # (None: a kernel declined the call)
+            return (out,)
     outputs = self.attention(hidden_states, attention_mask, position_bias=position_bias,
                              output_attentions=output_attentions, **kwargs)
     attention_output = outputs[0]

@@ -140,11 +140,12 @@ def gemm_bf16_built() -> bool:
 def own_gemm_faster() -> bool:
     """Whether transfuse's CPU GEMMs beat torch's on this CPU, as measured (README, "The linear
     op"): on AVX-512 CPUs without AMX (AMD EPYC, Zen 4) by 1.05-1.21x in fp32, 1.10-1.30x in bf16.
+    A CPU without AVX-512 has none (cpu_gemm): torch's, rather than a call the extension declines.
     On an Intel Xeon with AMX, torch's GEMMs ran faster (fp32 1.2-1.45x; bf16 on the AMX tiles
     far faster than AVX512_BF16), so there every call of more than FEW_ROWS rows is torch's. (The
     GEMV is not measured there yet; it runs wherever AVX-512 does.)"""
     module = backends.extension()[0]
-    return module is not None and not module.cpu_amx
+    return module is not None and bool(module.cpu_gemm) and not module.cpu_amx
 
 
 def _torch_linear(x, weight, bias, activation):
