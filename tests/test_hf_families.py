@@ -116,6 +116,18 @@ def kernel_calls(monkeypatch):
         return decoder_layer_out(x, q, k, v, mask, cu_seqlens_q, *args)
     monkeypatch.setattr(module, "decoder_layer_qkv", fused_qkv)
     monkeypatch.setattr(module, "decoder_layer_out", fused_out)
+    seq2seq_qkv, seq2seq_out = module.seq2seq_decoder_layer_qkv, module.seq2seq_decoder_layer_out
+
+    def fused_seq2seq_qkv(x, norm_weight, *args):  # a BART-like decoder step: pre-norm's first
+        seen["layer_norm"] += norm_weight is not None  # norm
+        return seq2seq_qkv(x, norm_weight, *args)
+
+    def fused_seq2seq_out(*args):  # its self- and cross-attention, the other norms
+        seen["attention"] += 2
+        seen["layer_norm"] += 2 if args[-1] else 3  # pre_norm
+        return seq2seq_out(*args)
+    monkeypatch.setattr(module, "seq2seq_decoder_layer_qkv", fused_seq2seq_qkv)
+    monkeypatch.setattr(module, "seq2seq_decoder_layer_out", fused_seq2seq_out)
     return seen
 
 

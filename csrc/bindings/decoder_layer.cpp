@@ -25,6 +25,26 @@
 //                       Granite's residual_multiplier m scales each branch before its add:
 //                       g, r = RMSNorm_1(m (a W_3^T) + x), m (a W_3^T) + x
 //                       y = r + m ((act(g W_4^T) * g W_5^T) W_6^T)
+//
+// Binding of a BART-like (seq2seq) decoder layer's step in the same two calls:
+// transfuse._C.seq2seq_decoder_layer_qkv and seq2seq_decoder_layer_out ("seq2seq_decoder_layer"
+// in blocks.py: BART, Marian, PLBart, Blenderbot-small post-norm; mBART, M2M100 / NLLB, Pegasus,
+// Blenderbot, Whisper pre-norm), the cross-attention reading the keys and values of the encoder's
+// output that the cache holds. With LN_0, LN_1, LN_2 the self-attention, cross-attention and final
+// LayerNorms and W_0..W_7 the query, key, value, attention output, cross-attention query and
+// output, fc1 and fc2 layers (with their biases; Whisper's key has none):
+//   seq2seq_decoder_layer_qkv:  h = LN_0(x) (pre-norm) or x (post-norm)
+//                               q, k, v = h W_0^T + b_0, h W_1^T + b_1, h W_2^T + b_2,
+//                                         as [B, heads, S, head_dim]
+//                               (Whisper: q times query_scale, the attentions' scale then 1)
+//   (the self-attention cache appends k and v: K, V)
+//   seq2seq_decoder_layer_out:  a = softmax(scale q K^T + mask) V W_3^T + b_3
+//                               cross(h) = softmax(scale q_c K_c^T + mask_c) V_c W_5^T + b_5,
+//                                          q_c = h W_4^T + b_4 (Whisper: times query_scale)
+//                               ffn(h) = act(h W_6^T + b_6) W_7^T + b_7
+//     post-norm:  h_1 = LN_0(x + a), h_2 = LN_1(h_1 + cross(h_1)), y = LN_2(h_2 + ffn(h_2))
+//     pre-norm:   h_1 = x + a,       h_2 = h_1 + cross(LN_1(h_1)),  y = h_2 + ffn(LN_2(h_2))
+// Each residual add is its own torch add before the LayerNorm, as the modules compute it.
 // Float weights go through `linear` (torch's linear where torch_linears says so, or where
 // `linear` declines the call, as transfuse.ops.linear does), int8 weights through `int8_linear`.
 #include <optional>
@@ -32,8 +52,11 @@
 #include <vector>
 
 #include <ATen/ops/add.h>
+#include <ATen/ops/gelu.h>
 #include <ATen/ops/linear.h>
 #include <ATen/ops/mul.h>
+#include <ATen/ops/relu.h>
+#include <ATen/ops/silu.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include "python_functions.h"
@@ -177,6 +200,85 @@ Tensor decoder_layer_out(const Tensor& x, const Tensor& q, const Tensor& k, cons
   return at::add(residual, scaled(sandwich(linears(3, gated), 1)));
 }
 
+// [B, S, heads * head_dim] -> [B, heads, S, head_dim] (a view, as the modules' transpose)
+Tensor by_heads(const Tensor& t, int64_t head_dim) {
+  return t.view({t.size(0), t.size(1), -1, head_dim}).transpose(1, 2);
+}
+
+// softmax(scale q k^T + mask) v over [B, heads, S, head_dim] views -> [B, S, heads * head_dim]
+Tensor attended_rows(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& mask,
+                     bool causal, double scale) {
+  return std::get<0>(attention_forward(q, k, v, mask, causal, scale, 0, 0.0, 0.0, 0))
+      .transpose(1, 2)
+      .contiguous()
+      .view({q.size(0), q.size(2), -1});
+}
+
+std::tuple<Tensor, Tensor, Tensor> seq2seq_decoder_layer_qkv(
+    const Tensor& x, const OptTensor& norm_weight, const OptTensor& norm_bias, double eps,
+    int64_t head_dim, const std::vector<Tensor>& weights, const std::vector<Tensor>& weight_scales,
+    const std::vector<OptTensor>& biases, const std::vector<bool>& torch_linears,
+    c10::string_view int8_mode, std::optional<double> query_scale) {
+  const Linears linears{weights, weight_scales, biases, torch_linears, int8_mode};
+  linears.check(3, "query, key, value");
+  TORCH_CHECK_VALUE(x.dim() == 3, "x must be [batch, seq, hidden]");
+  TORCH_CHECK_VALUE(head_dim > 0, "head_dim must be positive");
+  TORCH_CHECK_VALUE(!norm_weight == !norm_bias, "norm_weight and norm_bias go together (the "
+                    "pre-norm layer's self-attention LayerNorm), or neither (post-norm)");
+  const Tensor h =
+      norm_weight ? layer_norm_forward(x, *norm_weight, *norm_bias, std::nullopt, eps) : x;
+  const Tensor q = linears(0, h);
+  return {by_heads(query_scale ? at::mul(q, *query_scale) : q, head_dim),
+          by_heads(linears(1, h), head_dim), by_heads(linears(2, h), head_dim)};
+}
+
+Tensor seq2seq_decoder_layer_out(
+    const Tensor& x, const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& mask,
+    bool causal, double scale, const Tensor& cross_k, const Tensor& cross_v,
+    const OptTensor& cross_mask, const std::vector<Tensor>& weights,
+    const std::vector<Tensor>& weight_scales, const std::vector<OptTensor>& biases,
+    const std::vector<bool>& torch_linears, c10::string_view int8_mode,
+    const std::vector<Tensor>& norm_weights, const std::vector<Tensor>& norm_biases,
+    const std::vector<double>& eps, c10::string_view activation, bool pre_norm,
+    std::optional<double> query_scale) {
+  const Linears linears{weights, weight_scales, biases, torch_linears, int8_mode};
+  linears.check(5, "attention output, cross-attention query and output, fc1, fc2");
+  TORCH_CHECK_VALUE(norm_weights.size() == 3 && norm_biases.size() == 3 && eps.size() == 3,
+                    "norm_weights, norm_biases and eps must hold the three LayerNorms' "
+                    "(self-attention, cross-attention, final)");
+  TORCH_CHECK_VALUE(activation == "silu" || activation == "gelu" || activation == "gelu_tanh" ||
+                        activation == "relu",
+                    "activation must be 'silu', 'gelu', 'gelu_tanh' or 'relu', got '", activation,
+                    "'");
+  TORCH_CHECK_VALUE(x.dim() == 3 && q.dim() == 4, "x must be [batch, seq, hidden] and q "
+                    "[batch, heads, seq, head_dim]");
+  auto layer_norm = [&](size_t i, const Tensor& t) {
+    return layer_norm_forward(t, norm_weights[i], norm_biases[i], std::nullopt, eps[i]);
+  };
+  auto act = [&](const Tensor& t) {
+    if (activation == "silu") return at::silu(t);
+    if (activation == "relu") return at::relu(t);
+    return at::gelu(t, activation == "gelu" ? "none" : "tanh");
+  };
+  auto cross = [&](const Tensor& h) {
+    const Tensor cross_q = linears(1, h);
+    return linears(2, attended_rows(
+                          by_heads(query_scale ? at::mul(cross_q, *query_scale) : cross_q,
+                                   q.size(3)),
+                          cross_k, cross_v, cross_mask, false, scale));
+  };
+  auto ffn = [&](const Tensor& h) { return linears(4, act(linears(3, h))); };
+  const Tensor a = linears(0, attended_rows(q, k, v, mask, causal, scale));
+  if (pre_norm) {
+    const Tensor h1 = at::add(x, a);
+    const Tensor h2 = at::add(h1, cross(layer_norm(1, h1)));
+    return at::add(h2, ffn(layer_norm(2, h2)));
+  }
+  const Tensor h1 = layer_norm(0, at::add(x, a));
+  const Tensor h2 = layer_norm(1, at::add(h1, cross(h1)));
+  return layer_norm(2, at::add(h2, ffn(h2)));
+}
+
 }  // namespace
 
 void add_decoder_layer_functions(PyObject* module) {
@@ -194,6 +296,13 @@ void add_decoder_layer_functions(PyObject* module) {
         "torch_linears"_a, "int8_mode"_a, "norm_weight"_a, "norm_offset"_a, "eps"_a,
         "normalized_dtype"_a, "out_dtype"_a, "mlp_activation"_a, "sandwich_norm_weights"_a,
         "residual_multiplier"_a, release_gil);
+  m.def("seq2seq_decoder_layer_qkv", &seq2seq_decoder_layer_qkv, "x"_a, "norm_weight"_a,
+        "norm_bias"_a, "eps"_a, "head_dim"_a, "weights"_a, "weight_scales"_a, "biases"_a,
+        "torch_linears"_a, "int8_mode"_a, "query_scale"_a, release_gil);
+  m.def("seq2seq_decoder_layer_out", &seq2seq_decoder_layer_out, "x"_a, "q"_a, "k"_a, "v"_a,
+        "mask"_a, "causal"_a, "scale"_a, "cross_k"_a, "cross_v"_a, "cross_mask"_a, "weights"_a,
+        "weight_scales"_a, "biases"_a, "torch_linears"_a, "int8_mode"_a, "norm_weights"_a,
+        "norm_biases"_a, "eps"_a, "activation"_a, "pre_norm"_a, "query_scale"_a, release_gil);
 }
 
 }  // namespace transfuse

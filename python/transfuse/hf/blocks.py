@@ -34,6 +34,14 @@ something else.
                MLP: the attention's residual added inside pre_feedforward_layernorm's pass; on
                CPU tensors in inference the whole layer in residual_rms_norm's two calls, given
                the two extra norms (and Gemma 2's attention softcap).
+  seq2seq_decoder_layer  a BART-like decoder layer, post-norm (BART, Marian, PLBart,
+               Blenderbot-small) or pre-norm (mBART, M2M100 / NLLB, Pegasus, Blenderbot,
+               Whisper): at each
+               decoding step whose cross-attention reads the encoder's keys and values from an
+               EncoderDecoderCache (every step after the first), on CPU tensors in inference, the
+               whole layer in two transfuse._C calls around the self-attention cache's own update
+               (csrc/bindings/decoder_layer.cpp): the kernels its modules' rules run, bit for bit,
+               without their some twenty Python calls. Any other call: the class's forward.
   rotary_attention  a decoder's attention (Llama, Mistral, Qwen2, Qwen3, Gemma 1-3, SmolLM3,
                Granite): its Q, K and V as projections (above; Qwen3's and Gemma 3's query and key
                then through their head norms), then transformers' apply_rotary_pos_emb (about ten
@@ -156,6 +164,10 @@ _BERT_LIKE = ("Bert", "Roberta", "XLMRoberta", "Electra", "Camembert")
 _DECODERS = ("Llama", "Mistral", "Qwen2", "Qwen3", "Gemma", "SmolLM3", "Granite")
 # decoders whose layers norm the attention's and the MLP's outputs too (sandwich_rms_norm)
 _SANDWICH_DECODERS = ("Gemma2", "Gemma3")
+# encoder-decoder models whose decoder layers are BART's, post-norm or pre-norm
+_SEQ2SEQ_DECODERS = ("Bart", "Marian", "PLBart", "BlenderbotSmall", "MBart", "M2M100", "Pegasus",
+                     "Blenderbot", "Whisper")
+SEQ2SEQ_NORMS = ("self_attn_layer_norm", "encoder_attn_layer_norm", "final_layer_norm")
 
 # class name -> (rule, the attributes it uses)
 BLOCK_RULES = {
@@ -195,6 +207,9 @@ BLOCK_RULES = {
                                  ("input_layernorm", "self_attn", "post_attention_layernorm",
                                   "pre_feedforward_layernorm", "mlp",
                                   "post_feedforward_layernorm")) for family in _SANDWICH_DECODERS},
+    **{f"{family}DecoderLayer": ("seq2seq_decoder_layer", ("self_attn", "encoder_attn",
+                                                          *SEQ2SEQ_NORMS))
+       for family in _SEQ2SEQ_DECODERS},
     "Linear": ("linear", ()),  # torch.nn.Linear itself (_patch_linear checks the class)
 }
 
@@ -205,6 +220,71 @@ RESIDUAL_NORM_SOURCE = ("hidden_states = self.dense(hidden_states)",
                         "hidden_states = self.LayerNorm(hidden_states + input_tensor)",
                         "return hidden_states")
 
+
+# A BART-like decoder layer's forward, post-norm (BART, Marian, PLBart, Blenderbot-small) or
+# pre-norm (mBART, M2M100, Pegasus, Blenderbot), and its attention's.
+_SEQ2SEQ_CROSS_SOURCE = ("if encoder_hidden_states is not None:", "residual = hidden_states",
+                         "self.encoder_attn(", "key_value_states=encoder_hidden_states,",
+                         "attention_mask=encoder_attention_mask,")
+_SEQ2SEQ_RESIDUAL_ADD = ("hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, "
+                         "training=self.training)", "hidden_states = residual + hidden_states")
+_SEQ2SEQ_FFN_SOURCE = ("hidden_states = self.activation_fn(self.fc1(hidden_states))",
+                       "hidden_states = nn.functional.dropout(hidden_states, "
+                       "p=self.activation_dropout, training=self.training)",
+                       "hidden_states = self.fc2(hidden_states)", *_SEQ2SEQ_RESIDUAL_ADD)
+SEQ2SEQ_POST_NORM_SOURCE = (
+    "residual = hidden_states", "self.self_attn(", *_SEQ2SEQ_RESIDUAL_ADD,
+    "hidden_states = self.self_attn_layer_norm(hidden_states)", *_SEQ2SEQ_CROSS_SOURCE,
+    *_SEQ2SEQ_RESIDUAL_ADD, "hidden_states = self.encoder_attn_layer_norm(hidden_states)",
+    "residual = hidden_states", *_SEQ2SEQ_FFN_SOURCE,
+    "hidden_states = self.final_layer_norm(hidden_states)", "return hidden_states")
+SEQ2SEQ_PRE_NORM_SOURCE = (
+    "residual = hidden_states", "hidden_states = self.self_attn_layer_norm(hidden_states)",
+    "self.self_attn(", *_SEQ2SEQ_RESIDUAL_ADD, *_SEQ2SEQ_CROSS_SOURCE[:2],
+    "hidden_states = self.encoder_attn_layer_norm(hidden_states)", *_SEQ2SEQ_CROSS_SOURCE[2:],
+    *_SEQ2SEQ_RESIDUAL_ADD, "residual = hidden_states",
+    "hidden_states = self.final_layer_norm(hidden_states)", *_SEQ2SEQ_FFN_SOURCE,
+    "return hidden_states")
+# (CACHE: the name of its cache parameter, transformers 5.17's past_key_values or 5.24's cache)
+SEQ2SEQ_ATTENTION_SOURCE = (
+    "query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)",
+    "if CACHE is not None: if isinstance(CACHE, EncoderDecoderCache):",
+    "is_updated = CACHE.is_updated.get(self.layer_idx)", "if is_cross_attention:",
+    ".cross_attention_cache", "else:", ".self_attention_cache",
+    "current_states = key_value_states if is_cross_attention else hidden_states",
+    "if is_cross_attention and CACHE is not None and is_updated:",
+    ".layers[self.layer_idx].keys", ".layers[self.layer_idx].values", "else:",
+    "key_states = self.k_proj(current_states)", "value_states = self.v_proj(current_states)",
+    "key_states = key_states.view(kv_shape).transpose(1, 2)",
+    "value_states = value_states.view(kv_shape).transpose(1, 2)",
+    ".update(key_states, value_states, self.layer_idx",
+    "attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(",
+    "attn_output, attn_weights = attention_interface( self, query_states, key_states, "
+    "value_states, attention_mask, dropout=0.0 if not self.training else self.dropout, "
+    "scaling=self.scaling, **kwargs, )",
+    "attn_output = attn_output.reshape(*input_shape, -1).contiguous()",
+    "attn_output = self.out_proj(attn_output)", "return attn_output, attn_weights")
+# Whisper's: its query times the scale before the attention (which then scales by 1)
+SCALED_QUERY_ATTENTION_SOURCE = (
+    "query_states = (self.q_proj(hidden_states) * self.scaling).view(hidden_shape).transpose(1, "
+    "2).contiguous()",
+    "if CACHE is not None and isinstance(CACHE, EncoderDecoderCache):",
+    "is_updated = CACHE.is_updated.get(self.layer_idx)", "if is_cross_attention:",
+    "CACHE.is_updated[self.layer_idx] = True", "CACHE = CACHE.cross_attention_cache", "else:",
+    "CACHE = CACHE.self_attention_cache",
+    "current_states = key_value_states if key_value_states is not None else hidden_states",
+    "if is_cross_attention and CACHE and is_updated:",
+    "key_states = CACHE.layers[self.layer_idx].keys",
+    "value_states = CACHE.layers[self.layer_idx].values", "else:",
+    "key_states = self.k_proj(current_states).view(kv_shape).transpose(1, 2).contiguous()",
+    "value_states = self.v_proj(current_states).view(kv_shape).transpose(1, 2).contiguous()",
+    "key_states, value_states = CACHE.update(key_states, value_states, self.layer_idx",
+    "attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(",
+    "attn_output, attn_weights = attention_interface( self, query_states, key_states, "
+    "value_states, attention_mask, dropout=0.0 if not self.training else self.dropout, "
+    "scaling=1.0, output_attentions=output_attentions, **kwargs, )",
+    "attn_output = attn_output.reshape(*input_shape, -1).contiguous()",
+    "attn_output = self.out_proj(attn_output)", "return attn_output, attn_weights")
 
 # A decoder layer's forward: the attention gets each named parameter of the forward by its own
 # name ("name=name,", in the signature's order: transformers 5.17 names the cache
@@ -489,6 +569,9 @@ def _forward_reads_as(cls, kind, names):
     if kind == "encoder_layer" and not _distilbert(cls) and not _reads_as(
             getattr(cls, "feed_forward_chunk", None), FEED_FORWARD_SOURCE):
         return False
+    if kind == "seq2seq_decoder_layer":  # (and its attention's: _patch_seq2seq_decoder_layer)
+        return (_reads_as(cls.forward, SEQ2SEQ_POST_NORM_SOURCE)
+                or _reads_as(cls.forward, SEQ2SEQ_PRE_NORM_SOURCE))
     if kind == "relative_bias_stack" and not _reads_as(
             getattr(cls, "compute_position_bias", None), POSITION_BIAS_SOURCE):
         return False
@@ -933,6 +1016,188 @@ def _patch_residual_rms_norm(module, names):
         return False
     module.__dict__[FACTS_ATTR] = _family(type(module)) in SCALED_RESIDUAL_FAMILIES
     return _install(module, _residual_rms_norm_forward)
+
+
+# ------------------------------------------------------------------------------------------------
+# seq2seq_decoder_layer
+# ------------------------------------------------------------------------------------------------
+
+def _seq2seq_decoder_layer_forward(self, hidden_states, *args, **kwargs):
+    fused = _seq2seq_decoder_layer_fused(self, hidden_states, args, kwargs)
+    return type(self).forward(self, hidden_states, *args, **kwargs) if fused is None else fused
+
+
+def _seq2seq_decoder_layer_fused(layer, x, args, kwargs):
+    """The layer's output from transfuse._C.seq2seq_decoder_layer_qkv, the self-attention cache's
+    update and seq2seq_decoder_layer_out, for a step whose cross-attention reads the encoder's keys
+    and values from the cache (every decoding step after the first), on CPU tensors in inference
+    where its modules compute just that (_seq2seq_layer_arguments); else None (nothing done)."""
+    if (len(args) > 2 or type(x) is not torch.Tensor or x.device.type != "cpu" or x.dim() != 3
+            or not x.numel() or torch.is_grad_enabled() or torch.compiler.is_compiling()
+            or torch.is_autocast_enabled("cpu") or torch._C._get_tracing_state()
+            or _global_hooks()):
+        return None
+    (cache_class, cache_name, update_takes_kwargs, pre_norm, attention_class,
+     query_scaled) = layer.__dict__[FACTS_ATTR]
+    rest = dict(kwargs)
+    named = ("attention_mask", "encoder_hidden_states")
+    if any(name in rest for name in named[:len(args)]):
+        return None  # (given twice: the class's forward says so)
+    mask, encoder_states = (*args, *(rest.pop(name, None) for name in named[len(args):]))
+    cross_mask, cache = rest.pop("encoder_attention_mask", None), rest.pop(cache_name, None)
+    attention = layer._modules.get("self_attn")
+    index = getattr(attention, "layer_idx", None)
+    if (encoder_states is None or not isinstance(cache, cache_class)
+            or not cache.is_updated.get(index) or not rest.keys() <= DECODER_IDLE_KWARGS
+            or _weights_requested(rest) or reads_no_mask(attention.config) == "packed"):
+        return None
+    cross_layers = cache.cross_attention_cache.layers
+    if not 0 <= index < len(cross_layers):
+        return None
+    cross_k, cross_v = cross_layers[index].keys, cross_layers[index].values
+    if not (type(cross_k) is torch.Tensor and type(cross_v) is torch.Tensor
+            and cross_k.dtype == x.dtype and cross_k.dim() == 4
+            and cross_k.shape[0] == x.shape[0]):
+        return None
+    arguments = _seq2seq_layer_arguments(layer, attention, attention_class, x, pre_norm)
+    if arguments is None:
+        return None
+    qkv_arguments, out_arguments = arguments
+    # (Whisper's query times the scale, then an attention scaling by 1)
+    scale, query_scale = (1.0, attention.scaling) if query_scaled else (attention.scaling, None)
+    module = backends.extension()[0]
+    q, k, v = module.seq2seq_decoder_layer_qkv(x, *qkv_arguments, query_scale)
+    k, v = cache.self_attention_cache.update(
+        k, v, index, **({"kwargs": rest} if update_takes_kwargs else {}))
+    # as the transfuse attention function (hf/attention.py) takes the two calls
+    causal = _causal(attention, q, mask, None)
+    if causal and k.shape[2] > q.shape[2]:
+        k, v = k[:, :, :q.shape[2]], v[:, :, :q.shape[2]]
+    cross = layer._modules["encoder_attn"]
+    if _causal(cross, q, cross_mask, None):
+        return None  # (a causal cross-attention: not these families')
+    return module.seq2seq_decoder_layer_out(
+        x, q, k, v, _broadcast_mask(mask, q, k, None), causal, scale, cross_k, cross_v,
+        _broadcast_mask(cross_mask, q, cross_k, None), *out_arguments, query_scale)
+
+
+def _plain_activation(act):
+    """The name seq2seq_decoder_layer_out takes for act ("silu", "gelu", "gelu_tanh", "relu"): a
+    SiLU, transformers GELU or ReLU module, unhooked, running its class's forward; else None."""
+    if type(act) is nn.ReLU:
+        return None if _own_hooks(act) or "forward" in act.__dict__ else "relu"
+    return _gated_activation(act)
+
+
+def _seq2seq_layer_arguments(layer, attention, attention_class, x, pre_norm):
+    """(seq2seq_decoder_layer_qkv's arguments after x, seq2seq_decoder_layer_out's after
+    cross_mask) for the BART-like `layer` (attention: its self-attention) on x where its modules
+    run what the calls run: attention_class (the one the rule read) for both attentions, the transfuse attention, three
+    FusedLayerNorm of x's dtype, the linear layers of one kind (_linear_call_arguments), a plain
+    activation, no dropout, the cpu
+    backend for each op; else None."""
+    children = layer._modules
+    cross = children.get("encoder_attn")
+    activation = _plain_activation(children.get("activation_fn"))
+    if (activation is None or layer.training or type(attention) is not attention_class
+            or type(cross) is not attention_class or attention.training or cross.training
+            or _own_hooks(layer) or _own_hooks(attention) or _own_hooks(cross)
+            or "forward" in attention.__dict__ or "forward" in cross.__dict__
+            or attention.head_dim != cross.head_dim or attention.scaling != cross.scaling
+            or attention.config._attn_implementation != ATTENTION_NAME
+            or cross.config._attn_implementation != ATTENTION_NAME):
+        return None
+    dtype = x.dtype
+    norms = [children.get(name) for name in SEQ2SEQ_NORMS]
+    chosen = {attention.__dict__.get(BACKEND_ATTR), layer.__dict__.get(BACKEND_ATTR)}
+    for n in norms:
+        if (type(n) is not FusedLayerNorm or _own_hooks(n) or "forward" in n.__dict__
+                or n._parameters["weight"] is None or n._parameters["bias"] is None
+                or n._parameters["weight"].dtype != dtype or n._parameters["bias"].dtype != dtype):
+            return None
+        chosen.add(n.backend)
+    linears = [attention._modules.get(name) for name in ("q_proj", "k_proj", "v_proj", "out_proj")]
+    linears += [cross._modules.get(name) for name in ("q_proj", "out_proj")]
+    linears += [children.get("fc1"), children.get("fc2")]
+    layers = _linear_call_arguments(linears, x, chosen)
+    if layers is None:
+        return None
+    weights, weight_scales, biases, torch_linears, mode = layers
+    for backend in chosen:
+        for op in ("int8" if mode else "linear", "norm", "attention"):
+            if backends.resolve(op, backend, x.device) != "cpu":
+                return None
+    first = norms[0]._parameters
+    qkv_norm = (first["weight"], first["bias"], float(norms[0].eps)) if pre_norm else (
+        None, None, 0.0)
+    return ((*qkv_norm, attention.head_dim, weights[:3], weight_scales[:3], biases[:3],
+             torch_linears[:3], mode),
+            (weights[3:], weight_scales[3:], biases[3:], torch_linears[3:], mode,
+             [n._parameters["weight"] for n in norms], [n._parameters["bias"] for n in norms],
+             [float(n.eps) for n in norms], activation, pre_norm))
+
+
+def _linear_call_arguments(linears, x, chosen):
+    """(weights, weight_scales, biases, torch_linears, int8_mode) of a fused call for `linears`
+    on x where each computes what the call's Linears do: all nn.Linear of x's dtype under the
+    linear rule's forward or none (torch_linears: the calls transfuse.ops.linear leaves to torch,
+    and those of the class's own F.linear), or all unhooked Int8Linear of one mode; their biases
+    (or None) of x's dtype. Adds the backends they chose to `chosen`. Else None."""
+    int8 = type(linears[0]) is Int8Linear
+    if x.device.type in (JOINED_INT8_DEVICES if int8 else JOINED_GEMM_DEVICES):
+        return None  # (sibling projections would run as one GEMM there)
+    mode = linears[0].mode if int8 else ""
+    weights, weight_scales, biases, torch_linears = [], [], [], []
+    for m in linears:
+        forward = _rule_forward(m)
+        if type(m) is Int8Linear and int8 and m.mode == mode and not _own_hooks(m) and (
+                forward is None):
+            weights.append(m._buffers["weight"])
+            weight_scales.append(m._buffers["weight_scale"])
+            chosen.add(m.backend)
+        elif type(m) is nn.Linear and not int8 and not _own_hooks(m) and (
+                forward in (None, _linear_forward)):
+            weight = m._parameters["weight"]
+            if type(weight) not in PLAIN_TENSORS or weight.dtype != x.dtype:
+                return None
+            weights.append(weight)
+            torch_linears.append(forward is None or not _own_kernel_takes(x, weight))
+            chosen.add(m.__dict__.get(BACKEND_ATTR))
+        else:
+            return None
+        bias = m._parameters.get("bias")
+        if bias is not None and (type(bias) not in PLAIN_TENSORS or bias.dtype != x.dtype):
+            return None
+        biases.append(bias)
+    return weights, weight_scales, biases, torch_linears, mode
+
+
+def _patch_seq2seq_decoder_layer(module, names):
+    """Where its attention's class reads as the rule expects (SEQ2SEQ_ATTENTION_SOURCE, or
+    Whisper's SCALED_QUERY_ATTENTION_SOURCE) and transformers' EncoderDecoderCache is there. Its
+    facts: the cache's class, the name of the cache parameter, whether the cache's update takes
+    the call's kwargs, whether the layer is pre-norm, its attention's class, whether that scales
+    the query before the attention."""
+    attention = getattr(module, "self_attn", None)
+    cls = type(attention)
+    try:
+        from transformers.cache_utils import EncoderDecoderCache
+    except ImportError:
+        return False
+    if not (isinstance(attention, nn.Module) and type(module.encoder_attn) is cls
+            and isinstance(getattr(attention, "layer_idx", None), int)):
+        return False
+    cache_name = "cache" if "cache" in inspect.signature(cls.forward).parameters else (
+        "past_key_values")
+    reads = [_reads_as(cls.forward, tuple(line.replace("CACHE", cache_name) for line in source))
+             for source in (SEQ2SEQ_ATTENTION_SOURCE, SCALED_QUERY_ATTENTION_SOURCE)]
+    if not any(reads):
+        return False
+    module.__dict__[FACTS_ATTR] = (EncoderDecoderCache, cache_name,
+                                   _reads_as(cls.forward, ("self.layer_idx, kwargs=kwargs)",)),
+                                   _reads_as(type(module).forward, SEQ2SEQ_PRE_NORM_SOURCE), cls,
+                                   reads[1])
+    return _install(module, _seq2seq_decoder_layer_forward)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1810,6 +2075,7 @@ _PATCHERS = {"projections": _patch_projections, "linear": _patch_linear,
              "joint_gated_mlp": _patch_joint_gated_mlp,
              "encoder_layer": _patch_encoder_layer, "encoder_stack": _patch_encoder_stack,
              "embeddings": _patch_embeddings,
+             "seq2seq_decoder_layer": _patch_seq2seq_decoder_layer,
              **dict.fromkeys(RELATIVE_BIAS_KINDS, _patch_relative_bias)}
 
 
