@@ -382,7 +382,7 @@ def test_the_other_linear_layers_run_transfuse_linear(monkeypatch):
         torch.testing.assert_close(patched(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
         # per layer Q/K/V as one GEMM (joined_gemm_on_cpu), o_proj, gate/up, down_proj; the head
         expected = 4 * model.config.num_hidden_layers + 1 - 1  # (one down_proj hooked)
-        assert sum(out is not None for out in ran) == (expected if module.cpu_gemm else 0)
+        assert sum(out is not None for out in ran) == (expected if module.cpu_gemv else 0)
         o_proj, h = patched.model.layers[0].self_attn.o_proj, torch.randn(1, 5, 32)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert torch.equal(o_proj(h), torch.nn.Linear.forward(o_proj, h))

@@ -153,10 +153,10 @@ def test_cpu_gemm_weights_kept_packed_follow_their_weights(dtype, rows, monkeypa
 
 def few_rows_kernel_built(rows, dtype, kept=True):
     """Whether transfuse's GEMV (one row; up to 8 bf16 rows of an inference tensor's weight, kept
-    False, or without AVX512_BF16) or GEMMs (from 2 rows) run on this CPU for a call of `rows`
-    <= FEW_ROWS rows."""
+    False, or without AVX512_BF16; every call on a CPU with AVX2 but not AVX-512) or GEMMs (from
+    2 rows) run on this CPU for a call of `rows` <= FEW_ROWS rows."""
     module = transfuse.backends.extension()[0]
-    return bool(module.cpu_gemm) and (dtype == torch.float32 or rows <= 8
+    return bool(module.cpu_gemv) and (dtype == torch.float32 or rows <= 8 or not module.cpu_gemm
                                       or (kept and bool(module.cpu_gemm_bf16)))
 
 
@@ -169,7 +169,8 @@ def test_cpu_few_rows_within_fp32_accumulation_of_float64(shape, with_bias, dtyp
     """Up to FEW_ROWS (15) rows transfuse's kernels take every call on any CPU with AVX-512
     (own_gemm_faster aside: the larger GEMMs' measure), whatever the product's size: one row the
     GEMV, from 2 rows the GEMMs on their kept panels; an inference tensor's weight (never kept)
-    the GEMV, up to 8 rows in bf16 (more: torch's)."""
+    the GEMV, up to 8 rows in bf16 (more: torch's). With AVX2 but not AVX-512: the GEMV, every
+    call."""
     calls = kernel_calls(monkeypatch, own_gemm=False)
     monkeypatch.setattr(linear_module, "own_gemm_faster", lambda: False)
     linear_within_fp32_accumulation(shape, with_bias, dtype, inference_weight)
@@ -225,16 +226,19 @@ def test_cpus_with_amx_keep_torchs_gemm(monkeypatch):
 
 @pytest.mark.parametrize("backend", ["reference"] + cpu_backends())
 def test_calls_it_does_not_take_are_f_linear(backend, monkeypatch):
-    """Beyond FEW_ROWS below the GEMMs' work, 9-15 bf16 rows of an inference tensor's weight,
-    fp16, a transposed weight view up to FEW_ROWS, autograd and the other backends: torch's
-    F.linear (the reference computes in float64), gradients included."""
+    """Beyond FEW_ROWS below the GEMMs' work, 9-15 bf16 rows of an inference tensor's weight
+    (on a CPU with the AVX-512 GEMMs; with AVX2 alone the GEMV takes them), fp16, a transposed
+    weight view up to FEW_ROWS, autograd and the other backends: torch's F.linear (the reference
+    computes in float64), gradients included."""
     calls = kernel_calls(monkeypatch)
     w, bias = torch.randn(96, 80), torch.randn(96)
     with torch.inference_mode():
         w16_inference = w.bfloat16()
-    for x, weight in ((torch.randn(16, 80), w), (torch.randn(20, 80).bfloat16(), w.bfloat16()),
-                      (torch.randn(12, 80).bfloat16(), w16_inference),
-                      (torch.randn(3, 80).half(), w.half()), (torch.randn(3, 80), w.T.contiguous().T)):
+    cases = [(torch.randn(16, 80), w), (torch.randn(20, 80).bfloat16(), w.bfloat16()),
+             (torch.randn(3, 80).half(), w.half()), (torch.randn(3, 80), w.T.contiguous().T)]
+    if transfuse.backends.extension()[0].cpu_gemm or backend != "cpu":
+        cases.append((torch.randn(12, 80).bfloat16(), w16_inference))
+    for x, weight in cases:
         out = transfuse.ops.linear(x, weight, bias.to(x.dtype), backend=backend)
         expected = (reference.linear if backend == "reference" else F.linear)(
             x, weight, bias.to(x.dtype))

@@ -37,9 +37,11 @@ bool pack_weight_int8_pairs(const int8_t* w, int64_t n, int64_t k, void* packed,
                             int num_threads);
 
 // A few rows of x (decoding; gemv.cpp): fp32 or bf16 x and w (not int8), weights read as stored.
-// Runs p and returns true for p.m <= kGemvMaxRows on a CPU where has_gemm(); else false, writing
+// Runs p and returns true for p.m <= kGemvMaxRows on a CPU where has_gemv(); else false, writing
 // nothing.
 constexpr int64_t kGemvMaxRows = 15;
 bool gemv(const GemmParams& p);
+// Whether gemv runs on this CPU: AVX-512 (has_gemm) or AVX2 with FMA, as vector_isa() sees it.
+bool has_gemv();
 
 }  // namespace transfuse::cpu

@@ -12,6 +12,8 @@
 // Intrinsics kernels on AVX-512 with byte/word ops and 128/256-bit masks (the fp32 / bf16 GEMM and
 // GEMV: gemm.h's has_gemm).
 #define TRANSFUSE_AVX512BW __attribute__((target("avx512f,avx512bw,avx512vl")))
+// Intrinsics kernels on AVX2 with FMA (the GEMV where AVX-512 is not there).
+#define TRANSFUSE_AVX2_FMA __attribute__((target("avx2,fma")))
 
 #include <cstdlib>
 #include <cstring>

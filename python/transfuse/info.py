@@ -61,6 +61,7 @@ def info() -> dict:
         # transfuse's own GEMMs (ops.linear) run: fp32 (AVX-512), bf16 (AVX512_BF16); with AMX,
         # ops.linear leaves float GEMMs to torch and w8a8 runs on the tiles
         report["cpu_gemm"] = bool(module.cpu_gemm)
+        report["cpu_gemv"] = bool(module.cpu_gemv)
         report["cpu_gemm_bf16"] = bool(module.cpu_gemm_bf16)
         report["cpu_amx"] = bool(module.cpu_amx)
     return report

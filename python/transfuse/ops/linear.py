@@ -3,7 +3,10 @@
 
 On the cpu backend, when autograd records nothing, fp32 and bf16 calls on a CPU with AVX-512 run
 transfuse's kernels (under torch.compile inside the custom op transfuse::linear, which Inductor
-leaves alone):
+leaves alone); on a CPU with AVX2 and FMA but not AVX-512, the GEMV alone, up to FEW_ROWS rows
+in fp32 and bf16 (on an AMD EPYC without AVX-512, 2 threads: 1.5-1.9x torch's F.linear at one fp32
+row, 1.2-4.2x at 4-15, 1.5-2.8x at one bf16 row and 3.6-4.7x at 4-15, on opus-mt-en-de's and
+SmolLM-135M's shapes, torch's AVX2 bf16 GEMM being slow):
 - up to FEW_ROWS rows, every call: one row (decoding) the GEMV (csrc/cpu/gemv.cpp): the weights
   read once, as stored, each thread streaming its own rows; bf16 widened exactly, fp32 FMAs. On
   the AMD EPYC (2 threads, SmolLM-135M's shapes) 1.4-2.9x torch's F.linear at one row, whose
@@ -12,7 +15,7 @@ leaves alone):
   of the bench's 32 one-sentence queries have 9-15 tokens, in bf16 torch's GEMM's before). An
   inference tensor's panels are never kept (packing per call ran up to 2.3x slower than the
   GEMV there), nor is bf16 GEMM'd without AVX512_BF16: there the GEMV, up to 8 bf16 rows (past
-  them torch's GEMM overtook it);
+  them torch's AVX-512 GEMM overtook it);
 - more rows and at least MIN_WORK multiply-adds, on a CPU where they run faster than torch's
   (own_gemm_faster): the GEMMs, fp32 on AVX-512 (csrc/cpu/gemm.cpp), bf16 on AVX512_BF16
   (csrc/cpu/gemm_bf16.cpp: fp32 sums of exact products; subnormal bf16 inputs count as zero):
@@ -99,8 +102,7 @@ def _check_arguments(x, weight, bias, activation, backend):
 
 
 def _own_kernel_takes(x, weight):
-    """Whether transfuse's GEMV or GEMMs run the call (the extension may still decline it: a CPU
-    without AVX-512). Up to FEW_ROWS rows the GEMV reads the weight as stored, and the GEMMs keep
+    """Whether transfuse's GEMV or GEMMs run the call. Up to FEW_ROWS rows the GEMV reads the weight as stored, and the GEMMs keep
     only a contiguous weight's panels: a transposed view (which the binding would copy) is
     torch's there."""
     if x.dtype not in KERNEL_DTYPES:
@@ -108,7 +110,7 @@ def _own_kernel_takes(x, weight):
     rows = x.numel() // max(x.shape[-1], 1)
     if rows <= FEW_ROWS:
         return weight.is_contiguous() and gemv_built() and (
-            x.dtype == torch.float32 or rows <= GEMV_MAX_ROWS_BF16
+            x.dtype == torch.float32 or rows <= GEMV_MAX_ROWS_BF16 or not gemm_built()
             or (gemm_bf16_built() and _panels_kept(weight)))
     return rows * weight.numel() >= MIN_WORK and own_gemm_faster()
 
@@ -122,8 +124,16 @@ def _panels_kept(weight):
 
 @torch.compiler.assume_constant_result  # under torch.compile: called once, not traced
 def gemv_built() -> bool:
-    """Whether transfuse's GEMV runs on this CPU (AVX-512, `transfuse info`: cpu_gemm); elsewhere
-    the calls go to torch's at once instead of through an extension call that declines them."""
+    """Whether transfuse's GEMV runs on this CPU (AVX-512 or AVX2 with FMA, `transfuse info`:
+    cpu_gemv); elsewhere the calls go to torch's at once instead of through an extension call
+    that declines them."""
+    module = backends.extension()[0]
+    return module is not None and bool(module.cpu_gemv)
+
+
+@torch.compiler.assume_constant_result  # under torch.compile: called once, not traced
+def gemm_built() -> bool:
+    """Whether transfuse's fp32 GEMM runs on this CPU (AVX-512, `transfuse info`: cpu_gemm)."""
     module = backends.extension()[0]
     return module is not None and bool(module.cpu_gemm)
 
@@ -144,8 +154,7 @@ def own_gemm_faster() -> bool:
     On an Intel Xeon with AMX, torch's GEMMs ran faster (fp32 1.2-1.45x; bf16 on the AMX tiles
     far faster than AVX512_BF16), so there every call of more than FEW_ROWS rows is torch's. (The
     GEMV is not measured there yet; it runs wherever AVX-512 does.)"""
-    module = backends.extension()[0]
-    return module is not None and bool(module.cpu_gemm) and not module.cpu_amx
+    return gemm_built() and not backends.extension()[0].cpu_amx
 
 
 def _torch_linear(x, weight, bias, activation):
