@@ -169,12 +169,14 @@ def test_int8_matmul_is_exact(backend, device):
     acc = transfuse.ops.int8_matmul(a, b, backend=backend)
     assert torch.equal(acc, reference.int8_matmul(a, b)) and acc[0, 0].item() == 1100 * 127 * 127
     # -128 * -128 over several chunks of k (bindings/int8.cpp's fp32 path, 1024 columns each,
-    # taken on CPUs without VNNI from 4 rows)
-    a = torch.full((5, 2100), -128, dtype=torch.int8, device=device)
-    b = torch.randint(-128, 128, (3, 2100), generator=g, dtype=torch.int8).to(device)
-    b[0] = -128
-    acc = transfuse.ops.int8_matmul(a, b, backend=backend)
-    assert torch.equal(acc, reference.int8_matmul(a, b)) and acc[0, 0].item() == 2100 * 128 * 128
+    # taken on CPUs without VNNI past the GEMV's 15 rows; and through the GEMV)
+    for rows in (17, 5):
+        a = torch.full((rows, 2100), -128, dtype=torch.int8, device=device)
+        b = torch.randint(-128, 128, (3, 2100), generator=g, dtype=torch.int8).to(device)
+        b[0] = -128
+        acc = transfuse.ops.int8_matmul(a, b, backend=backend)
+        assert torch.equal(acc, reference.int8_matmul(a, b))
+        assert acc[0, 0].item() == 2100 * 128 * 128
 
 
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])

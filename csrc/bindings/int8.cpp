@@ -93,19 +93,19 @@ Tensor int_mm_by_fp32(const Tensor& a, const Tensor& b) {
 }
 
 // a [m, k] @ b [n, k]^T in int32 on a CPU without AVX512-VNNI: oneDNN's (torch._int_mm) where the
-// CPU has an int8 dot product (AVX-VNNI), else cpu::int8_gemv for one row and int_mm_by_fp32
-// from 4 rows (without VNNI torch._int_mm measured 4 GFLOP/s on an
-// AVX2-only AMD EPYC with torch 2.13, 0.04x fp32 F.linear; for 2-3 rows converting the weight to
-// fp32 costs more than it saves). For k = 1, where torch._int_mm on CPU returns wrong
+// CPU has an int8 dot product (AVX-VNNI), else cpu::int8_gemv up to cpu::kInt8GemvMaxRows rows
+// (decoding: the weights read once, as int8; int_mm_by_fp32 converted them to fp32 per call) and
+// int_mm_by_fp32 beyond (without VNNI torch._int_mm measured 4 GFLOP/s on an AVX2-only AMD EPYC
+// with torch 2.13, 0.04x fp32 F.linear). For k = 1, where torch._int_mm on CPU returns wrong
 // sums (torch 2.13; found by the int8 fuzz test), an int32 outer product, exact and cheap.
 Tensor int_mm(const Tensor& a, const Tensor& b) {
-  if (a.size(0) == 1 && !cpu::has_int8_dot()) {  // one token, no VNNI: transfuse's GEMV
-    Tensor acc = at::empty({1, b.size(0)}, a.options().dtype(at::kInt));
+  if (a.size(0) <= cpu::kInt8GemvMaxRows && !cpu::has_int8_dot()) {  // no VNNI: the GEMV
+    Tensor acc = at::empty({a.size(0), b.size(0)}, a.options().dtype(at::kInt));
     Int8LinearParams p;
     p.x_q = a.data_ptr<int8_t>();
     p.w = b.data_ptr<int8_t>();
     p.acc = acc.data_ptr<int32_t>();
-    p.m = 1;
+    p.m = a.size(0);
     p.n = b.size(0);
     p.k = a.size(1);
     p.num_threads = at::get_num_threads();

@@ -219,36 +219,54 @@ int64_t dot_tile_one_row_avx2(const float* x, const int8_t* const* w, int64_t n,
 #endif
 
 #ifdef TRANSFUSE_X86_MULTIVERSION
-// acc[j] = sum_k x[k] * w[j][k] for weight rows [j0, j1) of one token, exactly: 16 int8 of x and
-// of a row widened to int16, their products summed in pairs into int32 (madd), 4 rows at a time
-// sharing the widened x, each row prefetching the row two tiles ahead (as the w8a16 GEMV).
+// acc[r][j] = sum_k x[r][k] * w[j][k] for weight rows [j0, j1) and the m tokens of x (rows of
+// acc n long), exactly: 16 int8 of x and of a row widened to int16, their products summed in pairs
+// into int32 (madd), 4 weight rows at a time sharing each widened x, 2 tokens at a time sharing
+// each widened weight (more tokens take the tile again from L1), each row prefetching the row two
+// tiles ahead (as the w8a16 GEMV).
+template <int64_t Tokens>
 __attribute__((target("avx2")))
-void int8_gemv_rows_avx2(const int8_t* x, const int8_t* w, int64_t k, int64_t j0, int64_t j1,
-                         int32_t* acc) {
+void int8_gemv_tile_avx2(const int8_t* x, const int8_t* w, int64_t k, int64_t n, int64_t j,
+                         int64_t rows, int32_t* acc) {
   const int64_t vectors = k / 16 * 16;
-  for (int64_t j = j0; j < j1; j += kTileCols) {
-    const int64_t rows = std::min(kTileCols, j1 - j);
-    __m256i sums[kTileCols];
-    for (auto& sum : sums) sum = _mm256_setzero_si256();
-    for (int64_t i = 0; i < vectors; i += 16) {
-      const __m256i xv =
-          _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i)));
-      for (int64_t c = 0; c < rows; ++c) {
-        const int8_t* row = w + (j + c) * k;
-        if ((i & 63) == 0) _mm_prefetch(row + i + kPrefetchRows * k, _MM_HINT_T1);
-        const __m256i wv =
-            _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i)));
-        sums[c] = _mm256_add_epi32(sums[c], _mm256_madd_epi16(xv, wv));
-      }
+  __m256i sums[Tokens][kTileCols];
+  for (auto& token : sums)
+    for (auto& sum : token) sum = _mm256_setzero_si256();
+  for (int64_t i = 0; i < vectors; i += 16) {
+    __m256i xv[Tokens];
+    for (int64_t r = 0; r < Tokens; ++r)
+      xv[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + r * k + i)));
+    for (int64_t c = 0; c < rows; ++c) {
+      const int8_t* row = w + (j + c) * k;
+      if ((i & 63) == 0) _mm_prefetch(row + i + kPrefetchRows * k, _MM_HINT_T1);
+      const __m256i wv =
+          _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i)));
+      for (int64_t r = 0; r < Tokens; ++r)
+        sums[r][c] = _mm256_add_epi32(sums[r][c], _mm256_madd_epi16(xv[r], wv));
     }
+  }
+  for (int64_t r = 0; r < Tokens; ++r)
     for (int64_t c = 0; c < rows; ++c) {
       int32_t lanes[8];
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(lanes), sums[c]);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(lanes), sums[r][c]);
       int32_t total = 0;
       for (int32_t lane : lanes) total += lane;
       const int8_t* row = w + (j + c) * k;
-      for (int64_t i = vectors; i < k; ++i) total += int32_t(x[i]) * int32_t(row[i]);
-      acc[j + c] = total;
+      for (int64_t i = vectors; i < k; ++i) total += int32_t(x[r * k + i]) * int32_t(row[i]);
+      acc[r * n + j + c] = total;
+    }
+}
+
+void int8_gemv_rows_avx2(const int8_t* x, int64_t m, const int8_t* w, int64_t k, int64_t n,
+                         int64_t j0, int64_t j1, int32_t* acc) {
+  for (int64_t j = j0; j < j1; j += kTileCols) {
+    const int64_t rows = std::min(kTileCols, j1 - j);
+    for (int64_t r = 0; r < m; r += 2) {
+      if (m - r >= 2) {
+        int8_gemv_tile_avx2<2>(x + r * k, w, k, n, j, rows, acc + r * n);
+      } else {
+        int8_gemv_tile_avx2<1>(x + r * k, w, k, n, j, rows, acc + r * n);
+      }
     }
   }
 }
@@ -379,12 +397,12 @@ void dequantize_weight(const int8_t* w, const float* w_scale, int64_t rows, int6
 
 bool int8_gemv(const Int8LinearParams& p) {
 #ifdef TRANSFUSE_X86_MULTIVERSION
-  if (vector_isa() == VectorIsa::baseline) return false;
+  if (vector_isa() == VectorIsa::baseline || p.m > kInt8GemvMaxRows) return false;
   const int64_t blocks = (p.n + kWeightRowsPerBlock - 1) / kWeightRowsPerBlock;
-  in_team(threads_for(p.num_threads, blocks, p.n * p.k, kMinWorkPerThread), [&] {
+  in_team(threads_for(p.num_threads, blocks, p.m * p.n * p.k, kMinWorkPerThread), [&] {
 #pragma omp for schedule(static)
     for (int64_t block = 0; block < blocks; ++block)
-      int8_gemv_rows_avx2(p.x_q, p.w, p.k, block * kWeightRowsPerBlock,
+      int8_gemv_rows_avx2(p.x_q, p.m, p.w, p.k, p.n, block * kWeightRowsPerBlock,
                           std::min(p.n, (block + 1) * kWeightRowsPerBlock), p.acc);
   });
   return true;

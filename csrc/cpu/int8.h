@@ -23,9 +23,10 @@ void int8_linear_w8a16(const Int8LinearParams& p);
 void dequantize_weight(const int8_t* w, const float* w_scale, int64_t rows, int64_t k, float* out,
                        int num_threads);
 
-// The int32 product acc [n] = w [n, k] x_q [k] of one token (p.m = 1; p.x_q, p.w, p.acc, p.n,
-// p.k), exact. Returns false, writing nothing, on a CPU without AVX2 (the caller then uses
-// oneDNN's GEMM).
+// The int32 product acc [m, n] = x_q [m, k] w [n, k]^T of a few tokens (p.m <= kInt8GemvMaxRows;
+// p.x_q, p.w, p.acc, p.n, p.k), exact, the weights read once. Returns false, writing nothing, on a
+// CPU without AVX2 or for more tokens (the caller then uses another GEMM).
+constexpr int64_t kInt8GemvMaxRows = 15;
 bool int8_gemv(const Int8LinearParams& p);
 
 // w8a8 on AVX512-VNNI: out (or, where p.acc is set, the raw int32 product acc) from p.x_q,
