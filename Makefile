@@ -63,7 +63,7 @@ GPU_TESTS ?= tests/test_triton_compile.py tests/test_int8.py tests/test_varlen_a
 	tests/test_int8_checkpoint_fuzz.py tests/test_hf_blocks.py tests/test_activation.py \
 	tests/test_hf_families.py tests/test_linear.py tests/test_hf_encoder_model.py \
 	tests/test_hf_blocks_relative_bias.py tests/test_hf_blocks_decoder_layer.py \
-	tests/test_hf_more_families.py
+	tests/test_hf_more_families.py tests/test_hf_blocks_seq2seq_decoder_layer.py
 
 $(GPU_VENV)/.installed: setup.py pyproject.toml $(CSRC) $(PY_SOURCES)
 	test -x $(GPU_BIN)/python || $(PYTHON) -m venv $(GPU_VENV)
