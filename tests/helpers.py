@@ -1,4 +1,6 @@
 """Shared test utilities: the backends testable here, poisoning, the half-precision error rule."""
+import contextlib
+
 import pytest
 import torch
 
@@ -37,3 +39,27 @@ def assert_close_to_reference(out, exact, plain, *, atol, name):
     err = (out64 - exact64).abs().max().item() if out.numel() else 0.0
     bound = atol if plain is None else 2 * (plain.double() - exact64).abs().max().item() + atol
     assert err <= bound, f"{name}: max error {err:.3g} > bound {bound:.3g}"
+
+
+def count_results(monkeypatch, owner, name):
+    """A one-item list counting the calls of owner.name (a function of the module `owner`,
+    patched here) that returned something other than None."""
+    count, original = [0], getattr(owner, name)
+
+    def counting(*args):
+        out = original(*args)
+        count[0] += out is not None
+        return out
+    monkeypatch.setattr(owner, name, counting)
+    return count
+
+
+@contextlib.contextmanager
+def returning_none(owner, name):
+    """owner.name returns None (a fused path declines every call) inside the block."""
+    original = getattr(owner, name)
+    setattr(owner, name, lambda *args: None)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)

@@ -3,7 +3,6 @@
 Llama, Mistral, Qwen2, Qwen3 and Gemma layer whose modules carry the rules computes what the rules
 compute module by module, bit for bit, at prefill and at every decoding step, and leaves the call
 to them wherever they would compute something else."""
-import contextlib
 import copy
 import importlib
 
@@ -13,6 +12,7 @@ import torch
 import transfuse
 from transfuse.hf import blocks
 
+from helpers import count_results, returning_none
 from hf_models import MORE_FAMILIES, assert_close_scaled, build, build_more
 
 pytestmark = pytest.mark.skipif(transfuse.backends.extension()[0] is None,
@@ -35,26 +35,12 @@ def fused(request, monkeypatch):
     (which the fused calls then make too)."""
     if request.param == "own GEMMs":
         monkeypatch.setattr(importlib.import_module("transfuse.ops.linear"), "MIN_WORK", 0)
-    count = [0]
-    original = blocks._decoder_layer_fused
-
-    def counting(*args):
-        out = original(*args)
-        count[0] += out is not None
-        return out
-    monkeypatch.setattr(blocks, "_decoder_layer_fused", counting)
-    return count
+    return count_results(monkeypatch, blocks, "_decoder_layer_fused")
 
 
-@contextlib.contextmanager
 def module_by_module():
     """The rules' modules, not the fused calls."""
-    original = blocks._decoder_layer_fused
-    blocks._decoder_layer_fused = lambda *args: None
-    try:
-        yield
-    finally:
-        blocks._decoder_layer_fused = original
+    return returning_none(blocks, "_decoder_layer_fused")
 
 
 def decoder(model_type, seed=0):

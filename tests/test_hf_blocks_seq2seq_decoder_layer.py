@@ -2,9 +2,8 @@
 update (blocks._seq2seq_decoder_layer_fused, csrc/bindings/decoder_layer.cpp): on CPU tensors in
 inference, each decoding step after the first (its cross-attention then reads the encoder's keys
 and values from the cache) of a post-norm (BART, Marian) or pre-norm (mBART, M2M100, Pegasus,
-Whisper) layer whose modules carry the rules computes what they compute module by module, bit for bit,
-and leaves every other call to them."""
-import contextlib
+Whisper) layer whose modules carry the rules computes what they compute module by module, bit
+for bit, and leaves every other call to them."""
 import copy
 import importlib
 
@@ -14,6 +13,7 @@ import torch
 import transfuse
 from transfuse.hf import blocks
 
+from helpers import count_results, returning_none
 from hf_models import assert_close_scaled, build
 
 pytestmark = pytest.mark.skipif(transfuse.backends.extension()[0] is None,
@@ -34,26 +34,12 @@ def fused(request, monkeypatch):
     transfuse's own (thresholds lowered) or torch's (as they are)."""
     if request.param == "own GEMMs":
         monkeypatch.setattr(importlib.import_module("transfuse.ops.linear"), "MIN_WORK", 0)
-    count = [0]
-    original = blocks._seq2seq_decoder_layer_fused
-
-    def counting(*args):
-        out = original(*args)
-        count[0] += out is not None
-        return out
-    monkeypatch.setattr(blocks, "_seq2seq_decoder_layer_fused", counting)
-    return count
+    return count_results(monkeypatch, blocks, "_seq2seq_decoder_layer_fused")
 
 
-@contextlib.contextmanager
 def module_by_module():
     """The rules' modules, not the fused calls."""
-    original = blocks._seq2seq_decoder_layer_fused
-    blocks._seq2seq_decoder_layer_fused = lambda *args: None
-    try:
-        yield
-    finally:
-        blocks._seq2seq_decoder_layer_fused = original
+    return returning_none(blocks, "_seq2seq_decoder_layer_fused")
 
 
 def seq2seq(model_type):

@@ -1,9 +1,10 @@
 // The CPU GEMV of transfuse's linear for a few rows of x (decoding), on AVX-512 or AVX2 with FMA
-// (the math is in common/gemm.h): fp32 or bf16 weights read once, as stored, with no packing. Each weight is used
-// by at most a few rows of x, so the call is bound by the weights' bytes over memory bandwidth:
-// each thread streams a contiguous range of weight rows, 4 rows at a time sharing every load of x
-// (x, in fp32, stays in L1), each row prefetching the row four tiles ahead. bf16 weights are
-// widened exactly to fp32 (a shift), so every product is exact and the sums are fp32 FMAs.
+// (the math is in common/gemm.h): fp32 or bf16 weights read once, as stored, with no packing.
+// Each weight is used by at most a few rows of x, so the call is bound by the weights' bytes over
+// memory bandwidth: each thread streams a contiguous range of weight rows, 4 rows at a time
+// sharing every load of x (x, in fp32, stays in L1), each row prefetching the row four tiles
+// ahead. bf16 weights are widened exactly to fp32 (a shift), so every product is exact and the
+// sums are fp32 FMAs.
 // Up to 4 rows of x share each weight load; more rows (up to kGemvMaxRows) take the same tile of
 // weight rows again from L1/L2. The two ISAs differ only in the tile's dot products (16 or 8
 // lanes, so in the order of the fp32 sums).

@@ -235,7 +235,8 @@ void int8_gemv_tile_avx2(const int8_t* x, const int8_t* w, int64_t k, int64_t n,
   for (int64_t i = 0; i < vectors; i += 16) {
     __m256i xv[Tokens];
     for (int64_t r = 0; r < Tokens; ++r)
-      xv[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + r * k + i)));
+      xv[r] = _mm256_cvtepi8_epi16(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(x + r * k + i)));
     for (int64_t c = 0; c < rows; ++c) {
       const int8_t* row = w + (j + c) * k;
       if ((i & 63) == 0) _mm_prefetch(row + i + kPrefetchRows * k, _MM_HINT_T1);

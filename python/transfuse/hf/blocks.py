@@ -1060,8 +1060,8 @@ def _seq2seq_decoder_layer_fused(layer, x, args, kwargs):
             and cross_k.shape[0] == x.shape[0]):
         return None
     arguments = _seq2seq_layer_arguments(layer, attention, attention_class, x, pre_norm)
-    if arguments is None:
-        return None
+    if arguments is None or _causal(layer._modules["encoder_attn"], x[:, None], cross_mask, None):
+        return None  # (a causal cross-attention: not these families')
     qkv_arguments, out_arguments = arguments
     # (Whisper's query times the scale, then an attention scaling by 1)
     scale, query_scale = (1.0, attention.scaling) if query_scaled else (attention.scaling, None)
@@ -1073,9 +1073,6 @@ def _seq2seq_decoder_layer_fused(layer, x, args, kwargs):
     causal = _causal(attention, q, mask, None)
     if causal and k.shape[2] > q.shape[2]:
         k, v = k[:, :, :q.shape[2]], v[:, :, :q.shape[2]]
-    cross = layer._modules["encoder_attn"]
-    if _causal(cross, q, cross_mask, None):
-        return None  # (a causal cross-attention: not these families')
     return module.seq2seq_decoder_layer_out(
         x, q, k, v, _broadcast_mask(mask, q, k, None), causal, scale, cross_k, cross_v,
         _broadcast_mask(cross_mask, q, cross_k, None), *out_arguments, query_scale)
@@ -1092,10 +1089,10 @@ def _plain_activation(act):
 def _seq2seq_layer_arguments(layer, attention, attention_class, x, pre_norm):
     """(seq2seq_decoder_layer_qkv's arguments after x, seq2seq_decoder_layer_out's after
     cross_mask) for the BART-like `layer` (attention: its self-attention) on x where its modules
-    run what the calls run: attention_class (the one the rule read) for both attentions, the transfuse attention, three
-    FusedLayerNorm of x's dtype, the linear layers of one kind (_linear_call_arguments), a plain
-    activation, no dropout, the cpu
-    backend for each op; else None."""
+    run what the calls run: attention_class (the one the rule read) for both attentions, the
+    transfuse attention, three FusedLayerNorm of x's dtype, the linear layers of one kind
+    (_linear_call_arguments), a plain activation, no dropout, the cpu backend for each op; else
+    None."""
     children = layer._modules
     cross = children.get("encoder_attn")
     activation = _plain_activation(children.get("activation_fn"))

@@ -102,9 +102,9 @@ def _check_arguments(x, weight, bias, activation, backend):
 
 
 def _own_kernel_takes(x, weight):
-    """Whether transfuse's GEMV or GEMMs run the call. Up to FEW_ROWS rows the GEMV reads the weight as stored, and the GEMMs keep
-    only a contiguous weight's panels: a transposed view (which the binding would copy) is
-    torch's there."""
+    """Whether transfuse's GEMV or GEMMs run the call. Up to FEW_ROWS rows the GEMV reads the
+    weight as stored, and the GEMMs keep only a contiguous weight's panels: a transposed view
+    (which the binding would copy) is torch's there."""
     if x.dtype not in KERNEL_DTYPES:
         return False
     rows = x.numel() // max(x.shape[-1], 1)
