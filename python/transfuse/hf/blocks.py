@@ -947,40 +947,12 @@ def _decoder_layer_arguments(layer, attention, head_norms, x, cos, sin):
                                out_dtype))
     linears = [attention._modules.get(name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
     linears += [mlp._modules.get(name) for name in ("gate_proj", "up_proj", "down_proj")]
-    int8 = type(linears[0]) is Int8Linear
-    if x.device.type in (JOINED_INT8_DEVICES if int8 else JOINED_GEMM_DEVICES):
-        return None  # (the modules would run Q, K and V, and gate and up, as one GEMM each)
-    mode = linears[0].mode if int8 else ""
-    weights, weight_scales, biases, torch_linears = [], [], [], []
-    for m in linears:
-        forward = _rule_forward(m)
-        if type(m) is Int8Linear and int8 and m.mode == mode and not _own_hooks(m) and (
-                forward in (None, _projection_forward)):
-            weights.append(m._buffers["weight"])
-            weight_scales.append(m._buffers["weight_scale"])
-            chosen.add(m.backend)
-        elif type(m) is nn.Linear and not int8 and not _own_hooks(m) and (
-                forward in (None, _linear_forward, _projection_forward)):
-            weight = m._parameters["weight"]
-            if weight.dtype != dtype:
-                return None
-            weights.append(weight)
-            # the class's forward is F.linear; the rules' go through transfuse.ops.linear
-            torch_linears.append(forward is None or not _own_kernel_takes(x, weight))
-            if forward is not None:  # (a projection's: its parent's backend)
-                holder = (m.__dict__[PROJECTION_ATTR][0].parent
-                          if forward is _projection_forward else m)
-                chosen.add(holder.__dict__.get(BACKEND_ATTR))
-        else:
-            return None
-        bias = m._parameters.get("bias")
-        if type(weights[-1]) not in PLAIN_TENSORS or bias is not None and (
-                type(bias) not in PLAIN_TENSORS or bias.dtype != dtype):
-            return None  # (a sharded DTensor's: the modules)
-        biases.append(bias)
+    layers = _linear_call_arguments(linears, x, chosen)
+    if layers is None:
+        return None
+    weights, weight_scales, biases, torch_linears, mode = layers
     for backend in chosen:
-        for op in (("int8",) if int8 else ("linear",)) + ("norm", "attention", "rotary",
-                                                          "activation"):
+        for op in ("int8" if mode else "linear", "norm", "attention", "rotary", "activation"):
             if backends.resolve(op, backend, x.device) != "cpu":
                 return None
     sandwich_weights = []
@@ -1060,8 +1032,8 @@ def _seq2seq_decoder_layer_fused(layer, x, args, kwargs):
             and cross_k.shape[0] == x.shape[0]):
         return None
     arguments = _seq2seq_layer_arguments(layer, attention, attention_class, x, pre_norm)
-    if arguments is None or _causal(layer._modules["encoder_attn"], x[:, None], cross_mask, None):
-        return None  # (a causal cross-attention: not these families')
+    if arguments is None:
+        return None
     qkv_arguments, out_arguments = arguments
     # (Whisper's query times the scale, then an attention scaling by 1)
     scale, query_scale = (1.0, attention.scaling) if query_scaled else (attention.scaling, None)
@@ -1098,6 +1070,7 @@ def _seq2seq_layer_arguments(layer, attention, attention_class, x, pre_norm):
     activation = _plain_activation(children.get("activation_fn"))
     if (activation is None or layer.training or type(attention) is not attention_class
             or type(cross) is not attention_class or attention.training or cross.training
+            or getattr(cross, "is_causal", False)  # (not these families': the call's is not)
             or _own_hooks(layer) or _own_hooks(attention) or _own_hooks(cross)
             or "forward" in attention.__dict__ or "forward" in cross.__dict__
             or attention.head_dim != cross.head_dim or attention.scaling != cross.scaling
@@ -1137,9 +1110,10 @@ def _seq2seq_layer_arguments(layer, attention, attention_class, x, pre_norm):
 def _linear_call_arguments(linears, x, chosen):
     """(weights, weight_scales, biases, torch_linears, int8_mode) of a fused call for `linears`
     on x where each computes what the call's Linears do: all nn.Linear of x's dtype under the
-    linear rule's forward or none (torch_linears: the calls transfuse.ops.linear leaves to torch,
-    and those of the class's own F.linear), or all unhooked Int8Linear of one mode; their biases
-    (or None) of x's dtype. Adds the backends they chose to `chosen`. Else None."""
+    linear or projections rule's forward or none (torch_linears: the calls transfuse.ops.linear
+    leaves to torch, and those of the class's own F.linear), or all unhooked Int8Linear of one
+    mode (alone or as projections); plain tensors, their biases (or None) of x's dtype. Adds the
+    backends the rules chose to `chosen`. Else None."""
     int8 = type(linears[0]) is Int8Linear
     if x.device.type in (JOINED_INT8_DEVICES if int8 else JOINED_GEMM_DEVICES):
         return None  # (sibling projections would run as one GEMM there)
@@ -1148,23 +1122,28 @@ def _linear_call_arguments(linears, x, chosen):
     for m in linears:
         forward = _rule_forward(m)
         if type(m) is Int8Linear and int8 and m.mode == mode and not _own_hooks(m) and (
-                forward is None):
+                forward in (None, _projection_forward)):
             weights.append(m._buffers["weight"])
             weight_scales.append(m._buffers["weight_scale"])
             chosen.add(m.backend)
         elif type(m) is nn.Linear and not int8 and not _own_hooks(m) and (
-                forward in (None, _linear_forward)):
+                forward in (None, _linear_forward, _projection_forward)):
             weight = m._parameters["weight"]
-            if type(weight) not in PLAIN_TENSORS or weight.dtype != x.dtype:
+            if weight.dtype != x.dtype:
                 return None
             weights.append(weight)
+            # the class's forward is F.linear; the rules' go through transfuse.ops.linear
             torch_linears.append(forward is None or not _own_kernel_takes(x, weight))
-            chosen.add(m.__dict__.get(BACKEND_ATTR))
+            if forward is not None:  # (a projection's: its parent's backend)
+                holder = (m.__dict__[PROJECTION_ATTR][0].parent
+                          if forward is _projection_forward else m)
+                chosen.add(holder.__dict__.get(BACKEND_ATTR))
         else:
             return None
         bias = m._parameters.get("bias")
-        if bias is not None and (type(bias) not in PLAIN_TENSORS or bias.dtype != x.dtype):
-            return None
+        if type(weights[-1]) not in PLAIN_TENSORS or bias is not None and (
+                type(bias) not in PLAIN_TENSORS or bias.dtype != x.dtype):
+            return None  # (a sharded DTensor's: the modules)
         biases.append(bias)
     return weights, weight_scales, biases, torch_linears, mode
 
