@@ -31,8 +31,10 @@ test-cpp:
 	cmake --build build/cmake
 	ctest --test-dir build/cmake --output-on-failure
 
+# `pytest`, not `python -m pytest`: the latter puts the repository root on sys.path, where kernels/
+# shadows Hugging Face's `kernels` package that transformers imports
 test-python: setup
-	$(BIN)/python -m pytest
+	$(BIN)/pytest
 
 # The CPU kernels written with intrinsics dispatch on the CPU's best ISA; their AVX2 and baseline
 # paths (and, under avx2, the int8 paths of a CPU without VNNI) run here too with TRANSFUSE_CPU_ISA
@@ -41,7 +43,7 @@ test-python: setup
 test-lower-isa: setup
 	for isa in $$($(BIN)/python -c "import torch, transfuse._C as c; print('avx512' * c.cpu_amx)") \
 			avx2 baseline; do \
-		TRANSFUSE_CPU_ISA=$$isa $(BIN)/python -m pytest -q -p no:cacheprovider -k cpu \
+		TRANSFUSE_CPU_ISA=$$isa $(BIN)/pytest -q -p no:cacheprovider -k cpu \
 			tests/test_int8.py tests/test_linear.py tests/test_norm.py || exit 1; \
 	done
 
@@ -82,7 +84,7 @@ test-gpu-versions: $(GPU_VENV)/.installed
 	$(GPU_BIN)/python -c "import torch, transformers, triton, numpy; print('torch', \
 		torch.__version__, 'transformers', transformers.__version__, 'triton', \
 		triton.__version__, 'numpy', numpy.__version__)"
-	$(GPU_BIN)/python -m pytest -q -p no:cacheprovider -k "not triton-cpu" $(GPU_TESTS)
+	$(GPU_BIN)/pytest -q -p no:cacheprovider -k "not triton-cpu" $(GPU_TESTS)
 
 clean:
 	rm -rf build $(VENV) $(GPU_VENV) python/transfuse/_C*.so python/transfuse/_build_error.txt

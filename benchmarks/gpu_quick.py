@@ -145,7 +145,9 @@ def pytest_stages(out: Out, env, deadline):
 
 def main(argv):
     dry = "--dry-run" in argv or os.environ.get("TRANSFUSE_GPU_QUICK_DRY") == "1"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # PYTHONSAFEPATH: the subprocesses run in the repository root, whose kernels/ would otherwise
+    # shadow Hugging Face's `kernels` package that transformers imports
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONSAFEPATH="1")
     if dry:
         env["TRITON_INTERPRET"] = "1"
         env.setdefault("CUDA_VISIBLE_DEVICES", "")

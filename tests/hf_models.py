@@ -1,5 +1,8 @@
 """Tiny random transformers models of every supported family, built from configs (nothing is
 downloaded), and what the HF tests do with them."""
+import importlib
+import inspect
+
 import pytest
 import torch
 
@@ -91,14 +94,23 @@ def assert_close_scaled(actual, expected, tol=1e-5, name=""):
 
 
 # Families whose attention modules compute attention themselves, not through transformers'
-# attention interface: patch leaves their attention unchanged (and says so).
-OWN_ATTENTION = {"bloom": dict(hidden_size=32, n_layer=2, n_head=4),
-                 "falcon": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4)}
+# attention interface: patch leaves their attention unchanged (and says so). Falcon's goes through
+# the interface from transformers 5.25 on.
+TINY_CAUSAL = {"bloom": dict(hidden_size=32, n_layer=2, n_head=4),
+               "falcon": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4)}
 
 
-def build_own_attention(model_type, seed=0):
-    """A tiny random causal LM of an OWN_ATTENTION family, fp32, eval mode."""
-    config = AutoConfig.for_model(model_type, vocab_size=VOCAB, **OWN_ATTENTION[model_type])
+def computes_own_attention(model_type):
+    module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    return "ALL_ATTENTION_FUNCTIONS" not in inspect.getsource(module)
+
+
+OWN_ATTENTION = {m: config for m, config in TINY_CAUSAL.items() if computes_own_attention(m)}
+
+
+def build_tiny_causal(model_type, seed=0):
+    """A tiny random causal LM of a TINY_CAUSAL family, fp32, eval mode."""
+    config = AutoConfig.for_model(model_type, vocab_size=VOCAB, **TINY_CAUSAL[model_type])
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config).eval()
 
@@ -149,8 +161,8 @@ MORE_FAMILIES = {
                                    query_pre_attn_scalar=8,
                                    layer_types=["sliding_attention", "full_attention"]),
                     "Gemma3RMSNorm"),
-    "bloom": ("causal", dict(OWN_ATTENTION["bloom"], **WIDE, **UNTIED), "LayerNorm"),
-    "falcon": ("causal", dict(OWN_ATTENTION["falcon"], **WIDE, **UNTIED), "LayerNorm"),
+    "bloom": ("causal", dict(TINY_CAUSAL["bloom"], **WIDE, **UNTIED), "LayerNorm"),
+    "falcon": ("causal", dict(TINY_CAUSAL["falcon"], **WIDE, **UNTIED), "LayerNorm"),
 }
 MORE_HEADS = {"encoder": AutoModel, "image": AutoModel, "causal": AutoModelForCausalLM,
               "seq2seq": AutoModelForSeq2SeqLM, "speech": AutoModelForSpeechSeq2Seq}

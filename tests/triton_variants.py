@@ -42,7 +42,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 os.environ.pop("TRITON_INTERPRET", None)
 
@@ -51,11 +50,11 @@ import triton  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from kernels import activation as tactivation  # noqa: E402
-from kernels import attention as tattention  # noqa: E402
-from kernels import int8 as tint8  # noqa: E402
-from kernels import norm as tnorm  # noqa: E402
-from kernels import rotary as trotary  # noqa: E402
+from transfuse.kernels import activation as tactivation  # noqa: E402
+from transfuse.kernels import attention as tattention  # noqa: E402
+from transfuse.kernels import int8 as tint8  # noqa: E402
+from transfuse.kernels import norm as tnorm  # noqa: E402
+from transfuse.kernels import rotary as trotary  # noqa: E402
 
 TARGETS = (80, 90)
 MULTIPROCESSORS = 132  # H100 / H200 SXM (the split-K and backward grids depend on it)

@@ -556,11 +556,20 @@ def _reads_as(function, lines):
     return True
 
 
+def _hub_function(obj):
+    """obj, or the function in it where Hugging Face's `kernels` package (which transformers >= 5.25
+    installs) made a module of it (use_kernel_forward_from_hub): that module's forward calls the
+    function, unless kernels.kernelize() gave a model a hub kernel of the same math instead."""
+    if isinstance(obj, torch.nn.Module):
+        return inspect.getclosurevars(type(obj).forward).nonlocals.get("func", obj)
+    return obj
+
+
 @functools.lru_cache(maxsize=None)
 def _forward_reads_as(cls, kind, names):
     if kind in ("rotary_attention", "joint_rotary_attention"):  # the rotate-half embedding
         family_module = sys.modules[cls.__module__]
-        if not (_reads_as(getattr(family_module, "apply_rotary_pos_emb", None),
+        if not (_reads_as(_hub_function(getattr(family_module, "apply_rotary_pos_emb", None)),
                           ROTATE_HALF_SOURCE if kind == "rotary_attention"
                           else UPCAST_ROTATE_HALF_SOURCE)
                 and _reads_as(getattr(family_module, "rotate_half", None),
