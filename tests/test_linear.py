@@ -25,12 +25,12 @@ SHAPES = [((16,), 64, 256), ((17,), 65, 17), ((2, 9), 130, 513), ((19,), 1, 300)
 
 def kernel_calls(monkeypatch, own_gemm=True):
     """Counts the calls of transfuse._C.linear that returned a result (the GEMM ran); with
-    own_gemm, on any CPU with the GEMMs, also where torch's run faster (own_gemm_faster)."""
+    own_gemm, on any CPU with the GEMMs, also where torch's run faster (own_gemm_rows)."""
     module = transfuse.backends.extension()[0]
     if module is None:
         pytest.skip("needs the C++ extension")
     if own_gemm:
-        monkeypatch.setattr(linear_module, "own_gemm_faster", lambda: True)
+        monkeypatch.setattr(linear_module, "own_gemm_rows", lambda: 1 << 62)
     calls, original = [0], module.linear
 
     def counting(*args):
@@ -79,8 +79,7 @@ def test_cpu_gemm_within_fp32_accumulation_of_float64(shape, with_bias, dtype, m
     monkeypatch.setattr(linear_module, "MIN_WORK", 0)  # the small shapes too
     calls = kernel_calls(monkeypatch)
     linear_within_fp32_accumulation(shape, with_bias, dtype)
-    module = transfuse.backends.extension()[0]
-    if module.cpu_gemm if dtype == torch.float32 else module.cpu_gemm_bf16:
+    if gemm_built_for(math.prod(shape[0]), dtype):
         assert calls[0] == 1  # the GEMM ran (elsewhere torch's F.linear does)
 
 
@@ -120,9 +119,8 @@ def test_cpu_gemm_weights_kept_packed_follow_their_weights(dtype, rows, monkeypa
     GEMM's k blocks."""
     monkeypatch.setattr(linear_module, "MIN_WORK", 0)
     calls = kernel_calls(monkeypatch)
-    module = transfuse.backends.extension()[0]
-    if not (module.cpu_gemm if dtype == torch.float32 else module.cpu_gemm_bf16):
-        pytest.skip("needs AVX-512 (fp32) or AVX512_BF16 (bf16)")
+    if not gemm_built_for(rows, dtype):
+        pytest.skip("needs AVX-512 or AVX2 (fp32) or AVX512_BF16 (bf16)")
     n, k = 130, 1700
     x = torch.randn(rows, k).to(dtype)
 
@@ -151,10 +149,18 @@ def test_cpu_gemm_weights_kept_packed_follow_their_weights(dtype, rows, monkeypa
     assert calls[0] == (12 if rows > linear_module.FEW_ROWS else 11)  # transfuse's GEMMs
 
 
+def gemm_built_for(rows, dtype):
+    """Whether transfuse's GEMM runs `rows` rows of dtype on this CPU (fp32: AVX-512, or AVX2 up
+    to cpu_gemm_max_rows; bf16: AVX512_BF16)."""
+    module = transfuse.backends.extension()[0]
+    return bool(module.cpu_gemm_bf16 if dtype == torch.bfloat16 else
+                rows <= module.cpu_gemm_max_rows)
+
+
 def few_rows_kernel_built(rows, dtype, kept=True):
     """Whether transfuse's GEMV (one row; up to 8 bf16 rows of an inference tensor's weight, kept
-    False, or without AVX512_BF16; every call on a CPU with AVX2 but not AVX-512) or GEMMs (from
-    2 rows) run on this CPU for a call of `rows` <= FEW_ROWS rows."""
+    False, or without AVX512_BF16; every bf16 call on a CPU with AVX2 but not AVX-512) or GEMMs
+    (from 2 rows) run on this CPU for a call of `rows` <= FEW_ROWS rows."""
     module = transfuse.backends.extension()[0]
     return bool(module.cpu_gemv) and (dtype == torch.float32 or rows <= 8 or not module.cpu_gemm
                                       or (kept and bool(module.cpu_gemm_bf16)))
@@ -167,12 +173,12 @@ def few_rows_kernel_built(rows, dtype, kept=True):
 def test_cpu_few_rows_within_fp32_accumulation_of_float64(shape, with_bias, dtype,
                                                           inference_weight, monkeypatch):
     """Up to FEW_ROWS (15) rows transfuse's kernels take every call on any CPU with AVX-512
-    (own_gemm_faster aside: the larger GEMMs' measure), whatever the product's size: one row the
+    (own_gemm_rows aside: the larger GEMMs' measure), whatever the product's size: one row the
     GEMV, from 2 rows the GEMMs on their kept panels; an inference tensor's weight (never kept)
-    the GEMV, up to 8 rows in bf16 (more: torch's). With AVX2 but not AVX-512: the GEMV, every
-    call."""
+    the GEMV, up to 8 rows in bf16 (more: torch's). With AVX2 but not AVX-512 the same in fp32,
+    and every bf16 call the GEMV."""
     calls = kernel_calls(monkeypatch, own_gemm=False)
-    monkeypatch.setattr(linear_module, "own_gemm_faster", lambda: False)
+    monkeypatch.setattr(linear_module, "own_gemm_rows", lambda: 0)
     linear_within_fp32_accumulation(shape, with_bias, dtype, inference_weight)
     rows = math.prod(shape[0])
     assert calls[0] == int(few_rows_kernel_built(rows, dtype, kept=not inference_weight))
@@ -186,8 +192,6 @@ def test_gelu_epilogue_within_its_error_of_float64(dtype, activation, monkeypatc
     where torch's F.linear and F.gelu run instead, the rounding of z between them)."""
     monkeypatch.setattr(linear_module, "MIN_WORK", 0)
     calls = kernel_calls(monkeypatch)
-    module = transfuse.backends.extension()[0]
-    gemm = module.cpu_gemm if dtype == torch.float32 else module.cpu_gemm_bf16
     expected_calls = 0
     for lead, n, k in [((17,), 65, 17), ((2, 9), 130, 513), ((23,), 200, 64), ((3,), 37, 40),
                        ((1,), 37, 40)]:
@@ -196,7 +200,8 @@ def test_gelu_epilogue_within_its_error_of_float64(dtype, activation, monkeypatc
         with torch.no_grad():
             out = transfuse.ops.linear(x, w, b, activation=activation, backend="cpu")
         rows = x.numel() // k
-        kernel = gemm if rows > linear_module.FEW_ROWS else few_rows_kernel_built(rows, dtype)
+        kernel = (gemm_built_for(rows, dtype) if rows > linear_module.FEW_ROWS
+                  else few_rows_kernel_built(rows, dtype))
         expected_calls += bool(kernel)
         z = reference.linear(x.double(), w.double(), b.double())
         exact = reference.linear(x.double(), w.double(), b.double(), activation)
@@ -211,17 +216,19 @@ def test_gelu_epilogue_within_its_error_of_float64(dtype, activation, monkeypatc
 
 
 def test_cpus_with_amx_keep_torchs_gemm(monkeypatch):
-    """On a CPU with AMX torch's GEMMs ran faster than transfuse's (own_gemm_faster): every call
-    is F.linear there, as on a CPU without the GEMMs (no AVX-512: no extension call that would
-    decline it); elsewhere transfuse's take the call."""
+    """On a CPU with AMX torch's GEMMs ran faster than transfuse's (own_gemm_rows): every call
+    of more than FEW_ROWS rows is F.linear there, as on a CPU without the GEMMs or beyond the rows
+    they take (no extension call that would decline it); elsewhere transfuse's take the call."""
     calls = kernel_calls(monkeypatch, own_gemm=False)
     module = transfuse.backends.extension()[0]
-    assert linear_module.own_gemm_faster() == (bool(module.cpu_gemm) and not module.cpu_amx)
-    x, w = torch.randn(64, 128), torch.randn(256, 128)
-    with torch.no_grad():
-        out = transfuse.ops.linear(x, w, backend="cpu")
-    within_fp32_accumulation(out, x, w, None)
-    assert calls[0] == int(bool(module.cpu_gemm) and not module.cpu_amx)
+    assert linear_module.own_gemm_rows() == (0 if module.cpu_amx else module.cpu_gemm_max_rows)
+    for rows in (64, 200):
+        x, w = torch.randn(rows, 128), torch.randn(256, 128)
+        with torch.no_grad():
+            out = transfuse.ops.linear(x, w, backend="cpu")
+        within_fp32_accumulation(out, x, w, None)
+    assert calls[0] == sum(not module.cpu_amx and rows <= module.cpu_gemm_max_rows
+                           for rows in (64, 200))
 
 
 @pytest.mark.parametrize("backend", ["reference"] + cpu_backends())
@@ -267,7 +274,7 @@ def test_torch_compile_fullgraph_runs_the_custom_op(activation, monkeypatch):
         eager = f(x)
         compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
-    assert calls[0] == (2 if transfuse.backends.extension()[0].cpu_gemm else 0)
+    assert calls[0] == (2 if gemm_built_for(40, torch.float32) else 0)
 
 
 @pytest.mark.parametrize("call,error,match", [

@@ -215,7 +215,9 @@ constexpr int64_t kGemvMaxRows = 16;  // w8a16 rows up to this go to the GEMV ke
 constexpr int64_t kCpuGemvMaxRows = 48;
 // and for bf16 x on a CPU with AVX512_BF16, up to kBf16GemvMaxRows (all-mpnet-base-v2's
 // shapes, 2 threads, AMD EPYC: at 8 rows GEMV and bf16 GEMM level, at 12 the GEMM 1.0-1.5x
-// faster, at 23 1.5-1.8x)
+// faster, at 23 1.5-1.8x); and on a CPU with AVX2 but not AVX-512 one row (its w8a16 GEMV, not
+// written with intrinsics, ran 0.3-0.9x fp32 F.linear at 2-16 rows on an AMD EPYC, 2 threads),
+// more rows cpu::gemm up to its cpu::gemm_max_rows()
 constexpr int64_t kBf16GemvMaxRows = 8;
 constexpr int64_t kMaxK = 133000;  // k * 127 * 127 below 2^31: exact int32 sums (= Python MAX_K)
 constexpr int64_t kDequantBlockElements = 1 << 23;  // CPU w8a16 beyond the GEMV: weights
@@ -258,8 +260,8 @@ bool w8a16_bf16_gemm(const Tensor& x) {
 }
 
 // CPU w8a16 for more rows than the GEMV takes: cpu::gemm_bf16 for bf16 x where it runs, else
-// cpu::gemm on x in fp32, each widening the int8 weights as it packs them (AVX-512), else
-// w8a16_by_blocks.
+// cpu::gemm on x in fp32, each widening the int8 weights as it packs them (AVX-512; AVX2 up to
+// cpu::gemm_max_rows()), else w8a16_by_blocks.
 Tensor w8a16_cpu(const Tensor& x, const Tensor& w, const Tensor& w_scale, const OptTensor& bias) {
   Tensor out;
   const Int8LinearParams p = linear_params(w, w_scale, bias, x.scalar_type(), x, out);
@@ -399,9 +401,10 @@ std::vector<OptTensor> int8_linears(const Tensor& x, const std::vector<Tensor>& 
       results.push_back(
           int8_linear_w8a8(x_q, x_scale, w_cs[j], w_scale_cs[j], bias_xs[j], x.scalar_type()));
   } else {
-    const bool cpu_gemm = !x.is_cuda() && (w8a16_bf16_gemm(x) ? m > kBf16GemvMaxRows
-                                           : cpu::has_gemm() ? m > kCpuGemvMaxRows
-                                                             : m > kGemvMaxRows);
+    const bool cpu_gemm = !x.is_cuda() && (w8a16_bf16_gemm(x)         ? m > kBf16GemvMaxRows
+                                           : cpu::has_gemm()           ? m > kCpuGemvMaxRows
+                                           : cpu::gemm_max_rows() > 0 ? m > 1
+                                                                       : m > kGemvMaxRows);
     for (size_t j = 0; j < taken.size(); ++j)
       results.push_back(cpu_gemm ? w8a16_cpu(x2, w_cs[j], w_scale_cs[j], bias_xs[j])
                                  : int8_linear_w8a16(x2, w_cs[j], w_scale_cs[j], bias_xs[j]));

@@ -4,8 +4,8 @@
 // cpu::gemm_bf16) with the weights packed into L2-sized panels, kept between calls where
 // packed_weights.h keeps them, else packed per call; up to cpu::kGemvMaxRows rows of a weight
 // whose panels are never kept (an inference tensor: packing per call would cost more than the
-// GEMV) or of bf16 without AVX512_BF16, cpu::gemv. With AVX2 and FMA but not AVX-512: cpu::gemv up
-// to cpu::kGemvMaxRows rows, nothing more. The kernel depends on the shapes, dtypes,
+// GEMV) or of bf16 without AVX512_BF16, cpu::gemv. With AVX2 and FMA but not AVX-512: the same
+// up to cpu::gemm_max_rows() rows, bf16 on cpu::gemv alone. The kernel depends on the shapes, dtypes,
 // the weight's kind and the CPU, not on the cache's state, so a call's bits do too. Any other
 // call is left to torch (at::linear): the binding returns None.
 // python/transfuse/ops/linear.py validates user input first; these checks guard the kernel.
@@ -30,8 +30,9 @@ using OptTensor = std::optional<Tensor>;
 }  // namespace
 
 // x [..., k] (any layout) @ w [n, k]^T + bias [n] -> [..., n]; None where transfuse's GEMMs do not
-// take the call (not on the CPU, dtypes other than all fp32 or all bf16, a CPU without AVX-512 /
-// AVX512_BF16 beyond the GEMV, without AVX2 and FMA at all, an empty product).
+// take the call (not on the CPU, dtypes other than all fp32 or all bf16, more rows than the GEMV
+// or gemm_max_rows() take, bf16 without AVX512_BF16 beyond the GEMV, a CPU without AVX2 and FMA,
+// an empty product).
 std::optional<Tensor> linear(const Tensor& x, const Tensor& w, const OptTensor& bias,
                              c10::string_view activation) {
   TORCH_CHECK_VALUE(activation == "none" || activation == "gelu" || activation == "gelu_tanh",
@@ -53,7 +54,7 @@ std::optional<Tensor> linear(const Tensor& x, const Tensor& w, const OptTensor& 
       !cpu::has_gemv())
     return std::nullopt;
   const bool gemv = m == 1 || (m <= cpu::kGemvMaxRows && !PackedWeights::may_keep(w)) ||
-                    (bf16 && !cpu::has_gemm_bf16()) || !cpu::has_gemm();
+                    (bf16 && !cpu::has_gemm_bf16()) || m > cpu::gemm_max_rows();
   if (gemv && m > cpu::kGemvMaxRows) return std::nullopt;
   const Tensor x2 = x.reshape({m, k}).contiguous(), w_c = w.contiguous();
   const OptTensor bias_f = bias ? OptTensor(bias->to(at::kFloat).contiguous()) : std::nullopt;

@@ -24,6 +24,8 @@ PyMODINIT_FUNC PyInit__C() {
     PyModule_AddIntConstant(module, "with_cuda", with_cuda);
     PyModule_AddIntConstant(module, "cpu_int8_dot", transfuse::cpu::has_int8_dot());
     PyModule_AddIntConstant(module, "cpu_gemm", transfuse::cpu::has_gemm());
+    PyModule_AddIntConstant(module, "cpu_gemm_max_rows",
+                            static_cast<long>(transfuse::cpu::gemm_max_rows()));
     PyModule_AddIntConstant(module, "cpu_gemv", transfuse::cpu::has_gemv());
     PyModule_AddIntConstant(module, "cpu_gemm_bf16", transfuse::cpu::has_gemm_bf16());
     PyModule_AddIntConstant(module, "cpu_amx", transfuse::cpu::has_amx());

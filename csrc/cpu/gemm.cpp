@@ -1,13 +1,15 @@
-// The CPU fp32 GEMM with its epilogue, on AVX-512 (the math is in common/gemm.h). It runs w8a16
-// for more rows than the GEMV takes, its weight panels dequantized (int8 -> fp32, exact) as they
-// are packed, so the weights are never widened in memory, and transfuse's fp32 linear.
+// The CPU fp32 GEMM with its epilogue, on AVX-512, and on AVX2 with FMA up to kGemmMaxRowsAvx2
+// rows of x (the math is in common/gemm.h). It runs w8a16 for more rows than the GEMV takes, its
+// weight panels dequantized (int8 -> fp32, exact) as they are packed, so the weights are never
+// widened in memory, and transfuse's fp32 linear.
 // Blocking: each thread takes panels of 64 weight rows; for each block of kDepth columns of k it
 // packs the panel's block (16 rows x 16 k at a time: widened, then a 16 x 16 transpose) into a
 // buffer that stays in L2 and runs every 6-row tile of x over it: 24 fp32 accumulators (6 rows x
 // 64 columns), per column of k 4 vector loads of the panel, 6 broadcasts of x and 24 FMAs. Sums
 // over several k blocks wait in fp32 between blocks; the last block's epilogue takes the tile from
 // registers. fp32 weights' panels may also come packed before (p.w_packed, as pack_weight_fp32
-// lays them out).
+// lays them out). AVX2 packs the panels as 4 strips of 16 columns, each contiguous (8 x 8
+// transposes), and runs 6 x 16 tiles of 12 accumulators over each, its epilogue from memory.
 #include <algorithm>
 
 #include "activation.h"
@@ -203,6 +205,152 @@ TRANSFUSE_AVX512BW void pack_all_panels(const float* w, int64_t n, int64_t k, fl
   });
 }
 
+// ---- AVX2 with FMA: the same panels, each run as kStrips strips of 16 columns by tiles of up to 6
+// rows x 16 columns: 12 accumulators, per column of k 2 vector loads of the strip, 6 broadcasts
+// of x and 12 FMAs (AVX2 has 16 vector registers).
+constexpr int64_t kStripCols = 16;
+constexpr int64_t kStrips = kPanelCols / kStripCols;
+
+// 8 weights of a row from `from` as fp32 (int8 widened exactly).
+TRANSFUSE_AVX2_FMA inline __m256 load_weights8(const float* from) { return _mm256_loadu_ps(from); }
+TRANSFUSE_AVX2_FMA inline __m256 load_weights8(const int8_t* from) {
+  const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(from));
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+}
+
+// rows[q][l] becomes rows[l][q] (8 x 8 floats).
+TRANSFUSE_AVX2_FMA inline void transpose8(__m256 rows[8]) {
+  __m256 pairs[8], quads[8];
+  for (int q = 0; q < 8; q += 2) {
+    pairs[q] = _mm256_unpacklo_ps(rows[q], rows[q + 1]);      // r0[0] r1[0] r0[1] r1[1] | [4] [5]
+    pairs[q + 1] = _mm256_unpackhi_ps(rows[q], rows[q + 1]);  // r0[2] r1[2] r0[3] r1[3] | [6] [7]
+  }
+  for (int h = 0; h < 8; h += 4) {  // columns 0..3 of rows h..h+3 | columns 4..7
+    quads[h] = _mm256_shuffle_ps(pairs[h], pairs[h + 2], 0x44);
+    quads[h + 1] = _mm256_shuffle_ps(pairs[h], pairs[h + 2], 0xEE);
+    quads[h + 2] = _mm256_shuffle_ps(pairs[h + 1], pairs[h + 3], 0x44);
+    quads[h + 3] = _mm256_shuffle_ps(pairs[h + 1], pairs[h + 3], 0xEE);
+  }
+  for (int c = 0; c < 4; ++c) {
+    rows[c] = _mm256_permute2f128_ps(quads[c], quads[c + 4], 0x20);
+    rows[c + 4] = _mm256_permute2f128_ps(quads[c], quads[c + 4], 0x31);
+  }
+}
+
+// The AVX2 panels: strip by strip, each contiguous, so that a strip's pass streams it:
+// panel[s * depth * 16 + kk * 16 + l] = float(w[j0 + 16 s + l, k0 + kk]) for kk < depth (zeros past
+// n); through 8 x 8 transposes.
+template <typename Weight>
+TRANSFUSE_AVX2_FMA void pack_panel_avx2(const Weight* w, int64_t n, int64_t k, int64_t j0,
+                                        int64_t k0, int64_t depth, float* panel) {
+  const int64_t full = depth - depth % 8;
+  for (int64_t l0 = 0; l0 < kPanelCols; l0 += 8) {
+    const Weight* rows[8];  // null past n
+    for (int l = 0; l < 8; ++l) rows[l] = j0 + l0 + l < n ? w + (j0 + l0 + l) * k + k0 : nullptr;
+    float* strip = panel + l0 / kStripCols * depth * kStripCols + l0 % kStripCols;
+    for (int64_t kk = 0; kk < full; kk += 8) {
+      __m256 block[8];
+      for (int l = 0; l < 8; ++l)
+        block[l] = rows[l] ? load_weights8(rows[l] + kk) : _mm256_setzero_ps();
+      transpose8(block);
+      for (int q = 0; q < 8; ++q) _mm256_storeu_ps(strip + (kk + q) * kStripCols, block[q]);
+    }
+    for (int64_t kk = full; kk < depth; ++kk)
+      for (int l = 0; l < 8; ++l) strip[kk * kStripCols + l] = rows[l] ? float(rows[l][kk]) : 0.f;
+  }
+}
+
+// sums[r][0..16) += sum over kk < depth of x[r * k + kk] * strip[kk * 16 + 0..16), rows r < R.
+template <int R>
+TRANSFUSE_AVX2_FMA __attribute__((noinline)) void strip_product(
+    const float* x, int64_t k, const float* strip, int64_t depth,
+    float sums[kTileRows][kStripCols]) {
+  __m256 acc[R][2];
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) {
+    acc[r][0] = _mm256_loadu_ps(sums[r]);
+    acc[r][1] = _mm256_loadu_ps(sums[r] + 8);
+  }
+  for (int64_t kk = 0; kk < depth; ++kk) {
+    const __m256 w0 = _mm256_loadu_ps(strip + kk * kStripCols),
+                 w1 = _mm256_loadu_ps(strip + kk * kStripCols + 8);
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {
+      const __m256 xv = _mm256_broadcast_ss(x + r * k + kk);
+      acc[r][0] = _mm256_fmadd_ps(xv, w0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(xv, w1, acc[r][1]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_ps(sums[r], acc[r][0]);
+    _mm256_storeu_ps(sums[r] + 8, acc[r][1]);
+  }
+}
+
+using StripProduct = void (*)(const float*, int64_t, const float*, int64_t,
+                              float[kTileRows][kStripCols]);
+constexpr StripProduct kStripProducts[kTileRows] = {strip_product<1>, strip_product<2>,
+                                                    strip_product<3>, strip_product<4>,
+                                                    strip_product<5>, strip_product<6>};
+
+TRANSFUSE_AVX2_FMA void gemm_avx2(const GemmParams& p) {
+  const auto partial = uninitialized<float>(p.k > kDepth ? p.m * p.n : 0);
+  const int64_t panels = (p.n + kPanelCols - 1) / kPanelCols;
+  const auto* packed = p.w_int8 ? nullptr : static_cast<const float*>(p.w_packed);
+  const auto* x = static_cast<const float*>(p.x);
+  in_team(threads_for(p.num_threads, panels, p.m * p.n * p.k, kMinWorkPerThread), [&]() {
+    const auto panel = uninitialized<float>(packed ? 0 : kDepth * kPanelCols);
+#pragma omp for schedule(static)
+    for (int64_t panel_index = 0; panel_index < panels; ++panel_index) {
+      const int64_t j0 = panel_index * kPanelCols;
+      for (int64_t k0 = 0; k0 < p.k; k0 += kDepth) {
+        const int64_t depth = std::min(kDepth, p.k - k0);
+        const bool first = k0 == 0, last = k0 + depth == p.k;
+        // the strips of the panel's block: packed before over all of k, else for this block
+        const float* block = panel.get();
+        int64_t strip_floats = depth * kStripCols;
+        if (packed) {
+          block = packed + panel_index * p.k * kPanelCols + k0 * kStripCols;
+          strip_floats = p.k * kStripCols;
+        } else if (p.w_int8) {
+          pack_panel_avx2(static_cast<const int8_t*>(p.w), p.n, p.k, j0, k0, depth, panel.get());
+        } else {
+          pack_panel_avx2(static_cast<const float*>(p.w), p.n, p.k, j0, k0, depth, panel.get());
+        }
+        for (int64_t strip = 0; strip < kStrips && j0 + strip * kStripCols < p.n; ++strip) {
+          const int64_t col = j0 + strip * kStripCols, cols = std::min(kStripCols, p.n - col);
+          for (int64_t i0 = 0; i0 < p.m; i0 += kTileRows) {
+            const int64_t rows = std::min(kTileRows, p.m - i0);
+            float sums[kTileRows][kStripCols] = {};
+            for (int64_t r = 0; r < rows && !first; ++r)
+              std::copy_n(partial.get() + (i0 + r) * p.n + col, cols, sums[r]);
+            kStripProducts[rows - 1](x + i0 * p.k + k0, p.k, block + strip * strip_floats,
+                                     depth, sums);
+            for (int64_t r = 0; r < rows; ++r) {
+              if (last)
+                store_epilogue_row(p, sums[r], i0 + r, col, cols);
+              else
+                std::copy_n(sums[r], cols, partial.get() + (i0 + r) * p.n + col);
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// pack_all_panels on AVX2: panel P's strips over all of k from float P * k * 64.
+TRANSFUSE_AVX2_FMA void pack_all_panels_avx2(const float* w, int64_t n, int64_t k, float* packed,
+                                             int num_threads) {
+  const int64_t panels = (n + kPanelCols - 1) / kPanelCols;
+  in_team(threads_for(num_threads, panels, n * k, kMinWorkPerThread), [&]() {
+#pragma omp for schedule(static)
+    for (int64_t panel = 0; panel < panels; ++panel)
+      pack_panel_avx2(w, n, k, panel * kPanelCols, 0, k, packed + panel * k * kPanelCols);
+  });
+}
+
 }  // namespace
 #endif
 
@@ -216,8 +364,12 @@ int64_t packed_weight_bytes_fp32(int64_t n, int64_t k) {
 
 bool pack_weight_fp32(const float* w, int64_t n, int64_t k, void* packed, int num_threads) {
 #ifdef TRANSFUSE_X86_MULTIVERSION
-  if (!has_gemm()) return false;
-  pack_all_panels(w, n, k, static_cast<float*>(packed), num_threads);
+  if (has_gemm())
+    pack_all_panels(w, n, k, static_cast<float*>(packed), num_threads);
+  else if (gemm_max_rows() > 0)
+    pack_all_panels_avx2(w, n, k, static_cast<float*>(packed), num_threads);
+  else
+    return false;
   return true;
 #else
   return false;
@@ -232,10 +384,22 @@ bool has_gemm() {
 #endif
 }
 
+int64_t gemm_max_rows() {
+#ifdef TRANSFUSE_X86_MULTIVERSION
+  if (has_gemm()) return INT64_MAX;
+  if (has_gemv()) return kGemmMaxRowsAvx2;  // AVX2 with FMA
+#endif
+  return 0;
+}
+
 bool gemm(const GemmParams& p) {
 #ifdef TRANSFUSE_X86_MULTIVERSION
-  if (!has_gemm()) return false;
-  gemm_avx512(p);
+  if (has_gemm())
+    gemm_avx512(p);
+  else if (p.m <= gemm_max_rows())
+    gemm_avx2(p);
+  else
+    return false;
   return true;
 #else
   return false;

@@ -7,12 +7,19 @@
 
 namespace transfuse::cpu {
 
-// Runs p on AVX-512 and returns true; returns false, writing nothing, on a CPU without AVX-512
-// (or with TRANSFUSE_CPU_ISA below avx512), where the caller uses torch's GEMM.
+// Runs p and returns true on AVX-512, and on AVX2 with FMA up to gemm_max_rows() rows of x;
+// returns false, writing nothing, elsewhere (or with TRANSFUSE_CPU_ISA below the ISA needed),
+// where the caller uses torch's GEMM.
 bool gemm(const GemmParams& p);
 
-// Whether gemm runs on this CPU (AVX-512 with BW and VL, as vector_isa() sees it).
+// Whether gemm runs on this CPU for any number of rows (AVX-512 with BW and VL, as vector_isa()
+// sees it).
 bool has_gemm();
+
+// The most rows of x gemm takes on this CPU: any on AVX-512, kGemmMaxRowsAvx2 on AVX2 with FMA
+// (more: torch's GEMM ran faster), none elsewhere.
+constexpr int64_t kGemmMaxRowsAvx2 = 96;
+int64_t gemm_max_rows();
 
 // gemm's packed panels of an fp32 weight w [n, k], kept between calls (p.w_packed; not for int8
 // weights): their bytes; the packing (false, writing nothing, where gemm would not run).
@@ -43,5 +50,9 @@ constexpr int64_t kGemvMaxRows = 15;
 bool gemv(const GemmParams& p);
 // Whether gemv runs on this CPU: AVX-512 (has_gemm) or AVX2 with FMA, as vector_isa() sees it.
 bool has_gemv();
+
+// The GEMMs' and GEMV's epilogue for row i of out, columns [j, j + cols) (cols <= 64):
+// out = act(sums * w_scale + bias) in p.dtype (sums is overwritten).
+void store_epilogue_row(const GemmParams& p, float* sums, int64_t i, int64_t j, int64_t cols);
 
 }  // namespace transfuse::cpu

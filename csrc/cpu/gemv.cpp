@@ -143,7 +143,7 @@ void gemv_with(const GemmParams& p, const float* x, const DotTile<Weight>* tiles
 #pragma omp for schedule(static)
     for (int64_t block = 0; block < blocks; ++block) {
       const int64_t j_begin = block * kRowsPerBlock, j_end = std::min(p.n, j_begin + kRowsPerBlock);
-      float staged[kGemvMaxRows][kRowsPerBlock], activated[kRowsPerBlock];
+      float staged[kGemvMaxRows][kRowsPerBlock];
       for (int64_t j0 = j_begin; j0 < j_end; j0 += kTileCols) {
         const Weight* rows[kTileCols];  // past j_end: the last row again, its sums not kept
         for (int64_t c = 0; c < kTileCols; ++c) rows[c] = w + std::min(j0 + c, j_end - 1) * p.k;
@@ -156,22 +156,22 @@ void gemv_with(const GemmParams& p, const float* x, const DotTile<Weight>* tiles
               staged[i0 + r][j0 - j_begin + c] = sums[r][c];
         }
       }
-      const int64_t cols = j_end - j_begin;
-      for (int64_t i = 0; i < p.m; ++i) {
-        float* row = staged[i];
-        for (int64_t c = 0; c < cols; ++c)
-          row[c] = row[c] * (p.w_scale ? p.w_scale[j_begin + c] : 1.f) +
-                   (p.bias ? p.bias[j_begin + c] : 0.f);
-        if (p.gelu) gelu_row(row, activated, cols, p.approximate);
-        store_row(p.gelu ? activated : row, p.dtype,
-                  static_cast<char*>(p.out) + (i * p.n + j_begin) * dtype_size(p.dtype), cols);
-      }
+      for (int64_t i = 0; i < p.m; ++i) store_epilogue_row(p, staged[i], i, j_begin, j_end - j_begin);
     }
   });
 }
 
 }  // namespace
 #endif
+
+void store_epilogue_row(const GemmParams& p, float* sums, int64_t i, int64_t j, int64_t cols) {
+  for (int64_t c = 0; c < cols; ++c)
+    sums[c] = sums[c] * (p.w_scale ? p.w_scale[j + c] : 1.f) + (p.bias ? p.bias[j + c] : 0.f);
+  float activated[64];
+  if (p.gelu) gelu_row(sums, activated, cols, p.approximate);
+  store_row(p.gelu ? activated : sums, p.dtype,
+            static_cast<char*>(p.out) + (i * p.n + j) * dtype_size(p.dtype), cols);
+}
 
 bool has_gemv() {
 #ifdef TRANSFUSE_X86_MULTIVERSION

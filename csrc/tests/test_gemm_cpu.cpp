@@ -1,11 +1,12 @@
 // Torch-free unit test of the CPU GEMV (cpu/gemv.cpp) and GEMMs (cpu/gemm.cpp, gemm_bf16.cpp) on
 // few rows, against a double-precision reference written out here: every row count from 1 to
-// kGemvMaxRows, fp32 and bf16, with and without bias and GELU, n and k tails, 1 and 2 threads,
-// the GEMMs' weights packed per call and packed before. (transfuse.ops.linear runs the GEMV's
-// multi-row tiles for inference tensors' weights, for bf16 without AVX512_BF16, and on a CPU with
-// AVX2 but not AVX-512, where the GEMV alone is tested.) Every output buffer is filled with NaN
-// before the kernel runs, so an element the kernel forgets to write fails. Exits 77 (skipped) on
-// a CPU with neither AVX-512 nor AVX2 and FMA.
+// kGemvMaxRows and some more for the GEMMs (up to 96, the most the fp32 GEMM takes on AVX2), fp32
+// and bf16, with and without bias and GELU, n and k tails, 1 and 2 threads, the GEMMs' weights
+// packed per call and packed before. (transfuse.ops.linear runs the GEMV's multi-row tiles for
+// inference tensors' weights and for bf16 without AVX512_BF16.) On a CPU with AVX2 but not
+// AVX-512 the GEMV and the fp32 GEMM run, and the GEMM declines a row more than it takes. Every
+// output buffer is filled with NaN before the kernel runs, so an element the kernel forgets to
+// write fails. Exits 77 (skipped) on a CPU with neither AVX-512 nor AVX2 and FMA.
 //
 //   g++ -std=c++17 -O3 -fopenmp -I csrc csrc/tests/test_gemm_cpu.cpp csrc/cpu/*.cpp \
 //       -o test_gemm_cpu
@@ -104,15 +105,23 @@ int main() {
     std::printf("skipped: neither AVX-512 nor AVX2 with FMA\n");
     return 77;
   }
+  using transfuse::cpu::gemm_max_rows;
   std::mt19937 rng(2026);
   const int64_t shapes[][2] = {{1, 1}, {17, 300}, {33, 16}, {64, 17}, {130, 513}, {70, 1600}};
+  std::vector<int64_t> rows;
+  for (int64_t m = 1; m <= transfuse::cpu::kGemvMaxRows; ++m) rows.push_back(m);
   int failures = 0, cases = 0;
   for (Kernel kernel : {Kernel::gemv, Kernel::gemm, Kernel::gemm_packed_before})
     for (DType dtype : {DType::f32, DType::bf16}) {
-      if (kernel != Kernel::gemv && (!transfuse::cpu::has_gemm() ||
-                                     (dtype == DType::bf16 && !transfuse::cpu::has_gemm_bf16())))
-        continue;  // (the GEMV alone on AVX2)
-      for (int64_t m = 1; m <= transfuse::cpu::kGemvMaxRows; ++m)
+      const bool bf16 = dtype == DType::bf16;
+      if (kernel != Kernel::gemv &&
+          (bf16 ? !transfuse::cpu::has_gemm_bf16() : gemm_max_rows() == 0))
+        continue;
+      std::vector<int64_t> counts = rows;
+      if (kernel != Kernel::gemv)
+        for (int64_t m : {16, 23, 41, 64, 96})
+          if (bf16 || m <= gemm_max_rows()) counts.push_back(m);
+      for (int64_t m : counts)
         for (const auto& shape : shapes) {
           const bool bias = (m + shape[0]) % 2 == 0, act = (m + shape[1]) % 3 == 0;
           const int threads = 1 + int(m % 2);
@@ -126,6 +135,17 @@ int main() {
           }
         }
     }
+  if (!transfuse::cpu::has_gemm() && gemm_max_rows() > 0) {  // AVX2: a row more is declined
+    const int64_t m = gemm_max_rows() + 1, n = 20, k = 8;
+    std::vector<float> x(m * k, 1.f), w(n * k, 1.f), out(m * n, -1.f);
+    GemmParams p;
+    p.x = x.data(), p.w = w.data(), p.out = out.data(), p.m = m, p.n = n, p.k = k;
+    ++cases;
+    if (transfuse::cpu::gemm(p) || out[0] != -1.f || out.back() != -1.f) {
+      ++failures;
+      std::printf("FAIL the fp32 GEMM took %lld rows on AVX2\n", (long long)m);
+    }
+  }
   std::printf("%d of %d cases passed\n", cases - failures, cases);
   return failures ? 1 : 0;
 }

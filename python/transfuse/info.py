@@ -58,9 +58,11 @@ def info() -> dict:
               "versions": versions()}
     if module is not None:  # without it, int8 GEMMs on this CPU run no faster than fp32
         report["cpu_int8_dot"] = bool(module.cpu_int8_dot)
-        # transfuse's own GEMMs (ops.linear) run: fp32 (AVX-512), bf16 (AVX512_BF16); with AMX,
-        # ops.linear leaves float GEMMs to torch and w8a8 runs on the tiles
+        # transfuse's own GEMMs (ops.linear) run: fp32 (AVX-512; AVX2 with FMA up to
+        # cpu_gemm_max_rows rows), bf16 (AVX512_BF16); with AMX, ops.linear leaves float GEMMs to
+        # torch and w8a8 runs on the tiles
         report["cpu_gemm"] = bool(module.cpu_gemm)
+        report["cpu_gemm_max_rows"] = "any" if module.cpu_gemm else module.cpu_gemm_max_rows
         report["cpu_gemv"] = bool(module.cpu_gemv)
         report["cpu_gemm_bf16"] = bool(module.cpu_gemm_bf16)
         report["cpu_amx"] = bool(module.cpu_amx)

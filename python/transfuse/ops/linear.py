@@ -3,10 +3,11 @@
 
 On the cpu backend, when autograd records nothing, fp32 and bf16 calls on a CPU with AVX-512 run
 transfuse's kernels (under torch.compile inside the custom op transfuse::linear, which Inductor
-leaves alone); on a CPU with AVX2 and FMA but not AVX-512, the GEMV alone, up to FEW_ROWS rows
-in fp32 and bf16 (on an AMD EPYC without AVX-512, 2 threads: 1.5-1.9x torch's F.linear at one fp32
-row, 1.2-4.2x at 4-15, 1.5-2.8x at one bf16 row and 3.6-4.7x at 4-15, on opus-mt-en-de's and
-SmolLM-135M's shapes, torch's AVX2 bf16 GEMM being slow):
+leaves alone); on a CPU with AVX2 and FMA but not AVX-512, the same in fp32 up to 96 rows
+(own_gemm_rows) and the GEMV alone, up to FEW_ROWS rows, in bf16 (on an AMD EPYC without AVX-512,
+2 threads, on opus-mt-en-de's, all-MiniLM-L6-v2's and SmolLM-135M's shapes: the GEMV 1.5-1.9x
+torch's F.linear at one fp32 row, 1.5-2.8x at one bf16 row and 3.6-4.7x at 4-15; the GEMM
+1.8-4.7x at 2-15 fp32 rows, 1.1-2.2x at 16-96; torch's AVX2 bf16 GEMM being slow):
 - up to FEW_ROWS rows, every call: one row (decoding) the GEMV (csrc/cpu/gemv.cpp): the weights
   read once, as stored, each thread streaming its own rows; bf16 widened exactly, fp32 FMAs. On
   the AMD EPYC (2 threads, SmolLM-135M's shapes) 1.4-2.9x torch's F.linear at one row, whose
@@ -17,10 +18,11 @@ SmolLM-135M's shapes, torch's AVX2 bf16 GEMM being slow):
   GEMV there), nor is bf16 GEMM'd without AVX512_BF16: there the GEMV, up to 8 bf16 rows (past
   them torch's AVX-512 GEMM overtook it);
 - more rows and at least MIN_WORK multiply-adds, on a CPU where they run faster than torch's
-  (own_gemm_faster): the GEMMs, fp32 on AVX-512 (csrc/cpu/gemm.cpp), bf16 on AVX512_BF16
+  (own_gemm_rows): the GEMMs, fp32 on AVX-512 or AVX2 (csrc/cpu/gemm.cpp), bf16 on AVX512_BF16
   (csrc/cpu/gemm_bf16.cpp: fp32 sums of exact products; subnormal bf16 inputs count as zero):
   the weight packed into L2-sized panels (kept between calls while the weight is unchanged:
-  csrc/bindings/packed_weights.h; an inference tensor's packed per call), 6 x 64 register tiles.
+  csrc/bindings/packed_weights.h; an inference tensor's packed per call), 6 x 64 register tiles
+  (AVX2: 6 x 16).
 Which kernel runs depends on the shapes, dtypes, whether the weight is an inference tensor, and
 the CPU, not on the panel cache's state, so the same call always gives the same bits.
 Both take the bias and GELU (in fp32, as transfuse.ops.bias_gelu computes it) in the epilogue and
@@ -112,7 +114,8 @@ def _own_kernel_takes(x, weight):
         return weight.is_contiguous() and gemv_built() and (
             x.dtype == torch.float32 or rows <= GEMV_MAX_ROWS_BF16 or not gemm_built()
             or (gemm_bf16_built() and _panels_kept(weight)))
-    return rows * weight.numel() >= MIN_WORK and own_gemm_faster()
+    return (rows * weight.numel() >= MIN_WORK and rows <= own_gemm_rows()
+            and (x.dtype == torch.float32 or gemm_bf16_built()))
 
 
 def _panels_kept(weight):
@@ -147,14 +150,17 @@ def gemm_bf16_built() -> bool:
 
 
 @torch.compiler.assume_constant_result  # under torch.compile: called once, not traced
-def own_gemm_faster() -> bool:
-    """Whether transfuse's CPU GEMMs beat torch's on this CPU, as measured (README, "The linear
-    op"): on AVX-512 CPUs without AMX (AMD EPYC, Zen 4) by 1.05-1.21x in fp32, 1.10-1.30x in bf16.
-    A CPU without AVX-512 has none (cpu_gemm): torch's, rather than a call the extension declines.
-    On an Intel Xeon with AMX, torch's GEMMs ran faster (fp32 1.2-1.45x; bf16 on the AMX tiles
-    far faster than AVX512_BF16), so there every call of more than FEW_ROWS rows is torch's. (The
-    GEMV is not measured there yet; it runs wherever AVX-512 does.)"""
-    return gemm_built() and not backends.extension()[0].cpu_amx
+def own_gemm_rows() -> int:
+    """The most rows of x for which transfuse's CPU GEMMs run, and beat torch's, on this CPU, as
+    measured (README, "The linear op"): any number on AVX-512 CPUs without AMX (AMD EPYC, Zen 4:
+    1.05-1.21x in fp32, 1.10-1.30x in bf16); up to 96 fp32 rows with AVX2 and FMA but not AVX-512
+    (`transfuse info`: cpu_gemm_max_rows; AMD EPYC, 2 threads, on all-MiniLM-L6-v2's and
+    opus-mt-en-de's shapes: 1.1-2.2x F.linear at 16-96 rows, even at 128, 0.86-0.94x at 1024);
+    none on an Intel Xeon with AMX, where torch's GEMMs ran faster (fp32 1.2-1.45x; bf16 on the
+    AMX tiles far faster than AVX512_BF16): there every call of more than FEW_ROWS rows is
+    torch's. (The GEMV is not measured there yet; it runs wherever AVX-512 does.)"""
+    module = backends.extension()[0]
+    return 0 if module is None or module.cpu_amx else module.cpu_gemm_max_rows
 
 
 def _torch_linear(x, weight, bias, activation):
