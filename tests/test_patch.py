@@ -172,3 +172,27 @@ def test_int8_heads_needs_int8_and_a_bool():
         transfuse.patch(build("llama"), int8_heads=True)
     with pytest.raises(TypeError, match="int8_heads must be a bool"):
         transfuse.patch(build("llama"), int8="w8a16", int8_heads=1)
+
+
+def test_a_bf16_model_on_a_cpu_without_bf16_arithmetic_warns_once(monkeypatch):
+    """patch() of a bf16 model on a CPU with neither AVX512_BF16 nor AMX says that its fp32 model
+    runs faster there, once a process; an fp32 model, or a CPU with bf16 arithmetic, gets no such
+    warning."""
+    module = transfuse.backends.extension()[0]
+    if module is None:
+        pytest.skip("needs the C++ extension")
+    monkeypatch.setattr(transfuse.backends, "_warned", set())
+    monkeypatch.setattr(module, "cpu_amx", 0)
+
+    def warned(model, bf16_arithmetic, fresh=True):
+        monkeypatch.setattr(module, "cpu_gemm_bf16", int(bf16_arithmetic))
+        if fresh:
+            transfuse.backends._warned.clear()
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            transfuse.patch(model)
+        return [str(w.message) for w in record if "no bf16 arithmetic" in str(w.message)]
+    assert len(warned(build("llama").bfloat16(), False)) == 1
+    assert warned(build("llama").bfloat16(), False, fresh=False) == []
+    assert warned(build("llama"), False) == []
+    assert warned(build("llama").bfloat16(), True) == []
