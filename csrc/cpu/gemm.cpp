@@ -205,7 +205,7 @@ TRANSFUSE_AVX512BW void pack_all_panels(const float* w, int64_t n, int64_t k, fl
   });
 }
 
-// ---- AVX2 with FMA: the same panels, each run as kStrips strips of 16 columns by tiles of up to 6
+// ---- AVX2 with FMA: panels of 64 weight rows as kStrips strips of 16, run by tiles of up to 6
 // rows x 16 columns: 12 accumulators, per column of k 2 vector loads of the strip, 6 broadcasts
 // of x and 12 FMAs (AVX2 has 16 vector registers).
 constexpr int64_t kStripCols = 16;
@@ -299,7 +299,8 @@ TRANSFUSE_AVX2_FMA void gemm_avx2(const GemmParams& p) {
   const int64_t panels = (p.n + kPanelCols - 1) / kPanelCols;
   const auto* packed = p.w_int8 ? nullptr : static_cast<const float*>(p.w_packed);
   const auto* x = static_cast<const float*>(p.x);
-  in_team(threads_for(p.num_threads, panels, p.m * p.n * p.k, kMinWorkPerThread), [&]() {
+  in_team(threads_for(p.num_threads, panels, p.m * p.n * p.k, kMinWorkPerThread),
+          [&]() TRANSFUSE_AVX2_FMA {
     const auto panel = uninitialized<float>(packed ? 0 : kDepth * kPanelCols);
 #pragma omp for schedule(static)
     for (int64_t panel_index = 0; panel_index < panels; ++panel_index) {
@@ -344,7 +345,7 @@ TRANSFUSE_AVX2_FMA void gemm_avx2(const GemmParams& p) {
 TRANSFUSE_AVX2_FMA void pack_all_panels_avx2(const float* w, int64_t n, int64_t k, float* packed,
                                              int num_threads) {
   const int64_t panels = (n + kPanelCols - 1) / kPanelCols;
-  in_team(threads_for(num_threads, panels, n * k, kMinWorkPerThread), [&]() {
+  in_team(threads_for(num_threads, panels, n * k, kMinWorkPerThread), [&]() TRANSFUSE_AVX2_FMA {
 #pragma omp for schedule(static)
     for (int64_t panel = 0; panel < panels; ++panel)
       pack_panel_avx2(w, n, k, panel * kPanelCols, 0, k, packed + panel * k * kPanelCols);
