@@ -93,9 +93,9 @@ def assert_close_scaled(actual, expected, tol=1e-5, name=""):
                                msg=lambda m: f"{name}: {m}")
 
 
-# Families whose attention modules compute attention themselves, not through transformers'
-# attention interface: patch leaves their attention unchanged (and says so). Falcon's goes through
-# the interface from transformers 5.25 on.
+# Tiny causal LMs of BLOOM and Falcon, whose attention modules compute attention themselves, not
+# through transformers' attention interface (OWN_ATTENTION: patch leaves their attention unchanged
+# and says so); Falcon's goes through the interface from transformers 5.25 on.
 TINY_CAUSAL = {"bloom": dict(hidden_size=32, n_layer=2, n_head=4),
                "falcon": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4)}
 

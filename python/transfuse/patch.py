@@ -92,8 +92,8 @@ def _replacement(module, backend):
 def _patch_attention(model):
     """Switch a transformers model to the "transfuse" attention, remembering the previous one,
     where its attention modules go through transformers' attention interface (those that do not,
-    BLOOM's or Falcon's, would never run it). Returns the attention modules left unchanged, as a
-    Counter of (class name, reason)."""
+    BLOOM's, or Falcon's before transformers 5.25, would never run it). Returns the attention
+    modules left unchanged, as a Counter of (class name, reason)."""
     modules = hf_attention.attention_modules(model)
     if not modules or hasattr(model, ATTENTION_ATTR):
         return Counter()
@@ -227,9 +227,10 @@ def patch(model, *, attention=True, norm=True, int8=None, int8_heads=False, back
     if int8_heads and int8 is None:
         raise ValueError("int8_heads=True needs int8='w8a8' or 'w8a16'")
     backends.check_requested(backend)
+    models = [inner for _, inner in _models_in(model)]
+    _warn_if_bf16_is_slow(models)
     left = Counter()
-    _warn_if_bf16_is_slow([inner for _, inner in _models_in(model)])
-    for _, inner in _models_in(model):
+    for inner in models:
         left += _patch_model(inner, attention, norm, int8, int8_heads, backend, unpad, blocks)
     if left:
         names = ", ".join(f"{cls} x{count} ({reason})"
