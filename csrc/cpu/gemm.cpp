@@ -193,18 +193,6 @@ TRANSFUSE_AVX512BW void gemm_avx512(const GemmParams& p) {
   });
 }
 
-// All panels, each as its k blocks one after the other: panel P's block at k0 starts at float
-// (P * k + k0) * 64, as gemm_avx512 reads p.w_packed.
-TRANSFUSE_AVX512BW void pack_all_panels(const float* w, int64_t n, int64_t k, float* packed,
-                                        int num_threads) {
-  const int64_t panels = (n + kPanelCols - 1) / kPanelCols;
-  in_team(threads_for(num_threads, panels, n * k, kMinWorkPerThread), [&]() TRANSFUSE_AVX512BW {
-#pragma omp for schedule(static)
-    for (int64_t panel = 0; panel < panels; ++panel)
-      pack_panel(w, n, k, panel * kPanelCols, 0, k, packed + panel * k * kPanelCols);
-  });
-}
-
 // ---- AVX2 with FMA: panels of 64 weight rows as kStrips strips of 16, run by tiles of up to 6
 // rows x 16 columns: 12 accumulators, per column of k 2 vector loads of the strip, 6 broadcasts
 // of x and 12 FMAs (AVX2 has 16 vector registers).
@@ -341,14 +329,20 @@ TRANSFUSE_AVX2_FMA void gemm_avx2(const GemmParams& p) {
   });
 }
 
-// pack_all_panels on AVX2: panel P's strips over all of k from float P * k * 64.
-TRANSFUSE_AVX2_FMA void pack_all_panels_avx2(const float* w, int64_t n, int64_t k, float* packed,
-                                             int num_threads) {
+// All panels, each over all of k (the layout of this CPU's GEMM: gemm_avx512 reads panel P's
+// block at k0 from float (P * k + k0) * 64, gemm_avx2 its strips from float P * k * 64).
+void pack_all_panels(const float* w, int64_t n, int64_t k, float* packed, int num_threads) {
   const int64_t panels = (n + kPanelCols - 1) / kPanelCols;
-  in_team(threads_for(num_threads, panels, n * k, kMinWorkPerThread), [&]() TRANSFUSE_AVX2_FMA {
+  const bool avx512 = has_gemm();
+  in_team(threads_for(num_threads, panels, n * k, kMinWorkPerThread), [&]() {
 #pragma omp for schedule(static)
-    for (int64_t panel = 0; panel < panels; ++panel)
-      pack_panel_avx2(w, n, k, panel * kPanelCols, 0, k, packed + panel * k * kPanelCols);
+    for (int64_t panel = 0; panel < panels; ++panel) {
+      float* to = packed + panel * k * kPanelCols;
+      if (avx512)
+        pack_panel(w, n, k, panel * kPanelCols, 0, k, to);
+      else
+        pack_panel_avx2(w, n, k, panel * kPanelCols, 0, k, to);
+    }
   });
 }
 
@@ -365,12 +359,8 @@ int64_t packed_weight_bytes_fp32(int64_t n, int64_t k) {
 
 bool pack_weight_fp32(const float* w, int64_t n, int64_t k, void* packed, int num_threads) {
 #ifdef TRANSFUSE_X86_MULTIVERSION
-  if (has_gemm())
-    pack_all_panels(w, n, k, static_cast<float*>(packed), num_threads);
-  else if (gemm_max_rows() > 0)
-    pack_all_panels_avx2(w, n, k, static_cast<float*>(packed), num_threads);
-  else
-    return false;
+  if (gemm_max_rows() == 0) return false;
+  pack_all_panels(w, n, k, static_cast<float*>(packed), num_threads);
   return true;
 #else
   return false;

@@ -156,7 +156,8 @@ void gemv_with(const GemmParams& p, const float* x, const DotTile<Weight>* tiles
               staged[i0 + r][j0 - j_begin + c] = sums[r][c];
         }
       }
-      for (int64_t i = 0; i < p.m; ++i) store_epilogue_row(p, staged[i], i, j_begin, j_end - j_begin);
+      for (int64_t i = 0; i < p.m; ++i)
+        store_epilogue_row(p, staged[i], i, j_begin, j_end - j_begin);
     }
   });
 }
