@@ -221,12 +221,13 @@ def test_w8a16_matches_float64(backend, device, shape, dtype, with_bias):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_cpu_gemms_over_every_tile_remainder(backend, dtype):
-    """The CPU GEMMs (AVX512-VNNI or AMX w8a8, AVX-512 w8a16 beyond 48 rows) in tiles of 6 rows
+    """The CPU GEMMs (AVX512-VNNI or AMX w8a8, AVX-512 w8a16 beyond 48 rows; without an int8 dot
+    product the fp32 GEMM runs w8a8 too, on AVX2 at most 96 rows a call) in tiles of 6 rows
     (blocks of 32 on AMX) x 64 columns, steps of 64 columns of k and (w8a16) blocks of 1536: every
     row remainder, column tails, k tails and several k blocks, against the float64 epilogue (w8a8)
     and the float64 product (w8a16)."""
     for m, n, k in [(50, 70, 17), (51, 65, 513), (52, 1, 256), (53, 129, 257), (54, 64, 600),
-                    (55, 3, 5), (7, 130, 300), (96, 64, 128), (56, 70, 3100)]:
+                    (55, 3, 5), (7, 130, 300), (96, 64, 128), (56, 70, 3100), (97, 65, 70)]:
         x = activations(m, k, dtype, "cpu")
         w, w_scale = quantized_weight(n, k, "cpu")
         bias = torch.randn(n).to(dtype)

@@ -2,8 +2,8 @@
 // transfuse._C.quantize_per_token, int8_matmul, int8_linear_w8a8 and int8_linear_w8a16 (CPU or
 // CUDA, from the tensors' device). On CPU the int8 x int8 product and its dequantizing epilogue
 // are cpu/int8_vnni.cpp's where the CPU has AVX512-VNNI; elsewhere the product is oneDNN's
-// (at::_int_mm) where the CPU has an int8 dot product (AVX-VNNI), else exact fp32 GEMMs over chunks
-// of k, followed by the epilogue. On CUDA the GEMM and its epilogue are one kernel.
+// (at::_int_mm) where the CPU has an int8 dot product (AVX-VNNI), else transfuse's int8 GEMV for a
+// few rows and its fp32 GEMM with the epilogue beyond (w8a8_by_fp32_gemm). On CUDA the GEMM and its epilogue are one kernel.
 // python/transfuse/ops/int8.py validates user input first; these checks guard the kernels.
 #include <algorithm>
 #include <optional>
@@ -294,6 +294,44 @@ Tensor w8a16_cpu(const Tensor& x, const Tensor& w, const Tensor& w_scale, const 
   return (bf16 ? cpu::gemm_bf16(g) : cpu::gemm(g)) ? out : w8a16_by_blocks(x, w, w_scale, bias);
 }
 
+// w8a8 on a CPU without an int8 dot product, beyond the rows the int8 GEMV takes: cpu::gemm on the
+// quantized rows as fp32, the weights widened as the GEMM packs them, the x and w scales and the
+// bias in its epilogue, at most cpu::gemm_max_rows() rows a call. The integer products are exact
+// in fp32; their sums are while every partial sum stays below 2^24 (k * 127 * 127 < 2^24: k <=
+// 1040), and beyond that are rounded as fp32 sums (relatively by at most k * 2^-24, far below the
+// quantization's error). Against the exact int32 product through fp32 GEMMs over chunks of k
+// (int_mm), it reads each weight once as int8, not converted to fp32 per call, and needs no
+// separate dequantizing pass: measured on all-MiniLM-L6-v2's layers on an AVX2-only AMD EPYC
+// (benchmarks/results/). False where the CPU has an int8 dot product or no GEMM, or for fewer rows.
+bool w8a8_by_fp32_gemm(const std::vector<Int8LinearParams>& ps,
+                       const std::vector<OptTensor>& biases) {
+  const int64_t m = ps[0].m, k = ps[0].k, chunk = cpu::gemm_max_rows();
+  if (cpu::has_int8_dot() || chunk == 0 || m <= cpu::kInt8GemvMaxRows) return false;
+  const auto x = cpu::uninitialized<float>(m * k);  // exact
+  for (int64_t e = 0; e < m * k; ++e) x[e] = float(ps[0].x_q[e]);
+  for (size_t i = 0; i < ps.size(); ++i) {
+    const Int8LinearParams& p = ps[i];
+    const OptTensor bias = biases[i] ? OptTensor(biases[i]->to(at::kFloat)) : std::nullopt;
+    for (int64_t i0 = 0; i0 < m; i0 += chunk) {
+      GemmParams g;
+      g.x = x.get() + i0 * k;
+      g.w = p.w;
+      g.w_int8 = true;
+      g.x_scale = p.x_scale + i0;
+      g.w_scale = p.w_scale;
+      g.bias = bias ? bias->data_ptr<float>() : nullptr;
+      g.out = static_cast<char*>(p.out) + i0 * p.n * dtype_size(p.dtype);
+      g.m = std::min(chunk, m - i0);
+      g.n = p.n;
+      g.k = k;
+      g.dtype = p.dtype;
+      g.num_threads = p.num_threads;
+      TORCH_CHECK(cpu::gemm(g), "cpu::gemm declined ", g.m, " rows");  // (at most chunk)
+    }
+  }
+  return true;
+}
+
 // w8a8 of x [m, k] by each weight on the CPU, x's quantized rows in buffers of the call (tensors
 // cost their allocation: a third of a one-token call), shared by the products (one team for their
 // panels where the CPU has AVX512-VNNI).
@@ -330,6 +368,7 @@ std::vector<Tensor> w8a8_cpu(const Tensor& x, const std::vector<Tensor>& ws,
     ps.push_back(p);
   }
   if (cpu::int8_linears_vnni(ps.data(), int64_t(ps.size()))) return outs;
+  if (w8a8_by_fp32_gemm(ps, biases)) return outs;
   const Tensor x_q_tensor = at::from_blob(x_q.get(), {m, k}, x.options().dtype(at::kChar));
   for (size_t i = 0; i < ws.size(); ++i) {
     Tensor acc = int_mm(x_q_tensor, ws[i]);

@@ -127,7 +127,8 @@ TRANSFUSE_AVX512BW __attribute__((noinline)) void tile_product(
   TRANSFUSE_W8A16_ROW_SAVE(3) TRANSFUSE_W8A16_ROW_SAVE(4) TRANSFUSE_W8A16_ROW_SAVE(5)
 }
 
-// A tile's sums after a k block: kept in t.partial, or (`last`) out = sums * s_w + bias in p.dtype.
+// A tile's sums after a k block: kept in t.partial, or (`last`) out = sums * s_x * s_w + bias in
+// p.dtype.
 TRANSFUSE_AVX512BW void tile_store(const __m512 sums[kTileRows][kPanelVectors], int64_t rows,
                                    bool last, const TileTarget& t, int64_t i0) {
   const GemmParams& p = *t.p;
@@ -137,7 +138,12 @@ TRANSFUSE_AVX512BW void tile_store(const __m512 sums[kTileRows][kPanelVectors], 
         _mm512_mask_storeu_ps(t.partial + (i0 + r) * p.n + t.j0 + 16 * c, t.store[c], sums[r][c]);
     return;
   }
-  store_tile<kTileRows>(sums, rows, t.w_scale, t.bias, t.store, p.gelu, p.approximate, p.dtype,
+  __m512 scaled[kTileRows][kPanelVectors];  // by x_scale, where given
+  for (int64_t r = 0; r < rows && p.x_scale; ++r)
+    for (int c = 0; c < kPanelVectors; ++c)
+      scaled[r][c] = _mm512_mul_ps(sums[r][c], _mm512_set1_ps(p.x_scale[i0 + r]));
+  store_tile<kTileRows>(p.x_scale ? scaled : sums, rows, t.w_scale, t.bias, t.store, p.gelu,
+                        p.approximate, p.dtype,
                         static_cast<char*>(p.out) + (i0 * p.n + t.j0) * dtype_size(p.dtype), p.n);
 }
 

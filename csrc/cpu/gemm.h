@@ -27,7 +27,8 @@ int64_t packed_weight_bytes_fp32(int64_t n, int64_t k);
 bool pack_weight_fp32(const float* w, int64_t n, int64_t k, void* packed, int num_threads);
 
 // bf16 x and w (gemm_bf16.cpp): runs p with AVX512_BF16 dot products and returns true; returns
-// false, writing nothing, on a CPU without AVX512_BF16 (or TRANSFUSE_CPU_ISA below avx512).
+// false, writing nothing, on a CPU without AVX512_BF16 (or TRANSFUSE_CPU_ISA below avx512), or
+// for p.x_scale.
 bool gemm_bf16(const GemmParams& p);
 bool has_gemm_bf16();
 

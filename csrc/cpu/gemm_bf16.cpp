@@ -284,7 +284,7 @@ bool pack_weight_int8_pairs(const int8_t* w, int64_t n, int64_t k, void* packed,
 
 bool gemm_bf16(const GemmParams& p) {
 #ifdef TRANSFUSE_X86_MULTIVERSION
-  if (!has_gemm_bf16()) return false;
+  if (!has_gemm_bf16() || p.x_scale) return false;
   gemm_bf16_avx512(p);
   return true;
 #else

@@ -166,8 +166,10 @@ void gemv_with(const GemmParams& p, const float* x, const DotTile<Weight>* tiles
 #endif
 
 void store_epilogue_row(const GemmParams& p, float* sums, int64_t i, int64_t j, int64_t cols) {
+  const float row_scale = p.x_scale ? p.x_scale[i] : 1.f;
   for (int64_t c = 0; c < cols; ++c)
-    sums[c] = sums[c] * (p.w_scale ? p.w_scale[j + c] : 1.f) + (p.bias ? p.bias[j + c] : 0.f);
+    sums[c] = sums[c] * row_scale * (p.w_scale ? p.w_scale[j + c] : 1.f) +
+              (p.bias ? p.bias[j + c] : 0.f);
   float activated[64];
   if (p.gelu) gelu_row(sums, activated, cols, p.approximate);
   store_row(p.gelu ? activated : sums, p.dtype,

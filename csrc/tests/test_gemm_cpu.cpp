@@ -1,8 +1,8 @@
 // Torch-free unit test of the CPU GEMV (cpu/gemv.cpp) and GEMMs (cpu/gemm.cpp, gemm_bf16.cpp) on
 // few rows, against a double-precision reference written out here: every row count from 1 to
 // kGemvMaxRows and some more for the GEMMs (up to 96, the most the fp32 GEMM takes on AVX2), fp32
-// and bf16, with and without bias and GELU, n and k tails, 1 and 2 threads, the GEMMs' weights
-// packed per call and packed before. (transfuse.ops.linear runs the GEMV's multi-row tiles for
+// and bf16, with and without bias, GELU and per-row scales (w8a8's x scales; not the bf16 GEMM's),
+// n and k tails, 1 and 2 threads, the GEMMs' weights packed per call and packed before. (transfuse.ops.linear runs the GEMV's multi-row tiles for
 // inference tensors' weights and for bf16 without AVX512_BF16.) On a CPU with AVX2 but not
 // AVX-512 the GEMV and the fp32 GEMM run, and the GEMM declines a row more than it takes. Every
 // output buffer is filled with NaN before the kernel runs, so an element the kernel forgets to
@@ -47,10 +47,12 @@ enum class Kernel { gemv, gemm, gemm_packed_before };
 // One call of `kernel` on fresh inputs; returns the number of elements outside the bound: fp32
 // accumulation over k terms (through GELU, slope <= 1.13), GELU's own error, one rounding.
 int check(Kernel kernel, DType dtype, int64_t m, int64_t n, int64_t k, bool bias, bool act,
-          int threads, std::mt19937& rng) {
+          bool scale_rows, int threads, std::mt19937& rng) {
   std::normal_distribution<float> normal;
+  std::uniform_real_distribution<float> uniform(0.5f, 2.f);
   const bool bf16 = dtype == DType::bf16;
-  std::vector<float> x(m * k), w(n * k), b(n);
+  std::vector<float> x(m * k), w(n * k), b(n), x_scale(m);
+  for (float& v : x_scale) v = uniform(rng);
   for (float& v : x) v = bf16 ? float_of_bf16(bf16_bits_of(normal(rng))) : normal(rng);
   for (float& v : w) v = bf16 ? float_of_bf16(bf16_bits_of(normal(rng))) : normal(rng);
   for (float& v : b) v = normal(rng);
@@ -63,6 +65,7 @@ int check(Kernel kernel, DType dtype, int64_t m, int64_t n, int64_t k, bool bias
   p.x = bf16 ? static_cast<const void*>(x16.data()) : x.data();
   p.w = bf16 ? static_cast<const void*>(w16.data()) : w.data();
   p.bias = bias ? b.data() : nullptr;
+  p.x_scale = scale_rows ? x_scale.data() : nullptr;
   p.out = bf16 ? static_cast<void*>(out16.data()) : out.data();
   p.m = m, p.n = n, p.k = k, p.dtype = dtype, p.gelu = act, p.num_threads = threads;
   std::vector<char> packed;
@@ -83,11 +86,14 @@ int check(Kernel kernel, DType dtype, int64_t m, int64_t n, int64_t k, bool bias
   int bad = 0;
   for (int64_t i = 0; i < m; ++i)
     for (int64_t j = 0; j < n; ++j) {
-      double z = bias ? b[j] : 0.0, magnitude = bias ? std::fabs(b[j]) : 0.0;
+      double sum = 0.0, magnitude = 0.0;
       for (int64_t t = 0; t < k; ++t) {
-        z += double(x[i * k + t]) * w[j * k + t];
+        sum += double(x[i * k + t]) * w[j * k + t];
         magnitude += std::fabs(double(x[i * k + t]) * w[j * k + t]);
       }
+      const double row_scale = scale_rows ? x_scale[i] : 1.0;
+      const double z = sum * row_scale + (bias ? b[j] : 0.0);
+      magnitude = magnitude * row_scale + (bias ? std::fabs(b[j]) : 0.0);
       const double expected = act ? gelu(z) : z;
       const double got = bf16 ? float_of_bf16(out16[i * n + j]) : out[i * n + j];
       const double bound = 1.2 * 2 * (k + 1) * eps32 * magnitude +
@@ -124,14 +130,17 @@ int main() {
       for (int64_t m : counts)
         for (const auto& shape : shapes) {
           const bool bias = (m + shape[0]) % 2 == 0, act = (m + shape[1]) % 3 == 0;
+          const bool scale_rows = (m + shape[1]) % 2 == 1 && !(bf16 && kernel != Kernel::gemv);
           const int threads = 1 + int(m % 2);
-          const int bad = check(kernel, dtype, m, shape[0], shape[1], bias, act, threads, rng);
+          const int bad =
+              check(kernel, dtype, m, shape[0], shape[1], bias, act, scale_rows, threads, rng);
           ++cases;
           if (bad) {
             ++failures;
-            std::printf("FAIL kernel %d dtype %s m %lld n %lld k %lld bias %d gelu %d: %d bad\n",
-                        int(kernel), dtype == DType::bf16 ? "bf16" : "fp32", (long long)m,
-                        (long long)shape[0], (long long)shape[1], bias, act, bad);
+            std::printf("FAIL kernel %d dtype %s m %lld n %lld k %lld bias %d gelu %d scaled %d: "
+                        "%d bad\n", int(kernel), dtype == DType::bf16 ? "bf16" : "fp32",
+                        (long long)m, (long long)shape[0], (long long)shape[1], bias, act,
+                        scale_rows, bad);
           }
         }
     }

@@ -38,9 +38,9 @@ MAX_K = 133_000  # k * 127 * 127 must stay below 2^31 for an exact int32 accumul
 
 
 _NO_INT8_DOT = ("transfuse: this CPU has no int8 dot-product instruction (AVX512-VNNI or "
-                "AVX-VNNI): w8a8 runs its exact int8 product through transfuse's AVX2 GEMV up to "
-                "15 rows (decoding) and as fp32 GEMMs beyond, no faster than a float linear "
-                "layer there; int8 saves memory")
+                "AVX-VNNI): w8a8 runs its int8 product through transfuse's AVX2 GEMV up to "
+                "15 rows (decoding) and through its fp32 GEMM beyond, about as fast as a float "
+                "linear layer there; int8 saves memory")
 
 
 @functools.lru_cache(maxsize=None)
