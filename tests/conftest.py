@@ -35,3 +35,12 @@ def poison_allocations():
     yield
     deterministic.fill_uninitialized_memory = previous[0]
     torch.use_deterministic_algorithms(previous[1])
+
+
+@pytest.fixture
+def no_pause_between_sides(monkeypatch):
+    """transfuse bench's model rows sleep before each side's turn (bench.SETTLE_S) so that thread
+    pools go idle before it is timed; tests of what the rows hold do without it (on 2 cores a
+    minute of sleep per model command)."""
+    from transfuse import bench
+    monkeypatch.setattr(bench, "SETTLE_S", 0.0)

@@ -16,6 +16,7 @@ RESULT_FIELDS = {"ms", "ms_all_batches", "ms_per_batch_quartiles", "sequences_pe
                  "tokens_per_s", "speedup_vs_eager", "max_abs_diff_vs_eager",
                  "max_abs_diff_pooled_vs_eager", "min_cosine_pooled_vs_eager", "weights_MB",
                  "peak_MB"}
+pytestmark = pytest.mark.usefixtures("no_pause_between_sides")
 
 
 @pytest.fixture(scope="module")

