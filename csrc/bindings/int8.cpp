@@ -3,7 +3,8 @@
 // CUDA, from the tensors' device). On CPU the int8 x int8 product and its dequantizing epilogue
 // are cpu/int8_vnni.cpp's where the CPU has AVX512-VNNI; elsewhere the product is oneDNN's
 // (at::_int_mm) where the CPU has an int8 dot product (AVX-VNNI), else transfuse's int8 GEMV for a
-// few rows and its fp32 GEMM with the epilogue beyond (w8a8_by_fp32_gemm). On CUDA the GEMM and its epilogue are one kernel.
+// few rows and its fp32 GEMM with the epilogue beyond (w8a8_by_fp32_gemm). On CUDA the GEMM and
+// its epilogue are one kernel.
 // python/transfuse/ops/int8.py validates user input first; these checks guard the kernels.
 #include <algorithm>
 #include <optional>
@@ -253,6 +254,20 @@ Tensor w8a16_by_blocks(const Tensor& x, const Tensor& w, const Tensor& w_scale,
 
 constexpr int kInt8PairsLayout = 1;  // an int8 weight's packing for the bf16 GEMM (the VNNI
                                      // GEMM's is layout 0)
+constexpr int kInt8StripsLayout = 2;  // and for the fp32 GEMM on AVX2
+
+// w's int8 strips for the fp32 GEMM on AVX2, kept between calls; nothing elsewhere (or not kept).
+OptTensor int8_strips(const Tensor& w) {
+  const int64_t bytes = cpu::packed_weight_bytes_int8_strips(w.size(0), w.size(1));
+  if (bytes == 0 || !w.is_contiguous()) return std::nullopt;
+  return packed_weights().of(
+      w, bytes,
+      [](const Tensor& w, Tensor& out) {
+        return cpu::pack_weight_int8_strips(w.data_ptr<int8_t>(), w.size(0), w.size(1),
+                                            out.data_ptr(), at::get_num_threads());
+      },
+      kInt8StripsLayout);
+}
 
 // Whether CPU w8a16 of x takes the bf16 GEMM: bf16 x on a CPU with AVX512_BF16.
 bool w8a16_bf16_gemm(const Tensor& x) {
@@ -260,8 +275,8 @@ bool w8a16_bf16_gemm(const Tensor& x) {
 }
 
 // CPU w8a16 for more rows than the GEMV takes: cpu::gemm_bf16 for bf16 x where it runs, else
-// cpu::gemm on x in fp32, each widening the int8 weights as it packs them (AVX-512; AVX2 up to
-// cpu::gemm_max_rows()), else w8a16_by_blocks.
+// cpu::gemm on x in fp32 (AVX-512; AVX2 up to cpu::gemm_max_rows()), each widening the int8
+// weights as it packs them or (AVX2, int8_strips) as its tiles load them, else w8a16_by_blocks.
 Tensor w8a16_cpu(const Tensor& x, const Tensor& w, const Tensor& w_scale, const OptTensor& bias) {
   Tensor out;
   const Int8LinearParams p = linear_params(w, w_scale, bias, x.scalar_type(), x, out);
@@ -280,7 +295,7 @@ Tensor w8a16_cpu(const Tensor& x, const Tensor& w, const Tensor& w_scale, const 
   g.k = p.k;
   g.dtype = p.dtype;
   g.num_threads = p.num_threads;
-  std::optional<Tensor> packed;
+  OptTensor packed = bf16 ? std::nullopt : int8_strips(w);
   if (bf16 && w.is_contiguous()) {
     packed = packed_weights().of(
         w, cpu::packed_weight_bytes_int8_pairs(p.n, p.k),
@@ -289,21 +304,22 @@ Tensor w8a16_cpu(const Tensor& x, const Tensor& w, const Tensor& w_scale, const 
                                              out.data_ptr(), at::get_num_threads());
         },
         kInt8PairsLayout);
-    if (packed) g.w_packed = packed->data_ptr();
   }
+  if (packed) g.w_packed = packed->data_ptr();
   return (bf16 ? cpu::gemm_bf16(g) : cpu::gemm(g)) ? out : w8a16_by_blocks(x, w, w_scale, bias);
 }
 
 // w8a8 on a CPU without an int8 dot product, beyond the rows the int8 GEMV takes: cpu::gemm on the
-// quantized rows as fp32, the weights widened as the GEMM packs them, the x and w scales and the
-// bias in its epilogue, at most cpu::gemm_max_rows() rows a call. The integer products are exact
+// quantized rows as fp32, the int8 weights widened as its tiles load them (int8_strips) or as it
+// packs them, the x and w scales and the bias in its epilogue, at most cpu::gemm_max_rows() rows
+// a call. The integer products are exact
 // in fp32; their sums are while every partial sum stays below 2^24 (k * 127 * 127 < 2^24: k <=
 // 1040), and beyond that are rounded as fp32 sums (relatively by at most k * 2^-24, far below the
 // quantization's error). Against the exact int32 product through fp32 GEMMs over chunks of k
 // (int_mm), it reads each weight once as int8, not converted to fp32 per call, and needs no
 // separate dequantizing pass: measured on all-MiniLM-L6-v2's layers on an AVX2-only AMD EPYC
 // (benchmarks/results/). False where the CPU has an int8 dot product or no GEMM, or for fewer rows.
-bool w8a8_by_fp32_gemm(const std::vector<Int8LinearParams>& ps,
+bool w8a8_by_fp32_gemm(const std::vector<Int8LinearParams>& ps, const std::vector<Tensor>& ws,
                        const std::vector<OptTensor>& biases) {
   const int64_t m = ps[0].m, k = ps[0].k, chunk = cpu::gemm_max_rows();
   if (cpu::has_int8_dot() || chunk == 0 || m <= cpu::kInt8GemvMaxRows) return false;
@@ -312,11 +328,13 @@ bool w8a8_by_fp32_gemm(const std::vector<Int8LinearParams>& ps,
   for (size_t i = 0; i < ps.size(); ++i) {
     const Int8LinearParams& p = ps[i];
     const OptTensor bias = biases[i] ? OptTensor(biases[i]->to(at::kFloat)) : std::nullopt;
+    const OptTensor packed = int8_strips(ws[i]);
     for (int64_t i0 = 0; i0 < m; i0 += chunk) {
       GemmParams g;
       g.x = x.get() + i0 * k;
       g.w = p.w;
       g.w_int8 = true;
+      g.w_packed = packed ? packed->data_ptr() : nullptr;
       g.x_scale = p.x_scale + i0;
       g.w_scale = p.w_scale;
       g.bias = bias ? bias->data_ptr<float>() : nullptr;
@@ -368,7 +386,7 @@ std::vector<Tensor> w8a8_cpu(const Tensor& x, const std::vector<Tensor>& ws,
     ps.push_back(p);
   }
   if (cpu::int8_linears_vnni(ps.data(), int64_t(ps.size()))) return outs;
-  if (w8a8_by_fp32_gemm(ps, biases)) return outs;
+  if (w8a8_by_fp32_gemm(ps, ws, biases)) return outs;
   const Tensor x_q_tensor = at::from_blob(x_q.get(), {m, k}, x.options().dtype(at::kChar));
   for (size_t i = 0; i < ws.size(); ++i) {
     Tensor acc = int_mm(x_q_tensor, ws[i]);

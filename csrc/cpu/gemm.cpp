@@ -9,7 +9,9 @@
 // over several k blocks wait in fp32 between blocks; the last block's epilogue takes the tile from
 // registers. fp32 weights' panels may also come packed before (p.w_packed, as pack_weight_fp32
 // lays them out). AVX2 packs the panels as 4 strips of 16 columns, each contiguous (8 x 8
-// transposes), and runs 6 x 16 tiles of 12 accumulators over each, its epilogue from memory.
+// transposes), and runs 6 x 16 tiles of 12 accumulators over each, its epilogue from memory; an
+// int8 weight's strips may come packed before as int8 (pack_weight_int8_strips), widened as the
+// tiles load them.
 #include <algorithm>
 
 #include "activation.h"
@@ -254,10 +256,22 @@ TRANSFUSE_AVX2_FMA void pack_panel_avx2(const Weight* w, int64_t n, int64_t k, i
   }
 }
 
-// sums[r][0..16) += sum over kk < depth of x[r * k + kk] * strip[kk * 16 + 0..16), rows r < R.
-template <int R>
+// An int8 weight's panel kept packed (pack_weight_int8_strips): the strips' layout of
+// pack_panel_avx2 over all of k, as int8.
+void pack_panel_int8_strips(const int8_t* w, int64_t n, int64_t k, int64_t j0, int8_t* panel) {
+  for (int64_t s = 0; s < kStrips; ++s)
+    for (int64_t l = 0; l < kStripCols; ++l) {
+      const int64_t j = j0 + s * kStripCols + l;
+      int8_t* to = panel + s * k * kStripCols + l;
+      for (int64_t kk = 0; kk < k; ++kk) to[kk * kStripCols] = j < n ? w[j * k + kk] : 0;
+    }
+}
+
+// sums[r][0..16) += sum over kk < depth of x[r * k + kk] * float(strip[kk * 16 + 0..16)), rows
+// r < R (int8 strips widened as they are loaded).
+template <int R, typename Weight>
 TRANSFUSE_AVX2_FMA __attribute__((noinline)) void strip_product(
-    const float* x, int64_t k, const float* strip, int64_t depth,
+    const float* x, int64_t k, const Weight* strip, int64_t depth,
     float sums[kTileRows][kStripCols]) {
   __m256 acc[R][2];
 #pragma GCC unroll 6
@@ -266,8 +280,8 @@ TRANSFUSE_AVX2_FMA __attribute__((noinline)) void strip_product(
     acc[r][1] = _mm256_loadu_ps(sums[r] + 8);
   }
   for (int64_t kk = 0; kk < depth; ++kk) {
-    const __m256 w0 = _mm256_loadu_ps(strip + kk * kStripCols),
-                 w1 = _mm256_loadu_ps(strip + kk * kStripCols + 8);
+    const __m256 w0 = load_weights8(strip + kk * kStripCols),
+                 w1 = load_weights8(strip + kk * kStripCols + 8);
 #pragma GCC unroll 6
     for (int r = 0; r < R; ++r) {
       const __m256 xv = _mm256_broadcast_ss(x + r * k + kk);
@@ -282,32 +296,39 @@ TRANSFUSE_AVX2_FMA __attribute__((noinline)) void strip_product(
   }
 }
 
-using StripProduct = void (*)(const float*, int64_t, const float*, int64_t,
+template <typename Weight>
+using StripProduct = void (*)(const float*, int64_t, const Weight*, int64_t,
                               float[kTileRows][kStripCols]);
-constexpr StripProduct kStripProducts[kTileRows] = {strip_product<1>, strip_product<2>,
-                                                    strip_product<3>, strip_product<4>,
-                                                    strip_product<5>, strip_product<6>};
+template <typename Weight>
+constexpr StripProduct<Weight> kStripProducts[kTileRows] = {
+    strip_product<1, Weight>, strip_product<2, Weight>, strip_product<3, Weight>,
+    strip_product<4, Weight>, strip_product<5, Weight>, strip_product<6, Weight>};
 
 TRANSFUSE_AVX2_FMA void gemm_avx2(const GemmParams& p) {
   const auto partial = uninitialized<float>(p.k > kDepth ? p.m * p.n : 0);
   const int64_t panels = (p.n + kPanelCols - 1) / kPanelCols;
-  const auto* packed = p.w_int8 ? nullptr : static_cast<const float*>(p.w_packed);
   const auto* x = static_cast<const float*>(p.x);
   in_team(threads_for(p.num_threads, panels, p.m * p.n * p.k, kMinWorkPerThread),
           [&]() TRANSFUSE_AVX2_FMA {
-    const auto panel = uninitialized<float>(packed ? 0 : kDepth * kPanelCols);
+    const auto panel = uninitialized<float>(p.w_packed ? 0 : kDepth * kPanelCols);
 #pragma omp for schedule(static)
     for (int64_t panel_index = 0; panel_index < panels; ++panel_index) {
       const int64_t j0 = panel_index * kPanelCols;
       for (int64_t k0 = 0; k0 < p.k; k0 += kDepth) {
         const int64_t depth = std::min(kDepth, p.k - k0);
         const bool first = k0 == 0, last = k0 + depth == p.k;
-        // the strips of the panel's block: packed before over all of k, else for this block
+        // the strips of the panel's block: packed before over all of k (fp32, or int8 widened by
+        // the tiles), else packed (widened) for this block
         const float* block = panel.get();
-        int64_t strip_floats = depth * kStripCols;
-        if (packed) {
-          block = packed + panel_index * p.k * kPanelCols + k0 * kStripCols;
-          strip_floats = p.k * kStripCols;
+        const int8_t* block_int8 = nullptr;
+        int64_t strip_stride = depth * kStripCols;
+        const int64_t offset = panel_index * p.k * kPanelCols + k0 * kStripCols;
+        if (p.w_packed) {
+          strip_stride = p.k * kStripCols;
+          if (p.w_int8)
+            block_int8 = static_cast<const int8_t*>(p.w_packed) + offset;
+          else
+            block = static_cast<const float*>(p.w_packed) + offset;
         } else if (p.w_int8) {
           pack_panel_avx2(static_cast<const int8_t*>(p.w), p.n, p.k, j0, k0, depth, panel.get());
         } else {
@@ -320,8 +341,13 @@ TRANSFUSE_AVX2_FMA void gemm_avx2(const GemmParams& p) {
             float sums[kTileRows][kStripCols] = {};
             for (int64_t r = 0; r < rows && !first; ++r)
               std::copy_n(partial.get() + (i0 + r) * p.n + col, cols, sums[r]);
-            kStripProducts[rows - 1](x + i0 * p.k + k0, p.k, block + strip * strip_floats,
-                                     depth, sums);
+            const float* x_tile = x + i0 * p.k + k0;
+            if (block_int8)
+              kStripProducts<int8_t>[rows - 1](x_tile, p.k, block_int8 + strip * strip_stride,
+                                               depth, sums);
+            else
+              kStripProducts<float>[rows - 1](x_tile, p.k, block + strip * strip_stride, depth,
+                                              sums);
             for (int64_t r = 0; r < rows; ++r) {
               if (last)
                 store_epilogue_row(p, sums[r], i0 + r, col, cols);
@@ -367,6 +393,32 @@ bool pack_weight_fp32(const float* w, int64_t n, int64_t k, void* packed, int nu
 #ifdef TRANSFUSE_X86_MULTIVERSION
   if (gemm_max_rows() == 0) return false;
   pack_all_panels(w, n, k, static_cast<float*>(packed), num_threads);
+  return true;
+#else
+  return false;
+#endif
+}
+
+int64_t packed_weight_bytes_int8_strips(int64_t n, int64_t k) {
+#ifdef TRANSFUSE_X86_MULTIVERSION
+  if (has_gemm() || gemm_max_rows() == 0) return 0;
+  return (n + kPanelCols - 1) / kPanelCols * k * kPanelCols;
+#else
+  return 0;
+#endif
+}
+
+bool pack_weight_int8_strips(const int8_t* w, int64_t n, int64_t k, void* packed,
+                             int num_threads) {
+#ifdef TRANSFUSE_X86_MULTIVERSION
+  if (packed_weight_bytes_int8_strips(n, k) == 0) return false;
+  const int64_t panels = (n + kPanelCols - 1) / kPanelCols;
+  in_team(threads_for(num_threads, panels, n * k, kMinWorkPerThread), [&]() {
+#pragma omp for schedule(static)
+    for (int64_t panel = 0; panel < panels; ++panel)
+      pack_panel_int8_strips(w, n, k, panel * kPanelCols,
+                             static_cast<int8_t*>(packed) + panel * k * kPanelCols);
+  });
   return true;
 #else
   return false;

@@ -26,6 +26,14 @@ int64_t gemm_max_rows();
 int64_t packed_weight_bytes_fp32(int64_t n, int64_t k);
 bool pack_weight_fp32(const float* w, int64_t n, int64_t k, void* packed, int num_threads);
 
+// On AVX2 (not AVX-512), gemm's panels of an int8 weight kept packed as int8 (p.w_packed with
+// p.w_int8; widened to fp32 as the tiles load them, so a call streams a quarter of the fp32
+// panels' bytes): their bytes, 0 where gemm would not read them; the packing (false, writing
+// nothing, there).
+int64_t packed_weight_bytes_int8_strips(int64_t n, int64_t k);
+bool pack_weight_int8_strips(const int8_t* w, int64_t n, int64_t k, void* packed,
+                             int num_threads);
+
 // bf16 x and w (gemm_bf16.cpp): runs p with AVX512_BF16 dot products and returns true; returns
 // false, writing nothing, on a CPU without AVX512_BF16 (or TRANSFUSE_CPU_ISA below avx512), or
 // for p.x_scale.
