@@ -1,5 +1,5 @@
 // The CPU GEMMs' packed panels of weights (int8 for the VNNI GEMM, fp32 and bf16 for the AVX-512
-// and AVX512_BF16 ones), kept between calls: packing costs a pass over the weights per call (the
+// and AVX512_BF16 ones, fp32 and int8 for the AVX2 one), kept between calls: packing costs a pass over the weights per call (the
 // VNNI GEMM's pack_panel: 6% of all-MiniLM-L6-v2's w8a8 forward on the AMD EPYC; the bf16 GEMM's:
 // 5% of its bf16 forward on real sentences). An entry serves a weight while the weight's storage
 // lives, at the same address, unmodified: its version counter as it was (a write in place bumps
