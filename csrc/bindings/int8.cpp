@@ -309,7 +309,11 @@ Tensor w8a16_cpu(const Tensor& x, const Tensor& w, const Tensor& w_scale, const 
   return (bf16 ? cpu::gemm_bf16(g) : cpu::gemm(g)) ? out : w8a16_by_blocks(x, w, w_scale, bias);
 }
 
-// w8a8 on a CPU without an int8 dot product, beyond the rows the int8 GEMV takes: cpu::gemm on the
+// From 4 rows the GEMM on kept int8 strips ran 1.1-1.3x the int8 GEMV (cold weights, MiniLM's
+// shapes, 4-15 rows; level at 2, slower at 1); the GEMV keeps the rows of decoding.
+constexpr int64_t kW8a8GemmMinRows = 4;
+
+// w8a8 on a CPU without an int8 dot product, from a few rows: cpu::gemm on the
 // quantized rows as fp32, the int8 weights widened as its tiles load them (int8_strips) or as it
 // packs them, the x and w scales and the bias in its epilogue, at most cpu::gemm_max_rows() rows
 // a call. The integer products are exact in fp32; their sums are while every partial sum stays
@@ -318,11 +322,11 @@ Tensor w8a16_cpu(const Tensor& x, const Tensor& w, const Tensor& w_scale, const 
 // product through fp32 GEMMs over chunks of k (int_mm, which converts the weights to fp32 per
 // call, then dequantizes in a second pass): 1.5-2.5x faster on all-MiniLM-L6-v2's shapes at 16-96
 // rows on an AVX2-only AMD EPYC, level with the fp32 linear. False where the CPU has an int8 dot
-// product or no GEMM, or for the GEMV's rows.
+// product or no GEMM, or for fewer than kW8a8GemmMinRows rows.
 bool w8a8_by_fp32_gemm(const std::vector<Int8LinearParams>& ps, const std::vector<Tensor>& ws,
                        const std::vector<OptTensor>& biases) {
   const int64_t m = ps[0].m, k = ps[0].k, chunk = cpu::gemm_max_rows();
-  if (cpu::has_int8_dot() || chunk == 0 || m <= cpu::kInt8GemvMaxRows) return false;
+  if (cpu::has_int8_dot() || chunk == 0 || m < kW8a8GemmMinRows) return false;
   const auto x = cpu::uninitialized<float>(m * k);  // exact
   for (int64_t e = 0; e < m * k; ++e) x[e] = float(ps[0].x_q[e]);
   for (size_t i = 0; i < ps.size(); ++i) {
