@@ -39,7 +39,7 @@ MAX_K = 133_000  # k * 127 * 127 must stay below 2^31 for an exact int32 accumul
 
 _NO_INT8_DOT = ("transfuse: this CPU has no int8 dot-product instruction (AVX512-VNNI or "
                 "AVX-VNNI): w8a8 runs its int8 product through transfuse's AVX2 GEMV up to "
-                "15 rows (decoding) and through its fp32 GEMM beyond, about as fast as a float "
+                "3 rows (decoding) and through its fp32 GEMM beyond, about as fast as a float "
                 "linear layer there; int8 saves memory")
 
 
