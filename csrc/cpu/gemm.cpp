@@ -402,7 +402,7 @@ bool pack_weight_fp32(const float* w, int64_t n, int64_t k, void* packed, int nu
 int64_t packed_weight_bytes_int8_strips(int64_t n, int64_t k) {
 #ifdef TRANSFUSE_X86_MULTIVERSION
   if (has_gemm() || gemm_max_rows() == 0) return 0;
-  return (n + kPanelCols - 1) / kPanelCols * k * kPanelCols;
+  return packed_weight_bytes_fp32(n, k) / int64_t(sizeof(float));  // a byte a weight
 #else
   return 0;
 #endif
