@@ -222,10 +222,11 @@ def test_w8a16_matches_float64(backend, device, shape, dtype, with_bias):
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_cpu_gemms_over_every_tile_remainder(backend, dtype):
     """The CPU GEMMs (AVX512-VNNI or AMX w8a8, AVX-512 w8a16 beyond 48 rows; without an int8 dot
-    product the fp32 GEMM runs w8a8 too, on AVX2 at most 96 rows a call) in tiles of 6 rows
-    (blocks of 32 on AMX) x 64 columns, steps of 64 columns of k and (w8a16) blocks of 1536: every
-    row remainder, column tails, k tails and several k blocks, against the float64 epilogue (w8a8)
-    and the float64 product (w8a16)."""
+    product w8a8 on AVX2 runs the AVX2 int8 GEMM, in tiles of 4 rows x 16 columns, groups of 4
+    of k, blocks of 64 rows, and elsewhere the fp32 GEMM) in tiles of 6 rows (blocks of 32 on
+    AMX) x 64 columns, steps of 64 columns of k and (w8a16) blocks of 1536: every row remainder,
+    column tails, k tails and several k blocks, against the float64 epilogue (w8a8) and the
+    float64 product (w8a16)."""
     for m, n, k in [(50, 70, 17), (51, 65, 513), (52, 1, 256), (53, 129, 257), (54, 64, 600),
                     (55, 3, 5), (7, 130, 300), (96, 64, 128), (56, 70, 3100), (97, 65, 70)]:
         x = activations(m, k, dtype, "cpu")
@@ -368,21 +369,52 @@ def test_bad_matmul_input_names_the_argument():
 
 
 def test_cpu_without_int8_dot_says_so_once():
-    """Without VNNI the CPU's w8a8 product runs as exact fp32 GEMMs: `info` reports it, and the
-    first w8a8 call on the cpu backend warns (once) that int8 is no faster than float here."""
+    """Without VNNI, and without the AVX2 int8 GEMM (AVX-512 without VNNI, or no AVX2), the CPU's
+    w8a8 product runs as exact fp32 GEMMs: `info` reports it, and the first w8a8 call on the cpu
+    backend warns (once) that int8 is no faster than float here; with the AVX2 int8 GEMM no call
+    warns."""
     module, _ = transfuse.backends.extension()
     if module is None:
         pytest.skip("needs the C++ extension")
-    assert transfuse.info()["cpu_int8_dot"] == bool(module.cpu_int8_dot)
-    if module.cpu_int8_dot:
-        pytest.skip("this CPU has an int8 dot product")
+    report = transfuse.info()
+    assert report["cpu_int8_dot"] == bool(module.cpu_int8_dot)
+    assert report["cpu_int8_avx2"] == bool(module.cpu_int8_avx2)
+    assert not (module.cpu_int8_dot and module.cpu_int8_avx2)
     transfuse.backends._warned.discard(("int8", "no int8 dot"))
     x, (w, w_scale) = torch.randn(8, 32), transfuse.ops.quantize_per_token(torch.randn(16, 32))
+    if module.cpu_int8_dot or module.cpu_int8_avx2:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            transfuse.ops.int8_linear(x, w, w_scale, backend="cpu")
+        return
     with pytest.warns(RuntimeWarning, match="no int8 dot-product instruction"):
         transfuse.ops.int8_linear(x, w, w_scale, backend="cpu")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         transfuse.ops.int8_linear(x, w, w_scale, backend="cpu")
+
+
+@pytest.mark.parametrize("rows", [1, 5, 70])
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_w8a8_with_weights_of_minus_128(backend, rows):
+    """The AVX2 int8 GEMM negates weights by x's sign and so refuses a weight holding -128 (its
+    negation does not fit a byte): such a weight takes another exact path, every row and column
+    as the reference gives them; x_q of -128 (int8_matmul's a) it takes, as 128 * w."""
+    g = torch.Generator().manual_seed(1)
+    n, k = 37, 300
+    w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    w[3, 7] = w[36, 299] = -128
+    w_scale = torch.rand(n, generator=g) / 100
+    x = torch.randn(rows, k, generator=g)
+    out = transfuse.ops.int8_linear(x, w, w_scale, None, "w8a8", backend=backend)
+    x_q, x_scale = reference.quantize_per_token(x)
+    assert_epilogue_close(out, reference.int8_matmul(x_q, w).double()
+                          * x_scale.double()[:, None] * w_scale.double(), None)
+    a = torch.randint(-128, 128, (rows, k), generator=g, dtype=torch.int8)
+    a[:, :5] = -128
+    for b in (w, w.clamp(min=-127)):
+        assert torch.equal(transfuse.ops.int8_matmul(a, b, backend=backend),
+                           reference.int8_matmul(a, b))
 
 
 @pytest.mark.filterwarnings("ignore:transfuse. this CPU has no int8 dot")

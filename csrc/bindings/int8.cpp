@@ -1,10 +1,11 @@
 // Binding of the int8 kernels: tensor checks, allocation, and the functions
 // transfuse._C.quantize_per_token, int8_matmul, int8_linear_w8a8 and int8_linear_w8a16 (CPU or
 // CUDA, from the tensors' device). On CPU the int8 x int8 product and its dequantizing epilogue
-// are cpu/int8_vnni.cpp's where the CPU has AVX512-VNNI; elsewhere the product is oneDNN's
-// (at::_int_mm) where the CPU has an int8 dot product (AVX-VNNI), else transfuse's int8 GEMV for a
-// few rows and its fp32 GEMM with the epilogue beyond (w8a8_by_fp32_gemm). On CUDA the GEMM and
-// its epilogue are one kernel.
+// are cpu/int8_vnni.cpp's where the CPU has AVX512-VNNI, cpu/int8_avx2.cpp's on AVX2 without
+// AVX-512 or an int8 dot product; elsewhere the product is oneDNN's (at::_int_mm) where the CPU
+// has an int8 dot product (AVX-VNNI), else (AVX-512 without VNNI, no AVX2, or a weight holding
+// -128, which the AVX2 GEMM refuses) transfuse's int8 GEMV for a few rows and its fp32 GEMM with
+// the epilogue beyond (w8a8_by_fp32_gemm). On CUDA the GEMM and its epilogue are one kernel.
 // python/transfuse/ops/int8.py validates user input first; these checks guard the kernels.
 #include <algorithm>
 #include <optional>
@@ -166,7 +167,10 @@ Tensor int8_matmul(const Tensor& a, const Tensor& b) {
   p.n = b.size(0);
   p.k = a.size(1);
   p.num_threads = at::get_num_threads();
-  if (!a.is_cuda()) return p.m * p.n * p.k > 0 && cpu::int8_linear_vnni(p) ? acc : int_mm(a, b);
+  if (!a.is_cuda())
+    return p.m * p.n * p.k > 0 && (cpu::int8_linear_vnni(p) || cpu::int8_linear_avx2(p))
+               ? acc
+               : int_mm(a, b);
 #ifdef TRANSFUSE_WITH_CUDA
   launch_linear_cuda(p, a);
 #endif
@@ -255,6 +259,7 @@ Tensor w8a16_by_blocks(const Tensor& x, const Tensor& w, const Tensor& w_scale,
 constexpr int kInt8PairsLayout = 1;  // an int8 weight's packing for the bf16 GEMM (the VNNI
                                      // GEMM's is layout 0)
 constexpr int kInt8StripsLayout = 2;  // and for the fp32 GEMM on AVX2
+constexpr int kInt8Avx2Layout = 3;    // and for the int8 GEMM on AVX2
 
 // w's int8 strips for the fp32 GEMM on AVX2, kept between calls; nothing elsewhere (or not kept).
 OptTensor int8_strips(const Tensor& w) {
@@ -313,7 +318,8 @@ Tensor w8a16_cpu(const Tensor& x, const Tensor& w, const Tensor& w_scale, const 
 // shapes, 4-15 rows; level at 2, slower at 1); the GEMV keeps the rows of decoding.
 constexpr int64_t kW8a8GemmMinRows = 4;
 
-// w8a8 on a CPU without an int8 dot product, from a few rows: cpu::gemm on the
+// w8a8 on a CPU without an int8 dot product where cpu::int8_linear_avx2 does not run (AVX-512
+// without VNNI; a weight holding -128), from a few rows: cpu::gemm on the
 // quantized rows as fp32, the int8 weights widened as its tiles load them (int8_strips) or as it
 // packs them, the x and w scales and the bias in its epilogue, at most cpu::gemm_max_rows() rows
 // a call. The integer products are exact in fp32; their sums are while every partial sum stays
@@ -386,10 +392,21 @@ std::vector<Tensor> w8a8_cpu(const Tensor& x, const std::vector<Tensor>& ws,
                                            w.data_ptr<int8_t>(), w.size(0), w.size(1),
                                            out.data_ptr<int8_t>(), at::get_num_threads());
                                      });
+    else if (const int64_t bytes = cpu::packed_weight_bytes_int8_avx2(p.n, k))
+      packs[i] = packed_weights().of(
+          ws[i], bytes,
+          [](const Tensor& w, Tensor& out) {
+            return cpu::pack_weight_int8_avx2(w.data_ptr<int8_t>(), w.size(0), w.size(1),
+                                              out.data_ptr<int8_t>(), at::get_num_threads());
+          },
+          kInt8Avx2Layout);
     if (packs[i]) p.w_packed = packs[i]->data_ptr<int8_t>();
     ps.push_back(p);
   }
   if (cpu::int8_linears_vnni(ps.data(), int64_t(ps.size()))) return outs;
+  // AVX2 without an int8 dot product: each product on cpu::int8_linear_avx2, unless a weight
+  // holds -128 (then all go on below, the outputs written before written again)
+  if (std::all_of(ps.begin(), ps.end(), cpu::int8_linear_avx2)) return outs;
   if (w8a8_by_fp32_gemm(ps, ws, biases)) return outs;
   const Tensor x_q_tensor = at::from_blob(x_q.get(), {m, k}, x.options().dtype(at::kChar));
   for (size_t i = 0; i < ws.size(); ++i) {

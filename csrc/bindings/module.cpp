@@ -23,6 +23,7 @@ PyMODINIT_FUNC PyInit__C() {
   if (module != nullptr) {
     PyModule_AddIntConstant(module, "with_cuda", with_cuda);
     PyModule_AddIntConstant(module, "cpu_int8_dot", transfuse::cpu::has_int8_dot());
+    PyModule_AddIntConstant(module, "cpu_int8_avx2", transfuse::cpu::has_int8_avx2());
     PyModule_AddIntConstant(module, "cpu_gemm", transfuse::cpu::has_gemm());
     PyModule_AddIntConstant(module, "cpu_gemm_max_rows",
                             static_cast<long>(transfuse::cpu::gemm_max_rows()));

@@ -46,8 +46,9 @@ struct Int8LinearParams {
   void* out = nullptr;            // [m, n], dtype
   int32_t* acc = nullptr;         // w8a8 only: when set, acc [m, n] is written instead of out
                                   // (the raw int32 product; scales and bias are then unused)
-  const int8_t* w_packed = nullptr;  // CPU w8a8 only: w's panels as cpu::pack_weight_vnni packs
-                                     // them (kept between calls), or null: packed per call
+  const int8_t* w_packed = nullptr;  // CPU w8a8 only: w's panels as cpu::pack_weight_vnni (or,
+                                     // on AVX2, pack_weight_int8_avx2) packs them (kept between
+                                     // calls), or null: packed per call
   int64_t m = 0;
   int64_t n = 0;
   int64_t k = 0;

@@ -37,6 +37,20 @@ bool int8_linear_vnni(const Int8LinearParams& p);
 // offset once and the calls' panels shared by one team.
 bool int8_linears_vnni(const Int8LinearParams* ps, int64_t count);
 
+// w8a8 on AVX2 without an int8 dot product (int8_avx2.cpp): the same, exact in int32 through
+// vpmaddubsw on |x_q| and w with x_q's sign, p.w_packed as pack_weight_int8_avx2 lays it out, or
+// null: packed per call. Returns false, writing nothing, on other CPUs (AVX-512, an int8 dot
+// product, no AVX2, or TRANSFUSE_CPU_ISA=baseline) and for a weight holding -128.
+bool int8_linear_avx2(const Int8LinearParams& p);
+// Whether it runs on this CPU (AVX2 with FMA, as vector_isa() sees it, without AVX-512 or an int8
+// dot product).
+bool has_int8_avx2();
+// Its packed strips of a weight w [n, k], kept between calls: their bytes, 0 where it does not
+// run; the packing (false, writing nothing, there or where w holds -128).
+int64_t packed_weight_bytes_int8_avx2(int64_t n, int64_t k);
+bool pack_weight_int8_avx2(const int8_t* w, int64_t n, int64_t k, int8_t* packed,
+                           int num_threads);
+
 // The VNNI GEMM's packed panels of a weight w [n, k], kept between calls (p.w_packed): their bytes;
 // whether a call of m rows of x would read them if packed before (rather than run the GEMV or
 // AMX, which read the weights as stored); the packing (false, writing nothing, where

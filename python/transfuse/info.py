@@ -58,6 +58,8 @@ def info() -> dict:
               "versions": versions()}
     if module is not None:  # without it, int8 GEMMs on this CPU run no faster than fp32
         report["cpu_int8_dot"] = bool(module.cpu_int8_dot)
+        # without the dot product, AVX2 CPUs without AVX-512 run transfuse's vpmaddubsw GEMM
+        report["cpu_int8_avx2"] = bool(module.cpu_int8_avx2)
         # transfuse's own GEMMs (ops.linear) run: fp32 (AVX-512; AVX2 with FMA up to
         # cpu_gemm_max_rows rows), bf16 (AVX512_BF16); with AMX, ops.linear leaves float GEMMs to
         # torch and w8a8 runs on the tiles

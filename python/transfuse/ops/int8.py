@@ -38,19 +38,21 @@ MAX_K = 133_000  # k * 127 * 127 must stay below 2^31 for an exact int32 accumul
 
 
 _NO_INT8_DOT = ("transfuse: this CPU has no int8 dot-product instruction (AVX512-VNNI or "
-                "AVX-VNNI): w8a8 runs its int8 product through transfuse's AVX2 GEMV up to "
-                "3 rows (decoding) and through its fp32 GEMM beyond, about as fast as a float "
-                "linear layer there; int8 saves memory")
+                "AVX-VNNI), and transfuse's AVX2 int8 GEMM for such CPUs needs AVX2 without "
+                "AVX-512: w8a8 runs its exact int8 product through fp32 GEMMs (an int8 GEMV for "
+                "a few rows), about as fast as a float linear layer; int8 saves memory")
 
 
 @functools.lru_cache(maxsize=None)
-def _cpu_has_int8_dot():
-    return bool(backends.extension()[0].cpu_int8_dot)
+def _cpu_has_fast_int8():
+    module = backends.extension()[0]
+    return bool(module.cpu_int8_dot or module.cpu_int8_avx2)
 
 
-def _warn_if_no_int8_dot():
-    """Once: w8a8 on a CPU without an int8 dot product is no faster than float."""
-    if not _cpu_has_int8_dot():
+def _warn_if_int8_is_slow():
+    """Once: w8a8 on a CPU with neither an int8 dot product nor the AVX2 int8 GEMM is no faster
+    than float."""
+    if not _cpu_has_fast_int8():
         backends.warn_once(("int8", "no int8 dot"), _NO_INT8_DOT)
 
 
@@ -68,7 +70,7 @@ def _linear_forward(x, w, w_scale, bias, mode, backend):
     """x [m, k] contiguous -> [m, n] in x's dtype (bias has x's dtype)."""
     if backend in ("cpu", "cuda"):
         if mode == "w8a8" and backend == "cpu":
-            _warn_if_no_int8_dot()
+            _warn_if_int8_is_slow()
         out = _kernel(backend, "int8_linear")(x, w, w_scale, bias, mode)
         if out is not None:
             return out
@@ -245,7 +247,7 @@ def int8_linear(x, w_int8, w_scale, bias=None, mode="w8a8", *, backend=None):
             if not (torch.is_grad_enabled() and (x.requires_grad or w_scale.requires_grad or (
                     bias is not None and bias.requires_grad))):
                 if mode == "w8a8" and name == "cpu":
-                    _warn_if_no_int8_dot()
+                    _warn_if_int8_is_slow()
                 out = _kernel(name, "int8_linear")(x, w_int8, w_scale, bias, mode)
                 if out is not None:
                     return out
