@@ -62,8 +62,8 @@ void pack_strip(const int8_t* w, int64_t n, int64_t k, int64_t s, int8_t* strip)
     }
     const int8_t* row = w + j * k;
     for (int64_t g = 0; g < whole; ++g) std::memcpy(to + g * kGroupBytes, row + 4 * g, 4);
-    if (whole < groups)
-      for (int64_t b = 0; b < 4; ++b) to[whole * kGroupBytes + b] = 4 * whole + b < k ? row[4 * whole + b] : 0;
+    for (int64_t kk = 4 * whole; kk < 4 * groups; ++kk)  // the last group, past k
+      to[whole * kGroupBytes + kk % 4] = kk < k ? row[kk] : 0;
   }
 }
 
