@@ -56,9 +56,10 @@ def info() -> dict:
     report = {"device": device_name(device), "backends": backends.available(),
               "extension": extension, "TRANSFUSE_BACKEND": requested_backend(),
               "versions": versions()}
-    if module is not None:  # without it, int8 GEMMs on this CPU run no faster than fp32
+    if module is not None:
+        # without an int8 dot product w8a8 runs no faster than fp32, except where transfuse's
+        # AVX2 int8 GEMM (vpmaddubsw) runs: AVX2 CPUs without AVX-512
         report["cpu_int8_dot"] = bool(module.cpu_int8_dot)
-        # without the dot product, AVX2 CPUs without AVX-512 run transfuse's vpmaddubsw GEMM
         report["cpu_int8_avx2"] = bool(module.cpu_int8_avx2)
         # transfuse's own GEMMs (ops.linear) run: fp32 (AVX-512; AVX2 with FMA up to
         # cpu_gemm_max_rows rows), bf16 (AVX512_BF16); with AMX, ops.linear leaves float GEMMs to
