@@ -315,6 +315,12 @@ constexpr int64_t kMinWorkPerThread = 65536;  // element operations (threads.h)
 // 1536 (MiniLM's output layer, one query) 8.6-11.0 -> 6.3-6.7 us a call on the AMD EPYC.
 constexpr int64_t kMinQuantizeWorkPerThread = 16384;
 
+std::vector<float> fp32_bias(const Int8LinearParams& p) {
+  std::vector<float> bias(p.bias && !p.acc ? p.n : 0);
+  if (!bias.empty()) load_row(p.bias, p.dtype, bias.data(), p.n);
+  return bias;
+}
+
 void quantize_per_token(const QuantizeParams& p) {
   in_team(threads_for(p.num_threads, p.rows, p.rows * p.cols, kMinQuantizeWorkPerThread), [&] {
     std::vector<float> row(p.cols);

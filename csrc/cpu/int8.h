@@ -5,11 +5,17 @@
 // The math is in common/int8.h.
 #pragma once
 
+#include <vector>
+
 #include "../common/int8.h"
 
 namespace transfuse::cpu {
 
 void quantize_per_token(const QuantizeParams& p);
+
+// The bias of a call in fp32 for the int8 GEMMs' epilogues (empty without one, or for raw sums
+// into p.acc).
+std::vector<float> fp32_bias(const Int8LinearParams& p);
 
 // out = acc * s_x * s_w + bias (p.x_q / p.x are unused; p.acc is the int32 product to read).
 void dequantize_accumulators(const Int8LinearParams& p);

@@ -20,7 +20,6 @@
 #include <vector>
 
 #include "buffer.h"
-#include "convert.h"
 #include "gemm.h"
 #include "int8.h"
 #include "multiversion.h"
@@ -177,8 +176,7 @@ bool int8_linear_avx2(const Int8LinearParams& p) {
   const auto x_abs = uninitialized<uint8_t>(p.m * stride);
   const auto x_signed = uninitialized<int8_t>(p.m * stride);
   split_rows(p.x_q, p.m, p.k, stride, x_abs.get(), x_signed.get());
-  std::vector<float> bias(p.bias && !p.acc ? p.n : 0);
-  if (!bias.empty()) load_row(p.bias, p.dtype, bias.data(), p.n);
+  const std::vector<float> bias = fp32_bias(p);
   GemmParams epilogue;  // out = acc * s_x * s_w + bias
   epilogue.x_scale = p.x_scale;
   epilogue.w_scale = p.w_scale;

@@ -166,13 +166,6 @@ TRANSFUSE_VNNI void row_epilogue(const __m512i sums[kPanelVectors], const Epilog
                 static_cast<char*>(p.out) + (i * p.n + e.j0) * dtype_size(p.dtype));
 }
 
-// The bias in fp32 for the epilogue (empty without one, or for raw sums into p.acc).
-std::vector<float> fp32_bias(const Int8LinearParams& p) {
-  std::vector<float> bias(p.bias && !p.acc ? p.n : 0);
-  if (!bias.empty()) load_row(p.bias, p.dtype, bias.data(), p.n);
-  return bias;
-}
-
 TRANSFUSE_VNNI Epilogue panel_epilogue(const Int8LinearParams& p, int64_t j0,
                                        const std::vector<float>& bias) {
   Epilogue e;
