@@ -9,8 +9,8 @@
 // over several k blocks wait in fp32 between blocks; the last block's epilogue takes the tile from
 // registers. fp32 weights' panels may also come packed before (p.w_packed, as pack_weight_fp32
 // lays them out). AVX2 packs the panels as 4 strips of 16 columns, each contiguous (8 x 8
-// transposes), and runs 6 x 16 tiles of 12 accumulators over each, its epilogue from memory; an
-// int8 weight's strips may come packed before as int8 (pack_weight_int8_strips), widened as the
+// transposes), and runs 6 x 16 tiles of 12 accumulators over each, its epilogue a tile at a time
+// (epilogue_avx2.h); an int8 weight's strips may come packed before as int8 (pack_weight_int8_strips), widened as the
 // tiles load them.
 #include <algorithm>
 
@@ -24,6 +24,7 @@
 #ifdef TRANSFUSE_X86_MULTIVERSION
 #include <immintrin.h>
 
+#include "epilogue_avx2.h"
 #include "epilogue_avx512.h"
 #include "transpose_avx512.h"
 #endif
@@ -348,12 +349,11 @@ TRANSFUSE_AVX2_FMA void gemm_avx2(const GemmParams& p) {
             else
               kStripProducts<float>[rows - 1](x_tile, p.k, block + strip * strip_stride, depth,
                                               sums);
-            for (int64_t r = 0; r < rows; ++r) {
-              if (last)
-                store_epilogue_row(p, sums[r], i0 + r, col, cols);
-              else
+            if (last)
+              store_tile_avx2<kTileRows>(p, sums, rows, i0, col, cols);
+            else
+              for (int64_t r = 0; r < rows; ++r)
                 std::copy_n(sums[r], cols, partial.get() + (i0 + r) * p.n + col);
-            }
           }
         }
       }

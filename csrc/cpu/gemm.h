@@ -60,8 +60,4 @@ bool gemv(const GemmParams& p);
 // Whether gemv runs on this CPU: AVX-512 (has_gemm) or AVX2 with FMA, as vector_isa() sees it.
 bool has_gemv();
 
-// The GEMMs' and GEMV's epilogue for row i of out, columns [j, j + cols) (cols <= 64):
-// out = act(sums * w_scale + bias) in p.dtype (sums is overwritten).
-void store_epilogue_row(const GemmParams& p, float* sums, int64_t i, int64_t j, int64_t cols);
-
 }  // namespace transfuse::cpu

@@ -29,6 +29,19 @@ namespace transfuse::cpu {
 #ifdef TRANSFUSE_X86_MULTIVERSION
 namespace {
 
+// out = act(sums * x_scale[i] * w_scale + bias) in p.dtype for row i of out, columns
+// [j, j + cols), cols <= 64 (sums is overwritten).
+void store_epilogue_row(const GemmParams& p, float* sums, int64_t i, int64_t j, int64_t cols) {
+  const float row_scale = p.x_scale ? p.x_scale[i] : 1.f;
+  for (int64_t c = 0; c < cols; ++c)
+    sums[c] = sums[c] * row_scale * (p.w_scale ? p.w_scale[j + c] : 1.f) +
+              (p.bias ? p.bias[j + c] : 0.f);
+  float activated[64];
+  if (p.gelu) gelu_row(sums, activated, cols, p.approximate);
+  store_row(p.gelu ? activated : sums, p.dtype,
+            static_cast<char*>(p.out) + (i * p.n + j) * dtype_size(p.dtype), cols);
+}
+
 constexpr int64_t kTileCols = 4;                 // weight rows sharing each load of x
 constexpr int64_t kTileRows = 4;                 // rows of x sharing each load of the weights
 constexpr int64_t kRowsPerBlock = 16;            // weight rows a thread takes at a time
@@ -164,17 +177,6 @@ void gemv_with(const GemmParams& p, const float* x, const DotTile<Weight>* tiles
 
 }  // namespace
 #endif
-
-void store_epilogue_row(const GemmParams& p, float* sums, int64_t i, int64_t j, int64_t cols) {
-  const float row_scale = p.x_scale ? p.x_scale[i] : 1.f;
-  for (int64_t c = 0; c < cols; ++c)
-    sums[c] = sums[c] * row_scale * (p.w_scale ? p.w_scale[j + c] : 1.f) +
-              (p.bias ? p.bias[j + c] : 0.f);
-  float activated[64];
-  if (p.gelu) gelu_row(sums, activated, cols, p.approximate);
-  store_row(p.gelu ? activated : sums, p.dtype,
-            static_cast<char*>(p.out) + (i * p.n + j) * dtype_size(p.dtype), cols);
-}
 
 bool has_gemv() {
 #ifdef TRANSFUSE_X86_MULTIVERSION

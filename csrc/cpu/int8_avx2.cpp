@@ -27,6 +27,8 @@
 
 #ifdef TRANSFUSE_X86_MULTIVERSION
 #include <immintrin.h>
+
+#include "epilogue_avx2.h"
 #endif
 
 namespace transfuse::cpu {
@@ -196,15 +198,11 @@ bool int8_linear_avx2(const Int8LinearParams& p) {
           int32_t sums[kTileRows][kStripCols];
           kTileProducts[rows - 1](x_abs.get() + i0 * stride, x_signed.get() + i0 * stride,
                                   stride, packed + s * strip_bytes, groups, sums);
-          for (int64_t r = 0; r < rows; ++r) {
-            if (p.acc) {
+          if (p.acc)
+            for (int64_t r = 0; r < rows; ++r)
               std::copy_n(sums[r], cols, p.acc + (i0 + r) * p.n + col);
-              continue;
-            }
-            float values[kStripCols];
-            std::copy_n(sums[r], cols, values);
-            store_epilogue_row(epilogue, values, i0 + r, col, cols);
-          }
+          else
+            store_tile_avx2<kTileRows>(epilogue, sums, rows, i0, col, cols);
         }
       }
     }
