@@ -222,7 +222,7 @@ constexpr int64_t kCpuGemvMaxRows = 48;
 // shapes, 2 threads, AMD EPYC: at 8 rows GEMV and bf16 GEMM level, at 12 the GEMM 1.0-1.5x
 // faster, at 23 1.5-1.8x); and on a CPU with AVX2 but not AVX-512 one row (its w8a16 GEMV, not
 // written with intrinsics, ran 0.3-0.9x fp32 F.linear at 2-16 rows on an AMD EPYC, 2 threads),
-// more rows cpu::gemm up to its cpu::gemm_max_rows()
+// more rows cpu::gemm
 constexpr int64_t kBf16GemvMaxRows = 8;
 constexpr int64_t kMaxK = 133000;  // k * 127 * 127 below 2^31: exact int32 sums (= Python MAX_K)
 constexpr int64_t kDequantBlockElements = 1 << 23;  // CPU w8a16 beyond the GEMV: weights
@@ -280,7 +280,7 @@ bool w8a16_bf16_gemm(const Tensor& x) {
 }
 
 // CPU w8a16 for more rows than the GEMV takes: cpu::gemm_bf16 for bf16 x where it runs, else
-// cpu::gemm on x in fp32 (AVX-512; AVX2 up to cpu::gemm_max_rows()), each widening the int8
+// cpu::gemm on x in fp32 (AVX-512 or AVX2), each widening the int8
 // weights as it packs them or (AVX2, int8_strips) as its tiles load them, else w8a16_by_blocks.
 Tensor w8a16_cpu(const Tensor& x, const Tensor& w, const Tensor& w_scale, const OptTensor& bias) {
   Tensor out;
@@ -319,43 +319,40 @@ Tensor w8a16_cpu(const Tensor& x, const Tensor& w, const Tensor& w_scale, const 
 constexpr int64_t kW8a8GemmMinRows = 4;
 
 // w8a8 on a CPU without an int8 dot product where cpu::int8_linear_avx2 does not run (AVX-512
-// without VNNI; a weight holding -128), from a few rows: cpu::gemm on the
-// quantized rows as fp32, the int8 weights widened as its tiles load them (int8_strips) or as it
-// packs them, the x and w scales and the bias in its epilogue, at most cpu::gemm_max_rows() rows
-// a call. The integer products are exact in fp32; their sums are while every partial sum stays
-// below 2^24 (k * 127 * 127 < 2^24: k <= 1040), and beyond that are rounded as fp32 sums
-// (relatively by at most k * 2^-24, far below the quantization's error). Against the exact int32
+// without VNNI; a weight holding -128), from a few rows: cpu::gemm on the quantized rows as fp32,
+// the int8 weights widened as its tiles load them (int8_strips) or as it packs them, the x and w
+// scales and the bias in its epilogue. The integer products are exact in fp32; their sums are
+// while every partial sum stays below 2^24 (k * 127 * 127 < 2^24: k <= 1040), and beyond that are
+// rounded as fp32 sums (relatively by at most k * 2^-24, far below the quantization's error). Against the exact int32
 // product through fp32 GEMMs over chunks of k (int_mm, which converts the weights to fp32 per
 // call, then dequantizes in a second pass): 1.5-2.5x faster on all-MiniLM-L6-v2's shapes at 16-96
 // rows on an AVX2-only AMD EPYC, level with the fp32 linear. False where the CPU has an int8 dot
 // product or no GEMM, or for fewer than kW8a8GemmMinRows rows.
 bool w8a8_by_fp32_gemm(const std::vector<Int8LinearParams>& ps, const std::vector<Tensor>& ws,
                        const std::vector<OptTensor>& biases) {
-  const int64_t m = ps[0].m, k = ps[0].k, chunk = cpu::gemm_max_rows();
-  if (cpu::has_int8_dot() || chunk == 0 || m < kW8a8GemmMinRows) return false;
+  const int64_t m = ps[0].m, k = ps[0].k;
+  if (cpu::has_int8_dot() || cpu::gemm_max_rows() == 0 || m < kW8a8GemmMinRows) return false;
   const auto x = cpu::uninitialized<float>(m * k);  // exact
   for (int64_t e = 0; e < m * k; ++e) x[e] = float(ps[0].x_q[e]);
   for (size_t i = 0; i < ps.size(); ++i) {
     const Int8LinearParams& p = ps[i];
     const OptTensor bias = biases[i] ? OptTensor(biases[i]->to(at::kFloat)) : std::nullopt;
     const OptTensor packed = int8_strips(ws[i]);
-    for (int64_t i0 = 0; i0 < m; i0 += chunk) {
-      GemmParams g;
-      g.x = x.get() + i0 * k;
-      g.w = p.w;
-      g.w_int8 = true;
-      g.w_packed = packed ? packed->data_ptr() : nullptr;
-      g.x_scale = p.x_scale + i0;
-      g.w_scale = p.w_scale;
-      g.bias = bias ? bias->data_ptr<float>() : nullptr;
-      g.out = static_cast<char*>(p.out) + i0 * p.n * dtype_size(p.dtype);
-      g.m = std::min(chunk, m - i0);
-      g.n = p.n;
-      g.k = k;
-      g.dtype = p.dtype;
-      g.num_threads = p.num_threads;
-      TORCH_CHECK(cpu::gemm(g), "cpu::gemm declined ", g.m, " rows");  // (at most chunk)
-    }
+    GemmParams g;
+    g.x = x.get();
+    g.w = p.w;
+    g.w_int8 = true;
+    g.w_packed = packed ? packed->data_ptr() : nullptr;
+    g.x_scale = p.x_scale;
+    g.w_scale = p.w_scale;
+    g.bias = bias ? bias->data_ptr<float>() : nullptr;
+    g.out = p.out;
+    g.m = m;
+    g.n = p.n;
+    g.k = k;
+    g.dtype = p.dtype;
+    g.num_threads = p.num_threads;
+    TORCH_CHECK(cpu::gemm(g), "cpu::gemm declined the call");  // (gemm_max_rows() > 0)
   }
   return true;
 }

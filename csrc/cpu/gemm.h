@@ -7,8 +7,8 @@
 
 namespace transfuse::cpu {
 
-// Runs p and returns true on AVX-512, and on AVX2 with FMA up to gemm_max_rows() rows of x;
-// returns false, writing nothing, elsewhere (or with TRANSFUSE_CPU_ISA below the ISA needed),
+// Runs p and returns true on AVX-512 and on AVX2 with FMA; returns false, writing nothing,
+// elsewhere (or with TRANSFUSE_CPU_ISA below the ISA needed),
 // where the caller uses torch's GEMM.
 bool gemm(const GemmParams& p);
 
@@ -16,9 +16,8 @@ bool gemm(const GemmParams& p);
 // sees it).
 bool has_gemm();
 
-// The most rows of x gemm takes on this CPU: any on AVX-512, kGemmMaxRowsAvx2 on AVX2 with FMA
-// (more: torch's GEMM ran faster), none elsewhere.
-constexpr int64_t kGemmMaxRowsAvx2 = 96;
+// The most rows of x gemm takes on this CPU: any (INT64_MAX) on AVX-512 and on AVX2 with FMA,
+// none elsewhere.
 int64_t gemm_max_rows();
 
 // gemm's packed panels of an fp32 weight w [n, k], kept between calls (p.w_packed; not for int8

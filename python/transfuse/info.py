@@ -61,11 +61,11 @@ def info() -> dict:
         # AVX2 int8 GEMM (vpmaddubsw) runs: AVX2 CPUs without AVX-512
         report["cpu_int8_dot"] = bool(module.cpu_int8_dot)
         report["cpu_int8_avx2"] = bool(module.cpu_int8_avx2)
-        # transfuse's own GEMMs (ops.linear) run: fp32 (AVX-512; AVX2 with FMA up to
-        # cpu_gemm_max_rows rows), bf16 (AVX512_BF16); with AMX, ops.linear leaves float GEMMs to
-        # torch and w8a8 runs on the tiles
+        # transfuse's own GEMMs (ops.linear) run: fp32 (AVX-512, or AVX2 with FMA: any number of
+        # rows), bf16 (AVX512_BF16); with AMX, ops.linear leaves float GEMMs to torch and w8a8
+        # runs on the tiles
         report["cpu_gemm"] = bool(module.cpu_gemm)
-        report["cpu_gemm_max_rows"] = "any" if module.cpu_gemm else module.cpu_gemm_max_rows
+        report["cpu_gemm_max_rows"] = "any" if module.cpu_gemm_max_rows else 0
         report["cpu_gemv"] = bool(module.cpu_gemv)
         report["cpu_gemm_bf16"] = bool(module.cpu_gemm_bf16)
         report["cpu_amx"] = bool(module.cpu_amx)

@@ -3,11 +3,12 @@
 
 On the cpu backend, when autograd records nothing, fp32 and bf16 calls on a CPU with AVX-512 run
 transfuse's kernels (under torch.compile inside the custom op transfuse::linear, which Inductor
-leaves alone); on a CPU with AVX2 and FMA but not AVX-512, the same in fp32 up to 96 rows
-(own_gemm_rows) and the GEMV alone, up to FEW_ROWS rows, in bf16 (on an AMD EPYC without AVX-512,
-2 threads, on opus-mt-en-de's, all-MiniLM-L6-v2's and SmolLM-135M's shapes: the GEMV 1.5-1.9x
-torch's F.linear at one fp32 row, 1.5-2.8x at one bf16 row and 3.6-4.7x at 4-15; the GEMM
-1.8-4.7x at 2-15 fp32 rows, 1.1-2.2x at 16-96; torch's AVX2 bf16 GEMM being slow):
+leaves alone); on a CPU with AVX2 and FMA but not AVX-512, the same in fp32 (own_gemm_rows) and
+the GEMV alone, up to FEW_ROWS rows, in bf16 (on an AMD EPYC without AVX-512, 2 threads, on
+opus-mt-en-de's, all-MiniLM-L6-v2's and SmolLM-135M's shapes: the GEMV 1.5-1.9x torch's F.linear
+at one fp32 row, 1.5-2.8x at one bf16 row and 3.6-4.7x at 4-15; the GEMM 1.8-4.7x at 2-15 fp32
+rows, 1.1-2.2x at 16-96, 0.98-1.4x at 128-256, 0.98-1.12x at 512-1024; torch's AVX2 bf16 GEMM
+being slow):
 - up to FEW_ROWS rows, every call: one row (decoding) the GEMV (csrc/cpu/gemv.cpp): the weights
   read once, as stored, each thread streaming its own rows; bf16 widened exactly, fp32 FMAs. On
   the AMD EPYC (2 threads, SmolLM-135M's shapes) 1.4-2.9x torch's F.linear at one row, whose
@@ -153,10 +154,11 @@ def gemm_bf16_built() -> bool:
 def own_gemm_rows() -> int:
     """The most rows of x for which transfuse's CPU GEMMs run, and beat torch's, on this CPU, as
     measured (README, "The linear op"): any number on AVX-512 CPUs without AMX (AMD EPYC, Zen 4:
-    1.05-1.21x in fp32, 1.10-1.30x in bf16); up to 96 fp32 rows with AVX2 and FMA but not AVX-512
-    (`transfuse info`: cpu_gemm_max_rows; AMD EPYC, 2 threads, on all-MiniLM-L6-v2's and
-    opus-mt-en-de's shapes: 1.1-2.2x F.linear at 16-96 rows, even at 128, 0.86-0.94x at 1024);
-    none on an Intel Xeon with AMX, where torch's GEMMs ran faster (fp32 1.2-1.45x; bf16 on the
+    1.05-1.21x in fp32, 1.10-1.30x in bf16); any number of fp32 rows with AVX2 and FMA but not
+    AVX-512 (AMD EPYC, Zen 3, 2 threads, on all-MiniLM-L6-v2's and opus-mt-en-de's shapes:
+    1.1-2.2x F.linear at 16-96 rows, 0.98-1.4x at 128-256, 0.98-1.12x at 512-1024; up to 96 rows
+    before its threads took blocks of rows too and its epilogue a tile at a time, when it ran
+    0.86-0.94x at 1024); none on an Intel Xeon with AMX, where torch's GEMMs ran faster (fp32 1.2-1.45x; bf16 on the
     AMX tiles far faster than AVX512_BF16): there every call of more than FEW_ROWS rows is
     torch's. (The GEMV is not measured there yet; it runs wherever AVX-512 does.)"""
     module = backends.extension()[0]
