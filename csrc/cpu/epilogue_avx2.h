@@ -2,9 +2,10 @@
 // one strip of 16 columns: out = act(sums * x_scale[i] * w_scale + bias) in p.dtype, rounded as the
 // GEMV's epilogue rounds (gemv.cpp: a product, a product, a sum; each factor 1 and the bias 0
 // where absent). The strip's scales and bias are loaded once for the tile, GELU (activation.h's
-// gelu_row) runs in one call for it and fp32 rows are stored from the registers: per row of 16,
-// the GEMV's epilogue (a call, its loops' ends, a copy) ran the AVX2 GEMMs 1-5% slower on
-// all-MiniLM-L6-v2's shapes at 23-64 rows (one thread, AMD EPYC), most with GELU.
+// gelu_row) runs in one call for it and fp32 rows are stored from the registers, masked only in
+// a strip's last columns: the GEMV's epilogue per row of 16 (a call, its loops' ends, a copy) and
+// masked stores (slow on AMD) ran the AVX2 GEMMs 2-11% slower on all-MiniLM-L6-v2's shapes at
+// 23-64 rows (one thread, AMD EPYC, Zen 3).
 // Include only where TRANSFUSE_X86_MULTIVERSION is set.
 #pragma once
 
