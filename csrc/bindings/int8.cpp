@@ -280,8 +280,8 @@ bool w8a16_bf16_gemm(const Tensor& x) {
 }
 
 // CPU w8a16 for more rows than the GEMV takes: cpu::gemm_bf16 for bf16 x where it runs, else
-// cpu::gemm on x in fp32 (AVX-512 or AVX2), each widening the int8
-// weights as it packs them or (AVX2, int8_strips) as its tiles load them, else w8a16_by_blocks.
+// cpu::gemm on x in fp32 (AVX-512 or AVX2), each widening the int8 weights as it packs them or
+// (AVX2, int8_strips) as its tiles load them, else w8a16_by_blocks.
 Tensor w8a16_cpu(const Tensor& x, const Tensor& w, const Tensor& w_scale, const OptTensor& bias) {
   Tensor out;
   const Int8LinearParams p = linear_params(w, w_scale, bias, x.scalar_type(), x, out);
@@ -321,13 +321,13 @@ constexpr int64_t kW8a8GemmMinRows = 4;
 // w8a8 on a CPU without an int8 dot product where cpu::int8_linear_avx2 does not run (AVX-512
 // without VNNI; a weight holding -128), from a few rows: cpu::gemm on the quantized rows as fp32,
 // the int8 weights widened as its tiles load them (int8_strips) or as it packs them, the x and w
-// scales and the bias in its epilogue. The integer products are exact in fp32; their sums are
-// while every partial sum stays below 2^24 (k * 127 * 127 < 2^24: k <= 1040), and beyond that are
-// rounded as fp32 sums (relatively by at most k * 2^-24, far below the quantization's error). Against the exact int32
-// product through fp32 GEMMs over chunks of k (int_mm, which converts the weights to fp32 per
-// call, then dequantizes in a second pass): 1.5-2.5x faster on all-MiniLM-L6-v2's shapes at 16-96
-// rows on an AVX2-only AMD EPYC, level with the fp32 linear. False where the CPU has an int8 dot
-// product or no GEMM, or for fewer than kW8a8GemmMinRows rows.
+// scales and the bias in its epilogue. The integer products are exact in fp32; their sums are while
+// every partial sum stays below 2^24 (k * 127 * 127 < 2^24: k <= 1040), and beyond that are rounded
+// as fp32 sums (relatively by at most k * 2^-24, far below the quantization's error). Against the
+// exact int32 product through fp32 GEMMs over chunks of k (int_mm, which converts the weights to
+// fp32 per call, then dequantizes in a second pass): 1.5-2.5x faster on all-MiniLM-L6-v2's shapes
+// at 16-96 rows on an AVX2-only AMD EPYC, level with the fp32 linear. False where the CPU has an
+// int8 dot product or no GEMM, or for fewer than kW8a8GemmMinRows rows.
 bool w8a8_by_fp32_gemm(const std::vector<Int8LinearParams>& ps, const std::vector<Tensor>& ws,
                        const std::vector<OptTensor>& biases) {
   const int64_t m = ps[0].m, k = ps[0].k;

@@ -458,7 +458,7 @@ bool gemm(const GemmParams& p) {
 #ifdef TRANSFUSE_X86_MULTIVERSION
   if (has_gemm())
     gemm_avx512(p);
-  else if (gemm_max_rows() > 0)
+  else if (has_gemv())  // AVX2 with FMA
     gemm_avx2(p);
   else
     return false;

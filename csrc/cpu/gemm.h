@@ -8,8 +8,7 @@
 namespace transfuse::cpu {
 
 // Runs p and returns true on AVX-512 and on AVX2 with FMA; returns false, writing nothing,
-// elsewhere (or with TRANSFUSE_CPU_ISA below the ISA needed),
-// where the caller uses torch's GEMM.
+// elsewhere (or with TRANSFUSE_CPU_ISA below the ISA needed), where the caller uses torch's GEMM.
 bool gemm(const GemmParams& p);
 
 // Whether gemm runs on this CPU for any number of rows (AVX-512 with BW and VL, as vector_isa()

@@ -1,13 +1,13 @@
 // Torch-free unit test of the CPU GEMV (cpu/gemv.cpp) and GEMMs (cpu/gemm.cpp, gemm_bf16.cpp) on
 // few rows, against a double-precision reference written out here: every row count from 1 to
-// kGemvMaxRows and some more for the GEMMs (up to 200: three blocks of rows on AVX2), fp32
-// and bf16, with and without bias, GELU and per-row scales (w8a8's x scales; not the bf16 GEMM's),
-// n and k tails, 1 and 2 threads, the GEMMs' weights packed per call and packed before, and the
-// fp32 GEMM on int8 weights (their int8 strips packed before on AVX2). (transfuse.ops.linear runs
-// the GEMV's multi-row tiles for inference tensors' weights and for bf16 without AVX512_BF16.) On
-// a CPU with AVX2 but not AVX-512 the GEMV and the fp32 GEMM run. Every output buffer is filled with NaN before the kernel runs, so an element the
-// kernel forgets to write fails. Exits 77 (skipped) on a CPU with neither AVX-512 nor AVX2 and
-// FMA.
+// kGemvMaxRows and some more for the GEMMs (up to 200: three blocks of rows on AVX2), fp32 and
+// bf16, with and without bias, GELU and per-row scales (w8a8's x scales; not the bf16 GEMM's), n
+// and k tails, 1 and 2 threads, the GEMMs' weights packed per call and packed before, and the fp32
+// GEMM on int8 weights (their int8 strips packed before on AVX2). (transfuse.ops.linear runs the
+// GEMV's multi-row tiles for inference tensors' weights and for bf16 without AVX512_BF16.) On a CPU
+// with AVX2 but not AVX-512 the GEMV and the fp32 GEMM run. Every output buffer is filled with NaN
+// before the kernel runs, so an element the kernel forgets to write fails. Exits 77 (skipped) on a
+// CPU with neither AVX-512 nor AVX2 and FMA.
 //
 //   g++ -std=c++17 -O3 -fopenmp -I csrc csrc/tests/test_gemm_cpu.cpp csrc/cpu/*.cpp \
 //       -o test_gemm_cpu

@@ -155,11 +155,11 @@ def own_gemm_rows() -> int:
     """The most rows of x for which transfuse's CPU GEMMs run, and beat torch's, on this CPU, as
     measured (README, "The linear op"): any number on AVX-512 CPUs without AMX (AMD EPYC, Zen 4:
     1.05-1.21x in fp32, 1.10-1.30x in bf16); any number of fp32 rows with AVX2 and FMA but not
-    AVX-512 (AMD EPYC, Zen 3, 2 threads, on all-MiniLM-L6-v2's and opus-mt-en-de's shapes:
-    1.1-2.2x F.linear at 16-96 rows, 0.98-1.4x at 128-256, 0.98-1.12x at 512-1024; up to 96 rows
-    before its threads took blocks of rows too and its epilogue a tile at a time, when it ran
-    0.86-0.94x at 1024); none on an Intel Xeon with AMX, where torch's GEMMs ran faster (fp32 1.2-1.45x; bf16 on the
-    AMX tiles far faster than AVX512_BF16): there every call of more than FEW_ROWS rows is
+    AVX-512 (AMD EPYC, Zen 3, 2 threads, on all-MiniLM-L6-v2's and opus-mt-en-de's shapes: 1.1-2.2x
+    F.linear at 16-96 rows, 0.98-1.4x at 128-256, 0.98-1.12x at 512-1024; up to 96 rows before its
+    threads took blocks of rows too and its epilogue a tile at a time, when it ran 0.86-0.94x at
+    1024); none on an Intel Xeon with AMX, where torch's GEMMs ran faster (fp32 1.2-1.45x; bf16 on
+    the AMX tiles far faster than AVX512_BF16): there every call of more than FEW_ROWS rows is
     torch's. (The GEMV is not measured there yet; it runs wherever AVX-512 does.)"""
     module = backends.extension()[0]
     return 0 if module is None or module.cpu_amx else module.cpu_gemm_max_rows
