@@ -78,7 +78,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.9",
-    packages=["transfuse", "transfuse.ops", "transfuse.hf", "transfuse.kernels"],
+    packages=["transfuse", "transfuse.ops", "transfuse.hf", "transfuse.hf.blocks",
+              "transfuse.kernels"],
     py_modules=["transfuse_cli"],  # the console script, outside the package (fast -h and info)
     package_dir={"": "python", "transfuse": "python/transfuse", "transfuse.kernels": "kernels"},
     ext_modules=ext_modules,

@@ -2,6 +2,7 @@
 the unpatched model, keep its parameters and state dict, and step aside when they do not fit."""
 import copy
 import importlib
+import inspect
 import threading
 
 import pytest
@@ -20,15 +21,15 @@ ENCODERS = ["bert", "roberta"]
 def joined_gemm_on_cpu(monkeypatch):
     """The joint projection GEMMs run on CUDA only (they measured slower on the CPU); the tests
     run them on CPU tensors too."""
-    monkeypatch.setattr(blocks, "JOINED_GEMM_DEVICES", ("cuda", "cpu"))
-    monkeypatch.setattr(blocks, "JOINED_INT8_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(blocks.common, "JOINED_GEMM_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(blocks.common, "JOINED_INT8_DEVICES", ("cuda", "cpu"))
 
 
 @pytest.fixture
 def decoder_layers_module_by_module(monkeypatch):
     """Decoder layers through their modules' rules, not the two transfuse._C calls that compute
     the same (tests/test_hf_blocks_decoder_layer.py): for the tests that count the rules' ops."""
-    monkeypatch.setattr(blocks, "_decoder_layer_fused", lambda *args: None)
+    monkeypatch.setattr(blocks.decoder_layer, "_decoder_layer_fused", lambda *args: None)
 
 
 def padded_batch(seed=1):
@@ -124,8 +125,8 @@ def test_the_float_gemms_of_the_rules_run_transfuse_linear_on_the_cpu(joined, mo
     model per sequence. (The layers' modules: the fused layer, which calls the same kernels from
     C++, is tested below.)"""
     if not joined:
-        monkeypatch.setattr(blocks, "JOINED_GEMM_DEVICES", ("cuda",))
-    monkeypatch.setattr(blocks, "_fused_layer_arguments", lambda *args: None)
+        monkeypatch.setattr(blocks.common, "JOINED_GEMM_DEVICES", ("cuda",))
+    monkeypatch.setattr(blocks.encoder_layer, "_fused_layer_arguments", lambda *args: None)
     linear_module = importlib.import_module("transfuse.ops.linear")
     monkeypatch.setattr(linear_module, "MIN_WORK", 0)
     calls = []
@@ -162,8 +163,8 @@ def test_an_int8_intermediate_runs_bias_gelu_on_its_product_without_bias(mode, m
 def test_the_cpu_runs_the_projections_one_by_one_by_default(monkeypatch, linear_calls):
     """(The layers' modules, whose F.linear calls Python sees; the fused layer calls the same
     GEMMs from C++, tested below.)"""
-    monkeypatch.setattr(blocks, "JOINED_GEMM_DEVICES", ("cuda",))
-    monkeypatch.setattr(blocks, "_fused_layer_arguments", lambda *args: None)
+    monkeypatch.setattr(blocks.common, "JOINED_GEMM_DEVICES", ("cuda",))
+    monkeypatch.setattr(blocks.encoder_layer, "_fused_layer_arguments", lambda *args: None)
     model = build("bert")
     ids, mask = padded_batch()
     expected = real_tokens(model, ids, mask)
@@ -258,13 +259,13 @@ def test_swapped_siblings_and_unfused_norms_fall_back_to_the_class_forward(linea
 
 
 def test_a_forward_that_reads_otherwise_is_left_alone(monkeypatch):
-    monkeypatch.setattr(blocks, "RESIDUAL_NORM_SOURCE", ("self.something_else(",))
-    blocks._forward_reads_as.cache_clear()
+    monkeypatch.setattr(blocks.sources, "RESIDUAL_NORM_SOURCE", ("self.something_else(",))
+    blocks.sources._forward_reads_as.cache_clear()
     try:
         with pytest.warns(UserWarning, match="BertOutput"):
             patched = transfuse.patch(build("bert"))
     finally:
-        blocks._forward_reads_as.cache_clear()
+        blocks.sources._forward_reads_as.cache_clear()
     assert "forward" not in patched.encoder.layer[0].output.__dict__
     assert "forward" in patched.encoder.layer[0].attention.self.query.__dict__
 
@@ -411,13 +412,13 @@ def test_sandwich_layers_add_the_attention_residual_inside_the_pre_mlp_norm(mode
     ids, mask = padded_batch()
     expected = logits_of_real_tokens(model, ids, mask)
     with_residual, activations = [], []
-    original_norm, original_gated_mul = transfuse.ops.rms_norm, blocks.gated_mul
+    original_norm, original_gated_mul = transfuse.ops.rms_norm, blocks.mlp.gated_mul
     with monkeypatch.context() as m:
-        m.setattr(blocks, "_decoder_layer_fused", lambda *args: None)
+        m.setattr(blocks.decoder_layer, "_decoder_layer_fused", lambda *args: None)
         m.setattr(transfuse.ops, "rms_norm", lambda x, w, eps, residual=None, *a, **k: (
             with_residual.append(residual is not None) or original_norm(x, w, eps, residual, *a,
                                                                         **k)))
-        m.setattr(blocks, "gated_mul", lambda *a, **k: activations.append(a[2])
+        m.setattr(blocks.mlp, "gated_mul", lambda *a, **k: activations.append(a[2])
                   or original_gated_mul(*a, **k))
         assert_close_scaled(logits_of_real_tokens(patched, ids, mask), expected)
     assert sum(with_residual) == layers and activations == ["gelu_tanh"] * layers
@@ -457,7 +458,8 @@ def test_int8_siblings_run_as_one_int8_linear(model_type, mode, monkeypatch):
     biases share one storage and run as one transfuse.ops.int8_linear (w8a8: one quantization of
     the shared input); per sequence what the int8 patch without block rules
     gives (the same int8 products and epilogue, rounding aside), the state dict unchanged."""
-    monkeypatch.setattr(blocks, "JOINED_GEMM_DEVICES", ("cuda",))  # (float layers: not joined)
+    # (float layers: not joined)
+    monkeypatch.setattr(blocks.common, "JOINED_GEMM_DEVICES", ("cuda",))
     model = build(model_type)
     ids, mask = padded_batch()
     unjoined = transfuse.patch(copy.deepcopy(model), int8=mode, blocks=False)
@@ -486,7 +488,7 @@ def test_int8_siblings_run_as_one_int8_linear(model_type, mode, monkeypatch):
 
 def test_the_cpu_runs_int8_siblings_one_by_one_by_default(monkeypatch,
                                                           decoder_layers_module_by_module):
-    monkeypatch.setattr(blocks, "JOINED_INT8_DEVICES", ("cuda",))
+    monkeypatch.setattr(blocks.common, "JOINED_INT8_DEVICES", ("cuda",))
     patched = transfuse.patch(build("llama"), int8="w8a8")
     calls = []
     original = transfuse.ops.int8_linear
@@ -513,10 +515,10 @@ def test_decoder_attention_rotates_q_and_k_in_one_call_and_mlps_gate_in_one_call
                    if ".self_attn<" in name or ".mlp<" in name)
     assert rules == sorted(["block rule 'gated_mlp'", "block rule 'rotary_attention'"] * layers)
     calls = []
-    original_rotary, original_gated_mul = transfuse.ops.rotary, blocks.gated_mul
+    original_rotary, original_gated_mul = transfuse.ops.rotary, blocks.mlp.gated_mul
     monkeypatch.setattr(transfuse.ops, "rotary",
                         lambda *a, **k: calls.append("rotary") or original_rotary(*a, **k))
-    monkeypatch.setattr(blocks, "gated_mul",
+    monkeypatch.setattr(blocks.mlp, "gated_mul",
                         lambda *a, **k: calls.append(a[2]) or original_gated_mul(*a, **k))
     ids, mask = padded_batch()
     torch.testing.assert_close(logits_of_real_tokens(patched, ids, mask),
@@ -626,8 +628,8 @@ def test_modernbert_mlp_gates_with_one_gelu_mul(monkeypatch):
              if name.endswith(".mlp<block>")]
     assert rules == ["block rule 'joint_gated_mlp'"] * layers
     calls = []
-    original = blocks.gated_mul
-    monkeypatch.setattr(blocks, "gated_mul",
+    original = blocks.mlp.gated_mul
+    monkeypatch.setattr(blocks.mlp, "gated_mul",
                         lambda *a, **k: calls.append((a[2], a[0].stride())) or original(*a, **k))
     ids, mask = padded_batch()
     expected = real_tokens(model, ids, mask)
@@ -675,8 +677,8 @@ def fused_layer_calls(request, monkeypatch):
     if request.param == "own GEMMs":
         linear_module = importlib.import_module("transfuse.ops.linear")
         monkeypatch.setattr(linear_module, "MIN_WORK", 0)
-    monkeypatch.setattr(blocks, "JOINED_GEMM_DEVICES", ("cuda",))
-    monkeypatch.setattr(blocks, "JOINED_INT8_DEVICES", ("cuda",))
+    monkeypatch.setattr(blocks.common, "JOINED_GEMM_DEVICES", ("cuda",))
+    monkeypatch.setattr(blocks.common, "JOINED_INT8_DEVICES", ("cuda",))
     module = transfuse.backends.extension()[0]
     calls = []
     original = module.encoder_layer
@@ -689,7 +691,7 @@ def module_by_module(monkeypatch, model, ids, mask, arguments="_fused_layer_argu
     """The patched model's output with the fused layer turned off (the modules' rules;
     arguments: the layer kind's check, DistilBERT's _distilbert_layer_arguments)."""
     with monkeypatch.context() as m:
-        m.setattr(blocks, arguments, lambda *args: None)
+        m.setattr(blocks.encoder_layer, arguments, lambda *args: None)
         with torch.inference_mode():
             return model(input_ids=ids, attention_mask=mask).last_hidden_state
 
@@ -767,8 +769,8 @@ def test_encoder_layer_steps_aside_for_hooks_training_gradients_and_weights(mode
 def fused_stacks(monkeypatch):
     """What the encoder_stack rule's check returned, call by call (None: the class's forward)."""
     seen = []
-    original = blocks._fused_layers
-    monkeypatch.setattr(blocks, "_fused_layers",
+    original = blocks.encoder_layer._fused_layers
+    monkeypatch.setattr(blocks.encoder_layer, "_fused_layers",
                         lambda *args: seen.append(original(*args)) or seen[-1])
     return seen
 
@@ -791,7 +793,7 @@ def test_encoder_stack_runs_the_fused_layers_without_their_modules(mode, padding
     assert [len(arguments) for arguments in fused_stacks] == [layers]
     assert len(fused_layer_calls) == layers
     with monkeypatch.context() as m:  # each layer's rule on its own
-        m.setattr(blocks, "_fused_layers", lambda *args: None)
+        m.setattr(blocks.encoder_layer, "_fused_layers", lambda *args: None)
         with torch.inference_mode():
             one_by_one = patched(input_ids=ids, attention_mask=mask).last_hidden_state
     assert len(fused_layer_calls) == 2 * layers
@@ -841,18 +843,19 @@ def test_encoder_stack_keeps_the_hidden_states_that_transformers_records(fused_s
 
 def test_encoder_stack_sits_inside_padding_removal_in_copies_and_until_unpatched():
     from transfuse.hf import unpad
+    stack_forward = blocks.encoder_layer._encoder_stack_forward
     patched = transfuse.patch(build("bert"))
     copied = copy.deepcopy(patched)
     for model in (patched, copied):
         encoder = model.encoder
         assert encoder.forward.__func__ is unpad._stack_forward and encoder.forward.__self__ is encoder
         inner = encoder.__dict__[unpad.INNER_ATTR]
-        assert inner.__func__ is blocks._encoder_stack_forward and inner.__self__ is encoder
+        assert inner.__func__ is stack_forward and inner.__self__ is encoder
     transfuse.unpatch(copied)
     assert not {"forward", unpad.INNER_ATTR} & copied.encoder.__dict__.keys()
     transfuse.patch(patched)  # twice: unchanged
     assert patched.encoder.forward.__func__ is unpad._stack_forward
-    assert patched.encoder.__dict__[unpad.INNER_ATTR].__func__ is blocks._encoder_stack_forward
+    assert patched.encoder.__dict__[unpad.INNER_ATTR].__func__ is stack_forward
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -876,7 +879,7 @@ def test_embeddings_in_one_call_equal_the_modules_bit_for_bit(model_type, dtype,
     types = (torch.arange(ids.numel()).reshape(ids.shape) % 2)
     positions = torch.arange(ids.shape[1]).flip(0).unsqueeze(0)
     length = "cache_length" if "cache_length" in str(
-        blocks.inspect.signature(type(embeddings).forward)) else "past_key_values_length"
+        inspect.signature(type(embeddings).forward)) else "past_key_values_length"
     with torch.inference_mode():
         for kwargs in (dict(token_type_ids=types), dict(token_type_ids=types,
                                                         position_ids=positions),
@@ -970,7 +973,8 @@ def test_distilbert_blocks_run_one_call_each_from_the_stack(mode, padding, fused
 
 
 def test_distilbert_rules_leave_a_block_that_reads_otherwise_alone(monkeypatch):
-    monkeypatch.setattr(blocks, "DISTILBERT_FFN_CHUNK_SOURCE", ("x = self.something_else(",))
+    monkeypatch.setattr(blocks.encoder_layer, "DISTILBERT_FFN_CHUNK_SOURCE",
+                        ("x = self.something_else(",))
     patched = transfuse.patch(build("distilbert"))
     rules = transfuse.patched_modules(patched)
     assert "transformer.layer.0<block>" not in rules

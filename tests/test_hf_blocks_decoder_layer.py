@@ -1,8 +1,8 @@
 """The decoder layer in two transfuse._C calls around its cache's update
-(blocks._decoder_layer_fused, csrc/bindings/decoder_layer.cpp): on CPU tensors in inference, each
-Llama, Mistral, Qwen2, Qwen3 and Gemma layer whose modules carry the rules computes what the rules
-compute module by module, bit for bit, at prefill and at every decoding step, and leaves the call
-to them wherever they would compute something else."""
+(blocks.decoder_layer._decoder_layer_fused, csrc/bindings/decoder_layer.cpp): on CPU tensors in
+inference, each Llama, Mistral, Qwen2, Qwen3 and Gemma layer whose modules carry the rules
+computes what the rules compute module by module, bit for bit, at prefill and at every decoding
+step, and leaves the call to them wherever they would compute something else."""
 import copy
 import importlib
 
@@ -35,12 +35,12 @@ def fused(request, monkeypatch):
     (which the fused calls then make too)."""
     if request.param == "own GEMMs":
         monkeypatch.setattr(importlib.import_module("transfuse.ops.linear"), "MIN_WORK", 0)
-    return count_results(monkeypatch, blocks, "_decoder_layer_fused")
+    return count_results(monkeypatch, blocks.decoder_layer, "_decoder_layer_fused")
 
 
 def module_by_module():
     """The rules' modules, not the fused calls."""
-    return returning_none(blocks, "_decoder_layer_fused")
+    return returning_none(blocks.decoder_layer, "_decoder_layer_fused")
 
 
 def decoder(model_type, seed=0):
@@ -224,7 +224,7 @@ def test_a_smollm3_layer_rotates_as_its_use_rope_says_at_call_time(fused):
     layer = patched.model.layers[0]
     x = torch.randn(1, 3, model.config.hidden_size)
     angles = torch.zeros(1, 3, layer.self_attn.head_dim)
-    qkv_arguments, _ = blocks._decoder_layer_arguments(layer, layer.self_attn, False, x, angles,
-                                                       angles)
+    qkv_arguments, _ = blocks.decoder_layer._decoder_layer_arguments(
+        layer, layer.self_attn, False, x, angles, angles)
     with pytest.raises(ValueError, match="cos and sin"):
         transfuse.backends.extension()[0].decoder_layer_qkv(x, *qkv_arguments, angles, None)

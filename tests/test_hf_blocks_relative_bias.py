@@ -68,7 +68,10 @@ def fused_layer_calls(monkeypatch):
 def module_by_module(monkeypatch, model, ids, mask):
     """The patched model with the fused layer turned off: each module and its rule."""
     with monkeypatch.context() as m:
-        m.setattr(blocks, "_relative_bias_layer_arguments", lambda *args: None)
+        rules = blocks.relative_bias
+        m.setattr(rules, "_relative_bias_layer_arguments", lambda *args: None)
+        m.setitem(blocks.encoder_layer.OTHER_FUSED_LAYERS, rules._relative_bias_layer_forward,
+                  lambda *args: None)
         return last_hidden_state(model, ids, mask)
 
 
@@ -187,7 +190,7 @@ def test_recorded_outputs_hooks_and_a_removed_rule_step_aside(fused_layer_calls)
     torch.testing.assert_close(out[real], expected.last_hidden_state[real], rtol=1e-5, atol=1e-5)
 
     del patched.encoder.layer[1].attention.attn.forward  # (the class's forward: kwargs dropped)
-    assert not blocks._relative_bias_takes_packed(patched.encoder)
+    assert not blocks.relative_bias._relative_bias_takes_packed(patched.encoder)
     out = last_hidden_state(patched, ids, mask)
     assert out[~real].any()  # the padded batch, not packed
     torch.testing.assert_close(out[real], expected.last_hidden_state[real], rtol=1e-5, atol=1e-5)
@@ -198,9 +201,10 @@ def test_copies_unpatch_and_patching_twice():
     copied = copy.deepcopy(patched)
     for model in (patched, copied):
         encoder = model.encoder
-        assert encoder.__dict__[unpad.INNER_ATTR].__func__ is blocks._relative_bias_stack_forward
+        stack_forward = blocks.relative_bias._relative_bias_stack_forward
+        assert encoder.__dict__[unpad.INNER_ATTR].__func__ is stack_forward
         assert encoder.__dict__[unpad.INNER_ATTR].__self__ is encoder
-        assert blocks._relative_bias_takes_packed(encoder)
+        assert blocks.relative_bias._relative_bias_takes_packed(encoder)
     transfuse.patch(patched)
     assert transfuse.patched_modules(patched) == transfuse.patched_modules(copied)
     transfuse.unpatch(copied)
@@ -219,14 +223,14 @@ def test_a_class_whose_forward_reads_otherwise_is_left_alone(monkeypatch):
         return torch.zeros(x.shape[0], self.n_heads, x.shape[1], x.shape[1])
     monkeypatch.setattr(modeling_mpnet.MPNetEncoder, "compute_position_bias",
                         compute_position_bias)
-    blocks._forward_reads_as.cache_clear()
+    blocks.sources._forward_reads_as.cache_clear()
     try:
         with pytest.warns(UserWarning, match="MPNetEncoder"):
             patched = transfuse.patch(build())
         assert "encoder<block>" not in transfuse.patched_modules(patched)
-        assert not blocks._relative_bias_takes_packed(patched.encoder)
+        assert not blocks.relative_bias._relative_bias_takes_packed(patched.encoder)
     finally:
-        blocks._forward_reads_as.cache_clear()
+        blocks.sources._forward_reads_as.cache_clear()
 
 
 @pytest.mark.parametrize("side", ["right", "left", "mixed"])

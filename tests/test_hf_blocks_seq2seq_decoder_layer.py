@@ -1,9 +1,9 @@
 """A BART-like decoder layer's step in two transfuse._C calls around its self-attention cache's
-update (blocks._seq2seq_decoder_layer_fused, csrc/bindings/decoder_layer.cpp): on CPU tensors in
-inference, each decoding step after the first (its cross-attention then reads the encoder's keys
-and values from the cache) of a post-norm (BART, Marian) or pre-norm (mBART, M2M100, Pegasus,
-Whisper) layer whose modules carry the rules computes what they compute module by module, bit
-for bit, and leaves every other call to them."""
+update (blocks.seq2seq_decoder_layer._seq2seq_decoder_layer_fused,
+csrc/bindings/decoder_layer.cpp): on CPU tensors in inference, each decoding step after the first
+(its cross-attention then reads the encoder's keys and values from the cache) of a post-norm
+(BART, Marian) or pre-norm (mBART, M2M100, Pegasus, Whisper) layer whose modules carry the rules
+computes what they compute module by module, bit for bit, and leaves every other call to them."""
 import copy
 import importlib
 
@@ -34,12 +34,12 @@ def fused(request, monkeypatch):
     transfuse's own (thresholds lowered) or torch's (as they are)."""
     if request.param == "own GEMMs":
         monkeypatch.setattr(importlib.import_module("transfuse.ops.linear"), "MIN_WORK", 0)
-    return count_results(monkeypatch, blocks, "_seq2seq_decoder_layer_fused")
+    return count_results(monkeypatch, blocks.seq2seq_decoder_layer, "_seq2seq_decoder_layer_fused")
 
 
 def module_by_module():
     """The rules' modules, not the fused calls."""
-    return returning_none(blocks, "_seq2seq_decoder_layer_fused")
+    return returning_none(blocks.seq2seq_decoder_layer, "_seq2seq_decoder_layer_fused")
 
 
 def seq2seq(model_type):

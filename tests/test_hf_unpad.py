@@ -48,8 +48,8 @@ def prepared(model_type):
 @pytest.fixture
 def varlen_calls(monkeypatch):
     """The packed attention calls the transfuse attention makes (and a BERT-style layer or a
-    decoder layer's attention run by one transfuse._C call, hf/blocks.py's encoder_layer and
-    residual_rms_norm rules): their packed token counts."""
+    decoder layer's attention run by one transfuse._C call, the encoder_layer and
+    residual_rms_norm block rules): their packed token counts."""
     seen = []
     original = hf_attention.varlen_attention
 

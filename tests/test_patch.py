@@ -50,7 +50,7 @@ def test_one_call_twice_then_unpatch(model_type, int8):
 @pytest.fixture
 def attention_calls(monkeypatch):
     """Counts the kernel calls the transfuse attention makes (padded and packed, and those of a
-    decoder layer run by transfuse._C.decoder_layer_out: hf/blocks.py's residual_rms_norm)."""
+    decoder layer run by transfuse._C.decoder_layer_out: the residual_rms_norm block rule)."""
     seen = []
     module = transfuse.backends.extension()[0]
     spied = [(hf_attention, "attention"), (hf_attention, "varlen_attention")]

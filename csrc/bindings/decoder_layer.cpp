@@ -1,6 +1,6 @@
 // Binding of a Llama-style decoder layer in two calls around its KV cache's update (which stays
 // the cache object's, in Python): transfuse._C.decoder_layer_qkv and decoder_layer_out. They run
-// what the block rules run module by module on CPU tensors (python/transfuse/hf/blocks.py,
+// what the block rules run module by module on CPU tensors (python/transfuse/hf/blocks/,
 // "residual_rms_norm", "rotary_attention", "gated_mlp"), through the same tensor functions
 // (tensor_functions.h), so the result is theirs bit for bit without some twenty Python calls per
 // layer (a decoding step of a 30-layer model makes about 600). With x [B, S, hidden] and W_0..W_6
@@ -28,7 +28,7 @@
 //
 // Binding of a BART-like (seq2seq) decoder layer's step in the same two calls:
 // transfuse._C.seq2seq_decoder_layer_qkv and seq2seq_decoder_layer_out ("seq2seq_decoder_layer"
-// in blocks.py: BART, Marian, PLBart, Blenderbot-small post-norm; mBART, M2M100 / NLLB, Pegasus,
+// in hf/blocks/: BART, Marian, PLBart, Blenderbot-small post-norm; mBART, M2M100 / NLLB, Pegasus,
 // Blenderbot, Whisper pre-norm), the cross-attention reading the keys and values of the encoder's
 // output that the cache holds. With LN_0, LN_1, LN_2 the self-attention, cross-attention and final
 // LayerNorms and W_0..W_7 the query, key, value, attention output, cross-attention query and

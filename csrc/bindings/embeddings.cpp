@@ -1,7 +1,8 @@
 // Binding of a BERT-style embedding block in one call: transfuse._C.embeddings_forward. It runs
 // what BertEmbeddings runs module by module on given token ids, token types and positions
-// (python/transfuse/hf/blocks.py, "embeddings"), with the same operations in the same order, so
-// the result is the module's bit for bit, without its half dozen Python module calls:
+// (python/transfuse/hf/blocks/embeddings.py, "embeddings"), with the same operations in the
+// same order, so the result is the module's bit for bit, without its half dozen Python module
+// calls:
 //   e = (word[input_ids] + token_type[token_type_ids]) + position[position_ids]
 //   y = LayerNorm(e) (layer_norm_forward, as the norm rules' FusedLayerNorm runs it)
 // Ids of any integer dtype; position_ids broadcast over the batch as the module's add does.

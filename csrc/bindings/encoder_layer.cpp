@@ -1,5 +1,5 @@
 // Binding of a BERT-style encoder layer in one call: transfuse._C.encoder_layer. It runs what the
-// block rules run module by module on CPU tensors (python/transfuse/hf/blocks.py,
+// block rules run module by module on CPU tensors (python/transfuse/hf/blocks/,
 // "encoder_layer"), through the same tensor functions (tensor_functions.h), so the result is
 // theirs bit for bit, without some ten Python calls in between (on all-MiniLM-L6-v2's real
 // sentences that Python was about a tenth of a batch's time). With x [1, T, hidden] packed tokens

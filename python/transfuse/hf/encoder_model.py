@@ -18,10 +18,11 @@ attention, which sees the same packed sequences). Anywhere else the forward it r
 padding removal's (hf/unpad.py), else the class's.
 
 MODEL_RULES: class name -> where the rule finds the positions: "buffer" (BERT: the embeddings'
-position_ids buffer, their forward the embeddings rule's, hf/blocks.py) or "from_ids" (RoBERTa,
-XLM-R, CamemBERT: numbered from the ids by the embeddings' own create_position_ids_from_input_ids,
-their class's forward read at patch time as EMBEDDINGS_FROM_IDS_SOURCE). ELECTRA's model projects
-its embeddings and DistilBERT's take no token types: not this rule.
+position_ids buffer, their forward the embeddings rule's, hf/blocks/embeddings.py) or "from_ids"
+(RoBERTa, XLM-R, CamemBERT: numbered from the ids by the embeddings' own
+create_position_ids_from_input_ids, their class's forward read at patch time as
+EMBEDDINGS_FROM_IDS_SOURCE). ELECTRA's model projects its embeddings and DistilBERT's take no token
+types: not this rule.
 """
 from __future__ import annotations
 
@@ -33,8 +34,12 @@ import torch
 from torch import nn
 
 from .. import backends
-from . import blocks, unpad
+from . import unpad
 from .attention import NAME as ATTENTION_NAME
+from .blocks.common import _global_hooks, _own_hooks, _rule_forward
+from .blocks.embeddings import _embeddings_forward, _fused_embeddings_arguments
+from .blocks.encoder_layer import _encoder_stack_forward, _layers_fused
+from .blocks.sources import EMBEDDINGS_SOURCE, _reads_as
 
 FORWARD_ATTR = "_transfuse_model_forward"
 INNER_ATTR = "_transfuse_model_inner"  # the forward the rule replaced (padding removal's)
@@ -44,8 +49,8 @@ MODEL_RULES = {"BertModel": "buffer",
                **{f"{family}Model": "from_ids"
                   for family in ("Roberta", "XLMRoberta", "Camembert")}}
 OUTPUT_CLASS = "BaseModelOutputWithPoolingAndCrossAttentions"
-# What the class's forward must read (normalized, in order: blocks._reads_as) for the rule to
-# replace it; transformers 5.17's and 5.24's read so.
+# What the class's forward must read (normalized, in order: blocks.sources._reads_as) for the rule
+# to replace it; transformers 5.17's and 5.24's read so.
 MODEL_SOURCE = (
     "if self.config.is_decoder:",
     "embedding_output = self.embeddings( input_ids=input_ids, position_ids=position_ids, "
@@ -56,12 +61,12 @@ MODEL_SOURCE = (
     f"return {OUTPUT_CLASS}( last_hidden_state=sequence_output, pooler_output=pooled_output,")
 # What a "from_ids" family's embeddings forward must read (transformers 5.17's and 5.24's do): the
 # computation of transfuse._C.embeddings_forward, in its order (as BERT's, whose rule reads
-# blocks.EMBEDDINGS_SOURCE), on positions from the ids.
+# blocks.sources.EMBEDDINGS_SOURCE), on positions from the ids.
 EMBEDDINGS_FROM_IDS_SOURCE = (
     "if position_ids is None: if input_ids is not None:",
     "position_ids = self.create_position_ids_from_input_ids(", "input_ids, self.padding_idx,",
     "if token_type_ids is None:", "buffered_token_type_ids = torch.gather(",
-    *blocks.EMBEDDINGS_SOURCE[2:])
+    *EMBEDDINGS_SOURCE[2:])
 ARGUMENT_NAMES = ("input_ids", "attention_mask", "token_type_ids")  # the leading positionals
 # arguments the class's forward runs as the rule does while they are None or False (a cache
 # and use_cache: the class drops them unless the config is a decoder's, which the rule is not)
@@ -89,7 +94,7 @@ def _runs_stack_rule(encoder):
     forward = encoder.__dict__.get("forward")
     if getattr(forward, "__func__", None) is unpad._stack_forward:
         forward = encoder.__dict__.get(unpad.INNER_ATTR)
-    return getattr(forward, "__func__", None) is blocks._encoder_stack_forward
+    return getattr(forward, "__func__", None) is _encoder_stack_forward
 
 
 def _lean_forward(self, arguments):
@@ -102,20 +107,20 @@ def _lean_forward(self, arguments):
         return_dict = getattr(config, "return_dict", True)
     if (type(ids) is not torch.Tensor or ids.dim() != 2 or not arguments.keys() <= IDLE_KWARGS
             or any(v is not None and v is not False for v in arguments.values())
-            or blocks._global_hooks() or blocks._own_hooks(self)
+            or _global_hooks() or _own_hooks(self)
             or config.is_decoder or config.output_attentions or config.output_hidden_states
             or unpad._outputs_recorded()):
         return None
     children = self._modules
     embeddings, encoder = children["embeddings"], children["encoder"]
     kind, output_class, embeddings_class = self.__dict__[FACTS_ATTR]
-    forward = blocks._rule_forward(embeddings)
-    if (blocks._own_hooks(embeddings) or blocks._own_hooks(encoder)
-            or not (forward is blocks._embeddings_forward if kind == "buffer" else
+    forward = _rule_forward(embeddings)
+    if (_own_hooks(embeddings) or _own_hooks(encoder)
+            or not (forward is _embeddings_forward if kind == "buffer" else
                     type(embeddings) is embeddings_class and "forward" not in embeddings.__dict__)
             or not _runs_stack_rule(encoder) or config._attn_implementation != ATTENTION_NAME):
         return None
-    table_arguments = blocks._fused_embeddings_arguments(embeddings, ids)  # (CPU inference)
+    table_arguments = _fused_embeddings_arguments(embeddings, ids)  # (CPU inference)
     if table_arguments is None:
         return None
     shape = ids.shape
@@ -146,7 +151,7 @@ def _lean_forward(self, arguments):
             ids, token_types = packing.pack(ids), packing.pack(token_types)
             positions = packing.pack(positions.expand(shape))
     x = backends.extension()[0].embeddings_forward(ids, token_types, positions, *table_arguments)
-    x = blocks._layers_fused(encoder._modules.get("layer"), x, None,
+    x = _layers_fused(encoder._modules.get("layer"), x, None,
                              packing.kwargs if packing else {})
     if x is None:
         return None
@@ -161,9 +166,9 @@ def _lean_forward(self, arguments):
 def _reads_as_expected(cls, embeddings_class):
     """The model's forward (and for a "from_ids" family its embeddings') reads as the rule
     expects."""
-    return blocks._reads_as(cls.forward, MODEL_SOURCE) and (
+    return _reads_as(cls.forward, MODEL_SOURCE) and (
         MODEL_RULES[cls.__name__] == "buffer"
-        or blocks._reads_as(embeddings_class.forward, EMBEDDINGS_FROM_IDS_SOURCE))
+        or _reads_as(embeddings_class.forward, EMBEDDINGS_FROM_IDS_SOURCE))
 
 
 def patch_encoder_models(model):
@@ -177,7 +182,7 @@ def patch_encoder_models(model):
         children = module._modules
         if (kind is None or FORWARD_ATTR in module.__dict__ or output_class is None
                 or ("forward" in module.__dict__
-                    and blocks._rule_forward(module) is not unpad._base_forward)
+                    and _rule_forward(module) is not unpad._base_forward)
                 or not isinstance(children.get("embeddings"), nn.Module)
                 or not isinstance(children.get("encoder"), nn.Module)
                 or not _reads_as_expected(type(module), type(children["embeddings"]))):
