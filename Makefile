@@ -62,7 +62,8 @@ GPU_BIN := $(GPU_VENV)/bin
 GPU_VERSIONS ?= torch==2.11.0 "transformers==5.17.*" "triton==3.6.*" "numpy<2.4"
 GPU_TESTS ?= tests/test_triton_compile.py tests/test_int8.py tests/test_varlen_attention.py \
 	tests/test_hf_int8.py tests/test_quantize.py tests/test_hf_attention.py tests/test_hf_unpad.py \
-	tests/test_int8_checkpoint_fuzz.py tests/test_hf_blocks.py tests/test_activation.py \
+	tests/test_int8_checkpoint_fuzz.py tests/test_hf_blocks.py tests/test_hf_blocks_encoder_layer.py \
+	tests/test_activation.py \
 	tests/test_hf_families.py tests/test_linear.py tests/test_hf_encoder_model.py \
 	tests/test_hf_blocks_relative_bias.py tests/test_hf_blocks_decoder_layer.py \
 	tests/test_hf_more_families.py tests/test_hf_blocks_seq2seq_decoder_layer.py

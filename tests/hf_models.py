@@ -180,3 +180,19 @@ def build_more(model_type, seed=0):
                 for param in module.parameters(recurse=False):
                     param.add_(torch.randn_like(param) * 0.1)
     return model
+
+
+def padded_batch(seed=1):
+    """ids and mask of 3 sequences of 11 positions: one whole, two padded (7 and 2 real)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 99, (3, 11), generator=g)
+    mask = torch.ones(3, 11, dtype=torch.long)
+    mask[1, 7:] = 0
+    mask[2, 2:] = 0
+    return ids, mask
+
+
+def real_tokens(model, ids, mask):
+    """The model's last hidden states at the real (unmasked) positions."""
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).last_hidden_state[mask.bool()]
