@@ -15,8 +15,6 @@ FORWARD_ATTR = "_transfuse_block_forward"
 PROJECTION_ATTR = "_transfuse_projection"
 BACKEND_ATTR = "_transfuse_block_backend"
 FACTS_ATTR = "_transfuse_block_facts"  # what a rule read from the module's class at patch time
-SILU_CLASSES = {nn.SiLU}
-GELU_ACTIVATIONS = {"none": "gelu", "tanh": "gelu_tanh"}  # F.gelu's approximate -> gated_mul's
 
 # Devices whose tensors run fused projections as one GEMM. Not the CPU: on all-MiniLM-L6-v2
 # (2 threads, AVX2, fp32, real sentences, batch 8) the joint Q/K/V GEMM measured 0.97x the three
@@ -27,19 +25,15 @@ JOINED_GEMM_DEVICES = ("cuda",)
 # MiniLM's real sentences, 1.00x at 8 x 128, and 0.84x decoding the SmolLM-135M shape (the
 # joint call's Python bookkeeping costs more than two quantizations of one token).
 JOINED_INT8_DEVICES = ("cuda",)
+PLAIN_TENSORS = (torch.Tensor, nn.Parameter)  # (not a subclass such as tensor parallel's DTensor)
+
+# The varlen kwargs that padding removal passes each layer (hf/unpad.py)
+PACKED_KWARGS = frozenset(("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"))
 
 
 def _rule_forward(module):
     """The function of the forward installed on the instance (a rule's), or None."""
     return getattr(module.__dict__.get("forward"), "__func__", None)
-
-
-PLAIN_TENSORS = (torch.Tensor, nn.Parameter)  # (not a subclass such as tensor parallel's DTensor)
-
-# The varlen kwargs that padding removal passes each layer (hf/unpad.py), and what else the
-# transfuse attention function takes and ignores there (BertModel passes position_ids down).
-PACKED_KWARGS = frozenset(("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"))
-FUSED_LAYER_KWARGS = PACKED_KWARGS | {"position_ids"}
 
 
 def _own_hooks(module):

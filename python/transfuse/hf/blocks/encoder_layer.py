@@ -34,13 +34,17 @@ from ...nn import FusedLayerNorm, Int8Linear
 from ...ops.linear import _own_kernel_takes
 from ..attention import NAME as ATTENTION_NAME, _weights_requested
 from . import common
-from .common import (BACKEND_ATTR, FACTS_ATTR, FORWARD_ATTR, FUSED_LAYER_KWARGS, PACKED_KWARGS,
+from .common import (BACKEND_ATTR, FACTS_ATTR, FORWARD_ATTR, PACKED_KWARGS,
                      _global_hooks, _install, _own_hooks, _rule_forward)
 from .linear import _linear_forward, _projection_forward
 from .mlp import _gelu_approximation
 from .sources import (ATTENTION_CONTAINER_SOURCE, DISTILBERT_ATTENTION_SOURCE,
                       DISTILBERT_FFN_CHUNK_SOURCE, DISTILBERT_FFN_SOURCE, SELF_ATTENTION_SOURCE,
                       STACK_OUTPUT_CLASS, _distilbert, _reads_as)
+
+# The packed kwargs and what else the transfuse attention function takes and ignores there
+# (BertModel passes position_ids down)
+FUSED_LAYER_KWARGS = PACKED_KWARGS | {"position_ids"}
 
 
 def _fused_layer_arguments(layer, inner, x):
@@ -151,7 +155,7 @@ def _layer_call_arguments(inner, heads, scale, x, linears, norms, dropouts, acti
 def _fused_call(x, attention_mask, kwargs):
     """(cu_seqlens, max_seqlen) for transfuse._C.encoder_layer when this call of a layer (or of
     the stack) can run fused: CPU inference (no autograd, autocast or compile), packed tokens or
-    an unmasked batch, no other kwargs than FUSED_LAYER_KWARGS, no attention weights asked for;
+    an unmasked batch, no other kwargs than no attention weights asked for;
     else None."""
     if (x.device.type != "cpu" or x.dim() != 3 or torch.is_grad_enabled()
             or attention_mask is not None or not kwargs.keys() <= FUSED_LAYER_KWARGS

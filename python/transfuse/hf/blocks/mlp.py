@@ -25,9 +25,12 @@ from torch import nn
 from ... import ops
 from ...nn import Int8Linear
 from ...ops.activation import KERNEL_DTYPES as ACTIVATION_DTYPES, gated_mul
-from .common import BACKEND_ATTR, GELU_ACTIVATIONS, SILU_CLASSES, _install
+from .common import BACKEND_ATTR, _install
 from .linear import _linear, _own_forward, _patch_projections, _plain_linear
 from .sources import _reads_as
+
+SILU_CLASSES = {nn.SiLU}
+GELU_ACTIVATIONS = {"none": "gelu", "tanh": "gelu_tanh"}  # F.gelu's approximate -> gated_mul's
 
 
 def _silu_class(cls):

@@ -50,8 +50,8 @@ BLOCK_RULES = {
                                  ("input_layernorm", "self_attn", "post_attention_layernorm",
                                   "pre_feedforward_layernorm", "mlp",
                                   "post_feedforward_layernorm")) for family in _SANDWICH_DECODERS},
-    **{f"{family}DecoderLayer": ("seq2seq_decoder_layer", ("self_attn", "encoder_attn",
-                                                          *SEQ2SEQ_NORMS))
+    **{f"{family}DecoderLayer": ("seq2seq_decoder_layer",
+                                 ("self_attn", "encoder_attn", *SEQ2SEQ_NORMS))
        for family in _SEQ2SEQ_DECODERS},
     "Linear": ("linear", ()),  # torch.nn.Linear itself (_patch_linear checks the class)
 }
