@@ -31,8 +31,8 @@ Three ways in, by family (UNPAD_RULES, keyed by the base model's or encoder's cl
            packed; norms after the layers run on the packed tokens too, and the encoder's output
            is scattered back.
 Only calls that run the "transfuse" attention (it reads the padding-free kwargs) are unpadded
-(MPNet's: through its block rules, hf/blocks/relative_bias.py, which compute its relative position bias for the
-longest sequence rather than for all T packed tokens).
+(MPNet's: through its block rules, hf/blocks/relative_bias.py, which compute its relative
+position bias for the longest sequence rather than for all T packed tokens).
 Packed calls build no attention mask (attention.masks_unread; each attention reads the sequence
 boundaries), nor do the calls of a "model" rule that have no padding and the default positions
 (each attention takes its module's causality and sliding window: transformers' masks would say

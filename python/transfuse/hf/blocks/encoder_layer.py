@@ -155,7 +155,7 @@ def _layer_call_arguments(inner, heads, scale, x, linears, norms, dropouts, acti
 def _fused_call(x, attention_mask, kwargs):
     """(cu_seqlens, max_seqlen) for transfuse._C.encoder_layer when this call of a layer (or of
     the stack) can run fused: CPU inference (no autograd, autocast or compile), packed tokens or
-    an unmasked batch, no other kwargs than no attention weights asked for;
+    an unmasked batch, no other kwargs than FUSED_LAYER_KWARGS, no attention weights asked for;
     else None."""
     if (x.device.type != "cpu" or x.dim() != 3 or torch.is_grad_enabled()
             or attention_mask is not None or not kwargs.keys() <= FUSED_LAYER_KWARGS
