@@ -212,7 +212,9 @@ def quantize_per_token(x):
     xf = x.float()
     absmax = xf.abs().amax(-1) if x.shape[-1] else xf.new_zeros(x.shape[:-1])  # NaN propagates
     finite = torch.isfinite(absmax)
-    scale = absmax / INT8_MAX
+    # the float64 quotient rounded to fp32 is fp32's correctly rounded one (53 >= 2 * 24 + 2 bits);
+    # fp32 absmax / 127 would not be on CUDA, where torch multiplies by a scalar's reciprocal
+    scale = (absmax.double() / INT8_MAX).float()
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     scale = torch.where(finite, scale, torch.full_like(scale, float("nan")))
     q = torch.round(xf / scale.unsqueeze(-1)).clamp(-INT8_MAX, INT8_MAX)
@@ -221,9 +223,9 @@ def quantize_per_token(x):
 
 
 def int8_matmul(a, b):
-    """a [m, k] int8 times b [n, k] int8 transposed, accumulated exactly in int32."""
-    return a.to(torch.int32) @ b.to(torch.int32).T if a.numel() and b.numel() else (
-        torch.zeros(a.shape[0], b.shape[0], dtype=torch.int32, device=a.device))
+    """a [m, k] int8 times b [n, k] int8 transposed, as int32. Summed in float64, exact while
+    k * 127^2 < 2^53 (and torch has no int32 matmul on CUDA)."""
+    return (a.double() @ b.double().T).to(torch.int32)
 
 
 def int8_linear(x, w_int8, w_scale, bias=None, mode="w8a8"):
