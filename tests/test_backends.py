@@ -108,3 +108,56 @@ def test_cuda_backend_without_cuda_names_the_variable(monkeypatch, fresh_resolve
         backends.check_requested()
     with pytest.raises(ValueError, match="^backend='cuda' cannot run on this machine"):
         transfuse.patch(torch.nn.Sequential(torch.nn.LayerNorm(8)), backend="cuda")
+
+
+def test_auto_on_cuda_follows_the_measured_order(monkeypatch, fresh_resolve):
+    """With every backend available, auto on CUDA tensors takes the one the H200 runs measured
+    faster per case (backends.AUTO_ORDER); the reason a skipped one is missing is named."""
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    monkeypatch.setattr(backends, "missing_reason", lambda backend, device_type: "")
+    cuda = torch.device("cuda")
+    expected = {"attention": "triton", "attention_decode": "cuda", "int8": "triton",
+                "int8_weight_only": "cuda", "bias_gelu": "triton", "silu_mul": "cuda",
+                "gelu_mul": "cuda", "norm": "cuda", "rotary": "cuda", "linear": "cuda"}
+    assert {case: backends.resolve(case, None, cuda) for case in expected} == expected
+    assert backends.resolve("attention", "cuda", cuda) == "cuda"  # an explicit choice stays
+    backends._resolve.cache_clear()
+    monkeypatch.setattr(backends, "missing_reason",
+                        lambda backend, device_type: "planted" if backend == "triton" else "")
+    with pytest.warns(RuntimeWarning, match="attention on cuda uses the cuda backend because "
+                                            "triton is unavailable: planted"):
+        assert backends.resolve("attention", None, cuda) == "cuda"
+
+
+def test_each_op_asks_auto_for_its_case(monkeypatch):
+    """Decoding (one query row, padded or packed) and prefill attention, w8a8 and w8a16, and each
+    activation are separate cases of auto: the ops name them."""
+    from transfuse.ops import _backend
+    asked = []
+    monkeypatch.setattr(_backend, "resolve", lambda case, backend, device: asked.append(case)
+                        or "reference")
+    ops = transfuse.ops
+
+    def case_of(call):
+        asked.clear()
+        call()
+        return set(asked)
+
+    q = torch.randn(1, 2, 1, 8)
+    kv = torch.randn(1, 2, 5, 8)
+    assert case_of(lambda: ops.attention(q, kv, kv)) == {"attention_decode"}
+    assert case_of(lambda: ops.attention(kv, kv, kv)) == {"attention"}
+    packed_q, packed_kv = torch.randn(2, 2, 8), torch.randn(7, 2, 8)
+    cu_q, cu_k = torch.tensor([0, 1, 2], dtype=torch.int32), torch.tensor([0, 3, 7],
+                                                                          dtype=torch.int32)
+    assert case_of(lambda: ops.varlen_attention(packed_q, packed_kv, packed_kv, cu_q, cu_k, 1,
+                                                4)) == {"attention_decode"}
+    assert case_of(lambda: ops.varlen_attention(packed_kv, packed_kv, packed_kv, cu_k, cu_k, 4,
+                                                4)) == {"attention"}
+    w, s = transfuse.reference.quantize_per_token(torch.randn(3, 8))
+    x = torch.randn(2, 8)
+    assert case_of(lambda: ops.int8_linear(x, w, s, None, "w8a8")) == {"int8"}
+    assert case_of(lambda: ops.int8_linear(x, w, s, None, "w8a16")) == {"int8_weight_only"}
+    assert case_of(lambda: ops.bias_gelu(x, torch.randn(8))) == {"bias_gelu"}
+    assert case_of(lambda: ops.silu_mul(x, x)) == {"silu_mul"}
+    assert case_of(lambda: ops.gelu_mul(x, x)) == {"gelu_mul"}

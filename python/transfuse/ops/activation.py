@@ -181,7 +181,7 @@ def _backend_for(x, backend, op="bias_gelu", argument="x"):
         raise TypeError(f"{argument} must be a torch.Tensor, got {type(x).__name__}")
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"backend must be a str or None, got {backend!r}")
-    name = _backend.resolve("activation", backend, x.device)
+    name = _backend.resolve(op, backend, x.device)
     if x.dtype == torch.float64 and not (backend or backends.environment_backend()):
         backends.warn_once((op, "float64"), f"transfuse: the {op} kernels take float32, "
                            "float16 and bfloat16; float64 inputs run on the reference backend")

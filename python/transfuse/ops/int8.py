@@ -185,11 +185,12 @@ def _rows(x):
     return x.reshape(-1, k) if k else x.reshape(math.prod(x.shape[:-1]), 0)
 
 
-def _backend_for(x, backend):
+def _backend_for(x, backend, case="int8"):
+    """case: what `auto` chooses for (backends.AUTO_ORDER), "int8_weight_only" for w8a16."""
     if not isinstance(x, Tensor):
         _check_float("x", x)
     _check_backend(backend)
-    name = _backend.resolve("int8", backend, x.device)
+    name = _backend.resolve(case, backend, x.device)
     if name != "reference" and x.dtype == torch.float64:
         backends.warn_once(("int8", "float64"), "transfuse: the int8 kernels take float32, "
                            "float16 and bfloat16; float64 inputs run on the reference backend")
@@ -240,7 +241,7 @@ def int8_linear(x, w_int8, w_scale, bias=None, mode="w8a8", *, backend=None):
     A row of x holding NaN or inf gives NaN outputs in w8a8 (its scale is NaN); k = 0 gives
     bias (or zeros), as F.linear.
     """
-    name = _backend_for(x, backend)
+    name = _backend_for(x, backend, "int8_weight_only" if mode == "w8a16" else "int8")
     if (name == "cpu" or name == "cuda") and not torch.compiler.is_compiling():
         # the whole call in C++ (checks included) when autograd needs no graph: per-call cost
         try:
