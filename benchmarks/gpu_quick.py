@@ -25,14 +25,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 START = time.time()
 BUDGET_S = float(os.environ.get("GPU_QUICK_BUDGET_S", 8.5 * 60))   # the whole call
-# pytest stages, most valuable first: the CUDA paths never run before, then each op family
-PYTEST_STAGES = [
+# pytest stages, most valuable first: the CUDA attention paths, the Triton attention that `auto`
+# takes for prefill, then each op family; `rest` is every other file's `gpu` tests
+FAMILY_STAGES = [
     ("attention-cuda", ["tests/test_attention_cuda.py"]),
+    ("attention", ["tests/test_attention.py"]),
     ("norm", ["tests/test_norm.py"]),
     ("int8", ["tests/test_int8.py"]),
-    ("attention", ["tests/test_attention.py"]),
-    ("rest", ["tests"]),
 ]
+PYTEST_STAGES = FAMILY_STAGES + [
+    ("rest", ["tests"] + [f"--ignore={path}" for _, paths in FAMILY_STAGES for path in paths])]
 
 
 class Out:

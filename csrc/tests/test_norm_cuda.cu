@@ -21,12 +21,15 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "cuda/norm.h"
@@ -163,29 +166,46 @@ struct Case {
   }
 };
 
-// Collects the mismatches of one case; prints the first few.
+std::mutex print_mutex;  // the cases run on several host threads: one case's report at a time
+
+// Collects the mismatches of one case; prints the first few when the case ends.
 class Checker {
  public:
   explicit Checker(const Case& c) : case_(c) {}
+  ~Checker() {
+    if (failures_ > 8) add("  ... %lld mismatches in all\n", static_cast<long long>(failures_));
+    std::lock_guard<std::mutex> lock(print_mutex);
+    std::fputs(report_.c_str(), stdout);
+  }
 
   void expect_near(const char* what, int64_t index, double got, double want, double tolerance) {
     if (std::fabs(got - want) <= tolerance) return;  // NaN fails here
-    if (failures_ == 0) std::printf("FAIL %s\n", case_.describe().c_str());
+    if (failures_ == 0) add("FAIL %s\n", case_.describe().c_str());
     if (failures_ < 8) {
-      std::printf("  %s[%lld]: got %.9g, want %.9g (tolerance %.3g)\n", what,
-                  static_cast<long long>(index), got, want, tolerance);
+      add("  %s[%lld]: got %.9g, want %.9g (tolerance %.3g)\n", what,
+          static_cast<long long>(index), got, want, tolerance);
     }
     ++failures_;
   }
 
-  bool passed() const {
-    if (failures_ > 8) std::printf("  ... %lld mismatches in all\n", static_cast<long long>(failures_));
-    return failures_ == 0;
+  void fail(const char* why) {
+    if (failures_++ == 0) add("FAIL %s\n", case_.describe().c_str());
+    add("  %s\n", why);
   }
 
+  bool passed() const { return failures_ == 0; }
+
  private:
+  template <typename... Args>
+  void add(const char* format, Args... args) {
+    char line[512];
+    std::snprintf(line, sizeof(line), format, args...);
+    report_ += line;
+  }
+
   const Case& case_;
   int64_t failures_ = 0;
+  std::string report_;
 };
 
 constexpr double kRelTol = 1e-5;
@@ -316,8 +336,7 @@ bool run_case(const Case& c, uint64_t seed) {
   bp.out_dtype = c.out;
   const int64_t workspace_floats = transfuse::cuda::norm_backward_workspace_floats(bp);
   if (workspace_floats < 0) {
-    std::printf("FAIL %s\n  negative workspace size %lld\n", c.describe().c_str(),
-                static_cast<long long>(workspace_floats));
+    check.fail("negative backward workspace size");
     return false;
   }
   DeviceBuffer workspace(static_cast<size_t>(workspace_floats) * 4);
@@ -502,16 +521,20 @@ int main() {
     std::printf("no CUDA device: skipped\n");
     return 77;
   }
-  int passed = 0;
-  int failed = 0;
-  uint64_t seed = 1;
-  for (const Case& c : all_cases()) {
-    if (run_case(c, seed++)) {
-      ++passed;
-    } else {
-      ++failed;
-    }
+  // The cases on every core: their float64 host reference, not the GPU, takes the time (over
+  // 3 minutes on one core of the H200 machine). Case i has seed i + 1 whichever thread runs it.
+  const std::vector<Case> cases = all_cases();
+  std::atomic<size_t> next{0};
+  std::atomic<int> failed{0};
+  std::vector<std::thread> workers(std::max(1u, std::min(16u, std::thread::hardware_concurrency())));
+  for (auto& worker : workers) {
+    worker = std::thread([&] {
+      for (size_t i = next++; i < cases.size(); i = next++) {
+        if (!run_case(cases[i], i + 1)) ++failed;
+      }
+    });
   }
-  std::printf("%d passed, %d failed\n", passed, failed);
+  for (auto& worker : workers) worker.join();
+  std::printf("%d passed, %d failed\n", static_cast<int>(cases.size()) - failed.load(), failed.load());
   return failed == 0 ? 0 : 1;
 }
