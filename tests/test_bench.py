@@ -9,7 +9,7 @@ import torch
 
 import transfuse
 from transfuse import bench
-from transfuse.bench_sentences import SENTENCES
+from transfuse.bench_sentences import SENTENCES, TOKEN_COUNTS
 from transfuse_cli import main
 
 RESULT_FIELDS = {"ms", "ms_all_batches", "ms_per_batch_quartiles", "sequences_per_s",
@@ -34,6 +34,11 @@ def test_sentences_are_real_and_mixed():
     assert len(SENTENCES) == 64 and len(set(SENTENCES)) == 64
     assert min(words) >= 5 and max(words) <= 60
     assert sum(w <= 10 for w in words) >= 16 and sum(w >= 35 for w in words) >= 6
+
+
+def test_token_counts_are_the_tokenizers(minilm):
+    _, tokenizer, _ = minilm
+    assert TOKEN_COUNTS == tuple(len(ids) for ids in tokenizer(list(SENTENCES))["input_ids"])
 
 
 def test_padding_true_batches_pad_about_half(minilm):

