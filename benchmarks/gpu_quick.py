@@ -15,6 +15,7 @@ interpreter is never timed), build / ctest / pytest stages skipped; seconds.
 from __future__ import annotations
 
 import glob
+import importlib.util
 import json
 import os
 import shutil
@@ -134,6 +135,11 @@ def ctest(out: Out, env, arch):
 
 def pytest_stages(out: Out, env, deadline):
     chosen = os.environ.get("GPU_QUICK_PYTEST")   # e.g. "int8,rest" to rerun what failed
+    # Triton's JIT compiles (1-2 s a variant, one core each) are most of the tests' time there:
+    # pytest-xdist (in the machine's image) spreads them over the cores
+    workers = (["-n", str(min(8, max(1, (os.cpu_count() or 2) // 2)))]
+               if importlib.util.find_spec("xdist") else [])
+    out.record(stage="pytest", workers=workers)
     for name, paths in PYTEST_STAGES:
         if chosen is not None and name not in chosen.split(","):
             continue
@@ -144,7 +150,7 @@ def pytest_stages(out: Out, env, deadline):
             continue
         t0 = time.time()
         rc = run([sys.executable, "-m", "pytest", "-m", "gpu", "-x", "-q", "-p", "no:cacheprovider",
-                  *paths], out.path / "pytest.log", env=env, timeout=remaining)
+                  *workers, *paths], out.path / "pytest.log", env=env, timeout=remaining)
         status = {0: "passed", 5: "no gpu tests", 124: "cut by the deadline"}.get(rc, f"failed ({rc})")
         out.record(stage=f"pytest:{name}", status=status, seconds=round(time.time() - t0, 1))
         out.line(f"pytest {name}: {status} in {time.time() - t0:.0f} s")
