@@ -387,6 +387,17 @@ def _bench_rows():
     tint8.int8_matmul(cuda(4096, 4096, dtype=torch.int8), cuda(4096, 4096, dtype=torch.int8))
 
 
+def _models_rows():
+    """benchmarks/gpu_models.py's patched models, bf16, as far as their Triton launches can be
+    told from the rules (the padded calls of a batch with no padding aside): MiniLM-shaped BERT on
+    packed tokens, Qwen3-0.6B-shaped prefill (its decoding attention runs on CUDA C++)."""
+    from transfuse.bench_sentences import TOKEN_COUNTS
+    _varlen(list(TOKEN_COUNTS[:8]), None, 12, 12, 32, _BF16, backward=False)
+    _norm(sum(TOKEN_COUNTS[:8]), 384, _BF16, rms=False, backward=False)
+    _bias_gelu(sum(TOKEN_COUNTS[:8]), 1536, _BF16, backward=False)
+    _attention((1, 16, 8, 16, 16, 128), _BF16, causal=True, backward=False)
+
+
 # (group, name, row): add rows here (new launchers, new shapes)
 ROWS = [
     ("gpu-tests", "norm", _norm_test_rows),
@@ -397,6 +408,7 @@ ROWS = [
     ("gpu-tests", "varlen-attention", _varlen_attention_test_rows),
     ("gpu-tests", "attention-cuda", _attention_cuda_test_rows),
     ("bench", "gpu_quick", _bench_rows),
+    ("bench", "gpu_models", _models_rows),
 ]
 
 
