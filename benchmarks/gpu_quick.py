@@ -465,7 +465,45 @@ def kernels_stage(out: Out, dry: bool):
             ok &= case(f"int8 {mode} [{backend}]", (m, n_, k_), bf16, check, timed,
                        flops=2 * m * n_ * k_ if mode == "w8a8" else 0.0,
                        bytes_=0.0 if mode == "w8a8" else wq.numel())
+    if not dry:
+        int8_tile_sweep(out, bench)
     return 0 if ok else 1
+
+
+# Tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) tried for the large-m row of
+# kernels/int8.py's INT8_CONFIGS (the first is today's); shared memory per stage is
+# (BLOCK_M + BLOCK_N) * BLOCK_K bytes, 228 KiB on Hopper.
+INT8_TILES = ((128, 128, 128, 8, 3), (128, 128, 128, 4, 4), (128, 256, 128, 8, 3),
+              (256, 128, 128, 8, 3), (128, 256, 128, 8, 4), (128, 256, 64, 8, 4),
+              (256, 128, 64, 8, 4))
+
+
+def int8_tile_sweep(out: Out, bench, size=4096, device="cuda"):
+    """The Triton w8a8 GEMM (int8 x int8 -> bf16 with its epilogue; quantization not included)
+    at size^3 with each of INT8_TILES, each output checked bit for bit against today's tiles."""
+    import math
+    import torch
+    from transfuse.kernels import int8 as tint8
+    m = n = k = size
+    x_q, w = (torch.randint(-127, 128, (r, k), dtype=torch.int8, device=device) for r in (m, n))
+    x_scale, w_scale = torch.rand(m, device=device) / 100, torch.rand(n, device=device) / 100
+    gemm = lambda: tint8.int8_linear_w8a8(x_q, x_scale, w, w_scale, None, torch.bfloat16)
+    expected, default = gemm(), tint8.INT8_CONFIGS
+    for tiles in INT8_TILES:
+        row = dict(stage="kernels", case="int8 w8a8 GEMM tiles [triton]", shape=(m, n, k),
+                   tiles=tiles)
+        tint8.INT8_CONFIGS = default[:-1] + ((math.inf, *tiles),)
+        try:
+            row["check"] = "ok" if torch.equal(gemm(), expected) else "FAILED"
+            row["ms"] = bench(gemm)
+            row["TOPS"] = 2 * m * n * k / row["ms"] / 1e9
+        except Exception as error:
+            row["check"] = f"error: {type(error).__name__}: {error}"[:300]
+        finally:
+            tint8.INT8_CONFIGS = default
+        out.record(**row)
+        out.line(f"int8 GEMM tiles {tiles}: {row['check']} " + (
+            f"{row['ms']:.4g} ms, {row['TOPS']:.0f} TOPS" if "TOPS" in row else ""))
 
 
 if __name__ == "__main__":

@@ -387,6 +387,21 @@ def _bench_rows():
     tint8.int8_matmul(cuda(4096, 4096, dtype=torch.int8), cuda(4096, 4096, dtype=torch.int8))
 
 
+def _int8_tile_rows():
+    """benchmarks/gpu_quick.py's int8 tile sweep: the w8a8 GEMM at 4096^3 with each of its
+    INT8_TILES in place of INT8_CONFIGS' large-m row."""
+    import math
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_quick import INT8_TILES
+    default = tint8.INT8_CONFIGS
+    try:
+        for tiles in INT8_TILES:
+            tint8.INT8_CONFIGS = default[:-1] + ((math.inf, *tiles),)
+            _int8(4096, 4096, 4096, _BF16, "w8a8", bias=False)
+    finally:
+        tint8.INT8_CONFIGS = default
+
+
 def _models_rows():
     """benchmarks/gpu_models.py's patched models, bf16, as far as their Triton launches can be
     told from the rules (the padded calls of a batch with no padding aside): MiniLM-shaped BERT on
@@ -409,6 +424,7 @@ ROWS = [
     ("gpu-tests", "attention-cuda", _attention_cuda_test_rows),
     ("bench", "gpu_quick", _bench_rows),
     ("bench", "gpu_models", _models_rows),
+    ("bench", "int8-tiles", _int8_tile_rows),
 ]
 
 
