@@ -466,7 +466,7 @@ def kernels_stage(out: Out, dry: bool):
                        flops=2 * m * n_ * k_ if mode == "w8a8" else 0.0,
                        bytes_=0.0 if mode == "w8a8" else wq.numel())
     if not dry:
-        int8_tile_sweep(out, bench)
+        ok &= int8_tile_sweep(out, bench)
     return 0 if ok else 1
 
 
@@ -480,7 +480,8 @@ INT8_TILES = ((128, 128, 128, 8, 3), (128, 128, 128, 4, 4), (128, 256, 128, 8, 3
 
 def int8_tile_sweep(out: Out, bench, size=4096, device="cuda"):
     """The Triton w8a8 GEMM (int8 x int8 -> bf16 with its epilogue; quantization not included)
-    at size^3 with each of INT8_TILES, each output checked bit for bit against today's tiles."""
+    at size^3 with each of INT8_TILES, each output checked bit for bit against today's tiles;
+    -> whether none differed."""
     import math
     import torch
     from transfuse.kernels import int8 as tint8
@@ -488,15 +489,16 @@ def int8_tile_sweep(out: Out, bench, size=4096, device="cuda"):
     x_q, w = (torch.randint(-127, 128, (r, k), dtype=torch.int8, device=device) for r in (m, n))
     x_scale, w_scale = torch.rand(m, device=device) / 100, torch.rand(n, device=device) / 100
     gemm = lambda: tint8.int8_linear_w8a8(x_q, x_scale, w, w_scale, None, torch.bfloat16)
-    expected, default = gemm(), tint8.INT8_CONFIGS
+    expected, default, wrong = gemm(), tint8.INT8_CONFIGS, False
     for tiles in INT8_TILES:
         row = dict(stage="kernels", case="int8 w8a8 GEMM tiles [triton]", shape=(m, n, k),
                    tiles=tiles)
         tint8.INT8_CONFIGS = default[:-1] + ((math.inf, *tiles),)
-        try:
+        try:  # (a tile over this GPU's shared memory raises: a candidate to drop, not a bug)
             row["check"] = "ok" if torch.equal(gemm(), expected) else "FAILED"
-            row["ms"] = bench(gemm)
-            row["TOPS"] = 2 * m * n * k / row["ms"] / 1e9
+            if row["check"] == "ok":
+                row["ms"] = bench(gemm)
+                row["TOPS"] = 2 * m * n * k / row["ms"] / 1e9
         except Exception as error:
             row["check"] = f"error: {type(error).__name__}: {error}"[:300]
         finally:
@@ -504,6 +506,8 @@ def int8_tile_sweep(out: Out, bench, size=4096, device="cuda"):
         out.record(**row)
         out.line(f"int8 GEMM tiles {tiles}: {row['check']} " + (
             f"{row['ms']:.4g} ms, {row['TOPS']:.0f} TOPS" if "TOPS" in row else ""))
+        wrong |= row["check"] == "FAILED"
+    return not wrong
 
 
 if __name__ == "__main__":
