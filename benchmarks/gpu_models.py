@@ -35,7 +35,6 @@ MINILM_L6 = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
             vocab_size=1000)
 TINY_DECODER = dict(TINY, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
-SIDES = ("eager", "sdpa", "transfuse patch")
 
 
 def build(model_type, shape, task, dtype, device):
