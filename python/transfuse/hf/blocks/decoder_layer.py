@@ -63,13 +63,22 @@ def _scaled(branch, multiplier):
     return branch if multiplier is None else branch * multiplier
 
 
-def _residual_rms_norm_forward(self, hidden_states, *args, **kwargs):
-    call = _decoder_call(self, self.post_attention_layernorm, args, kwargs)
+def _decoder_forward(self, hidden_states, args, kwargs, norm, unfused):
+    """The rule's call checked (else the class's forward), then the fused calls, else
+    unfused(self, hidden_states, call)."""
+    call = _decoder_call(self, norm, args, kwargs)
     if call is None:
         return type(self).forward(self, hidden_states, *args, **kwargs)
     fused = _decoder_layer_fused(self, hidden_states, call)
-    if fused is not None:
-        return fused
+    return fused if fused is not None else unfused(self, hidden_states, call)
+
+
+def _residual_rms_norm_forward(self, hidden_states, *args, **kwargs):
+    return _decoder_forward(self, hidden_states, args, kwargs, self.post_attention_layernorm,
+                            _residual_rms_norm_modules)
+
+
+def _residual_rms_norm_modules(self, hidden_states, call):
     multiplier = _residual_multiplier(self)
     attended, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **call)
     normed, residual = _add_and_norm(self.post_attention_layernorm,
@@ -78,12 +87,11 @@ def _residual_rms_norm_forward(self, hidden_states, *args, **kwargs):
 
 
 def _sandwich_rms_norm_forward(self, hidden_states, *args, **kwargs):
-    call = _decoder_call(self, self.pre_feedforward_layernorm, args, kwargs)
-    if call is None:
-        return type(self).forward(self, hidden_states, *args, **kwargs)
-    fused = _decoder_layer_fused(self, hidden_states, call)
-    if fused is not None:
-        return fused
+    return _decoder_forward(self, hidden_states, args, kwargs, self.pre_feedforward_layernorm,
+                            _sandwich_rms_norm_modules)
+
+
+def _sandwich_rms_norm_modules(self, hidden_states, call):
     attended, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **call)
     normed, residual = _add_and_norm(self.pre_feedforward_layernorm,
                                      self.post_attention_layernorm(attended), hidden_states)
