@@ -116,9 +116,10 @@ def test_auto_on_cuda_follows_the_measured_order(monkeypatch, fresh_resolve):
     monkeypatch.delenv(backends.ENV_VAR, raising=False)
     monkeypatch.setattr(backends, "missing_reason", lambda backend, device_type: "")
     cuda = torch.device("cuda")
-    expected = {"attention": "triton", "attention_decode": "cuda", "int8": "triton",
-                "int8_weight_only": "cuda", "bias_gelu": "triton", "silu_mul": "cuda",
-                "gelu_mul": "cuda", "norm": "cuda", "rotary": "cuda", "linear": "cuda"}
+    expected = {"attention": "triton", "attention_small": "cuda", "attention_decode": "cuda",
+                "int8": "triton", "int8_small": "cuda", "int8_weight_only": "cuda",
+                "quantize": "cuda", "bias_gelu": "cuda", "silu_mul": "cuda", "gelu_mul": "cuda",
+                "norm": "cuda", "rotary": "cuda", "linear": "cuda"}
     assert {case: backends.resolve(case, None, cuda) for case in expected} == expected
     assert backends.resolve("attention", "cuda", cuda) == "cuda"  # an explicit choice stays
     backends._resolve.cache_clear()
@@ -130,8 +131,10 @@ def test_auto_on_cuda_follows_the_measured_order(monkeypatch, fresh_resolve):
 
 
 def test_each_op_asks_auto_for_its_case(monkeypatch):
-    """Decoding (one query row, padded or packed) and prefill attention, w8a8 and w8a16, and each
-    activation are separate cases of auto: the ops name them."""
+    """Decoding (one query row, padded or packed) and prefill attention, w8a8 and w8a16,
+    quantization and each activation are separate cases of auto: the ops name them. Prefill
+    attention and w8a8 are "_small" below backends.TRITON_MIN_FLOPS (4 q.numel() S_kv, and
+    2 m n k), here lowered to the calls' flops."""
     from transfuse.ops import _backend
     asked = []
     monkeypatch.setattr(_backend, "resolve", lambda case, backend, device: asked.append(case)
@@ -146,18 +149,30 @@ def test_each_op_asks_auto_for_its_case(monkeypatch):
     q = torch.randn(1, 2, 1, 8)
     kv = torch.randn(1, 2, 5, 8)
     assert case_of(lambda: ops.attention(q, kv, kv)) == {"attention_decode"}
+    monkeypatch.setattr(backends, "TRITON_MIN_FLOPS", 4 * kv.numel() * 5)
     assert case_of(lambda: ops.attention(kv, kv, kv)) == {"attention"}
+    assert case_of(lambda: ops.attention(kv, kv[:, :, :4], kv[:, :, :4])) == {"attention_small"}
     packed_q, packed_kv = torch.randn(2, 2, 8), torch.randn(7, 2, 8)
     cu_q, cu_k = torch.tensor([0, 1, 2], dtype=torch.int32), torch.tensor([0, 3, 7],
                                                                           dtype=torch.int32)
     assert case_of(lambda: ops.varlen_attention(packed_q, packed_kv, packed_kv, cu_q, cu_k, 1,
                                                 4)) == {"attention_decode"}
+    monkeypatch.setattr(backends, "TRITON_MIN_FLOPS", 4 * packed_kv.numel() * 4)
     assert case_of(lambda: ops.varlen_attention(packed_kv, packed_kv, packed_kv, cu_k, cu_k, 4,
                                                 4)) == {"attention"}
+    monkeypatch.setattr(backends, "TRITON_MIN_FLOPS", 4 * packed_kv.numel() * 4 + 1)
+    assert case_of(lambda: ops.varlen_attention(packed_kv, packed_kv, packed_kv, cu_k, cu_k, 4,
+                                                4)) == {"attention_small"}
     w, s = transfuse.reference.quantize_per_token(torch.randn(3, 8))
     x = torch.randn(2, 8)
+    monkeypatch.setattr(backends, "TRITON_MIN_FLOPS", 2 * 2 * 3 * 8)
     assert case_of(lambda: ops.int8_linear(x, w, s, None, "w8a8")) == {"int8"}
+    assert case_of(lambda: ops.int8_matmul(w[:2], w)) == {"int8"}
+    monkeypatch.setattr(backends, "TRITON_MIN_FLOPS", 2 * 2 * 3 * 8 + 1)
+    assert case_of(lambda: ops.int8_linear(x, w, s, None, "w8a8")) == {"int8_small"}
+    assert case_of(lambda: ops.int8_matmul(w[:2], w)) == {"int8_small"}
     assert case_of(lambda: ops.int8_linear(x, w, s, None, "w8a16")) == {"int8_weight_only"}
+    assert case_of(lambda: ops.quantize_per_token(x)) == {"quantize"}
     assert case_of(lambda: ops.bias_gelu(x, torch.randn(8))) == {"bias_gelu"}
     assert case_of(lambda: ops.silu_mul(x, x)) == {"silu_mul"}
     assert case_of(lambda: ops.gelu_mul(x, x)) == {"gelu_mul"}

@@ -34,22 +34,35 @@ def environment_backend():
     return None if value is None else os.environ.decodevalue(value)
 
 # Preference of `auto` per (case, device type), fastest measured first: on CUDA from the H200's
-# two runs in benchmarks/results/gpu-NVIDIA-H200 (bf16), the figures below the second's. Other
-# ops (norms, SiLU/GELU * up, rotary) take CUDA first: the faster in at least one run, and steady
-# between them where Triton's short kernels moved up to 3x.
+# calls in benchmarks/results/gpu-NVIDIA-H200 (bf16). Other cases (norms, bias + GELU, SiLU/GELU *
+# up, rotary, quantization, the small cases of `sized`) take CUDA first: the kernel faster or
+# within 20% in the timings, and cheaper to launch.
 CUDA_FIRST, TRITON_FIRST = ("cuda", "triton", "reference"), ("triton", "cuda", "reference")
 AUTO_ORDER = {
-    # prefill, B4 H32 S4096 D128: Triton 382, CUDA 210 TFLOP/s
+    # prefill, B4 H32 S4096 D128: Triton 382, CUDA 210 TFLOP/s (and 299 against 191 varlen)
     ("attention", "cuda"): TRITON_FIRST,
     # decoding (one query row), 32 q / 8 kv heads, KV 32768: CUDA 1936, Triton 213 GB/s
     ("attention_decode", "cuda"): CUDA_FIRST,
-    # w8a8 4096^3: Triton 780, CUDA 557 TOPS
+    # w8a8 4096^3: Triton 980, CUDA 563 TOPS (third call; 780 and 557 in the second)
     ("int8", "cuda"): TRITON_FIRST,
-    # w8a16 M=1, N=K=4096: CUDA 14.4, Triton 67 us
+    # w8a16 M=1, N=K=4096: CUDA 14.4, Triton 44-77 us
     ("int8_weight_only", "cuda"): CUDA_FIRST,
-    # bias + GELU 8192 x 4096: Triton 74, CUDA 88 us
-    ("bias_gelu", "cuda"): TRITON_FIRST,
 }
+# A Triton launch costs the host more than a CUDA kernel's through its binding: on the H200
+# machine an op call took 174 against 37 us (attention), 132 against 28 (add + LayerNorm), 149
+# against 43 (quantize_per_token), and there a small model is host-bound (the MiniLM-shaped BERT's
+# padded batch of 64: 0.44 ms of kernels, 5.8 ms of host; patched with `auto` taking Triton for
+# every prefill attention, 0.65x eager). So Triton's faster attention and int8 GEMMs are taken
+# only for calls of at least TRITON_MIN_FLOPS (the Triton attention's 180 us, the w8a8 GEMM's
+# 70 us), whose kernels keep the GPU busy for longer than their launch holds the host.
+TRITON_MIN_FLOPS = 2 ** 36
+
+
+def sized(case: str, flops: int) -> str:
+    """case for a call of at least TRITON_MIN_FLOPS, else case + "_small" (CUDA first)."""
+    return case if flops >= TRITON_MIN_FLOPS else case + "_small"
+
+
 DEFAULT_ORDER = {"cuda": CUDA_FIRST, "cpu": ("cpu", "reference")}
 
 

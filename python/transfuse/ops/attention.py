@@ -325,7 +325,7 @@ def _eager_inference(q, k, v, causal, backend):
     if type(q) is not Tensor or q.dtype not in KERNEL_DTYPES or q.dim() != 4 or (
             q.shape[-1] > MAX_HEAD_DIM or torch.compiler.is_compiling()):
         return None
-    name = _backend.resolve(_case(q, None), backend, q.device)
+    name = _backend.resolve(_case(q, k, None), backend, q.device)
     if name != "cpu" and not (name == "cuda" and not cuda_unsupported(q, 0.0)):
         return None
     try:
@@ -377,7 +377,7 @@ def _dispatch(q, k, v, mask, layout, causal, scale, dropout_p, window, softcap, 
         raise TypeError(f"backend must be a str or None, got {backend!r}")
     if not isinstance(q, Tensor) or q.dim() == 0:
         _check_tensors(q, k, v, mask, layout)
-    name = _backend.resolve(_case(q, layout), backend, q.device)
+    name = _backend.resolve(_case(q, k, layout), backend, q.device)
     if name != "reference":
         name = _reference_if_unsupported(q, name)
     if (name == "cpu" or name == "cuda") and not torch.compiler.is_compiling():
@@ -459,11 +459,17 @@ def _check_offsets(name, offsets, total, longest):
                          f"({max(lengths)})")
 
 
-def _case(q, layout):
+def _case(q, k, layout):
     """The case `auto` chooses a backend for (backends.AUTO_ORDER): "attention_decode" for one
-    query row per sequence, else "attention"."""
-    one_query = layout[2] == 1 if layout is not None else q.dim() == 4 and q.shape[2] == 1
-    return "attention_decode" if one_query else "attention"
+    query row per sequence, else "attention" sized by its flops, 4 q.numel() S_kv (QK^T and PV;
+    packed: S_kv the longest key sequence)."""
+    if layout is not None:
+        rows, keys = layout[2], layout[3]
+    elif isinstance(q, Tensor) and q.dim() == 4 and isinstance(k, Tensor) and k.dim() == 4:
+        rows, keys = q.shape[2], k.shape[2]
+    else:  # (malformed: checked after)
+        return "attention"
+    return "attention_decode" if rows == 1 else backends.sized("attention", 4 * q.numel() * keys)
 
 
 def _reference_if_unsupported(q, name):

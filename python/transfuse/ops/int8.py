@@ -185,8 +185,8 @@ def _rows(x):
     return x.reshape(-1, k) if k else x.reshape(math.prod(x.shape[:-1]), 0)
 
 
-def _backend_for(x, backend, case="int8"):
-    """case: what `auto` chooses for (backends.AUTO_ORDER), "int8_weight_only" for w8a16."""
+def _backend_for(x, backend, case):
+    """case: what `auto` chooses for (backends.AUTO_ORDER)."""
     if not isinstance(x, Tensor):
         _check_float("x", x)
     _check_backend(backend)
@@ -204,7 +204,7 @@ def quantize_per_token(x, *, backend=None):
     round-half-even(x / scale). A row holding NaN or inf gets scale NaN and x_int8 = 0 (so that
     int8_linear's w8a8 output for it is NaN). Any leading shape."""
     _check_float("x", x)
-    name = _backend_for(x, backend)
+    name = _backend_for(x, backend, "quantize")
     x2 = _rows(x.detach()).contiguous()
     if x2.shape[0] == 0 or x2.shape[1] == 0 or name == "reference":
         q, scale = reference.quantize_per_token(x2)
@@ -225,7 +225,8 @@ def int8_matmul(a, b, *, backend=None):
     if b.device != a.device:
         raise ValueError(f"b is on {b.device} but a is on {a.device}")
     _check_backend(backend)
-    name = _backend.resolve("int8", backend, a.device)
+    case = backends.sized("int8", 2 * a.shape[0] * b.shape[0] * a.shape[1])
+    name = _backend.resolve(case, backend, a.device)
     if 0 in a.shape or 0 in b.shape:
         name = "reference"
     return _kernel(name, "int8_matmul")(a.contiguous(), b.contiguous())
@@ -241,7 +242,13 @@ def int8_linear(x, w_int8, w_scale, bias=None, mode="w8a8", *, backend=None):
     A row of x holding NaN or inf gives NaN outputs in w8a8 (its scale is NaN); k = 0 gives
     bias (or zeros), as F.linear.
     """
-    name = _backend_for(x, backend, "int8_weight_only" if mode == "w8a16" else "int8")
+    if mode == "w8a16":
+        case = "int8_weight_only"
+    else:  # (x's rows times the weight's elements; malformed arguments are checked after)
+        case = backends.sized("int8", 2 * x.numel() // max(x.shape[-1], 1) * w_int8.numel()
+                              if isinstance(x, Tensor) and x.dim() and isinstance(w_int8, Tensor)
+                              else 0)
+    name = _backend_for(x, backend, case)
     if (name == "cpu" or name == "cuda") and not torch.compiler.is_compiling():
         # the whole call in C++ (checks included) when autograd needs no graph: per-call cost
         try:
