@@ -114,6 +114,50 @@ def test_encoder_layer_steps_aside_for_hooks_training_gradients_and_weights(mode
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def relative_error(got, want):
+    return ((got.double() - want.double()).norm() / want.double().norm()).item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("padding", [True, False], ids=["packed", "unpadded"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_encoder_layer_in_one_call_on_cuda_equals_the_modules_bit_for_bit(dtype, padding,
+                                                                          monkeypatch):
+    """On CUDA tensors BERT's layers make one fused call each (Q, K and V one GEMM, as the
+    projections rule runs them there), giving exactly what the modules' rules give; and the model
+    stays as close to the float32 one as the unpatched model in that dtype (2x its error)."""
+    module = transfuse.backends.extension()[0]
+    calls, original = [], module.encoder_layer
+    monkeypatch.setattr(module, "encoder_layer",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    model = build("bert").cuda()
+    ids, mask = (t.cuda() for t in padded_batch())
+    if not padding:
+        mask = torch.ones_like(mask)
+    unpatched = copy.deepcopy(model).to(dtype)
+    patched = transfuse.patch(copy.deepcopy(model).to(dtype))
+    with torch.inference_mode():
+        fused = patched(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert len(calls) == model.config.num_hidden_layers
+    assert torch.equal(fused, module_by_module(monkeypatch, patched, ids, mask))
+    want = real_tokens(model, ids, mask)
+    bound = 2 * relative_error(real_tokens(unpatched, ids, mask), want) + 1e-3
+    assert relative_error(fused[mask.bool()], want) <= bound
+
+
+def test_cuda_call_takes_query_key_value_joined_in_order():
+    """The CUDA call runs Q, K and V as one GEMM over their rows joined: only where the
+    projections rule holds them so, in that order, in one storage (here checked on CPU
+    modules: the rule is device-blind)."""
+    patched = transfuse.patch(build("bert"))
+    inner = patched.encoder.layer[0].attention.self
+    qkv = [inner.query, inner.key, inner.value]
+    assert blocks.encoder_layer._cuda_projections(qkv)
+    assert not blocks.encoder_layer._cuda_projections([qkv[1], qkv[0], qkv[2]])
+    inner.value.bias = torch.nn.Parameter(inner.value.bias.detach().clone())  # its own storage
+    assert not blocks.encoder_layer._cuda_projections(qkv)
+
+
 @pytest.fixture
 def fused_stacks(monkeypatch):
     """What the encoder_stack rule's check returned, call by call (None: the class's forward)."""

@@ -16,8 +16,13 @@
 // GEMMs, a CPU where torch's run faster) through torch's linear and gelu; int8 weights through
 // `int8_linear`, the GELU then through `bias_gelu` on the product without its bias, as the
 // bias_gelu rule runs int8 layers; Q, K and V through `int8_linears` (w8a8: x quantized once, the
-// same values as three calls). Returns None where a kernel declines the call (before any
-// output is returned, so the caller can run the modules instead).
+// same values as three calls). On CUDA tensors as the modules' rules run there (float weights):
+// Q, K and V as one GEMM over their joined rows (the caller checked that the weights and biases
+// are consecutive rows of one storage, as the projections rule keeps them), torch's linear for
+// every GEMM, the intermediate layer's without its bias, then `bias_gelu`. Returns None where a
+// kernel declines the call (before any output is returned, so the caller can run the modules
+// instead).
+#include <algorithm>
 #include <optional>
 #include <vector>
 
@@ -35,6 +40,25 @@ using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
 constexpr size_t kLayers = 6;  // query, key, value, attention output, intermediate, output
+
+// The tensors as one [sum of rows, ...] tensor where they are consecutive row blocks of one
+// storage (contiguous, of one dtype and row shape), else nothing.
+OptTensor joined_rows(const std::vector<Tensor>& tensors) {
+  const Tensor& first = tensors.front();
+  const int64_t row_size = first.numel() / std::max<int64_t>(first.size(0), 1);
+  int64_t rows = 0;
+  for (const Tensor& t : tensors) {
+    if (!t.is_contiguous() || t.scalar_type() != first.scalar_type() ||
+        t.sizes().slice(1) != first.sizes().slice(1) ||
+        !t.storage().is_alias_of(first.storage()) ||
+        t.storage_offset() != first.storage_offset() + rows * row_size)
+      return std::nullopt;
+    rows += t.size(0);
+  }
+  std::vector<int64_t> sizes = first.sizes().vec();
+  sizes[0] = rows;
+  return first.as_strided(sizes, first.strides(), first.storage_offset());
+}
 
 OptTensor encoder_layer(const Tensor& x, const OptTensor& cu_seqlens, int64_t max_seqlen,
                         int64_t heads, double scale, const std::vector<Tensor>& weights,
@@ -74,9 +98,18 @@ OptTensor encoder_layer(const Tensor& x, const OptTensor& cu_seqlens, int64_t ma
   const OptTensor mask =
       bias ? OptTensor(bias->expand({sequences, heads, longest, longest})) : std::nullopt;
 
+  const bool cuda = x.is_cuda();
+  TORCH_CHECK_VALUE(!cuda || (!int8 && !bias), "on CUDA tensors the call takes float weights "
+                    "and no attention bias");
   // in W_i^T + b_i (GELU of it for the intermediate layer); nothing where a kernel declines
   auto project = [&](size_t i, const Tensor& in) -> OptTensor {
     const bool gelu = i == 4;
+    if (cuda && gelu) {
+      const Tensor product = at::linear(in, weights[i]);
+      return bias_gelu_forward(product.view({-1, product.size(-1)}), biases[i],
+                               activation == "gelu" ? "none" : "tanh")
+          .view(product.sizes());
+    }
     if (!int8 && torch_linears[i]) {
       const Tensor product = at::linear(in, weights[i], biases[i]);
       return gelu ? at::gelu(product, activation == "gelu" ? "none" : "tanh") : product;
@@ -95,7 +128,15 @@ OptTensor encoder_layer(const Tensor& x, const OptTensor& cu_seqlens, int64_t ma
   };
 
   OptTensor q, k, v;
-  if (int8) {  // x quantized once for the three (w8a8)
+  if (cuda) {
+    const OptTensor w_qkv = joined_rows({weights[0], weights[1], weights[2]});
+    const OptTensor b_qkv = joined_rows({biases[0], biases[1], biases[2]});
+    if (!w_qkv || !b_qkv) return std::nullopt;
+    const Tensor qkv = at::linear(x, *w_qkv, *b_qkv);
+    const int64_t n_q = weights[0].size(0), n_k = weights[1].size(0);
+    q = qkv.narrow(-1, 0, n_q), k = qkv.narrow(-1, n_q, n_k);
+    v = qkv.narrow(-1, n_q + n_k, weights[2].size(0));
+  } else if (int8) {  // x quantized once for the three (w8a8)
     const auto qkv = int8_linears(x, {weights[0], weights[1], weights[2]},
                                   {weight_scales[0], weight_scales[1], weight_scales[2]},
                                   {biases[0], biases[1], biases[2]}, int8_mode);

@@ -41,9 +41,14 @@ def _kernel(backend, direction, packed):
 def cuda_unsupported(q, dropout_p):
     """Why the CUDA tensor-core forward cannot take this call ("" when it can); mirrors
     csrc/cuda/attention.cu's attention_forward_unsupported."""
-    if q.dtype not in (torch.float16, torch.bfloat16):
+    return cuda_unsupported_for(q.dtype, q.shape[-1], dropout_p)
+
+
+def cuda_unsupported_for(dtype, head_dim, dropout_p):
+    """cuda_unsupported for q of this dtype and head_dim."""
+    if dtype not in (torch.float16, torch.bfloat16):
         return "the CUDA attention kernel takes float16 and bfloat16"
-    if q.shape[-1] % 8:
+    if head_dim % 8:
         return "the CUDA attention kernel takes head_dim a multiple of 8"
     if dropout_p:
         return "dropout runs on the Triton kernel"

@@ -7,7 +7,11 @@
                kernels as the modules' rules (torch's GEMM where transfuse.ops.linear leaves a
                call to it), bit for bit, without some ten Python calls between
                them (on all-MiniLM-L6-v2's real sentences that Python was about a tenth of a
-               batch's time). Otherwise the class's computation with its containers' Python
+               batch's time). The same on CUDA tensors for BERT's layer with float weights in
+               fp16 / bf16, where its modules run the CUDA kernels (Q, K and V as the
+               projections rule's one GEMM, the attention below backends.TRITON_MIN_FLOPS):
+               there a small model is host-bound (the H200 machine: a MiniLM-shaped BERT's
+               padded batch, 0.44 ms of kernels under 5.8 ms of host). Otherwise the class's computation with its containers' Python
                skipped (the layer's, its attention's and self-attention's forwards,
                transformers' kwarg-renaming wrappers, apply_chunking_to_forward's signature
                inspection): Q, K, V, the configured attention function, then the output,
@@ -34,9 +38,10 @@ from ...nn import FusedLayerNorm, Int8Linear
 from ...ops.linear import _own_kernel_takes
 from ..attention import NAME as ATTENTION_NAME, _weights_requested
 from . import common
-from .common import (BACKEND_ATTR, FACTS_ATTR, FORWARD_ATTR, PACKED_KWARGS,
+from ...ops.attention import cuda_unsupported_for
+from .common import (BACKEND_ATTR, FACTS_ATTR, FORWARD_ATTR, PACKED_KWARGS, PROJECTION_ATTR,
                      _global_hooks, _install, _own_hooks, _rule_forward)
-from .linear import _linear_forward, _projection_forward
+from .linear import _linear_forward, _projection_forward, _rows_of_one_storage
 from .mlp import _gelu_approximation
 from .sources import (ATTENTION_CONTAINER_SOURCE, DISTILBERT_ATTENTION_SOURCE,
                       DISTILBERT_FFN_CHUNK_SOURCE, DISTILBERT_FFN_SOURCE, SELF_ATTENTION_SOURCE,
@@ -71,7 +76,8 @@ def _fused_layer_arguments(layer, inner, x):
         (rules[0]._modules.get("dropout"), rules[2]._modules.get("dropout")),
         rules[1]._modules.get("intermediate_act_fn"), rules,
         ((_linear_forward, _projection_forward),) * 3 + ((None, _linear_forward,
-                                                          _projection_forward),) * 3)
+                                                          _projection_forward),) * 3,
+        on_cuda=True)
 
 
 def _distilbert_layer_arguments(layer, inner, x):
@@ -88,7 +94,7 @@ def _distilbert_layer_arguments(layer, inner, x):
 
 
 def _layer_call_arguments(inner, heads, scale, x, linears, norms, dropouts, activation, holders,
-                          forwards):
+                          forwards, on_cuda=False):
     """transfuse._C.encoder_layer's arguments after x, cu_seqlens and max_seqlen for a layer of
     self-attention `inner` of `heads` heads scaling its scores by `scale` (not causal, without
     attention dropout), the six
@@ -98,7 +104,9 @@ def _layer_call_arguments(inner, heads, scale, x, linears, norms, dropouts, acti
     norm_weights, norm_biases, eps, activation; else None. forwards[i]: the instance forwards
     (the rules', None for the class's) under which float linear i computes what the call does.
     holders: the modules whose rules chose a backend besides the linears and norms. torch_linears:
-    the float layers that transfuse.ops.linear leaves to torch's F.linear (and F.gelu) on x."""
+    the float layers that transfuse.ops.linear leaves to torch's F.linear (and F.gelu) on x.
+    on_cuda: whether the layer's modules run there as the call does (_cuda_projections); else
+    the call is for CPU tensors only."""
     if getattr(inner, "is_causal", False) or (inner.training and inner.dropout.p):
         return None
     approximate = _gelu_approximation(activation)
@@ -114,7 +122,12 @@ def _layer_call_arguments(inner, heads, scale, x, linears, norms, dropouts, acti
             return None
     int8 = type(linears[0]) is Int8Linear
     device, dtype = x.device, x.dtype
-    if device.type in (common.JOINED_INT8_DEVICES if int8 else common.JOINED_GEMM_DEVICES):
+    cuda = device.type == "cuda"
+    if cuda:
+        if not on_cuda or int8 or cuda_unsupported_for(dtype, x.shape[-1] // heads, 0.0) or (
+                not _cuda_projections(linears[:3])):
+            return None
+    elif device.type in (common.JOINED_INT8_DEVICES if int8 else common.JOINED_GEMM_DEVICES):
         return None  # (the modules would run Q, K and V as one GEMM)
     mode = linears[0].mode if int8 else ""
     chosen = {norms[0].backend, norms[1].backend, inner.__dict__.get(BACKEND_ATTR)}
@@ -133,7 +146,7 @@ def _layer_call_arguments(inner, heads, scale, x, linears, norms, dropouts, acti
             weight = m._parameters["weight"]
             if weight.dtype != dtype:
                 return None
-            torch_linears.append(not _own_kernel_takes(x, weight))
+            torch_linears.append(cuda or not _own_kernel_takes(x, weight))
             chosen.add(m.__dict__.get(BACKEND_ATTR))
         else:
             return None
@@ -142,9 +155,15 @@ def _layer_call_arguments(inner, heads, scale, x, linears, norms, dropouts, acti
             return None
         weights.append(weight)
         biases.append(bias)
+    if cuda:  # (the attention's case at most as large as the modules': packed, S_kv <= T)
+        cases, expected = ("norm", "bias_gelu", backends.sized("attention", 4 * x.numel() *
+                                                               x.shape[1])), "cuda"
+    else:
+        cases = (("int8", "activation") if int8 else ("linear",)) + ("norm", "attention")
+        expected = "cpu"
     for backend in chosen:
-        for op in (("int8", "activation") if int8 else ("linear",)) + ("norm", "attention"):
-            if backends.resolve(op, backend, device) != "cpu":
+        for case in cases:
+            if backends.resolve(case, backend, device) != expected:
                 return None
     return (heads, float(scale), weights, weight_scales, biases, torch_linears, mode,
             [n._parameters["weight"] for n in norms],
@@ -152,14 +171,33 @@ def _layer_call_arguments(inner, heads, scale, x, linears, norms, dropouts, acti
             "gelu" if approximate == "none" else "gelu_tanh")
 
 
+def _cuda_projections(qkv):
+    """Whether the query, key and value layers run as the call does on CUDA tensors: one GEMM
+    over their weights and biases joined (the projections rule, hf/blocks/linear.py, intact, its
+    rows in this order in one storage)."""
+    holder = qkv[0].__dict__.get(PROJECTION_ATTR)
+    if holder is None or any(_rule_forward(m) is not _projection_forward for m in qkv):
+        return False
+    projection = holder[0]
+    if not (len(projection.linears) == 3 and all(a is b for a, b in zip(projection.linears, qkv))
+            and projection.intact()):
+        return False
+    for name in ("weight", "bias"):
+        tensors = [m._parameters.get(name) for m in qkv]
+        if any(t is None for t in tensors) or _rows_of_one_storage(tensors) is None:
+            return False
+    return True
+
+
 def _fused_call(x, attention_mask, kwargs):
     """(cu_seqlens, max_seqlen) for transfuse._C.encoder_layer when this call of a layer (or of
-    the stack) can run fused: CPU inference (no autograd, autocast or compile), packed tokens or
-    an unmasked batch, no other kwargs than FUSED_LAYER_KWARGS, no attention weights asked for;
-    else None."""
-    if (x.device.type != "cpu" or x.dim() != 3 or torch.is_grad_enabled()
+    the stack) can run fused: CPU or CUDA inference (no autograd, autocast or compile), packed
+    tokens or an unmasked batch, no other kwargs than FUSED_LAYER_KWARGS, no attention weights
+    asked for; else None."""
+    device = x.device.type
+    if (device not in ("cpu", "cuda") or x.dim() != 3 or torch.is_grad_enabled()
             or attention_mask is not None or not kwargs.keys() <= FUSED_LAYER_KWARGS
-            or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")
+            or torch.compiler.is_compiling() or torch.is_autocast_enabled(device)
             or _weights_requested(kwargs)):
         return None
     cu_seqlens, longest = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
