@@ -121,8 +121,9 @@ def relative_error(got, want):
 @pytest.mark.gpu
 @pytest.mark.parametrize("padding", [True, False], ids=["packed", "unpadded"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_encoder_layer_in_one_call_on_cuda_equals_the_modules_bit_for_bit(dtype, padding,
-                                                                          monkeypatch):
+@pytest.mark.parametrize("model_type", ENCODERS)
+def test_encoder_layer_in_one_call_on_cuda_equals_the_modules_bit_for_bit(model_type, dtype,
+                                                                          padding, monkeypatch):
     """On CUDA tensors BERT's layers make one fused call each (Q, K and V one GEMM, as the
     projections rule runs them there), giving exactly what the modules' rules give; and the model
     stays as close to the float32 one as the unpatched model in that dtype (2x its error)."""
@@ -130,7 +131,7 @@ def test_encoder_layer_in_one_call_on_cuda_equals_the_modules_bit_for_bit(dtype,
     calls, original = [], module.encoder_layer
     monkeypatch.setattr(module, "encoder_layer",
                         lambda *a, **k: calls.append(1) or original(*a, **k))
-    model = build("bert").cuda()
+    model = build(model_type).cuda()
     ids, mask = (t.cuda() for t in padded_batch())
     if not padding:
         mask = torch.ones_like(mask)
