@@ -403,8 +403,9 @@ def _int8_tile_rows():
 
 
 def _models_rows():
-    """benchmarks/gpu_models.py's patched models, bf16, as far as their Triton launches can be
-    told from the rules (the padded calls of a batch with no padding aside): MiniLM-shaped BERT on
+    """benchmarks/gpu_models.py's patched models, bf16, on the triton backend (gpu_model_profile.py
+    runs them so; `auto` takes CUDA at these sizes), as far as their Triton launches can be told
+    from the rules (the padded calls of a batch with no padding aside): MiniLM-shaped BERT on
     packed tokens, Qwen3-0.6B-shaped prefill (its decoding attention runs on CUDA C++)."""
     from transfuse.bench_sentences import TOKEN_COUNTS
     _varlen(list(TOKEN_COUNTS[:8]), None, 12, 12, 32, _BF16, backward=False)
