@@ -305,6 +305,21 @@ def test_embeddings_in_one_call_equal_the_modules_bit_for_bit(model_type, dtype,
     assert seen == [1] and len(calls) == 3
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_embeddings_in_one_call_on_cuda_equal_the_modules_bit_for_bit(dtype, monkeypatch):
+    module = transfuse.backends.extension()[0]
+    calls, original = [], module.embeddings_forward
+    monkeypatch.setattr(module, "embeddings_forward",
+                        lambda *args: calls.append(1) or original(*args))
+    embeddings = transfuse.patch(build("bert").to("cuda", dtype)).embeddings
+    ids = padded_batch()[0].cuda()
+    with torch.inference_mode():
+        fused = embeddings(input_ids=ids, token_type_ids=ids % 2)
+        modules = type(embeddings).forward(embeddings, input_ids=ids, token_type_ids=ids % 2)
+    assert calls == [1] and torch.equal(fused, modules)
+
+
 def test_embeddings_call_names_a_wrong_argument():
     module = transfuse.backends.extension()[0]
     ids, table = torch.zeros(1, 3, dtype=torch.long), torch.randn(10, 8)

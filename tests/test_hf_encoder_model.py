@@ -82,6 +82,30 @@ def test_the_rule_computes_what_the_replaced_forward_computes_bit_for_bit(
                                    atol=1e-5)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("padding", [True, False], ids=["padded", "unpadded"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+def test_the_rule_on_cuda_computes_what_the_replaced_forward_computes_bit_for_bit(
+        model_type, dtype, padding, lean_runs, monkeypatch):
+    """On CUDA tensors in fp16 / bf16 the rule's calls run, with what the replaced forward gives;
+    in float32, which the CUDA attention kernel does not take, the replaced forward runs."""
+    model = build(model_type).cuda()
+    patched = transfuse.patch(copy.deepcopy(model).to(dtype))
+    inputs = {name: t.cuda() for name, t in batch(padding).items()}
+    inputs["input_ids"][0, 3] = model.config.pad_token_id
+    with torch.inference_mode():
+        out = patched(**inputs)
+    assert lean_runs() == [True]
+    replaced = replaced_forward(monkeypatch, patched, inputs)
+    assert torch.equal(out.last_hidden_state, replaced.last_hidden_state)
+    assert torch.equal(out.pooler_output, replaced.pooler_output)
+    assert not out.last_hidden_state[~inputs["attention_mask"].bool()].any()
+    with torch.inference_mode():
+        transfuse.patch(copy.deepcopy(model))(**inputs)
+    assert lean_runs() == [False]
+
+
 def test_positional_arguments_tuples_and_a_model_without_pooler(lean_runs):
     model = build("bert")
     patched = transfuse.patch(copy.deepcopy(model))

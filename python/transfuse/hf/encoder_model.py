@@ -3,9 +3,10 @@
 For one sentence (all-MiniLM-L6-v2, a dozen tokens) the six layers' fused calls took about half
 of a patched forward; the rest was Python around them: transformers' decorators (kwarg
 renaming, output capturing, config defaults), the attention mask's construction, three module
-calls and their output objects, padding removal's wrapper. Where the call is plain CPU inference
-(token ids given, no autograd, nothing recorded or hooked, every module under its transfuse
-rule), the rule's forward runs
+calls and their output objects, padding removal's wrapper. Where the call is plain CPU inference,
+or CUDA inference where the layers take their fused call there (fp16 / bf16: the CUDA attention's
+dtypes) (token ids given, no autograd, nothing recorded or hooked, every module under its
+transfuse rule), the rule's forward runs
 
   ids, token types, positions   (packed: the real tokens alone, when the mask has pad positions)
   -> transfuse._C.embeddings_forward          (the embeddings' computation in one call)
@@ -34,6 +35,7 @@ import torch
 from torch import nn
 
 from .. import backends
+from ..ops.attention import cuda_unsupported_for
 from . import unpad
 from .attention import NAME as ATTENTION_NAME
 from .blocks.common import _global_hooks, _own_hooks, _rule_forward
@@ -120,9 +122,10 @@ def _lean_forward(self, arguments):
                     type(embeddings) is embeddings_class and "forward" not in embeddings.__dict__)
             or not _runs_stack_rule(encoder) or config._attn_implementation != ATTENTION_NAME):
         return None
-    table_arguments = _fused_embeddings_arguments(embeddings, ids)  # (CPU inference)
-    if table_arguments is None:
-        return None
+    table_arguments = _fused_embeddings_arguments(embeddings, ids)  # (CPU or CUDA inference)
+    if table_arguments is None or (ids.is_cuda and cuda_unsupported_for(
+            table_arguments[0].dtype, config.hidden_size // config.num_attention_heads, 0.0)):
+        return None  # (on CUDA: before the embeddings, which the layers would not take)
     shape = ids.shape
     if kind == "buffer":
         positions = embeddings._buffers.get("position_ids")

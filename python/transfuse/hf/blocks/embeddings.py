@@ -1,8 +1,8 @@
 """The rule of BERT's embeddings.
 
-  embeddings   BERT's (and ELECTRA's) embeddings on given token ids and token types, CPU
-               inference: LayerNorm(word[ids] + token_type[types] + position[positions]) in one
-               transfuse._C.embeddings_forward call (csrc/bindings/embeddings.cpp), the
+  embeddings   BERT's (and ELECTRA's) embeddings on given token ids and token types, CPU or
+               CUDA inference: LayerNorm(word[ids] + token_type[types] + position[positions])
+               in one transfuse._C.embeddings_forward call (csrc/bindings/embeddings.cpp), the
                module's operations in its order (bit for bit), without its six module calls;
                else the class's forward.
 """
@@ -27,14 +27,15 @@ def _plain_embedding(module, dtype):
 
 
 def _fused_embeddings_arguments(embeddings, input_ids):
-    """transfuse._C.embeddings_forward's tables and norm for `embeddings` on CPU ids in
+    """transfuse._C.embeddings_forward's tables and norm for `embeddings` on CPU or CUDA ids in
     inference (no autograd, autocast or compile), where its modules compute what the call does
-    (tables of a dtype the norm kernels take), else None."""
+    (tables of a dtype the norm kernels take, the norm on the device's kernel), else None."""
     children = embeddings._modules
     word, norm, dropout = (children.get("word_embeddings"), children.get("LayerNorm"),
                            children.get("dropout"))
-    if (input_ids.device.type != "cpu" or torch.is_grad_enabled() or _global_hooks()
-            or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")
+    device = input_ids.device.type
+    if (device not in ("cpu", "cuda") or torch.is_grad_enabled() or _global_hooks()
+            or torch.compiler.is_compiling() or torch.is_autocast_enabled(device)
             or torch._C._get_tracing_state() or type(word) is not nn.Embedding):
         return None
     dtype = word._parameters["weight"].dtype
@@ -46,7 +47,7 @@ def _fused_embeddings_arguments(embeddings, input_ids):
             return None
     if (type(norm) is not FusedLayerNorm or _own_hooks(norm) or "forward" in norm.__dict__
             or norm._parameters["weight"] is None or norm._parameters["bias"] is None
-            or backends.resolve("norm", norm.backend, input_ids.device) != "cpu"
+            or backends.resolve("norm", norm.backend, input_ids.device) != device
             or type(dropout) is not nn.Dropout or _own_hooks(dropout)
             or "forward" in dropout.__dict__ or (dropout.training and dropout.p != 0)):
         return None
