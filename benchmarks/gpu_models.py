@@ -3,6 +3,9 @@
 - an all-MiniLM-L6-v2-shaped BertModel (6 layers, hidden 384, 12 heads of 32, MLP 1536) on the
   bench's 64 real sentences, each as long as that model's tokenizer makes it
   (transfuse.bench_sentences.TOKEN_COUNTS), right-padded in batches of 8 and as one batch of 64;
+- a BERT-base-shaped one (12 layers, hidden 768, 12 heads of 64, MLP 3072) on 128 passages of
+  64-256 tokens (PASSAGE_LENGTHS), right-padded in batches of 32: where the kernels, not the host,
+  set the pace;
 - a Qwen3-0.6B-shaped Qwen3ForCausalLM (decode_cpu.QWEN3_0_6B) decoding greedily from a
   16-token prompt, batch 1: ms per new token (generate(n + 1) - generate(1), over n) and the
   prefill (generate(1)).
@@ -32,6 +35,9 @@ from transfuse.bench_sentences import TOKEN_COUNTS  # noqa: E402
 
 MINILM_L6 = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
                  intermediate_size=1536, vocab_size=30522, max_position_embeddings=512)
+BERT_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                 intermediate_size=3072, vocab_size=30522, max_position_embeddings=512)
+PASSAGE_LENGTHS = [64 + (37 * i) % 193 for i in range(128)]  # 64-256 tokens, mean ~160
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
             vocab_size=1000)
 TINY_DECODER = dict(TINY, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
@@ -69,11 +75,17 @@ def rounds_median(calls, rounds, device):
 
 
 def encoder_case(dry, device, dtype):
-    shape = TINY if dry else MINILM_L6
+    yield from encoder_rows("MiniLM-L6-shaped BERT, 64 sentences", TINY if dry else MINILM_L6,
+                            list(TOKEN_COUNTS), (8, 64), dry, device, dtype)
+    yield from encoder_rows("BERT-base-shaped, 128 passages", TINY if dry else BERT_BASE,
+                            PASSAGE_LENGTHS[:8] if dry else PASSAGE_LENGTHS, (32,), dry, device,
+                            dtype)
+
+
+def encoder_rows(name, shape, lengths, batch_sizes, dry, device, dtype):
     models = build("bert", shape, "encode", dtype, device)
     reference = copy.deepcopy(models["eager"]).float()
-    lengths = list(TOKEN_COUNTS)
-    for batch in (8, 64):
+    for batch in batch_sizes:
         batches = [{k: v.to(device) for k, v in b.items()}
                    for b in padded_batches(lengths, batch, "right", shape["vocab_size"])]
 
@@ -91,7 +103,7 @@ def encoder_case(dry, device, dtype):
                     worst = max(worst, ((g - w).norm() / w.norm()).item())
             errors[side] = worst
         bound = 2 * errors["sdpa"] + 1e-3
-        row = dict(stage="models", case=f"MiniLM-L6-shaped BERT, 64 sentences in batches of {batch}",
+        row = dict(stage="models", case=f"{name} in batches of {batch}",
                    dtype=str(dtype), device=str(device), real_tokens=sum(lengths),
                    padded_tokens=sum(b["input_ids"].numel() for b in batches),
                    worst_rel_err=errors, bound=bound,
