@@ -5,7 +5,7 @@ For each side: host ms per forward (calls queued back to back, no synchronizatio
 spends issuing them), wall ms per forward (synchronized), CUDA kernels per forward, and the
 profiler's table of the ops with the most self CPU time; the patched side under each backend.
 Then single op calls on the model's shapes, host us per call: eager PyTorch against transfuse's
-backends. Prints only (a diagnostic, run by hand on a lent GPU after the extension is built).
+backends. Prints only: a diagnostic, gpu_quick.py's `profile` stage (or by hand after a build).
 """
 from __future__ import annotations
 

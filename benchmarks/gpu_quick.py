@@ -1,12 +1,13 @@
 """The lent GPU's one command (run through benchmarks/gpu_quick.sh); see benchmarks/README.md.
 
-Stages, each writing as it goes under OUT (at most 6 files, no folders):
+Stages, each writing as it goes under OUT (at most 7 files, no folders):
   results.jsonl  one JSON object per line: environment, each stage's status and time, every
                  check and timing (device, dtype, shape, versions named)
   build.log      CUDA_HOME, arch, the extension build and the import check
   ctest.log      the C++ CUDA tests (CMake, this GPU's arch only)
   kernels.log    each kernel checked against PyTorch, then timed, with its floor; then the
                  models stage (benchmarks/gpu_models.py: whole models, eager / SDPA / patched)
+  profile.log    where the models stage's BERT spends its host time (gpu_model_profile.py)
   pytest.log     the `gpu` tests, in stages ordered by value, -x, one shared deadline
   summary.txt    the table printed last
 --dry-run (or TRANSFUSE_GPU_QUICK_DRY=1): CPU, tiny shapes, TRITON_INTERPRET=1, checks only (the
@@ -160,14 +161,14 @@ def pytest_stages(out: Out, env, deadline):
     return 0
 
 
-def script_stage(out: Out, env, name, argv, dry, timeout):
+def script_stage(out: Out, env, name, argv, dry, timeout, log="kernels.log"):
     """A stage run as a subprocess (a crash there still leaves the stages after it), its output
-    appended to kernels.log; -> whether it failed."""
+    appended to `log`; -> whether it failed."""
     if name in SKIP:
         out.record(stage=name, status="skipped: GPU_QUICK_SKIP")
         return False
     t0 = time.time()
-    rc = run([sys.executable, *argv] + (["--dry-run"] if dry else []), out.path / "kernels.log",
+    rc = run([sys.executable, *argv] + (["--dry-run"] if dry else []), out.path / log,
              env=env, timeout=900 if dry else timeout)
     out.record(stage=name, rc=rc, seconds=round(time.time() - t0, 1))
     out.line(f"{name}: {'ok' if rc == 0 else f'FAILED ({rc}), see kernels.log'} "
@@ -215,6 +216,9 @@ def main(argv):
     script = [str(ROOT / "benchmarks" / "gpu_models.py"), str(out.path)]
     status |= script_stage(out, env, "models", script, dry, max(60, min(150, left() - 150)))
     if not dry:
+        # where a patched model's host time goes (a diagnostic: its failure fails nothing)
+        script_stage(out, env, "profile", [str(ROOT / "benchmarks" / "gpu_model_profile.py")],
+                     dry, max(30, min(90, left() - 240)), log="profile.log")
         # the C++ CUDA tests last: their build compiles attention.cu again (~1.5 min), which
         # the pytest stages leave them unless GPU_QUICK_SKIP names ctest
         reserve = 0 if "ctest" in SKIP else CTEST_RESERVE_S
