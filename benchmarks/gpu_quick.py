@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# a second call in one lease: GPU_QUICK_SKIP=kernels,models,ctest GPU_QUICK_PYTEST=norm,rest
+# a second call in one lease: GPU_QUICK_SKIP=kernels,models,profile,ctest GPU_QUICK_PYTEST=norm,rest
 SKIP = set(os.environ.get("GPU_QUICK_SKIP", "").split(",")) - {""}
 CTEST_RESERVE_S = 120  # the C++ tests' build and run (measured 38-46 s on the H200 machine)
 GRAPH_BELOW_MS = 0.2  # kernels timed through graph replays too (see kernels_stage)
