@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# a second call in one lease: GPU_QUICK_SKIP=kernels,models,profile,ctest GPU_QUICK_PYTEST=norm,rest
+# a second call in one lease:
+#   GPU_QUICK_SKIP=kernels,models,profile,ctest GPU_QUICK_PYTEST=norm,rest
 SKIP = set(os.environ.get("GPU_QUICK_SKIP", "").split(",")) - {""}
 CTEST_RESERVE_S = 120  # the C++ tests' build and run (measured 38-46 s on the H200 machine)
 GRAPH_BELOW_MS = 0.2  # kernels timed through graph replays too (see kernels_stage)
@@ -171,7 +172,7 @@ def script_stage(out: Out, env, name, argv, dry, timeout, log="kernels.log"):
     rc = run([sys.executable, *argv] + (["--dry-run"] if dry else []), out.path / log,
              env=env, timeout=900 if dry else timeout)
     out.record(stage=name, rc=rc, seconds=round(time.time() - t0, 1))
-    out.line(f"{name}: {'ok' if rc == 0 else f'FAILED ({rc}), see kernels.log'} "
+    out.line(f"{name}: {'ok' if rc == 0 else f'FAILED ({rc}), see {log}'} "
              f"in {time.time() - t0:.0f} s")
     return rc != 0
 
