@@ -88,7 +88,8 @@ def op_calls(tokens):
             figures = []
             for backend in (None, "cuda", "triton"):
                 label = "eager" if backend is None else backend
-                call = sides["eager"] if backend is None else (lambda bk=backend: sides["transfuse"](bk))
+                call = (sides["eager"] if backend is None
+                        else (lambda bk=backend: sides["transfuse"](bk)))
                 try:
                     host, wall = per_call_ms(call, 200)
                     figures.append(f"{label} {host * 1e3:.1f} ({wall * 1e3:.1f})")
@@ -100,8 +101,8 @@ def op_calls(tokens):
 def main():
     models = build("bert", MINILM_L6, "encode", torch.bfloat16, "cuda")
     for size in (64, 8):
-        batch = {k: v.cuda() for k, v in
-                 padded_batches(list(TOKEN_COUNTS), size, "right", MINILM_L6["vocab_size"])[0].items()}
+        first = padded_batches(list(TOKEN_COUNTS), size, "right", MINILM_L6["vocab_size"])[0]
+        batch = {k: v.cuda() for k, v in first.items()}
         print(f"\n######## batch of {size}: {tuple(batch['input_ids'].shape)}, "
               f"{int(batch['attention_mask'].sum())} real tokens", flush=True)
         model_side("eager", models["eager"], batch)

@@ -11,8 +11,9 @@
                fp16 / bf16, where its modules run the CUDA kernels (Q, K and V as the
                projections rule's one GEMM, the attention below backends.TRITON_MIN_FLOPS):
                there a small model is host-bound (the H200 machine: a MiniLM-shaped BERT's
-               padded batch, 0.44 ms of kernels under 5.8 ms of host). Otherwise the class's computation with its containers' Python
-               skipped (the layer's, its attention's and self-attention's forwards,
+               padded batch, 0.44 ms of kernels under 5.8 ms of host). Otherwise the class's
+               computation with its containers' Python skipped (the layer's, its attention's
+               and self-attention's forwards,
                transformers' kwarg-renaming wrappers, apply_chunking_to_forward's signature
                inspection): Q, K, V, the configured attention function, then the output,
                intermediate and output layers (each its own rule) called as modules. A hooked or
