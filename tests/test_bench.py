@@ -211,3 +211,21 @@ def test_bench_command_out_must_be_a_folder(tmp_path, capsys):
     with pytest.raises(SystemExit, match="2"):
         main(["bench", "--ops", "none", "--model", "none", "--out", str(out)])
     assert "--out" in capsys.readouterr().err
+
+
+def test_gpu_models_decoder_check_passes_only_ties_at_the_first_difference(monkeypatch):
+    """benchmarks/gpu_models.py's decoder check: a token other than eager's is a tie-break only
+    where eager's own logits for the two are within NEAR_TIE of each other."""
+    import pathlib
+    import types
+    monkeypatch.syspath_prepend(str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+    from gpu_models import NEAR_TIE, first_flip
+    prompt, eager = torch.tensor([7, 8]), torch.tensor([3, 1, 2])
+    scores = [torch.tensor([[0.0, 1.0, 2.0, 2.5]]), torch.tensor([[0.0, 2.8, 2.8, 1.0]]),
+              torch.tensor([[0.0, 1.0, 3.0, 1.0]])]
+    scored = types.SimpleNamespace(sequences=torch.cat([prompt, eager])[None], scores=scores)
+    assert first_flip(scored, eager.clone()) is None
+    tie = first_flip(scored, torch.tensor([3, 2, 0]))  # step 1: 2.8 against 2.8
+    assert tie == {"step": 1, "relative_gap": 0.0} and tie["relative_gap"] <= NEAR_TIE
+    flip = first_flip(scored, torch.tensor([2, 1, 2]))  # step 0: 2.0 against eager's 2.5
+    assert flip["step"] == 0 and flip["relative_gap"] == pytest.approx(0.2) and 0.2 > NEAR_TIE
