@@ -4,8 +4,9 @@ random weights), eager against transfuse.patch, one padded batch at a time.
 For each side: host ms per forward (calls queued back to back, no synchronization: what the CPU
 spends issuing them), wall ms per forward (synchronized), CUDA kernels per forward, and the
 profiler's table of the ops with the most self CPU time; the patched side under each backend.
-Then single op calls on the model's shapes, host us per call: eager PyTorch against transfuse's
-backends. Prints only: a diagnostic, gpu_quick.py's `profile` stage (or by hand after a build).
+Then single op calls on the model's shapes (and quantize_per_token at 4096 x 4096), host us per
+call: eager PyTorch against transfuse's backends. Prints only: a diagnostic, gpu_quick.py's
+`profile` stage (or by hand after a build).
 """
 from __future__ import annotations
 
@@ -96,6 +97,11 @@ def op_calls(tokens):
                 except Exception as error:  # an op a backend does not take: say so, go on
                     figures.append(f"{label} error {type(error).__name__}: {str(error)[:80]}")
             print(f"{name}: " + "; ".join(figures), flush=True)
+        big = torch.randn(4096, 4096, device=dev, dtype=dt)
+        for backend in ("cuda", "triton"):
+            host, wall = per_call_ms(lambda: ops.quantize_per_token(big, backend=backend), 200)
+            print(f"quantize_per_token 4096x4096 [{backend}]: host {host * 1e3:.1f} us, wall "
+                  f"{wall * 1e3:.1f} us per call (floor 48 MB at the copy bandwidth)", flush=True)
 
 
 def main():
@@ -110,12 +116,6 @@ def main():
         for backend in (None, "cuda", "triton"):
             model_side("transfuse patch", models["transfuse patch"], batch, backend)
     op_calls(int(sum(TOKEN_COUNTS)))
-    import transfuse.ops as ops
-    x = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
-    for backend in ("cuda", "triton"):
-        host, wall = per_call_ms(lambda: ops.quantize_per_token(x, backend=backend), 200)
-        print(f"quantize_per_token 4096x4096 [{backend}]: host {host * 1e3:.1f} us, wall "
-              f"{wall * 1e3:.1f} us per call (floor 48 MB at the copy bandwidth)", flush=True)
 
 
 if __name__ == "__main__":
